@@ -1,0 +1,157 @@
+"""Block-wise image encryption: pixel shuffling and bit flipping (method.md, "Images").
+
+Every M x M block of every image is flattened in (row, column, channel) order,
+channel fastest (``k = (i*M + j)*C + c``), shuffled with ``y[k] = x[perm[k]]``,
+bit-flipped where ``flip[k] == 1`` (``255 - v`` for uint8, ``1 - x`` for
+float), and put back in place.
+
+The whole transform is one gather through a precomputed index of the image
+(plus one select for the flip), compiled with ``jax.jit``; the index is built
+from ``perm`` inside the computation, so the functions ``vmap`` over a batch
+of keys (``Key`` leaves with a leading axis).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convmixer_jax.keys import InvalidKeyError, Key
+
+
+class ImageError(ValueError):
+    """Images that do not fit a key or are out of range."""
+
+
+@functools.lru_cache(maxsize=None)
+def _block_layout(h: int, w: int, c: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Static index maps of an (h, w, c) image cut into m x m blocks.
+
+    Returns, over the flattened image positions o = (y*w + x)*c + ch:
+      base (h*w*c,) int32: flat position of the top-left of o's block;
+      within (h*w*c,) int32: o's index k inside its flattened block;
+      offset (pb,) int32: flat offset from a block's top-left of block index k.
+    """
+    y, x, ch = np.meshgrid(np.arange(h), np.arange(w), np.arange(c), indexing="ij")
+    i, j = y % m, x % m
+    base = ((y - i) * w + (x - j)) * c
+    within = (i * m + j) * c + ch
+    ii, jj, cc = np.meshgrid(np.arange(m), np.arange(m), np.arange(c), indexing="ij")
+    offset = (ii * w + jj) * c + cc
+    return (base.reshape(-1).astype(np.int32), within.reshape(-1).astype(np.int32),
+            offset.reshape(-1).astype(np.int32))
+
+
+def check_images(images, key: Key, *, check_values: bool = True) -> None:
+    """Raise :class:`ImageError` unless ``images`` (..., H, W, C) fit ``key``.
+
+    Checks rank, H and W divisible by the block size, C equal to the key's
+    channels, dtype uint8 or floating, and (if ``check_values`` and the array
+    is concrete) float values finite and inside [0, 1].
+    """
+    shape = tuple(np.shape(images))
+    dtype = np.dtype(getattr(images, "dtype", np.asarray(images).dtype))
+    if len(shape) < 3:
+        raise ImageError(f"images must be (..., H, W, C) arrays; got shape {shape}")
+    h, w, c = shape[-3:]
+    m = key.block_size
+    if h % m or w % m:
+        raise ImageError(f"image size {h}x{w} is not divisible by the block size {m}; "
+                         f"crop or pad the images to a multiple of {m}")
+    if c != key.channels:
+        raise ImageError(f"images have {c} channels but the key is for {key.channels}; "
+                         "use a key made with --channels equal to the images' channels")
+    if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
+        raise ImageError(f"images must be uint8 (0..255) or float in [0, 1]; got dtype {dtype}")
+    if check_values and np.issubdtype(dtype, np.floating) and not isinstance(images, jax.core.Tracer):
+        arr = np.asarray(images)
+        if arr.size:
+            if not np.isfinite(arr).all():
+                raise ImageError("images contain NaN or infinite values")
+            lo, hi = float(arr.min()), float(arr.max())
+            if lo < 0.0 or hi > 1.0:
+                raise ImageError(f"float images must lie in [0, 1]; found values in [{lo:g}, {hi:g}] "
+                                 "(divide 8-bit data by 255, or pass uint8 arrays)")
+
+
+def _check_key(key: Key) -> None:
+    if np.ndim(key.perm) != 1:
+        raise InvalidKeyError("pass a single key, or jax.vmap over a batch of keys")
+
+
+def _flip_values(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """255 - v (uint8) or 1 - x (float) where mask."""
+    if x.dtype == jnp.uint8:
+        return x ^ (mask.astype(jnp.uint8) * jnp.uint8(0xFF))
+    return jnp.where(mask, jnp.asarray(1, x.dtype) - x, x)
+
+
+def _gather_blocks(flat: jax.Array, perm: jax.Array, layout) -> jax.Array:
+    """y[k] = x[perm[k]] in every block; flat: (N, h*w*c)."""
+    base, within, offset = layout
+    src = jnp.asarray(base) + jnp.take(jnp.asarray(offset), perm)[jnp.asarray(within)]
+    return jnp.take(flat, src, axis=1)
+
+
+@jax.jit
+def _encrypt(images: jax.Array, key: Key) -> jax.Array:
+    shape = images.shape
+    h, w, c = shape[-3:]
+    layout = _block_layout(h, w, c, key.block_size)
+    flat = images.reshape((-1, h * w * c))
+    y = _gather_blocks(flat, key.perm, layout)
+    z = _flip_values(y, jnp.take(key.flip, jnp.asarray(layout[1])).astype(bool)[None, :])
+    return z.reshape(shape)
+
+
+@jax.jit
+def _decrypt(images: jax.Array, key: Key) -> jax.Array:
+    shape = images.shape
+    h, w, c = shape[-3:]
+    layout = _block_layout(h, w, c, key.block_size)
+    flat = images.reshape((-1, h * w * c))
+    y = _flip_values(flat, jnp.take(key.flip, jnp.asarray(layout[1])).astype(bool)[None, :])
+    inv = jnp.argsort(key.perm).astype(jnp.int32)
+    return _gather_blocks(y, inv, layout).reshape(shape)
+
+
+def encrypt_images(images, key: Key) -> jax.Array:
+    """Encrypt images block by block with ``key``.
+
+    images: (..., H, W, C) uint8 or float in [0, 1]; H, W divisible by
+    ``key.block_size``; C == ``key.channels``.
+    Returns an array of the same shape and dtype.
+    ``jax.vmap(encrypt_images, in_axes=(None, 0))(images, keys)`` encrypts
+    one set of images with each key of a batch.
+    """
+    check_images(images, key, check_values=False)
+    _check_key(key)
+    return _encrypt(jnp.asarray(images), key)
+
+
+def decrypt_images(images, key: Key) -> jax.Array:
+    """Inverse of :func:`encrypt_images` (flip again, then the inverse permutation)."""
+    check_images(images, key, check_values=False)
+    _check_key(key)
+    return _decrypt(jnp.asarray(images), key)
+
+
+def encrypt_images_reference(images: np.ndarray, key: Key) -> np.ndarray:
+    """Plain NumPy transcription of method.md, block by block (slow; for tests)."""
+    m, c = key.block_size, key.channels
+    out = np.array(images, copy=True)
+    perm, flip = np.asarray(key.perm), np.asarray(key.flip)
+    h, w = out.shape[-3:-1]
+    for by in range(0, h, m):
+        for bx in range(0, w, m):
+            block = np.asarray(images)[..., by:by + m, bx:bx + m, :]
+            flat = block.reshape(block.shape[:-3] + (m * m * c,))
+            y = flat[..., perm]
+            if y.dtype == np.uint8:
+                z = np.where(flip == 1, 255 - y, y).astype(np.uint8)
+            else:
+                z = np.where(flip == 1, 1 - y, y).astype(y.dtype)
+            out[..., by:by + m, bx:bx + m, :] = z.reshape(block.shape)
+    return out

@@ -1,0 +1,22 @@
+"""One entry point over every data source."""
+from __future__ import annotations
+
+import numpy as np
+
+from convmixer_jax.data.local import load_local
+
+
+def load_split(split: str, *, data_dir: str | None = None, tfds_name: str = "cifar10",
+               tfds_data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Load a split as (images (N,H,W,C) uint8, labels (N,) int32, class names).
+
+    ``data_dir`` selects a local copy (image folders or CIFAR-10 binaries);
+    without it the data come from tensorflow-datasets (``pip install
+    convmixer-jax[tfds]``; the data set must already be prepared in
+    ``tfds_data_dir``).
+    """
+    if data_dir is not None:
+        return load_local(data_dir, split)
+    from convmixer_jax.data.tfds_source import load_tfds
+
+    return load_tfds(tfds_name, split, data_dir=tfds_data_dir)

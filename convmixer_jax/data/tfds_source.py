@@ -1,0 +1,39 @@
+"""CIFAR-10 (or another image classification set) from tensorflow-datasets.
+
+Uses ``tfds.data_source`` over the prepared array_record files, which reads
+without TensorFlow (``tfds.load`` needs TensorFlow). The data set must be
+prepared already (``download=False``): preparing CIFAR-10 needs TensorFlow
+and internet; use ``--data-dir`` with a local copy otherwise.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from convmixer_jax.data.local import DataError
+
+
+def load_tfds(name: str, split: str, *, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Returns images (N, H, W, C) uint8, labels (N,) int32, class names."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataError("tensorflow-datasets is not installed: `pip install 'convmixer-jax[tfds]'`, "
+                        "or pass --data-dir with a local copy of the data") from e
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises several types for a missing data set
+        raise DataError(f"tensorflow-datasets could not open {name}/{split} ({type(e).__name__}: {e}); "
+                        "prepare it first or pass --data-dir with a local copy") from e
+    n = len(source)
+    if n == 0:
+        raise DataError(f"tfds {name}/{split} is empty")
+    images, labels = [], []
+    for i in range(n):
+        ex = source[i]
+        images.append(np.asarray(ex["image"], np.uint8))
+        labels.append(int(ex["label"]))
+    try:
+        classes = list(tfds.builder(name, data_dir=data_dir).info.features["label"].names)
+    except Exception:
+        classes = [str(i) for i in range(max(labels) + 1)]
+    return np.stack(images), np.asarray(labels, np.int32), classes

@@ -1,0 +1,64 @@
+"""Accuracy and logits of a ConvMixer over arrays of images, in fixed-size batches."""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convmixer_jax.model import ConvMixer, ConvMixerConfig
+
+
+@functools.lru_cache(maxsize=None)
+def _logits_fn(config: ConvMixerConfig) -> Callable:
+    model = ConvMixer(config)
+
+    @jax.jit
+    def logits(variables, images):
+        x = images.astype(jnp.float32)
+        if images.dtype == jnp.uint8:
+            x = x / 255.0
+        return model.apply(variables, x, train=False)
+
+    return logits
+
+
+def iterate_batches(n: int, batch_size: int):
+    """Yield (start, stop) covering 0..n in batches of ``batch_size``."""
+    for start in range(0, n, batch_size):
+        yield start, min(start + batch_size, n)
+
+
+def predict_logits(config: ConvMixerConfig, variables, images, *, batch_size: int = 500,
+                   progress: bool = False) -> np.ndarray:
+    """Logits of ``images`` (N, H, W, C) uint8 or float in [0, 1] -> (N, classes) float32.
+
+    The last partial batch is padded to ``batch_size`` so that only one
+    shape is compiled; padding rows are dropped from the result.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    fn = _logits_fn(config)
+    n = len(images)
+    out = np.empty((n, config.num_classes), np.float32)
+    it = iterate_batches(n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(list(it), desc="predict", unit="batch", leave=False)
+    for start, stop in it:
+        batch = np.asarray(images[start:stop])
+        if stop - start < batch_size and n > batch_size:
+            pad = np.zeros((batch_size - (stop - start),) + batch.shape[1:], batch.dtype)
+            batch = np.concatenate([batch, pad])
+        out[start:stop] = np.asarray(fn(variables, batch))[: stop - start]
+    return out
+
+
+def accuracy(config: ConvMixerConfig, variables, images, labels, *, batch_size: int = 500,
+             progress: bool = False) -> float:
+    """Top-1 accuracy in [0, 1] of the model on ``images`` with integer ``labels`` (N,)."""
+    logits = predict_logits(config, variables, images, batch_size=batch_size, progress=progress)
+    return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))

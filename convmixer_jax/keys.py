@@ -1,0 +1,250 @@
+"""Secret keys of the block-wise encryption: a pixel permutation and a flip vector.
+
+A :class:`Key` for block size M and C channels holds, with pb = M*M*C,
+
+- ``perm``: a permutation of 0..pb-1 (pixel shuffling ``y[k] = x[perm[k]]``);
+- ``flip``: a 0/1 vector with exactly pb/2 ones (bit flipping ``z[k] = 1 - y[k]``).
+
+``Key`` is a JAX pytree (``perm`` and ``flip`` are leaves, ``block_size`` and
+``channels`` static), so a batch of keys is a ``Key`` whose leaves carry a
+leading axis and ``jax.vmap`` maps over it.
+
+Keys come from the operating system's CSPRNG (:func:`generate_key`) unless a
+seed is given; :func:`random_keys` draws a batch from a ``jax.random`` key for
+attacks and sweeps. Saved keys are JSON::
+
+    {"format": "convmixer-jax-key", "version": 1, "block_size": 4, "channels": 3,
+     "perm": [...], "flip": [...]}
+
+and :func:`fingerprint` (SHA-256 of the canonical form) names a key without
+revealing it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import secrets
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KEY_FORMAT = "convmixer-jax-key"
+KEY_VERSION = 1
+
+
+class InvalidKeyError(ValueError):
+    """A key is malformed, tampered with, or does not fit the data or model."""
+
+
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """A block-encryption key (or, with a leading axis on the leaves, a batch of keys).
+
+    perm: (..., pb) int32, a permutation of 0..pb-1.
+    flip: (..., pb) uint8 in {0, 1}, exactly pb/2 ones.
+    block_size, channels: static; pb = block_size**2 * channels.
+    """
+
+    perm: np.ndarray | jax.Array
+    flip: np.ndarray | jax.Array
+    block_size: int = dataclasses.field(metadata=dict(static=True))
+    channels: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def block_len(self) -> int:
+        """pb = M*M*C, the length of a flattened block."""
+        return self.block_size * self.block_size * self.channels
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.perm)[:-1])
+
+    def __getitem__(self, i) -> "Key":
+        """Select keys from a batch: ``keys[3]``, ``keys[:10]``."""
+        return Key(self.perm[i], self.flip[i], self.block_size, self.channels)
+
+    def __repr__(self) -> str:  # never print the secret itself
+        if self.batch_shape:
+            return f"Key(batch={self.batch_shape}, block_size={self.block_size}, channels={self.channels})"
+        try:
+            fp = fingerprint(self)[:16]
+        except Exception:
+            fp = "?"
+        return f"Key(block_size={self.block_size}, channels={self.channels}, fingerprint={fp}...)"
+
+    __str__ = __repr__
+
+
+def block_len(block_size: int, channels: int) -> int:
+    """pb = M*M*C after checking both are positive integers and pb is even."""
+    for name, v in (("block size", block_size), ("channels", channels)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise InvalidKeyError(f"{name} must be a positive integer, got {v!r}")
+    pb = int(block_size) ** 2 * int(channels)
+    if pb % 2:
+        raise InvalidKeyError(f"block size {block_size} with {channels} channels gives {pb} values per block, "
+                        "an odd number: the flip vector needs exactly pb/2 ones, so pb must be even "
+                        "(use an even block size or an even number of channels)")
+    return pb
+
+
+def validate_key(key: Key) -> Key:
+    """Check a single concrete key; return it with canonical dtypes or raise :class:`InvalidKeyError`."""
+    pb = block_len(key.block_size, key.channels)
+    perm = np.asarray(key.perm)
+    flip = np.asarray(key.flip)
+    if perm.shape != (pb,):
+        raise InvalidKeyError(f"perm has shape {perm.shape}, expected ({pb},) for block size {key.block_size} "
+                        f"and {key.channels} channels")
+    if flip.shape != (pb,):
+        raise InvalidKeyError(f"flip has shape {flip.shape}, expected ({pb},)")
+    if not np.issubdtype(perm.dtype, np.integer) or not np.array_equal(np.sort(perm), np.arange(pb)):
+        raise InvalidKeyError(f"perm is not a permutation of 0..{pb - 1}")
+    if not (np.issubdtype(flip.dtype, np.integer) or flip.dtype == bool) or not np.isin(flip, (0, 1)).all():
+        raise InvalidKeyError("flip must hold only 0 and 1")
+    ones = int(np.sum(flip))
+    if ones != pb // 2:
+        raise InvalidKeyError(f"flip has {ones} ones, expected exactly pb/2 = {pb // 2}")
+    return Key(perm.astype(np.int32), flip.astype(np.uint8), int(key.block_size), int(key.channels))
+
+
+def make_key(perm, flip, block_size: int, channels: int) -> Key:
+    """Build and validate a key from explicit arrays."""
+    return validate_key(Key(np.asarray(perm), np.asarray(flip), block_size, channels))
+
+
+def generate_key(block_size: int, channels: int, seed: int | None = None) -> Key:
+    """A fresh key. Without ``seed`` it comes from the OS CSPRNG (``secrets``);
+    with a seed it is reproducible (for experiments only)."""
+    pb = block_len(block_size, channels)
+    if seed is None:
+        rng = secrets.SystemRandom()
+        perm = list(range(pb))
+        rng.shuffle(perm)
+        flip = [1] * (pb // 2) + [0] * (pb // 2)
+        rng.shuffle(flip)
+        return make_key(perm, flip, block_size, channels)
+    g = np.random.default_rng(seed)
+    perm = g.permutation(pb)
+    flip = g.permutation(np.repeat(np.array([1, 0], np.uint8), pb // 2))
+    return make_key(perm, flip, block_size, channels)
+
+
+def random_keys(rng: jax.Array, n: int, block_size: int, channels: int) -> Key:
+    """A batch of ``n`` independent random keys drawn with ``jax.random``.
+
+    Works under ``jit`` (``n``, ``block_size``, ``channels`` static) and ``vmap``.
+    Returns a Key with perm (n, pb) int32 and flip (n, pb) uint8.
+    """
+    pb = block_len(block_size, channels)
+    half = jnp.concatenate([jnp.ones(pb // 2, jnp.uint8), jnp.zeros(pb // 2, jnp.uint8)])
+
+    def one(k):
+        kp, kf = jax.random.split(k)
+        return (jax.random.permutation(kp, pb).astype(jnp.int32), jax.random.permutation(kf, half))
+
+    perm, flip = jax.vmap(one)(jax.random.split(rng, n))
+    return Key(perm, flip, block_size, channels)
+
+
+def inverse_permutation(perm):
+    """inv with inv[perm[k]] = k; works on numpy and (batched, traced) JAX arrays."""
+    perm = jnp.asarray(perm)
+    return jnp.argsort(perm, axis=-1).astype(jnp.int32)
+
+
+def stack_keys(keys: list[Key]) -> Key:
+    """Stack single keys of one (block size, channels) into a batch."""
+    if not keys:
+        raise InvalidKeyError("no keys to stack")
+    m, c = keys[0].block_size, keys[0].channels
+    if any((k.block_size, k.channels) != (m, c) for k in keys):
+        raise InvalidKeyError("keys to stack must share block size and channels")
+    return Key(np.stack([np.asarray(k.perm) for k in keys]), np.stack([np.asarray(k.flip) for k in keys]), m, c)
+
+
+def key_to_json(key: Key) -> dict:
+    """The JSON object of a single key (the project's file format)."""
+    key = validate_key(key)
+    return {"format": KEY_FORMAT, "version": KEY_VERSION, "block_size": key.block_size,
+            "channels": key.channels, "perm": [int(v) for v in key.perm],
+            "flip": [int(v) for v in key.flip]}
+
+
+def _canonical(key: Key) -> bytes:
+    d = key_to_json(key)
+    return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+
+def fingerprint(key: Key) -> str:
+    """SHA-256 hex digest of the key's canonical JSON: names a key, reveals nothing of it."""
+    return hashlib.sha256(_canonical(key)).hexdigest()
+
+
+def key_from_json(obj) -> Key:
+    """Parse and validate a key object; raise :class:`InvalidKeyError` naming what is wrong."""
+    if not isinstance(obj, dict):
+        raise InvalidKeyError("a key file must hold a JSON object")
+    if obj.get("format") != KEY_FORMAT:
+        raise InvalidKeyError(f"not a convmixer-jax key: 'format' is {obj.get('format')!r}, expected {KEY_FORMAT!r}")
+    if obj.get("version") != KEY_VERSION:
+        raise InvalidKeyError(f"unsupported key version {obj.get('version')!r}; this release reads version {KEY_VERSION}")
+    for field in ("block_size", "channels", "perm", "flip"):
+        if field not in obj:
+            raise InvalidKeyError(f"key is missing the field {field!r}")
+    m, c = obj["block_size"], obj["channels"]
+    for name, v in (("block_size", m), ("channels", c)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InvalidKeyError(f"key field {name!r} must be an integer, got {v!r}")
+    for name in ("perm", "flip"):
+        v = obj[name]
+        if not isinstance(v, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+            raise InvalidKeyError(f"key field {name!r} must be a list of integers")
+    key = make_key(np.asarray(obj["perm"], np.int64), np.asarray(obj["flip"], np.int64), m, c)
+    if "fingerprint" in obj and obj["fingerprint"] != fingerprint(key):
+        raise InvalidKeyError("the key's recorded fingerprint does not match its contents: the file was altered")
+    return key
+
+
+def load_key(path: str | Path) -> Key:
+    """Read and validate a key JSON file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InvalidKeyError(f"key file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidKeyError(f"cannot read key file {path}: {e}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidKeyError(f"key file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    try:
+        return key_from_json(obj)
+    except InvalidKeyError as e:
+        raise InvalidKeyError(f"key file {path}: {e}") from None
+
+
+def key_file_text(key: Key) -> str:
+    """The text of a key file (with its fingerprint, so edits are detected)."""
+    d = key_to_json(key)
+    d["fingerprint"] = fingerprint(key)
+    return json.dumps(d) + "\n"
+
+
+def key_space(block_size: int, channels: int) -> int:
+    """Exact number of keys: pb! * C(pb, pb/2)."""
+    pb = block_len(block_size, channels)
+    return math.factorial(pb) * math.comb(pb, pb // 2)
+
+
+def key_space_log2(block_size: int, channels: int) -> float:
+    """log2 of :func:`key_space` (about 247.8 for pb = 48)."""
+    return math.log2(key_space(block_size, channels))

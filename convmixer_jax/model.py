@@ -1,0 +1,386 @@
+"""ConvMixer (Trockman & Kolter, "Patches Are All You Need?") in Flax Linen.
+
+The architecture follows the locuslab reference definition::
+
+    stem:   Conv(C -> dim, kernel P, stride P) -> GELU -> BatchNorm
+    L x:    Residual(depthwise Conv k x k 'same' -> GELU -> BatchNorm)
+            -> pointwise 1x1 Conv -> GELU -> BatchNorm
+    head:   global average pooling -> Dense(dim -> num_classes)
+
+Inputs are NHWC images in [0, 1]; the per-channel normalization
+``(x - mean) / std`` (paper: 0.5 / 0.5) happens inside the model, so that
+block-wise bit flipping of an image is a sign flip of the normalized value.
+
+Parameters keep the standard Flax layouts so that any checkpoint can be
+encrypted or converted:
+
+- ``params['stem']['kernel']``: (P, P, C, dim), HWIO; viewed as a matrix
+  (P*P*C, dim) its rows are in (row, column, channel) order, channel fastest,
+  the block flattening of ``docs/method.md``.
+- ``params['block_i']['depthwise']['kernel']``: (k, k, 1, dim), as
+  ``nn.Conv(feature_group_count=dim)``.
+- ``params['block_i']['pointwise']['kernel']``: (1, 1, dim, dim).
+
+Internally activations are kept channel-major with the batch fastest, shape
+(dim, h, w, N), so the 1x1 convolutions and the dense depthwise form are
+plain (batched) matrix products with no activation transposes.  The depthwise
+convolution has three exact formulations (see :func:`depthwise`), chosen per
+backend and grid size by ``depthwise_impl='auto'``: XLA's CPU grouped
+convolution is about 30x slower than PyTorch's, while a per-channel dense
+(Toeplitz) matrix built from the same k x k kernel runs at matrix-product
+speed while the grid is small.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEPTHWISE_IMPLS = ("auto", "toeplitz", "shift", "conv")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvMixerConfig:
+    """Architecture of a ConvMixer.
+
+    Attributes:
+      dim: embedding width d.
+      depth: number of mixer blocks L.
+      kernel_size: depthwise kernel size k.
+      patch_size: patch size P (= the encryption block size M).
+      num_classes: classifier outputs.
+      image_size: input height and width (square); must be divisible by P.
+      channels: input channels C.
+      mean, std: per-channel input normalization, length C (None: 0.5 / 0.5).
+      gelu_approximate: tanh GELU instead of exact erf GELU.
+      depthwise_impl: 'auto' | 'toeplitz' | 'shift' | 'conv' (all exact).
+    """
+
+    dim: int = 256
+    depth: int = 8
+    kernel_size: int = 9
+    patch_size: int = 4
+    num_classes: int = 10
+    image_size: int = 32
+    channels: int = 3
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    gelu_approximate: bool = False
+    depthwise_impl: str = "auto"
+
+    def __post_init__(self):
+        for name in ("dim", "depth", "kernel_size", "patch_size", "num_classes",
+                     "image_size", "channels"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ConvMixerConfig.{name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
+                "choose an image size that is a multiple of the patch size")
+        if self.depthwise_impl not in DEPTHWISE_IMPLS:
+            raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {self.depthwise_impl!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(float(v) for v in value)
+                object.__setattr__(self, name, value)
+                if len(value) != self.channels:
+                    raise ValueError(f"{name} has {len(value)} entries but the model has {self.channels} channels")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the patch grid, image_size // patch_size."""
+        return self.image_size // self.patch_size
+
+    @property
+    def norm_mean(self) -> tuple[float, ...]:
+        return self.mean if self.mean is not None else (0.5,) * self.channels
+
+    @property
+    def norm_std(self) -> tuple[float, ...]:
+        return self.std if self.std is not None else (0.5,) * self.channels
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ConvMixerConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ConvMixer config fields: {sorted(unknown)}")
+        d = dict(d)
+        for name in ("mean", "std"):
+            if d.get(name) is not None:
+                d[name] = tuple(d[name])
+        return cls(**d)
+
+
+PRESETS = {
+    # Iijima & Kiya (2022), section 4: ConvMixer-256/8, k = 9, p = 4 on CIFAR-10.
+    "paper": ConvMixerConfig(dim=256, depth=8, kernel_size=9, patch_size=4,
+                             num_classes=10, image_size=32, channels=3),
+}
+
+
+def same_padding(kernel_size: int) -> tuple[int, int]:
+    """(low, high) padding of a stride-1 'same' convolution (as lax and PyTorch)."""
+    total = kernel_size - 1
+    return total // 2, total - total // 2
+
+
+@functools.lru_cache(maxsize=None)
+def toeplitz_taps(h: int, w: int, k: int) -> np.ndarray:
+    """One-hot map from kernel taps to a dense 'same' depthwise matrix.
+
+    Returns float32 (k*k, h*w, h*w): entry [t, q, p] is 1 where kernel tap
+    t = di*k + dj carries input position p = (hi, wi) to output position
+    q = (ho, wo) of a stride-1 'same' cross-correlation (hi = ho + di - lo).
+    ``einsum('ct,tqp->cqp', taps, onehot)`` then builds the per-channel
+    matrices with a matrix product whose gradient is a matrix product too.
+    """
+    lo, _ = same_padding(k)
+    onehot = np.zeros((k, k, h, w, h, w), dtype=np.float32)
+    for di in range(k):
+        for dj in range(k):
+            for ho in range(h):
+                hi = ho + di - lo
+                if not 0 <= hi < h:
+                    continue
+                for wo in range(w):
+                    wi = wo + dj - lo
+                    if 0 <= wi < w:
+                        onehot[di, dj, ho, wo, hi, wi] = 1.0
+    return onehot.reshape(k * k, h * w, h * w)
+
+
+def resolve_depthwise_impl(impl: str, grid: tuple[int, int], backend: str | None = None) -> str:
+    """Pick the depthwise formulation: dense per-channel matrices on CPU for
+    small grids (<= 256 positions), shifted multiply-adds for larger CPU grids,
+    the library grouped convolution on GPU/TPU."""
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        return "toeplitz" if grid[0] * grid[1] <= 256 else "shift"
+    return "conv"
+
+
+def depthwise(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
+    """Stride-1 'same' depthwise cross-correlation in channel-major layout.
+
+    Args:
+      x: (C, h, w, N) activations.
+      kernel: (k, k, 1, C), the layout of ``nn.Conv(feature_group_count=C)``.
+      impl: 'toeplitz' | 'shift' | 'conv'; all compute the same function.
+    Returns:
+      (C, h, w, N).
+    """
+    c, h, w, n = x.shape
+    k = kernel.shape[0]
+    taps = kernel.reshape(k * k, c)  # (k*k, C), tap-major
+    if impl == "toeplitz":
+        onehot = jnp.asarray(toeplitz_taps(h, w, k), dtype=x.dtype)
+        mat = jnp.einsum("tc,tqp->cqp", taps.astype(x.dtype), onehot)  # (C, hw_out, hw_in)
+        y = jnp.einsum("cqp,cpn->cqn", mat, x.reshape(c, h * w, n))
+        return y.reshape(c, h, w, n)
+    if impl == "shift":
+        lo, hi = same_padding(k)
+        xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+        y = jnp.zeros_like(x)
+        for di in range(k):
+            for dj in range(k):
+                y = y + xp[:, di:di + h, dj:dj + w, :] * taps[di * k + dj][:, None, None, None]
+        return y
+    if impl == "conv":
+        return jax.lax.conv_general_dilated(
+            x, kernel, window_strides=(1, 1), padding="SAME",
+            dimension_numbers=("CHWN", "HWIO", "CHWN"), feature_group_count=c)
+    raise ValueError(f"unknown depthwise implementation {impl!r}; use one of {DEPTHWISE_IMPLS}")
+
+
+class ChannelBatchNorm(nn.Module):
+    """BatchNorm over every axis but the first (channel-major activations).
+
+    Variables match ``nn.BatchNorm``: params ``scale``/``bias``, batch_stats
+    ``mean``/``var``; momentum 0.9 and eps 1e-5 as PyTorch's defaults.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        c = x.shape[0]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        axes = tuple(range(1, x.ndim))
+        bshape = (c,) + (1,) * (x.ndim - 1)
+        if train:
+            mean = jnp.mean(x, axis=axes)
+            var = jnp.mean(jnp.square(x - mean.reshape(bshape)), axis=axes)
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean
+                ra_var.value = m * ra_var.value + (1 - m) * var
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        mul = scale * jax.lax.rsqrt(var + self.epsilon)
+        return x * mul.reshape(bshape) + (bias - mean * mul).reshape(bshape)
+
+
+def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
+    """GELU. Exact form ``x * Phi(x)`` written with ``erf`` (as PyTorch), which
+    XLA:CPU evaluates in one fused loop; ``jax.nn.gelu`` uses ``erfc``, which
+    XLA splits into several passes over memory."""
+    if approximate:
+        return nn.gelu(x, approximate=True)
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1.0 / np.sqrt(2.0))))
+
+
+def add_channel_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """``y + bias`` per channel for channel-major ``y`` (C, ...).
+
+    The barrier keeps XLA:CPU from fusing the add into the library matrix
+    product, which materializes the broadcast bias (a full extra pass over
+    memory); left outside, the add fuses into the following GELU loop.
+    """
+    y = jax.lax.optimization_barrier(y)
+    return y + bias.reshape((-1,) + (1,) * (y.ndim - 1))
+
+
+def _torch_like_conv_init(fan_in: int):
+    """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class PatchEmbed(nn.Module):
+    """Conv(C -> dim, kernel P, stride P) as a matrix product over blocks.
+
+    ``x``: (N, H, W, C) normalized images -> (dim, H/P, W/P, N).
+    The kernel is stored as (P, P, C, dim) (HWIO), so ``kernel.reshape(P*P*C, dim)``
+    is the matrix E of the paper with rows in block-flattening order.
+    """
+
+    patch_size: int
+    dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, c = x.shape
+        p = self.patch_size
+        fan_in = p * p * c
+        kernel = self.param("kernel", _torch_like_conv_init(fan_in), (p, p, c, self.dim), jnp.float32)
+        bias = self.param("bias", _torch_like_conv_init(fan_in), (self.dim,), jnp.float32)
+        gh, gw = h // p, w // p
+        # (i, j, c, gh, gw, N): one column per block, rows in (i, j, c) order.
+        cols = x.reshape(n, gh, p, gw, p, c).transpose(2, 4, 5, 1, 3, 0).reshape(p * p * c, -1)
+        e_t = jax.lax.optimization_barrier(kernel.reshape(p * p * c, self.dim).T)  # (dim, pb)
+        y = (e_t @ cols).reshape(self.dim, gh, gw, n)
+        return add_channel_bias(y, bias)
+
+
+class MixerBlock(nn.Module):
+    """Residual(depthwise -> GELU -> BN) -> pointwise -> GELU -> BN.
+
+    ``x``: (dim, h, w, N) -> (dim, h, w, N).
+    """
+
+    kernel_size: int
+    impl: str
+    gelu_approximate: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        act = functools.partial(gelu, approximate=self.gelu_approximate)
+        y = DepthwiseConv(self.kernel_size, self.impl, name="depthwise")(x)
+        y = ChannelBatchNorm(name="depthwise_bn")(act(y), train)
+        x = x + y
+        x = PointwiseConv(name="pointwise")(x)
+        return ChannelBatchNorm(name="pointwise_bn")(act(x), train)
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise k x k 'same' conv with bias; kernel (k, k, 1, dim)."""
+
+    kernel_size: int
+    impl: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[0]
+        k = self.kernel_size
+        kernel = self.param("kernel", _torch_like_conv_init(k * k), (k, k, 1, d), jnp.float32)
+        bias = self.param("bias", _torch_like_conv_init(k * k), (d,), jnp.float32)
+        return add_channel_bias(depthwise(x, kernel, self.impl), bias)
+
+
+class PointwiseConv(nn.Module):
+    """1x1 conv with bias as a matrix product; kernel (1, 1, dim_in, dim_out)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[0]
+        kernel = self.param("kernel", _torch_like_conv_init(d), (1, 1, d, d), jnp.float32)
+        bias = self.param("bias", _torch_like_conv_init(d), (d,), jnp.float32)
+        # XLA:CPU runs a dot whose left operand is contracted on its first axis
+        # about 2x slower; materialize the (tiny) transposed weight instead of
+        # letting the transpose fold back into the dot.
+        w_t = jax.lax.optimization_barrier(kernel[0, 0].T)  # (out, in)
+        y = jnp.einsum("oi,ihwn->ohwn", w_t, x)
+        return add_channel_bias(y, bias)
+
+
+class ConvMixer(nn.Module):
+    """ConvMixer as a Flax Linen module: ``apply(variables, images, train=...)``.
+
+    ``images``: (N, H, W, C) float in [0, 1] with H = W = config.image_size.
+    Returns logits (N, num_classes) float32.
+    """
+
+    config: ConvMixerConfig
+
+    def _gelu(self, x):
+        return gelu(x, approximate=self.config.gelu_approximate)
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        cfg = self.config
+        n, h, w, c = images.shape
+        p, d, k = cfg.patch_size, cfg.dim, cfg.kernel_size
+        if c != cfg.channels or h % p or w % p:
+            raise ValueError(
+                f"images of shape {images.shape} do not fit this model (channels {cfg.channels}, "
+                f"height and width divisible by patch size {p})")
+        x = images.astype(jnp.float32)
+        mean = jnp.asarray(cfg.norm_mean, jnp.float32)
+        std = jnp.asarray(cfg.norm_std, jnp.float32)
+        x = (x - mean) / std
+        gh, gw = h // p, w // p
+        impl = resolve_depthwise_impl(cfg.depthwise_impl, (gh, gw))
+
+        # Stem: the patch embedding as one matrix product over flattened blocks.
+        x = PatchEmbed(p, d, name="stem")(x)  # (d, gh, gw, N)
+        x = self._gelu(x)
+        x = ChannelBatchNorm(name="stem_bn")(x, train)
+        for i in range(cfg.depth):
+            x = MixerBlock(k, impl, cfg.gelu_approximate, name=f"block_{i}")(x, train)
+        pooled = jnp.mean(x, axis=(1, 2))  # (d, N)
+        head = nn.Dense(cfg.num_classes, name="head",
+                        kernel_init=_torch_like_conv_init(d), bias_init=_torch_like_conv_init(d))
+        return head(pooled.T)
