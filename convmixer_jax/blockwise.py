@@ -52,7 +52,6 @@ def check_images(images, key: Key, *, check_values: bool = True) -> None:
     is concrete) float values finite and inside [0, 1].
     """
     shape = tuple(np.shape(images))
-    dtype = np.dtype(getattr(images, "dtype", np.asarray(images).dtype))
     if len(shape) < 3:
         raise ImageError(f"images must be (..., H, W, C) arrays; got shape {shape}")
     h, w, c = shape[-3:]
@@ -63,6 +62,13 @@ def check_images(images, key: Key, *, check_values: bool = True) -> None:
     if c != key.channels:
         raise ImageError(f"images have {c} channels but the key is for {key.channels}; "
                          "use a key made with --channels equal to the images' channels")
+    check_pixel_values(images, check_values=check_values)
+
+
+def check_pixel_values(images, *, check_values: bool = True) -> None:
+    """Raise :class:`ImageError` unless ``images`` are uint8, or floating with
+    (if ``check_values`` and the array is concrete) finite values in [0, 1]."""
+    dtype = np.dtype(images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype)
     if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
         raise ImageError(f"images must be uint8 (0..255) or float in [0, 1]; got dtype {dtype}")
     if check_values and np.issubdtype(dtype, np.floating) and not isinstance(images, jax.core.Tracer):
@@ -117,6 +123,19 @@ def _decrypt(images: jax.Array, key: Key) -> jax.Array:
     return _gather_blocks(y, inv, layout).reshape(shape)
 
 
+def _apply(fn, images, key: Key) -> jax.Array:
+    """Run ``fn``, keeping a float64 input in float64 when called eagerly (JAX
+    computes it in float32 unless x64 is enabled), so the output has the
+    input's dtype. Under ``jit``/``vmap`` the usual JAX dtype rules apply."""
+    if not hasattr(images, "dtype"):
+        images = np.asarray(images)
+    eager = not any(isinstance(v, jax.core.Tracer) for v in (images, key.perm, key.flip))
+    if eager and np.dtype(images.dtype) == np.float64 and not jax.config.jax_enable_x64:
+        with jax.enable_x64(True):
+            return fn(jnp.asarray(images), key)
+    return fn(jnp.asarray(images), key)
+
+
 def encrypt_images(images, key: Key) -> jax.Array:
     """Encrypt images block by block with ``key``.
 
@@ -128,14 +147,14 @@ def encrypt_images(images, key: Key) -> jax.Array:
     """
     check_images(images, key, check_values=False)
     _check_key(key)
-    return _encrypt(jnp.asarray(images), key)
+    return _apply(_encrypt, images, key)
 
 
 def decrypt_images(images, key: Key) -> jax.Array:
     """Inverse of :func:`encrypt_images` (flip again, then the inverse permutation)."""
     check_images(images, key, check_values=False)
     _check_key(key)
-    return _decrypt(jnp.asarray(images), key)
+    return _apply(_decrypt, images, key)
 
 
 def encrypt_images_reference(images: np.ndarray, key: Key) -> np.ndarray:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convmixer_jax.blockwise import ImageError, check_pixel_values
 from convmixer_jax.model import ConvMixer, ConvMixerConfig
 
 
@@ -23,6 +24,23 @@ def _logits_fn(config: ConvMixerConfig) -> Callable:
         return model.apply(variables, x, train=False)
 
     return logits
+
+
+def check_model_images(config: ConvMixerConfig, images) -> None:
+    """Raise :class:`~convmixer_jax.blockwise.ImageError` unless ``images`` can be
+    fed to a model of ``config``: shape (N, image_size, image_size, channels),
+    uint8 or float with finite values in [0, 1]."""
+    shape = tuple(np.shape(images))
+    s, c = config.image_size, config.channels
+    if len(shape) != 4:
+        raise ImageError(f"images must be a batch of shape (N, H, W, C); got shape {shape} "
+                         "(for a single image add a leading axis: image[None])")
+    if shape[1:3] != (s, s):
+        raise ImageError(f"images are {shape[1]}x{shape[2]} but the model takes {s}x{s} images; "
+                         f"resize or crop them to {s}x{s}")
+    if shape[3] != c:
+        raise ImageError(f"images have {shape[3]} channels but the model takes {c}")
+    check_pixel_values(images)
 
 
 def iterate_batches(n: int, batch_size: int):

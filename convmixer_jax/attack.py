@@ -1,0 +1,121 @@
+"""Random wrong-key attack: accuracy of an encrypted model on test images
+encrypted with keys other than the secret one (paper, section 4, Fig. 5).
+
+Two exact strategies, both ``vmap``-ped over chunks of keys:
+
+- ``'images'``: encrypt the test batch with each wrong key K' and run the
+  encrypted model on it (the attack as the paper states it);
+- ``'weights'``: the encrypted model on images encrypted with K' computes the
+  same logits as the model ``decrypt_params(encrypted, K')`` on the plain
+  images (both are the same linear map of each normalized block), so a sweep
+  needs one copy of the images and one small patch-embedding kernel per key.
+
+Peak memory is bounded by ``key_chunk * batch_size`` images' activations,
+whatever the number of keys.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convmixer_jax.blockwise import encrypt_images
+from convmixer_jax.evaluate import iterate_batches
+from convmixer_jax.keys import Key, random_keys
+from convmixer_jax.model import ConvMixer, ConvMixerConfig
+from convmixer_jax.model_encryption import decrypt_params
+
+STRATEGIES = ("images", "weights")
+
+
+def _to_unit_float(images: jax.Array) -> jax.Array:
+    x = images.astype(jnp.float32)
+    return x / 255.0 if images.dtype == jnp.uint8 else x
+
+
+@functools.lru_cache(maxsize=None)
+def _correct_fn(config: ConvMixerConfig, strategy: str):
+    """jit(vmap over keys) of the number of correct predictions per key."""
+    model = ConvMixer(config)
+    mean, std = config.mean, config.std
+
+    def per_key_images(variables, images, labels, key):
+        enc = encrypt_images(images, key)
+        logits = model.apply(variables, _to_unit_float(enc), train=False)
+        return jnp.sum(jnp.argmax(logits, -1) == labels)
+
+    def per_key_weights(variables, images, labels, key):
+        attacked = decrypt_params(variables, key, mean=mean, std=std)
+        logits = model.apply(attacked, _to_unit_float(images), train=False)
+        return jnp.sum(jnp.argmax(logits, -1) == labels)
+
+    fn = per_key_images if strategy == "images" else per_key_weights
+    return jax.jit(jax.vmap(fn, in_axes=(None, None, None, 0)))
+
+
+def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, keys: Key, *,
+                         strategy: str = "weights", key_chunk: int = 8, batch_size: int = 250,
+                         progress: bool = False) -> np.ndarray:
+    """Accuracy in [0, 1] of ``variables`` (an encrypted model) for each key of a batch.
+
+    images: (N, H, W, C) uint8 or float in [0, 1]; labels: (N,) int;
+    keys: a batched :class:`Key` (perm (K, pb)). Returns (K,) float64.
+    Shapes are padded to fixed (key_chunk, batch_size) blocks so that one
+    program is compiled; padded keys and images are not counted.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not keys.batch_shape:
+        raise ValueError("keys must be a batch (perm of shape (K, pb)); use random_keys or stack_keys")
+    n_keys = keys.batch_shape[0]
+    n = len(images)
+    if n == 0 or n_keys == 0:
+        raise ValueError("need at least one image and one key")
+    fn = _correct_fn(config, strategy)
+    labels = np.asarray(labels, np.int32)
+    perm, flip = np.asarray(keys.perm), np.asarray(keys.flip)
+    correct = np.zeros(n_keys, np.int64)
+    bsz = min(batch_size, n)
+    chunks = list(iterate_batches(n_keys, key_chunk))
+    batches = list(iterate_batches(n, bsz))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(chunks) * len(batches), desc=f"wrong keys ({strategy})", unit="block")
+    for k0, k1 in chunks:
+        kp = np.concatenate([perm[k0:k1], np.repeat(perm[k1 - 1:k1], key_chunk - (k1 - k0), 0)])
+        kf = np.concatenate([flip[k0:k1], np.repeat(flip[k1 - 1:k1], key_chunk - (k1 - k0), 0)])
+        chunk_keys = Key(jnp.asarray(kp), jnp.asarray(kf), keys.block_size, keys.channels)
+        for b0, b1 in batches:
+            xb = np.asarray(images[b0:b1])
+            yb = labels[b0:b1]
+            if b1 - b0 < bsz:  # pad; padded labels are -1 and never match
+                xb = np.concatenate([xb, np.zeros((bsz - (b1 - b0),) + xb.shape[1:], xb.dtype)])
+                yb = np.concatenate([yb, np.full(bsz - (b1 - b0), -1, np.int32)])
+            counts = np.asarray(fn(variables, xb, yb, chunk_keys))
+            correct[k0:k1] += counts[: k1 - k0]
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return correct / n
+
+
+def wrong_key_accuracies_loop(config: ConvMixerConfig, variables, images, labels, keys: Key, *,
+                              batch_size: int = 250) -> np.ndarray:
+    """The same attack as a plain Python loop over keys (reference for tests and benchmarks)."""
+    from convmixer_jax.evaluate import accuracy
+
+    out = []
+    for i in range(keys.batch_shape[0]):
+        enc = np.asarray(encrypt_images(images, keys[i]))
+        out.append(accuracy(config, variables, enc, labels, batch_size=batch_size))
+    return np.asarray(out)
+
+
+def draw_attack_keys(seed: int, n: int, block_size: int, channels: int) -> Key:
+    """``n`` random wrong keys from ``jax.random`` with ``seed`` (recorded with results)."""
+    return jax.device_get(random_keys(jax.random.PRNGKey(seed), n, block_size, channels))

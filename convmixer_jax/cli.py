@@ -1,0 +1,463 @@
+"""The ``convmixer-jax`` command line: keys, image and model encryption, training, evaluation.
+
+Each subcommand parses its arguments and calls library functions
+(:mod:`~convmixer_jax.keys`, :mod:`~convmixer_jax.blockwise`,
+:mod:`~convmixer_jax.model_io`, :mod:`~convmixer_jax.evaluate`,
+:mod:`~convmixer_jax.train`). JAX and Flax are imported inside the commands
+so that ``--help`` answers at once.
+
+A user error (bad file, key, image or model, existing output without
+``--force``) prints one line ``convmixer-jax: error: ...`` on stderr, exits
+with 1 (2 for a malformed command line) and leaves every output path as it
+was. Every file is written under a temporary name beside its destination and
+renamed into place when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+PROG = "convmixer-jax"
+
+_DESCRIPTION = """\
+Block-wise encryption of ConvMixer models (Iijima & Kiya, 2022).
+
+A trusted party trains a plain model (train), makes a secret key (keygen) and
+encrypts the model with it (encrypt-model); the client encrypts its images with
+the same key (encrypt-images); the provider runs the encrypted model on the
+encrypted images (predict) and gets the plain model's outputs on the plain images.
+"""
+
+_EPILOG = """\
+example:
+  convmixer-jax keygen --block-size 4 --channels 3 --out key.json
+  convmixer-jax init-model --preset paper --seed 0 --out plain_model
+  convmixer-jax encrypt-model --key key.json plain_model enc_model
+  convmixer-jax encrypt-images --key key.json images.npy enc_images.npy
+  convmixer-jax predict enc_model enc_images.npy --out logits.npy
+
+run 'convmixer-jax COMMAND --help' for the options of a command.
+"""
+
+
+class _UsageError(Exception):
+    """A malformed command line (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line instead of exiting."""
+
+    def error(self, message):  # noqa: D102 - argparse API
+        raise _UsageError(f"{self.prog.removeprefix(PROG + ' ')}: {message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- shared options
+
+
+def _add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="replace the output if it exists")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model architecture (explicit options override --preset; "
+                             "the defaults are the paper's ConvMixer-256/8)")
+    g.add_argument("--preset", choices=["paper"], help="start from a named architecture")
+    g.add_argument("--dim", type=_positive_int, help="embedding width d (paper: 256)")
+    g.add_argument("--depth", type=_positive_int, help="number of mixer blocks L (paper: 8)")
+    g.add_argument("--kernel-size", type=_positive_int, help="depthwise kernel size k (paper: 9)")
+    g.add_argument("--patch-size", type=_positive_int,
+                   help="patch size P = encryption block size M (paper: 4)")
+    g.add_argument("--num-classes", type=_positive_int, help="classifier outputs (paper: 10)")
+    g.add_argument("--image-size", type=_positive_int,
+                   help="input height = width, a multiple of the patch size (paper: 32)")
+    g.add_argument("--channels", type=_positive_int, help="input channels C (paper: 3)")
+
+
+def _model_config(args):
+    import dataclasses
+
+    from convmixer_jax.model import PRESETS, ConvMixerConfig
+
+    base = PRESETS[args.preset] if args.preset else ConvMixerConfig()
+    names = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "image_size", "channels")
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    return dataclasses.replace(base, **overrides)
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="local data: DIR/{train,test}/<class>/*.png|jpg or the CIFAR-10 binary "
+                        "batches; without it CIFAR-10 comes from tensorflow-datasets")
+    p.add_argument("--tfds-data-dir", metavar="DIR",
+                   help="where tensorflow-datasets keeps its prepared data (without --data-dir)")
+
+
+def _load_split(args, split: str):
+    from convmixer_jax.data import load_split
+
+    return load_split(split, data_dir=args.data_dir, tfds_data_dir=args.tfds_data_dir)
+
+
+def _subset(images, labels, n: int | None, seed: int):
+    """A seeded random subset of ``n`` examples (in their original order); all if n is None."""
+    import numpy as np
+
+    if n is None or n >= len(images):
+        return images, labels
+    idx = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
+    return images[idx], labels[idx]
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_keygen(args) -> int:
+    from convmixer_jax import keys
+    from convmixer_jax.model_io import check_output_path, write_text_atomic
+
+    check_output_path(args.out, args.force)
+    key = keys.generate_key(args.block_size, args.channels, seed=args.seed)
+    write_text_atomic(args.out, keys.key_file_text(key), force=args.force, private=True)
+    if args.seed is not None:
+        print(f"{PROG}: warning: a seeded key can be re-made by anyone who knows the seed; "
+              "use --seed for experiments only", file=sys.stderr)
+    print(keys.fingerprint(key))
+    return 0
+
+
+def _transform_images(args, encrypt: bool) -> int:
+    import numpy as np
+
+    from convmixer_jax import blockwise
+    from convmixer_jax.keys import load_key
+    from convmixer_jax.model_io import check_output_path, load_images, save_array
+
+    check_output_path(args.output, args.force)
+    key = load_key(args.key)
+    images = load_images(args.input)
+    blockwise.check_images(images, key)
+    fn = blockwise.encrypt_images if encrypt else blockwise.decrypt_images
+    result = np.asarray(fn(images, key)).astype(images.dtype, copy=False)
+    save_array(args.output, result, force=args.force)
+    print(f"{'encrypted' if encrypt else 'decrypted'} {result.shape} {result.dtype} -> {args.output}")
+    return 0
+
+
+def cmd_encrypt_images(args) -> int:
+    return _transform_images(args, encrypt=True)
+
+
+def cmd_decrypt_images(args) -> int:
+    return _transform_images(args, encrypt=False)
+
+
+def cmd_init_model(args) -> int:
+    from convmixer_jax.model_io import check_output_path, save_model
+    from convmixer_jax.train import init_variables
+
+    check_output_path(args.out, args.force)
+    config = _model_config(args)
+    variables = init_variables(config, args.seed)
+    save_model(args.out, config, variables, force=args.force,
+               extra={"created_by": "init-model", "seed": args.seed})
+    print(f"plain model (dim {config.dim}, depth {config.depth}, patch {config.patch_size}) -> {args.out}")
+    return 0
+
+
+def cmd_encrypt_model(args) -> int:
+    from convmixer_jax.keys import fingerprint, load_key
+    from convmixer_jax.model_io import check_output_path, encrypt_model_dir
+
+    check_output_path(args.output, args.force)
+    key = load_key(args.key)
+    encrypt_model_dir(args.input, args.output, key, force=args.force)
+    print(f"encrypted model (key fingerprint {fingerprint(key)}) -> {args.output}")
+    return 0
+
+
+def cmd_decrypt_model(args) -> int:
+    from convmixer_jax.keys import load_key
+    from convmixer_jax.model_io import check_output_path, decrypt_model_dir
+
+    check_output_path(args.output, args.force)
+    decrypt_model_dir(args.input, args.output, load_key(args.key), force=args.force)
+    print(f"plain model -> {args.output}")
+    return 0
+
+
+def cmd_rekey_model(args) -> int:
+    from convmixer_jax.keys import fingerprint, load_key
+    from convmixer_jax.model_io import check_output_path, rekey_model_dir
+
+    check_output_path(args.output, args.force)
+    old, new = load_key(args.old_key), load_key(args.new_key)
+    rekey_model_dir(args.input, args.output, old, new, force=args.force)
+    print(f"model re-encrypted (key fingerprint {fingerprint(new)}) -> {args.output}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+
+    from convmixer_jax.evaluate import check_model_images, predict_logits
+    from convmixer_jax.model_io import check_output_path, load_images, load_model, save_array
+
+    check_output_path(args.out, args.force)
+    config, variables, _ = load_model(args.model)
+    images = load_images(args.images)
+    check_model_images(config, images)
+    logits = predict_logits(config, variables, images, batch_size=args.batch_size)
+    save_array(args.out, np.asarray(logits, np.float32), force=args.force)
+    print(f"logits {logits.shape} -> {args.out}")
+    return 0
+
+
+def cmd_keyspace(args) -> int:
+    from convmixer_jax import keys
+
+    pb = keys.block_len(args.block_size, args.channels)
+    n = keys.key_space(args.block_size, args.channels)
+    log2 = keys.key_space_log2(args.block_size, args.channels)
+    print(f"block size {args.block_size}, {args.channels} channels: pb = {pb}")
+    print(f"keys = pb! * C(pb, pb/2) = {n}")
+    print(f"log2 = {log2:.2f} (about 2^{log2:.2f})")
+    return 0
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    import numpy as np
+
+    from convmixer_jax.blockwise import ImageError
+    from convmixer_jax.data import DataError
+    from convmixer_jax.evaluate import accuracy, check_model_images
+    from convmixer_jax.model_io import check_output_path, save_model
+    from convmixer_jax.train import RECIPES, train
+
+    check_output_path(args.out, args.force)
+    config = _model_config(args)
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    recipe = dataclasses.replace(RECIPES[args.recipe], seed=args.seed,
+                                 **{k: v for k, v in overrides.items() if v is not None})
+    train_x, train_y, classes = _load_split(args, "train")
+    test_x, test_y, _ = _load_split(args, "test")
+    train_x, train_y = _subset(train_x, train_y, args.limit_train, args.seed)
+    test_x, test_y = _subset(test_x, test_y, args.limit_test, args.seed)
+    for name, x in (("training", train_x), ("test", test_x)):
+        try:
+            check_model_images(config, x)
+        except ImageError as e:
+            raise ImageError(f"{name} images do not fit the model: {e} "
+                             "(set --image-size / --channels to match the data)") from None
+    top = int(max(np.max(train_y, initial=0), np.max(test_y, initial=0)))
+    if top >= config.num_classes:
+        raise DataError(f"the data have labels up to {top} but the model has {config.num_classes} classes; "
+                        f"pass --num-classes {top + 1}")
+    variables, history = train(config, recipe, (train_x, train_y), (test_x, test_y), args.workdir,
+                               resume=args.resume, progress=not args.quiet)
+    acc = history["epochs"][-1].get("test_accuracy") if history.get("epochs") else None
+    if acc is None:
+        acc = accuracy(config, variables, test_x, test_y)
+    extra = {"created_by": "train", "recipe": args.recipe, "train_config": recipe.to_dict(),
+             "test_accuracy": acc, "train_images": len(train_x), "test_images": len(test_x),
+             "data": args.data_dir if args.data_dir else "tfds:cifar10", "classes": list(classes),
+             "workdir": str(args.workdir)}
+    save_model(args.out, config, variables, extra=extra, force=args.force)
+    print(json.dumps({"test_accuracy": acc, "model": str(args.out)}))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from convmixer_jax.blockwise import encrypt_images
+    from convmixer_jax.evaluate import accuracy, check_model_images
+    from convmixer_jax.keys import fingerprint, load_key
+    from convmixer_jax.model_io import check_key_fits_model, is_encrypted, load_model
+
+    config, variables, meta = load_model(args.model)
+    key = load_key(args.key) if args.key else None
+    if key is not None:
+        check_key_fits_model(config, key)
+    images, labels, _ = _load_split(args, "test")
+    images, labels = _subset(images, labels, args.limit, args.seed)
+    check_model_images(config, images)
+    if key is not None:
+        images = np.asarray(encrypt_images(images, key))
+    acc = accuracy(config, variables, images, labels, batch_size=args.batch_size)
+    enc = meta.get("encryption")
+    print(json.dumps({"accuracy": acc, "images": int(len(images)), "encrypted_images": key is not None,
+                      "model_encrypted": is_encrypted(meta),
+                      "key_fingerprint": fingerprint(key) if key is not None else None,
+                      "model_key_fingerprint": enc["key_fingerprint"] if enc else None}))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=_DESCRIPTION, epilog=_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, func, help_, description=None):
+        p = sub.add_parser(name, help=help_, description=description or help_)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("keygen", cmd_keygen, "make a secret key (pixel permutation and flip vector)",
+            "Make a secret key for block size M and C channels and write it as JSON. Without --seed "
+            "the key comes from the operating system's CSPRNG. Prints only the key's fingerprint.")
+    p.add_argument("--block-size", type=_positive_int, required=True, metavar="M",
+                   help="block size M (= the model's patch size)")
+    p.add_argument("--channels", type=_positive_int, required=True, metavar="C", help="image channels C")
+    p.add_argument("--seed", type=_int, metavar="N", help="reproducible key, for experiments only")
+    p.add_argument("--out", required=True, metavar="KEY.json", help="key file to write (kept secret)")
+    _add_force(p)
+
+    for name, func, verb in (("encrypt-images", cmd_encrypt_images, "Encrypt"),
+                             ("decrypt-images", cmd_decrypt_images, "Decrypt")):
+        p = add(name, func, f"{verb.lower()} images block by block with a key",
+                f"{verb} images in a .npy file, (N, H, W, C) or one (H, W, C) image, uint8 (0..255) or "
+                "float in [0, 1], H and W divisible by the key's block size. The output has the "
+                "input's shape and dtype.")
+        p.add_argument("--key", required=True, metavar="KEY.json", help="key file from keygen")
+        p.add_argument("input", metavar="IN.npy", help="images to read")
+        p.add_argument("output", metavar="OUT.npy", help="images to write")
+        _add_force(p)
+
+    p = add("init-model", cmd_init_model, "make a freshly initialized plain model directory")
+    _add_model_options(p)
+    p.add_argument("--seed", type=_int, required=True, metavar="N", help="initialization seed")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
+    _add_force(p)
+
+    p = add("encrypt-model", cmd_encrypt_model, "encrypt a plain model with a key",
+            "Encrypt the patch embedding of a plain model with a key (signed row permutation). "
+            "The encrypted model on encrypted images computes the plain model on plain images. "
+            "Only the key's fingerprint is recorded in the model directory.")
+    p.add_argument("--key", required=True, metavar="KEY.json", help="key file from keygen")
+    p.add_argument("input", metavar="IN_MODEL", help="plain model directory")
+    p.add_argument("output", metavar="OUT_MODEL", help="encrypted model directory to write")
+    _add_force(p)
+
+    p = add("decrypt-model", cmd_decrypt_model, "decrypt an encrypted model with its key",
+            "Restore the plain model from an encrypted one; the key must be the one it was "
+            "encrypted with (checked by fingerprint).")
+    p.add_argument("--key", required=True, metavar="KEY.json", help="the key the model was encrypted with")
+    p.add_argument("input", metavar="IN_MODEL", help="encrypted model directory")
+    p.add_argument("output", metavar="OUT_MODEL", help="plain model directory to write")
+    _add_force(p)
+
+    p = add("rekey-model", cmd_rekey_model, "move an encrypted model to a new key",
+            "Re-encrypt a model encrypted with --old-key so that it works with --new-key "
+            "(the paper's key update), without writing the plain model.")
+    p.add_argument("--old-key", required=True, metavar="A.json", help="the key the model is encrypted with")
+    p.add_argument("--new-key", required=True, metavar="B.json", help="the new key")
+    p.add_argument("input", metavar="IN_MODEL", help="encrypted model directory")
+    p.add_argument("output", metavar="OUT_MODEL", help="model directory to write")
+    _add_force(p)
+
+    p = add("predict", cmd_predict, "logits of a model on images in a .npy file",
+            "Run a model (plain or encrypted) on (N, H, W, C) images in a .npy file: uint8 is "
+            "scaled by 1/255, float must lie in [0, 1]. Writes float32 logits (N, classes).")
+    p.add_argument("model", metavar="MODEL_DIR", help="model directory")
+    p.add_argument("images", metavar="IN.npy", help="images (encrypted ones for an encrypted model)")
+    p.add_argument("--out", required=True, metavar="LOGITS.npy", help="logits to write")
+    p.add_argument("--batch-size", type=_positive_int, default=500, metavar="B", help="default 500")
+    _add_force(p)
+
+    p = add("keyspace", cmd_keyspace, "size of the key space, pb! * C(pb, pb/2)")
+    p.add_argument("--block-size", type=_positive_int, required=True, metavar="M", help="block size M")
+    p.add_argument("--channels", type=_positive_int, required=True, metavar="C", help="channels C")
+
+    p = add("train", cmd_train, "train a plain model and save it",
+            "Train a ConvMixer on plain images with a recipe (paper: Adam 1e-3, batch 128, 200 "
+            "epochs), checkpointing every epoch into --workdir, then save the plain model with "
+            "its recipe and final test accuracy in config.json.")
+    _add_data_options(p)
+    p.add_argument("--recipe", choices=["paper", "fast"], default="paper", help="training recipe (default paper)")
+    p.add_argument("--epochs", type=_positive_int, metavar="E", help="override the recipe's epochs")
+    p.add_argument("--batch-size", type=_positive_int, metavar="B", help="override the recipe's batch size")
+    p.add_argument("--lr", type=_positive_float, help="override the recipe's (peak) learning rate")
+    _add_model_options(p)
+    p.add_argument("--seed", type=_int, default=0, metavar="N",
+                   help="initialization, data order, augmentation and --limit-* subsets (default 0)")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints and train_log.json")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --workdir")
+    p.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on a random subset of N images")
+    p.add_argument("--limit-test", type=_positive_int, metavar="N", help="test on a random subset of N images")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
+    _add_force(p)
+
+    p = add("evaluate", cmd_evaluate, "test accuracy of a model, on plain or encrypted images",
+            "Accuracy on the test split; with --key the test images are encrypted with that key "
+            "first (the right key for an encrypted model, or a wrong one for an attack). Prints JSON.")
+    p.add_argument("model", metavar="MODEL_DIR", help="model directory")
+    _add_data_options(p)
+    p.add_argument("--key", metavar="KEY.json", help="encrypt the test images with this key")
+    p.add_argument("--limit", type=_positive_int, metavar="K", help="a random subset of K test images")
+    p.add_argument("--seed", type=_int, default=0, metavar="N", help="seed of the --limit subset (default 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=500, metavar="B", help="default 500")
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except _UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        # Library errors (InvalidKeyError, ImageError, ModelDirError, DataError,
+        # KeyModelMismatch are ValueErrors) and file errors: one line, no traceback.
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,528 @@
+"""Files on disk: model directories, image arrays, atomic writes.
+
+A model directory holds one ConvMixer, plain or encrypted::
+
+    MODEL_DIR/config.json   {"format": "convmixer-jax-model", "version": 1,
+                             "model": ConvMixerConfig.to_dict(),
+                             "encryption": null | {"key_fingerprint": "<sha256 hex>",
+                                                   "block_size": M, "channels": C},
+                             ...provenance fields (seed, recipe, test_accuracy, ...)}
+    MODEL_DIR/variables/    {'params', 'batch_stats'} as an Orbax checkpoint
+
+The key itself is never written into a model directory; an encrypted model
+records only the key's fingerprint, so that decryption with another key is
+refused. Every write goes to a temporary sibling first and is renamed into
+place only once complete, so a crash never leaves a half-written model or
+file under the requested name.
+
+JAX, Flax and Orbax are imported inside the functions that need them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convmixer_jax.blockwise import ImageError
+from convmixer_jax.keys import Key, fingerprint
+from convmixer_jax.model import ConvMixerConfig
+
+MODEL_FORMAT = "convmixer-jax-model"
+MODEL_VERSION = 1
+CONFIG_FILE = "config.json"
+VARIABLES_DIR = "variables"
+_RESERVED = ("format", "version", "model", "encryption")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+PyTree = Any
+
+
+class ModelDirError(ValueError):
+    """A model directory is missing, malformed, inconsistent, or in the wrong state
+    (plain where an encrypted one is needed, or the reverse)."""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse an existing ``path`` unless ``force``; return it as a Path.
+
+    Raises FileExistsError naming the fix (``--force``).
+    """
+    path = Path(path)
+    if not force and (path.exists() or path.is_symlink()):
+        raise FileExistsError(f"{path} already exists; pass --force to replace it")
+    return path
+
+
+def _mkstemp_beside(path: Path) -> tuple[int, Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    return fd, Path(tmp)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, force: bool = False,
+                       private: bool = False) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place.
+
+    An existing ``path`` is refused unless ``force``. ``private`` keeps the file
+    readable by its owner only (for keys); otherwise the usual umask applies.
+    """
+    path = check_output_path(path, force)
+    fd, tmp = _mkstemp_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if not private:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        check_output_path(path, force)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, force: bool = False,
+                      private: bool = False) -> Path:
+    """:func:`write_bytes_atomic` for UTF-8 text."""
+    return write_bytes_atomic(path, text.encode(), force=force, private=private)
+
+
+def save_array(path: str | os.PathLike, array, *, force: bool = False) -> Path:
+    """Save one array as ``.npy`` (no pickle), atomically."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    return write_bytes_atomic(path, buf.getvalue(), force=force)
+
+
+def load_images(path: str | os.PathLike) -> np.ndarray:
+    """Read an image array from a ``.npy`` file (never unpickling anything).
+
+    Raises :class:`~convmixer_jax.blockwise.ImageError` for a missing,
+    unreadable, pickled or non-``.npy`` file. Shape and values are checked by
+    the caller (``blockwise.check_images``, ``evaluate.check_model_images``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"image file {path} does not exist")
+    if path.is_dir():
+        raise ImageError(f"{path} is a directory; pass a .npy file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
+    if magic[:4] == b"PK\x03\x04":
+        raise ImageError(f"{path} is an .npz archive; pass a single array saved with numpy.save (.npy)")
+    if magic != b"\x93NUMPY":
+        raise ImageError(f"{path} is not a .npy file; save the images with numpy.save")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise ImageError(f"cannot read {path} as a .npy array ({e}); "
+                         "save the images with numpy.save (object arrays are not accepted)") from None
+    return array
+
+
+# --------------------------------------------------------------------------- encryption record
+
+
+def encryption_record(key: Key) -> dict:
+    """What a model directory records about its key: fingerprint, block size, channels."""
+    return {"key_fingerprint": fingerprint(key), "block_size": int(key.block_size),
+            "channels": int(key.channels)}
+
+
+def _check_encryption_record(enc, config: ConvMixerConfig, where: str) -> dict | None:
+    if enc is None:
+        return None
+    if isinstance(enc, Key):
+        enc = encryption_record(enc)
+    if not isinstance(enc, dict):
+        raise ModelDirError(f"{where}: 'encryption' must be null or an object, got {type(enc).__name__}")
+    fp = enc.get("key_fingerprint")
+    if not isinstance(fp, str) or not _HEX64.fullmatch(fp):
+        raise ModelDirError(f"{where}: 'encryption.key_fingerprint' must be a SHA-256 hex digest")
+    for name in ("block_size", "channels"):
+        v = enc.get(name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ModelDirError(f"{where}: 'encryption.{name}' must be an integer, got {v!r}")
+    if enc["block_size"] != config.patch_size or enc["channels"] != config.channels:
+        raise ModelDirError(f"{where}: the recorded key (block size {enc['block_size']}, "
+                            f"{enc['channels']} channels) does not fit the model (patch size "
+                            f"{config.patch_size}, {config.channels} channels)")
+    unknown = set(enc) - {"key_fingerprint", "block_size", "channels"}
+    if unknown:
+        raise ModelDirError(f"{where}: unknown 'encryption' fields {sorted(unknown)} "
+                            "(a model directory never stores the key itself)")
+    return {"key_fingerprint": fp, "block_size": enc["block_size"], "channels": enc["channels"]}
+
+
+# --------------------------------------------------------------------------- variables
+
+
+def abstract_variables(config: ConvMixerConfig) -> PyTree:
+    """``{'params', 'batch_stats'}`` of ``config`` as ``jax.ShapeDtypeStruct`` leaves (no compute)."""
+    import jax
+    import jax.numpy as jnp
+
+    from convmixer_jax.model import ConvMixer
+
+    dummy = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.channels), jnp.float32)
+    tree = jax.eval_shape(lambda x: ConvMixer(config).init(jax.random.PRNGKey(0), x, train=False), dummy)
+    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+
+
+def _leaves_by_path(tree) -> dict[str, Any]:
+    import jax
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+
+
+def check_variables(config: ConvMixerConfig, variables: PyTree, *, where: str = "variables") -> None:
+    """Raise :class:`ModelDirError` unless ``variables`` (arrays or array metadata)
+    have exactly the tree, shapes and dtypes that ``config`` defines."""
+    if not isinstance(variables, dict) or set(variables) != {"params", "batch_stats"}:
+        got = sorted(variables) if isinstance(variables, dict) else type(variables).__name__
+        raise ModelDirError(f"{where} must be {{'params', 'batch_stats'}}, got {got}")
+    expected = _leaves_by_path(abstract_variables(config))
+    actual = _leaves_by_path(variables)
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    if missing or extra:
+        parts = ([f"missing {missing[:3]}"] if missing else []) + ([f"unexpected {extra[:3]}"] if extra else [])
+        raise ModelDirError(f"{where} do not match the model in config.json ({'; '.join(parts)})")
+    for name, exp in expected.items():
+        got = actual[name]
+        shape, dtype = tuple(getattr(got, "shape", ())), getattr(got, "dtype", None)
+        if shape != tuple(exp.shape):
+            raise ModelDirError(f"{where}: {name} has shape {shape} but config.json implies "
+                                f"{tuple(exp.shape)}; the variables belong to another model")
+        if dtype is not None and np.dtype(dtype) != np.dtype(exp.dtype):
+            raise ModelDirError(f"{where}: {name} has dtype {np.dtype(dtype)}, expected {np.dtype(exp.dtype)}")
+
+
+def _drop_closed_loop_noise(previous):
+    """An unraisable-exception hook that drops ``RuntimeError('Event loop is closed')``.
+
+    When Orbax fails to read a damaged checkpoint it closes its asyncio loop
+    while TensorStore reads are still in flight; their completion callbacks then
+    report this error from TensorStore's threads, after the failure has already
+    been turned into a :class:`ModelDirError`. Everything else goes to ``previous``.
+    """
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and unraisable.object is None:
+            return
+        previous(unraisable)
+
+    hook._convmixer_jax_filter = True
+    return hook
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Silence Orbax's warnings about damaged checkpoints (reported as ModelDirError instead)."""
+    import sys
+
+    if not getattr(sys.unraisablehook, "_convmixer_jax_filter", False):
+        sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
+def _save_variables(directory: Path, variables: PyTree) -> None:
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        ckptr.save(directory.absolute(), variables)
+        ckptr.wait_until_finished()
+    finally:
+        ckptr.close()
+
+
+def _restore_variables(directory: Path, config: ConvMixerConfig) -> PyTree:
+    import jax
+    import orbax.checkpoint as ocp
+
+    where = f"{directory}"
+
+    def corrupt(detail: str) -> ModelDirError:
+        return ModelDirError(f"the variables in {where} are unreadable or corrupt ({detail}); "
+                             "re-create or re-copy the model directory")
+
+    with _quiet_orbax():
+        ckptr = ocp.StandardCheckpointer()
+        try:
+            try:
+                md = ckptr.metadata(directory.absolute())
+            except Exception as e:  # orbax raises several types for damaged checkpoints
+                raise corrupt(type(e).__name__) from None
+            stored = getattr(getattr(md, "item_metadata", None), "tree", None)
+            if stored is None:
+                raise corrupt("no readable checkpoint metadata")
+            # Orbax restores the stored shapes whatever the target says: compare first.
+            check_variables(config, dict(stored) if isinstance(stored, dict) else stored, where=where)
+            try:
+                restored = ckptr.restore(directory.absolute(), abstract_variables(config))
+            except Exception as e:
+                raise corrupt(type(e).__name__) from None
+        finally:
+            ckptr.close()
+    restored = jax.tree.map(np.asarray, restored)
+    check_variables(config, restored, where=where)
+    return restored
+
+
+# --------------------------------------------------------------------------- model directories
+
+
+def save_model(path: str | os.PathLike, config: ConvMixerConfig, variables: PyTree, *,
+               encryption: Key | dict | None = None, extra: dict | None = None,
+               force: bool = False) -> Path:
+    """Write a model directory atomically; return its path.
+
+    variables: ``{'params', 'batch_stats'}`` matching ``config`` (checked).
+    encryption: None for a plain model, or the key it is encrypted with (only its
+    :func:`encryption_record` is stored) or such a record.
+    extra: JSON-serializable provenance fields for config.json (not the reserved
+    ``format``, ``version``, ``model``, ``encryption``).
+    An existing ``path`` is refused unless ``force``, and then replaced only once
+    the new directory is complete.
+    """
+    import jax
+
+    path = Path(path)
+    check_output_path(path, force)
+    if not isinstance(config, ConvMixerConfig):
+        raise TypeError(f"config must be a ConvMixerConfig, got {type(config).__name__}")
+    enc = _check_encryption_record(encryption, config, "encryption")
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"extra fields {clash} are reserved in config.json")
+    doc = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "model": config.to_dict(), "encryption": enc,
+           **extra}
+    try:
+        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.json fields must be JSON-serializable: {e}") from None
+    variables = jax.tree.map(np.asarray, {"params": variables["params"],
+                                          "batch_stats": variables["batch_stats"]})
+    check_variables(config, variables)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        (tmp / CONFIG_FILE).write_text(text)
+        _save_variables(tmp / VARIABLES_DIR, variables)
+        _swap_into_place(tmp, path, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _swap_into_place(tmp: Path, path: Path, force: bool) -> None:
+    """Rename the finished ``tmp`` to ``path``, replacing an old ``path`` if ``force``."""
+    if not (path.exists() or path.is_symlink()):
+        os.rename(tmp, path)
+        return
+    check_output_path(path, force)
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+def load_model_meta(path: str | os.PathLike) -> tuple[ConvMixerConfig, dict]:
+    """Read and check ``config.json`` only (fast): ``(config, meta)``.
+
+    ``meta`` is the whole config.json object, with ``meta['encryption']``
+    None (plain model) or ``{'key_fingerprint', 'block_size', 'channels'}``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelDirError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise ModelDirError(f"{path} is not a model directory (it is a file)")
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise ModelDirError(f"{path} has no {CONFIG_FILE}: not a convmixer-jax model directory "
+                            "(make one with init-model or train)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"cannot read {cfg_path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}); "
+                            "the model directory is damaged") from None
+    if not isinstance(meta, dict):
+        raise ModelDirError(f"{cfg_path} must hold a JSON object")
+    if meta.get("format") != MODEL_FORMAT:
+        raise ModelDirError(f"{cfg_path}: 'format' is {meta.get('format')!r}, expected {MODEL_FORMAT!r}; "
+                            "not a convmixer-jax model directory")
+    if meta.get("version") != MODEL_VERSION:
+        raise ModelDirError(f"{cfg_path}: unsupported model version {meta.get('version')!r}; "
+                            f"this release reads version {MODEL_VERSION}")
+    if not isinstance(meta.get("model"), dict):
+        raise ModelDirError(f"{cfg_path} has no 'model' object describing the architecture")
+    try:
+        config = ConvMixerConfig.from_dict(meta["model"])
+    except (TypeError, ValueError) as e:
+        raise ModelDirError(f"{cfg_path}: invalid model description: {e}") from None
+    if "encryption" not in meta:
+        raise ModelDirError(f"{cfg_path} has no 'encryption' field (null for a plain model)")
+    meta = dict(meta)
+    meta["encryption"] = _check_encryption_record(meta["encryption"], config, str(cfg_path))
+    return config, meta
+
+
+def load_model(path: str | os.PathLike) -> tuple[ConvMixerConfig, PyTree, dict]:
+    """Read a model directory: ``(config, variables, meta)``.
+
+    variables: ``{'params', 'batch_stats'}`` of NumPy arrays, checked against
+    ``config``; meta: see :func:`load_model_meta`.
+    Raises :class:`ModelDirError` naming what is wrong.
+    """
+    path = Path(path)
+    config, meta = load_model_meta(path)
+    var_dir = path / VARIABLES_DIR
+    if not var_dir.is_dir():
+        raise ModelDirError(f"{path} has no {VARIABLES_DIR}/ directory: the model's weights are missing")
+    return config, _restore_variables(var_dir, config), meta
+
+
+def is_encrypted(meta: dict) -> bool:
+    """Whether a model's ``meta`` (from :func:`load_model`) records an encryption key."""
+    return meta.get("encryption") is not None
+
+
+def _extra(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k not in _RESERVED}
+
+
+def _require_plain(path: Path, meta: dict) -> None:
+    if is_encrypted(meta):
+        raise ModelDirError(f"{path} is already encrypted (key fingerprint "
+                            f"{meta['encryption']['key_fingerprint']}); use rekey-model to move it "
+                            "to another key")
+
+
+def _require_encrypted_with(path: Path, meta: dict, key: Key) -> None:
+    from convmixer_jax.model_encryption import KeyModelMismatch
+
+    if not is_encrypted(meta):
+        raise ModelDirError(f"{path} is a plain model, not encrypted; there is nothing to decrypt "
+                            "(use encrypt-model to encrypt it)")
+    recorded, given = meta["encryption"]["key_fingerprint"], fingerprint(key)
+    if given != recorded:
+        raise KeyModelMismatch(f"{path} was encrypted with the key of fingerprint {recorded}, "
+                               f"but the key given has fingerprint {given}; pass the key used "
+                               "to encrypt this model")
+
+
+def check_key_fits_model(config: ConvMixerConfig, key: Key) -> None:
+    """Raise ``KeyModelMismatch`` unless ``key``'s block size and channels match the
+    model's patch size and channels."""
+    from convmixer_jax.model_encryption import check_key_fits
+
+    check_key_fits((config.patch_size, config.patch_size, config.channels, config.dim), key)
+
+
+def _norm(config: ConvMixerConfig) -> dict:
+    return {"mean": config.mean, "std": config.std}
+
+
+def encrypt_model_dir(src: str | os.PathLike, dst: str | os.PathLike, key: Key, *,
+                      force: bool = False) -> Path:
+    """Encrypt the plain model in ``src`` with ``key`` into a new directory ``dst``.
+
+    Refuses an already-encrypted model and a key whose block size or channels
+    differ from the model's patch embedding. Provenance fields are kept.
+    """
+    from convmixer_jax.model_encryption import encrypt_params
+
+    src = Path(src)
+    check_output_path(dst, force)
+    config, meta = load_model_meta(src)
+    _require_plain(src, meta)
+    check_key_fits_model(config, key)
+    config, variables, meta = load_model(src)
+    encrypted = encrypt_params(variables, key, **_norm(config))
+    return save_model(dst, config, encrypted, encryption=key, extra=_extra(meta), force=force)
+
+
+def decrypt_model_dir(src: str | os.PathLike, dst: str | os.PathLike, key: Key, *,
+                      force: bool = False) -> Path:
+    """Decrypt the model in ``src`` into a plain model directory ``dst``.
+
+    Refuses a plain model and a key whose fingerprint differs from the recorded one.
+    """
+    from convmixer_jax.model_encryption import decrypt_params
+
+    src = Path(src)
+    check_output_path(dst, force)
+    config, meta = load_model_meta(src)
+    _require_encrypted_with(src, meta, key)
+    check_key_fits_model(config, key)
+    config, variables, meta = load_model(src)
+    plain = decrypt_params(variables, key, **_norm(config))
+    return save_model(dst, config, plain, encryption=None, extra=_extra(meta), force=force)
+
+
+def rekey_model_dir(src: str | os.PathLike, dst: str | os.PathLike, old_key: Key, new_key: Key, *,
+                    force: bool = False) -> Path:
+    """Move the model in ``src``, encrypted with ``old_key``, to ``new_key`` (into ``dst``)."""
+    from convmixer_jax.model_encryption import rekey_params
+
+    src = Path(src)
+    check_output_path(dst, force)
+    config, meta = load_model_meta(src)
+    if not is_encrypted(meta):
+        raise ModelDirError(f"{src} is a plain model, not encrypted; use encrypt-model instead of rekey-model")
+    _require_encrypted_with(src, meta, old_key)
+    check_key_fits_model(config, old_key)
+    check_key_fits_model(config, new_key)
+    config, variables, meta = load_model(src)
+    moved = rekey_params(variables, old_key, new_key, **_norm(config))
+    return save_model(dst, config, moved, encryption=new_key, extra=_extra(meta), force=force)
+
+
+__all__ = ["MODEL_FORMAT", "MODEL_VERSION", "ModelDirError", "save_model", "load_model", "load_model_meta",
+           "is_encrypted", "encryption_record", "check_key_fits_model", "abstract_variables", "check_variables",
+           "encrypt_model_dir", "decrypt_model_dir", "rekey_model_dir", "check_output_path",
+           "write_bytes_atomic", "write_text_atomic", "save_array", "load_images"]

@@ -1,0 +1,222 @@
+"""The paper's experiment end to end: Table 1, Figure 4, Figure 5 and the key space.
+
+``reproduce(...)`` trains (or loads) a plain ConvMixer, draws a fresh secret
+key from the OS CSPRNG, encrypts the model, measures
+
+- ``baseline_plain``: plain model, plain test images;
+- ``encrypted_plain``: encrypted model, plain test images;
+- ``encrypted_encrypted``: encrypted model, test images encrypted with the key;
+- ``identical_predictions``: test images whose class from the encrypted model on
+  encrypted images equals the plain model's on plain images;
+- ``wrong_keys``: accuracies of the encrypted model on images encrypted with
+  N random wrong keys (:mod:`convmixer_jax.attack`);
+
+and writes ``results.json``, ``table1.md``, ``fig4.png`` and ``fig5.png`` into
+the output directory. The secret key itself is never written: only its
+fingerprint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from convmixer_jax.attack import draw_attack_keys, wrong_key_accuracies
+from convmixer_jax.blockwise import encrypt_images
+from convmixer_jax.evaluate import predict_logits
+from convmixer_jax.keys import fingerprint, generate_key, key_space, key_space_log2
+from convmixer_jax.model_encryption import encrypt_params
+
+# Iijima & Kiya (2022), Table 1 and Fig. 5 (CIFAR-10, official data, 200 epochs).
+PAPER = {
+    "baseline_plain": 0.9046,
+    "encrypted_plain": 0.1141,
+    "encrypted_encrypted": 0.9046,
+    "wrong_keys_range": [0.12, 0.20],
+}
+
+
+def device_description() -> str:
+    d = jax.devices()[0]
+    kind = getattr(d, "device_kind", "") or d.platform
+    return f"{d.platform}: {kind} x{jax.device_count()}"
+
+
+def evaluate_encryption(config, variables, key, images, labels, *, batch_size: int = 500,
+                        progress: bool = False) -> dict:
+    """Table 1's three accuracies and the identical-prediction count.
+
+    images: (N, H, W, C) uint8; labels: (N,). Returns (accuracies dict, encrypted variables).
+    """
+    enc_vars = encrypt_params(variables, key, mean=config.mean, std=config.std)
+    enc_images = np.asarray(encrypt_images(images, key))
+    labels = np.asarray(labels)
+    pred = {}
+    for name, v, x in (("baseline_plain", variables, images),
+                       ("encrypted_plain", enc_vars, images),
+                       ("encrypted_encrypted", enc_vars, enc_images)):
+        pred[name] = np.argmax(predict_logits(config, v, x, batch_size=batch_size, progress=progress), 1)
+    out = {name: float(np.mean(p == labels)) for name, p in pred.items()}
+    out["identical_predictions"] = int(np.sum(pred["baseline_plain"] == pred["encrypted_encrypted"]))
+    return out, enc_vars
+
+
+def table1_markdown(results: dict) -> str:
+    """Table 1 in the paper's form with the paper's numbers beside ours."""
+    def pct(v):
+        return f"{100 * v:.2f} %"
+
+    n = results["test_images"]
+    lines = [
+        f"# Table 1: accuracy on {n:,} CIFAR-10 test images ({results.get('data', 'CIFAR-10')})",
+        "",
+        "| model \\ test images | plain (ours) | plain (paper) | encrypted, right key (ours) | encrypted, right key (paper) |",
+        "| --- | --- | --- | --- | --- |",
+        f"| baseline (plain model) | {pct(results['baseline_plain'])} | {pct(PAPER['baseline_plain'])} | - | - |",
+        f"| encrypted model | {pct(results['encrypted_plain'])} | {pct(PAPER['encrypted_plain'])} | "
+        f"{pct(results['encrypted_encrypted'])} | {pct(PAPER['encrypted_encrypted'])} |",
+        "",
+        f"Identical predictions (encrypted model on encrypted images vs plain model on plain images): "
+        f"{results['identical_predictions']:,} of {n:,}.",
+        "",
+    ]
+    wk = np.asarray(results["wrong_keys"])
+    if wk.size:
+        lines += [
+            f"Wrong keys ({wk.size} random keys, encrypted model): min {wk.min():.4f}, "
+            f"median {np.median(wk):.4f}, max {wk.max():.4f} (paper, Fig. 5: about "
+            f"{PAPER['wrong_keys_range'][0]:.2f} to {PAPER['wrong_keys_range'][1]:.2f}).",
+            "",
+        ]
+    lines += [f"Key space: pb! * C(pb, pb/2) = 2^{results['key_space_log2']:.2f} "
+              f"(pb = {results['block_len']}).", ""]
+    return "\n".join(lines)
+
+
+def plot_fig4(images: np.ndarray, enc_images: np.ndarray, path: Path, block_size: int) -> None:
+    """Original and encrypted example images side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(images)
+    fig, axes = plt.subplots(2, k, figsize=(1.6 * k, 3.6))
+    axes = np.asarray(axes).reshape(2, k)
+    for i in range(k):
+        for row, arr, title in ((0, images, "original"), (1, enc_images, f"encrypted (M={block_size})")):
+            ax = axes[row, i]
+            ax.imshow(arr[i], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(title, fontsize=8)
+    fig.suptitle("Fig. 4: test images and their block-wise encryption")
+    fig.tight_layout()
+    _save_fig_atomic(fig, path)
+    plt.close(fig)
+
+
+def plot_fig5(wrong_keys, results: dict, path: Path) -> None:
+    """Box plot of wrong-key accuracies, with the right key and plain images for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    ax.boxplot([np.asarray(wrong_keys)], widths=0.5)
+    ax.set_xticks([1], [f"{len(wrong_keys)} wrong keys"])
+    ax.axhline(results["encrypted_encrypted"], color="tab:green", ls="--", lw=1,
+               label=f"right key ({results['encrypted_encrypted']:.3f})")
+    ax.axhline(results["encrypted_plain"], color="tab:red", ls=":", lw=1,
+               label=f"plain images ({results['encrypted_plain']:.3f})")
+    lo, hi = PAPER["wrong_keys_range"]
+    ax.axhspan(lo, hi, color="0.85", zorder=0, label=f"paper, Fig. 5 ({lo:.2f}-{hi:.2f})")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("Fig. 5: encrypted model, wrong keys")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    _save_fig_atomic(fig, path)
+    plt.close(fig)
+
+
+def _save_fig_atomic(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=130, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run_experiment(config, variables, test_data, out_dir, *, num_keys: int = 100,
+                   attack_seed: int | None = None, key_seed: int | None = None,
+                   strategy: str = "weights", provenance: dict | None = None,
+                   progress: bool = True, log=print) -> dict:
+    """Encrypt ``variables`` with a fresh key, measure everything, write the outputs.
+
+    test_data: (images (N, H, W, C) uint8, labels (N,)). ``out_dir`` must exist.
+    Returns the results dict (also written as results.json).
+    """
+    out_dir = Path(out_dir)
+    images, labels = test_data
+    m, c = config.patch_size, config.channels
+    key = generate_key(m, c, seed=key_seed)
+    log(f"secret key drawn ({'seed ' + str(key_seed) if key_seed is not None else 'OS CSPRNG'}); "
+        f"fingerprint {fingerprint(key)}")
+    t0 = time.perf_counter()
+    acc, enc_vars = evaluate_encryption(config, variables, key, images, labels, progress=progress)
+    log(json.dumps(acc))
+    if attack_seed is None:
+        attack_seed = secrets.randbits(31)
+    wrong = []
+    if num_keys > 0:
+        keys = draw_attack_keys(attack_seed, num_keys, m, c)
+        wrong = wrong_key_accuracies(config, enc_vars, images, labels, keys, strategy=strategy,
+                                     progress=progress).tolist()
+    results = {
+        "test_images": int(len(images)),
+        **acc,
+        "wrong_keys": wrong,
+        "wrong_keys_median": float(np.median(wrong)) if wrong else None,
+        "wrong_keys_seed": int(attack_seed),
+        "wrong_keys_strategy": strategy,
+        "key_fingerprint": fingerprint(key),
+        "key_source": "seed" if key_seed is not None else "os-csprng",
+        "key_seed": key_seed,
+        "block_size": m,
+        "channels": c,
+        "block_len": m * m * c,
+        "key_space": str(key_space(m, c)),
+        "key_space_log2": key_space_log2(m, c),
+        "model": config.to_dict(),
+        "device": device_description(),
+        "eval_seconds": time.perf_counter() - t0,
+        "paper": PAPER,
+    }
+    results.update(provenance or {})
+    _write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
+    _write_text_atomic(out_dir / "table1.md", table1_markdown(results))
+    idx = np.arange(min(6, len(images)))
+    plot_fig4(np.asarray(images)[idx], np.asarray(encrypt_images(np.asarray(images)[idx], key)),
+              out_dir / "fig4.png", m)
+    if wrong:
+        plot_fig5(wrong, results, out_dir / "fig5.png")
+    return results
