@@ -127,13 +127,9 @@ def _load_split(args, split: str):
 
 
 def _subset(images, labels, n: int | None, seed: int):
-    """A seeded random subset of ``n`` examples (in their original order); all if n is None."""
-    import numpy as np
+    from convmixer_jax.data import subset
 
-    if n is None or n >= len(images):
-        return images, labels
-    idx = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
-    return images[idx], labels[idx]
+    return subset(images, labels, n, seed)
 
 
 # --------------------------------------------------------------------------- commands
@@ -322,6 +318,121 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _attack_model(args, config, variables, meta):
+    """The encrypted variables to attack and a note on where they came from."""
+    from convmixer_jax.keys import fingerprint, generate_key
+    from convmixer_jax.model_encryption import encrypt_params
+    from convmixer_jax.model_io import is_encrypted
+
+    if is_encrypted(meta):
+        return variables, {"model_key_fingerprint": meta["encryption"]["key_fingerprint"],
+                           "model_encrypted_by": "given"}
+    # A plain model: encrypt it first with a secret key (from --seed if given, for a
+    # repeatable run; else the OS CSPRNG). Wrong keys are independent of it.
+    seed = None if args.seed is None else [args.seed, 0x5EC2E7]
+    key = generate_key(config.patch_size, config.channels, seed=seed)
+    enc = encrypt_params(variables, key, mean=config.mean, std=config.std)
+    return enc, {"model_key_fingerprint": fingerprint(key),
+                 "model_encrypted_by": "attack (secret key from --seed)" if seed else "attack (OS CSPRNG key)"}
+
+
+def cmd_attack(args) -> int:
+    import secrets
+    import time
+
+    import numpy as np
+
+    from convmixer_jax.attack import draw_attack_keys, wrong_key_accuracies
+    from convmixer_jax.evaluate import check_model_images
+    from convmixer_jax.model_io import check_output_path, load_model, write_text_atomic
+    from convmixer_jax.reproduce import device_description
+
+    check_output_path(args.out, args.force)
+    config, variables, meta = load_model(args.model)
+    images, labels, _ = _load_split(args, "test")
+    images, labels = _subset(images, labels, args.limit, 0 if args.seed is None else args.seed)
+    check_model_images(config, images)
+    enc_vars, origin = _attack_model(args, config, variables, meta)
+    seed = args.seed if args.seed is not None else secrets.randbits(31)
+    keys = draw_attack_keys(seed, args.num_keys, config.patch_size, config.channels)
+    t0 = time.perf_counter()
+    acc = wrong_key_accuracies(config, enc_vars, images, labels, keys, strategy=args.strategy,
+                               key_chunk=args.key_chunk, batch_size=args.batch_size,
+                               progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    result = {"model": str(args.model), **origin, "test_images": int(len(images)),
+              "num_keys": int(args.num_keys), "seed": int(seed), "strategy": args.strategy,
+              "accuracies": [float(a) for a in acc], "median": float(np.median(acc)),
+              "min": float(np.min(acc)), "max": float(np.max(acc)), "seconds": seconds,
+              "key_image_pairs_per_second": len(images) * args.num_keys / seconds,
+              "device": device_description()}
+    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n", force=args.force)
+    print(json.dumps({k: result[k] for k in ("num_keys", "test_images", "strategy", "median", "min", "max")}))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    import dataclasses
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from convmixer_jax.evaluate import check_model_images
+    from convmixer_jax.model import PRESETS
+    from convmixer_jax.model_io import ModelDirError, check_output_path, is_encrypted, load_model, save_model
+    from convmixer_jax.reproduce import run_experiment
+    from convmixer_jax.train import RECIPES, total_train_seconds, train
+
+    out = Path(args.out)
+    check_output_path(out, args.force)
+    test_x, test_y, _ = _load_split(args, "test")
+    test_x, test_y = _subset(test_x, test_y, args.limit, args.seed)
+    if args.checkpoint:
+        config, variables, meta = load_model(args.checkpoint)
+        if is_encrypted(meta):
+            raise ModelDirError(f"{args.checkpoint} is an encrypted model; reproduce needs the plain "
+                                "model (decrypt-model it first)")
+        provenance = {"checkpoint": str(args.checkpoint), "epochs": meta.get("epochs"),
+                      "train_seconds": meta.get("train_seconds"),
+                      "train_config": meta.get("train_config"), "data": meta.get("data")}
+        trained = None
+    else:
+        config = PRESETS["paper"]
+        recipe = RECIPES[args.recipe]
+        if args.epochs:
+            recipe = dataclasses.replace(recipe, epochs=args.epochs)
+        recipe = dataclasses.replace(recipe, seed=args.seed)
+        train_x, train_y, _ = _load_split(args, "train")
+        workdir = Path(args.workdir) if args.workdir else out.with_name(out.name + "-work")
+        variables, history = train(config, recipe, (train_x, train_y), (test_x, test_y), workdir,
+                                   resume=args.resume, progress=not args.quiet)
+        provenance = {"checkpoint": None, "epochs": recipe.epochs, "train_seconds": total_train_seconds(history),
+                      "train_config": recipe.to_dict(), "train_log": history["epochs"]}
+        trained = (config, variables, provenance)
+    provenance["data"] = args.data_dir if args.data_dir else "tfds:cifar10"
+    check_model_images(config, test_x)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if trained is not None:
+            save_model(tmp / "plain-model", config, variables,
+                       extra={"created_by": "reproduce", **{k: v for k, v in provenance.items() if k != "train_log"}})
+        results = run_experiment(config, variables, (test_x, test_y), tmp, num_keys=args.num_keys,
+                                 attack_seed=args.attack_seed, key_seed=args.key_seed,
+                                 strategy=args.strategy, provenance=provenance, progress=not args.quiet,
+                                 log=lambda m: print(m, file=sys.stderr))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = {k: results[k] for k in ("test_images", "baseline_plain", "encrypted_plain", "encrypted_encrypted",
+                                       "identical_predictions", "wrong_keys_median", "key_space_log2")}
+    print(json.dumps(summary))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -430,6 +541,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, metavar="K", help="a random subset of K test images")
     p.add_argument("--seed", type=_int, default=0, metavar="N", help="seed of the --limit subset (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=500, metavar="B", help="default 500")
+    p = add("attack", cmd_attack, "accuracy of an encrypted model under random wrong keys",
+            "Evaluate an encrypted model on test images encrypted with N random wrong keys, drawn "
+            "as a batch with jax.random and evaluated under vmap in chunks (memory stays bounded). "
+            "A plain model is first encrypted with a secret key (from --seed if given). Writes JSON.")
+    p.add_argument("model", metavar="MODEL_DIR", help="model directory (encrypted, or plain)")
+    _add_data_options(p)
+    p.add_argument("--num-keys", type=_positive_int, required=True, metavar="N", help="number of wrong keys")
+    p.add_argument("--limit", type=_positive_int, metavar="K", help="a random subset of K test images")
+    p.add_argument("--seed", type=_int, metavar="S",
+                   help="seed of the wrong keys (and the --limit subset); default: a random one, recorded")
+    p.add_argument("--strategy", choices=["images", "weights"], default="weights",
+                   help="encrypt the images with each key, or fold each key into the patch embedding "
+                        "(same accuracies; default weights)")
+    p.add_argument("--key-chunk", type=_positive_int, default=8, metavar="K", help="keys per vmap chunk (default 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=250, metavar="B", help="images per batch (default 250)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, metavar="FILE.json", help="results to write")
+    _add_force(p)
+
+    p = add("reproduce", cmd_reproduce, "the paper's experiment: Table 1, Fig. 4, Fig. 5, key space",
+            "Train (or load with --checkpoint) the plain ConvMixer-256/8, draw a fresh secret key from the "
+            "OS CSPRNG, encrypt the model and write results.json, table1.md, fig4.png and fig5.png to --out. "
+            "The key is never written; results.json holds its fingerprint.")
+    _add_data_options(p)
+    p.add_argument("--checkpoint", metavar="MODEL_DIR", help="a trained plain model (skip training)")
+    p.add_argument("--recipe", choices=["paper", "fast"], default="fast", help="training recipe (default fast)")
+    p.add_argument("--epochs", type=_positive_int, metavar="E", help="override the recipe's epochs")
+    p.add_argument("--workdir", metavar="DIR", help="training checkpoints (default OUT-work)")
+    p.add_argument("--resume", action="store_true", help="continue training from --workdir")
+    p.add_argument("--num-keys", type=_int, default=100, metavar="N", help="random wrong keys (default 100)")
+    p.add_argument("--limit", type=_positive_int, metavar="K", help="a random subset of K test images")
+    p.add_argument("--seed", type=_int, default=0, metavar="N", help="training seed and --limit subset (default 0)")
+    p.add_argument("--key-seed", type=_int, metavar="N",
+                   help="reproducible secret key (experiments only; default: OS CSPRNG)")
+    p.add_argument("--attack-seed", type=_int, metavar="N", help="seed of the wrong keys (default: random, recorded)")
+    p.add_argument("--strategy", choices=["images", "weights"], default="weights", help="wrong-key sweep strategy")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    _add_force(p)
     return parser
 
 

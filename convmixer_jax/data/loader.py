@@ -20,3 +20,11 @@ def load_split(split: str, *, data_dir: str | None = None, tfds_name: str = "cif
     from convmixer_jax.data.tfds_source import load_tfds
 
     return load_tfds(tfds_name, split, data_dir=tfds_data_dir)
+
+
+def subset(images: np.ndarray, labels: np.ndarray, n: int | None, seed: int):
+    """A seeded random subset of ``n`` examples, kept in their original order; all if n is None."""
+    if n is None or n >= len(images):
+        return images, labels
+    idx = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
+    return images[idx], labels[idx]
