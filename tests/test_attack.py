@@ -1,0 +1,128 @@
+"""Wrong-key attack: the images and weights strategies and a Python loop agree exactly."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from convmixer_jax import cli
+from convmixer_jax.attack import draw_attack_keys, wrong_key_accuracies, wrong_key_accuracies_loop
+from convmixer_jax.blockwise import encrypt_images
+from convmixer_jax.keys import generate_key, stack_keys
+from convmixer_jax.model import ConvMixer, ConvMixerConfig
+from convmixer_jax.model_encryption import decrypt_params, encrypt_params
+from convmixer_jax.train import init_variables
+
+CFG = ConvMixerConfig(dim=12, depth=1, kernel_size=3, patch_size=2, num_classes=4, image_size=8)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    variables = init_variables(CFG, 3)
+    # Sharper head so that predictions depend on the input (non-vacuous comparisons).
+    rng = np.random.default_rng(0)
+    # per-image colour and gradient so that a random model's predictions differ between images
+    base = rng.uniform(0, 1, (45, 1, 1, 3)) * np.linspace(0.2, 1.0, 8)[None, :, None, None]
+    images = np.clip(255 * (base + rng.uniform(-0.1, 0.1, (45, 8, 8, 3))), 0, 255).astype(np.uint8)
+    # Calibrate BatchNorm statistics on the images so that the random model's
+    # predictions depend on its input (otherwise every comparison is vacuous).
+    model = ConvMixer(CFG)
+    step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"])
+    for _ in range(40):
+        variables = {**variables, "batch_stats": step(variables, images / 255.0)}
+    variables = jax.tree.map(np.asarray, variables)
+    labels = np.argmax(np.asarray(model.apply(variables, images / 255.0)), 1)
+    assert len(set(labels.tolist())) > 1
+    secret = generate_key(2, 3, seed=11)
+    enc = encrypt_params(variables, secret)
+    return variables, secret, enc, images, labels
+
+
+def test_strategies_and_loop_agree(setup):
+    _, secret, enc, images, labels = setup
+    wrong = draw_attack_keys(5, 7, 2, 3)
+    keys = stack_keys([secret] + [wrong[i] for i in range(7)])
+    a = wrong_key_accuracies(CFG, enc, images, labels, keys, strategy="images", key_chunk=3, batch_size=16)
+    b = wrong_key_accuracies(CFG, enc, images, labels, keys, strategy="weights", key_chunk=3, batch_size=16)
+    c = wrong_key_accuracies_loop(CFG, enc, images, labels, keys, batch_size=16)
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(b, c)
+    assert a[0] == 1.0  # the right key reproduces the plain model's predictions
+    assert a[1:].max() < 1.0 and len(set(a[1:].tolist())) > 1
+
+
+def test_weights_strategy_equals_encrypted_images_logits(setup):
+    _, secret, enc, images, _ = setup
+    k = generate_key(2, 3, seed=99)
+    model = ConvMixer(CFG)
+    x = images / 255.0
+    lhs = model.apply(enc, np.asarray(encrypt_images(x.astype(np.float32), k)))
+    rhs = model.apply(decrypt_params(enc, k), x.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(lhs), np.asarray(rhs), atol=1e-4)
+
+
+def test_draw_attack_keys_reproducible_and_valid():
+    a, b = draw_attack_keys(1, 4, 4, 3), draw_attack_keys(1, 4, 4, 3)
+    np.testing.assert_array_equal(a.perm, b.perm)
+    assert not np.array_equal(a.perm, draw_attack_keys(2, 4, 4, 3).perm)
+    for i in range(4):
+        assert sorted(a.perm[i].tolist()) == list(range(48)) and int(a.flip[i].sum()) == 24
+    assert jax.device_get(a.perm).shape == (4, 48)
+
+
+def _png_tree(root, n_per_class=6, classes=3, size=8):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n_per_class):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_cli_attack_strategies_identical_and_reproduce(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CONVMIXER_JAX_CACHE", str(tmp_path / "cache"))
+    _png_tree(tmp_path / "data")
+    model = tmp_path / "m"
+    assert cli.main(["init-model", "--dim", "8", "--depth", "1", "--kernel-size", "3", "--patch-size", "2",
+                     "--num-classes", "3", "--image-size", "8", "--seed", "0", "--out", str(model)]) == 0
+    outs = {}
+    for s in ("weights", "images"):
+        out = tmp_path / f"{s}.json"
+        assert cli.main(["attack", str(model), "--data-dir", str(tmp_path / "data"), "--num-keys", "5",
+                         "--limit", "15", "--seed", "5", "--strategy", s, "--quiet", "--out", str(out)]) == 0
+        outs[s] = json.loads(out.read_text())
+    assert outs["weights"]["accuracies"] == outs["images"]["accuracies"]
+    assert len(outs["weights"]["accuracies"]) == 5 and outs["weights"]["test_images"] == 15
+    assert "perm" not in json.dumps(outs["weights"])
+    # existing output is refused and left untouched
+    before = (tmp_path / "weights.json").read_text()
+    assert cli.main(["attack", str(model), "--data-dir", str(tmp_path / "data"), "--num-keys", "2",
+                     "--out", str(tmp_path / "weights.json"), "--quiet"]) != 0
+    assert (tmp_path / "weights.json").read_text() == before
+
+    rep = tmp_path / "rep"
+    assert cli.main(["reproduce", "--checkpoint", str(model), "--data-dir", str(tmp_path / "data"),
+                     "--num-keys", "3", "--quiet", "--out", str(rep)]) == 0
+    res = json.loads((rep / "results.json").read_text())
+    for field in ("test_images", "baseline_plain", "encrypted_plain", "encrypted_encrypted",
+                  "identical_predictions", "wrong_keys", "key_space_log2", "epochs", "train_seconds",
+                  "device", "key_fingerprint"):
+        assert field in res, field
+    assert res["test_images"] == 18 and res["identical_predictions"] == 18
+    assert res["encrypted_encrypted"] == res["baseline_plain"]
+    assert len(res["wrong_keys"]) == 3 and round(res["key_space_log2"], 2) == round(np.log2(
+        float(np.prod(np.arange(1, 13, dtype=np.float64))) * 924), 2)
+    assert {p.name for p in rep.iterdir()} >= {"results.json", "table1.md", "fig4.png", "fig5.png"}
+    assert "perm" not in (rep / "results.json").read_text()
+    # reproduce refuses an encrypted checkpoint
+    key = tmp_path / "k.json"
+    assert cli.main(["keygen", "--block-size", "2", "--channels", "3", "--seed", "1", "--out", str(key)]) == 0
+    assert cli.main(["encrypt-model", "--key", str(key), str(model), str(tmp_path / "enc")]) == 0
+    capsys.readouterr()
+    assert cli.main(["reproduce", "--checkpoint", str(tmp_path / "enc"), "--data-dir", str(tmp_path / "data"),
+                     "--num-keys", "1", "--quiet", "--out", str(tmp_path / "rep2")]) == 1
+    assert "encrypted" in capsys.readouterr().err
+    assert not (tmp_path / "rep2").exists()
