@@ -11,7 +11,8 @@ Two exact strategies, both ``vmap``-ped over chunks of keys:
   needs one copy of the images and one small patch-embedding kernel per key.
 
 Peak memory is bounded by ``key_chunk * batch_size`` images' activations,
-whatever the number of keys.
+whatever the number of keys. The key axis of each chunk is sharded over all
+visible devices (a one-axis ``Mesh``); images and model are replicated.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from convmixer_jax.blockwise import encrypt_images
 from convmixer_jax.evaluate import iterate_batches
@@ -35,9 +37,15 @@ def _to_unit_float(images: jax.Array) -> jax.Array:
     return x / 255.0 if images.dtype == jnp.uint8 else x
 
 
+def key_mesh() -> Mesh:
+    """A one-axis mesh ('keys',) over every visible device."""
+    return Mesh(np.asarray(jax.devices()), ("keys",))
+
+
 @functools.lru_cache(maxsize=None)
-def _correct_fn(config: ConvMixerConfig, strategy: str):
-    """jit(vmap over keys) of the number of correct predictions per key."""
+def _correct_fn(config: ConvMixerConfig, strategy: str, mesh: Mesh):
+    """jit(vmap over keys) of the number of correct predictions per key,
+    keys sharded over ``mesh``."""
     model = ConvMixer(config)
     mean, std = config.mean, config.std
 
@@ -52,7 +60,9 @@ def _correct_fn(config: ConvMixerConfig, strategy: str):
         return jnp.sum(jnp.argmax(logits, -1) == labels)
 
     fn = per_key_images if strategy == "images" else per_key_weights
-    return jax.jit(jax.vmap(fn, in_axes=(None, None, None, 0)))
+    repl, by_key = NamedSharding(mesh, P()), NamedSharding(mesh, P("keys"))
+    return jax.jit(jax.vmap(fn, in_axes=(None, None, None, 0)),
+                   in_shardings=(repl, repl, repl, by_key), out_shardings=by_key)
 
 
 def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, keys: Key, *,
@@ -73,7 +83,10 @@ def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, key
     n = len(images)
     if n == 0 or n_keys == 0:
         raise ValueError("need at least one image and one key")
-    fn = _correct_fn(config, strategy)
+    mesh = key_mesh()
+    n_dev = mesh.devices.size
+    key_chunk = -(-key_chunk // n_dev) * n_dev  # a multiple of the device count
+    fn = _correct_fn(config, strategy, mesh)
     labels = np.asarray(labels, np.int32)
     perm, flip = np.asarray(keys.perm), np.asarray(keys.flip)
     correct = np.zeros(n_keys, np.int64)

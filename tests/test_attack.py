@@ -126,3 +126,26 @@ def test_cli_attack_strategies_identical_and_reproduce(tmp_path, monkeypatch, ca
                      "--num-keys", "1", "--quiet", "--out", str(tmp_path / "rep2")]) == 1
     assert "encrypted" in capsys.readouterr().err
     assert not (tmp_path / "rep2").exists()
+
+
+def _run_attack_worker(n_devices):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).parents[1])
+    if n_devices > 1:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}").strip()
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("attack_worker.py"))], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_key_axis_sharded_over_four_devices_gives_identical_accuracies():
+    one, four = _run_attack_worker(1), _run_attack_worker(4)
+    assert one["devices"] == 1 and four["devices"] == 4
+    assert one["images"] == four["images"] == one["weights"] == four["weights"]
+    assert len(set(one["images"])) > 1

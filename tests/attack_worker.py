@@ -1,0 +1,39 @@
+"""Subprocess entry: wrong-key accuracies of a tiny model, printed as JSON.
+
+usage: python tests/attack_worker.py  (device count from XLA_FLAGS)
+"""
+import json
+
+import numpy as np
+
+import convmixer_jax  # noqa: F401
+import jax
+from convmixer_jax.attack import draw_attack_keys, wrong_key_accuracies
+from convmixer_jax.keys import generate_key
+from convmixer_jax.model import ConvMixer, ConvMixerConfig
+from convmixer_jax.model_encryption import encrypt_params
+from convmixer_jax.train import init_variables
+
+CFG = ConvMixerConfig(dim=12, depth=1, kernel_size=3, patch_size=2, num_classes=4, image_size=8)
+
+
+def main():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 1, (40, 1, 1, 3)) * np.linspace(0.2, 1.0, 8)[None, :, None, None]
+    images = np.clip(255 * (base + rng.uniform(-0.1, 0.1, (40, 8, 8, 3))), 0, 255).astype(np.uint8)
+    labels = rng.integers(0, 4, 40)
+    model = ConvMixer(CFG)
+    variables = init_variables(CFG, 3)
+    step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"])
+    for _ in range(40):
+        variables = {**variables, "batch_stats": step(variables, images / 255.0)}
+    enc = encrypt_params(variables, generate_key(2, 3, seed=4))
+    keys = draw_attack_keys(8, 10, 2, 3)
+    out = {s: wrong_key_accuracies(CFG, enc, images, labels, keys, strategy=s, key_chunk=4,
+                                   batch_size=16).tolist() for s in ("images", "weights")}
+    out["devices"] = jax.device_count()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
