@@ -6,7 +6,6 @@ import contextlib
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -150,6 +149,7 @@ def test_equivalence_in_float64(case):
     cfg, seed = case
     key = generate_key(cfg.patch_size, cfg.channels, seed=seed)
     x = images(cfg, seed, grid=True)
+    x64_before = jax.config.jax_enable_x64
     with x64():
         variables = random_variables(cfg, seed, np.float64)
         apply = jitted_apply(cfg)
@@ -157,7 +157,7 @@ def test_equivalence_in_float64(case):
         enc = np.asarray(apply(encrypt_params(variables, key), encrypt_images(x, key)))
     assert plain.dtype == np.float64 and enc.dtype == np.float64
     assert np.max(np.abs(plain - enc)) <= 1e-10
-    assert not jax.config.jax_enable_x64
+    assert jax.config.jax_enable_x64 == x64_before  # restored
 
 
 # ---------------------------------------------------------------- general normalization
