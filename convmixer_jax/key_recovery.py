@@ -42,13 +42,13 @@ import dataclasses
 import numpy as np
 
 from convmixer_jax.blockwise import ImageError, check_pixel_values
-from convmixer_jax.keys import Key, block_len, make_key
+from convmixer_jax.keys import InvalidKeyError, Key, block_len, make_key
 
 #: Absolute tolerance for float images (values in [0, 1]); raised to 2 ulps at 1 for
 #: low-precision dtypes (float16), whose ``1 - x`` is itself rounded.
 FLOAT_TOLERANCE = 1e-6
 
-_CHUNK_ELEMENTS = 1 << 22  # compared values per chunk of blocks (bounds memory)
+_CHUNK_ELEMENTS = 1 << 20  # compared values per chunk of blocks (bounds memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +113,11 @@ def _check_pair(plain, encrypted, block_size: int) -> tuple[np.ndarray, np.ndarr
     if plain.ndim not in (3, 4):
         raise ImageError(f"images must be (N, H, W, C) or (H, W, C) arrays; got shape {plain.shape}")
     h, w, c = plain.shape[-3:]
-    pb = block_len(block_size, c)  # InvalidKeyError for a bad block size or an odd pb
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise InvalidKeyError(f"block size must be a positive integer, got {block_size!r}")
     if h % block_size or w % block_size:
         raise ImageError(f"image size {h}x{w} is not divisible by the block size {block_size}")
+    pb = block_len(block_size, c)  # InvalidKeyError for an odd pb
     check_pixel_values(plain)
     check_pixel_values(encrypted)
     return plain, encrypted, pb
