@@ -215,7 +215,13 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
         state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
         start_epoch = latest
         if log_path.exists():
-            history = json.loads(log_path.read_text())
+            saved = json.loads(log_path.read_text())
+            for what, now in (("model", config.to_dict()), ("recipe", cfg.to_dict())):
+                if json.loads(json.dumps(now)) != saved.get(what):
+                    raise ValueError(f"--resume with a different {what} than the run in {workdir} "
+                                     f"(saved {saved.get(what)}, now {now}); use the same options "
+                                     "or another --workdir")
+            history = dict(saved, devices=history["devices"])
             history["epochs"] = [e for e in history["epochs"] if e["epoch"] <= latest]
         log(f"resumed from epoch {latest} checkpoint in {workdir}")
     elif mngr.latest_step() is not None and not resume:

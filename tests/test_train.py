@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 WORKER = str(Path(__file__).with_name("train_worker.py"))
 EPOCHS = 4
 
@@ -89,3 +91,17 @@ def test_four_simulated_devices_match_one_device(tmp_path, uninterrupted):
     assert int(single.pop("n_devices")) == 1
     for k in single:
         np.testing.assert_allclose(multi[k], single[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_resume_with_a_different_recipe_is_refused(tmp_path):
+    import dataclasses
+
+    import train_worker as tw
+    from convmixer_jax.train import TrainConfig, train
+
+    (x, y), test = tw.data()
+    recipe = TrainConfig(epochs=2, batch_size=16, seed=1)
+    train(tw.CONFIG, recipe, (x, y), test, tmp_path, progress=False, max_epochs_this_run=1, log=lambda m: None)
+    with pytest.raises(ValueError, match="different recipe"):
+        train(tw.CONFIG, dataclasses.replace(recipe, lr=0.5), (x, y), test, tmp_path, resume=True,
+              progress=False, log=lambda m: None)
