@@ -214,7 +214,9 @@ def run_experiment(config, variables, test_data, out_dir, *, num_keys: int = 100
     results.update(provenance or {})
     _write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
     _write_text_atomic(out_dir / "table1.md", table1_markdown(results))
-    idx = np.arange(min(6, len(images)))
+    # one example from each of the first six classes present (the test set is often class-sorted)
+    _, first = np.unique(np.asarray(labels), return_index=True)
+    idx = np.sort(first)[:6] if len(first) >= 2 else np.arange(min(6, len(images)))
     plot_fig4(np.asarray(images)[idx], np.asarray(encrypt_images(np.asarray(images)[idx], key)),
               out_dir / "fig4.png", m)
     if wrong:
