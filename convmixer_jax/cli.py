@@ -458,6 +458,23 @@ def cmd_recover_key(args) -> int:
     return 0
 
 
+def cmd_export_model(args) -> int:
+    from convmixer_jax.model_io import check_output_path, save_model
+    from convmixer_jax.train import load_checkpoint
+
+    check_output_path(args.out, args.force)
+    config, variables, info = load_checkpoint(args.workdir)
+    log = info["log"] or {}
+    extra = {"created_by": "export-model", "workdir": str(args.workdir), "epochs": info["epoch"],
+             "epochs_planned": info["epochs_planned"], "train_config": info["recipe"],
+             "train_seconds": info["train_seconds"], "test_accuracy": log.get("test_accuracy"),
+             "train_accuracy": log.get("train_accuracy"), "data": args.data_label}
+    save_model(args.out, config, variables, extra=extra, force=args.force)
+    print(json.dumps({"model": str(args.out), "epoch": info["epoch"], "of": info["epochs_planned"],
+                      "test_accuracy": log.get("test_accuracy")}))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -566,6 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, metavar="K", help="a random subset of K test images")
     p.add_argument("--seed", type=_int, default=0, metavar="N", help="seed of the --limit subset (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=500, metavar="B", help="default 500")
+    p = add("export-model", cmd_export_model, "save the newest epoch checkpoint of a training run as a model",
+            "Turn the newest Orbax epoch checkpoint in a training --workdir into a plain model "
+            "directory (for predict, evaluate, encrypt-model, reproduce --checkpoint), recording the "
+            "epoch, the recipe and that epoch's test accuracy.")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="training directory (train --workdir)")
+    p.add_argument("--data-label", default=None, metavar="TEXT", help="what the model was trained on (recorded)")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
+    _add_force(p)
+
     p = add("attack", cmd_attack, "accuracy of an encrypted model under random wrong keys",
             "Evaluate an encrypted model on test images encrypted with N random wrong keys, drawn "
             "as a batch with jax.random and evaluated under vmap in chunks (memory stays bounded). "

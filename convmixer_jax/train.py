@@ -276,6 +276,46 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
     return variables, history
 
 
+def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
+    """The model of the newest epoch checkpoint in a training ``workdir``.
+
+    Returns (config, variables ``{'params', 'batch_stats'}`` as numpy, info)
+    where info holds the epoch, the recipe and that epoch's log entry.
+    """
+    import orbax.checkpoint as ocp
+
+    workdir = Path(workdir)
+    log_path = workdir / "train_log.json"
+    if not log_path.exists():
+        raise FileNotFoundError(f"{workdir} is not a training directory: no train_log.json")
+    history = json.loads(log_path.read_text())
+    config = ConvMixerConfig.from_dict(history["model"])
+    cfg = TrainConfig.from_dict(history["recipe"])
+    mngr = _checkpoint_manager(workdir)
+    latest = mngr.latest_step()
+    if latest is None:
+        raise FileNotFoundError(f"{workdir} holds no checkpoint")
+    tx = make_optimizer(cfg, 1)  # the state's structure does not depend on the schedule length
+    abstract_vars = jax.eval_shape(lambda: init_variables_abstract(config))
+    state = {"params": abstract_vars["params"], "batch_stats": abstract_vars["batch_stats"],
+             "opt_state": jax.eval_shape(tx.init, abstract_vars["params"]),
+             "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    restored = mngr.restore(latest, args=ocp.args.StandardRestore(state))
+    mngr.close()
+    variables = jax.tree.map(np.asarray, {"params": restored["params"], "batch_stats": restored["batch_stats"]})
+    entry = next((e for e in history["epochs"] if e["epoch"] == latest), None)
+    return config, variables, {"epoch": latest, "epochs_planned": cfg.epochs, "recipe": cfg.to_dict(),
+                               "log": entry, "train_seconds": sum(e["train_seconds"] for e in history["epochs"]
+                                                                  if e["epoch"] <= latest)}
+
+
+def init_variables_abstract(config: ConvMixerConfig):
+    """``model.init`` for use under ``jax.eval_shape`` (shapes only, no compute)."""
+    model = ConvMixer(config)
+    dummy = jnp.zeros((1, config.image_size, config.image_size, config.channels), jnp.float32)
+    return model.init(jax.random.PRNGKey(0), dummy, train=False)
+
+
 def _write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))

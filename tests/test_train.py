@@ -105,3 +105,27 @@ def test_resume_with_a_different_recipe_is_refused(tmp_path):
     with pytest.raises(ValueError, match="different recipe"):
         train(tw.CONFIG, dataclasses.replace(recipe, lr=0.5), (x, y), test, tmp_path, resume=True,
               progress=False, log=lambda m: None)
+
+
+def test_export_model_saves_the_newest_checkpoint(tmp_path):
+    import train_worker as tw
+    from convmixer_jax import cli
+    from convmixer_jax.model_io import load_model
+    from convmixer_jax.train import TrainConfig, train
+
+    (x, y), test = tw.data()
+    variables, _ = train(tw.CONFIG, TrainConfig(epochs=2, batch_size=16, seed=2), (x, y), test, tmp_path / "w",
+                         progress=False, log=lambda m: None)
+    assert cli.main(["export-model", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "m")]) == 0
+    config, loaded, meta = load_model(tmp_path / "m")
+    assert config == tw.CONFIG and meta["epochs"] == 2 and meta["epochs_planned"] == 2
+    for a, b in zip(jax_leaves(loaded), jax_leaves(variables)):
+        np.testing.assert_array_equal(a, b)
+    assert cli.main(["export-model", "--workdir", str(tmp_path / "nothing"), "--out", str(tmp_path / "m2")]) == 1
+    assert not (tmp_path / "m2").exists()
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(v) for v in jax.tree_util.tree_leaves(tree)]
