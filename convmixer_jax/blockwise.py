@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.keys import InvalidKeyError, Key
+from convmixer_jax.keys import InvalidKeyError, Key, inverse_permutation
 
 
 class ImageError(ValueError):
@@ -119,7 +119,7 @@ def _decrypt(images: jax.Array, key: Key) -> jax.Array:
     layout = _block_layout(h, w, c, key.block_size)
     flat = images.reshape((-1, h * w * c))
     y = _flip_values(flat, jnp.take(key.flip, jnp.asarray(layout[1])).astype(bool)[None, :])
-    inv = jnp.argsort(key.perm).astype(jnp.int32)
+    inv = inverse_permutation(key.perm)
     return _gather_blocks(y, inv, layout).reshape(shape)
 
 

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.keys import InvalidKeyError, Key
+from convmixer_jax.keys import InvalidKeyError, Key, inverse_permutation
 
 PyTree = Any
 
@@ -107,7 +107,7 @@ def decrypt_kernel(kernel, bias, key: Key, mean=None, std=None):
     mean, std = _norm(mean, std, c)
     e_enc = jnp.asarray(kernel).reshape(pb, d)
     perm = jnp.asarray(key.perm)
-    inv = jnp.argsort(perm)
+    inv = inverse_permutation(perm)
     sign = 1 - 2 * jnp.asarray(key.flip).astype(e_enc.dtype)
     bias = jnp.asarray(bias)
     if _is_paper_norm(mean, std):

@@ -326,9 +326,5 @@ def total_train_seconds(history: dict) -> float:
     return float(sum(e["train_seconds"] for e in history["epochs"]))
 
 
-def num_steps(n: int, cfg: TrainConfig) -> int:
-    return cfg.epochs * (n // cfg.batch_size)
-
-
 __all__ = ["TrainConfig", "RECIPES", "train", "init_variables", "augment_batch", "make_optimizer",
-           "epoch_order", "total_train_seconds", "num_steps"]
+           "epoch_order", "total_train_seconds"]
