@@ -20,6 +20,11 @@ Measures, in one process and with the JAX and PyTorch rounds interleaved:
    and float32): jitted ``encrypt_images`` and a vmapped batch of 8 keys on
    1,000 images, against plain memory copies (numpy ``np.copyto`` into a
    preallocated array, jitted JAX ``x + 0`` and ``jnp.copy``).
+3. The wrong-key sweep (``benchmarks/sweep.py``, each case in its own process):
+   key-image pairs/s of the ``weights`` strategy for N = 10 and 100 keys over
+   10,000 test images, of the ``images`` strategy and of a Python loop of
+   per-key jitted calls, against single-key inference images/s; peak memory
+   of each case.
 
 Appends a dated Markdown section to ``--out`` (created with a title if missing)
 and optionally writes the numbers as JSON. Progress goes to stderr.
@@ -286,6 +291,33 @@ def run_round(timer: Timer, fn, steps: int, warmup: int) -> None:
     timer.rounds.append(times)
 
 
+def model_flops_per_image(config) -> float:
+    """Forward FLOPs per image by the conventional count (2 x multiply-adds of the
+    patch embedding, the k x k depthwise and 1x1 convolutions and the head; the
+    dense Toeplitz form does extra arithmetic that is not counted)."""
+    g = config.grid_size ** 2
+    pb = config.patch_size ** 2 * config.channels
+    d = config.dim
+    per_block = g * d * config.kernel_size ** 2 + g * d * d
+    return 2.0 * (g * pb * d + config.depth * per_block + d * config.num_classes)
+
+
+# Published dense peaks (TFLOP/s): FP32 on the CUDA cores and TF32 on the tensor
+# cores, which XLA uses for float32 matrix products at its default precision.
+GPU_PEAK_TFLOPS = {
+    "H100": {"fp32": 67.0, "tf32": 494.7},   # H100 SXM5 datasheet
+    "H200": {"fp32": 67.0, "tf32": 494.7},   # same GH100 compute as H100 SXM5
+    "A100": {"fp32": 19.5, "tf32": 156.0},
+}
+
+
+def gpu_peak(device_kind: str) -> dict | None:
+    for name, peak in GPU_PEAK_TFLOPS.items():
+        if name in device_kind.upper():
+            return {"name": name, **peak}
+    return None
+
+
 def model_benchmarks(args, torch, info: dict) -> dict:
     import torch_reference
 
@@ -465,6 +497,7 @@ def model_benchmarks(args, torch, info: dict) -> dict:
         "check": check,
         "results": results,
         "alt": alt,
+        "flops_per_image_forward": model_flops_per_image(config),
         "train_ratio": results["jax_train"]["images_per_s"] / results["torch_train"]["images_per_s"],
         "infer_ratio": results["jax_infer"]["images_per_s"] / results["torch_infer"]["images_per_s"],
     }
@@ -547,7 +580,7 @@ def blockwise_benchmarks(args) -> dict:
 # --------------------------------------------------------------------------- report
 
 
-def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool) -> str:
+def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool, sres: dict | None = None) -> str:
     L = []
     tag = " (quick smoke run: do not quote)" if quick else ""
     dev = info["jax_devices"][0] if info["jax_backend"] != "cpu" else "CPU"
@@ -607,6 +640,21 @@ def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool) -> s
         L.append("- Inference: jitted `ConvMixer.apply(train=False)` vs PyTorch `eval()` under "
                  f"`torch.inference_mode()`, channels_last, float input in [0, 1]; JAX first call "
                  f"{r['jax_infer']['first_call_s']:.1f} s.")
+        fl = mres.get("flops_per_image_forward")
+        if fl:
+            peak = gpu_peak(info["jax_devices"][0]) if info["jax_backend"] == "gpu" else None
+            parts = []
+            for task, name, mult in (("training step", "jax_train", 3.0), ("inference", "jax_infer", 1.0)):
+                achieved = r[name]["images_per_s"] * fl * mult / 1e9
+                txt = f"{task} {achieved:.1f} GFLOP/s"
+                if peak:
+                    txt += (f" ({100 * achieved / 1e3 / peak['fp32']:.1f} % of the {peak['name']}'s FP32 peak "
+                            f"{peak['fp32']:g} TFLOP/s, {100 * achieved / 1e3 / peak['tf32']:.1f} % of its "
+                            f"dense TF32 tensor peak {peak['tf32']:g})")
+                parts.append(txt)
+            L.append(f"- Achieved model FLOP/s (JAX; {fl / 1e6:.1f} MFLOP per image forward by the conventional "
+                     "count of 2 x multiply-adds of the convolutions and the head, training step counted as 3x "
+                     "forward): " + "; ".join(parts) + ".")
         alt = mres.get("alt")
         if alt:
             L.append(f"- Other depthwise formulation, inference only ({_n(alt['steps_per_round'][0], 'step')}): "
@@ -632,6 +680,10 @@ def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool) -> s
                      f"{1e3 * row['median_s']:.2f} | {row['gb_per_s']:.2f} | {row['vs_np_copy']:.2f} | "
                      f"{row['vs_jax_copy']:.2f} |")
         L.append("")
+    if sres:
+        import sweep
+
+        L.append(sweep.markdown(sres))
     return "\n".join(L) + "\n"
 
 
@@ -668,9 +720,24 @@ def parse_args(argv=None):
     p.add_argument("--skip-model", action="store_true", help="skip the model benchmarks")
     p.add_argument("--skip-blockwise", action="store_true", help="skip the block-wise transform benchmarks")
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: cores)")
+    p.add_argument("--skip-sweep", action="store_true", help="skip the wrong-key sweep")
+    p.add_argument("--sweep-images", type=int, default=None, help="test images of the sweep (10000; quick 200)")
+    p.add_argument("--sweep-keys", default=None,
+                   help="comma-separated N for the weights strategy (10,100; quick 2)")
+    p.add_argument("--sweep-images-keys", default=None,
+                   help="comma-separated N for the images strategy (10; quick 2)")
+    p.add_argument("--sweep-loop-keys", type=int, default=None, help="keys of the Python loop (4; quick 1)")
+    p.add_argument("--key-chunk", type=int, default=4, help="keys per sweep call (default 4)")
+    p.add_argument("--sweep-batch-size", type=int, default=64, help="images per sweep call (default 64)")
+    p.add_argument("--model", default=str(ROOT / "results/cifar10/plain-model"),
+                   help="model directory for the sweep (a random paper model if missing)")
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10-jpeg"),
+                   help="CIFAR-10 for the sweep (random images if missing)")
     args = p.parse_args(argv)
     q = args.quick
-    defaults = dict(rounds=(2, 3), train_steps=(2, 15), infer_steps=(3, 25), warmup=(1, 3), alt_steps=(1, 3))
+    defaults = dict(rounds=(2, 3), train_steps=(2, 15), infer_steps=(3, 25), warmup=(1, 3), alt_steps=(1, 3),
+                    sweep_images=(200, 10_000), sweep_keys=("2", "10,100"), sweep_images_keys=("2", "10"),
+                    sweep_loop_keys=(1, 4))
     for name, (quick_v, full_v) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick_v if q else full_v)
@@ -697,15 +764,24 @@ def main(argv=None) -> int:
         f"{info['jax_backend']}, torch threads {info['torch_num_threads']}, XLA_FLAGS={info['xla_flags']!r}")
     mres = None if args.skip_model else model_benchmarks(args, torch, info)
     bres = None if args.skip_blockwise else blockwise_benchmarks(args)
+    sres = None
+    if not args.skip_sweep:
+        import sweep
+
+        ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
+        settings = {"images": args.sweep_images, "key_chunk": args.key_chunk,
+                    "batch_size": args.sweep_batch_size, "model": args.model, "data_dir": args.data_dir}
+        sres = sweep.run_sweep(settings, ints(args.sweep_keys), ints(args.sweep_images_keys),
+                               args.sweep_loop_keys, log=log)
     info["loadavg_end"] = _loadavg()
     info["wall_s"] = time.perf_counter() - t_start
-    section = markdown(info, mres, bres, args.quick)
+    section = markdown(info, mres, bres, args.quick, sres)
     out = Path(args.out)
     append_section(out, section)
     log(f"appended a section to {out}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "quick": args.quick, "model": mres,
-                                               "blockwise": bres}, indent=1))
+                                               "blockwise": bres, "sweep": sres}, indent=1))
         log(f"wrote {args.json}")
     sys.stdout.write(section)
     return 0

@@ -1,30 +1,34 @@
 #!/usr/bin/env python
 """Wrong-key sweep throughput and peak memory (issue 4, items 3 and 4).
 
-    python benchmarks/sweep.py [--images 10000] [--num-keys 10,100] [--loop-keys 4]
-                               [--key-chunk 8] [--batch-size 250] [--model results/cifar10/plain-model]
+    python benchmarks/sweep.py [--images 10000] [--num-keys 10,100] [--images-keys 10]
+                               [--loop-keys 4] [--key-chunk 4] [--batch-size 64]
+                               [--model results/cifar10/plain-model]
                                [--data-dir ../shared/data/cifar10-jpeg] [--out benchmarks/RESULTS.md]
 
-Measures on the current machine, each case in a fresh subprocess so that its
-peak resident memory (``ru_maxrss``) is its own:
+``benchmarks/bench.py`` runs the same measurements as part of its one-command
+section; this script runs them alone. Each case runs in a fresh subprocess so
+that its peak memory is its own (``ru_maxrss``; on a GPU also the device's
+``peak_bytes_in_use``):
 
-- single-key inference: images/s of the model on plain test images;
-- the sweep, strategies ``images`` and ``weights`` (``convmixer_jax.attack``,
-  vmapped over key chunks, key axis sharded over all devices), for each N in
-  ``--num-keys``: key-image pairs/s and peak RSS;
+- single-key inference: images/s of the encrypted model on its own encrypted
+  test images (the best of batch 128, 250 and 500, as ``evaluate`` would run);
+- the sweep (``convmixer_jax.attack.wrong_key_accuracies``): the ``weights``
+  strategy (the default of ``attack``) for each N in ``--num-keys`` and the
+  ``images`` strategy for each N in ``--images-keys``: key-image pairs/s;
 - a Python loop of per-key jitted calls (``wrong_key_accuracies_loop``) over
   ``--loop-keys`` keys: key-image pairs/s.
 
-Appends a dated section to ``--out``. Without ``--model`` (or when it does not
-exist) a randomly initialized paper model is timed (throughput does not depend
-on the weights); without the data directory, random uint8 images are used.
+Without ``--model`` (or when it does not exist) a randomly initialized paper
+model is timed (throughput does not depend on the weights); without the data
+directory, random uint8 images are used.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
 import json
-import os
+import platform
 import resource
 import shlex
 import subprocess
@@ -34,6 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+SINGLE_BATCHES = (128, 250, 500)
 
 
 def _case(args) -> dict:
@@ -44,6 +49,7 @@ def _case(args) -> dict:
     import numpy as np
 
     from convmixer_jax.attack import draw_attack_keys, wrong_key_accuracies, wrong_key_accuracies_loop
+    from convmixer_jax.blockwise import encrypt_images
     from convmixer_jax.evaluate import accuracy
     from convmixer_jax.keys import generate_key
     from convmixer_jax.model import PRESETS
@@ -66,72 +72,122 @@ def _case(args) -> dict:
         images = rng.integers(0, 256, (args.images, config.image_size, config.image_size, config.channels),
                               dtype=np.uint8)
         labels = rng.integers(0, config.num_classes, args.images)
-    enc = encrypt_params(variables, generate_key(config.patch_size, config.channels, seed=[1, 2]),
-                         mean=config.mean, std=config.std)
+    secret = generate_key(config.patch_size, config.channels, seed=[1, 2])
+    enc = encrypt_params(variables, secret, mean=config.mean, std=config.std)
     n = len(images)
+    out = {"case": args.case, "keys": args.n, "images": n}
     if args.case == "single":
-        accuracy(config, enc, images[: args.batch_size], labels[: args.batch_size], batch_size=args.batch_size)
-        t0 = time.perf_counter()
-        accuracy(config, enc, images, labels, batch_size=args.batch_size)
-        sec = time.perf_counter() - t0
-        rate = n / sec
+        enc_images = np.asarray(encrypt_images(images, secret))
+        best = None
+        for bs in SINGLE_BATCHES:
+            accuracy(config, enc, enc_images[:bs], labels[:bs], batch_size=bs)
+            t0 = time.perf_counter()
+            acc = accuracy(config, enc, enc_images, labels, batch_size=bs)
+            sec = time.perf_counter() - t0
+            out[f"rate_batch_{bs}"] = n / sec
+            if best is None or n / sec > out["rate"]:
+                best, out["rate"], out["seconds"], out["batch_size"], out["accuracy"] = bs, n / sec, sec, bs, acc
     else:
         keys = draw_attack_keys(3, args.n, config.patch_size, config.channels)
         warm = draw_attack_keys(4, 1, config.patch_size, config.channels)
         if args.case == "loop":
             wrong_key_accuracies_loop(config, enc, images[: args.batch_size], labels[: args.batch_size], warm,
-                                      batch_size=args.batch_size)
+                                      batch_size=250)
             t0 = time.perf_counter()
-            wrong_key_accuracies_loop(config, enc, images, labels, keys, batch_size=args.batch_size)
+            acc = wrong_key_accuracies_loop(config, enc, images, labels, keys, batch_size=250)
+            out["batch_size"] = 250
         else:
             wrong_key_accuracies(config, enc, images[: args.batch_size], labels[: args.batch_size], warm,
                                  strategy=args.case, key_chunk=args.key_chunk, batch_size=args.batch_size)
             t0 = time.perf_counter()
-            wrong_key_accuracies(config, enc, images, labels, keys, strategy=args.case,
-                                 key_chunk=args.key_chunk, batch_size=args.batch_size)
-        sec = time.perf_counter() - t0
-        rate = n * args.n / sec
-    return {"case": args.case, "keys": args.n, "images": n, "seconds": sec, "rate": rate,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "devices": [str(d) for d in jax.devices()]}
+            acc = wrong_key_accuracies(config, enc, images, labels, keys, strategy=args.case,
+                                       key_chunk=args.key_chunk, batch_size=args.batch_size)
+            out["batch_size"], out["key_chunk"] = args.batch_size, args.key_chunk
+        out["seconds"] = time.perf_counter() - t0
+        out["rate"] = n * args.n / out["seconds"]
+        out["accuracy_median"] = float(np.median(acc))
+        out["accuracy_max"] = float(np.max(acc))
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    dev = jax.devices()[0]
+    out["devices"] = [str(d) for d in jax.devices()]
+    out["device_kind"] = getattr(dev, "device_kind", dev.platform)
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    out["peak_device_mib"] = stats["peak_bytes_in_use"] / 2 ** 20 if stats and "peak_bytes_in_use" in stats else None
+    return out
 
 
-def run_case(args, case: str, n: int) -> dict:
-    cmd = [sys.executable, __file__, "--_case", case, "--_n", str(n), "--images", str(args.images),
-           "--key-chunk", str(args.key_chunk), "--batch-size", str(args.batch_size)]
-    if args.model:
-        cmd += ["--model", args.model]
-    if args.data_dir:
-        cmd += ["--data-dir", args.data_dir]
-    print(f"[sweep] {case} N={n} ...", file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_case(settings: dict, case: str, n: int, log=print) -> dict:
+    """One case in a fresh subprocess; ``settings``: images, key_chunk, batch_size, model, data_dir."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_case", case, "--_n", str(n),
+           "--images", str(settings["images"]), "--key-chunk", str(settings["key_chunk"]),
+           "--batch-size", str(settings["batch_size"]),
+           "--model", settings.get("model") or "", "--data-dir", settings.get("data_dir") or ""]
+    log(f"[sweep] {case} N={n} on {settings['images']:,} images ...")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"sweep case {case} N={n} failed:\n{proc.stderr[-3000:]}")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    log(f"[sweep] {case} N={n}: {row['rate']:.1f}/s, peak RSS {row['peak_rss_mib']:.0f} MiB "
+        f"({time.perf_counter() - t0:.0f} s)")
+    return row
 
 
-def section(args, rows: list[dict]) -> str:
-    import platform
-
-    single = next(r for r in rows if r["case"] == "single")
-    lines = [f"## {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC: wrong-key sweep, "
-             f"{platform.processor() or platform.machine()}, devices {single['devices']}", "",
-             f"- Command: `{shlex.join([sys.executable] + sys.argv)}`",
-             f"- Model: {args.model if args.model and Path(args.model).exists() else 'random paper preset'}; "
-             f"{single['images']:,} test images; key chunk {args.key_chunk}, batch {args.batch_size}", "",
-             "| case | keys | key-image pairs/s (images/s for single key) | vs single-key inference | peak RSS MiB |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+def run_sweep(settings: dict, num_keys=(10, 100), images_keys=(10,), loop_keys: int = 4, log=print) -> dict:
+    """All cases: single-key inference, weights for each N, images for each N, the loop."""
+    rows = [run_case(settings, "single", 1, log)]
+    rows += [run_case(settings, "weights", n, log) for n in num_keys]
+    rows += [run_case(settings, "images", n, log) for n in images_keys]
+    if loop_keys:
+        rows.append(run_case(settings, "loop", loop_keys, log))
+    single = rows[0]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['keys']} | {r['rate']:.1f} | {r['rate'] / single['rate']:.2f} | "
-                     f"{r['peak_rss_mib']:.0f} |")
-    return "\n".join(lines) + "\n"
+        r["vs_single"] = r["rate"] / single["rate"]
+    model = settings.get("model")
+    return {"settings": {**settings, "model": model if model and Path(model).exists() else "random paper preset"},
+            "rows": rows}
+
+
+def markdown(res: dict, heading: str = "###") -> str:
+    s, rows = res["settings"], res["rows"]
+    single = rows[0]
+    gpu = any(r.get("peak_device_mib") for r in rows)
+    L = [f"{heading} Wrong-key sweep, {s['images']:,} test images, model: {s['model']}\n",
+         "Key-image pairs/s of `convmixer_jax.attack.wrong_key_accuracies` (accuracy of the encrypted "
+         "model on images under each wrong key), keys folded into the batch, "
+         f"{s['key_chunk']} keys x {s['batch_size']} images per call; against the single-key inference "
+         f"throughput of the encrypted model on its own encrypted images (best of batch "
+         f"{', '.join(map(str, SINGLE_BATCHES))}: "
+         + ", ".join(f"{single[f'rate_batch_{b}']:.1f} at {b}" for b in SINGLE_BATCHES)
+         + " img/s). Each case runs in a fresh process; peak RSS is that process's maximum resident "
+         "memory" + (" and peak device memory the GPU's `peak_bytes_in_use`" if gpu else "") + ".\n",
+         "| case | keys N | images | key-image pairs/s (img/s for one key) | vs single-key inference | "
+         "seconds | peak RSS MiB |" + (" peak device MiB |" if gpu else ""),
+         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "")]
+    names = {"single": "single key (inference)", "weights": "sweep, strategy weights",
+             "images": "sweep, strategy images", "loop": "Python loop of per-key jitted calls"}
+    for r in rows:
+        line = (f"| {names[r['case']]} | {r['keys']} | {r['images']:,} | {r['rate']:.1f} | {r['vs_single']:.2f} | "
+                f"{r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |")
+        if gpu:
+            line += f" {r['peak_device_mib']:.0f} |" if r.get("peak_device_mib") else " n/a |"
+        L.append(line)
+    sweeps = [r for r in rows if r["case"] != "single"]
+    L.append("")
+    L.append("Wrong-key accuracy medians (a check that the sweep computed something): "
+             + "; ".join(f"{r['case']} N={r['keys']}: median {r['accuracy_median']:.3f}, max {r['accuracy_max']:.3f}"
+                         for r in sweeps) + f"; the secret key: {single['accuracy']:.3f}.")
+    return "\n".join(L) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=10000)
-    p.add_argument("--num-keys", default="10,100")
+    p.add_argument("--num-keys", default="10,100", help="N values for the weights strategy")
+    p.add_argument("--images-keys", default="10", help="N values for the images strategy ('' for none)")
     p.add_argument("--loop-keys", type=int, default=4)
-    p.add_argument("--key-chunk", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--key-chunk", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--model", default=str(ROOT / "results/cifar10/plain-model"))
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10-jpeg"))
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
@@ -142,12 +198,15 @@ def main(argv=None) -> int:
         args.case, args.n = args._case, args._n
         print(json.dumps(_case(args)))
         return 0
-    rows = [run_case(args, "single", 1)]
-    for n in (int(v) for v in args.num_keys.split(",")):
-        for strategy in ("images", "weights"):
-            rows.append(run_case(args, strategy, n))
-    rows.append(run_case(args, "loop", args.loop_keys))
-    text = section(args, rows)
+    settings = {"images": args.images, "key_chunk": args.key_chunk, "batch_size": args.batch_size,
+                "model": args.model, "data_dir": args.data_dir}
+    ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
+    res = run_sweep(settings, ints(args.num_keys), ints(args.images_keys), args.loop_keys,
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    head = (f"## {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC: wrong-key sweep only, "
+            f"{platform.processor() or platform.machine()}, {res['rows'][0]['device_kind']}\n\n"
+            f"- Command: `{shlex.join([sys.executable] + sys.argv)}`\n\n")
+    text = head + markdown(res)
     with open(args.out, "a") as f:
         f.write("\n" + text)
     print(text)

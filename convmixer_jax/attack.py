@@ -1,7 +1,8 @@
 """Random wrong-key attack: accuracy of an encrypted model on test images
 encrypted with keys other than the secret one (paper, section 4, Fig. 5).
 
-Two exact strategies, both ``vmap``-ped over chunks of keys:
+Two exact strategies, both evaluating a chunk of keys per call with the key
+axis folded into the image batch:
 
 - ``'images'``: encrypt the test batch with each wrong key K' and run the
   encrypted model on it (the attack as the paper states it);
@@ -10,8 +11,9 @@ Two exact strategies, both ``vmap``-ped over chunks of keys:
   images (both are the same linear map of each normalized block), so a sweep
   needs one copy of the images and one small patch-embedding kernel per key.
 
-Peak memory is bounded by ``key_chunk * batch_size`` images' activations,
-whatever the number of keys. The key axis of each chunk is sharded over all
+Each call evaluates ``key_chunk * batch_size`` (key, image) pairs as one
+batch, so peak memory is bounded by that many images' activations, whatever
+the number of keys. The key axis of each chunk is sharded over all
 visible devices (a one-axis ``Mesh``); images and model are replicated.
 """
 from __future__ import annotations
@@ -44,36 +46,57 @@ def key_mesh() -> Mesh:
 
 @functools.lru_cache(maxsize=None)
 def _correct_fn(config: ConvMixerConfig, strategy: str, mesh: Mesh):
-    """jit(vmap over keys) of the number of correct predictions per key,
-    keys sharded over ``mesh``."""
+    """jit of the number of correct predictions per key of a chunk, keys
+    sharded over ``mesh``.
+
+    The key axis is folded into the batch rather than ``vmap``-ped around the
+    whole model: every layer after the patch embedding then runs one matrix
+    product over (keys x images), as plain inference does.  'images' encrypts
+    the batch once per key (``vmap`` of :func:`encrypt_images`); 'weights'
+    decrypts the patch embedding once per key (``vmap`` of
+    :func:`decrypt_params`) and evaluates all those stems on the one plain
+    batch (``ConvMixer(stems=...)``).
+    """
     model = ConvMixer(config)
     mean, std = config.mean, config.std
 
-    def per_key_images(variables, images, labels, key):
-        enc = encrypt_images(images, key)
-        logits = model.apply(variables, _to_unit_float(enc), train=False)
-        return jnp.sum(jnp.argmax(logits, -1) == labels)
+    def count(logits, labels, n_keys):
+        pred = jnp.argmax(logits, -1).reshape(n_keys, -1)
+        return jnp.sum(pred == labels[None, :], axis=1)
 
-    def per_key_weights(variables, images, labels, key):
-        attacked = decrypt_params(variables, key, mean=mean, std=std)
-        logits = model.apply(attacked, _to_unit_float(images), train=False)
-        return jnp.sum(jnp.argmax(logits, -1) == labels)
+    def correct_images(variables, images, labels, keys):
+        n_keys = keys.perm.shape[0]
+        enc = jax.vmap(encrypt_images, in_axes=(None, 0))(images, keys)  # (K, N, H, W, C)
+        enc = enc.reshape((-1,) + images.shape[1:])
+        return count(model.apply(variables, _to_unit_float(enc), train=False), labels, n_keys)
 
-    fn = per_key_images if strategy == "images" else per_key_weights
+    def correct_weights(variables, images, labels, keys):
+        n_keys = keys.perm.shape[0]
+        stem = variables["params"]["stem"]
+        tree = {"params": {"stem": stem}}
+        attacked = jax.vmap(lambda k: decrypt_params(tree, k, mean=mean, std=std))(keys)["params"]["stem"]
+        kernels = jnp.broadcast_to(attacked["kernel"], (n_keys,) + stem["kernel"].shape)
+        biases = jnp.broadcast_to(attacked["bias"], (n_keys,) + stem["bias"].shape)
+        logits = model.apply(variables, _to_unit_float(images), train=False, stems=(kernels, biases))
+        return count(logits, labels, n_keys)
+
+    fn = correct_images if strategy == "images" else correct_weights
     repl, by_key = NamedSharding(mesh, P()), NamedSharding(mesh, P("keys"))
-    return jax.jit(jax.vmap(fn, in_axes=(None, None, None, 0)),
-                   in_shardings=(repl, repl, repl, by_key), out_shardings=by_key)
+    return jax.jit(fn, in_shardings=(repl, repl, repl, by_key), out_shardings=by_key)
 
 
 def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, keys: Key, *,
-                         strategy: str = "weights", key_chunk: int = 8, batch_size: int = 250,
+                         strategy: str = "weights", key_chunk: int = 4, batch_size: int = 64,
                          progress: bool = False) -> np.ndarray:
     """Accuracy in [0, 1] of ``variables`` (an encrypted model) for each key of a batch.
 
     images: (N, H, W, C) uint8 or float in [0, 1]; labels: (N,) int;
     keys: a batched :class:`Key` (perm (K, pb)). Returns (K,) float64.
-    Shapes are padded to fixed (key_chunk, batch_size) blocks so that one
-    program is compiled; padded keys and images are not counted.
+    Keys go ``key_chunk`` at a time and images ``batch_size`` at a time,
+    folded into one batch of ``key_chunk * batch_size`` per call (the memory
+    bound); the last image batch is padded to full size and the last key chunk
+    to a multiple of the device count (at most two programs are compiled);
+    padded keys and images are not counted.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -99,8 +122,11 @@ def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, key
 
         bar = tqdm(total=len(chunks) * len(batches), desc=f"wrong keys ({strategy})", unit="block")
     for k0, k1 in chunks:
-        kp = np.concatenate([perm[k0:k1], np.repeat(perm[k1 - 1:k1], key_chunk - (k1 - k0), 0)])
-        kf = np.concatenate([flip[k0:k1], np.repeat(flip[k1 - 1:k1], key_chunk - (k1 - k0), 0)])
+        # The last chunk is padded only up to a multiple of the device count
+        # (a second, smaller program is compiled for it rather than wasting work).
+        size = -(-(k1 - k0) // n_dev) * n_dev
+        kp = np.concatenate([perm[k0:k1], np.repeat(perm[k1 - 1:k1], size - (k1 - k0), 0)])
+        kf = np.concatenate([flip[k0:k1], np.repeat(flip[k1 - 1:k1], size - (k1 - k0), 0)])
         chunk_keys = Key(jnp.asarray(kp), jnp.asarray(kf), keys.block_size, keys.channels)
         for b0, b1 in batches:
             xb = np.asarray(images[b0:b1])

@@ -281,18 +281,27 @@ class PatchEmbed(nn.Module):
     dim: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, stems: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         n, h, w, c = x.shape
         p = self.patch_size
-        fan_in = p * p * c
-        kernel = self.param("kernel", _torch_like_conv_init(fan_in), (p, p, c, self.dim), jnp.float32)
-        bias = self.param("bias", _torch_like_conv_init(fan_in), (self.dim,), jnp.float32)
+        pb = p * p * c
+        kernel = self.param("kernel", _torch_like_conv_init(pb), (p, p, c, self.dim), jnp.float32)
+        bias = self.param("bias", _torch_like_conv_init(pb), (self.dim,), jnp.float32)
         gh, gw = h // p, w // p
         # (i, j, c, gh, gw, N): one column per block, rows in (i, j, c) order.
-        cols = x.reshape(n, gh, p, gw, p, c).transpose(2, 4, 5, 1, 3, 0).reshape(p * p * c, -1)
-        e_t = jax.lax.optimization_barrier(kernel.reshape(p * p * c, self.dim).T)  # (dim, pb)
-        y = (e_t @ cols).reshape(self.dim, gh, gw, n)
-        return add_channel_bias(y, bias)
+        cols = x.reshape(n, gh, p, gw, p, c).transpose(2, 4, 5, 1, 3, 0).reshape(pb, -1)
+        if stems is None:
+            e_t = jax.lax.optimization_barrier(kernel.reshape(pb, self.dim).T)  # (dim, pb)
+            y = (e_t @ cols).reshape(self.dim, gh, gw, n)
+            return add_channel_bias(y, bias)
+        kernels, biases = stems  # (K, P, P, C, dim), (K, dim)
+        k = kernels.shape[0]
+        e_t = jax.lax.optimization_barrier(jnp.swapaxes(kernels.reshape(k, pb, self.dim), 1, 2))  # (K, dim, pb)
+        y = jnp.einsum("kdp,pm->kdm", e_t, cols)  # one product for all K kernels
+        y = jax.lax.optimization_barrier(y.reshape(k, self.dim, gh * gw, n))
+        y = y + biases.reshape(k, self.dim, 1, 1)
+        # key-major batch: (dim, gh, gw, K * N), entry k * N + i is image i under kernel k.
+        return y.transpose(1, 2, 0, 3).reshape(self.dim, gh, gw, k * n)
 
 
 class MixerBlock(nn.Module):
@@ -351,6 +360,13 @@ class ConvMixer(nn.Module):
 
     ``images``: (N, H, W, C) float in [0, 1] with H = W = config.image_size.
     Returns logits (N, num_classes) float32.
+
+    ``stems=(kernels, biases)``, shapes (K, P, P, C, dim) and (K, dim),
+    replaces the patch embedding by K alternatives evaluated on the same
+    images in one pass (the weight-space wrong-key sweep): the logits are then
+    (K * N, num_classes), key-major (row k * N + i is image i under stem k);
+    the model's own stem parameters are not used.  The K x N evaluations share
+    one batch, so with ``train=True`` BatchNorm statistics pool over all of them.
     """
 
     config: ConvMixerConfig
@@ -359,7 +375,8 @@ class ConvMixer(nn.Module):
         return gelu(x, approximate=self.config.gelu_approximate)
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, *, train: bool = False,
+                 stems: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         cfg = self.config
         n, h, w, c = images.shape
         p, d, k = cfg.patch_size, cfg.dim, cfg.kernel_size
@@ -375,7 +392,13 @@ class ConvMixer(nn.Module):
         impl = resolve_depthwise_impl(cfg.depthwise_impl, (gh, gw))
 
         # Stem: the patch embedding as one matrix product over flattened blocks.
-        x = PatchEmbed(p, d, name="stem")(x)  # (d, gh, gw, N)
+        if stems is not None:
+            kernels, biases = stems
+            kk = kernels.shape[0]
+            if kernels.shape != (kk, p, p, c, d) or biases.shape != (kk, d):
+                raise ValueError(f"stems must be kernels (K, {p}, {p}, {c}, {d}) and biases (K, {d}); "
+                                 f"got {kernels.shape} and {biases.shape}")
+        x = PatchEmbed(p, d, name="stem")(x, stems)  # (d, gh, gw, N), or (d, gh, gw, K * N)
         x = self._gelu(x)
         x = ChannelBatchNorm(name="stem_bn")(x, train)
         for i in range(cfg.depth):

@@ -175,6 +175,35 @@ def test_three_depthwise_impls_give_same_logits(case):
     np.testing.assert_allclose(logits["conv"], logits["toeplitz"], rtol=0, atol=1e-5)
 
 
+@given(configs(), st.integers(1, 4))
+@settings(max_examples=5, deadline=None, database=None)
+def test_stems_equal_one_model_per_stem(case, k):
+    """apply(stems=(K kernels, K biases)) == K separate models, key-major rows."""
+    cfg, n, seed = case
+    x = images_for(cfg, n, seed)
+    model = ConvMixer(cfg)
+    variables = random_variables(model, x, seed)
+    rng = np.random.default_rng(seed)
+    stem = variables["params"]["stem"]
+    kernels = rng.normal(size=(k,) + stem["kernel"].shape).astype(np.float32)
+    biases = rng.normal(size=(k,) + stem["bias"].shape).astype(np.float32)
+    got = np.asarray(jax.jit(lambda v, x, s: model.apply(v, x, stems=s))(variables, x, (kernels, biases)))
+    assert got.shape == (k * n, cfg.num_classes)
+    for i in range(k):
+        vi = {**variables, "params": {**variables["params"], "stem": {"kernel": kernels[i], "bias": biases[i]}}}
+        want = np.asarray(jax.jit(model.apply)(vi, x))
+        np.testing.assert_allclose(got[i * n:(i + 1) * n], want, rtol=0, atol=1e-4)
+
+
+def test_stems_shape_is_checked():
+    cfg = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=4)
+    model = ConvMixer(cfg)
+    x = images_for(cfg, 2, 0)
+    variables = random_variables(model, x, 0)
+    with pytest.raises(ValueError, match="stems must be"):
+        model.apply(variables, x, stems=(np.zeros((2, 2, 2, 3, 8), np.float32), np.zeros((3, 8), np.float32)))
+
+
 # ---------------------------------------------------------------- independent reference
 
 @given(configs(), st.sampled_from(["toeplitz", "shift", "conv"]))
