@@ -728,7 +728,7 @@ def parse_args(argv=None):
                    help="comma-separated N for the images strategy (10; quick 2)")
     p.add_argument("--sweep-loop-keys", type=int, default=None, help="keys of the Python loop (4; quick 1)")
     p.add_argument("--key-chunk", type=int, default=4, help="keys per sweep call (default 4)")
-    p.add_argument("--sweep-batch-size", type=int, default=64, help="images per sweep call (default 64)")
+    p.add_argument("--sweep-batch-size", type=int, default=125, help="images per sweep call (default 125)")
     p.add_argument("--model", default=str(ROOT / "results/cifar10/plain-model"),
                    help="model directory for the sweep (a random paper model if missing)")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10-jpeg"),

@@ -2,7 +2,7 @@
 """Wrong-key sweep throughput and peak memory (issue 4, items 3 and 4).
 
     python benchmarks/sweep.py [--images 10000] [--num-keys 10,100] [--images-keys 10]
-                               [--loop-keys 4] [--key-chunk 4] [--batch-size 64]
+                               [--loop-keys 4] [--key-chunk 4] [--batch-size 125]
                                [--model results/cifar10/plain-model]
                                [--data-dir ../shared/data/cifar10-jpeg] [--out benchmarks/RESULTS.md]
 
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--images-keys", default="10", help="N values for the images strategy ('' for none)")
     p.add_argument("--loop-keys", type=int, default=4)
     p.add_argument("--key-chunk", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=125)
     p.add_argument("--model", default=str(ROOT / "results/cifar10/plain-model"))
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10-jpeg"))
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))

@@ -13,7 +13,10 @@ axis folded into the image batch:
 
 Each call evaluates ``key_chunk * batch_size`` (key, image) pairs as one
 batch, so peak memory is bounded by that many images' activations, whatever
-the number of keys. The key axis of each chunk is sharded over all
+the number of keys. The default 4 x 125 = 500 pairs per call runs at the
+speed of plain inference at its best batch on a 2-core CPU; calls of 512 or
+1,024 pairs are about 20 % slower there (power-of-two strides conflict in the
+cache; benchmarks/RESULTS.md). The key axis of each chunk is sharded over all
 visible devices (a one-axis ``Mesh``); images and model are replicated.
 """
 from __future__ import annotations
@@ -86,7 +89,7 @@ def _correct_fn(config: ConvMixerConfig, strategy: str, mesh: Mesh):
 
 
 def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, keys: Key, *,
-                         strategy: str = "weights", key_chunk: int = 4, batch_size: int = 64,
+                         strategy: str = "weights", key_chunk: int = 4, batch_size: int = 125,
                          progress: bool = False) -> np.ndarray:
     """Accuracy in [0, 1] of ``variables`` (an encrypted model) for each key of a batch.
 

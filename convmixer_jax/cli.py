@@ -607,8 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(same accuracies; default weights)")
     p.add_argument("--key-chunk", type=_positive_int, default=4, metavar="K",
                    help="keys per call, folded into the batch with the images (default 4)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, metavar="B",
-                   help="images per call; a call evaluates K x B pairs (default 64)")
+    p.add_argument("--batch-size", type=_positive_int, default=125, metavar="B",
+                   help="images per call; a call evaluates K x B pairs (default 125: 500 pairs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, metavar="FILE.json", help="results to write")
     _add_force(p)
