@@ -8,8 +8,8 @@
 
 ``benchmarks/bench.py`` runs the same measurements as part of its one-command
 section; this script runs them alone. Each case runs in a fresh subprocess so
-that its peak memory is its own (``ru_maxrss``; on a GPU also the device's
-``peak_bytes_in_use``):
+that its memory is its own (peak RSS while the case runs, after loading;
+on a GPU also the device's ``peak_bytes_in_use``):
 
 - single-key inference: images/s of the encrypted model on its own encrypted
   test images (the best of batch 128, 250 and 500, as ``evaluate`` would run);
@@ -39,6 +39,31 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SINGLE_BATCHES = (128, 250, 500)
+
+
+def _vm_mib(field: str) -> float | None:
+    """VmHWM (peak) or VmRSS (current) of this process in MiB, from /proc (Linux).
+
+    ``ru_maxrss`` is not used: Linux carries it across fork + exec, so a child
+    of a large parent (bench.py holds PyTorch) reports the parent's peak.
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux ``clear_refs`` 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _case(args) -> dict:
@@ -76,6 +101,9 @@ def _case(args) -> dict:
     enc = encrypt_params(variables, secret, mean=config.mean, std=config.std)
     n = len(images)
     out = {"case": args.case, "keys": args.n, "images": n}
+    # Peak memory of the measured phase only: data, model and keys are loaded.
+    out["rss_before_mib"] = _vm_mib("VmRSS")
+    out["phase_peak_reset"] = _reset_peak()
     if args.case == "single":
         enc_images = np.asarray(encrypt_images(images, secret))
         best = None
@@ -107,7 +135,9 @@ def _case(args) -> dict:
         out["rate"] = n * args.n / out["seconds"]
         out["accuracy_median"] = float(np.median(acc))
         out["accuracy_max"] = float(np.max(acc))
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = _vm_mib("VmHWM") if out["phase_peak_reset"] else None
+    out["process_peak_rss_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                                   if not out["phase_peak_reset"] else None)
     dev = jax.devices()[0]
     out["devices"] = [str(d) for d in jax.devices()]
     out["device_kind"] = getattr(dev, "device_kind", dev.platform)
@@ -128,7 +158,7 @@ def run_case(settings: dict, case: str, n: int, log=print) -> dict:
     if proc.returncode:
         raise RuntimeError(f"sweep case {case} N={n} failed:\n{proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    log(f"[sweep] {case} N={n}: {row['rate']:.1f}/s, peak RSS {row['peak_rss_mib']:.0f} MiB "
+    log(f"[sweep] {case} N={n}: {row['rate']:.1f}/s, peak RSS {_mib(row.get('peak_rss_mib'))} MiB "
         f"({time.perf_counter() - t0:.0f} s)")
     return row
 
@@ -148,6 +178,10 @@ def run_sweep(settings: dict, num_keys=(10, 100), images_keys=(10,), loop_keys: 
             "rows": rows}
 
 
+def _mib(v) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
+
+
 def markdown(res: dict, heading: str = "###") -> str:
     s, rows = res["settings"], res["rows"]
     single = rows[0]
@@ -159,16 +193,18 @@ def markdown(res: dict, heading: str = "###") -> str:
          f"throughput of the encrypted model on its own encrypted images (best of batch "
          f"{', '.join(map(str, SINGLE_BATCHES))}: "
          + ", ".join(f"{single[f'rate_batch_{b}']:.1f} at {b}" for b in SINGLE_BATCHES)
-         + " img/s). Each case runs in a fresh process; peak RSS is that process's maximum resident "
-         "memory" + (" and peak device memory the GPU's `peak_bytes_in_use`" if gpu else "") + ".\n",
+         + " img/s). Each case runs in a fresh process. Memory: RSS after loading the model, the "
+         f"{s['images']:,} test images and the keys, and the peak RSS while the case ran (Linux VmHWM, "
+         "reset with /proc/self/clear_refs after loading)"
+         + ("; peak device memory is the GPU's `peak_bytes_in_use`" if gpu else "") + ".\n",
          "| case | keys N | images | key-image pairs/s (img/s for one key) | vs single-key inference | "
-         "seconds | peak RSS MiB |" + (" peak device MiB |" if gpu else ""),
-         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "")]
+         "seconds | RSS before MiB | peak RSS MiB |" + (" peak device MiB |" if gpu else ""),
+         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "")]
     names = {"single": "single key (inference)", "weights": "sweep, strategy weights",
              "images": "sweep, strategy images", "loop": "Python loop of per-key jitted calls"}
     for r in rows:
         line = (f"| {names[r['case']]} | {r['keys']} | {r['images']:,} | {r['rate']:.1f} | {r['vs_single']:.2f} | "
-                f"{r['seconds']:.0f} | {r['peak_rss_mib']:.0f} |")
+                f"{r['seconds']:.0f} | {_mib(r.get('rss_before_mib'))} | {_mib(r.get('peak_rss_mib'))} |")
         if gpu:
             line += f" {r['peak_device_mib']:.0f} |" if r.get("peak_device_mib") else " n/a |"
         L.append(line)

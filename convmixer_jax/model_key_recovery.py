@@ -321,8 +321,8 @@ def recover_key_with_independent_reference(encrypted_kernel, reference_kernel, *
 
     Returns a ModelRecovery whose ``key`` is always valid; ``similarity[k]``
     is the correlation between row k's |correlation| profile and that of its
-    matched reference row; ``candidates``: the 96 symmetric keys, the chosen
-    global sign first, each half by decreasing objective (for
+    matched reference row; ``candidates``: the 96 symmetric keys by
+    decreasing objective, each followed by its global-sign complement (for
     :func:`rerank_by_confidence`).
     """
     e, p, c = _kernel_rows(encrypted_kernel, "encrypted_kernel")
@@ -400,8 +400,9 @@ def recover_key_with_independent_reference(encrypted_kernel, reference_kernel, *
 
     score = np.array([objective(k) for k in cands])
     half = len(cands) // 2
-    order = list(np.argsort(-score[:half], kind="stable")) + \
-        list(half + np.argsort(-score[half:], kind="stable"))
+    # by decreasing objective, each layout followed by its global-sign twin
+    # (the sign is the least reliable part: re-rankers should see both).
+    order = [j for i in np.argsort(-score[:half], kind="stable") for j in (i, i + half)]
     cands = tuple(cands[i] for i in order)
     if not _same_key(cands[0], key):
         notes.append("a block symmetry of the matching scored higher and was taken")

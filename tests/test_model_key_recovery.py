@@ -131,6 +131,8 @@ def test_independent_reference_with_mixed_output_channels(mixing):
         assert ev["fraction_perm"] == 1.0
         assert ev["exact_up_to_global_sign"]
         assert ev["true_key_in_candidates"] and ev["candidates"] == 96
+        assert _same(rec.candidates[0], rec.key)  # then its global-sign twin, for re-ranking
+        assert _same(rec.candidates[1], make_key(rec.key.perm, 1 - rec.key.flip, 4, 3))
         if mixing == "permutation":
             assert ev["exact"]
 

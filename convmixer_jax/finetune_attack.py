@@ -1,0 +1,551 @@
+"""The fine-tuning attack: can an adversary without the key repair the encrypted model?
+
+Threat (issue 5): the adversary holds the *encrypted* model (its patch-embedding
+rows permuted and sign-flipped with the secret key, everything else the plain
+trained model) and ``n`` labeled *plain* images. On plain images the encrypted
+model is near chance. The adversary fine-tunes
+
+- ``'stem'``: the patch embedding only (``params['stem']`` kernel and bias), every
+  other parameter and every BatchNorm running statistic frozen, and every
+  BatchNorm run in eval mode, so the network trained is exactly the network
+  deployed. ``stem_bn=True`` also trains the stem BatchNorm (``params['stem_bn']``
+  scale and bias) and runs that one BatchNorm in train mode (its running
+  statistics are updated); all other BatchNorms stay frozen in eval mode.
+- ``'all'``: every parameter, every BatchNorm in train mode (ordinary fine-tuning).
+- ``'scratch'``: the same architecture from a fresh initialization
+  (:func:`~convmixer_jax.train.init_variables` with ``seed``), trained like ``'all'``,
+  the reference that tells whether the encrypted model helped at all.
+
+Accuracy is measured on plain test images. The true repair is known to exist in
+the ``'stem'`` search space (the key's signed permutation of the kernel rows), so
+``'stem'`` is the attack that exploits the scheme's structure.
+
+Training (all modes): Adam (``optax.scale_by_adam``) after global-norm gradient
+clipping, a host-side learning-rate schedule (linear warm-up over
+``warmup_fraction`` of the steps, then cosine decay to 0) fed to one jit-compiled
+step as an argument, so a step function is compiled once per (model, mode,
+batch shape) and reused for every ``n`` and learning rate. Batches of a fixed
+size are read from a seeded stream of shuffled passes over the ``n`` images, so
+``n`` smaller than the batch size simply repeats images within a batch (each
+image equally often); on-device augmentation is :func:`~convmixer_jax.train.augment_batch`
+(default random crop and horizontal flip). Gradients are taken with respect to
+the trained parameters only, so frozen layers cost no weight gradients.
+
+Default budget: the grid of :func:`finetune_attack` (n in 100, 500, 1000, 5000;
+three modes) takes ``default_steps(n)`` = 50, 81, 100, 162 steps of batch 64 per
+mode, 1,179 steps in all, about 590 steps' worth of batch 128. For the paper's
+ConvMixer-256/8 on the 2-core development CPU beside a training job (about 1.2 s
+per 'all' step of batch 128; the cost per image is the same at batch 64, and a
+'stem' step costs about 20 % less, since frozen layers need no weight gradients)
+that is about 11 minutes of training, plus two compilations (about 20 s) and 13
+evaluations of the test images (590 images/s alone, ``benchmarks/RESULTS.md``,
+about half that beside a training job): about 12.5 minutes with 2,000 test
+images, 15 to 18 with all 10,000. Every time scales with the step time (measured
+2.3x slower with four jobs on the two cores). On a GPU, scale up with ``steps=``
+(an int, a mapping n -> steps, or a function of n).
+"""
+from __future__ import annotations
+
+import functools
+import io
+import math
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from convmixer_jax.blockwise import ImageError
+from convmixer_jax.evaluate import accuracy, check_model_images
+from convmixer_jax.model import ChannelBatchNorm, ConvMixer, ConvMixerConfig
+from convmixer_jax.train import TrainConfig, augment_batch, init_variables
+
+PyTree = Any
+
+MODES = ("stem", "all", "scratch")
+DEFAULT_SIZES = (100, 500, 1000, 5000)
+DEFAULT_BATCH_SIZE = 64
+# Peak learning rates of the warm-up + cosine schedule, per mode. 'stem' moves a
+# small, badly placed layer a long way (trained stem entries are O(0.1); on the
+# paper's model, n = 500, 30 steps: 0.27 test accuracy at 1e-2, 0.38 at 3e-2);
+# 'all' must not wreck the trained body; 'scratch' is a short from-scratch schedule.
+DEFAULT_LR = {"stem": 3e-2, "all": 1e-3, "scratch": 3e-3}
+DEFAULT_AUGMENT = ("crop", "flip")
+STEM_PARAMS = ("stem",)
+STEM_BN = "stem_bn"
+
+
+def default_steps(n: int) -> int:
+    """Training steps (batch 64) for ``n`` images: ``round(50 * (n / 100) ** 0.3)``,
+    at least 10; 50, 81, 100, 162 for n = 100, 500, 1000, 5000."""
+    return max(10, int(round(50 * (n / 100) ** 0.3)))
+
+
+def lr_schedule(step: int, total: int, peak: float, warmup_fraction: float = 0.1) -> float:
+    """Learning rate of ``step`` (0-based) of ``total``: linear warm-up over
+    ``ceil(warmup_fraction * total)`` steps to ``peak``, then cosine decay towards 0
+    (every step's rate is > 0)."""
+    warm = int(math.ceil(warmup_fraction * total)) if warmup_fraction > 0 else 0
+    if step < warm:
+        return peak * (step + 1) / warm
+    rest = total - warm
+    return peak * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / rest))
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown fine-tuning mode {mode!r}; use one of {MODES}")
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_labels(config: ConvMixerConfig, images, labels) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"labels must be a vector with one entry per image; got shape {labels.shape} "
+                         f"for {len(images)} images")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= config.num_classes):
+        raise ValueError(f"labels must lie in 0..{config.num_classes - 1} (the model has "
+                         f"{config.num_classes} classes); found {labels.min()}..{labels.max()}")
+    return labels.astype(np.int32)
+
+
+def _check_data(config: ConvMixerConfig, images, labels, what: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        check_model_images(config, images)
+    except ImageError as e:
+        raise ImageError(f"{what} images: {e}") from None
+    if len(images) == 0:
+        raise ValueError(f"no {what} images")
+    return np.asarray(images), _check_labels(config, images, labels)
+
+
+def _check_variables(config: ConvMixerConfig, variables) -> None:
+    """Raise ValueError unless ``variables`` has the tree and shapes of ``config``."""
+    if not isinstance(variables, Mapping) or set(variables) != {"params", "batch_stats"}:
+        got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
+        raise ValueError(f"variables must be {{'params', 'batch_stats'}}, got {got}")
+    dummy = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.channels), jnp.float32)
+    expected = jax.eval_shape(lambda x: ConvMixer(config).init(jax.random.PRNGKey(0), x, train=False), dummy)
+    exp = {jax.tree_util.keystr(p): leaf for p, leaf in
+           jax.tree_util.tree_flatten_with_path({"params": expected["params"],
+                                                 "batch_stats": expected["batch_stats"]})[0]}
+    got = {jax.tree_util.keystr(p): leaf for p, leaf in
+           jax.tree_util.tree_flatten_with_path(dict(variables))[0]}
+    if set(exp) != set(got):
+        missing, extra = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
+        raise ValueError(f"variables do not belong to this model config (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]})")
+    for name, leaf in exp.items():
+        if tuple(np.shape(got[name])) != tuple(leaf.shape):
+            raise ValueError(f"variables{name} has shape {tuple(np.shape(got[name]))} but the model "
+                             f"config implies {tuple(leaf.shape)}; the variables belong to another model")
+
+
+def _augment_tuple(augment) -> tuple[str, ...]:
+    if augment is True:
+        return DEFAULT_AUGMENT
+    if augment is False or augment is None:
+        return ()
+    aug = tuple(augment)
+    TrainConfig(augment=aug)  # validates the names
+    return aug
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def _split(tree: Mapping, names) -> tuple[dict, dict]:
+    """(entries named in ``names``, the rest) of a top-level module dict."""
+    return ({k: v for k, v in tree.items() if k in names},
+            {k: v for k, v in tree.items() if k not in names})
+
+
+def _bn_interceptor(train_names: frozenset):
+    """Run a ChannelBatchNorm in train mode iff its top-level module is in ``train_names``."""
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, ChannelBatchNorm) and context.method_name == "__call__":
+            train = bool(module.path) and module.path[0] in train_names
+            if "train" in kwargs:
+                kwargs = dict(kwargs, train=train)
+            else:
+                args = (args[0], train) + tuple(args[2:])
+        return next_fun(*args, **kwargs)
+
+    return intercept
+
+
+@functools.lru_cache(maxsize=32)
+def _step_fn(config: ConvMixerConfig, train_params: frozenset | None, train_bn: frozenset | None,
+             augment: tuple[str, ...], cutout: int, grad_clip: float | None, label_smoothing: float):
+    """A jit-compiled step and its gradient transformation.
+
+    train_params: top-level parameter modules that are trained (None: all).
+    train_bn: top-level modules whose BatchNorms run in train mode (None: all;
+    empty: every BatchNorm in eval mode).
+    ``step(state, frozen, images, labels, lr) -> (state, loss, correct)`` where
+    state = {'params', 'batch_stats' (trained parts), 'opt_state', 'step', 'rng'}
+    and frozen = {'params', 'batch_stats'} (the rest, never changed).
+    """
+    model = ConvMixer(config)
+    aug_cfg = TrainConfig(augment=augment, cutout=cutout)
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    tx = optax.chain(*parts, optax.scale_by_adam())
+    all_bn = train_bn is None
+    some_bn = not all_bn and bool(train_bn)
+
+    def loss_fn(params, batch_stats, frozen, x, labels):
+        variables = {"params": {**frozen["params"], **params},
+                     "batch_stats": {**frozen["batch_stats"], **batch_stats}}
+        if all_bn:
+            logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            new_bs = upd["batch_stats"]
+        elif some_bn:
+            with nn.intercept_methods(_bn_interceptor(train_bn)):
+                logits, upd = model.apply(variables, x, train=False, mutable=["batch_stats"])
+            new_bs = {k: upd["batch_stats"][k] for k in batch_stats}
+        else:
+            logits = model.apply(variables, x, train=False)
+            new_bs = batch_stats
+        onehot = jax.nn.one_hot(labels, config.num_classes)
+        if label_smoothing:
+            onehot = optax.smooth_labels(onehot, label_smoothing)
+        loss = optax.softmax_cross_entropy(logits, onehot).mean()
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        return loss, (new_bs, correct)
+
+    def step(state, frozen, images, labels, lr):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        x = augment_batch(rng, images, aug_cfg)
+        (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["batch_stats"], frozen, x, labels)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(lambda p, u: p - lr * u, state["params"], updates)
+        new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                   step=state["step"] + 1)
+        return new, loss, correct
+
+    return jax.jit(step, donate_argnums=(0,)), tx
+
+
+def _batch_indices(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
+    """(steps, batch_size) indices into n images: consecutive slices of a stream of
+    seeded random permutations of 0..n-1 (every image used equally often)."""
+    rng = np.random.default_rng([seed, n])
+    need = steps * batch_size
+    stream = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
+    return stream.reshape(steps, batch_size)
+
+
+def _trained_sets(mode: str, stem_bn: bool, param_names, bn_names):
+    """(trained parameter modules or None for all, train-mode BatchNorm modules or None for all)."""
+    if mode == "stem":
+        names = set(STEM_PARAMS) | ({STEM_BN} if stem_bn else set())
+        return frozenset(names & set(param_names)), frozenset(names & set(bn_names))
+    return None, None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def finetune(config: ConvMixerConfig, variables: PyTree | None, images, labels, *, mode: str,
+             steps: int = 100, batch_size: int = DEFAULT_BATCH_SIZE, lr: float | None = None,
+             seed: int = 0, augment: bool | Sequence[str] = True, stem_bn: bool = False,
+             cutout: int = 8, grad_clip: float | None = 1.0, warmup_fraction: float = 0.1,
+             label_smoothing: float = 0.0, progress=False) -> tuple[dict, dict]:
+    """Fine-tune (or, ``mode='scratch'``, train afresh) a ConvMixer on labeled images.
+
+    Args:
+      config: the architecture.
+      variables: ``{'params', 'batch_stats'}`` to start from (never modified);
+        ignored by ``'scratch'`` (may be None there).
+      images: (n, H, W, C) uint8, or float in [0, 1]; H = W = config.image_size.
+      labels: (n,) integers in 0..num_classes-1.
+      mode: 'stem' | 'all' | 'scratch' (module docstring).
+      steps, batch_size: optimizer steps of ``batch_size`` images each; n may be
+        smaller than ``batch_size`` (images then repeat within a batch).
+      lr: peak learning rate (None: ``DEFAULT_LR[mode]``).
+      seed: batch order, augmentation, and the initialization of 'scratch'.
+      augment: True (crop + flip), False, or a tuple of 'crop' / 'flip' / 'cutout'.
+      stem_bn: 'stem' mode only: also train the stem BatchNorm (module docstring).
+      progress: True for a tqdm bar, or a tqdm-like object to ``update(1)`` per step.
+
+    Returns:
+      (variables as numpy arrays, history) where the frozen leaves are copies of the
+      input's, and history is JSON-serializable: mode, n, steps, batch_size, lr,
+      trained / train-mode-BatchNorm module names, per-step ``loss`` and
+      ``train_accuracy`` (on the augmented batch), ``seconds`` (wall time,
+      including compilation on the first call for a configuration) and
+      ``first_step_seconds`` (the first step alone, which holds any compilation).
+    """
+    _check_mode(mode)
+    steps = _check_positive_int("steps", steps)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    if stem_bn and mode != "stem":
+        raise ValueError("stem_bn applies to mode 'stem' only")
+    lr = DEFAULT_LR[mode] if lr is None else float(lr)
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not 0 <= warmup_fraction < 1:
+        raise ValueError(f"warmup_fraction must lie in [0, 1), got {warmup_fraction!r}")
+    aug = _augment_tuple(augment)
+    images, labels = _check_data(config, images, labels, "training")
+    n = len(images)
+    if mode == "scratch":
+        variables = init_variables(config, seed)
+    else:
+        if variables is None:
+            raise ValueError(f"mode {mode!r} fine-tunes given variables; pass them (only 'scratch' "
+                             "starts without)")
+        _check_variables(config, variables)
+    params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
+
+    train_params, train_bn = _trained_sets(mode, stem_bn, params, batch_stats)
+    step_fn, tx = _step_fn(config, train_params, train_bn, aug, int(cutout),
+                           float(grad_clip) if grad_clip else None, float(label_smoothing))
+    p_train, p_frozen = _split(params, params if train_params is None else train_params)
+    b_train, b_frozen = _split(batch_stats, batch_stats if train_bn is None else train_bn)
+    copy = lambda t: jax.tree.map(lambda a: jnp.array(a, dtype=jnp.float32, copy=True), t)  # noqa: E731
+    state = {"params": copy(p_train), "batch_stats": copy(b_train), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.fold_in(jax.random.PRNGKey(seed), 1)}  # not the init key
+    state["opt_state"] = tx.init(state["params"])
+    frozen = {"params": copy(p_frozen), "batch_stats": copy(b_frozen)}
+
+    if images.dtype != np.uint8:  # augment_batch divides by 255
+        images = images.astype(np.float32) * np.float32(255.0)
+    order = _batch_indices(n, batch_size, steps, seed)
+    bar, own_bar = None, False
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar, own_bar = tqdm(total=steps, desc=f"{mode} n={n}", unit="step", leave=False), True
+    elif progress is not False and progress is not None:
+        bar = progress
+    t0 = time.perf_counter()
+    losses, corrects = [], []
+    try:
+        for s in range(steps):
+            idx = order[s]
+            state, loss, correct = step_fn(state, frozen, images[idx], labels[idx],
+                                           jnp.float32(lr_schedule(s, steps, lr, warmup_fraction)))
+            losses.append(loss)
+            corrects.append(correct)
+            if s == 0:
+                jax.block_until_ready(loss)
+                first_step = time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+                if own_bar and (s % 10 == 9 or s == steps - 1):
+                    bar.set_postfix(loss=f"{float(loss):.3f}")
+        jax.block_until_ready(state)
+    finally:
+        if own_bar:
+            bar.close()
+    seconds = time.perf_counter() - t0
+
+    out_params = {**jax.tree.map(np.array, p_frozen), **jax.tree.map(np.array, state["params"])}
+    out_bs = {**jax.tree.map(np.array, b_frozen), **jax.tree.map(np.array, state["batch_stats"])}
+    out = {"params": {k: out_params[k] for k in params}, "batch_stats": {k: out_bs[k] for k in batch_stats}}
+    history = {
+        "mode": mode, "n": n, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "augment": list(aug), "warmup_fraction": warmup_fraction, "grad_clip": grad_clip,
+        "label_smoothing": label_smoothing,
+        "trained": sorted(params if train_params is None else train_params),
+        "batchnorm_train_mode": sorted(batch_stats if train_bn is None else train_bn),
+        "loss": [float(v) for v in jax.device_get(losses)],
+        "train_accuracy": [int(c) / batch_size for c in jax.device_get(corrects)],
+        "seconds": seconds,
+        "first_step_seconds": first_step,
+    }
+    return out, history
+
+
+def _steps_for(steps, n: int) -> int:
+    if steps is None:
+        return default_steps(n)
+    if callable(steps):
+        return _check_positive_int(f"steps({n})", steps(n))
+    if isinstance(steps, Mapping):
+        if n not in steps:
+            raise ValueError(f"steps has no entry for n = {n}")
+        return _check_positive_int(f"steps[{n}]", steps[n])
+    return _check_positive_int("steps", steps)
+
+
+def _lr_for(lr, mode: str) -> float:
+    if lr is None:
+        return DEFAULT_LR[mode]
+    if isinstance(lr, Mapping):
+        return float(lr.get(mode, DEFAULT_LR[mode]))
+    return float(lr)
+
+
+def attack_subset(n_pool: int, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of the ``n`` attack images in a pool of ``n_pool``: the first n of
+    one seeded permutation, so the subsets are nested (100 within 500 within ...)."""
+    return np.sort(np.random.default_rng([seed, 5]).permutation(n_pool)[:n])
+
+
+def finetune_attack(config: ConvMixerConfig, encrypted_variables: PyTree, train_images, train_labels,
+                    test_images, test_labels, *, sizes: Sequence[int] = DEFAULT_SIZES,
+                    modes: Sequence[str] = MODES,
+                    steps: int | Mapping[int, int] | Callable[[int], int] | None = None,
+                    batch_size: int = DEFAULT_BATCH_SIZE, lr: float | Mapping[str, float] | None = None,
+                    seed: int = 0, augment: bool | Sequence[str] = True, stem_bn: bool = False,
+                    baseline_accuracy: float | None = None, eval_batch_size: int = 500,
+                    progress: bool = False) -> dict:
+    """Fine-tune the encrypted model on n plain images per mode; test on plain images.
+
+    Args:
+      config, encrypted_variables: the encrypted model (never modified).
+      train_images, train_labels: the pool (plain) the n attack images come from;
+        (N, H, W, C) uint8 or float in [0, 1], (N,) ints.
+      test_images, test_labels: plain test images for the accuracies.
+      sizes: the n to try (each <= N). The same n images for every mode, and the
+        subsets are nested (:func:`attack_subset`).
+      modes: among 'stem', 'all', 'scratch'.
+      steps: None (:func:`default_steps`), an int for every n, a mapping n -> steps,
+        or a function of n.
+      lr: None (``DEFAULT_LR``), one float for every mode, or a mapping mode -> lr.
+      baseline_accuracy: the plain model's accuracy on the same test images, if known
+        (recorded, and drawn by :func:`plot_finetune`).
+
+    Returns a JSON-serializable dict::
+
+        {"model": config dict, "settings": {...}, "n_pool", "n_test", "chance",
+         "baseline_accuracy", "encrypted_accuracy" (n = 0, no fine-tuning),
+         "accuracy": {mode: {str(n): test accuracy, ...}},
+         "runs": [{"mode", "n", "steps", "batch_size", "lr", "test_accuracy", "seconds",
+                   "eval_seconds", "final_train_loss", "trained", "batchnorm_train_mode"}, ...],
+         "seconds": total wall time}
+    """
+    t_start = time.perf_counter()
+    modes = tuple(modes)
+    if not modes:
+        raise ValueError("modes is empty")
+    for m in modes:
+        _check_mode(m)
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"modes repeat: {modes}")
+    batch_size = _check_positive_int("batch_size", batch_size)
+    train_images, train_labels = _check_data(config, train_images, train_labels, "training")
+    test_images, test_labels = _check_data(config, test_images, test_labels, "test")
+    sizes = [_check_positive_int("every size", n) for n in sizes]
+    if not sizes:
+        raise ValueError("sizes is empty")
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"sizes repeat: {sizes}")
+    sizes = sorted(sizes)
+    if sizes[-1] > len(train_images):
+        raise ValueError(f"n = {sizes[-1]} exceeds the {len(train_images)} training images available")
+    _check_variables(config, encrypted_variables)
+    plan = [(m, n, _steps_for(steps, n), _lr_for(lr, m)) for m in modes for n in sizes]
+
+    t0 = time.perf_counter()
+    before = accuracy(config, encrypted_variables, test_images, test_labels, batch_size=eval_batch_size)
+    before_seconds = time.perf_counter() - t0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(p[2] for p in plan), desc="fine-tuning attack", unit="step")
+    runs = []
+    try:
+        for mode, n, n_steps, mode_lr in plan:
+            idx = attack_subset(len(train_images), n, seed)
+            if bar is not None:
+                bar.set_description(f"{mode} n={n}")
+            variables, hist = finetune(config, encrypted_variables, train_images[idx], train_labels[idx],
+                                       mode=mode, steps=n_steps, batch_size=batch_size, lr=mode_lr,
+                                       seed=seed, augment=augment, stem_bn=stem_bn and mode == "stem",
+                                       progress=bar if bar is not None else False)
+            t0 = time.perf_counter()
+            acc = accuracy(config, variables, test_images, test_labels, batch_size=eval_batch_size)
+            runs.append({"mode": mode, "n": n, "steps": n_steps, "batch_size": batch_size, "lr": mode_lr,
+                         "test_accuracy": acc, "seconds": hist["seconds"],
+                         "first_step_seconds": hist["first_step_seconds"],
+                         "eval_seconds": time.perf_counter() - t0,
+                         "final_train_loss": float(np.mean(hist["loss"][-max(1, n_steps // 10):])),
+                         "trained": hist["trained"], "batchnorm_train_mode": hist["batchnorm_train_mode"]})
+            if bar is not None:
+                bar.set_postfix(acc=f"{acc:.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return {
+        "threat": "encrypted model + n labeled plain images, no key; accuracy on plain test images",
+        "model": config.to_dict(),
+        "settings": {"sizes": sizes, "modes": list(modes), "batch_size": batch_size, "seed": seed,
+                     "augment": list(_augment_tuple(augment)), "stem_bn": bool(stem_bn),
+                     "optimizer": "clip_by_global_norm(1.0) + Adam, linear warm-up 10% then cosine to 0",
+                     "steps": "default_steps(n) = round(50 * (n/100)**0.3)" if steps is None else
+                     {str(n): _steps_for(steps, n) for n in sizes},
+                     "lr": {m: _lr_for(lr, m) for m in modes}},
+        "n_pool": int(len(train_images)), "n_test": int(len(test_images)),
+        "chance": 1.0 / config.num_classes,
+        "baseline_accuracy": None if baseline_accuracy is None else float(baseline_accuracy),
+        "encrypted_accuracy": before, "encrypted_eval_seconds": before_seconds,
+        "accuracy": {m: {str(r["n"]): r["test_accuracy"] for r in runs if r["mode"] == m} for m in modes},
+        "runs": runs,
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+MODE_LABELS = {"stem": "fine-tune patch embedding", "all": "fine-tune whole model",
+               "scratch": "train from scratch"}
+
+
+def plot_finetune(results: dict, path, *, baseline_accuracy: float | None = None):
+    """Test accuracy vs n (log x), one line per mode, with horizontal lines for the
+    plain model's accuracy (``baseline_accuracy`` or ``results['baseline_accuracy']``),
+    the encrypted model before fine-tuning, and chance. Writes a PNG atomically;
+    returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from convmixer_jax.model_io import write_bytes_atomic
+
+    base = baseline_accuracy if baseline_accuracy is not None else results.get("baseline_accuracy")
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    markers = {"stem": "o", "all": "s", "scratch": "^"}
+    for mode, accs in results["accuracy"].items():
+        ns = sorted(int(n) for n in accs)
+        ax.plot(ns, [accs[str(n)] for n in ns], marker=markers.get(mode, "o"), label=MODE_LABELS.get(mode, mode))
+    if base is not None:
+        ax.axhline(base, color="k", ls="--", lw=1, label=f"plain model ({base:.3f})")
+    if results.get("encrypted_accuracy") is not None:
+        ax.axhline(results["encrypted_accuracy"], color="tab:red", ls="-.", lw=1,
+                   label=f"encrypted, no fine-tuning ({results['encrypted_accuracy']:.3f})")
+    ax.axhline(results["chance"], color="gray", ls=":", lw=1, label=f"chance ({results['chance']:.2f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("labeled plain images n")
+    ax.set_ylabel("test accuracy (plain images)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Fine-tuning the encrypted model without the key", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=130, format="png")
+    plt.close(fig)
+    return write_bytes_atomic(path, buf.getvalue(), force=True)
+
+
+__all__ = ["MODES", "DEFAULT_LR", "DEFAULT_SIZES", "DEFAULT_BATCH_SIZE", "default_steps", "lr_schedule",
+           "finetune", "finetune_attack", "attack_subset", "plot_finetune"]
