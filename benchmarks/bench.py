@@ -30,7 +30,8 @@ Appends a dated Markdown section to ``--out`` (created with a title if missing)
 and optionally writes the numbers as JSON. Progress goes to stderr.
 
 torch is imported here only: it is a benchmark dependency, never a runtime
-dependency of the library.
+dependency of the library. Where it is not installed (a GPU machine with JAX
+only), the JAX rows are measured without the PyTorch ratios.
 """
 from __future__ import annotations
 
@@ -167,16 +168,16 @@ def machine_info(torch) -> dict:
             "flax": _version("flax"),
             "optax": _version("optax"),
             "numpy": np.__version__,
-            "torch": torch.__version__,
+            "torch": torch.__version__ if torch else "not installed",
         },
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_num_threads": torch.get_num_threads() if torch else None,
+        "torch_device": ("cuda" if torch.cuda.is_available() else "cpu") if torch else "none",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "xla_flags_before_import": _XLA_FLAGS_BEFORE,
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable] + sys.argv)),
         "loadavg_start": _loadavg(),
     }
-    if torch.cuda.is_available():
+    if torch and torch.cuda.is_available():
         info["torch_cuda_device"] = torch.cuda.get_device_name(0)
     return info
 
@@ -318,8 +319,25 @@ def gpu_peak(device_kind: str) -> dict | None:
     return None
 
 
+def _same_function_check(torch, t_eval, tx_f32, mean, std, j_logits) -> dict:
+    """PyTorch eval logits on the same batch must equal the JAX ones (to LOGIT_TOL)."""
+    log("checking that JAX and PyTorch compute the same eval logits ...")
+    with torch.inference_mode():
+        t_logits = t_eval((tx_f32 - mean) / std).float().cpu().numpy()
+    max_diff = float(np.max(np.abs(j_logits - t_logits)))
+    log(f"  max |logits_jax - logits_torch| = {max_diff:.2e} (tolerance {LOGIT_TOL:g}; "
+        f"logit scale {float(np.max(np.abs(j_logits))):.2f})")
+    if not max_diff <= LOGIT_TOL:
+        raise SystemExit(f"JAX and PyTorch eval logits differ by {max_diff:.3e} > {LOGIT_TOL}: "
+                         "the comparison would not be apples to apples")
+    return {"max_abs_logit_diff": max_diff, "tolerance": LOGIT_TOL,
+            "max_abs_logit": float(np.max(np.abs(j_logits))),
+            "max_rel_logit_diff": max_diff / max(float(np.max(np.abs(j_logits))), 1e-30)}
+
+
 def model_benchmarks(args, torch, info: dict) -> dict:
-    import torch_reference
+    if torch is not None:
+        import torch_reference
 
     config = PRESETS["paper"]
     recipe = RECIPES["paper"]
@@ -327,8 +345,9 @@ def model_benchmarks(args, torch, info: dict) -> dict:
     grid = (config.grid_size, config.grid_size)
     impl = resolve_depthwise_impl(config.depthwise_impl, grid)
     alt_impl = "conv" if impl != "conv" else "toeplitz"
-    tdev = torch.device(info["torch_device"])
-    cl = torch.channels_last
+    has_torch = torch is not None
+    tdev = torch.device(info["torch_device"]) if has_torch else None
+    cl = torch.channels_last if has_torch else None
 
     def tsync():
         if tdev.type == "cuda":
@@ -352,16 +371,17 @@ def model_benchmarks(args, torch, info: dict) -> dict:
         copy_params_to_torch(variables, m, torch, config.depth)
         return m.to(tdev).to(memory_format=cl)
 
-    t_eval = new_torch_model().eval()
-    t_train = new_torch_model().train()
-    mean = torch.tensor(config.norm_mean, dtype=torch.float32, device=tdev).view(1, -1, 1, 1)
-    std = torch.tensor(config.norm_std, dtype=torch.float32, device=tdev).view(1, -1, 1, 1)
+    if has_torch:
+        t_eval = new_torch_model().eval()
+        t_train = new_torch_model().train()
+        mean = torch.tensor(config.norm_mean, dtype=torch.float32, device=tdev).view(1, -1, 1, 1)
+        std = torch.tensor(config.norm_std, dtype=torch.float32, device=tdev).view(1, -1, 1, 1)
 
-    # NHWC memory viewed as NCHW is exactly the channels_last layout.
-    tx_f32 = torch.from_numpy(images_f32).to(tdev).permute(0, 3, 1, 2)
-    tx_u8 = torch.from_numpy(images_u8).to(tdev).permute(0, 3, 1, 2)
-    ty = torch.from_numpy(labels.astype(np.int64)).to(tdev)
-    assert tx_f32.is_contiguous(memory_format=cl) and tx_u8.is_contiguous(memory_format=cl)
+        # NHWC memory viewed as NCHW is exactly the channels_last layout.
+        tx_f32 = torch.from_numpy(images_f32).to(tdev).permute(0, 3, 1, 2)
+        tx_u8 = torch.from_numpy(images_u8).to(tdev).permute(0, 3, 1, 2)
+        ty = torch.from_numpy(labels.astype(np.int64)).to(tdev)
+        assert tx_f32.is_contiguous(memory_format=cl) and tx_u8.is_contiguous(memory_format=cl)
 
     # ---- JAX inference
     model = ConvMixer(config)
@@ -370,21 +390,12 @@ def model_benchmarks(args, torch, info: dict) -> dict:
     jx_f32 = jax.device_put(images_f32)
 
     # ---- equality check: same function in both frameworks
-    log("checking that JAX and PyTorch compute the same eval logits ...")
     t0 = time.perf_counter()
     j_logits = np.asarray(jax.block_until_ready(infer(jvars, jx_f32)))
     infer_first = time.perf_counter() - t0
-    with torch.inference_mode():
-        t_logits = t_eval((tx_f32 - mean) / std).float().cpu().numpy()
-    max_diff = float(np.max(np.abs(j_logits - t_logits)))
-    log(f"  max |logits_jax - logits_torch| = {max_diff:.2e} (tolerance {LOGIT_TOL:g}; "
-        f"logit scale {float(np.max(np.abs(j_logits))):.2f})")
-    if not max_diff <= LOGIT_TOL:
-        raise SystemExit(f"JAX and PyTorch eval logits differ by {max_diff:.3e} > {LOGIT_TOL}: "
-                         "the comparison would not be apples to apples")
-    check = {"max_abs_logit_diff": max_diff, "tolerance": LOGIT_TOL,
-             "max_abs_logit": float(np.max(np.abs(j_logits))),
-             "max_rel_logit_diff": max_diff / max(float(np.max(np.abs(j_logits))), 1e-30)}
+    check = None
+    if has_torch:
+        check = _same_function_check(torch, t_eval, tx_f32, mean, std, j_logits)
 
     # ---- JAX training step: the library's step, shardings as train.train builds them
     devices = jax.devices()[:1]
@@ -406,8 +417,9 @@ def model_benchmarks(args, torch, info: dict) -> dict:
         jax.block_until_ready((st, loss, correct))
         jax_state["state"] = st
 
-    opt = torch.optim.Adam(t_train.parameters(), lr=recipe.lr)
-    ce = torch.nn.functional.cross_entropy
+    if has_torch:
+        opt = torch.optim.Adam(t_train.parameters(), lr=recipe.lr)
+        ce = torch.nn.functional.cross_entropy
 
     def torch_train():
         x = tx_u8.float().div_(255.0)  # preserves channels_last strides
@@ -426,40 +438,47 @@ def model_benchmarks(args, torch, info: dict) -> dict:
             t_eval((tx_f32 - mean) / std)
         tsync()
 
-    timers = {k: Timer(k) for k in ("jax_train", "torch_train", "jax_infer", "torch_infer")}
+    names = ("jax_train", "torch_train", "jax_infer", "torch_infer") if has_torch else ("jax_train", "jax_infer")
+    timers = {k: Timer(k) for k in names}
     timers["jax_infer"].first_call_s = infer_first
 
     log("compiling the JAX train step ...")
     t0 = time.perf_counter()
     jax_train()
     timers["jax_train"].first_call_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    torch_train()
-    timers["torch_train"].first_call_s = time.perf_counter() - t0
-    log(f"  first step: JAX {timers['jax_train'].first_call_s:.1f} s (compile + run), "
-        f"torch {timers['torch_train'].first_call_s:.2f} s")
+    if has_torch:
+        t0 = time.perf_counter()
+        torch_train()
+        timers["torch_train"].first_call_s = time.perf_counter() - t0
+        log(f"  first step: JAX {timers['jax_train'].first_call_s:.1f} s (compile + run), "
+            f"torch {timers['torch_train'].first_call_s:.2f} s")
 
     log(f"warm-up: {_n(args.warmup, 'step')} each ...")
     for _ in range(args.warmup):
         jax_train()
-        torch_train()
+        if has_torch:
+            torch_train()
     for _ in range(args.warmup):
         jax_infer()
-        torch_infer()
+        if has_torch:
+            torch_infer()
 
     # Interleaved rounds; the order flips every round (J T, T J, ...) so that a
     # slow drift of the machine does not favour one framework.
     for phase, steps, pair in (("training", args.train_steps, ("jax_train", "torch_train")),
                                ("inference", args.infer_steps, ("jax_infer", "torch_infer"))):
-        fns = {"jax_train": jax_train, "torch_train": torch_train,
-               "jax_infer": jax_infer, "torch_infer": torch_infer}
+        fns = {"jax_train": jax_train, "jax_infer": jax_infer}
+        if has_torch:
+            fns.update(torch_train=torch_train, torch_infer=torch_infer)
+        else:
+            pair = pair[:1]
         for r in range(args.rounds):
             order = pair if r % 2 == 0 else pair[::-1]
             for name in order:
                 run_round(timers[name], fns[name], steps, warmup=1)
-            j, t = (timers[n].rounds[-1] for n in pair)
-            log(f"{phase} round {r + 1}/{args.rounds}: JAX {BATCH / median(j):.0f} img/s, "
-                f"torch {BATCH / median(t):.0f} img/s")
+            msg = ", ".join(f"{'JAX' if n.startswith('jax') else 'torch'} "
+                            f"{BATCH / median(timers[n].rounds[-1]):.0f} img/s" for n in pair)
+            log(f"{phase} round {r + 1}/{args.rounds}: {msg}")
 
     results = {name: tm.summary(BATCH) for name, tm in timers.items()}
 
@@ -498,8 +517,10 @@ def model_benchmarks(args, torch, info: dict) -> dict:
         "results": results,
         "alt": alt,
         "flops_per_image_forward": model_flops_per_image(config),
-        "train_ratio": results["jax_train"]["images_per_s"] / results["torch_train"]["images_per_s"],
-        "infer_ratio": results["jax_infer"]["images_per_s"] / results["torch_infer"]["images_per_s"],
+        "train_ratio": (results["jax_train"]["images_per_s"] / results["torch_train"]["images_per_s"]
+                        if has_torch else None),
+        "infer_ratio": (results["jax_infer"]["images_per_s"] / results["torch_infer"]["images_per_s"]
+                        if has_torch else None),
     }
 
 
@@ -595,7 +616,8 @@ def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool, sres
              + (f" ({info['torch_cuda_device']})" if info.get("torch_cuda_device") else ""))
     L.append(f"- Versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, "
              f"optax {v['optax']}, numpy {v['numpy']}, torch {v['torch']}")
-    L.append(f"- torch.get_num_threads(): {info['torch_num_threads']}")
+    if info["torch_num_threads"] is not None:
+        L.append(f"- torch.get_num_threads(): {info['torch_num_threads']}")
     L.append(f"- XLA_FLAGS in effect: `{info['xla_flags'] or '(none)'}`"
              + ("" if info["xla_flags_before_import"] == info["xla_flags"]
                 else f" (before importing convmixer_jax: `{info['xla_flags_before_import'] or '(unset)'}`)"))
@@ -609,12 +631,15 @@ def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool, sres
         L.append(f"### ConvMixer-{c['dim']}/{c['depth']} (k={c['kernel_size']}, p={c['patch_size']}, "
                  f"{c['image_size']}x{c['image_size']}x{c['channels']}, {c['num_classes']} classes), "
                  f"batch {mres['batch']}, float32\n")
+        ck = mres["check"]
         L.append(f"JAX depthwise formulation: `depthwise_impl={mres['depthwise_impl_requested']!r}` -> "
-                 f"**{mres['depthwise_impl']}**. Same-function check: the JAX parameters (with random "
-                 f"BatchNorm statistics) copied into the PyTorch model give eval logits that differ by at "
-                 f"most **{mres['check']['max_abs_logit_diff']:.1e}** (tolerance {mres['check']['tolerance']:g}; "
-                 f"largest logit {mres['check']['max_abs_logit']:.3g}, relative difference "
-                 f"{mres['check']['max_rel_logit_diff']:.1e}).\n")
+                 f"**{mres['depthwise_impl']}**. "
+                 + (f"Same-function check: the JAX parameters (with random "
+                    f"BatchNorm statistics) copied into the PyTorch model give eval logits that differ by at "
+                    f"most **{ck['max_abs_logit_diff']:.1e}** (tolerance {ck['tolerance']:g}; "
+                    f"largest logit {ck['max_abs_logit']:.3g}, relative difference "
+                    f"{ck['max_rel_logit_diff']:.1e}).\n" if ck else
+                    "PyTorch is not installed here: JAX rows only, no ratios.\n"))
         L.append(f"{mres['rounds']} interleaved rounds per framework ({mres['train_steps_per_round']} training / "
                  f"{mres['infer_steps_per_round']} inference steps each, after {_n(mres['warmup'], 'warm-up step')} "
                  "and one more per round, JAX and PyTorch order swapped every round); images/s from the median "
@@ -626,7 +651,11 @@ def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool, sres
                 ("training step", "jax_train", "torch_train", mres["train_ratio"],
                  "train step"),
                 ("inference", "jax_infer", "torch_infer", mres["infer_ratio"], "inference")):
-            rj, rt = r[j], r[t]
+            rj, rt = r[j], r.get(t)
+            if rt is None:
+                L.append(f"| {task} | {rj['images_per_s']:.1f} | n/a | n/a | {1e3 * rj['median_step_s']:.1f} | n/a | "
+                         f"{', '.join(f'{x:.0f}' for x in rj['round_images_per_s'])} | n/a |")
+                continue
             L.append(f"| {task} | {rj['images_per_s']:.1f} | {rt['images_per_s']:.1f} | {ratio:.2f} | "
                      f"{1e3 * rj['median_step_s']:.1f} | {1e3 * rt['median_step_s']:.1f} | "
                      f"{', '.join(f'{x:.0f}' for x in rj['round_images_per_s'])} | "
@@ -635,8 +664,9 @@ def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool, sres
         L.append("- JAX training step: `convmixer_jax.train._make_step` with `RECIPES['paper']` (Adam, lr 1e-3, "
                  "no augmentation), uint8 batch in, single-device mesh shardings, state donated; "
                  f"first call (compile + run) {r['jax_train']['first_call_s']:.1f} s.")
-        L.append("- PyTorch training step: eager, channels_last, uint8 batch -> float/255 -> (x-0.5)/0.5, forward, "
-                 "cross-entropy, backward, `torch.optim.Adam(lr=1e-3)` step.")
+        if mres["check"]:
+            L.append("- PyTorch training step: eager, channels_last, uint8 batch -> float/255 -> (x-0.5)/0.5, "
+                     "forward, cross-entropy, backward, `torch.optim.Adam(lr=1e-3)` step.")
         L.append("- Inference: jitted `ConvMixer.apply(train=False)` vs PyTorch `eval()` under "
                  f"`torch.inference_mode()`, channels_last, float input in [0, 1]; JAX first call "
                  f"{r['jax_infer']['first_call_s']:.1f} s.")
@@ -756,9 +786,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    import torch  # benchmarks only
-
-    torch.set_num_threads(args.torch_threads or _cores())
+    try:
+        import torch  # benchmarks only
+    except ImportError:  # e.g. a GPU machine with JAX only: JAX rows without the PyTorch ratios
+        torch = None
+        log("PyTorch is not installed: measuring JAX only (no PyTorch ratios)")
+    if torch is not None:
+        torch.set_num_threads(args.torch_threads or _cores())
     info = machine_info(torch)
     log(f"{info['cpu_model']}, {info['cores']} cores, avx512={info['avx512']}, JAX backend "
         f"{info['jax_backend']}, torch threads {info['torch_num_threads']}, XLA_FLAGS={info['xla_flags']!r}")
