@@ -21,7 +21,6 @@ given; only their fingerprints are written. Outputs (``security.json``,
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -35,6 +34,7 @@ from convmixer_jax.evaluate import accuracy
 from convmixer_jax.keys import Key, fingerprint, generate_key
 from convmixer_jax.model import ConvMixerConfig
 from convmixer_jax.model_encryption import encrypt_params
+from convmixer_jax.reproduce import _save_fig_atomic
 
 
 def _keys(n: int, block_size: int, channels: int, seed: int | None) -> list[Key]:
@@ -176,17 +176,6 @@ def model_recovery(config: ConvMixerConfig, variables, images, labels, *, refere
 # ----------------------------------------------------------------------------- plots and summary
 
 
-def _save_fig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=130, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_known_plaintext(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -204,7 +193,7 @@ def plot_known_plaintext(rows: list[dict], path: Path) -> None:
     ax.set_title("Known-plaintext key recovery")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_fig(fig, path)
+    _save_fig_atomic(fig, path)
     plt.close(fig)
 
 
@@ -229,7 +218,7 @@ def plot_model_recovery(res: dict, path: Path, chance: float) -> None:
     ax.set_title("Key recovery from the encrypted model")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    _save_fig(fig, path)
+    _save_fig_atomic(fig, path)
     plt.close(fig)
 
 
