@@ -10,8 +10,11 @@ Measures, in one process and with the JAX and PyTorch rounds interleaved:
      (``convmixer_jax.train._make_step`` with ``RECIPES['paper']``: Adam, lr 1e-3,
      no augmentation, single-device mesh shardings) against PyTorch eager,
      channels_last ((x-0.5)/0.5, forward, cross-entropy, backward, Adam step);
-   - inference images/s: jitted ``ConvMixer.apply(train=False)`` against PyTorch
-     eval mode under ``torch.inference_mode()``, channels_last;
+   - inference images/s: jitted ``ConvMixer.apply(train=False)`` on
+     ``prepare_inference`` variables (depthwise matrices built once per set of
+     weights, as predict / evaluate / attack run it) against PyTorch eval mode
+     under ``torch.inference_mode()``, channels_last; and the same apply on the
+     plain variables (matrices rebuilt every call), in the same rounds;
    - one inference row with the other depthwise formulation (on CPU the XLA
      grouped convolution, to show why the dense Toeplitz form is used).
    Before timing, the JAX parameters are copied into the PyTorch model and the
@@ -59,7 +62,7 @@ _XLA_FLAGS_BEFORE = os.environ.get("XLA_FLAGS")
 import convmixer_jax  # noqa: E402,F401
 from convmixer_jax import blockwise  # noqa: E402
 from convmixer_jax.keys import generate_key, random_keys  # noqa: E402
-from convmixer_jax.model import PRESETS, ConvMixer, resolve_depthwise_impl  # noqa: E402
+from convmixer_jax.model import PRESETS, ConvMixer, prepare_inference, resolve_depthwise_impl  # noqa: E402
 from convmixer_jax.train import RECIPES, _make_step, init_variables, make_optimizer  # noqa: E402
 
 import jax  # noqa: E402
@@ -388,11 +391,26 @@ def model_benchmarks(args, torch, info: dict) -> dict:
     infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
     jvars = jax.device_put(variables)
     jx_f32 = jax.device_put(images_f32)
+    # As predict / evaluate / attack run it: the depthwise matrices built once
+    # per set of weights (prepare_inference), not in every call.
+    t0 = time.perf_counter()
+    pvars = jax.block_until_ready(prepare_inference(config, jvars))
+    prepare_first = time.perf_counter() - t0
+    prepare_times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(prepare_inference(config, jvars))
+        prepare_times.append(time.perf_counter() - t0)
 
     # ---- equality check: same function in both frameworks
     t0 = time.perf_counter()
-    j_logits = np.asarray(jax.block_until_ready(infer(jvars, jx_f32)))
+    j_logits = np.asarray(jax.block_until_ready(infer(pvars, jx_f32)))
     infer_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    j_logits_plain = np.asarray(jax.block_until_ready(infer(jvars, jx_f32)))
+    infer_plain_first = time.perf_counter() - t0
+    prepared_diff = float(np.max(np.abs(j_logits - j_logits_plain)))
+    assert prepared_diff < LOGIT_TOL, f"prepared inference differs from plain by {prepared_diff}"
     check = None
     if has_torch:
         check = _same_function_check(torch, t_eval, tx_f32, mean, std, j_logits)
@@ -431,6 +449,9 @@ def model_benchmarks(args, torch, info: dict) -> dict:
         tsync()
 
     def jax_infer():
+        jax.block_until_ready(infer(pvars, jx_f32))
+
+    def jax_infer_plain():
         jax.block_until_ready(infer(jvars, jx_f32))
 
     def torch_infer():
@@ -438,9 +459,11 @@ def model_benchmarks(args, torch, info: dict) -> dict:
             t_eval((tx_f32 - mean) / std)
         tsync()
 
-    names = ("jax_train", "torch_train", "jax_infer", "torch_infer") if has_torch else ("jax_train", "jax_infer")
+    names = ("jax_train", "torch_train", "jax_infer", "torch_infer", "jax_infer_plain") if has_torch \
+        else ("jax_train", "jax_infer", "jax_infer_plain")
     timers = {k: Timer(k) for k in names}
     timers["jax_infer"].first_call_s = infer_first
+    timers["jax_infer_plain"].first_call_s = infer_plain_first
 
     log("compiling the JAX train step ...")
     t0 = time.perf_counter()
@@ -460,24 +483,26 @@ def model_benchmarks(args, torch, info: dict) -> dict:
             torch_train()
     for _ in range(args.warmup):
         jax_infer()
+        jax_infer_plain()
         if has_torch:
             torch_infer()
 
     # Interleaved rounds; the order flips every round (J T, T J, ...) so that a
     # slow drift of the machine does not favour one framework.
     for phase, steps, pair in (("training", args.train_steps, ("jax_train", "torch_train")),
-                               ("inference", args.infer_steps, ("jax_infer", "torch_infer"))):
-        fns = {"jax_train": jax_train, "jax_infer": jax_infer}
+                               ("inference", args.infer_steps, ("jax_infer", "torch_infer", "jax_infer_plain"))):
+        fns = {"jax_train": jax_train, "jax_infer": jax_infer, "jax_infer_plain": jax_infer_plain}
         if has_torch:
             fns.update(torch_train=torch_train, torch_infer=torch_infer)
         else:
-            pair = pair[:1]
+            pair = tuple(n for n in pair if not n.startswith("torch"))
         for r in range(args.rounds):
             order = pair if r % 2 == 0 else pair[::-1]
             for name in order:
                 run_round(timers[name], fns[name], steps, warmup=1)
-            msg = ", ".join(f"{'JAX' if n.startswith('jax') else 'torch'} "
-                            f"{BATCH / median(timers[n].rounds[-1]):.0f} img/s" for n in pair)
+            label = {"jax_train": "JAX", "jax_infer": "JAX", "jax_infer_plain": "JAX (unprepared)",
+                     "torch_train": "torch", "torch_infer": "torch"}
+            msg = ", ".join(f"{label[n]} {BATCH / median(timers[n].rounds[-1]):.0f} img/s" for n in pair)
             log(f"{phase} round {r + 1}/{args.rounds}: {msg}")
 
     results = {name: tm.summary(BATCH) for name, tm in timers.items()}
@@ -521,6 +546,10 @@ def model_benchmarks(args, torch, info: dict) -> dict:
                         if has_torch else None),
         "infer_ratio": (results["jax_infer"]["images_per_s"] / results["torch_infer"]["images_per_s"]
                         if has_torch else None),
+        "infer_plain_ratio": (results["jax_infer_plain"]["images_per_s"] / results["torch_infer"]["images_per_s"]
+                              if has_torch else None),
+        "prepare": {"first_call_s": prepare_first, "median_s": median(prepare_times),
+                    "max_abs_logit_diff": prepared_diff},
     }
 
 
@@ -642,7 +671,7 @@ def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool, sres
                     "PyTorch is not installed here: JAX rows only, no ratios.\n"))
         L.append(f"{mres['rounds']} interleaved rounds per framework ({mres['train_steps_per_round']} training / "
                  f"{mres['infer_steps_per_round']} inference steps each, after {_n(mres['warmup'], 'warm-up step')} "
-                 "and one more per round, JAX and PyTorch order swapped every round); images/s from the median "
+                 "and one more per round, the order of the cases reversed every round); images/s from the median "
                  "over rounds of the per-step median time.\n")
         L.append("| task | JAX img/s | PyTorch img/s | JAX / PyTorch | JAX ms/step | PyTorch ms/step | "
                  "JAX img/s per round | PyTorch img/s per round |")
@@ -650,7 +679,11 @@ def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool, sres
         for task, j, t, ratio, desc in (
                 ("training step", "jax_train", "torch_train", mres["train_ratio"],
                  "train step"),
-                ("inference", "jax_infer", "torch_infer", mres["infer_ratio"], "inference")):
+                ("inference", "jax_infer", "torch_infer", mres["infer_ratio"], "inference"),
+                ("inference, matrices rebuilt every call", "jax_infer_plain", "torch_infer",
+                 mres.get("infer_plain_ratio"), "inference")):
+            if j not in r:  # sections written before this row existed
+                continue
             rj, rt = r[j], r.get(t)
             if rt is None:
                 L.append(f"| {task} | {rj['images_per_s']:.1f} | n/a | n/a | {1e3 * rj['median_step_s']:.1f} | n/a | "
@@ -670,6 +703,14 @@ def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool, sres
         L.append("- Inference: jitted `ConvMixer.apply(train=False)` vs PyTorch `eval()` under "
                  f"`torch.inference_mode()`, channels_last, float input in [0, 1]; JAX first call "
                  f"{r['jax_infer']['first_call_s']:.1f} s.")
+        prep = mres.get("prepare")
+        if prep:
+            L.append("- The JAX `inference` row runs on `prepare_inference(config, variables)`, as `predict`, "
+                     "`evaluate` and `attack` do: the dense depthwise matrices are built once per set of weights "
+                     f"({1e3 * prep['median_s']:.1f} ms, median of 5; first call with compilation "
+                     f"{prep['first_call_s']:.1f} s) instead of inside every call. The row \"matrices rebuilt every "
+                     "call\" is the same jitted apply on the plain variables, timed in the same interleaved rounds; "
+                     f"the two give logits that differ by {prep['max_abs_logit_diff']:.1e}.")
         fl = mres.get("flops_per_image_forward")
         if fl:
             peak = gpu_peak(info["jax_devices"][0]) if info["jax_backend"] == "gpu" else None

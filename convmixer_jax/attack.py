@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from convmixer_jax.blockwise import encrypt_images
 from convmixer_jax.evaluate import iterate_batches
 from convmixer_jax.keys import Key, random_keys
-from convmixer_jax.model import ConvMixer, ConvMixerConfig
+from convmixer_jax.model import ConvMixer, ConvMixerConfig, prepare_inference
 from convmixer_jax.model_encryption import decrypt_params
 
 STRATEGIES = ("images", "weights")
@@ -113,6 +113,7 @@ def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, key
     n_dev = mesh.devices.size
     key_chunk = -(-key_chunk // n_dev) * n_dev  # a multiple of the device count
     fn = _correct_fn(config, strategy, mesh)
+    variables = prepare_inference(config, variables)  # depthwise matrices once, not per call
     labels = np.asarray(labels, np.int32)
     perm, flip = np.asarray(keys.perm), np.asarray(keys.flip)
     correct = np.zeros(n_keys, np.int64)

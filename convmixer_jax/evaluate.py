@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convmixer_jax.blockwise import ImageError, check_pixel_values
-from convmixer_jax.model import ConvMixer, ConvMixerConfig
+from convmixer_jax.model import ConvMixer, ConvMixerConfig, prepare_inference
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,6 +59,7 @@ def predict_logits(config: ConvMixerConfig, variables, images, *, batch_size: in
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     fn = _logits_fn(config)
+    variables = prepare_inference(config, variables)  # depthwise matrices once, not per batch
     n = len(images)
     out = np.empty((n, config.num_classes), np.float32)
     it = iterate_batches(n, batch_size)

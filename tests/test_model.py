@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convmixer_jax.model import PRESETS, ConvMixer, ConvMixerConfig, depthwise, toeplitz_matrices
+from convmixer_jax.model import (PRESETS, ConvMixer, ConvMixerConfig, depthwise, prepare_inference,
+                                 toeplitz_matrices)
 
 SETTINGS = settings(max_examples=8, deadline=None, database=None)
 
@@ -226,6 +227,57 @@ def test_stems_shape_is_checked():
     variables = random_variables(model, x, 0)
     with pytest.raises(ValueError, match="stems must be"):
         model.apply(variables, x, stems=(np.zeros((2, 2, 2, 3, 8), np.float32), np.zeros((3, 8), np.float32)))
+
+
+# ---------------------------------------------------------------- prepared inference
+
+@given(configs(impl="toeplitz"), st.integers(0, 3))
+@settings(max_examples=6, deadline=None, database=None)
+def test_prepared_inference_equals_plain_and_uses_the_matrices(case, k):
+    cfg, n, seed = case
+    x = images_for(cfg, n, seed)
+    model = ConvMixer(cfg)
+    variables = random_variables(model, x, seed)
+    prepared = prepare_inference(cfg, variables)
+    assert set(prepared) == {"params", "batch_stats", "prepared"} and "prepared" not in variables
+    g = cfg.grid_size
+    for i in range(cfg.depth):
+        mat = prepared["prepared"][f"block_{i}"]["depthwise"]["matrix"]
+        assert mat.shape == (cfg.dim, g * g, g * g)
+    apply = jax.jit(model.apply)
+    np.testing.assert_allclose(np.asarray(apply(prepared, x)), np.asarray(apply(variables, x)), rtol=0, atol=1e-5)
+    # the stems path too (the weight-space wrong-key sweep)
+    if k:
+        rng = np.random.default_rng(seed)
+        stems = (rng.normal(size=(k,) + variables["params"]["stem"]["kernel"].shape).astype(np.float32),
+                 rng.normal(size=(k, cfg.dim)).astype(np.float32))
+        sweep = jax.jit(lambda v, x, s: model.apply(v, x, stems=s))
+        np.testing.assert_allclose(np.asarray(sweep(prepared, x, stems)), np.asarray(sweep(variables, x, stems)),
+                                   rtol=0, atol=1e-4)
+    # the prepared matrices are what runs: zeroing them changes the logits
+    zeroed = {**prepared, "prepared": jax.tree.map(jnp.zeros_like, prepared["prepared"])}
+    assert np.max(np.abs(np.asarray(apply(zeroed, x)) - np.asarray(apply(variables, x)))) > 1e-6
+    # images of another size than the config's fall back to building the matrices
+    x2 = images_for(dataclasses.replace(cfg, image_size=2 * cfg.image_size), n, seed)
+    np.testing.assert_allclose(np.asarray(apply(zeroed, x2)), np.asarray(apply(variables, x2)), rtol=0, atol=1e-5)
+
+
+def test_prepared_variables_refused_for_training_and_skipped_for_other_impls():
+    cfg = ConvMixerConfig(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=3, image_size=4,
+                          depthwise_impl="toeplitz")
+    model = ConvMixer(cfg)
+    x = images_for(cfg, 2, 0)
+    variables = random_variables(model, x, 0)
+    prepared = prepare_inference(cfg, variables)
+    with pytest.raises(ValueError, match="train with the plain variables"):
+        model.apply(prepared, x, train=True, mutable=["batch_stats"])
+    for impl in ("shift", "conv"):
+        other = dataclasses.replace(cfg, depthwise_impl=impl)
+        assert set(prepare_inference(other, variables)) == {"params", "batch_stats"}
+    # preparing prepared variables recomputes from the current kernels
+    again = prepare_inference(cfg, prepared)
+    np.testing.assert_array_equal(np.asarray(again["prepared"]["block_1"]["depthwise"]["matrix"]),
+                                  np.asarray(prepared["prepared"]["block_1"]["depthwise"]["matrix"]))
 
 
 # ---------------------------------------------------------------- independent reference
