@@ -238,11 +238,16 @@ class ChannelBatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        axes = tuple(range(1, x.ndim))
         bshape = (c,) + (1,) * (x.ndim - 1)
         if train:
-            mean = jnp.mean(x, axis=axes)
-            var = jnp.mean(jnp.square(x - mean.reshape(bshape)), axis=axes)
+            # Statistics as matrix-vector products with a constant 1/M vector:
+            # XLA:CPU splits a plain mean over (h, w, N) into a slow
+            # reduce-window pass (about 10 % of a training step of the paper
+            # model on the development CPU); the product runs at memory speed.
+            xf = x.reshape(c, -1)  # (C, M)
+            inv_m = jnp.full((xf.shape[1],), 1.0 / xf.shape[1], x.dtype)
+            mean = xf @ inv_m
+            var = jnp.square(xf - mean[:, None]) @ inv_m
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = m * ra_mean.value + (1 - m) * mean
@@ -378,7 +383,11 @@ class PointwiseConv(nn.Module):
         # about 2x slower; materialize the (tiny) transposed weight instead of
         # letting the transpose fold back into the dot.
         w_t = jax.lax.optimization_barrier(kernel[0, 0].T)  # (out, in)
-        y = jnp.einsum("oi,ihwn->ohwn", w_t, x)
+        # A 2-D product over the flattened (h, w, N) axis: its weight gradient
+        # then needs a 2-D transpose of the activations, which XLA:CPU does
+        # far faster than the 4-D one of an einsum over 'ihwn' (training step
+        # of the paper model about 17 % faster on the development CPU).
+        y = (w_t @ x.reshape(d, -1)).reshape(x.shape)
         return add_channel_bias(y, bias)
 
 
