@@ -379,12 +379,12 @@ def cmd_reproduce(args) -> int:
 
     from convmixer_jax.evaluate import check_model_images
     from convmixer_jax.model import PRESETS
-    from convmixer_jax.model_io import ModelDirError, check_output_path, is_encrypted, load_model, save_model
+    from convmixer_jax.model_io import ModelDirError, check_replaceable_dir, is_encrypted, load_model, save_model
     from convmixer_jax.reproduce import run_experiment
     from convmixer_jax.train import RECIPES, total_train_seconds, train
 
-    out = Path(args.out)
-    check_output_path(out, args.force)
+    out = check_replaceable_dir(args.out, args.force, {"--checkpoint": args.checkpoint, "--workdir": args.workdir,
+                                                        "--data-dir": args.data_dir})
     test_x, test_y, _ = _load_split(args, "test")
     test_x, test_y = _subset(test_x, test_y, args.limit, args.seed)
     if args.checkpoint:
@@ -439,12 +439,13 @@ def cmd_security_report(args) -> int:
     from pathlib import Path
 
     from convmixer_jax.evaluate import check_model_images
-    from convmixer_jax.model_io import ModelDirError, check_output_path, is_encrypted, load_model
+    from convmixer_jax.model_io import ModelDirError, check_replaceable_dir, is_encrypted, load_model
     from convmixer_jax.security_report import run_security_report
     from convmixer_jax.train import RECIPES, train
 
-    out = Path(args.out)
-    check_output_path(out, args.force)
+    out = check_replaceable_dir(args.out, args.force, {"MODEL_DIR": args.model_dir,
+                                                        "--reference-model": args.reference_model,
+                                                        "--data-dir": args.data_dir})
     config, variables, meta = load_model(args.model_dir)
     if is_encrypted(meta):
         raise ModelDirError(f"{args.model_dir} is an encrypted model; the report needs the plain model "

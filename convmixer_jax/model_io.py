@@ -65,6 +65,26 @@ def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
     return path
 
 
+def check_replaceable_dir(out: str | os.PathLike, force: bool, inputs: dict) -> Path:
+    """Like :func:`check_output_path` for an output directory that is replaced
+    as a whole, and also refuse an ``out`` that holds one of the command's
+    ``inputs`` ({option: path or None}): replacing it would delete that input.
+
+    Raises FileExistsError naming the input and the fix.
+    """
+    out = check_output_path(out, force)
+    root = out.resolve()
+    for option, path in inputs.items():
+        if path is None:
+            continue
+        p = Path(path).resolve()
+        if p == root or root in p.parents:
+            raise FileExistsError(
+                f"--out {out} contains {option} {path}; writing the results replaces {out} as a whole "
+                f"and would delete it: choose an --out directory outside {path}")
+    return out
+
+
 def _mkstemp_beside(path: Path) -> tuple[int, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

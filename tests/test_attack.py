@@ -1,5 +1,6 @@
 """Wrong-key attack: the images and weights strategies and a Python loop agree exactly."""
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -126,6 +127,15 @@ def test_cli_attack_strategies_identical_and_reproduce(tmp_path, monkeypatch, ca
                      "--num-keys", "1", "--quiet", "--out", str(tmp_path / "rep2")]) == 1
     assert "encrypted" in capsys.readouterr().err
     assert not (tmp_path / "rep2").exists()
+    # --out holding the checkpoint is refused even with --force (it would be deleted)
+    nest = tmp_path / "nest"
+    shutil.copytree(model, nest / "plain-model")
+    before = sorted(str(p.relative_to(nest)) for p in nest.rglob("*"))
+    assert cli.main(["reproduce", "--checkpoint", str(nest / "plain-model"), "--data-dir", str(tmp_path / "data"),
+                     "--num-keys", "1", "--quiet", "--force", "--out", str(nest)]) == 1
+    err = capsys.readouterr().err
+    assert "contains --checkpoint" in err and "choose an --out" in err
+    assert sorted(str(p.relative_to(nest)) for p in nest.rglob("*")) == before
 
 
 def _run_attack_worker(n_devices):

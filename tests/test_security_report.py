@@ -99,3 +99,14 @@ def test_cli_security_report_refuses_encrypted_model(tmp_path, capsys):
     assert rc == 1
     assert "encrypted model" in capsys.readouterr().err
     assert not (tmp_path / "rep").exists()
+
+
+def test_cli_security_report_refuses_out_holding_its_model(tmp_path, capsys):
+    save_model(tmp_path / "results" / "plain", CFG, init_variables(CFG, 0))
+    before = sorted(p.name for p in (tmp_path / "results" / "plain").rglob("*"))
+    rc = cli.main(["security-report", str(tmp_path / "results" / "plain"), "--data-dir", str(tmp_path / "nodata"),
+                   "--force", "--out", str(tmp_path / "results")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "contains MODEL_DIR" in err and "choose an --out" in err
+    assert sorted(p.name for p in (tmp_path / "results" / "plain").rglob("*")) == before
