@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convmixer_jax.model import (PRESETS, ConvMixer, ConvMixerConfig, depthwise, prepare_inference,
-                                 toeplitz_matrices)
+                                 resolve_depthwise_impl, toeplitz_matrices)
 
 SETTINGS = settings(max_examples=8, deadline=None, database=None)
 
@@ -147,6 +147,17 @@ def test_depthwise_impls_equal_hand_computation(k, h, w):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=impl)
     with pytest.raises(ValueError):
         depthwise(jnp.asarray(x), jnp.asarray(kernel), "fft")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_auto_depthwise_rule(backend):
+    # Small grids use the dense matrices everywhere (measured fastest on CPU and
+    # on an H200); larger grids fall back per backend; explicit choices stand.
+    assert resolve_depthwise_impl("auto", (8, 8), backend) == "toeplitz"
+    assert resolve_depthwise_impl("auto", (16, 16), backend) == "toeplitz"
+    assert resolve_depthwise_impl("auto", (16, 17), backend) == ("shift" if backend == "cpu" else "conv")
+    for impl in ("toeplitz", "shift", "conv"):
+        assert resolve_depthwise_impl(impl, (32, 32), backend) == impl
 
 
 @given(st.integers(1, 7), st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**31))
