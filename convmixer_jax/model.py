@@ -200,10 +200,10 @@ def depthwise(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
     """
     c, h, w, n = x.shape
     k = kernel.shape[0]
-    taps = kernel.reshape(k * k, c)  # (k*k, C), tap-major
     if impl == "toeplitz":
         return depthwise_with_matrices(x, toeplitz_matrices(kernel.astype(x.dtype), h, w))
     if impl == "shift":
+        taps = kernel.reshape(k * k, c)  # (k*k, C), tap-major
         lo, hi = same_padding(k)
         xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
         y = jnp.zeros_like(x)

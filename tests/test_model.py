@@ -211,6 +211,14 @@ def test_three_depthwise_impls_give_same_logits(case):
     np.testing.assert_allclose(logits["conv"], logits["toeplitz"], rtol=0, atol=1e-5)
 
 
+def random_stems(variables, k, seed):
+    """K random stem kernels and biases shaped like ``variables``' stem: ((K, P, P, C, d), (K, d))."""
+    rng = np.random.default_rng(seed)
+    stem = variables["params"]["stem"]
+    return (rng.normal(size=(k,) + stem["kernel"].shape).astype(np.float32),
+            rng.normal(size=(k,) + stem["bias"].shape).astype(np.float32))
+
+
 @given(configs(), st.integers(1, 4))
 @settings(max_examples=5, deadline=None, database=None)
 def test_stems_equal_one_model_per_stem(case, k):
@@ -219,10 +227,7 @@ def test_stems_equal_one_model_per_stem(case, k):
     x = images_for(cfg, n, seed)
     model = ConvMixer(cfg)
     variables = random_variables(model, x, seed)
-    rng = np.random.default_rng(seed)
-    stem = variables["params"]["stem"]
-    kernels = rng.normal(size=(k,) + stem["kernel"].shape).astype(np.float32)
-    biases = rng.normal(size=(k,) + stem["bias"].shape).astype(np.float32)
+    kernels, biases = random_stems(variables, k, seed)
     got = np.asarray(jax.jit(lambda v, x, s: model.apply(v, x, stems=s))(variables, x, (kernels, biases)))
     assert got.shape == (k * n, cfg.num_classes)
     for i in range(k):
@@ -259,9 +264,7 @@ def test_prepared_inference_equals_plain_and_uses_the_matrices(case, k):
     np.testing.assert_allclose(np.asarray(apply(prepared, x)), np.asarray(apply(variables, x)), rtol=0, atol=1e-5)
     # the stems path too (the weight-space wrong-key sweep)
     if k:
-        rng = np.random.default_rng(seed)
-        stems = (rng.normal(size=(k,) + variables["params"]["stem"]["kernel"].shape).astype(np.float32),
-                 rng.normal(size=(k, cfg.dim)).astype(np.float32))
+        stems = random_stems(variables, k, seed)
         sweep = jax.jit(lambda v, x, s: model.apply(v, x, stems=s))
         np.testing.assert_allclose(np.asarray(sweep(prepared, x, stems)), np.asarray(sweep(variables, x, stems)),
                                    rtol=0, atol=1e-4)
