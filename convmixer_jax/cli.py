@@ -248,8 +248,26 @@ def cmd_keyspace(args) -> int:
     return 0
 
 
+def cmd_plot_training(args) -> int:
+    from convmixer_jax.curves import plot_training_curves, read_train_log
+    from convmixer_jax.model_io import check_output_path
+
+    out = check_output_path(args.out, args.force)
+    if out.suffix.lower() != ".png":
+        raise _UsageError(f"--out {out} must end in .png (the curves are written as PNG)")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the folder of --out, {out.parent}, does not exist; create it first")
+    history = read_train_log(args.log)
+    plot_training_curves(history, out)
+    last = history["epochs"][-1]
+    print(json.dumps({"plot": str(out), "epochs": len(history["epochs"]),
+                      "test_accuracy": last.get("test_accuracy")}))
+    return 0
+
+
 def cmd_train(args) -> int:
     import dataclasses
+    from pathlib import Path
 
     import numpy as np
 
@@ -280,6 +298,10 @@ def cmd_train(args) -> int:
                         f"pass --num-classes {top + 1}")
     variables, history = train(config, recipe, (train_x, train_y), (test_x, test_y), args.workdir,
                                resume=args.resume, progress=not args.quiet)
+    if history.get("epochs"):
+        from convmixer_jax.curves import plot_training_curves
+
+        plot_training_curves(history, Path(args.workdir) / "curves.png")
     acc = history["epochs"][-1].get("test_accuracy") if history.get("epochs") else None
     if acc is None:
         acc = accuracy(config, variables, test_x, test_y)
@@ -604,6 +626,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("keyspace", cmd_keyspace, "size of the key space, pb! * C(pb, pb/2)")
     p.add_argument("--block-size", type=_positive_int, required=True, metavar="M", help="block size M")
     p.add_argument("--channels", type=_positive_int, required=True, metavar="C", help="channels C")
+
+    p = add("plot-training", cmd_plot_training, "plot a training run's loss and accuracy per epoch",
+            "Draw the per-epoch training loss and train / test accuracy of a training run "
+            "(its --workdir or train_log.json; works while the run is going) as a PNG.")
+    p.add_argument("log", metavar="WORKDIR_OR_LOG", help="training --workdir, or its train_log.json")
+    p.add_argument("--out", required=True, metavar="CURVES.png", help="PNG to write")
+    _add_force(p)
 
     p = add("train", cmd_train, "train a plain model and save it",
             "Train a ConvMixer on plain images with a recipe (paper: Adam 1e-3, batch 128, 200 "

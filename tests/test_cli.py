@@ -243,6 +243,10 @@ def test_train_then_evaluate(env, tiny_data, tmp_path, capsys):
     assert meta["encryption"] is None and meta["recipe"] == "paper"
     assert meta["train_config"]["epochs"] == 1 and meta["train_images"] == 8 and meta["test_images"] == 5
     assert 0.0 <= meta["test_accuracy"] <= 1.0
+    # train draws the run's curves into its workdir; plot-training redraws them
+    assert (tmp_path / "work" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = json.loads(ok(capsys, "plot-training", tmp_path / "work", "--out", tmp_path / "c.png").strip())
+    assert out["epochs"] == 1 and out["test_accuracy"] == meta["test_accuracy"]
     ok(capsys, "encrypt-model", "--key", env.key, tmp_path / "model", tmp_path / "enc")
 
     def evaluate(*extra):

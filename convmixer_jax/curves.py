@@ -1,0 +1,83 @@
+"""Training curves: a picture of a run's ``train_log.json``.
+
+``train`` writes one JSON entry per epoch (loss, train accuracy, test accuracy,
+images/s); :func:`plot_training_curves` draws loss and accuracy against the
+epoch, with the paper's reported accuracy as a reference line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+PAPER_BASELINE = 0.9046  # Iijima & Kiya (2022), Table 1, after 200 epochs of Adam
+
+
+class TrainLogError(ValueError):
+    """A file is not a training log that can be plotted."""
+
+
+def read_train_log(path) -> dict:
+    """The log of a training run: ``path`` is ``train_log.json`` or the directory holding it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "train_log.json"
+    if not path.is_file():
+        raise TrainLogError(f"{path} does not exist; pass a training --workdir or its train_log.json")
+    try:
+        history = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrainLogError(f"{path} is not JSON ({e}); pass the train_log.json that `train` wrote") from None
+    if not isinstance(history, dict) or not isinstance(history.get("epochs"), list):
+        raise TrainLogError(f"{path} has no 'epochs' list; pass the train_log.json that `train` wrote")
+    if not history["epochs"]:
+        raise TrainLogError(f"{path} holds no finished epoch yet; plot it after the first epoch")
+    return history
+
+
+def plot_training_curves(history: dict, path, title: str | None = None) -> None:
+    """Write a PNG of loss (left) and train / test accuracy (right) per epoch.
+
+    history: the dict of ``train_log.json`` (``epochs``: list of per-epoch entries
+    with ``epoch``, ``train_loss``, ``train_accuracy`` and, if evaluated,
+    ``test_accuracy``). The file is replaced atomically.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = history["epochs"]
+    ep = [e["epoch"] for e in epochs]
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax_l.plot(ep, [e["train_loss"] for e in epochs], color="tab:blue")
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("training loss")
+    ax_a.plot(ep, [e["train_accuracy"] for e in epochs], color="tab:blue", label="train (augmented)")
+    test = [(e["epoch"], e["test_accuracy"]) for e in epochs if e.get("test_accuracy") is not None]
+    if test:
+        ax_a.plot(*zip(*test), color="tab:orange", label=f"test (last {test[-1][1]:.4f})")
+    ax_a.axhline(PAPER_BASELINE, color="0.5", ls="--", lw=1, label=f"paper, 200 epochs ({PAPER_BASELINE})")
+    ax_a.set_xlabel("epoch")
+    ax_a.set_ylabel("accuracy")
+    ax_a.set_ylim(0, 1)
+    ax_a.legend(fontsize=7, loc="lower right")
+    recipe = history.get("recipe") or {}
+    planned = recipe.get("epochs")
+    fig.suptitle(title or (f"training: {len(epochs)} of {planned} epochs" if planned else "training"))
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+
+
+__all__ = ["read_train_log", "plot_training_curves", "TrainLogError", "PAPER_BASELINE"]

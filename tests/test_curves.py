@@ -1,0 +1,66 @@
+"""Training curves: reading train_log.json and drawing it; CLI errors leave no file."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from convmixer_jax import cli
+from convmixer_jax.curves import TrainLogError, plot_training_curves, read_train_log
+
+
+def make_log(path, n_epochs, test=True):
+    rng = np.random.default_rng(n_epochs)
+    epochs = [{"epoch": i + 1, "train_loss": float(2.0 / (i + 1)), "train_accuracy": float(rng.uniform(0.1, 1)),
+               "train_seconds": 1.0, "images_per_second": 10.0} for i in range(n_epochs)]
+    if test:
+        for e in epochs:
+            e["test_accuracy"] = round(float(rng.uniform(0.1, 1)), 4)
+    path.write_text(json.dumps({"model": {}, "recipe": {"epochs": 7}, "epochs": epochs}))
+    return epochs
+
+
+def test_read_from_dir_or_file_and_plot(tmp_path):
+    epochs = make_log(tmp_path / "train_log.json", 3)
+    assert read_train_log(tmp_path)["epochs"] == epochs
+    assert read_train_log(tmp_path / "train_log.json")["epochs"] == epochs
+    plot_training_curves(read_train_log(tmp_path), tmp_path / "c.png")
+    data = (tmp_path / "c.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_plot_without_test_accuracy(tmp_path):
+    make_log(tmp_path / "train_log.json", 2, test=False)
+    plot_training_curves(read_train_log(tmp_path), tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "does not exist"),
+    ("not json", "is not JSON"),
+    ('{"epochs": 3}', "no 'epochs' list"),
+    ('{"epochs": []}', "no finished epoch"),
+])
+def test_bad_logs_are_refused_by_name(tmp_path, content, words):
+    path = tmp_path / "train_log.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(TrainLogError, match=words):
+        read_train_log(path)
+
+
+def test_cli_errors_write_nothing(tmp_path, capsys):
+    make_log(tmp_path / "train_log.json", 2)
+    assert cli.main(["plot-training", str(tmp_path), "--out", str(tmp_path / "c.jpg")]) == 2
+    assert cli.main(["plot-training", str(tmp_path / "nope"), "--out", str(tmp_path / "c.png")]) == 1
+    assert cli.main(["plot-training", str(tmp_path), "--out", str(tmp_path / "no" / "c.png")]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_log.json"]
+    (tmp_path / "c.png").write_bytes(b"keep")
+    assert cli.main(["plot-training", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 1
+    assert (tmp_path / "c.png").read_bytes() == b"keep"
+    err = capsys.readouterr().err
+    assert "must end in .png" in err and "does not exist" in err and "--force" in err
+    assert cli.main(["plot-training", str(tmp_path), "--out", str(tmp_path / "c.png"), "--force"]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
