@@ -67,17 +67,24 @@ def plot_training_curves(history: dict, path, title: str | None = None) -> None:
     planned = recipe.get("epochs")
     fig.suptitle(title or (f"training: {len(epochs)} of {planned} epochs" if planned else "training"))
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        save_figure_atomic(fig, path, dpi=120)
     finally:
         plt.close(fig)
 
 
-__all__ = ["read_train_log", "plot_training_curves", "TrainLogError", "PAPER_BASELINE"]
+def save_figure_atomic(fig, path, dpi: int = 130) -> None:
+    """Save a matplotlib figure as PNG via a temporary file in the same folder
+    and an atomic rename: ``path`` is either the old file or the complete new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["read_train_log", "plot_training_curves", "save_figure_atomic", "TrainLogError", "PAPER_BASELINE"]

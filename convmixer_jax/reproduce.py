@@ -29,6 +29,7 @@ import numpy as np
 
 from convmixer_jax.attack import draw_attack_keys, wrong_key_accuracies
 from convmixer_jax.blockwise import encrypt_images
+from convmixer_jax.curves import save_figure_atomic
 from convmixer_jax.evaluate import predict_logits
 from convmixer_jax.keys import fingerprint, generate_key, key_space, key_space_log2
 from convmixer_jax.model_encryption import encrypt_params
@@ -119,7 +120,7 @@ def plot_fig4(images: np.ndarray, enc_images: np.ndarray, path: Path, block_size
                 ax.set_ylabel(title, fontsize=8)
     fig.suptitle("Fig. 4: test images and their block-wise encryption")
     fig.tight_layout()
-    _save_fig_atomic(fig, path)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 
@@ -144,19 +145,8 @@ def plot_fig5(wrong_keys, results: dict, path: Path) -> None:
     ax.set_title("Fig. 5: encrypted model, wrong keys")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    _save_fig_atomic(fig, path)
+    save_figure_atomic(fig, path)
     plt.close(fig)
-
-
-def _save_fig_atomic(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=130, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
