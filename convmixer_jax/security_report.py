@@ -34,7 +34,7 @@ from convmixer_jax.evaluate import accuracy
 from convmixer_jax.keys import Key, fingerprint, generate_key
 from convmixer_jax.model import ConvMixerConfig
 from convmixer_jax.model_encryption import encrypt_params
-from convmixer_jax.reproduce import _save_fig_atomic
+from convmixer_jax.curves import save_figure_atomic
 
 
 def _keys(n: int, block_size: int, channels: int, seed: int | None) -> list[Key]:
@@ -193,7 +193,7 @@ def plot_known_plaintext(rows: list[dict], path: Path) -> None:
     ax.set_title("Known-plaintext key recovery")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_fig_atomic(fig, path)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 
@@ -218,7 +218,7 @@ def plot_model_recovery(res: dict, path: Path, chance: float) -> None:
     ax.set_title("Key recovery from the encrypted model")
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    _save_fig_atomic(fig, path)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 
