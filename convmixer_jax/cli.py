@@ -265,6 +265,36 @@ def cmd_plot_training(args) -> int:
     return 0
 
 
+_ARCH_OPTIONS = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "image_size", "channels")
+
+
+def _warm_start(args, config):
+    """(config, variables, init_from) of ``train --init-from MODEL_DIR``.
+
+    The architecture is the starting model's; explicit architecture options
+    must agree with it. Encrypted models are refused (training uses plain images).
+    """
+    from convmixer_jax.model_io import ModelDirError, is_encrypted, load_model
+
+    start_config, variables, meta = load_model(args.init_from)
+    if is_encrypted(meta):
+        raise ModelDirError(f"--init-from {args.init_from} is an encrypted model (key fingerprint "
+                            f"{meta['encryption']['key_fingerprint']}); training uses plain images, "
+                            "so start from the plain model")
+    asked = {n: getattr(args, n) for n in _ARCH_OPTIONS if getattr(args, n) is not None}
+    if args.preset:
+        asked = {n: getattr(config, n) for n in _ARCH_OPTIONS} | asked
+    differ = {n: (v, getattr(start_config, n)) for n, v in asked.items() if getattr(start_config, n) != v}
+    if differ:
+        what = ", ".join(f"--{n.replace('_', '-')} {v} (model has {m})" for n, (v, m) in differ.items())
+        raise ModelDirError(f"--init-from {args.init_from} has another architecture than asked: {what}; "
+                            "drop the architecture options (the starting model's are used)")
+    init_from = {"model": str(args.init_from), "epochs": meta.get("epochs"),
+                 "train_seconds": meta.get("train_seconds"), "test_accuracy": meta.get("test_accuracy"),
+                 "train_config": meta.get("train_config")}
+    return start_config, variables, init_from
+
+
 def cmd_train(args) -> int:
     import dataclasses
     from pathlib import Path
@@ -275,10 +305,13 @@ def cmd_train(args) -> int:
     from convmixer_jax.data import DataError
     from convmixer_jax.evaluate import accuracy, check_model_images
     from convmixer_jax.model_io import check_output_path, save_model
-    from convmixer_jax.train import RECIPES, train
+    from convmixer_jax.train import RECIPES, total_train_seconds, train, warm_start_totals
 
     check_output_path(args.out, args.force)
     config = _model_config(args)
+    init_variables_, init_from = None, None
+    if args.init_from:
+        config, init_variables_, init_from = _warm_start(args, config)
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
     recipe = dataclasses.replace(RECIPES[args.recipe], seed=args.seed,
                                  **{k: v for k, v in overrides.items() if v is not None})
@@ -297,7 +330,8 @@ def cmd_train(args) -> int:
         raise DataError(f"the data have labels up to {top} but the model has {config.num_classes} classes; "
                         f"pass --num-classes {top + 1}")
     variables, history = train(config, recipe, (train_x, train_y), (test_x, test_y), args.workdir,
-                               resume=args.resume, progress=not args.quiet)
+                               resume=args.resume, progress=not args.quiet,
+                               init_variables_=init_variables_, init_from=init_from)
     if history.get("epochs"):
         from convmixer_jax.curves import plot_training_curves
 
@@ -308,9 +342,10 @@ def cmd_train(args) -> int:
     extra = {"created_by": "train", "recipe": args.recipe, "train_config": recipe.to_dict(),
              "test_accuracy": acc, "train_images": len(train_x), "test_images": len(test_x),
              "data": args.data_dir if args.data_dir else "tfds:cifar10", "classes": list(classes),
-             "workdir": str(args.workdir)}
+             "workdir": str(args.workdir),
+             **warm_start_totals(init_from, len(history["epochs"]), total_train_seconds(history))}
     save_model(args.out, config, variables, extra=extra, force=args.force)
-    print(json.dumps({"test_accuracy": acc, "model": str(args.out)}))
+    print(json.dumps({"test_accuracy": acc, "model": str(args.out), "epochs": extra["epochs"]}))
     return 0
 
 
@@ -533,17 +568,19 @@ def cmd_recover_key(args) -> int:
 
 def cmd_export_model(args) -> int:
     from convmixer_jax.model_io import check_output_path, save_model
-    from convmixer_jax.train import load_checkpoint
+    from convmixer_jax.train import load_checkpoint, warm_start_totals
 
     check_output_path(args.out, args.force)
     config, variables, info = load_checkpoint(args.workdir)
     log = info["log"] or {}
-    extra = {"created_by": "export-model", "workdir": str(args.workdir), "epochs": info["epoch"],
-             "epochs_planned": info["epochs_planned"], "train_config": info["recipe"],
-             "train_seconds": info["train_seconds"], "test_accuracy": log.get("test_accuracy"),
+    totals = warm_start_totals(info["init_from"], info["epoch"], info["train_seconds"])
+    prior = totals["epochs"] - info["epoch"]
+    extra = {"created_by": "export-model", "workdir": str(args.workdir), **totals,
+             "epochs_planned": prior + info["epochs_planned"], "train_config": info["recipe"],
+             "test_accuracy": log.get("test_accuracy"),
              "train_accuracy": log.get("train_accuracy"), "data": args.data_label}
     save_model(args.out, config, variables, extra=extra, force=args.force)
-    print(json.dumps({"model": str(args.out), "epoch": info["epoch"], "of": info["epochs_planned"],
+    print(json.dumps({"model": str(args.out), "epoch": extra["epochs"], "of": extra["epochs_planned"],
                       "test_accuracy": log.get("test_accuracy")}))
     return 0
 
@@ -648,6 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initialization, data order, augmentation and --limit-* subsets (default 0)")
     p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints and train_log.json")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --workdir")
+    p.add_argument("--init-from", metavar="MODEL_DIR",
+                   help="warm start: begin from this plain model's weights (and architecture) with a "
+                        "fresh optimizer and schedule, e.g. a second one-cycle; the saved model counts "
+                        "the epochs and seconds of both stages")
     p.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on a random subset of N images")
     p.add_argument("--limit-test", type=_positive_int, metavar="N", help="test on a random subset of N images")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -174,7 +174,8 @@ def _checkpoint_manager(workdir: Path):
 
 def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, workdir, *,
           resume: bool = False, progress: bool = True, init_variables_: dict | None = None,
-          max_epochs_this_run: int | None = None, log=print) -> tuple[dict, dict]:
+          init_from: dict | None = None, max_epochs_this_run: int | None = None,
+          log=print) -> tuple[dict, dict]:
     """Train ``config`` with recipe ``cfg``; checkpoint and log into ``workdir``.
 
     train_data / test_data: (images (N, H, W, C) uint8, labels (N,) int).
@@ -182,6 +183,10 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
     Returns the final variables ``{'params', 'batch_stats'}`` and the log dict
     (also written to ``workdir/train_log.json``).
     ``max_epochs_this_run`` stops early (a later ``resume`` continues).
+    ``init_variables_`` starts from given weights instead of a fresh initialization
+    (a warm start: the recipe's optimizer and schedule begin anew); ``init_from``
+    describes where they came from (JSON-able; kept in the log as ``init_from``
+    and checked on ``resume``).
     """
     import orbax.checkpoint as ocp
 
@@ -207,6 +212,8 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
     log_path = workdir / "train_log.json"
     history = {"model": config.to_dict(), "recipe": cfg.to_dict(), "epochs": [],
                "devices": [str(d) for d in devices]}
+    if init_from is not None:
+        history["init_from"] = init_from
     mngr = _checkpoint_manager(workdir)
     start_epoch = 0
     if resume and mngr.latest_step() is not None:
@@ -216,7 +223,8 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
         start_epoch = latest
         if log_path.exists():
             saved = json.loads(log_path.read_text())
-            for what, now in (("model", config.to_dict()), ("recipe", cfg.to_dict())):
+            for what, now in (("model", config.to_dict()), ("recipe", cfg.to_dict()),
+                              ("init_from", init_from)):
                 if json.loads(json.dumps(now)) != saved.get(what):
                     raise ValueError(f"--resume with a different {what} than the run in {workdir} "
                                      f"(saved {saved.get(what)}, now {now}); use the same options "
@@ -304,9 +312,26 @@ def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
     mngr.close()
     variables = jax.tree.map(np.asarray, {"params": restored["params"], "batch_stats": restored["batch_stats"]})
     entry = next((e for e in history["epochs"] if e["epoch"] == latest), None)
+    this_run = sum(e["train_seconds"] for e in history["epochs"] if e["epoch"] <= latest)
     return config, variables, {"epoch": latest, "epochs_planned": cfg.epochs, "recipe": cfg.to_dict(),
-                               "log": entry, "train_seconds": sum(e["train_seconds"] for e in history["epochs"]
-                                                                  if e["epoch"] <= latest)}
+                               "log": entry, "train_seconds": this_run,
+                               "init_from": history.get("init_from")}
+
+
+def warm_start_totals(init_from: dict | None, epochs: int, train_seconds: float) -> dict:
+    """Provenance of a model trained in stages: total epochs and seconds.
+
+    init_from: a run's ``init_from`` (None for a run from scratch), holding the
+    starting model's ``epochs`` and ``train_seconds``; epochs / train_seconds:
+    this run's. Returns ``{'epochs', 'train_seconds'}`` counting every stage,
+    plus ``'stage_epochs'`` / ``'init_from'`` for a warm start.
+    """
+    if not init_from:
+        return {"epochs": epochs, "train_seconds": train_seconds}
+    prior_epochs = int(init_from.get("epochs") or 0)
+    prior_seconds = float(init_from.get("train_seconds") or 0.0)
+    return {"epochs": prior_epochs + epochs, "train_seconds": prior_seconds + train_seconds,
+            "stage_epochs": [prior_epochs, epochs], "init_from": init_from}
 
 
 def init_variables_abstract(config: ConvMixerConfig):
@@ -327,4 +352,4 @@ def total_train_seconds(history: dict) -> float:
 
 
 __all__ = ["TrainConfig", "RECIPES", "train", "init_variables", "augment_batch", "make_optimizer",
-           "epoch_order", "total_train_seconds"]
+           "epoch_order", "total_train_seconds", "warm_start_totals"]

@@ -274,6 +274,45 @@ def test_train_then_evaluate(env, tiny_data, tmp_path, capsys):
     assert_error(capsys, ["evaluate", tmp_path / "model", "--data-dir", tmp_path / "nowhere"], "does not exist")
 
 
+def test_train_init_from_warm_starts_and_counts_both_stages(env, tiny_data, tmp_path, capsys):
+    import jax
+
+    from convmixer_jax.train import init_variables
+
+    common = ["--data-dir", tiny_data, "--batch-size", "4", "--quiet"]
+    ok(capsys, "train", *common, "--epochs", "2", "--lr", "0.01", *TINY, "--workdir", tmp_path / "w0",
+       "--out", tmp_path / "m0")
+    _, start, start_meta = model_io.load_model(tmp_path / "m0")
+    # a second stage with a vanishing learning rate stays at the starting weights,
+    # which a fresh initialization (same seed) does not
+    ok(capsys, "train", *common, "--epochs", "1", "--lr", "1e-9", "--init-from", tmp_path / "m0",
+       "--workdir", tmp_path / "w1", "--out", tmp_path / "m1")
+    config, warm, meta = model_io.load_model(tmp_path / "m1")
+    fresh = init_variables(config, 0)
+    pairs = list(zip(jax.tree.leaves(warm["params"]), jax.tree.leaves(start["params"]),
+                     jax.tree.leaves(fresh["params"])))
+    assert max(float(np.max(np.abs(w - s))) for w, s, _ in pairs) < 1e-6
+    assert max(float(np.max(np.abs(s - f))) for _, s, f in pairs) > 1e-3
+    assert meta["epochs"] == 3 and meta["stage_epochs"] == [2, 1]
+    assert meta["init_from"]["model"] == str(tmp_path / "m0") and meta["init_from"]["epochs"] == 2
+    stage2 = json.loads((tmp_path / "w1" / "train_log.json").read_text())
+    assert stage2["init_from"]["model"] == str(tmp_path / "m0")
+    assert meta["train_seconds"] == pytest.approx(start_meta["train_seconds"]
+                                                  + sum(e["train_seconds"] for e in stage2["epochs"]))
+    # export-model of the second stage counts both stages too
+    ok(capsys, "export-model", "--workdir", tmp_path / "w1", "--out", tmp_path / "m1e")
+    _, _, emeta = model_io.load_model(tmp_path / "m1e")
+    assert emeta["epochs"] == 3 and emeta["epochs_planned"] == 3
+    assert emeta["train_seconds"] == pytest.approx(meta["train_seconds"])
+    # the architecture is the starting model's: a different one is refused, as is an encrypted start
+    assert_error(capsys, ["train", *common, "--epochs", "1", "--init-from", tmp_path / "m0", "--dim", "16",
+                          "--workdir", tmp_path / "w2", "--out", tmp_path / "m2"], "another architecture", "--dim 16")
+    ok(capsys, "encrypt-model", "--key", env.key, tmp_path / "m0", tmp_path / "m0enc")
+    assert_error(capsys, ["train", *common, "--epochs", "1", "--init-from", tmp_path / "m0enc",
+                          "--workdir", tmp_path / "w3", "--out", tmp_path / "m3"], "encrypted", "plain model")
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 

@@ -1,4 +1,5 @@
 """Training: exact resume after a kill, and data parallelism over 4 simulated CPU devices."""
+import json
 import os
 import signal
 import subprocess
@@ -105,6 +106,21 @@ def test_resume_with_a_different_recipe_is_refused(tmp_path):
     with pytest.raises(ValueError, match="different recipe"):
         train(tw.CONFIG, dataclasses.replace(recipe, lr=0.5), (x, y), test, tmp_path, resume=True,
               progress=False, log=lambda m: None)
+
+
+def test_resume_with_a_different_warm_start_is_refused(tmp_path):
+    import train_worker as tw
+    from convmixer_jax.train import TrainConfig, init_variables, train
+
+    (x, y), test = tw.data()
+    recipe = TrainConfig(epochs=2, batch_size=16, seed=1)
+    start = init_variables(tw.CONFIG, 5)
+    train(tw.CONFIG, recipe, (x, y), test, tmp_path, progress=False, max_epochs_this_run=1,
+          init_variables_=start, init_from={"model": "a", "epochs": 3}, log=lambda m: None)
+    assert json.loads((tmp_path / "train_log.json").read_text())["init_from"] == {"model": "a", "epochs": 3}
+    with pytest.raises(ValueError, match="different init_from"):
+        train(tw.CONFIG, recipe, (x, y), test, tmp_path, resume=True, progress=False,
+              init_variables_=start, init_from={"model": "b", "epochs": 3}, log=lambda m: None)
 
 
 def test_export_model_saves_the_newest_checkpoint(tmp_path):
