@@ -249,7 +249,7 @@ def cmd_keyspace(args) -> int:
 
 
 def cmd_plot_training(args) -> int:
-    from convmixer_jax.curves import plot_training_curves, read_train_log
+    from convmixer_jax.curves import chain_train_logs, plot_training_curves, read_train_log
     from convmixer_jax.model_io import check_output_path
 
     out = check_output_path(args.out, args.force)
@@ -257,7 +257,8 @@ def cmd_plot_training(args) -> int:
         raise _UsageError(f"--out {out} must end in .png (the curves are written as PNG)")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the folder of --out, {out.parent}, does not exist; create it first")
-    history = read_train_log(args.log)
+    logs = [read_train_log(p) for p in args.log]
+    history = logs[0] if len(logs) == 1 else chain_train_logs(logs)
     plot_training_curves(history, out)
     last = history["epochs"][-1]
     print(json.dumps({"plot": str(out), "epochs": len(history["epochs"]),
@@ -666,8 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("plot-training", cmd_plot_training, "plot a training run's loss and accuracy per epoch",
             "Draw the per-epoch training loss and train / test accuracy of a training run "
-            "(its --workdir or train_log.json; works while the run is going) as a PNG.")
-    p.add_argument("log", metavar="WORKDIR_OR_LOG", help="training --workdir, or its train_log.json")
+            "(its --workdir or train_log.json; works while the run is going) as a PNG. Several "
+            "logs, first stage first, draw a run trained in stages (train --init-from) as one.")
+    p.add_argument("log", metavar="WORKDIR_OR_LOG", nargs="+",
+                   help="training --workdir, or its train_log.json (several: the stages in order)")
     p.add_argument("--out", required=True, metavar="CURVES.png", help="PNG to write")
     _add_force(p)
 

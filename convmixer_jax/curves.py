@@ -2,7 +2,8 @@
 
 ``train`` writes one JSON entry per epoch (loss, train accuracy, test accuracy,
 images/s); :func:`plot_training_curves` draws loss and accuracy against the
-epoch, with the paper's reported accuracy as a reference line.
+epoch, with the paper's reported accuracy as a reference line;
+:func:`chain_train_logs` joins the logs of a run trained in stages.
 """
 from __future__ import annotations
 
@@ -36,6 +37,29 @@ def read_train_log(path) -> dict:
     return history
 
 
+def chain_train_logs(histories: list[dict]) -> dict:
+    """One history from the logs of a run trained in stages (``train --init-from``).
+
+    histories: the stages' ``train_log.json`` dicts, first stage first. The
+    epochs are renumbered to count on across stages (stage 2's epoch 1 after a
+    40-epoch stage 1 becomes epoch 41); ``stage_starts`` lists the epoch after
+    which each later stage began, and ``recipe`` is the last stage's with
+    ``epochs`` = the planned total.
+    """
+    if not histories:
+        raise TrainLogError("no training log given")
+    epochs, starts, planned, offset = [], [], 0, 0
+    for i, h in enumerate(histories):
+        if i:
+            starts.append(offset)
+        epochs += [dict(e, epoch=e["epoch"] + offset) for e in h["epochs"]]
+        offset += h["epochs"][-1]["epoch"]
+        planned += int((h.get("recipe") or {}).get("epochs") or h["epochs"][-1]["epoch"])
+    last = histories[-1]
+    return dict(last, epochs=epochs, stage_starts=starts,
+                recipe=dict(last.get("recipe") or {}, epochs=planned))
+
+
 def plot_training_curves(history: dict, path, title: str | None = None) -> None:
     """Write a PNG of loss (left) and train / test accuracy (right) per epoch.
 
@@ -59,13 +83,21 @@ def plot_training_curves(history: dict, path, title: str | None = None) -> None:
     if test:
         ax_a.plot(*zip(*test), color="tab:orange", label=f"test (last {test[-1][1]:.4f})")
     ax_a.axhline(PAPER_BASELINE, color="0.5", ls="--", lw=1, label=f"paper, 200 epochs ({PAPER_BASELINE})")
+    for i, start in enumerate(history.get("stage_starts") or []):
+        for ax in (ax_l, ax_a):
+            ax.axvline(start + 0.5, color="tab:green", ls=":", lw=1,
+                       label="warm start of a new stage" if ax is ax_a and i == 0 else None)
     ax_a.set_xlabel("epoch")
     ax_a.set_ylabel("accuracy")
     ax_a.set_ylim(0, 1)
     ax_a.legend(fontsize=7, loc="lower right")
     recipe = history.get("recipe") or {}
     planned = recipe.get("epochs")
-    fig.suptitle(title or (f"training: {len(epochs)} of {planned} epochs" if planned else "training"))
+    stages = len(history.get("stage_starts") or []) + 1
+    default = f"training: {len(epochs)} of {planned} epochs" if planned else "training"
+    if stages > 1:
+        default += f" in {stages} stages"
+    fig.suptitle(title or default)
     fig.tight_layout()
     try:
         save_figure_atomic(fig, path, dpi=120)
@@ -87,4 +119,4 @@ def save_figure_atomic(fig, path, dpi: int = 130) -> None:
         raise
 
 
-__all__ = ["read_train_log", "plot_training_curves", "save_figure_atomic", "TrainLogError", "PAPER_BASELINE"]
+__all__ = ["read_train_log", "chain_train_logs", "plot_training_curves", "save_figure_atomic", "TrainLogError", "PAPER_BASELINE"]

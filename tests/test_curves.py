@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from convmixer_jax import cli
-from convmixer_jax.curves import TrainLogError, plot_training_curves, read_train_log
+from convmixer_jax.curves import TrainLogError, chain_train_logs, plot_training_curves, read_train_log
 
 
 def make_log(path, n_epochs, test=True):
@@ -64,3 +64,21 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     assert "must end in .png" in err and "does not exist" in err and "--force" in err
     assert cli.main(["plot-training", str(tmp_path), "--out", str(tmp_path / "c.png"), "--force"]) == 0
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_chained_stages_count_on(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = make_log(tmp_path / "a" / "train_log.json", 3)
+    second = make_log(tmp_path / "b" / "train_log.json", 2)
+    chained = chain_train_logs([read_train_log(tmp_path / "a"), read_train_log(tmp_path / "b")])
+    assert [e["epoch"] for e in chained["epochs"]] == [1, 2, 3, 4, 5]
+    assert [e["test_accuracy"] for e in chained["epochs"]] == [e["test_accuracy"] for e in first + second]
+    assert chained["stage_starts"] == [3] and chained["recipe"]["epochs"] == 14
+    assert read_train_log(tmp_path / "a")["epochs"] == first  # the inputs are not changed
+    assert cli.main(["plot-training", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["epochs"] == 5 and out["test_accuracy"] == second[-1]["test_accuracy"]
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(TrainLogError, match="no training log"):
+        chain_train_logs([])
