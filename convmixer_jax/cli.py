@@ -431,13 +431,12 @@ def cmd_attack(args) -> int:
 
 def cmd_reproduce(args) -> int:
     import dataclasses
-    import shutil
-    import tempfile
     from pathlib import Path
 
     from convmixer_jax.evaluate import check_model_images
     from convmixer_jax.model import PRESETS
-    from convmixer_jax.model_io import ModelDirError, check_replaceable_dir, is_encrypted, load_model, save_model
+    from convmixer_jax.model_io import (ModelDirError, check_replaceable_dir, is_encrypted, load_model, save_model,
+                                        staged_output_dir)
     from convmixer_jax.reproduce import run_experiment
     from convmixer_jax.train import RECIPES, total_train_seconds, train
 
@@ -452,7 +451,8 @@ def cmd_reproduce(args) -> int:
                                 "model (decrypt-model it first)")
         provenance = {"checkpoint": str(args.checkpoint), "epochs": meta.get("epochs"),
                       "train_seconds": meta.get("train_seconds"),
-                      "train_config": meta.get("train_config"), "data": meta.get("data")}
+                      "train_config": meta.get("train_config"), "data": meta.get("data"),
+                      **{k: meta[k] for k in ("stage_epochs", "init_from") if k in meta}}
         trained = None
     else:
         config = PRESETS["paper"]
@@ -469,9 +469,7 @@ def cmd_reproduce(args) -> int:
         trained = (config, variables, provenance)
     provenance["data"] = args.data_dir if args.data_dir else "tfds:cifar10"
     check_model_images(config, test_x)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_output_dir(out) as tmp:
         if trained is not None:
             save_model(tmp / "plain-model", config, variables,
                        extra={"created_by": "reproduce", **{k: v for k, v in provenance.items() if k != "train_log"}})
@@ -479,12 +477,6 @@ def cmd_reproduce(args) -> int:
                                  attack_seed=args.attack_seed, key_seed=args.key_seed,
                                  strategy=args.strategy, provenance=provenance, progress=not args.quiet,
                                  log=lambda m: print(m, file=sys.stderr))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary = {k: results[k] for k in ("test_images", "baseline_plain", "encrypted_plain", "encrypted_encrypted",
                                        "identical_predictions", "wrong_keys_median", "key_space_log2")}
     print(json.dumps(summary))

@@ -369,6 +369,27 @@ def save_model(path: str | os.PathLike, config: ConvMixerConfig, variables: PyTr
     return path
 
 
+@contextlib.contextmanager
+def staged_output_dir(out: str | os.PathLike):
+    """Write a multi-file output directory all at once.
+
+    Yields a new temporary directory beside ``out``; when the block ends
+    normally it takes the place of ``out`` (an old ``out`` is removed only after
+    the rename), and when the block raises it is deleted and ``out`` is left as
+    it was. Whether ``out`` may be replaced is the caller's check, made before
+    the work (:func:`check_replaceable_dir`).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _swap_into_place(tmp, out, force=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _swap_into_place(tmp: Path, path: Path, force: bool) -> None:
     """Rename the finished ``tmp`` to ``path``, replacing an old ``path`` if ``force``."""
     if not (path.exists() or path.is_symlink()):

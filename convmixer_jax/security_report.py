@@ -21,8 +21,6 @@ given; only their fingerprints are written. Outputs (``security.json``,
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -289,7 +287,7 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
     """
     from convmixer_jax.data import subset
     from convmixer_jax.finetune_attack import finetune_attack, plot_finetune
-    from convmixer_jax.model_io import check_output_path
+    from convmixer_jax.model_io import check_output_path, staged_output_dir
     from convmixer_jax.reproduce import device_description
 
     out = Path(out)
@@ -301,9 +299,7 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
                               "device": device_description(), "seed": seed,
                               "key_source": "os-csprng" if seed is None else "seed",
                               "model": config.to_dict()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_output_dir(out) as tmp:
         log(f"1/3 known-plaintext key recovery: pairs {list(kp_pairs)}, {kp_trials} trials each")
         t0 = time.perf_counter()
         report["known_plaintext"] = known_plaintext_rate(np.asarray(test_x), config.patch_size, pairs=kp_pairs,
@@ -340,12 +336,6 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
         report["seconds"] = time.perf_counter() - t_start
         (tmp / "security.json").write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
         (tmp / "summary.md").write_text(summary_markdown(report))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

@@ -568,3 +568,19 @@ def test_model_io_save_load_roundtrip(tmp_path):
     model_io.decrypt_model_dir(tmp_path / "e", tmp_path / "d", key)
     _, dec, _ = model_io.load_model(tmp_path / "d")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), variables, dec)
+
+
+def test_staged_output_dir_replaces_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "out"
+    with model_io.staged_output_dir(out) as tmp:
+        (tmp / "a.txt").write_text("first")
+    assert snapshot(out) == {"a.txt": b"first"}
+    with pytest.raises(RuntimeError, match="midway"):
+        with model_io.staged_output_dir(out) as tmp:
+            (tmp / "b.txt").write_text("half")
+            raise RuntimeError("midway")
+    assert snapshot(out) == {"a.txt": b"first"}
+    with model_io.staged_output_dir(out) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert snapshot(out) == {"b.txt": b"second"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
