@@ -350,6 +350,62 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_average_models(args) -> int:
+    import time
+    from pathlib import Path
+
+    from convmixer_jax.averaging import average_variables, recalibrate_batch_stats
+    from convmixer_jax.evaluate import accuracy, check_model_images
+    from convmixer_jax.model_io import ModelDirError, check_output_path, is_encrypted, load_model, save_model
+
+    check_output_path(args.out, args.force)
+    if len(args.models) < 2:
+        raise _UsageError(f"average-models needs at least two models, got {len(args.models)}")
+    if args.weights is not None and len(args.weights) != len(args.models):
+        raise _UsageError(f"--weights gives {len(args.weights)} numbers for {len(args.models)} models; "
+                          "give one per model")
+    loaded = [load_model(m) for m in args.models]
+    for path, (config, _, meta) in zip(args.models, loaded):
+        if is_encrypted(meta):
+            raise ModelDirError(f"{path} is an encrypted model; average the plain models, then encrypt the "
+                                "result (its BatchNorm statistics are measured on plain training images)")
+        if config != loaded[0][0]:
+            raise ModelDirError(f"{path} has another architecture than {args.models[0]} "
+                                f"({config.to_dict()} vs {loaded[0][0].to_dict()}); only models of one "
+                                "architecture can be averaged")
+    config = loaded[0][0]
+    train_x, train_y, _ = _load_split(args, "train")
+    test_x, test_y, _ = _load_split(args, "test")
+    train_x, _ = _subset(train_x, train_y, args.limit_train, args.seed)
+    check_model_images(config, train_x)
+    check_model_images(config, test_x)
+    t0 = time.perf_counter()
+    averaged = average_variables([v for _, v, _ in loaded], args.weights)
+    averaged = recalibrate_batch_stats(config, averaged, train_x, batch_size=args.batch_size,
+                                       progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    acc = accuracy(config, averaged, test_x, test_y, batch_size=args.batch_size, progress=not args.quiet)
+    # a model that another input was warm-started from is part of that input's totals
+    resolved = [Path(m).resolve() for m in args.models]
+    ancestors = {Path((meta.get("init_from") or {}).get("model", "")).resolve()
+                 for _, _, meta in loaded if (meta.get("init_from") or {}).get("model")}
+    leaves = [meta for r, (_, _, meta) in zip(resolved, loaded) if r not in ancestors]
+    inputs = [{"model": str(m), "epochs": meta.get("epochs"), "test_accuracy": meta.get("test_accuracy"),
+               "train_seconds": meta.get("train_seconds")} for m, (_, _, meta) in zip(args.models, loaded)]
+    weights = args.weights or [1.0] * len(args.models)
+    extra = {"created_by": "average-models", "averaged": inputs, "weights": [w / sum(weights) for w in weights],
+             "epochs": max(int(meta.get("epochs") or 0) for _, _, meta in loaded),
+             "train_seconds": sum(float(meta.get("train_seconds") or 0.0) for meta in leaves) + seconds,
+             "recalibration": {"train_images": int(len(train_x)), "seconds": seconds},
+             "test_accuracy": acc, "test_images": int(len(test_x)),
+             "train_config": loaded[-1][2].get("train_config"),
+             "data": args.data_dir if args.data_dir else "tfds:cifar10"}
+    save_model(args.out, config, averaged, extra=extra, force=args.force)
+    print(json.dumps({"test_accuracy": acc, "inputs": [i["test_accuracy"] for i in inputs],
+                      "model": str(args.out)}))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     import numpy as np
 
@@ -686,6 +742,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "the epochs and seconds of both stages")
     p.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on a random subset of N images")
     p.add_argument("--limit-test", type=_positive_int, metavar="N", help="test on a random subset of N images")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
+    _add_force(p)
+
+    p = add("average-models", cmd_average_models, "average plain models' weights and re-measure BatchNorm",
+            "Average the weights of two or more plain models of one architecture (a uniform model soup, "
+            "as at the end of stochastic weight averaging; meant for models of one training lineage, "
+            "e.g. a model and its train --init-from continuation), re-estimate every BatchNorm's "
+            "statistics on the training images, report the test accuracy and save the result as a "
+            "plain model.")
+    p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="plain model directories (two or more)")
+    _add_data_options(p)
+    p.add_argument("--weights", type=_positive_float, nargs="+", metavar="W",
+                   help="one positive weight per model (default equal)")
+    p.add_argument("--limit-train", type=_positive_int, metavar="N",
+                   help="measure BatchNorm statistics on a random subset of N training images")
+    p.add_argument("--seed", type=_int, default=0, metavar="N", help="seed of the --limit-train subset (default 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=500, metavar="B", help="default 500")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
     _add_force(p)

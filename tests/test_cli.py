@@ -584,3 +584,41 @@ def test_staged_output_dir_replaces_whole_or_not_at_all(tmp_path):
         (tmp / "b.txt").write_text("second")
     assert snapshot(out) == {"b.txt": b"second"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_average_models_cli(env, tiny_data, tmp_path, capsys):
+    import jax
+
+    from convmixer_jax.averaging import average_variables, recalibrate_batch_stats
+    from convmixer_jax.data import load_split
+
+    common = ["--data-dir", tiny_data, "--batch-size", "4", "--quiet"]
+    ok(capsys, "train", *common, "--epochs", "2", "--lr", "0.01", *TINY, "--workdir", tmp_path / "w0",
+       "--out", tmp_path / "m0")
+    ok(capsys, "train", *common, "--epochs", "1", "--lr", "0.01", "--init-from", tmp_path / "m0",
+       "--workdir", tmp_path / "w1", "--out", tmp_path / "m1")
+    out = json.loads(ok(capsys, "average-models", tmp_path / "m0", tmp_path / "m1", "--data-dir", tiny_data,
+                        "--quiet", "--out", tmp_path / "avg").strip().splitlines()[-1])
+    config, avg, meta = model_io.load_model(tmp_path / "avg")
+    _, v0, meta0 = model_io.load_model(tmp_path / "m0")
+    _, v1, meta1 = model_io.load_model(tmp_path / "m1")
+    train_x, _, _ = load_split("train", data_dir=str(tiny_data))
+    expect = recalibrate_batch_stats(config, average_variables([v0, v1]), train_x)
+    for a, b in zip(jax.tree.leaves(avg), jax.tree.leaves(expect)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert meta["encryption"] is None and meta["epochs"] == 3 and meta["weights"] == [0.5, 0.5]
+    assert out["test_accuracy"] == meta["test_accuracy"] and meta["test_images"] == 6
+    assert [i["epochs"] for i in meta["averaged"]] == [2, 3]
+    # m0 is m1's starting model: its seconds are already in m1's total
+    assert meta["train_seconds"] == pytest.approx(meta1["train_seconds"] + meta["recalibration"]["seconds"])
+    assert meta["recalibration"]["train_images"] == 12
+    # errors name the problem and write nothing
+    base = ["--data-dir", tiny_data, "--quiet", "--out", tmp_path / "bad"]
+    assert_error(capsys, ["average-models", tmp_path / "m0", *base], "at least two models")
+    assert_error(capsys, ["average-models", tmp_path / "m0", tmp_path / "m1", "--weights", "1", *base],
+                 "one per model")
+    ok(capsys, "encrypt-model", "--key", env.key, tmp_path / "m0", tmp_path / "m0enc")
+    assert_error(capsys, ["average-models", tmp_path / "m0", tmp_path / "m0enc", *base], "encrypted", "plain")
+    ok(capsys, "init-model", "--dim", "16", *TINY[2:], "--seed", "0", "--out", tmp_path / "wide")
+    assert_error(capsys, ["average-models", tmp_path / "m0", tmp_path / "wide", *base], "another architecture")
+    assert not (tmp_path / "bad").exists()

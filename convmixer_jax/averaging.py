@@ -1,0 +1,121 @@
+"""Weight averaging of plain models (a uniform "model soup", the last step of
+stochastic weight averaging) and BatchNorm statistics re-estimated for the result.
+
+Averaging the weights of models that share a training lineage (a model and its
+warm-started continuation, or checkpoints of one run) often generalizes better
+than either; the running BatchNorm statistics of the inputs do not belong to the
+averaged weights, so :func:`recalibrate_batch_stats` measures them again on
+training images. The result is one ordinary ConvMixer: it is encrypted, saved and
+evaluated like any other plain model.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convmixer_jax.evaluate import iterate_batches
+from convmixer_jax.model import ChannelBatchNorm, ConvMixer, ConvMixerConfig
+
+
+def average_variables(variables: Sequence[dict], weights: Sequence[float] | None = None) -> dict:
+    """Weighted mean of models' ``{'params', 'batch_stats'}``, leaf by leaf.
+
+    variables: two or more trees of one structure and shapes; weights: one
+    positive number per model (default equal), normalized to sum to 1.
+    Returns a new tree of float32 NumPy arrays (``batch_stats`` averaged too, as
+    a starting point only: re-estimate them with :func:`recalibrate_batch_stats`).
+    """
+    variables = list(variables)
+    if len(variables) < 2:
+        raise ValueError(f"averaging needs at least two models, got {len(variables)}")
+    w = np.ones(len(variables)) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != (len(variables),):
+        raise ValueError(f"give one weight per model: {len(variables)} models, {w.size} weights")
+    if not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise ValueError(f"weights must be positive finite numbers, got {list(w)}")
+    w = w / w.sum()
+    trees = [{"params": v["params"], "batch_stats": v["batch_stats"]} for v in variables]
+    structure = jax.tree.structure(trees[0])
+    for i, t in enumerate(trees[1:], start=2):
+        if jax.tree.structure(t) != structure:
+            raise ValueError(f"model {i} has another parameter tree than model 1 (another architecture?)")
+        for a, b in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(t)):
+            if np.shape(a) != np.shape(b):
+                raise ValueError(f"model {i} has a leaf of shape {np.shape(b)} where model 1 has "
+                                 f"{np.shape(a)} (another architecture?)")
+
+    def mean(*leaves):
+        acc = sum(wi * np.asarray(leaf, np.float64) for wi, leaf in zip(w, leaves))
+        return acc.astype(np.float32)
+
+    return jax.tree.map(mean, *trees)
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_moments_fn(config: ConvMixerConfig) -> Callable:
+    """jit: (variables, uint8 or float images) -> per-BatchNorm (mean, E[x^2]) of the batch.
+
+    A train-mode forward from zeroed running statistics leaves
+    ``(1 - momentum) * batch statistic`` in them; dividing gives the batch's mean
+    and (biased) variance of every BatchNorm input exactly.
+    """
+    model = ConvMixer(config)
+    keep = 1.0 - ChannelBatchNorm.momentum
+
+    @jax.jit
+    def moments(variables, images):
+        x = images.astype(jnp.float32)
+        if images.dtype == jnp.uint8:
+            x = x / 255.0
+        zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+        _, upd = model.apply({"params": variables["params"], "batch_stats": zeros}, x, train=True,
+                             mutable=["batch_stats"])
+        stats = upd["batch_stats"]
+        is_bn = lambda t: isinstance(t, dict) and set(t) == {"mean", "var"}  # noqa: E731
+        return jax.tree.map(lambda s: {"mean": s["mean"] / keep,
+                                       "sq": s["var"] / keep + jnp.square(s["mean"] / keep)},
+                            stats, is_leaf=is_bn)
+
+    return moments
+
+
+def recalibrate_batch_stats(config: ConvMixerConfig, variables: dict, images, *, batch_size: int = 500,
+                            progress: bool = False) -> dict:
+    """``variables`` with every BatchNorm's running mean and variance measured on ``images``.
+
+    images: (N, H, W, C) uint8 or float in [0, 1], typically training images
+    without augmentation. Each layer's statistics are pooled over the batches of a
+    train-mode forward (each batch normalized by its own statistics, as in
+    training): mean = size-weighted mean of batch means, var = pooled E[x^2] -
+    mean^2. With one batch holding all N images the model in eval mode then
+    computes exactly what the train-mode forward of those N images does.
+    Returns a new tree; the params are unchanged.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(images)
+    if n == 0:
+        raise ValueError("recalibration needs at least one image")
+    fn = _batch_moments_fn(config)
+    it = list(iterate_batches(n, batch_size))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="batch statistics", unit="batch", leave=False)
+    total = None
+    for start, stop in it:
+        m = jax.tree.map(lambda a: np.asarray(a, np.float64) * (stop - start),
+                         fn(variables, np.asarray(images[start:stop])))
+        total = m if total is None else jax.tree.map(np.add, total, m)
+    is_m = lambda t: isinstance(t, dict) and set(t) == {"mean", "sq"}  # noqa: E731
+    stats = jax.tree.map(lambda t: {"mean": (t["mean"] / n).astype(np.float32),
+                                    "var": np.maximum(t["sq"] / n - np.square(t["mean"] / n), 0.0).astype(np.float32)},
+                         total, is_leaf=is_m)
+    return {"params": variables["params"], "batch_stats": stats}
+
+
+__all__ = ["average_variables", "recalibrate_batch_stats"]
