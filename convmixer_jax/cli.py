@@ -508,7 +508,7 @@ def cmd_reproduce(args) -> int:
         provenance = {"checkpoint": str(args.checkpoint), "epochs": meta.get("epochs"),
                       "train_seconds": meta.get("train_seconds"),
                       "train_config": meta.get("train_config"), "data": meta.get("data"),
-                      **{k: meta[k] for k in ("stage_epochs", "init_from") if k in meta}}
+                      **{k: meta[k] for k in ("stage_epochs", "init_from", "averaged", "recalibration") if k in meta}}
         trained = None
     else:
         config = PRESETS["paper"]
