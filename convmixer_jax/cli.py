@@ -345,6 +345,7 @@ def cmd_train(args) -> int:
              "data": args.data_dir if args.data_dir else "tfds:cifar10", "classes": list(classes),
              "workdir": str(args.workdir),
              **warm_start_totals(init_from, len(history["epochs"]), total_train_seconds(history))}
+    extra["epochs_planned"] = extra["epochs"] - len(history["epochs"]) + recipe.epochs
     save_model(args.out, config, variables, extra=extra, force=args.force)
     print(json.dumps({"test_accuracy": acc, "model": str(args.out), "epochs": extra["epochs"]}))
     return 0

@@ -293,7 +293,7 @@ def test_train_init_from_warm_starts_and_counts_both_stages(env, tiny_data, tmp_
                      jax.tree.leaves(fresh["params"])))
     assert max(float(np.max(np.abs(w - s))) for w, s, _ in pairs) < 1e-6
     assert max(float(np.max(np.abs(s - f))) for _, s, f in pairs) > 1e-3
-    assert meta["epochs"] == 3 and meta["stage_epochs"] == [2, 1]
+    assert meta["epochs"] == 3 and meta["epochs_planned"] == 3 and meta["stage_epochs"] == [2, 1]
     assert meta["init_from"]["model"] == str(tmp_path / "m0") and meta["init_from"]["epochs"] == 2
     stage2 = json.loads((tmp_path / "w1" / "train_log.json").read_text())
     assert stage2["init_from"]["model"] == str(tmp_path / "m0")
