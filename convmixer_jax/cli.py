@@ -751,8 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Average the weights of two or more plain models of one architecture (a uniform model soup, "
             "as at the end of stochastic weight averaging; meant for models of one training lineage, "
             "e.g. a model and its train --init-from continuation), re-estimate every BatchNorm's "
-            "statistics on the training images, report the test accuracy and save the result as a "
-            "plain model.")
+            "statistics on the (unaugmented) training images, report the test accuracy and save the "
+            "result as a plain model. Re-measuring alone can cost accuracy for a model trained with "
+            "augmentation (results/cifar10/README.md): compare with the inputs' test accuracy.")
     p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="plain model directories (two or more)")
     _add_data_options(p)
     p.add_argument("--weights", type=_positive_float, nargs="+", metavar="W",
