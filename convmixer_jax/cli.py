@@ -101,14 +101,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels", type=_positive_int, help="input channels C (paper: 3)")
 
 
+_ARCH_OPTIONS = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "image_size", "channels")
+
+
 def _model_config(args):
     import dataclasses
 
     from convmixer_jax.model import PRESETS, ConvMixerConfig
 
     base = PRESETS[args.preset] if args.preset else ConvMixerConfig()
-    names = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "image_size", "channels")
-    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    overrides = {n: getattr(args, n) for n in _ARCH_OPTIONS if getattr(args, n) is not None}
     return dataclasses.replace(base, **overrides)
 
 
@@ -266,9 +268,6 @@ def cmd_plot_training(args) -> int:
     return 0
 
 
-_ARCH_OPTIONS = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "image_size", "channels")
-
-
 def _warm_start(args, config):
     """(config, variables, init_from) of ``train --init-from MODEL_DIR``.
 
@@ -344,8 +343,8 @@ def cmd_train(args) -> int:
              "test_accuracy": acc, "train_images": len(train_x), "test_images": len(test_x),
              "data": args.data_dir if args.data_dir else "tfds:cifar10", "classes": list(classes),
              "workdir": str(args.workdir),
-             **warm_start_totals(init_from, len(history["epochs"]), total_train_seconds(history))}
-    extra["epochs_planned"] = extra["epochs"] - len(history["epochs"]) + recipe.epochs
+             **warm_start_totals(init_from, len(history["epochs"]), total_train_seconds(history),
+                                 planned=recipe.epochs)}
     save_model(args.out, config, variables, extra=extra, force=args.force)
     print(json.dumps({"test_accuracy": acc, "model": str(args.out), "epochs": extra["epochs"]}))
     return 0
@@ -623,10 +622,10 @@ def cmd_export_model(args) -> int:
     check_output_path(args.out, args.force)
     config, variables, info = load_checkpoint(args.workdir)
     log = info["log"] or {}
-    totals = warm_start_totals(info["init_from"], info["epoch"], info["train_seconds"])
-    prior = totals["epochs"] - info["epoch"]
+    totals = warm_start_totals(info["init_from"], info["epoch"], info["train_seconds"],
+                               planned=info["epochs_planned"])
     extra = {"created_by": "export-model", "workdir": str(args.workdir), **totals,
-             "epochs_planned": prior + info["epochs_planned"], "train_config": info["recipe"],
+             "train_config": info["recipe"],
              "test_accuracy": log.get("test_accuracy"),
              "train_accuracy": log.get("train_accuracy"), "data": args.data_label}
     save_model(args.out, config, variables, extra=extra, force=args.force)

@@ -318,20 +318,22 @@ def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
                                "init_from": history.get("init_from")}
 
 
-def warm_start_totals(init_from: dict | None, epochs: int, train_seconds: float) -> dict:
+def warm_start_totals(init_from: dict | None, epochs: int, train_seconds: float, *, planned: int) -> dict:
     """Provenance of a model trained in stages: total epochs and seconds.
 
     init_from: a run's ``init_from`` (None for a run from scratch), holding the
-    starting model's ``epochs`` and ``train_seconds``; epochs / train_seconds:
-    this run's. Returns ``{'epochs', 'train_seconds'}`` counting every stage,
+    starting model's ``epochs`` and ``train_seconds``; epochs / train_seconds /
+    planned: this run's done and planned epochs and its seconds. Returns
+    ``{'epochs', 'epochs_planned', 'train_seconds'}`` counting every stage,
     plus ``'stage_epochs'`` / ``'init_from'`` for a warm start.
     """
+    prior_epochs = int((init_from or {}).get("epochs") or 0)
+    prior_seconds = float((init_from or {}).get("train_seconds") or 0.0)
+    totals = {"epochs": prior_epochs + epochs, "epochs_planned": prior_epochs + planned,
+              "train_seconds": prior_seconds + train_seconds}
     if not init_from:
-        return {"epochs": epochs, "train_seconds": train_seconds}
-    prior_epochs = int(init_from.get("epochs") or 0)
-    prior_seconds = float(init_from.get("train_seconds") or 0.0)
-    return {"epochs": prior_epochs + epochs, "train_seconds": prior_seconds + train_seconds,
-            "stage_epochs": [prior_epochs, epochs], "init_from": init_from}
+        return totals
+    return {**totals, "stage_epochs": [prior_epochs, epochs], "init_from": init_from}
 
 
 def init_variables_abstract(config: ConvMixerConfig):
