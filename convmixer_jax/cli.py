@@ -379,10 +379,21 @@ def cmd_average_models(args) -> int:
     train_x, _ = _subset(train_x, train_y, args.limit_train, args.seed)
     check_model_images(config, train_x)
     check_model_images(config, test_x)
+    train_config = loaded[-1][2].get("train_config") or {}
+    bn_batch = int(train_config.get("batch_size") or args.batch_size)
+    augment = None
+    if args.bn_images == "augmented" and train_config.get("augment"):
+        import functools
+
+        import jax
+
+        from convmixer_jax.train import TrainConfig, augment_batch
+
+        augment = jax.jit(functools.partial(augment_batch, cfg=TrainConfig.from_dict(train_config)))
     t0 = time.perf_counter()
     averaged = average_variables([v for _, v, _ in loaded], args.weights)
-    averaged = recalibrate_batch_stats(config, averaged, train_x, batch_size=args.batch_size,
-                                       progress=not args.quiet)
+    averaged = recalibrate_batch_stats(config, averaged, train_x, batch_size=bn_batch, augment=augment,
+                                       passes=args.bn_passes, seed=args.seed, progress=not args.quiet)
     seconds = time.perf_counter() - t0
     acc = accuracy(config, averaged, test_x, test_y, batch_size=args.batch_size, progress=not args.quiet)
     # a model that another input was warm-started from is part of that input's totals
@@ -396,7 +407,9 @@ def cmd_average_models(args) -> int:
     extra = {"created_by": "average-models", "averaged": inputs, "weights": [w / sum(weights) for w in weights],
              "epochs": max(int(meta.get("epochs") or 0) for _, _, meta in loaded),
              "train_seconds": sum(float(meta.get("train_seconds") or 0.0) for meta in leaves) + seconds,
-             "recalibration": {"train_images": int(len(train_x)), "seconds": seconds},
+             "recalibration": {"train_images": int(len(train_x)), "seconds": seconds, "batch_size": bn_batch,
+                               "augment": list(train_config.get("augment") or []) if augment else [],
+                               "passes": args.bn_passes, "seed": args.seed},
              "test_accuracy": acc, "test_images": int(len(test_x)),
              "train_config": loaded[-1][2].get("train_config"),
              "data": args.data_dir if args.data_dir else "tfds:cifar10"}
@@ -750,17 +763,25 @@ def build_parser() -> argparse.ArgumentParser:
             "Average the weights of two or more plain models of one architecture (a uniform model soup, "
             "as at the end of stochastic weight averaging; meant for models of one training lineage, "
             "e.g. a model and its train --init-from continuation), re-estimate every BatchNorm's "
-            "statistics on the (unaugmented) training images, report the test accuracy and save the "
-            "result as a plain model. Re-measuring alone can cost accuracy for a model trained with "
-            "augmentation (results/cifar10/README.md): compare with the inputs' test accuracy.")
+            "statistics on the training images (shuffled, in batches of the training batch size, "
+            "under the training augmentation of the last model's recipe unless --bn-images plain), "
+            "report the test accuracy and save the result as a plain model. Compare with the inputs' "
+            "test accuracy (results/cifar10/README.md).")
     p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="plain model directories (two or more)")
     _add_data_options(p)
     p.add_argument("--weights", type=_positive_float, nargs="+", metavar="W",
                    help="one positive weight per model (default equal)")
     p.add_argument("--limit-train", type=_positive_int, metavar="N",
                    help="measure BatchNorm statistics on a random subset of N training images")
-    p.add_argument("--seed", type=_int, default=0, metavar="N", help="seed of the --limit-train subset (default 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=500, metavar="B", help="default 500")
+    p.add_argument("--bn-images", choices=["augmented", "plain"], default="augmented",
+                   help="measure BatchNorm statistics on training images under the recipe's augmentation "
+                        "(crop/flip/cutout from the last model's train_config; default) or as they are")
+    p.add_argument("--bn-passes", type=_positive_int, default=1, metavar="P",
+                   help="passes over the training images for the statistics (default 1)")
+    p.add_argument("--seed", type=_int, default=0, metavar="N",
+                   help="seed of the --limit-train subset, the shuffling and the augmentation (default 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=500, metavar="B",
+                   help="test evaluation batch size (default 500); the statistics use the training batch size")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
     _add_force(p)

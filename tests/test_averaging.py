@@ -91,3 +91,59 @@ def test_first_layer_statistics_do_not_depend_on_the_batching(n, batch):
 def test_recalibrate_refuses_empty_data():
     with pytest.raises(ValueError, match="at least one image"):
         recalibrate_batch_stats(CFG, init_variables(CFG, 0), images(0))
+
+
+def test_class_sorted_data_is_shuffled_before_batching():
+    """Images stored in two homogeneous halves (dark, then bright): unshuffled batches of
+    half the data would each be normalized by their own statistics, and the BatchNorm
+    after the stem would see something far from the one-batch values."""
+    rng = np.random.default_rng(0)
+    dark = rng.integers(0, 40, (32, 8, 8, 3))
+    bright = rng.integers(215, 256, (32, 8, 8, 3))
+    x = np.concatenate([dark, bright]).astype(np.uint8)
+    v = init_variables(CFG, 0)
+    full = recalibrate_batch_stats(CFG, v, x, batch_size=64)["batch_stats"]
+    halves = [recalibrate_batch_stats(CFG, v, h, batch_size=32)["batch_stats"] for h in (x[:32], x[32:])]
+    sorted_mean = (halves[0]["block_0"]["depthwise_bn"]["mean"] + halves[1]["block_0"]["depthwise_bn"]["mean"]) / 2
+    shuffled = recalibrate_batch_stats(CFG, v, x, batch_size=32)["batch_stats"]
+    err_sorted = np.abs(sorted_mean - full["block_0"]["depthwise_bn"]["mean"]).mean()
+    err_shuffled = np.abs(shuffled["block_0"]["depthwise_bn"]["mean"] - full["block_0"]["depthwise_bn"]["mean"]).mean()
+    assert err_shuffled < 0.5 * err_sorted
+    # the order of the input does not matter once the data is in one batch
+    flipped = recalibrate_batch_stats(CFG, v, x[::-1], batch_size=64)["batch_stats"]
+    for a, b in zip(jax.tree.leaves(flipped), jax.tree.leaves(full)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_augmented_statistics_are_those_of_the_augmented_images():
+    v = init_variables(CFG, 1)
+    x = images(10, seed=5)
+    mirror = lambda rng, batch: batch[:, :, ::-1].astype(np.float32) / 255.0  # noqa: E731
+    aug = recalibrate_batch_stats(CFG, v, x, batch_size=10, augment=mirror)
+    direct = recalibrate_batch_stats(CFG, v, x[:, :, ::-1], batch_size=10)
+    plain = recalibrate_batch_stats(CFG, v, x, batch_size=10)
+    for a, b in zip(jax.tree.leaves(aug), jax.tree.leaves(direct)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert max(np.max(np.abs(a - b)) for a, b in
+               zip(jax.tree.leaves(aug["batch_stats"]), jax.tree.leaves(plain["batch_stats"]))) > 1e-4
+    # a deterministic augmentation pooled over two passes gives the one-pass values
+    twice = recalibrate_batch_stats(CFG, v, x, batch_size=10, augment=mirror, passes=2)
+    for a, b in zip(jax.tree.leaves(twice), jax.tree.leaves(aug)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_each_augmented_batch_gets_its_own_random_key():
+    seen = []
+
+    def record(rng, batch):
+        seen.append(np.asarray(jax.random.key_data(rng)) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+                    else np.asarray(rng))
+        return batch.astype(np.float32) / 255.0
+
+    recalibrate_batch_stats(CFG, init_variables(CFG, 0), images(9), batch_size=4, augment=record, passes=2, seed=3)
+    assert len(seen) == 6  # 3 batches x 2 passes
+    assert len({s.tobytes() for s in seen}) == 6
+    base = jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(seen[4], np.asarray(jax.random.fold_in(jax.random.fold_in(base, 1), 1)))
+    with pytest.raises(ValueError, match="passes"):
+        recalibrate_batch_stats(CFG, init_variables(CFG, 0), images(4), passes=0)

@@ -589,23 +589,40 @@ def test_staged_output_dir_replaces_whole_or_not_at_all(tmp_path):
 def test_average_models_cli(env, tiny_data, tmp_path, capsys):
     import jax
 
+    import functools
+
     from convmixer_jax.averaging import average_variables, recalibrate_batch_stats
     from convmixer_jax.data import load_split
+    from convmixer_jax.train import TrainConfig, augment_batch
 
     common = ["--data-dir", tiny_data, "--batch-size", "4", "--quiet"]
     ok(capsys, "train", *common, "--epochs", "2", "--lr", "0.01", *TINY, "--workdir", tmp_path / "w0",
        "--out", tmp_path / "m0")
-    ok(capsys, "train", *common, "--epochs", "1", "--lr", "0.01", "--init-from", tmp_path / "m0",
-       "--workdir", tmp_path / "w1", "--out", tmp_path / "m1")
+    # the continuation uses the fast recipe (crop, flip, cutout) with batches of 4
+    ok(capsys, "train", *common, "--recipe", "fast", "--epochs", "1", "--lr", "0.01", "--init-from",
+       tmp_path / "m0", "--workdir", tmp_path / "w1", "--out", tmp_path / "m1")
     out = json.loads(ok(capsys, "average-models", tmp_path / "m0", tmp_path / "m1", "--data-dir", tiny_data,
-                        "--quiet", "--out", tmp_path / "avg").strip().splitlines()[-1])
+                        "--quiet", "--seed", "3", "--out", tmp_path / "avg").strip().splitlines()[-1])
     config, avg, meta = model_io.load_model(tmp_path / "avg")
     _, v0, meta0 = model_io.load_model(tmp_path / "m0")
     _, v1, meta1 = model_io.load_model(tmp_path / "m1")
     train_x, _, _ = load_split("train", data_dir=str(tiny_data))
-    expect = recalibrate_batch_stats(config, average_variables([v0, v1]), train_x)
+    cfg1 = TrainConfig.from_dict(meta1["train_config"])
+    augment = functools.partial(augment_batch, cfg=cfg1)
+    expect = recalibrate_batch_stats(config, average_variables([v0, v1]), train_x, batch_size=4,
+                                     augment=augment, seed=3)
     for a, b in zip(jax.tree.leaves(avg), jax.tree.leaves(expect)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert meta["recalibration"]["augment"] == ["crop", "flip", "cutout"]
+    assert meta["recalibration"]["batch_size"] == 4 and meta["recalibration"]["seed"] == 3
+    ok(capsys, "average-models", tmp_path / "m0", tmp_path / "m1", "--data-dir", tiny_data, "--quiet",
+       "--bn-images", "plain", "--bn-passes", "2", "--out", tmp_path / "avg-plain")
+    _, avg_plain, meta_plain = model_io.load_model(tmp_path / "avg-plain")
+    expect = recalibrate_batch_stats(config, average_variables([v0, v1]), train_x, batch_size=4, passes=2)
+    for a, b in zip(jax.tree.leaves(avg_plain), jax.tree.leaves(expect)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert meta_plain["recalibration"]["augment"] == [] and meta_plain["recalibration"]["passes"] == 2
+    assert not np.allclose(avg_plain["batch_stats"]["stem_bn"]["var"], avg["batch_stats"]["stem_bn"]["var"])
     assert meta["encryption"] is None and meta["epochs"] == 3 and meta["weights"] == [0.5, 0.5]
     assert out["test_accuracy"] == meta["test_accuracy"] and meta["test_images"] == 6
     assert [i["epochs"] for i in meta["averaged"]] == [2, 3]
