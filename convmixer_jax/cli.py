@@ -352,7 +352,6 @@ def cmd_train(args) -> int:
 
 def cmd_average_models(args) -> int:
     import time
-    from pathlib import Path
 
     from convmixer_jax.averaging import average_variables, recalibrate_batch_stats
     from convmixer_jax.evaluate import accuracy, check_model_images
@@ -396,11 +395,14 @@ def cmd_average_models(args) -> int:
                                        passes=args.bn_passes, seed=args.seed, progress=not args.quiet)
     seconds = time.perf_counter() - t0
     acc = accuracy(config, averaged, test_x, test_y, batch_size=args.batch_size, progress=not args.quiet)
-    # a model that another input was warm-started from is part of that input's totals
-    resolved = [Path(m).resolve() for m in args.models]
-    ancestors = {Path((meta.get("init_from") or {}).get("model", "")).resolve()
-                 for _, _, meta in loaded if (meta.get("init_from") or {}).get("model")}
-    leaves = [meta for r, (_, _, meta) in zip(resolved, loaded) if r not in ancestors]
+    # a model that another input was warm-started from is part of that input's totals; it is
+    # recognized by what init_from recorded about it (paths change when models are copied)
+    def describes(init_from: dict, meta: dict) -> bool:
+        return all(init_from.get(k) == meta.get(k) for k in ("epochs", "train_seconds", "test_accuracy",
+                                                             "train_config"))
+
+    starts = [meta.get("init_from") for _, _, meta in loaded if meta.get("init_from")]
+    leaves = [meta for _, _, meta in loaded if not any(describes(s, meta) for s in starts)]
     inputs = [{"model": str(m), "epochs": meta.get("epochs"), "test_accuracy": meta.get("test_accuracy"),
                "train_seconds": meta.get("train_seconds")} for m, (_, _, meta) in zip(args.models, loaded)]
     weights = args.weights or [1.0] * len(args.models)

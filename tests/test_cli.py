@@ -615,13 +615,17 @@ def test_average_models_cli(env, tiny_data, tmp_path, capsys):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert meta["recalibration"]["augment"] == ["crop", "flip", "cutout"]
     assert meta["recalibration"]["batch_size"] == 4 and meta["recalibration"]["seed"] == 3
-    ok(capsys, "average-models", tmp_path / "m0", tmp_path / "m1", "--data-dir", tiny_data, "--quiet",
+    # a copied starting model is still recognized as m1's ancestor (by what init_from recorded)
+    shutil.copytree(tmp_path / "m0", tmp_path / "m0-copy")
+    ok(capsys, "average-models", tmp_path / "m0-copy", tmp_path / "m1", "--data-dir", tiny_data, "--quiet",
        "--bn-images", "plain", "--bn-passes", "2", "--out", tmp_path / "avg-plain")
     _, avg_plain, meta_plain = model_io.load_model(tmp_path / "avg-plain")
     expect = recalibrate_batch_stats(config, average_variables([v0, v1]), train_x, batch_size=4, passes=2)
     for a, b in zip(jax.tree.leaves(avg_plain), jax.tree.leaves(expect)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert meta_plain["recalibration"]["augment"] == [] and meta_plain["recalibration"]["passes"] == 2
+    assert meta_plain["train_seconds"] == pytest.approx(meta1["train_seconds"]
+                                                        + meta_plain["recalibration"]["seconds"])
     assert not np.allclose(avg_plain["batch_stats"]["stem_bn"]["var"], avg["batch_stats"]["stem_bn"]["var"])
     assert meta["encryption"] is None and meta["epochs"] == 3 and meta["weights"] == [0.5, 0.5]
     assert out["test_accuracy"] == meta["test_accuracy"] and meta["test_images"] == 6
