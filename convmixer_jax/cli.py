@@ -292,6 +292,8 @@ def _warm_start(args, config):
     init_from = {"model": str(args.init_from), "epochs": meta.get("epochs"),
                  "train_seconds": meta.get("train_seconds"), "test_accuracy": meta.get("test_accuracy"),
                  "train_config": meta.get("train_config")}
+    if meta.get("stage_epochs"):
+        init_from["stage_epochs"] = meta["stage_epochs"]
     return start_config, variables, init_from
 
 

@@ -322,7 +322,8 @@ def warm_start_totals(init_from: dict | None, epochs: int, train_seconds: float,
     """Provenance of a model trained in stages: total epochs and seconds.
 
     init_from: a run's ``init_from`` (None for a run from scratch), holding the
-    starting model's ``epochs`` and ``train_seconds``; epochs / train_seconds /
+    starting model's ``epochs`` and ``train_seconds`` (and its ``stage_epochs``
+    if it was itself warm-started); epochs / train_seconds /
     planned: this run's done and planned epochs and its seconds. Returns
     ``{'epochs', 'epochs_planned', 'train_seconds'}`` counting every stage,
     plus ``'stage_epochs'`` / ``'init_from'`` for a warm start.
@@ -333,7 +334,8 @@ def warm_start_totals(init_from: dict | None, epochs: int, train_seconds: float,
               "train_seconds": prior_seconds + train_seconds}
     if not init_from:
         return totals
-    return {**totals, "stage_epochs": [prior_epochs, epochs], "init_from": init_from}
+    prior_stages = [int(e) for e in init_from.get("stage_epochs") or [prior_epochs]]
+    return {**totals, "stage_epochs": [*prior_stages, epochs], "init_from": init_from}
 
 
 def init_variables_abstract(config: ConvMixerConfig):

@@ -304,6 +304,11 @@ def test_train_init_from_warm_starts_and_counts_both_stages(env, tiny_data, tmp_
     _, _, emeta = model_io.load_model(tmp_path / "m1e")
     assert emeta["epochs"] == 3 and emeta["epochs_planned"] == 3
     assert emeta["train_seconds"] == pytest.approx(meta["train_seconds"])
+    # a third stage lists every stage, not the second's total and its own
+    ok(capsys, "train", *common, "--epochs", "1", "--lr", "1e-9", "--init-from", tmp_path / "m1",
+       "--workdir", tmp_path / "w4", "--out", tmp_path / "m4")
+    _, _, meta4 = model_io.load_model(tmp_path / "m4")
+    assert meta4["epochs"] == 4 and meta4["stage_epochs"] == [2, 1, 1]
     # the architecture is the starting model's: a different one is refused, as is an encrypted start
     assert_error(capsys, ["train", *common, "--epochs", "1", "--init-from", tmp_path / "m0", "--dim", "16",
                           "--workdir", tmp_path / "w2", "--out", tmp_path / "m2"], "another architecture", "--dim 16")
