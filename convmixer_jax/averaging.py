@@ -113,6 +113,8 @@ def recalibrate_batch_stats(config: ConvMixerConfig, variables: dict, images, *,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
+    if seed < 0:
+        raise ValueError(f"the recalibration seed must be >= 0, got {seed}")
     n = len(images)
     if n == 0:
         raise ValueError("recalibration needs at least one image")

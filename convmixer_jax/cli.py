@@ -69,6 +69,13 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _seed(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer (seeds are >= 0), got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -670,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=_positive_int, required=True, metavar="M",
                    help="block size M (= the model's patch size)")
     p.add_argument("--channels", type=_positive_int, required=True, metavar="C", help="image channels C")
-    p.add_argument("--seed", type=_int, metavar="N", help="reproducible key, for experiments only")
+    p.add_argument("--seed", type=_seed, metavar="N", help="reproducible key, for experiments only")
     p.add_argument("--out", required=True, metavar="KEY.json", help="key file to write (kept secret)")
     _add_force(p)
 
@@ -687,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("init-model", cmd_init_model, "make a freshly initialized plain model directory")
     _add_model_options(p)
-    p.add_argument("--seed", type=_int, required=True, metavar="N", help="initialization seed")
+    p.add_argument("--seed", type=_seed, required=True, metavar="N", help="initialization seed")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
     _add_force(p)
 
@@ -749,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, metavar="B", help="override the recipe's batch size")
     p.add_argument("--lr", type=_positive_float, help="override the recipe's (peak) learning rate")
     _add_model_options(p)
-    p.add_argument("--seed", type=_int, default=0, metavar="N",
+    p.add_argument("--seed", type=_seed, default=0, metavar="N",
                    help="initialization, data order, augmentation and --limit-* subsets (default 0)")
     p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints and train_log.json")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --workdir")
@@ -782,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(crop/flip/cutout from the last model's train_config; default) or as they are")
     p.add_argument("--bn-passes", type=_positive_int, default=1, metavar="P",
                    help="passes over the training images for the statistics (default 1)")
-    p.add_argument("--seed", type=_int, default=0, metavar="N",
+    p.add_argument("--seed", type=_seed, default=0, metavar="N",
                    help="seed of the --limit-train subset, the shuffling and the augmentation (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=500, metavar="B",
                    help="test evaluation batch size (default 500); the statistics use the training batch size")
@@ -797,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     p.add_argument("--key", metavar="KEY.json", help="encrypt the test images with this key")
     p.add_argument("--limit", type=_positive_int, metavar="K", help="a random subset of K test images")
-    p.add_argument("--seed", type=_int, default=0, metavar="N", help="seed of the --limit subset (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, metavar="N", help="seed of the --limit subset (default 0)")
     p.add_argument("--batch-size", type=_positive_int, default=500, metavar="B", help="default 500")
     p = add("export-model", cmd_export_model, "save the newest epoch checkpoint of a training run as a model",
             "Turn the newest Orbax epoch checkpoint in a training --workdir into a plain model "
@@ -816,7 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     p.add_argument("--num-keys", type=_positive_int, required=True, metavar="N", help="number of wrong keys")
     p.add_argument("--limit", type=_positive_int, metavar="K", help="a random subset of K test images")
-    p.add_argument("--seed", type=_int, metavar="S",
+    p.add_argument("--seed", type=_seed, metavar="S",
                    help="seed of the wrong keys (and the --limit subset); default: a random one, recorded")
     p.add_argument("--strategy", choices=["images", "weights"], default="weights",
                    help="encrypt the images with each key, or fold each key into the patch embedding "
@@ -841,10 +848,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue training from --workdir")
     p.add_argument("--num-keys", type=_int, default=100, metavar="N", help="random wrong keys (default 100)")
     p.add_argument("--limit", type=_positive_int, metavar="K", help="a random subset of K test images")
-    p.add_argument("--seed", type=_int, default=0, metavar="N", help="training seed and --limit subset (default 0)")
-    p.add_argument("--key-seed", type=_int, metavar="N",
+    p.add_argument("--seed", type=_seed, default=0, metavar="N", help="training seed and --limit subset (default 0)")
+    p.add_argument("--key-seed", type=_seed, metavar="N",
                    help="reproducible secret key (experiments only; default: OS CSPRNG)")
-    p.add_argument("--attack-seed", type=_int, metavar="N", help="seed of the wrong keys (default: random, recorded)")
+    p.add_argument("--attack-seed", type=_seed, metavar="N", help="seed of the wrong keys (default: random, recorded)")
     p.add_argument("--strategy", choices=["images", "weights"], default="weights", help="wrong-key sweep strategy")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -865,7 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs of the reference trained when --reference-model is not given (0: skip; default 2)")
     p.add_argument("--reference-train-images", type=_positive_int, default=10000, metavar="N",
                    help="training images of that reference (default 10000)")
-    p.add_argument("--reference-seed", type=_int, default=1, metavar="N", help="its seed (default 1)")
+    p.add_argument("--reference-seed", type=_seed, default=1, metavar="N", help="its seed (default 1)")
     p.add_argument("--pairs", type=_positive_int, nargs="+", default=[1, 2, 4], metavar="N",
                    help="known-plaintext pair counts (default 1 2 4)")
     p.add_argument("--trials", type=_positive_int, default=200, metavar="T", help="trials per pair count (default 200)")
@@ -881,7 +888,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=["stem", "all", "scratch"], help="what is trained (default: all three)")
     p.add_argument("--finetune-steps", type=_positive_int, metavar="S",
                    help="steps per fine-tuning run (default: grows with n, see finetune_attack.default_steps)")
-    p.add_argument("--seed", type=_int, metavar="N", help="repeatable keys and subsets (default: OS CSPRNG keys)")
+    p.add_argument("--seed", type=_seed, metavar="N", help="repeatable keys and subsets (default: OS CSPRNG keys)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     _add_force(p)
 

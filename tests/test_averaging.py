@@ -147,3 +147,5 @@ def test_each_augmented_batch_gets_its_own_random_key():
     np.testing.assert_array_equal(seen[4], np.asarray(jax.random.fold_in(jax.random.fold_in(base, 1), 1)))
     with pytest.raises(ValueError, match="passes"):
         recalibrate_batch_stats(CFG, init_variables(CFG, 0), images(4), passes=0)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        recalibrate_batch_stats(CFG, init_variables(CFG, 0), images(4), seed=-1)

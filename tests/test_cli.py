@@ -544,6 +544,10 @@ def test_usage_errors_exit_2(capsys):
     assert_error(capsys, ["keygen", "--block-size", "zero", "--channels", "3", "--out", "x"], "positive integer",
                  rc_expected=2)
     assert_error(capsys, ["no-such-command"], "invalid choice", rc_expected=2)
+    for argv in (["keygen", "--block-size", "4", "--channels", "3", "--seed", "-1", "--out", "x"],
+                 ["average-models", "a", "b", "--seed", "-3", "--out", "x"],
+                 ["attack", "m", "--num-keys", "2", "--seed", "-1", "--out", "x"]):
+        assert_error(capsys, argv, "--seed", "non-negative", rc_expected=2)
     assert_error(capsys, [], "required", rc_expected=2)
     assert_error(capsys, ["keyspace", "--block-size", "3", "--channels", "3"], "odd", rc_expected=1)
 
