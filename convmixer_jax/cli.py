@@ -365,6 +365,7 @@ def cmd_average_models(args) -> int:
     from convmixer_jax.averaging import average_variables, recalibrate_batch_stats
     from convmixer_jax.evaluate import accuracy, check_model_images
     from convmixer_jax.model_io import ModelDirError, check_output_path, is_encrypted, load_model, save_model
+    from convmixer_jax.train import lineage_train_seconds
 
     check_output_path(args.out, args.force)
     if len(args.models) < 2:
@@ -404,25 +405,17 @@ def cmd_average_models(args) -> int:
                                        passes=args.bn_passes, seed=args.seed, progress=not args.quiet)
     seconds = time.perf_counter() - t0
     acc = accuracy(config, averaged, test_x, test_y, batch_size=args.batch_size, progress=not args.quiet)
-    # a model that another input was warm-started from is part of that input's totals; it is
-    # recognized by what init_from recorded about it (paths change when models are copied)
-    def describes(init_from: dict, meta: dict) -> bool:
-        return all(init_from.get(k) == meta.get(k) for k in ("epochs", "train_seconds", "test_accuracy",
-                                                             "train_config"))
-
-    starts = [meta.get("init_from") for _, _, meta in loaded if meta.get("init_from")]
-    leaves = [meta for _, _, meta in loaded if not any(describes(s, meta) for s in starts)]
     inputs = [{"model": str(m), "epochs": meta.get("epochs"), "test_accuracy": meta.get("test_accuracy"),
                "train_seconds": meta.get("train_seconds")} for m, (_, _, meta) in zip(args.models, loaded)]
     weights = args.weights or [1.0] * len(args.models)
     extra = {"created_by": "average-models", "averaged": inputs, "weights": [w / sum(weights) for w in weights],
              "epochs": max(int(meta.get("epochs") or 0) for _, _, meta in loaded),
-             "train_seconds": sum(float(meta.get("train_seconds") or 0.0) for meta in leaves) + seconds,
+             "train_seconds": lineage_train_seconds([meta for _, _, meta in loaded]) + seconds,
              "recalibration": {"train_images": int(len(train_x)), "seconds": seconds, "batch_size": bn_batch,
                                "augment": list(train_config.get("augment") or []) if augment else [],
                                "passes": args.bn_passes, "seed": args.seed},
              "test_accuracy": acc, "test_images": int(len(test_x)),
-             "train_config": loaded[-1][2].get("train_config"),
+             "train_config": train_config or None,
              "data": args.data_dir if args.data_dir else "tfds:cifar10"}
     save_model(args.out, config, averaged, extra=extra, force=args.force)
     print(json.dumps({"test_accuracy": acc, "inputs": [i["test_accuracy"] for i in inputs],

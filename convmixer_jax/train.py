@@ -338,6 +338,20 @@ def warm_start_totals(init_from: dict | None, epochs: int, train_seconds: float,
     return {**totals, "stage_epochs": [*prior_stages, epochs], "init_from": init_from}
 
 
+def lineage_train_seconds(metas: list[dict]) -> float:
+    """Training seconds of several models' ``config.json`` metadata, each stage counted once.
+
+    A model that another one was warm-started from is already in that one's
+    ``train_seconds`` (see :func:`warm_start_totals`); it is recognized by what the
+    other's ``init_from`` recorded about it (epochs, train_seconds, test_accuracy,
+    train_config), not by its path, which changes when models are copied.
+    """
+    keys = ("epochs", "train_seconds", "test_accuracy", "train_config")
+    starts = [m["init_from"] for m in metas if m.get("init_from")]
+    return sum(float(m.get("train_seconds") or 0.0) for m in metas
+               if not any(all(s.get(k) == m.get(k) for k in keys) for s in starts))
+
+
 def init_variables_abstract(config: ConvMixerConfig):
     """``model.init`` for use under ``jax.eval_shape`` (shapes only, no compute)."""
     model = ConvMixer(config)
