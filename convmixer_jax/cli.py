@@ -321,7 +321,7 @@ def cmd_train(args) -> int:
     init_variables_, init_from = None, None
     if args.init_from:
         config, init_variables_, init_from = _warm_start(args, config)
-    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "holdout": args.holdout}
     recipe = dataclasses.replace(RECIPES[args.recipe], seed=args.seed,
                                  **{k: v for k, v in overrides.items() if v is not None})
     train_x, train_y, classes = _load_split(args, "train")
@@ -338,7 +338,10 @@ def cmd_train(args) -> int:
     if top >= config.num_classes:
         raise DataError(f"the data have labels up to {top} but the model has {config.num_classes} classes; "
                         f"pass --num-classes {top + 1}")
-    variables, history = train(config, recipe, (train_x, train_y), (test_x, test_y), args.workdir,
+    # A recipe with a validation hold-out is judged on it alone: the test images are
+    # scored once, for the final model, after training.
+    per_epoch_test = None if recipe.holdout else (test_x, test_y)
+    variables, history = train(config, recipe, (train_x, train_y), per_epoch_test, args.workdir,
                                resume=args.resume, progress=not args.quiet,
                                init_variables_=init_variables_, init_from=init_from)
     if history.get("epochs"):
@@ -348,8 +351,12 @@ def cmd_train(args) -> int:
     acc = history["epochs"][-1].get("test_accuracy") if history.get("epochs") else None
     if acc is None:
         acc = accuracy(config, variables, test_x, test_y)
+    last = history["epochs"][-1] if history.get("epochs") else {}
     extra = {"created_by": "train", "recipe": args.recipe, "train_config": recipe.to_dict(),
-             "test_accuracy": acc, "train_images": len(train_x), "test_images": len(test_x),
+             "test_accuracy": acc, "train_images": history.get("train_images", len(train_x)),
+             "test_images": len(test_x), "weights": history.get("weights", "raw"),
+             "holdout": history.get("holdout"), "val_accuracy": last.get("val_accuracy"),
+             "val_accuracy_ema": last.get("val_accuracy_ema"),
              "data": args.data_dir if args.data_dir else "tfds:cifar10", "classes": list(classes),
              "workdir": str(args.workdir),
              **warm_start_totals(init_from, len(history["epochs"]), total_train_seconds(history),
@@ -643,11 +650,13 @@ def cmd_export_model(args) -> int:
                                planned=info["epochs_planned"])
     extra = {"created_by": "export-model", "workdir": str(args.workdir), **totals,
              "train_config": info["recipe"],
-             "test_accuracy": log.get("test_accuracy"),
-             "train_accuracy": log.get("train_accuracy"), "data": args.data_label}
+             "test_accuracy": log.get("test_accuracy_ema" if info["weights"] == "ema" else "test_accuracy"),
+             "train_accuracy": log.get("train_accuracy"), "data": args.data_label,
+             "weights": info["weights"], "holdout": info["holdout"], "train_images": info["train_images"],
+             "val_accuracy": log.get("val_accuracy"), "val_accuracy_ema": log.get("val_accuracy_ema")}
     save_model(args.out, config, variables, extra=extra, force=args.force)
     print(json.dumps({"model": str(args.out), "epoch": extra["epochs"], "of": extra["epochs_planned"],
-                      "test_accuracy": log.get("test_accuracy")}))
+                      "test_accuracy": extra["test_accuracy"]}))
     return 0
 
 
@@ -744,10 +753,14 @@ def build_parser() -> argparse.ArgumentParser:
             "epochs), checkpointing every epoch into --workdir, then save the plain model with "
             "its recipe and final test accuracy in config.json.")
     _add_data_options(p)
-    p.add_argument("--recipe", choices=["paper", "fast"], default="paper", help="training recipe (default paper)")
+    p.add_argument("--recipe", choices=["paper", "fast", "strong"], default="paper",
+                   help="training recipe (default paper; strong: fast + RandAugment, EMA, 5,000 held out)")
     p.add_argument("--epochs", type=_positive_int, metavar="E", help="override the recipe's epochs")
     p.add_argument("--batch-size", type=_positive_int, metavar="B", help="override the recipe's batch size")
     p.add_argument("--lr", type=_positive_float, help="override the recipe's (peak) learning rate")
+    p.add_argument("--holdout", type=_seed, metavar="N",
+                   help="override the recipe's validation hold-out: N training images, stratified, "
+                        "not trained on (0: none)")
     _add_model_options(p)
     p.add_argument("--seed", type=_seed, default=0, metavar="N",
                    help="initialization, data order, augmentation and --limit-* subsets (default 0)")

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from convmixer_jax.evaluate import accuracy
 from convmixer_jax.model import ConvMixer, ConvMixerConfig
+from convmixer_jax.randaugment import rand_augment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,15 @@ class TrainConfig:
 
     optimizer: 'adam' | 'adamw'; schedule: 'constant' | 'onecycle' (peak ``lr``);
     augment: tuple of 'crop' (reflect pad 4, random crop), 'flip' (horizontal),
-    'cutout' (one ``cutout``-pixel square zeroed to the mean); label_smoothing in [0, 1).
+    'randaugment' (``ra_ops`` ops at magnitude ``ra_magnitude`` of 30, see
+    :mod:`convmixer_jax.randaugment`), 'cutout' (one ``cutout``-pixel square set to
+    0.5), applied in that order; label_smoothing in [0, 1).
+    ema_decay: if > 0, an exponential moving average of the parameters and
+    BatchNorm statistics is kept (decay ``min(ema_decay, (1 + t) / (10 + t))`` at
+    step t) and evaluated beside the raw weights.
+    holdout: if > 0, that many training images (stratified by class, drawn with
+    ``holdout_seed``) are held out as a validation split: not trained on, and
+    evaluated every epoch.
     """
 
     epochs: int = 200
@@ -45,6 +54,11 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     seed: int = 0
+    ra_ops: int = 2
+    ra_magnitude: int = 9
+    ema_decay: float = 0.0
+    holdout: int = 0
+    holdout_seed: int = 0
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "adamw"):
@@ -52,9 +66,15 @@ class TrainConfig:
         if self.schedule not in ("constant", "onecycle"):
             raise ValueError(f"schedule must be 'constant' or 'onecycle', got {self.schedule!r}")
         object.__setattr__(self, "augment", tuple(self.augment))
-        bad = set(self.augment) - {"crop", "flip", "cutout"}
+        bad = set(self.augment) - set(AUGMENTATIONS)
         if bad:
-            raise ValueError(f"unknown augmentations {sorted(bad)}; use crop, flip, cutout")
+            raise ValueError(f"unknown augmentations {sorted(bad)}; use {', '.join(AUGMENTATIONS)}")
+        if not 0 <= self.ra_magnitude <= 30 or self.ra_ops < 1:
+            raise ValueError("ra_magnitude must be in 0..30 and ra_ops >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {self.holdout}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
 
@@ -68,6 +88,9 @@ class TrainConfig:
         return cls(**d)
 
 
+AUGMENTATIONS = ("crop", "flip", "randaugment", "cutout")
+
+
 RECIPES = {
     # Iijima & Kiya (2022), section 4: Adam, lr 1e-3, batch 128, 200 epochs.
     "paper": TrainConfig(epochs=200, batch_size=128, optimizer="adam", lr=1e-3),
@@ -76,6 +99,14 @@ RECIPES = {
     "fast": TrainConfig(epochs=40, batch_size=256, optimizer="adamw", lr=0.01, weight_decay=0.05,
                         schedule="onecycle", augment=("crop", "flip", "cutout"), cutout=8,
                         label_smoothing=0.1, grad_clip=1.0),
+    # The fast recipe made stronger against over-fitting (train 0.98 vs test 0.87
+    # with it): RandAugment (2 ops, magnitude 12, as locuslab's CIFAR-10 ConvMixer
+    # script) in place of cutout, 100 epochs, an EMA of the weights, and 5,000
+    # training images held out to choose by (results/cifar10/README.md).
+    "strong": TrainConfig(epochs=100, batch_size=256, optimizer="adamw", lr=0.01, weight_decay=0.05,
+                          schedule="onecycle", augment=("crop", "flip", "randaugment"), ra_ops=2,
+                          ra_magnitude=12, label_smoothing=0.1, grad_clip=1.0, ema_decay=0.999,
+                          holdout=5000, holdout_seed=0),
 }
 
 
@@ -111,6 +142,8 @@ def augment_batch(rng: jax.Array, images: jax.Array, cfg: TrainConfig) -> jax.Ar
     if "flip" in cfg.augment:
         do = jax.random.bernoulli(k_flip, 0.5, (n,))
         x = jnp.where(do[:, None, None, None], x[:, :, ::-1, :], x)
+    if "randaugment" in cfg.augment:
+        x = rand_augment(jax.random.fold_in(rng, 7), x, cfg.ra_ops, cfg.ra_magnitude)
     if "cutout" in cfg.augment and cfg.cutout > 0:
         centers = jax.random.randint(k_cut, (n, 2), 0, jnp.array([h, w]))
         rows = jnp.arange(h)[None, :, None]
@@ -152,6 +185,11 @@ def _make_step(config: ConvMixerConfig, cfg: TrainConfig, tx, data_sharding, rep
         params = optax.apply_updates(state["params"], updates)
         new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
                    step=state["step"] + 1)
+        if "ema" in state:
+            t = state["step"].astype(jnp.float32)
+            decay = jnp.minimum(cfg.ema_decay, (1.0 + t) / (10.0 + t))
+            new["ema"] = jax.tree.map(lambda e, v: decay * e + (1.0 - decay) * v, state["ema"],
+                                      {"params": params, "batch_stats": batch_stats})
         return new, loss, correct
 
     return jax.jit(step, donate_argnums=(0,),
@@ -193,6 +231,13 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     images, labels = train_data
+    val_data = None
+    if cfg.holdout:
+        from convmixer_jax.data.loader import stratified_holdout
+
+        keep, held = stratified_holdout(labels, cfg.holdout, cfg.holdout_seed)
+        val_data = (images[held], labels[held])
+        images, labels = images[keep], labels[keep]
     n = len(images)
     devices = jax.devices()
     if cfg.batch_size % len(devices):
@@ -207,11 +252,14 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
     step_fn = _make_step(config, cfg, tx, data_sharding, repl)
 
     variables = init_variables_ if init_variables_ is not None else init_variables(config, cfg.seed)
-    state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-             "opt_state": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32)}
+    state = _initial_state(cfg, tx, variables)
     log_path = workdir / "train_log.json"
     history = {"model": config.to_dict(), "recipe": cfg.to_dict(), "epochs": [],
-               "devices": [str(d) for d in devices]}
+               "devices": [str(d) for d in devices], "train_images": n}
+    if val_data is not None:
+        history["holdout"] = {"images": int(len(val_data[0])), "seed": cfg.holdout_seed,
+                              "per_class": {int(c): int(k) for c, k in
+                                            zip(*np.unique(val_data[1], return_counts=True))}}
     if init_from is not None:
         history["init_from"] = init_from
     mngr = _checkpoint_manager(workdir)
@@ -223,9 +271,11 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
         start_epoch = latest
         if log_path.exists():
             saved = json.loads(log_path.read_text())
+            if saved.get("recipe") is not None:  # recipes saved before a field existed have its default
+                saved["recipe"] = TrainConfig.from_dict(saved["recipe"]).to_dict()
             for what, now in (("model", config.to_dict()), ("recipe", cfg.to_dict()),
                               ("init_from", init_from)):
-                if json.loads(json.dumps(now)) != saved.get(what):
+                if json.loads(json.dumps(now)) != json.loads(json.dumps(saved.get(what))):
                     raise ValueError(f"--resume with a different {what} than the run in {workdir} "
                                      f"(saved {saved.get(what)}, now {now}); use the same options "
                                      "or another --workdir")
@@ -271,17 +321,46 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
         train_seconds = time.perf_counter() - t0
         entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct_sum / seen,
                  "train_seconds": train_seconds, "images_per_second": seen / train_seconds}
-        if test_data is not None:
-            variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-            entry["test_accuracy"] = accuracy(config, variables, test_data[0], test_data[1])
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        for name, data in (("val", val_data), ("test", test_data)):
+            if data is not None:
+                entry[f"{name}_accuracy"] = accuracy(config, variables, data[0], data[1])
+                if "ema" in state:
+                    entry[f"{name}_accuracy_ema"] = accuracy(config, state["ema"], data[0], data[1])
         history["epochs"].append(entry)
         mngr.save(epoch + 1, args=ocp.args.StandardSave(state))
         mngr.wait_until_finished()
         _write_json_atomic(log_path, history)
         log(json.dumps(entry))
     mngr.close()
-    variables = jax.tree.map(np.asarray, {"params": state["params"], "batch_stats": state["batch_stats"]})
+    weights = choose_weights(history)
+    history["weights"] = weights
+    chosen = state["ema"] if weights == "ema" else state
+    variables = jax.tree.map(np.asarray, {"params": chosen["params"], "batch_stats": chosen["batch_stats"]})
     return variables, history
+
+
+def _initial_state(cfg: TrainConfig, tx, variables: dict) -> dict:
+    state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
+             "opt_state": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32)}
+    if cfg.ema_decay:
+        state["ema"] = jax.tree.map(jnp.array, {"params": variables["params"],
+                                                "batch_stats": variables["batch_stats"]})
+    return state
+
+
+def choose_weights(history: dict) -> str:
+    """'ema' or 'raw': which weights of a run are its model.
+
+    The EMA weights when the recipe keeps an EMA, unless the newest epoch's
+    validation accuracy (never the test accuracy) is higher for the raw weights.
+    """
+    if not (history.get("recipe") or {}).get("ema_decay"):
+        return "raw"
+    last = history["epochs"][-1] if history.get("epochs") else {}
+    if "val_accuracy" in last and last["val_accuracy"] > last.get("val_accuracy_ema", -1.0):
+        return "raw"
+    return "ema"
 
 
 def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
@@ -305,16 +384,17 @@ def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
         raise FileNotFoundError(f"{workdir} holds no checkpoint")
     tx = make_optimizer(cfg, 1)  # the state's structure does not depend on the schedule length
     abstract_vars = jax.eval_shape(lambda: init_variables_abstract(config))
-    state = {"params": abstract_vars["params"], "batch_stats": abstract_vars["batch_stats"],
-             "opt_state": jax.eval_shape(tx.init, abstract_vars["params"]),
-             "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    state = jax.eval_shape(lambda v: _initial_state(cfg, tx, v), abstract_vars)
     restored = mngr.restore(latest, args=ocp.args.StandardRestore(state))
     mngr.close()
-    variables = jax.tree.map(np.asarray, {"params": restored["params"], "batch_stats": restored["batch_stats"]})
     entry = next((e for e in history["epochs"] if e["epoch"] == latest), None)
+    weights = choose_weights({**history, "epochs": [entry] if entry else []})
+    chosen = restored["ema"] if weights == "ema" else restored
+    variables = jax.tree.map(np.asarray, {"params": chosen["params"], "batch_stats": chosen["batch_stats"]})
     this_run = sum(e["train_seconds"] for e in history["epochs"] if e["epoch"] <= latest)
     return config, variables, {"epoch": latest, "epochs_planned": cfg.epochs, "recipe": cfg.to_dict(),
-                               "log": entry, "train_seconds": this_run,
+                               "log": entry, "train_seconds": this_run, "weights": weights,
+                               "holdout": history.get("holdout"), "train_images": history.get("train_images"),
                                "init_from": history.get("init_from")}
 
 
@@ -369,5 +449,5 @@ def total_train_seconds(history: dict) -> float:
     return float(sum(e["train_seconds"] for e in history["epochs"]))
 
 
-__all__ = ["TrainConfig", "RECIPES", "train", "init_variables", "augment_batch", "make_optimizer",
+__all__ = ["TrainConfig", "RECIPES", "AUGMENTATIONS", "choose_weights", "train", "init_variables", "augment_batch", "make_optimizer",
            "epoch_order", "total_train_seconds", "warm_start_totals"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from convmixer_jax.data import (
@@ -307,3 +308,23 @@ def test_tfds_missing_is_a_data_error(monkeypatch):
 
     with pytest.raises(DataError, match="tensorflow-datasets"):
         load_tfds("cifar10", "test")
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=6), frac=st.floats(0.05, 0.9),
+       seed=st.integers(0, 2**31 - 1))
+def test_stratified_holdout_partitions_and_keeps_class_shares(counts, frac, seed):
+    from convmixer_jax.data import stratified_holdout
+
+    labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)), counts))
+    n = max(1, min(len(labels) - 1, round(frac * len(labels))))
+    if len(labels) < 2:
+        return
+    keep, held = stratified_holdout(labels, n, seed)
+    assert len(held) == n
+    np.testing.assert_array_equal(np.sort(np.concatenate([keep, held])), np.arange(len(labels)))
+    for c, k in enumerate(counts):
+        share = k * n / len(labels)
+        assert np.floor(share) <= np.sum(labels[held] == c) <= np.ceil(share)
+    keep2, held2 = stratified_holdout(labels, n, seed)
+    np.testing.assert_array_equal(held, held2)

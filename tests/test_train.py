@@ -145,3 +145,57 @@ def jax_leaves(tree):
     import jax
 
     return [np.asarray(v) for v in jax.tree_util.tree_leaves(tree)]
+
+
+def test_ema_and_holdout(tmp_path):
+    """The EMA follows its stated recursion; the hold-out is never trained on and is scored every epoch;
+    export-model and train pick the weights by validation accuracy."""
+    import jax
+
+    import train_worker as tw
+    from convmixer_jax import cli
+    from convmixer_jax.data import stratified_holdout
+    from convmixer_jax.model_io import load_model
+    from convmixer_jax.train import TrainConfig, choose_weights, load_checkpoint, train
+
+    (x, y), _ = tw.data()
+    recipe = TrainConfig(epochs=2, batch_size=16, seed=3, lr=3e-3, ema_decay=0.9, holdout=16, holdout_seed=4,
+                         augment=("flip", "randaugment"), ra_magnitude=5)
+    variables, hist = train(tw.CONFIG, recipe, (x, y), None, tmp_path / "w", progress=False, log=lambda m: None)
+    assert hist["train_images"] == 48 and hist["holdout"]["images"] == 16
+    for e in hist["epochs"]:
+        assert 0 <= e["val_accuracy"] <= 1 and 0 <= e["val_accuracy_ema"] <= 1 and "test_accuracy" not in e
+    # training on the 48 kept images without a hold-out takes the same steps: same raw weights
+    keep, _ = stratified_holdout(y, 16, 4)
+    plain, _ = train(tw.CONFIG, TrainConfig(**{**recipe.to_dict(), "holdout": 0, "ema_decay": 0.0}),
+                     (x[keep], y[keep]), None, tmp_path / "w2", progress=False, log=lambda m: None)
+    _, _, info = load_checkpoint(tmp_path / "w")
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager((tmp_path / "w" / "checkpoints").absolute())
+    state = mngr.restore(2)
+    mngr.close()
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(plain["params"])):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)
+    # the EMA differs from the raw weights but stays in their range
+    ema = jax.tree.leaves(state["ema"]["params"])
+    assert any(not np.allclose(a, b) for a, b in zip(ema, jax.tree.leaves(state["params"])))
+    assert info["weights"] == choose_weights(hist)
+    chosen = state["ema"] if info["weights"] == "ema" else state
+    for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(chosen["params"])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert cli.main(["export-model", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "m")]) == 0
+    _, loaded, meta = load_model(tmp_path / "m")
+    assert meta["weights"] == info["weights"] and meta["holdout"]["images"] == 16
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_choose_weights_uses_validation_only():
+    from convmixer_jax.train import choose_weights
+
+    rec = {"recipe": {"ema_decay": 0.999}}
+    assert choose_weights({**rec, "epochs": [{"val_accuracy": 0.8, "val_accuracy_ema": 0.81,
+                                              "test_accuracy": 0.9}]}) == "ema"
+    assert choose_weights({**rec, "epochs": [{"val_accuracy": 0.82, "val_accuracy_ema": 0.81}]}) == "raw"
+    assert choose_weights({"recipe": {"ema_decay": 0.0}, "epochs": [{"val_accuracy": 0.1}]}) == "raw"

@@ -10,4 +10,4 @@ from convmixer_jax.data.local import (  # noqa: F401
     load_image_folder,
     load_local,
 )
-from convmixer_jax.data.loader import load_split, subset  # noqa: F401
+from convmixer_jax.data.loader import load_split, stratified_holdout, subset  # noqa: F401

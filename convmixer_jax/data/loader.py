@@ -28,3 +28,26 @@ def subset(images: np.ndarray, labels: np.ndarray, n: int | None, seed: int):
         return images, labels
     idx = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
     return images[idx], labels[idx]
+
+
+def stratified_holdout(labels: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices 0..N-1 into (kept, held_out), held_out of size ``n`` stratified by class.
+
+    labels: (N,) int. Each class gives its share of ``n`` (largest remainders
+    decide the rounding, ties to the lower class), drawn with
+    ``numpy.random.default_rng(seed)``. Both index arrays are sorted.
+    """
+    labels = np.asarray(labels)
+    if not 0 < n < len(labels):
+        raise ValueError(f"a hold-out of {n} needs more than {n} training images, got {len(labels)}")
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * n / len(labels)
+    take = np.floor(exact).astype(int)
+    order = np.lexsort((classes, -(exact - take)))
+    take[order[: n - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    held = np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False)
+                           for c, k in zip(classes, take)])
+    mask = np.zeros(len(labels), bool)
+    mask[held] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
