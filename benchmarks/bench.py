@@ -7,7 +7,7 @@ Measures, in one process and with the JAX and PyTorch rounds interleaved:
 
 1. ConvMixer-256/8 (k=9, p=4, 32x32x3, 10 classes), batch 128, float32:
    - training step images/s: the library's own jitted train step
-     (``convmixer_jax.train._make_step`` with ``RECIPES['paper']``: Adam, lr 1e-3,
+     (``convmixer_jax.training.loop._make_step`` with ``RECIPES['paper']``: Adam, lr 1e-3,
      no augmentation, single-device mesh shardings) against PyTorch eager,
      channels_last ((x-0.5)/0.5, forward, cross-entropy, backward, Adam step);
    - inference images/s: jitted ``ConvMixer.apply(train=False)`` on
@@ -60,10 +60,10 @@ sys.path.insert(1, str(HERE))
 # XLA:CPU flags (convmixer_jax/_xla_flags.py), exactly as a user gets them.
 _XLA_FLAGS_BEFORE = os.environ.get("XLA_FLAGS")
 import convmixer_jax  # noqa: E402,F401
-from convmixer_jax import blockwise  # noqa: E402
-from convmixer_jax.keys import generate_key, random_keys  # noqa: E402
-from convmixer_jax.model import PRESETS, ConvMixer, prepare_inference, resolve_depthwise_impl  # noqa: E402
-from convmixer_jax.train import RECIPES, _make_step, init_variables, make_optimizer  # noqa: E402
+from convmixer_jax.scheme import images as blockwise  # noqa: E402
+from convmixer_jax.scheme.keys import generate_key, random_keys  # noqa: E402
+from convmixer_jax.model.convmixer import PRESETS, ConvMixer, prepare_inference, resolve_depthwise_impl  # noqa: E402
+from convmixer_jax.training.loop import RECIPES, _make_step, init_variables, make_optimizer  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -694,7 +694,7 @@ def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool, sres
                      f"{', '.join(f'{x:.0f}' for x in rj['round_images_per_s'])} | "
                      f"{', '.join(f'{x:.0f}' for x in rt['round_images_per_s'])} |")
         L.append("")
-        L.append("- JAX training step: `convmixer_jax.train._make_step` with `RECIPES['paper']` (Adam, lr 1e-3, "
+        L.append("- JAX training step: `convmixer_jax.training.loop._make_step` with `RECIPES['paper']` (Adam, lr 1e-3, "
                  "no augmentation), uint8 batch in, single-device mesh shardings, state donated; "
                  f"first call (compile + run) {r['jax_train']['first_call_s']:.1f} s.")
         if mres["check"]:

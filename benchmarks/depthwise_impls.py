@@ -6,7 +6,7 @@ on the current JAX backend (CPU, GPU or TPU).
                                          [--json FILE]
 
 For each formulation of ``ConvMixerConfig.depthwise_impl`` this builds the
-library's own train step (``convmixer_jax.train._make_step`` with
+library's own train step (``convmixer_jax.training.loop._make_step`` with
 ``RECIPES['fast']``: AdamW one-cycle, on-device crop/flip/cutout, label
 smoothing, as ``convmixer-jax train --recipe fast`` runs it) for ConvMixer-256/8
 (k=9, p=4, 32x32x3) and times ``--steps`` steps after a warm-up, then times a
@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import convmixer_jax  # noqa: E402,F401  (XLA:CPU flags, as a user gets them)
-from convmixer_jax.model import PRESETS, ConvMixer, prepare_inference, resolve_depthwise_impl  # noqa: E402
-from convmixer_jax.train import RECIPES, _make_step, init_variables, make_optimizer  # noqa: E402
+from convmixer_jax.model.convmixer import PRESETS, ConvMixer, prepare_inference, resolve_depthwise_impl  # noqa: E402
+from convmixer_jax.training.loop import RECIPES, _make_step, init_variables, make_optimizer  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

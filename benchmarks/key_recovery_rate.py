@@ -6,7 +6,7 @@
 
 For each number of pairs n and each of T trials: draw a random key (M = 4, C = 3, seeded
 from --seed), draw n distinct random test images, encrypt them with the library
-(``blockwise.encrypt_images``) and run :func:`convmixer_jax.key_recovery.recover_key` on
+(``blockwise.encrypt_images``) and run :func:`convmixer_jax.attacks.known_plaintext.recover_key` on
 the plain/encrypted pairs. Reports, per n, the fraction of trials in which exactly the
 key used was recovered, the mean (and maximum) number of the 48 positions left
 undetermined, and how many trials were inconsistent (should be none). Writes JSON with
@@ -26,9 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # measure this checkout, installed or not
 
-from convmixer_jax import blockwise, keys  # noqa: E402
+from convmixer_jax.scheme import images as blockwise, keys  # noqa: E402
 from convmixer_jax.data import load_split  # noqa: E402
-from convmixer_jax.key_recovery import recover_key  # noqa: E402
+from convmixer_jax.attacks.known_plaintext import recover_key  # noqa: E402
 
 M, C = 4, 3
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"dir": args.data_dir, "split": "test", "images": int(len(images)),
                  "note": "CIFAR-10 (JPEG copy)"},
         "key_source": "numpy default_rng(seed) permutations (experiment only)",
-        "encryption": "convmixer_jax.blockwise.encrypt_images",
+        "encryption": "convmixer_jax.scheme.images.encrypt_images",
         "results": rows, "seconds": {"load": round(load_s, 2), "trials": round(run_s, 2)},
     }
     out = Path(args.out)

@@ -24,13 +24,13 @@ sys.path.insert(0, str(ROOT))
 import convmixer_jax  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
-from convmixer_jax.blockwise import encrypt_images  # noqa: E402
+from convmixer_jax.scheme.images import encrypt_images  # noqa: E402
 from convmixer_jax.data import load_split, subset  # noqa: E402
-from convmixer_jax.evaluate import accuracy  # noqa: E402
-from convmixer_jax.keys import generate_key  # noqa: E402
-from convmixer_jax.model_encryption import encrypt_params  # noqa: E402
-from convmixer_jax.model_io import load_model  # noqa: E402
-from convmixer_jax.model_key_recovery import recover_key_with_reference  # noqa: E402
+from convmixer_jax.model.inference import accuracy  # noqa: E402
+from convmixer_jax.scheme.keys import generate_key  # noqa: E402
+from convmixer_jax.scheme.params import encrypt_params  # noqa: E402
+from convmixer_jax.files.model_dir import load_model  # noqa: E402
+from convmixer_jax.attacks.from_weights import recover_key_with_reference  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ on a GPU also the device's ``peak_bytes_in_use``):
 
 - single-key inference: images/s of the encrypted model on its own encrypted
   test images (the best of batch 128, 250 and 500, as ``evaluate`` would run);
-- the sweep (``convmixer_jax.attack.wrong_key_accuracies``): the ``weights``
+- the sweep (``convmixer_jax.attacks.wrong_keys.wrong_key_accuracies``): the ``weights``
   strategy (the default of ``attack``) for each N in ``--num-keys`` and the
   ``images`` strategy for each N in ``--images-keys``: key-image pairs/s;
 - a Python loop of per-key jitted calls (``wrong_key_accuracies_loop``) over
@@ -73,16 +73,16 @@ def _case(args) -> dict:
     import jax
     import numpy as np
 
-    from convmixer_jax.attack import draw_attack_keys, wrong_key_accuracies, wrong_key_accuracies_loop
-    from convmixer_jax.blockwise import encrypt_images
-    from convmixer_jax.evaluate import accuracy
-    from convmixer_jax.keys import generate_key
-    from convmixer_jax.model import PRESETS
-    from convmixer_jax.model_encryption import encrypt_params
-    from convmixer_jax.train import init_variables
+    from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies, wrong_key_accuracies_loop
+    from convmixer_jax.scheme.images import encrypt_images
+    from convmixer_jax.model.inference import accuracy
+    from convmixer_jax.scheme.keys import generate_key
+    from convmixer_jax.model.convmixer import PRESETS
+    from convmixer_jax.scheme.params import encrypt_params
+    from convmixer_jax.training.loop import init_variables
 
     if args.model and Path(args.model).exists():
-        from convmixer_jax.model_io import load_model
+        from convmixer_jax.files.model_dir import load_model
 
         config, variables, _ = load_model(args.model)
     else:
@@ -187,7 +187,7 @@ def markdown(res: dict, heading: str = "###") -> str:
     single = rows[0]
     gpu = any(r.get("peak_device_mib") for r in rows)
     L = [f"{heading} Wrong-key sweep, {s['images']:,} test images, model: {s['model']}\n",
-         "Key-image pairs/s of `convmixer_jax.attack.wrong_key_accuracies` (accuracy of the encrypted "
+         "Key-image pairs/s of `convmixer_jax.attacks.wrong_keys.wrong_key_accuracies` (accuracy of the encrypted "
          "model on images under each wrong key), keys folded into the batch, "
          f"{s['key_chunk']} keys x {s['batch_size']} images per call; against the single-key inference "
          f"throughput of the encrypted model on its own encrypted images (best of batch "

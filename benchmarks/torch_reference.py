@@ -1,6 +1,6 @@
 """PyTorch eager ConvMixer: the reference the JAX model is benchmarked against.
 
-Same architecture as ``convmixer_jax.model`` (locuslab definition), channels_last,
+Same architecture as ``convmixer_jax.model.convmixer`` (locuslab definition), channels_last,
 float32. Benchmarks only: torch is never a runtime dependency of convmixer-jax.
 """
 from __future__ import annotations

@@ -1,6 +1,55 @@
-"""convmixer-jax: block-wise encryption of ConvMixer models (Iijima & Kiya, 2022) in JAX/Flax."""
+"""convmixer-jax: block-wise encryption of ConvMixer models (Iijima & Kiya, 2022) in JAX/Flax.
+
+The short list a user needs is importable from here::
+
+    from convmixer_jax import (generate_key, load_key, encrypt_images, decrypt_images,
+                               encrypt_params, decrypt_params, rekey_params,
+                               ConvMixer, ConvMixerConfig, PRESETS)
+
+The names are resolved on first use, so ``import convmixer_jax`` (and the
+command line's ``--help``) does not import JAX. The subpackages hold the rest:
+``scheme`` (keys, image and parameter transforms), ``model``, ``files``,
+``data``, ``training``, ``attacks``, ``experiment`` and ``cli``
+(``docs/design.md`` has the map).
+"""
 from convmixer_jax._xla_flags import apply_cpu_flags as _apply_cpu_flags
 
 _apply_cpu_flags()
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    # the scheme
+    "Key": "scheme.keys", "generate_key": "scheme.keys", "load_key": "scheme.keys",
+    "fingerprint": "scheme.keys", "key_space": "scheme.keys", "InvalidKeyError": "scheme.keys",
+    "encrypt_images": "scheme.images", "decrypt_images": "scheme.images", "ImageError": "scheme.images",
+    "encrypt_params": "scheme.params", "decrypt_params": "scheme.params", "rekey_params": "scheme.params",
+    "KeyModelMismatch": "scheme.params",
+    # the model
+    "ConvMixer": "model.convmixer", "ConvMixerConfig": "model.convmixer", "PRESETS": "model.convmixer",
+    "predict_logits": "model.inference", "accuracy": "model.inference",
+    # files
+    "save_model": "files.model_dir", "load_model": "files.model_dir", "ModelDirError": "files.model_dir",
+    "load_images": "files.arrays",
+    # training and the experiment
+    "TrainConfig": "training.loop", "RECIPES": "training.loop", "train": "training.loop",
+    "init_variables": "training.loop", "wrong_key_accuracies": "attacks.wrong_keys",
+    "run_experiment": "experiment.paper",
+}
+
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'convmixer_jax' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"convmixer_jax.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

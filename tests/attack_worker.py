@@ -8,11 +8,11 @@ import numpy as np
 
 import convmixer_jax  # noqa: F401
 import jax
-from convmixer_jax.attack import draw_attack_keys, wrong_key_accuracies
-from convmixer_jax.keys import generate_key
-from convmixer_jax.model import ConvMixer, ConvMixerConfig
-from convmixer_jax.model_encryption import encrypt_params
-from convmixer_jax.train import init_variables
+from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies
+from convmixer_jax.scheme.keys import generate_key
+from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
+from convmixer_jax.scheme.params import encrypt_params
+from convmixer_jax.training.loop import init_variables
 
 CFG = ConvMixerConfig(dim=12, depth=1, kernel_size=3, patch_size=2, num_classes=4, image_size=8)
 

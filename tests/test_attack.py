@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from convmixer_jax import cli
-from convmixer_jax.attack import draw_attack_keys, wrong_key_accuracies, wrong_key_accuracies_loop
-from convmixer_jax.blockwise import encrypt_images
-from convmixer_jax.keys import generate_key, stack_keys
-from convmixer_jax.model import ConvMixer, ConvMixerConfig
-from convmixer_jax.model_encryption import decrypt_params, encrypt_params
-from convmixer_jax.train import init_variables
+from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies, wrong_key_accuracies_loop
+from convmixer_jax.scheme.images import encrypt_images
+from convmixer_jax.scheme.keys import generate_key, stack_keys
+from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
+from convmixer_jax.scheme.params import decrypt_params, encrypt_params
+from convmixer_jax.training.loop import init_variables
 
 CFG = ConvMixerConfig(dim=12, depth=1, kernel_size=3, patch_size=2, num_classes=4, image_size=8)
 

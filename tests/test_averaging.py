@@ -1,4 +1,4 @@
-"""Weight averaging and BatchNorm re-estimation (convmixer_jax.averaging)."""
+"""Weight averaging and BatchNorm re-estimation (convmixer_jax.training.averaging)."""
 from __future__ import annotations
 
 import jax
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from convmixer_jax.averaging import average_variables, recalibrate_batch_stats
-from convmixer_jax.model import ConvMixer, ConvMixerConfig
-from convmixer_jax.train import init_variables
+from convmixer_jax.training.averaging import average_variables, recalibrate_batch_stats
+from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
+from convmixer_jax.training.loop import init_variables
 
 CFG = ConvMixerConfig(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=3, image_size=8, channels=3)
 

@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convmixer_jax.blockwise import (
+from convmixer_jax.scheme.images import (
     ImageError,
     check_images,
     decrypt_images,
     encrypt_images,
     encrypt_images_reference,
 )
-from convmixer_jax.keys import InvalidKeyError, generate_key, make_key, stack_keys
+from convmixer_jax.scheme.keys import InvalidKeyError, generate_key, make_key, stack_keys
 
 FAST = settings(max_examples=25, deadline=None, database=None)
 EVEN_SHAPES = [(m, c) for m in range(1, 7) for c in range(1, 5) if (m * m * c) % 2 == 0]

@@ -21,7 +21,9 @@ import jax
 import numpy as np
 import pytest
 
-from convmixer_jax import cli, keys, model_io
+from convmixer_jax import cli
+from convmixer_jax.files import atomic, model_dir as model_io
+from convmixer_jax.scheme import keys
 
 REPO = Path(__file__).resolve().parents[1]
 M, C = 2, 3  # block size = patch size, channels
@@ -277,7 +279,7 @@ def test_train_then_evaluate(env, tiny_data, tmp_path, capsys):
 def test_train_init_from_warm_starts_and_counts_both_stages(env, tiny_data, tmp_path, capsys):
     import jax
 
-    from convmixer_jax.train import init_variables
+    from convmixer_jax.training.loop import init_variables
 
     common = ["--data-dir", tiny_data, "--batch-size", "4", "--quiet"]
     ok(capsys, "train", *common, "--epochs", "2", "--lr", "0.01", *TINY, "--workdir", tmp_path / "w0",
@@ -553,8 +555,8 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_model_io_save_load_roundtrip(tmp_path):
-    from convmixer_jax.model import ConvMixerConfig
-    from convmixer_jax.train import init_variables
+    from convmixer_jax.model.convmixer import ConvMixerConfig
+    from convmixer_jax.training.loop import init_variables
 
     config = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8,
                              mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
@@ -581,15 +583,15 @@ def test_model_io_save_load_roundtrip(tmp_path):
 
 def test_staged_output_dir_replaces_whole_or_not_at_all(tmp_path):
     out = tmp_path / "out"
-    with model_io.staged_output_dir(out) as tmp:
+    with atomic.staged_output_dir(out) as tmp:
         (tmp / "a.txt").write_text("first")
     assert snapshot(out) == {"a.txt": b"first"}
     with pytest.raises(RuntimeError, match="midway"):
-        with model_io.staged_output_dir(out) as tmp:
+        with atomic.staged_output_dir(out) as tmp:
             (tmp / "b.txt").write_text("half")
             raise RuntimeError("midway")
     assert snapshot(out) == {"a.txt": b"first"}
-    with model_io.staged_output_dir(out) as tmp:
+    with atomic.staged_output_dir(out) as tmp:
         (tmp / "b.txt").write_text("second")
     assert snapshot(out) == {"b.txt": b"second"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -600,9 +602,9 @@ def test_average_models_cli(env, tiny_data, tmp_path, capsys):
 
     import functools
 
-    from convmixer_jax.averaging import average_variables, recalibrate_batch_stats
+    from convmixer_jax.training.averaging import average_variables, recalibrate_batch_stats
     from convmixer_jax.data import load_split
-    from convmixer_jax.train import TrainConfig, augment_batch
+    from convmixer_jax.training.loop import TrainConfig, augment_batch
 
     common = ["--data-dir", tiny_data, "--batch-size", "4", "--quiet"]
     ok(capsys, "train", *common, "--epochs", "2", "--lr", "0.01", *TINY, "--workdir", tmp_path / "w0",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from convmixer_jax import cli
-from convmixer_jax.curves import TrainLogError, chain_train_logs, plot_training_curves, read_train_log
+from convmixer_jax.training.curves import TrainLogError, chain_train_logs, plot_training_curves, read_train_log
 
 
 def make_log(path, n_epochs, test=True):

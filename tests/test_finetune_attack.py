@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from convmixer_jax.blockwise import ImageError
-from convmixer_jax.evaluate import accuracy, predict_logits
-from convmixer_jax.finetune_attack import (
+from convmixer_jax.scheme.images import ImageError
+from convmixer_jax.model.inference import accuracy, predict_logits
+from convmixer_jax.attacks.finetune import (
     DEFAULT_LR,
     _batch_indices,
     attack_subset,
@@ -22,11 +22,11 @@ from convmixer_jax.finetune_attack import (
     lr_schedule,
     plot_finetune,
 )
-from convmixer_jax.keys import generate_key
-from convmixer_jax.model import ConvMixerConfig
-from convmixer_jax.model_encryption import encrypt_params
-from convmixer_jax.model_io import abstract_variables
-from convmixer_jax.train import init_variables
+from convmixer_jax.scheme.keys import generate_key
+from convmixer_jax.model.convmixer import ConvMixerConfig
+from convmixer_jax.scheme.params import encrypt_params
+from convmixer_jax.files.model_dir import abstract_variables
+from convmixer_jax.training.loop import init_variables
 
 CFG = ConvMixerConfig(dim=16, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8)
 # One batch size, and one size of every evaluated set, so that the few step and

@@ -1,4 +1,4 @@
-"""Known-plaintext key recovery (convmixer_jax.key_recovery, ``convmixer-jax recover-key``).
+"""Known-plaintext key recovery (convmixer_jax.attacks.known_plaintext, ``convmixer-jax recover-key``).
 
 The encrypted images here come from an independent transcription of method.md written
 below (one block and one position at a time), so a shared mistake with the library's
@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from convmixer_jax import cli, keys
-from convmixer_jax.blockwise import ImageError, decrypt_images, encrypt_images
-from convmixer_jax.key_recovery import RecoveryResult, image_blocks, recover_key
+from convmixer_jax import cli
+from convmixer_jax.scheme import keys
+from convmixer_jax.scheme.images import ImageError, decrypt_images, encrypt_images
+from convmixer_jax.attacks.known_plaintext import RecoveryResult, image_blocks, recover_key
 
 
 # ---------------------------------------------------------------- independent encryption (method.md)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convmixer_jax.keys import (
+from convmixer_jax.scheme.keys import (
     KEY_FORMAT,
     KEY_VERSION,
     InvalidKeyError,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convmixer_jax.model import (PRESETS, ConvMixer, ConvMixerConfig, depthwise, prepare_inference,
+from convmixer_jax.model.convmixer import (PRESETS, ConvMixer, ConvMixerConfig, depthwise, prepare_inference,
                                  resolve_depthwise_impl, toeplitz_matrices)
 
 SETTINGS = settings(max_examples=8, deadline=None, database=None)

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convmixer_jax.blockwise import encrypt_images
-from convmixer_jax.keys import InvalidKeyError, generate_key, stack_keys
-from convmixer_jax.model import ConvMixer, ConvMixerConfig
-from convmixer_jax.model_encryption import (
+from convmixer_jax.scheme.images import encrypt_images
+from convmixer_jax.scheme.keys import InvalidKeyError, generate_key, stack_keys
+from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
+from convmixer_jax.scheme.params import (
     KeyModelMismatch,
     decrypt_params,
     encrypt_params,

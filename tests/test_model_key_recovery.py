@@ -7,12 +7,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from scipy.special import erf
 
-from convmixer_jax.keys import Key, generate_key, make_key, validate_key
-from convmixer_jax.model_encryption import decrypt_kernel, encrypt_kernel
-from convmixer_jax.model_key_recovery import (
-    ModelRecovery, _qap, evaluate_recovery, image_blocks, rank_keys_by_batch_stats, recover_key_from_encrypted_model,
-    recover_key_from_structure, recover_key_with_independent_reference, recover_key_with_reference,
-    symmetric_keys)
+from convmixer_jax.scheme.keys import Key, generate_key, make_key, validate_key
+from convmixer_jax.scheme.params import decrypt_kernel, encrypt_kernel
+from convmixer_jax.attacks.from_model import evaluate_recovery, recover_key_from_encrypted_model
+from convmixer_jax.attacks.from_weights import (
+    ModelRecovery, _qap, image_blocks, rank_keys_by_batch_stats, recover_key_from_structure,
+    recover_key_with_independent_reference, recover_key_with_reference, symmetric_keys)
 
 
 def _encrypt(kernel, key):
@@ -257,9 +257,9 @@ def test_whole_model_attack_plumbing():
     symmetric candidates, with and without public images."""
     import jax
 
-    from convmixer_jax.model import ConvMixerConfig
-    from convmixer_jax.model_encryption import encrypt_params
-    from convmixer_jax.train import init_variables_abstract
+    from convmixer_jax.model.convmixer import ConvMixerConfig
+    from convmixer_jax.scheme.params import encrypt_params
+    from convmixer_jax.training.loop import init_variables_abstract
 
     config = ConvMixerConfig(dim=16, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8)
     rng = np.random.default_rng(33)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image, ImageEnhance, ImageOps
 
-from convmixer_jax.randaugment import OPS, all_ops, rand_augment
+from convmixer_jax.training.randaugment import OPS, all_ops, rand_augment
 
 
 def _pil_reference(img: np.ndarray, magnitude: int, sign: float) -> dict:

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from convmixer_jax import cli
-from convmixer_jax.keys import fingerprint, generate_key
-from convmixer_jax.model import ConvMixerConfig
-from convmixer_jax.model_io import save_model
-from convmixer_jax.security_report import known_plaintext_rate, model_recovery, run_security_report
-from convmixer_jax.train import init_variables
+from convmixer_jax.scheme.keys import fingerprint, generate_key
+from convmixer_jax.model.convmixer import ConvMixerConfig
+from convmixer_jax.files.model_dir import save_model
+from convmixer_jax.attacks.report import known_plaintext_rate, model_recovery, run_security_report
+from convmixer_jax.training.loop import init_variables
 
 CFG = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8, channels=3)
 
@@ -90,7 +90,7 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
 
 def test_cli_security_report_refuses_encrypted_model(tmp_path, capsys):
     variables = init_variables(CFG, 0)
-    from convmixer_jax.model_io import encrypt_model_dir
+    from convmixer_jax.files.model_dir import encrypt_model_dir
 
     save_model(tmp_path / "plain", CFG, variables)
     encrypt_model_dir(tmp_path / "plain", tmp_path / "enc", generate_key(2, 3, seed=[1]))

@@ -98,7 +98,7 @@ def test_resume_with_a_different_recipe_is_refused(tmp_path):
     import dataclasses
 
     import train_worker as tw
-    from convmixer_jax.train import TrainConfig, train
+    from convmixer_jax.training.loop import TrainConfig, train
 
     (x, y), test = tw.data()
     recipe = TrainConfig(epochs=2, batch_size=16, seed=1)
@@ -110,7 +110,7 @@ def test_resume_with_a_different_recipe_is_refused(tmp_path):
 
 def test_resume_with_a_different_warm_start_is_refused(tmp_path):
     import train_worker as tw
-    from convmixer_jax.train import TrainConfig, init_variables, train
+    from convmixer_jax.training.loop import TrainConfig, init_variables, train
 
     (x, y), test = tw.data()
     recipe = TrainConfig(epochs=2, batch_size=16, seed=1)
@@ -126,8 +126,8 @@ def test_resume_with_a_different_warm_start_is_refused(tmp_path):
 def test_export_model_saves_the_newest_checkpoint(tmp_path):
     import train_worker as tw
     from convmixer_jax import cli
-    from convmixer_jax.model_io import load_model
-    from convmixer_jax.train import TrainConfig, train
+    from convmixer_jax.files.model_dir import load_model
+    from convmixer_jax.training.loop import TrainConfig, train
 
     (x, y), test = tw.data()
     variables, _ = train(tw.CONFIG, TrainConfig(epochs=2, batch_size=16, seed=2), (x, y), test, tmp_path / "w",
@@ -155,8 +155,8 @@ def test_ema_and_holdout(tmp_path):
     import train_worker as tw
     from convmixer_jax import cli
     from convmixer_jax.data import stratified_holdout
-    from convmixer_jax.model_io import load_model
-    from convmixer_jax.train import TrainConfig, choose_weights, load_checkpoint, train
+    from convmixer_jax.files.model_dir import load_model
+    from convmixer_jax.training.loop import TrainConfig, choose_weights, load_checkpoint, train
 
     (x, y), _ = tw.data()
     recipe = TrainConfig(epochs=2, batch_size=16, seed=3, lr=3e-3, ema_decay=0.9, holdout=16, holdout_seed=4,
@@ -192,7 +192,7 @@ def test_ema_and_holdout(tmp_path):
 
 
 def test_choose_weights_uses_validation_only():
-    from convmixer_jax.train import choose_weights
+    from convmixer_jax.training.loop import choose_weights
 
     rec = {"recipe": {"ema_decay": 0.999}}
     assert choose_weights({**rec, "epochs": [{"val_accuracy": 0.8, "val_accuracy_ema": 0.81,

@@ -11,8 +11,8 @@ import numpy as np
 
 import convmixer_jax  # noqa: F401
 import jax
-from convmixer_jax.model import ConvMixerConfig
-from convmixer_jax.train import TrainConfig, train
+from convmixer_jax.model.convmixer import ConvMixerConfig
+from convmixer_jax.training.loop import TrainConfig, train
 
 CONFIG = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8)
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from convmixer_jax.files.atomic import save_npz_atomic
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -36,18 +37,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CONVMIXER_JAX_CACHE", Path.home() / ".cache" / "convmixer-jax"))
 
 
-def _atomic_save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cached(digest: str, build):
     """Return arrays from the cache entry ``digest`` or build and store them."""
     path = cache_dir() / f"{digest}.npz"
@@ -59,7 +48,7 @@ def _cached(digest: str, build):
             path.unlink(missing_ok=True)
     images, labels = build()
     try:
-        _atomic_save_npz(path, images=images, labels=labels)
+        save_npz_atomic(path, images=images, labels=labels)
     except OSError:
         pass  # an unwritable cache only costs speed
     return images, labels

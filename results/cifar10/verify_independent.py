@@ -17,7 +17,7 @@ What is independent here:
     ``E'[k] = E[perm[k]]``, negated where ``flip[k] == 1``;
   - the forward pass: PyTorch's ConvMixer (``benchmarks/torch_reference.py``, the
     locuslab definition with (x - 0.5) / 0.5 in front), float32 on CPU.
-Only the stored weights are read with ``convmixer_jax.model_io.load_model``.
+Only the stored weights are read with ``convmixer_jax.files.model_dir.load_model``.
 
 Prints (and with --out writes) the accuracies and, with --results, their
 differences from the committed ``results.json``. torch is a benchmark-only
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     from bench import copy_params_to_torch
     from torch_reference import torch_convmixer
 
-    from convmixer_jax.model_io import load_model
+    from convmixer_jax.files.model_dir import load_model
 
     config, variables, meta = load_model(args.model)
     if meta.get("encryption"):

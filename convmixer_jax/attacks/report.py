@@ -9,7 +9,7 @@
    and from the encrypted model alone; for each, the fraction of the key
    recovered and the accuracy of the encrypted model on test images
    encrypted with the recovered key.
-3. **The fine-tuning attack** (:mod:`convmixer_jax.finetune_attack`): test
+3. **The fine-tuning attack** (:mod:`convmixer_jax.attacks.finetune`): test
    accuracy after fine-tuning the encrypted model on n labeled plain images,
    against training from scratch on the same images.
 
@@ -27,12 +27,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from convmixer_jax.blockwise import encrypt_images
-from convmixer_jax.evaluate import accuracy
-from convmixer_jax.keys import Key, fingerprint, generate_key
-from convmixer_jax.model import ConvMixerConfig
-from convmixer_jax.model_encryption import encrypt_params
-from convmixer_jax.curves import save_figure_atomic
+from convmixer_jax.scheme.images import encrypt_images
+from convmixer_jax.model.inference import accuracy
+from convmixer_jax.scheme.keys import Key, fingerprint, generate_key
+from convmixer_jax.model.convmixer import ConvMixerConfig
+from convmixer_jax.scheme.params import encrypt_params
+from convmixer_jax.files.atomic import save_figure_atomic
 
 
 def _keys(n: int, block_size: int, channels: int, seed: int | None) -> list[Key]:
@@ -47,7 +47,7 @@ def _keys(n: int, block_size: int, channels: int, seed: int | None) -> list[Key]
 
 def known_plaintext_rate(images: np.ndarray, block_size: int, *, pairs: Sequence[int] = (1, 2, 4),
                          trials: int = 200, seed: int | None = 0, progress: bool = False) -> list[dict]:
-    """Success rate of :func:`~convmixer_jax.key_recovery.recover_key` against
+    """Success rate of :func:`~convmixer_jax.attacks.known_plaintext.recover_key` against
     the number of known plain/encrypted pairs.
 
     images: (N, H, W, C) uint8 test images. For each n in ``pairs`` and each
@@ -57,7 +57,7 @@ def known_plaintext_rate(images: np.ndarray, block_size: int, *, pairs: Sequence
     histogram), inconsistent trials (should be 0) and how many trials drew
     only gray images (R = G = B, whose channels cannot be told apart).
     """
-    from convmixer_jax.key_recovery import recover_key
+    from convmixer_jax.attacks.known_plaintext import recover_key
 
     images = np.asarray(images)
     channels = images.shape[-1]
@@ -117,11 +117,11 @@ def model_recovery(config: ConvMixerConfig, variables, images, labels, *, refere
     model of the same architecture; ``public_images``: (N, H, W, C) unlabeled
     images of the task's kind (not the test images). Attacks needing what is
     not given are skipped. Returns, per attack and key, the measures of
-    :func:`~convmixer_jax.model_key_recovery.evaluate_recovery` and the
+    :func:`~convmixer_jax.attacks.from_model.evaluate_recovery` and the
     accuracy of the encrypted model on test images encrypted with the
     recovered key; and per attack their means.
     """
-    from convmixer_jax import model_key_recovery as mkr
+    from convmixer_jax.attacks import from_model, from_weights as mkr
 
     p, c = config.patch_size, config.channels
     baseline = accuracy(config, variables, images, labels, batch_size=batch_size)
@@ -134,12 +134,12 @@ def model_recovery(config: ConvMixerConfig, variables, images, labels, *, refere
         attacks["independent_reference"] = lambda enc: mkr.recover_key_with_independent_reference(
             enc["params"]["stem"]["kernel"], ref_kernel)
         if public_images is not None:
-            attacks["independent_reference_public_images"] = lambda enc: mkr.rerank_by_confidence(
+            attacks["independent_reference_public_images"] = lambda enc: from_model.rerank_by_confidence(
                 mkr.recover_key_with_independent_reference(enc["params"]["stem"]["kernel"], ref_kernel),
                 config, enc, public_images)
-    attacks["encrypted_model_only"] = lambda enc: mkr.recover_key_from_encrypted_model(config, enc)
+    attacks["encrypted_model_only"] = lambda enc: from_model.recover_key_from_encrypted_model(config, enc)
     if public_images is not None:
-        attacks["encrypted_model_public_images"] = lambda enc: mkr.recover_key_from_encrypted_model(
+        attacks["encrypted_model_public_images"] = lambda enc: from_model.recover_key_from_encrypted_model(
             config, enc, public_images)
     out: dict[str, Any] = {"baseline_plain": baseline, "test_images": int(len(images)),
                            "public_images": None if public_images is None else int(len(public_images)),
@@ -153,7 +153,7 @@ def model_recovery(config: ConvMixerConfig, variables, images, labels, *, refere
             rec = attack(enc)
             seconds = time.perf_counter() - t0
             row = {"key_fingerprint": fingerprint(key), "seconds": seconds, "method": rec.method,
-                   **mkr.evaluate_recovery(key, rec)}
+                   **from_model.evaluate_recovery(key, rec)}
             row["accuracy_with_recovered_key"] = (
                 accuracy(config, enc, np.asarray(encrypt_images(images, rec.key)), labels, batch_size=batch_size)
                 if rec.key is not None else None)
@@ -268,6 +268,39 @@ def summary_markdown(report: dict) -> str:
 # ----------------------------------------------------------------------------- the report
 
 
+def reference_model(config: ConvMixerConfig, train_data, *, model_dir=None, epochs: int = 2,
+                    train_images: int = 10000, seed: int = 1, progress: bool = True,
+                    log: Callable[[str], None] = print) -> tuple[dict | None, str]:
+    """The independently trained plain model of the reference attack: ``(variables, note)``.
+
+    Loaded from ``model_dir`` (it must be a plain model of ``config``'s
+    architecture), or trained here for ``epochs`` of the fast recipe on
+    ``train_images`` random training images (seed ``seed``); ``(None, '')`` when
+    ``epochs`` is 0. train_data: (images (N, H, W, C) uint8, labels (N,)).
+    """
+    import dataclasses
+    import tempfile
+
+    from convmixer_jax.data import subset
+    from convmixer_jax.files.model_dir import ModelDirError, is_encrypted, load_model
+    from convmixer_jax.training.loop import RECIPES, train
+
+    if model_dir is not None:
+        ref_config, reference, ref_meta = load_model(model_dir)
+        if ref_config.to_dict() != config.to_dict() or is_encrypted(ref_meta):
+            raise ModelDirError(f"{model_dir} must be a plain model of the same architecture as the attacked one")
+        return reference, f"{model_dir} (epochs {ref_meta.get('epochs')}, test accuracy {ref_meta.get('test_accuracy')})"
+    if epochs <= 0:
+        return None, ""
+    recipe = dataclasses.replace(RECIPES["fast"], epochs=epochs, seed=seed)
+    rx, ry = subset(train_data[0], train_data[1], train_images, seed)
+    log(f"training an independent reference: seed {seed}, {len(rx)} images, {epochs} epochs of the fast recipe")
+    with tempfile.TemporaryDirectory(prefix="convmixer-reference-") as work:
+        reference, _ = train(config, recipe, (rx, ry), None, work, progress=progress, log=log)
+    return reference, (f"trained by the report: seed {seed}, {len(rx)} training images, "
+                       f"{epochs} epochs of the fast recipe")
+
+
 def run_security_report(config: ConvMixerConfig, variables, train_data, test_data, out, *,
                         model_dir: str = "", model_note: str = "", data_label: str = "",
                         reference_variables=None, reference_note: str = "",
@@ -286,9 +319,9 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
     fingerprints are written); an int makes the run repeatable.
     """
     from convmixer_jax.data import subset
-    from convmixer_jax.finetune_attack import finetune_attack, plot_finetune
-    from convmixer_jax.model_io import check_output_path, staged_output_dir
-    from convmixer_jax.reproduce import device_description
+    from convmixer_jax.attacks.finetune import finetune_attack, plot_finetune
+    from convmixer_jax.files.atomic import check_output_path, staged_output_dir
+    from convmixer_jax.files.provenance import device_description
 
     out = Path(out)
     check_output_path(out, force)

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.keys import InvalidKeyError, Key, inverse_permutation
+from convmixer_jax.scheme.keys import InvalidKeyError, Key, inverse_permutation
 
 PyTree = Any
 

@@ -13,7 +13,7 @@ model is near chance. The adversary fine-tunes
   statistics are updated); all other BatchNorms stay frozen in eval mode.
 - ``'all'``: every parameter, every BatchNorm in train mode (ordinary fine-tuning).
 - ``'scratch'``: the same architecture from a fresh initialization
-  (:func:`~convmixer_jax.train.init_variables` with ``seed``), trained like ``'all'``,
+  (:func:`~convmixer_jax.training.loop.init_variables` with ``seed``), trained like ``'all'``,
   the reference that tells whether the encrypted model helped at all.
 
 Accuracy is measured on plain test images. The true repair is known to exist in
@@ -27,7 +27,7 @@ step as an argument, so a step function is compiled once per (model, mode,
 batch shape) and reused for every ``n`` and learning rate. Batches of a fixed
 size are read from a seeded stream of shuffled passes over the ``n`` images, so
 ``n`` smaller than the batch size simply repeats images within a batch (each
-image equally often); on-device augmentation is :func:`~convmixer_jax.train.augment_batch`
+image equally often); on-device augmentation is :func:`~convmixer_jax.training.loop.augment_batch`
 (default random crop and horizontal flip). Gradients are taken with respect to
 the trained parameters only, so frozen layers cost no weight gradients.
 
@@ -58,10 +58,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from convmixer_jax.blockwise import ImageError
-from convmixer_jax.evaluate import accuracy, check_model_images
-from convmixer_jax.model import ChannelBatchNorm, ConvMixer, ConvMixerConfig
-from convmixer_jax.train import TrainConfig, augment_batch, init_variables
+from convmixer_jax.scheme.images import ImageError
+from convmixer_jax.model.inference import accuracy, check_model_images
+from convmixer_jax.model.convmixer import ChannelBatchNorm, ConvMixer, ConvMixerConfig
+from convmixer_jax.training.loop import TrainConfig, augment_batch, init_variables
 
 PyTree = Any
 
@@ -519,7 +519,7 @@ def plot_finetune(results: dict, path, *, baseline_accuracy: float | None = None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from convmixer_jax.model_io import write_bytes_atomic
+    from convmixer_jax.files.atomic import write_bytes_atomic
 
     base = baseline_accuracy if baseline_accuracy is not None else results.get("baseline_accuracy")
     fig, ax = plt.subplots(figsize=(5.2, 4.0))

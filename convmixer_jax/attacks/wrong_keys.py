@@ -28,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from convmixer_jax.blockwise import encrypt_images
-from convmixer_jax.evaluate import iterate_batches
-from convmixer_jax.keys import Key, random_keys
-from convmixer_jax.model import ConvMixer, ConvMixerConfig, prepare_inference
-from convmixer_jax.model_encryption import decrypt_params
+from convmixer_jax.scheme.images import encrypt_images
+from convmixer_jax.model.inference import iterate_batches
+from convmixer_jax.scheme.keys import Key, random_keys
+from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig, prepare_inference
+from convmixer_jax.scheme.params import decrypt_params
 
 STRATEGIES = ("images", "weights")
 
@@ -150,7 +150,7 @@ def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, key
 def wrong_key_accuracies_loop(config: ConvMixerConfig, variables, images, labels, keys: Key, *,
                               batch_size: int = 250) -> np.ndarray:
     """The same attack as a plain Python loop over keys (reference for tests and benchmarks)."""
-    from convmixer_jax.evaluate import accuracy
+    from convmixer_jax.model.inference import accuracy
 
     out = []
     for i in range(keys.batch_shape[0]):

@@ -8,9 +8,9 @@ epoch, with the paper's reported accuracy as a reference line;
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from convmixer_jax.files.atomic import save_figure_atomic
 
 PAPER_BASELINE = 0.9046  # Iijima & Kiya (2022), Table 1, after 200 epochs of Adam
 
@@ -105,18 +105,4 @@ def plot_training_curves(history: dict, path, title: str | None = None) -> None:
         plt.close(fig)
 
 
-def save_figure_atomic(fig, path, dpi: int = 130) -> None:
-    """Save a matplotlib figure as PNG via a temporary file in the same folder
-    and an atomic rename: ``path`` is either the old file or the complete new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-__all__ = ["read_train_log", "chain_train_logs", "plot_training_curves", "save_figure_atomic", "TrainLogError", "PAPER_BASELINE"]
+__all__ = ["read_train_log", "chain_train_logs", "plot_training_curves", "TrainLogError", "PAPER_BASELINE"]

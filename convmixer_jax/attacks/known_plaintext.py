@@ -41,8 +41,8 @@ import dataclasses
 
 import numpy as np
 
-from convmixer_jax.blockwise import ImageError, check_pixel_values
-from convmixer_jax.keys import InvalidKeyError, Key, block_len, make_key
+from convmixer_jax.scheme.images import ImageError, check_pixel_values
+from convmixer_jax.scheme.keys import InvalidKeyError, Key, block_len, make_key
 
 #: Absolute tolerance for float images (values in [0, 1]); raised to 2 ulps at 1 for
 #: low-precision dtypes (float16), whose ``1 - x`` is itself rounded.
@@ -357,8 +357,8 @@ def recover_key(plain, encrypted, block_size: int) -> RecoveryResult:
 
     plain, encrypted: (N, H, W, C) or (H, W, C) arrays of the same shape and dtype, uint8
     or float in [0, 1]; ``encrypted[n]`` must be ``plain[n]`` encrypted with the key
-    sought. Raises :class:`~convmixer_jax.blockwise.ImageError` for mismatched or
-    malformed arrays and :class:`~convmixer_jax.keys.InvalidKeyError` when the block
+    sought. Raises :class:`~convmixer_jax.scheme.images.ImageError` for mismatched or
+    malformed arrays and :class:`~convmixer_jax.scheme.keys.InvalidKeyError` when the block
     size and channels give no valid key (odd pb).
     """
     plain, encrypted, pb = _check_pair(plain, encrypted, block_size)

@@ -9,7 +9,7 @@ key from the OS CSPRNG, encrypts the model, measures
 - ``identical_predictions``: test images whose class from the encrypted model on
   encrypted images equals the plain model's on plain images;
 - ``wrong_keys``: accuracies of the encrypted model on images encrypted with
-  N random wrong keys (:mod:`convmixer_jax.attack`);
+  N random wrong keys (:mod:`convmixer_jax.attacks.wrong_keys`);
 
 and writes ``results.json``, ``table1.md``, ``fig4.png`` and ``fig5.png`` into
 the output directory. The secret key itself is never written: only its
@@ -24,15 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
-from convmixer_jax.attack import draw_attack_keys, wrong_key_accuracies
-from convmixer_jax.blockwise import encrypt_images
-from convmixer_jax.curves import save_figure_atomic
-from convmixer_jax.evaluate import predict_logits
-from convmixer_jax.keys import fingerprint, generate_key, key_space, key_space_log2
-from convmixer_jax.model_encryption import encrypt_params
+from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies
+from convmixer_jax.scheme.images import encrypt_images
+from convmixer_jax.files.atomic import save_figure_atomic
+from convmixer_jax.files.provenance import device_description
+from convmixer_jax.model.inference import predict_logits
+from convmixer_jax.scheme.keys import fingerprint, generate_key, key_space, key_space_log2
+from convmixer_jax.scheme.params import encrypt_params
 
 # Iijima & Kiya (2022), Table 1 and Fig. 5 (CIFAR-10, official data, 200 epochs).
 PAPER = {
@@ -41,12 +41,6 @@ PAPER = {
     "encrypted_encrypted": 0.9046,
     "wrong_keys_range": [0.12, 0.20],
 }
-
-
-def device_description() -> str:
-    d = jax.devices()[0]
-    kind = getattr(d, "device_kind", "") or d.platform
-    return f"{d.platform}: {kind} x{jax.device_count()}"
 
 
 def evaluate_encryption(config, variables, key, images, labels, *, batch_size: int = 500,
@@ -212,3 +206,60 @@ def run_experiment(config, variables, test_data, out_dir, *, num_keys: int = 100
     if wrong:
         plot_fig5(wrong, results, out_dir / "fig5.png")
     return results
+
+
+def checkpoint_provenance(model_dir, meta: dict) -> dict:
+    """What ``results.json`` records about a trained model loaded from ``model_dir`` (its config.json ``meta``)."""
+    return {"checkpoint": str(model_dir), "epochs": meta.get("epochs"), "train_seconds": meta.get("train_seconds"),
+            "train_config": meta.get("train_config"), "data": meta.get("data"),
+            **{k: meta[k] for k in ("stage_epochs", "init_from", "averaged", "recalibration") if k in meta}}
+
+
+def reproduce(out, test_data, *, checkpoint=None, train_data=None, recipe=None, workdir=None,
+              resume: bool = False, num_keys: int = 100, attack_seed: int | None = None,
+              key_seed: int | None = None, strategy: str = "weights", data_label: str | None = None,
+              progress: bool = True, log=print) -> dict:
+    """The whole experiment into the directory ``out`` (replaced as a whole, only once complete).
+
+    Either ``checkpoint`` (a plain model directory) or ``train_data`` and ``recipe``
+    (a :class:`~convmixer_jax.training.loop.TrainConfig`; the paper's
+    ConvMixer-256/8 is trained from scratch in ``workdir``, and saved as
+    ``out/plain-model``). test_data / train_data: (images (N, H, W, C) uint8,
+    labels (N,)). Whether ``out`` may be replaced is the caller's check
+    (:func:`~convmixer_jax.files.atomic.check_replaceable_dir`). Returns the results dict.
+    """
+    from convmixer_jax.files.atomic import staged_output_dir
+    from convmixer_jax.files.model_dir import ModelDirError, is_encrypted, load_model, save_model
+    from convmixer_jax.model.convmixer import PRESETS
+    from convmixer_jax.model.inference import check_model_images
+    from convmixer_jax.training.loop import total_train_seconds, train
+
+    out = Path(out)
+    test_x, test_y = test_data
+    if checkpoint is not None:
+        config, variables, meta = load_model(checkpoint)
+        if is_encrypted(meta):
+            raise ModelDirError(f"{checkpoint} is an encrypted model; reproduce needs the plain "
+                                "model (decrypt-model it first)")
+        provenance, trained = checkpoint_provenance(checkpoint, meta), False
+    else:
+        if train_data is None or recipe is None:
+            raise ValueError("reproduce needs a checkpoint, or train_data and a recipe to train one")
+        config = PRESETS["paper"]
+        workdir = Path(workdir) if workdir else out.with_name(out.name + "-work")
+        per_epoch_test = None if recipe.holdout else test_data
+        variables, history = train(config, recipe, train_data, per_epoch_test, workdir, resume=resume,
+                                   progress=progress)
+        provenance = {"checkpoint": None, "epochs": recipe.epochs, "train_seconds": total_train_seconds(history),
+                      "train_config": recipe.to_dict(), "weights": history.get("weights"),
+                      "holdout": history.get("holdout"), "train_log": history["epochs"]}
+        trained = True
+    provenance["data"] = data_label
+    check_model_images(config, test_x)
+    with staged_output_dir(out) as tmp:
+        if trained:
+            save_model(tmp / "plain-model", config, variables,
+                       extra={"created_by": "reproduce", **{k: v for k, v in provenance.items() if k != "train_log"}})
+        return run_experiment(config, variables, (test_x, test_y), tmp, num_keys=num_keys,
+                              attack_seed=attack_seed, key_seed=key_seed, strategy=strategy,
+                              provenance=provenance, progress=progress, log=log)

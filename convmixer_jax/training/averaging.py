@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.evaluate import iterate_batches
-from convmixer_jax.model import ChannelBatchNorm, ConvMixer, ConvMixerConfig
+from convmixer_jax.model.inference import iterate_batches
+from convmixer_jax.model.convmixer import ChannelBatchNorm, ConvMixer, ConvMixerConfig
 
 
 def average_variables(variables: Sequence[dict], weights: Sequence[float] | None = None) -> dict:

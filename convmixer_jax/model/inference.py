@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.blockwise import ImageError, check_pixel_values
-from convmixer_jax.model import ConvMixer, ConvMixerConfig, prepare_inference
+from convmixer_jax.scheme.images import ImageError, check_pixel_values
+from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig, prepare_inference
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,7 +27,7 @@ def _logits_fn(config: ConvMixerConfig) -> Callable:
 
 
 def check_model_images(config: ConvMixerConfig, images) -> None:
-    """Raise :class:`~convmixer_jax.blockwise.ImageError` unless ``images`` can be
+    """Raise :class:`~convmixer_jax.scheme.images.ImageError` unless ``images`` can be
     fed to a model of ``config``: shape (N, image_size, image_size, channels),
     uint8 or float with finite values in [0, 1]."""
     shape = tuple(np.shape(images))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from convmixer_jax.evaluate import accuracy
-from convmixer_jax.model import ConvMixer, ConvMixerConfig
-from convmixer_jax.randaugment import rand_augment
+from convmixer_jax.files.atomic import write_json_atomic
+from convmixer_jax.model.inference import accuracy
+from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
+from convmixer_jax.training.randaugment import rand_augment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,7 @@ class TrainConfig:
     optimizer: 'adam' | 'adamw'; schedule: 'constant' | 'onecycle' (peak ``lr``);
     augment: tuple of 'crop' (reflect pad 4, random crop), 'flip' (horizontal),
     'randaugment' (``ra_ops`` ops at magnitude ``ra_magnitude`` of 30, see
-    :mod:`convmixer_jax.randaugment`), 'cutout' (one ``cutout``-pixel square set to
+    :mod:`convmixer_jax.training.randaugment`), 'cutout' (one ``cutout``-pixel square set to
     0.5), applied in that order; label_smoothing in [0, 1).
     ema_decay: if > 0, an exponential moving average of the parameters and
     BatchNorm statistics is kept (decay ``min(ema_decay, (1 + t) / (10 + t))`` at
@@ -330,7 +330,7 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
         history["epochs"].append(entry)
         mngr.save(epoch + 1, args=ocp.args.StandardSave(state))
         mngr.wait_until_finished()
-        _write_json_atomic(log_path, history)
+        write_json_atomic(log_path, history)
         log(json.dumps(entry))
     mngr.close()
     weights = choose_weights(history)
@@ -398,38 +398,6 @@ def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
                                "init_from": history.get("init_from")}
 
 
-def warm_start_totals(init_from: dict | None, epochs: int, train_seconds: float, *, planned: int) -> dict:
-    """Provenance of a model trained in stages: total epochs and seconds.
-
-    init_from: a run's ``init_from`` (None for a run from scratch), holding the
-    starting model's ``epochs`` and ``train_seconds`` (and its ``stage_epochs``
-    if it was itself warm-started); epochs / train_seconds /
-    planned: this run's done and planned epochs and its seconds. Returns
-    ``{'epochs', 'epochs_planned', 'train_seconds'}`` counting every stage,
-    plus ``'stage_epochs'`` / ``'init_from'`` for a warm start.
-    """
-    prior_epochs = int((init_from or {}).get("epochs") or 0)
-    prior_seconds = float((init_from or {}).get("train_seconds") or 0.0)
-    totals = {"epochs": prior_epochs + epochs, "epochs_planned": prior_epochs + planned,
-              "train_seconds": prior_seconds + train_seconds}
-    if not init_from:
-        return totals
-    prior_stages = [int(e) for e in init_from.get("stage_epochs") or [prior_epochs]]
-    return {**totals, "stage_epochs": [*prior_stages, epochs], "init_from": init_from}
-
-
-def lineage_train_seconds(metas: list[dict]) -> float:
-    """Training seconds of several models' ``config.json`` metadata, each stage counted once.
-
-    A model that another one was warm-started from is already in that one's
-    ``train_seconds`` (see :func:`warm_start_totals`); it is recognized by what the
-    other's ``init_from`` recorded about it (epochs, train_seconds, test_accuracy,
-    train_config), not by its path, which changes when models are copied.
-    """
-    keys = ("epochs", "train_seconds", "test_accuracy", "train_config")
-    starts = [m["init_from"] for m in metas if m.get("init_from")]
-    return sum(float(m.get("train_seconds") or 0.0) for m in metas
-               if not any(all(s.get(k) == m.get(k) for k in keys) for s in starts))
 
 
 def init_variables_abstract(config: ConvMixerConfig):
@@ -439,15 +407,9 @@ def init_variables_abstract(config: ConvMixerConfig):
     return model.init(jax.random.PRNGKey(0), dummy, train=False)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def total_train_seconds(history: dict) -> float:
     return float(sum(e["train_seconds"] for e in history["epochs"]))
 
 
 __all__ = ["TrainConfig", "RECIPES", "AUGMENTATIONS", "choose_weights", "train", "init_variables", "augment_batch", "make_optimizer",
-           "epoch_order", "total_train_seconds", "warm_start_totals"]
+           "epoch_order", "total_train_seconds"]

@@ -1,4 +1,4 @@
-"""Files on disk: model directories, image arrays, atomic writes.
+"""Model directories: a ConvMixer's config, weights and encryption record on disk.
 
 A model directory holds one ConvMixer, plain or encrypted::
 
@@ -25,16 +25,15 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from convmixer_jax.blockwise import ImageError
-from convmixer_jax.keys import Key, fingerprint
-from convmixer_jax.model import ConvMixerConfig
+from convmixer_jax.files.atomic import check_output_path, swap_into_place
+from convmixer_jax.scheme.keys import Key, fingerprint
+from convmixer_jax.model.convmixer import ConvMixerConfig
 
 MODEL_FORMAT = "convmixer-jax-model"
 MODEL_VERSION = 1
@@ -49,116 +48,6 @@ PyTree = Any
 class ModelDirError(ValueError):
     """A model directory is missing, malformed, inconsistent, or in the wrong state
     (plain where an encrypted one is needed, or the reverse)."""
-
-
-# --------------------------------------------------------------------------- files
-
-
-def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse an existing ``path`` unless ``force``; return it as a Path.
-
-    Raises FileExistsError naming the fix (``--force``).
-    """
-    path = Path(path)
-    if not force and (path.exists() or path.is_symlink()):
-        raise FileExistsError(f"{path} already exists; pass --force to replace it")
-    return path
-
-
-def check_replaceable_dir(out: str | os.PathLike, force: bool, inputs: dict) -> Path:
-    """Like :func:`check_output_path` for an output directory that is replaced
-    as a whole, and also refuse an ``out`` that holds one of the command's
-    ``inputs`` ({option: path or None}): replacing it would delete that input.
-
-    Raises FileExistsError naming the input and the fix.
-    """
-    out = check_output_path(out, force)
-    root = out.resolve()
-    for option, path in inputs.items():
-        if path is None:
-            continue
-        p = Path(path).resolve()
-        if p == root or root in p.parents:
-            raise FileExistsError(
-                f"--out {out} contains {option} {path}; writing the results replaces {out} as a whole "
-                f"and would delete it: choose an --out directory outside {path}")
-    return out
-
-
-def _mkstemp_beside(path: Path) -> tuple[int, Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    return fd, Path(tmp)
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, force: bool = False,
-                       private: bool = False) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place.
-
-    An existing ``path`` is refused unless ``force``. ``private`` keeps the file
-    readable by its owner only (for keys); otherwise the usual umask applies.
-    """
-    path = check_output_path(path, force)
-    fd, tmp = _mkstemp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if not private:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        check_output_path(path, force)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str, *, force: bool = False,
-                      private: bool = False) -> Path:
-    """:func:`write_bytes_atomic` for UTF-8 text."""
-    return write_bytes_atomic(path, text.encode(), force=force, private=private)
-
-
-def save_array(path: str | os.PathLike, array, *, force: bool = False) -> Path:
-    """Save one array as ``.npy`` (no pickle), atomically."""
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array), allow_pickle=False)
-    return write_bytes_atomic(path, buf.getvalue(), force=force)
-
-
-def load_images(path: str | os.PathLike) -> np.ndarray:
-    """Read an image array from a ``.npy`` file (never unpickling anything).
-
-    Raises :class:`~convmixer_jax.blockwise.ImageError` for a missing,
-    unreadable, pickled or non-``.npy`` file. Shape and values are checked by
-    the caller (``blockwise.check_images``, ``evaluate.check_model_images``).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ImageError(f"image file {path} does not exist")
-    if path.is_dir():
-        raise ImageError(f"{path} is a directory; pass a .npy file")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-    except OSError as e:
-        raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
-    if magic[:4] == b"PK\x03\x04":
-        raise ImageError(f"{path} is an .npz archive; pass a single array saved with numpy.save (.npy)")
-    if magic != b"\x93NUMPY":
-        raise ImageError(f"{path} is not a .npy file; save the images with numpy.save")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, EOFError, OSError) as e:
-        raise ImageError(f"cannot read {path} as a .npy array ({e}); "
-                         "save the images with numpy.save (object arrays are not accepted)") from None
-    return array
 
 
 # --------------------------------------------------------------------------- encryption record
@@ -203,7 +92,7 @@ def abstract_variables(config: ConvMixerConfig) -> PyTree:
     import jax
     import jax.numpy as jnp
 
-    from convmixer_jax.model import ConvMixer
+    from convmixer_jax.model.convmixer import ConvMixer
 
     dummy = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.channels), jnp.float32)
     tree = jax.eval_shape(lambda x: ConvMixer(config).init(jax.random.PRNGKey(0), x, train=False), dummy)
@@ -362,51 +251,11 @@ def save_model(path: str | os.PathLike, config: ConvMixerConfig, variables: PyTr
     try:
         (tmp / CONFIG_FILE).write_text(text)
         _save_variables(tmp / VARIABLES_DIR, variables)
-        _swap_into_place(tmp, path, force)
+        swap_into_place(tmp, path, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-@contextlib.contextmanager
-def staged_output_dir(out: str | os.PathLike):
-    """Write a multi-file output directory all at once.
-
-    Yields a new temporary directory beside ``out``; when the block ends
-    normally it takes the place of ``out`` (an old ``out`` is removed only after
-    the rename), and when the block raises it is deleted and ``out`` is left as
-    it was. Whether ``out`` may be replaced is the caller's check, made before
-    the work (:func:`check_replaceable_dir`).
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        _swap_into_place(tmp, out, force=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_into_place(tmp: Path, path: Path, force: bool) -> None:
-    """Rename the finished ``tmp`` to ``path``, replacing an old ``path`` if ``force``."""
-    if not (path.exists() or path.is_symlink()):
-        os.rename(tmp, path)
-        return
-    check_output_path(path, force)
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
 
 
 def load_model_meta(path: str | os.PathLike) -> tuple[ConvMixerConfig, dict]:
@@ -484,7 +333,7 @@ def _require_plain(path: Path, meta: dict) -> None:
 
 
 def _require_encrypted_with(path: Path, meta: dict, key: Key) -> None:
-    from convmixer_jax.model_encryption import KeyModelMismatch
+    from convmixer_jax.scheme.params import KeyModelMismatch
 
     if not is_encrypted(meta):
         raise ModelDirError(f"{path} is a plain model, not encrypted; there is nothing to decrypt "
@@ -499,7 +348,7 @@ def _require_encrypted_with(path: Path, meta: dict, key: Key) -> None:
 def check_key_fits_model(config: ConvMixerConfig, key: Key) -> None:
     """Raise ``KeyModelMismatch`` unless ``key``'s block size and channels match the
     model's patch size and channels."""
-    from convmixer_jax.model_encryption import check_key_fits
+    from convmixer_jax.scheme.params import check_key_fits
 
     check_key_fits((config.patch_size, config.patch_size, config.channels, config.dim), key)
 
@@ -515,7 +364,7 @@ def encrypt_model_dir(src: str | os.PathLike, dst: str | os.PathLike, key: Key, 
     Refuses an already-encrypted model and a key whose block size or channels
     differ from the model's patch embedding. Provenance fields are kept.
     """
-    from convmixer_jax.model_encryption import encrypt_params
+    from convmixer_jax.scheme.params import encrypt_params
 
     src = Path(src)
     check_output_path(dst, force)
@@ -533,7 +382,7 @@ def decrypt_model_dir(src: str | os.PathLike, dst: str | os.PathLike, key: Key, 
 
     Refuses a plain model and a key whose fingerprint differs from the recorded one.
     """
-    from convmixer_jax.model_encryption import decrypt_params
+    from convmixer_jax.scheme.params import decrypt_params
 
     src = Path(src)
     check_output_path(dst, force)
@@ -548,7 +397,7 @@ def decrypt_model_dir(src: str | os.PathLike, dst: str | os.PathLike, key: Key, 
 def rekey_model_dir(src: str | os.PathLike, dst: str | os.PathLike, old_key: Key, new_key: Key, *,
                     force: bool = False) -> Path:
     """Move the model in ``src``, encrypted with ``old_key``, to ``new_key`` (into ``dst``)."""
-    from convmixer_jax.model_encryption import rekey_params
+    from convmixer_jax.scheme.params import rekey_params
 
     src = Path(src)
     check_output_path(dst, force)
@@ -565,5 +414,4 @@ def rekey_model_dir(src: str | os.PathLike, dst: str | os.PathLike, old_key: Key
 
 __all__ = ["MODEL_FORMAT", "MODEL_VERSION", "ModelDirError", "save_model", "load_model", "load_model_meta",
            "is_encrypted", "encryption_record", "check_key_fits_model", "abstract_variables", "check_variables",
-           "encrypt_model_dir", "decrypt_model_dir", "rekey_model_dir", "check_output_path",
-           "write_bytes_atomic", "write_text_atomic", "save_array", "load_images"]
+           "encrypt_model_dir", "decrypt_model_dir", "rekey_model_dir"]

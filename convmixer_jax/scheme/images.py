@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.keys import InvalidKeyError, Key, inverse_permutation
+from convmixer_jax.scheme.keys import InvalidKeyError, Key, inverse_permutation
 
 
 class ImageError(ValueError):

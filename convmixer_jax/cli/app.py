@@ -1,0 +1,80 @@
+"""The ``convmixer-jax`` command line: keys, image and model encryption, training, evaluation.
+
+Each subcommand parses its arguments and calls library functions
+(:mod:`~convmixer_jax.scheme.keys`, :mod:`~convmixer_jax.scheme.images`,
+:mod:`~convmixer_jax.files.model_dir`, :mod:`~convmixer_jax.model.inference`,
+:mod:`~convmixer_jax.training.loop`). JAX and Flax are imported inside the commands
+so that ``--help`` answers at once.
+
+A user error (bad file, key, image or model, existing output without
+``--force``) prints one line ``convmixer-jax: error: ...`` on stderr, exits
+with 1 (2 for a malformed command line) and leaves every output path as it
+was. Every file is written under a temporary name beside its destination and
+renamed into place when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from convmixer_jax.cli import attacks, experiment, images, keys, models, training
+from convmixer_jax.cli.options import PROG, Parser, UsageError, one_line
+
+_DESCRIPTION = """\
+Block-wise encryption of ConvMixer models (Iijima & Kiya, 2022).
+
+A trusted party trains a plain model (train), makes a secret key (keygen) and
+encrypts the model with it (encrypt-model); the client encrypts its images with
+the same key (encrypt-images); the provider runs the encrypted model on the
+encrypted images (predict) and gets the plain model's outputs on the plain images.
+"""
+
+_EPILOG = """\
+example:
+  convmixer-jax keygen --block-size 4 --channels 3 --out key.json
+  convmixer-jax init-model --preset paper --seed 0 --out plain_model
+  convmixer-jax encrypt-model --key key.json plain_model enc_model
+  convmixer-jax encrypt-images --key key.json images.npy enc_images.npy
+  convmixer-jax predict enc_model enc_images.npy --out logits.npy
+
+run 'convmixer-jax COMMAND --help' for the options of a command.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog=PROG, description=_DESCRIPTION, epilog=_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, func, help_, description=None):
+        p = sub.add_parser(name, help=help_, description=description or help_)
+        p.set_defaults(func=func)
+        return p
+
+    for group in (keys, images, models, training, attacks, experiment):
+        group.register(add)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        # Library errors (InvalidKeyError, ImageError, ModelDirError, DataError,
+        # KeyModelMismatch are ValueErrors) and file errors: one line, no traceback.
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        return 1
+
+
+__all__ = ["main", "build_parser"]

@@ -1,0 +1,190 @@
+"""Attacks: the wrong-key sweep, key recovery from pairs, the security report."""
+from __future__ import annotations
+
+import json
+import sys
+
+from convmixer_jax.cli.options import positive_int, int_arg, seed_arg, add_force, add_data_options, load_split, subset
+
+
+def _attack_model(args, config, variables, meta):
+    """The encrypted variables to attack and a note on where they came from."""
+    from convmixer_jax.scheme.keys import fingerprint, generate_key
+    from convmixer_jax.scheme.params import encrypt_params
+    from convmixer_jax.files.model_dir import is_encrypted
+
+    if is_encrypted(meta):
+        return variables, {"model_key_fingerprint": meta["encryption"]["key_fingerprint"],
+                           "model_encrypted_by": "given"}
+    # A plain model: encrypt it first with a secret key (from --seed if given, for a
+    # repeatable run; else the OS CSPRNG). Wrong keys are independent of it.
+    seed = None if args.seed is None else [args.seed, 0x5EC2E7]
+    key = generate_key(config.patch_size, config.channels, seed=seed)
+    enc = encrypt_params(variables, key, mean=config.mean, std=config.std)
+    return enc, {"model_key_fingerprint": fingerprint(key),
+                 "model_encrypted_by": "attack (secret key from --seed)" if seed else "attack (OS CSPRNG key)"}
+
+
+def cmd_attack(args) -> int:
+    import secrets
+    import time
+
+    import numpy as np
+
+    from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies
+    from convmixer_jax.model.inference import check_model_images
+    from convmixer_jax.files.atomic import check_output_path, write_text_atomic
+    from convmixer_jax.files.model_dir import load_model
+    from convmixer_jax.files.provenance import device_description
+
+    check_output_path(args.out, args.force)
+    config, variables, meta = load_model(args.model)
+    images, labels, _ = load_split(args, "test")
+    images, labels = subset(images, labels, args.limit, 0 if args.seed is None else args.seed)
+    check_model_images(config, images)
+    enc_vars, origin = _attack_model(args, config, variables, meta)
+    seed = args.seed if args.seed is not None else secrets.randbits(31)
+    keys = draw_attack_keys(seed, args.num_keys, config.patch_size, config.channels)
+    t0 = time.perf_counter()
+    acc = wrong_key_accuracies(config, enc_vars, images, labels, keys, strategy=args.strategy,
+                               key_chunk=args.key_chunk, batch_size=args.batch_size,
+                               progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    result = {"model": str(args.model), **origin, "test_images": int(len(images)),
+              "num_keys": int(args.num_keys), "seed": int(seed), "strategy": args.strategy,
+              "accuracies": [float(a) for a in acc], "median": float(np.median(acc)),
+              "min": float(np.min(acc)), "max": float(np.max(acc)), "seconds": seconds,
+              "key_image_pairs_per_second": len(images) * args.num_keys / seconds,
+              "device": device_description()}
+    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n", force=args.force)
+    print(json.dumps({k: result[k] for k in ("num_keys", "test_images", "strategy", "median", "min", "max")}))
+    return 0
+
+
+def cmd_security_report(args) -> int:
+    from pathlib import Path
+
+    from convmixer_jax.attacks.report import reference_model, run_security_report
+    from convmixer_jax.files.atomic import check_replaceable_dir
+    from convmixer_jax.files.model_dir import ModelDirError, is_encrypted, load_model
+    from convmixer_jax.model.inference import check_model_images
+
+    out = check_replaceable_dir(args.out, args.force, {"MODEL_DIR": args.model_dir,
+                                                        "--reference-model": args.reference_model,
+                                                        "--data-dir": args.data_dir})
+    config, variables, meta = load_model(args.model_dir)
+    if is_encrypted(meta):
+        raise ModelDirError(f"{args.model_dir} is an encrypted model; the report needs the plain model "
+                            "(it encrypts it with fresh keys itself)")
+    train_x, train_y, _ = load_split(args, "train")
+    test_x, test_y, _ = load_split(args, "test")
+    check_model_images(config, test_x[:1])
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    reference, ref_note = reference_model(config, (train_x, train_y), model_dir=args.reference_model,
+                                          epochs=args.reference_epochs, train_images=args.reference_train_images,
+                                          seed=args.reference_seed, progress=not args.quiet, log=say)
+    run_security_report(
+        config, variables, (train_x, train_y), (test_x, test_y), out, model_dir=args.model_dir,
+        model_note=f"epochs {meta.get('epochs')} of {meta.get('epochs_planned', meta.get('epochs'))}, "
+                   f"test accuracy {meta.get('test_accuracy')}",
+        data_label=args.data_dir or "tfds:cifar10", reference_variables=reference, reference_note=ref_note,
+        kp_pairs=args.pairs, kp_trials=args.trials, recovery_keys=args.recovery_keys,
+        eval_images=args.eval_images, public_images=args.public_images, finetune_sizes=args.finetune_sizes, finetune_modes=args.finetune_modes,
+        finetune_steps=args.finetune_steps, seed=args.seed, force=args.force, progress=not args.quiet, log=say)
+    print(Path(out, "summary.md").read_text())
+    return 0
+
+
+def cmd_recover_key(args) -> int:
+    from convmixer_jax.scheme.images import ImageError
+    from convmixer_jax.attacks.known_plaintext import recover_key
+    from convmixer_jax.scheme.keys import fingerprint, key_file_text
+    from convmixer_jax.files.atomic import check_output_path, write_text_atomic
+    from convmixer_jax.files.arrays import load_images
+
+    check_output_path(args.out, args.force)
+    plain = load_images(args.plain)
+    encrypted = load_images(args.encrypted)
+    if plain.shape != encrypted.shape:
+        raise ImageError(f"{args.plain} holds shape {plain.shape} but {args.encrypted} holds shape "
+                         f"{encrypted.shape}; pass each plain image with its own encrypted version")
+    result = recover_key(plain, encrypted, args.block_size)
+    if not result.consistent:
+        raise ValueError("the pairs are not plain/encrypted images under one key of this block size "
+                         f"({result.reason})")
+    if result.key is None:
+        raise ValueError(f"{result.undetermined} of the {result.block_len} positions of a block are "
+                         f"undetermined by these pairs ({result.num_blocks} blocks); use more image pairs, "
+                         "or less uniform ones (flat, repeated or gray regions leave positions ambiguous)")
+    write_text_atomic(args.out, key_file_text(result.key), force=args.force, private=True)
+    print(fingerprint(result.key))
+    return 0
+
+
+def register(add) -> None:
+    """Add this group's subcommands with ``add(name, func, help, description)``."""
+    p = add("attack", cmd_attack, "accuracy of an encrypted model under random wrong keys",
+            "Evaluate an encrypted model on test images encrypted with N random wrong keys, drawn "
+            "as a batch with jax.random and evaluated under vmap in chunks (memory stays bounded). "
+            "A plain model is first encrypted with a secret key (from --seed if given). Writes JSON.")
+    p.add_argument("model", metavar="MODEL_DIR", help="model directory (encrypted, or plain)")
+    add_data_options(p)
+    p.add_argument("--num-keys", type=positive_int, required=True, metavar="N", help="number of wrong keys")
+    p.add_argument("--limit", type=positive_int, metavar="K", help="a random subset of K test images")
+    p.add_argument("--seed", type=seed_arg, metavar="S",
+                   help="seed of the wrong keys (and the --limit subset); default: a random one, recorded")
+    p.add_argument("--strategy", choices=["images", "weights"], default="weights",
+                   help="encrypt the images with each key, or fold each key into the patch embedding "
+                        "(same accuracies; default weights)")
+    p.add_argument("--key-chunk", type=positive_int, default=4, metavar="K",
+                   help="keys per call, folded into the batch with the images (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=125, metavar="B",
+                   help="images per call; a call evaluates K x B pairs (default 125: 500 pairs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, metavar="FILE.json", help="results to write")
+    add_force(p)
+
+    p = add("security-report", cmd_security_report, "attacks beyond the paper, measured on a trained model",
+            "Known-plaintext key recovery rate, key recovery from the encrypted model (with the original "
+            "weights, with an independently trained reference, from the encrypted model alone) and the "
+            "fine-tuning attack; writes security.json, summary.md and PNG plots to --out. The defaults "
+            "finish in about 30 minutes on a 2-core CPU. Secret keys come from the OS CSPRNG unless "
+            "--seed is given; only fingerprints are written.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="the plain trained model")
+    add_data_options(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--reference-model", metavar="DIR",
+                   help="an independently trained plain model of the same architecture (default: train one)")
+    p.add_argument("--reference-epochs", type=int_arg, default=2, metavar="E",
+                   help="epochs of the reference trained when --reference-model is not given (0: skip; default 2)")
+    p.add_argument("--reference-train-images", type=positive_int, default=10000, metavar="N",
+                   help="training images of that reference (default 10000)")
+    p.add_argument("--reference-seed", type=seed_arg, default=1, metavar="N", help="its seed (default 1)")
+    p.add_argument("--pairs", type=positive_int, nargs="+", default=[1, 2, 4], metavar="N",
+                   help="known-plaintext pair counts (default 1 2 4)")
+    p.add_argument("--trials", type=positive_int, default=200, metavar="T", help="trials per pair count (default 200)")
+    p.add_argument("--recovery-keys", type=positive_int, default=3, metavar="K",
+                   help="secret keys per model-recovery attack (default 3)")
+    p.add_argument("--eval-images", type=positive_int, default=2000, metavar="N",
+                   help="test images for the accuracies (default 2000)")
+    p.add_argument("--public-images", type=int_arg, default=256, metavar="N",
+                   help="unlabeled training images the model-recovery adversary may use (0: none; default 256)")
+    p.add_argument("--finetune-sizes", type=positive_int, nargs="+", default=[100, 500, 1000, 5000], metavar="N",
+                   help="labeled plain images of the fine-tuning adversary (default 100 500 1000 5000)")
+    p.add_argument("--finetune-modes", nargs="+", choices=["stem", "all", "scratch"],
+                   default=["stem", "all", "scratch"], help="what is trained (default: all three)")
+    p.add_argument("--finetune-steps", type=positive_int, metavar="S",
+                   help="steps per fine-tuning run (default: grows with n, see finetune_attack.default_steps)")
+    p.add_argument("--seed", type=seed_arg, metavar="N", help="repeatable keys and subsets (default: OS CSPRNG keys)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_force(p)
+
+    p = add("recover-key", cmd_recover_key, "recover a key from plain/encrypted image pairs",
+            "Known-plaintext attack: recover the key from plain images and the same images "
+            "encrypted with it (.npy, (N, H, W, C) or (H, W, C), uint8 or float in [0, 1]). Writes "
+            "the key file only if the pairs determine every position of the key; prints its fingerprint.")
+    p.add_argument("--plain", required=True, metavar="P.npy", help="plain images")
+    p.add_argument("--encrypted", required=True, metavar="E.npy", help="the same images, encrypted")
+    p.add_argument("--block-size", type=positive_int, required=True, metavar="M", help="block size M")
+    p.add_argument("--out", required=True, metavar="KEY.json", help="key file to write")
+    add_force(p)

@@ -1,0 +1,49 @@
+"""Keys: make one, and the size of the key space."""
+from __future__ import annotations
+
+import sys
+
+from convmixer_jax.cli.options import positive_int, seed_arg, add_force, PROG
+
+
+def cmd_keygen(args) -> int:
+    from convmixer_jax.scheme import keys
+    from convmixer_jax.files.atomic import check_output_path, write_text_atomic
+
+    check_output_path(args.out, args.force)
+    key = keys.generate_key(args.block_size, args.channels, seed=args.seed)
+    write_text_atomic(args.out, keys.key_file_text(key), force=args.force, private=True)
+    if args.seed is not None:
+        print(f"{PROG}: warning: a seeded key can be re-made by anyone who knows the seed; "
+              "use --seed for experiments only", file=sys.stderr)
+    print(keys.fingerprint(key))
+    return 0
+
+
+def cmd_keyspace(args) -> int:
+    from convmixer_jax.scheme import keys
+
+    pb = keys.block_len(args.block_size, args.channels)
+    n = keys.key_space(args.block_size, args.channels)
+    log2 = keys.key_space_log2(args.block_size, args.channels)
+    print(f"block size {args.block_size}, {args.channels} channels: pb = {pb}")
+    print(f"keys = pb! * C(pb, pb/2) = {n}")
+    print(f"log2 = {log2:.2f} (about 2^{log2:.2f})")
+    return 0
+
+
+def register(add) -> None:
+    """Add this group's subcommands with ``add(name, func, help, description)``."""
+    p = add("keygen", cmd_keygen, "make a secret key (pixel permutation and flip vector)",
+            "Make a secret key for block size M and C channels and write it as JSON. Without --seed "
+            "the key comes from the operating system's CSPRNG. Prints only the key's fingerprint.")
+    p.add_argument("--block-size", type=positive_int, required=True, metavar="M",
+                   help="block size M (= the model's patch size)")
+    p.add_argument("--channels", type=positive_int, required=True, metavar="C", help="image channels C")
+    p.add_argument("--seed", type=seed_arg, metavar="N", help="reproducible key, for experiments only")
+    p.add_argument("--out", required=True, metavar="KEY.json", help="key file to write (kept secret)")
+    add_force(p)
+
+    p = add("keyspace", cmd_keyspace, "size of the key space, pb! * C(pb, pb/2)")
+    p.add_argument("--block-size", type=positive_int, required=True, metavar="M", help="block size M")
+    p.add_argument("--channels", type=positive_int, required=True, metavar="C", help="channels C")

@@ -1,0 +1,18 @@
+"""The scheme itself: secret keys, the block-wise image transform, the patch-embedding transform.
+
+Imports nothing else from the package: everything here follows from
+``docs/method.md`` alone.
+"""
+from convmixer_jax.scheme.images import ImageError, check_images, decrypt_images, encrypt_images  # noqa: F401
+from convmixer_jax.scheme.keys import (  # noqa: F401
+    InvalidKeyError,
+    Key,
+    block_len,
+    fingerprint,
+    generate_key,
+    key_space,
+    key_space_log2,
+    load_key,
+    random_keys,
+)
+from convmixer_jax.scheme.params import KeyModelMismatch, decrypt_params, encrypt_params, rekey_params  # noqa: F401
