@@ -113,6 +113,8 @@ def test_cli_attack_strategies_identical_and_reproduce(tmp_path, monkeypatch, ca
                   "device", "key_fingerprint"):
         assert field in res, field
     assert res["test_images"] == 18 and res["identical_predictions"] == 18
+    assert res["identical_predictions_tta"] == 18 and res["encrypted_encrypted_tta"] == res["baseline_plain_tta"]
+    assert "mirror TTA" in (rep / "table1.md").read_text()
     assert res["encrypted_encrypted"] == res["baseline_plain"]
     assert len(res["wrong_keys"]) == 3 and round(res["key_space_log2"], 2) == round(np.log2(
         float(np.prod(np.arange(1, 13, dtype=np.float64))) * 924), 2)

@@ -82,3 +82,25 @@ def test_chained_stages_count_on(tmp_path, capsys):
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(TrainLogError, match="no training log"):
         chain_train_logs([])
+
+
+def test_validation_curves_are_drawn(tmp_path, monkeypatch):
+    """A run with a hold-out draws its raw and EMA validation accuracy, labelled with the last values."""
+    import convmixer_jax.training.curves as curves
+
+    epochs = make_log(tmp_path / "train_log.json", 3, test=False)
+    for i, e in enumerate(epochs):
+        e["val_accuracy"], e["val_accuracy_ema"] = 0.5 + i / 10, 0.55 + i / 10
+    (tmp_path / "train_log.json").write_text(json.dumps({"recipe": {"epochs": 3}, "epochs": epochs}))
+    seen = {}
+
+    def capture(fig, path, dpi=130):
+        ax = fig.axes[1]
+        seen["labels"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        seen["lines"] = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+
+    monkeypatch.setattr(curves, "save_figure_atomic", capture)
+    plot_training_curves(read_train_log(tmp_path), tmp_path / "c.png")
+    assert "validation (last 0.7000)" in seen["labels"]
+    assert "validation, EMA weights (last 0.7500)" in seen["labels"]
+    assert seen["lines"]["validation, EMA weights (last 0.7500)"] == [0.55, 0.65, 0.75]

@@ -15,7 +15,7 @@ def _pil_reference(img: np.ndarray, magnitude: int, sign: float) -> dict:
     enh = 1 + sign * 0.9 * f
     return {"equalize": ImageOps.equalize(pil), "autocontrast": ImageOps.autocontrast(pil),
             "posterize": ImageOps.posterize(pil, int(8 - round(magnitude / 7.5))),
-            "solarize": ImageOps.solarize(pil, 255 * (1 - f)),
+            "solarize": ImageOps.solarize(pil, 255 * (30 - magnitude) / 30),
             "brightness": ImageEnhance.Brightness(pil).enhance(enh),
             "color": ImageEnhance.Color(pil).enhance(enh),
             "contrast": ImageEnhance.Contrast(pil).enhance(enh),

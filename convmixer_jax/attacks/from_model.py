@@ -99,12 +99,13 @@ def recover_key_from_encrypted_model(config, encrypted_variables, public_images=
     weights, nor labels.
 
     encrypted_variables: the encrypted model's ``{'params', 'batch_stats'}``.
+
     public_images: optional (N, H, W, C) uint8 or float in [0, 1], unlabeled
       natural images of the task's kind (any public ones, not the client's).
 
-    :func:`recover_key_from_structure` on the stem kernel; with images, its
+    :func:`~convmixer_jax.attacks.from_weights.recover_key_from_structure` on the stem kernel; with images, its
     96 symmetric candidates are ranked by stem BatchNorm statistics
-    (:func:`rank_keys_by_batch_stats`, first ``n_images``) and the best
+    (:func:`~convmixer_jax.attacks.from_weights.rank_keys_by_batch_stats`, first ``n_images``) and the best
     ``top`` re-ranked by prediction confidence (:func:`rerank_by_confidence`,
     first ``n_confidence_images``). Without images: the structure attack
     with the bias / BatchNorm-mean sign heuristic. Assumes the paper's

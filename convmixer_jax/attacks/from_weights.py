@@ -21,7 +21,7 @@ unchanged). Three adversaries, from strongest to weakest knowledge:
 - :func:`recover_key_from_structure`: the adversary holds only the encrypted
   model. Trained patch-embedding filters are smooth: the C rows of one pixel
   are strongly correlated, and rows of one channel at 4-neighbouring pixels
-  are correlated. The |correlation| graph of the encrypted rows (invariant to
+  are correlated. The absolute-correlation graph of the encrypted rows (invariant to
   the flips) reveals the P x P x C layout up to its symmetries.
 
 What no Gram/correlation-based attack can see: a global sign (``S -> -S``
@@ -35,7 +35,7 @@ when training used horizontal-flip augmentation, by the horizontal mirror.
 The attacks choose among the symmetric keys by stated heuristics, by the
 model's own stem BatchNorm statistics on public images
 (:func:`rank_keys_by_batch_stats`), and finally by the whole encrypted
-model's confidence on unlabeled public images (:func:`rerank_by_confidence`,
+model's confidence on unlabeled public images (:func:`~convmixer_jax.attacks.from_model.rerank_by_confidence`,
 which needs JAX); the alternatives are returned in
 ``ModelRecovery.candidates`` so that they can be scored.
 
@@ -43,7 +43,7 @@ The kernel-only attacks are numpy/scipy, deterministic given their inputs
 and ``seed``, and take about 0.5 s for pb = 48, dim = 256 on one CPU core;
 ranking 96 keys by BatchNorm statistics on 64 images takes a few seconds,
 and the confidence re-ranking about 0.5 s per key for 256 CIFAR-10 images.
-:func:`evaluate_recovery` and :func:`accuracy_with_key` measure an attack.
+:func:`~convmixer_jax.attacks.from_model.evaluate_recovery` and :func:`~convmixer_jax.attacks.from_model.accuracy_with_key` measure an attack.
 """
 from __future__ import annotations
 
@@ -63,13 +63,18 @@ class ModelRecovery:
 
     perm, flip: (pb,) the estimate (``perm[k]`` = original position of
       encrypted row k, ``flip[k]`` = 1 where the row was negated).
+
     similarity: (pb,) a per-row match quality in [0, 1] (its meaning depends
       on the attack; 1 = certain).
+
     key: the estimate as a valid :class:`Key` (perm a permutation, exactly
       pb/2 flips), or None when it is not one (only the plain-reference
       attack can return None; the other two always return a valid key).
+
     method: which attack produced it.
+
     notes: what the attack assumed and which choices were heuristic.
+
     candidates: keys the attack cannot tell apart from ``key`` with its
       invariants (``key`` is ``candidates[0]`` when there are any).
     """
@@ -243,7 +248,7 @@ def recover_key_with_reference(encrypted_kernel, reference_kernel) -> ModelRecov
     """Estimate the key from an encrypted stem kernel and the ORIGINAL plain kernel.
 
     Both: (P, P, C, dim) stem kernels (``params['stem']['kernel']``). Each
-    encrypted row is matched to the reference row of largest |cosine|; the
+    encrypted row is matched to the reference row of largest absolute cosine; the
     sign of that cosine gives the flip. ``key`` is None when the matches do not
     form a valid key (which happens only when the reference is not the original).
     """
@@ -267,7 +272,7 @@ def recover_key_with_reference(encrypted_kernel, reference_kernel) -> ModelRecov
 
 def _row_signature(a: np.ndarray, norms: np.ndarray) -> np.ndarray:
     """Per-row features invariant to the key and to the column basis: the sorted
-    |correlations| with the other rows and the log row norm (centred)."""
+    absolute correlations with the other rows and the log row norm (centred)."""
     ln = np.log(np.maximum(norms, 1e-30))
     return np.concatenate([-np.sort(-a, axis=1), (ln - ln.mean())[:, None]], axis=1)
 
@@ -275,7 +280,7 @@ def _row_signature(a: np.ndarray, norms: np.ndarray) -> np.ndarray:
 def _global_sign_from_columns(dec_rows: np.ndarray, ref_rows: np.ndarray) -> float:
     """> 0 when the decrypted kernel's output channels match the reference's
     with positive orientation: columns are paired by linear assignment on
-    |cosine| and the signed cosines of the pairs are summed. (GELU after the
+    absolute cosine and the signed cosines of the pairs are summed. (GELU after the
     stem makes a channel and its negation different features, so matched
     channels of two trained models tend to agree in sign.)"""
     x = dec_rows / np.maximum(np.linalg.norm(dec_rows, axis=0, keepdims=True), 1e-30)
@@ -304,7 +309,7 @@ def recover_key_with_independent_reference(encrypted_kernel, reference_kernel, *
     Algorithm: (1) permutation: maximize ``sum |C_enc[k,l]| |C_ref[p(k),p(l)]|
     - norm_weight * sum (log-norm mismatch)^2`` (a quadratic assignment
     problem) by iterated linear assignment and pair exchanges, from several
-    starts: a linear assignment of per-row signatures (sorted |correlations|,
+    starts: a linear assignment of per-row signatures (sorted absolute correlations,
     log norm), the layouts found by :func:`recover_key_from_structure` (all
     their symmetric variants; ``use_structure``) and ``n_starts`` random
     permutations drawn from ``seed``; the best objective wins. (2) signs:
@@ -320,10 +325,10 @@ def recover_key_with_independent_reference(encrypted_kernel, reference_kernel, *
     C_ref[p(k),p(l)]``) and the best with the chosen global sign is returned.
 
     Returns a ModelRecovery whose ``key`` is always valid; ``similarity[k]``
-    is the correlation between row k's |correlation| profile and that of its
+    is the correlation between row k's absolute-correlation profile and that of its
     matched reference row; ``candidates``: the 96 symmetric keys by
     decreasing objective, each followed by its global-sign complement (for
-    :func:`rerank_by_confidence`).
+    :func:`~convmixer_jax.attacks.from_model.rerank_by_confidence`).
     """
     e, p, c = _kernel_rows(encrypted_kernel, "encrypted_kernel")
     r, p2, c2 = _kernel_rows(reference_kernel, "reference_kernel")
@@ -450,7 +455,7 @@ def _group_rows(a: np.ndarray, size: int) -> np.ndarray:
 
 def _pixel_affinity(a: np.ndarray, members: np.ndarray) -> np.ndarray:
     """(n_pix, n_pix) affinity of pixel groups (rows ``members`` (n_pix, C)):
-    the summed |correlation| of their rows matched channel to channel (the
+    the summed absolute-correlation of their rows matched channel to channel (the
     best of the C! matchings). Same-channel rows of neighbouring pixels are
     correlated, cross-channel ones much less, so matching sharpens the
     neighbour signal (summing all C*C pairs lets wrap-around and diagonal
@@ -544,10 +549,10 @@ def recover_key_from_structure(encrypted_kernel, *, seed: int = 0, n_starts: int
     correlated (true of the trained CIFAR-10 stems measured; a random kernel
     has no such structure and gives a random key).
 
-    Steps, all on |correlations| (invariant to the flips): (1) group the pb
+    Steps, all on absolute correlations (invariant to the flips): (1) group the pb
     rows into P*P groups of C (same pixel); (2) place the groups on the P x P
     grid so that the summed channel-matched affinity
-    (:func:`_pixel_affinity`) of grid-adjacent groups is maximal (a
+    (``_pixel_affinity``) of grid-adjacent groups is maximal (a
     quadratic assignment, ``n_starts`` starts from ``seed``); (3) label the
     rows within each group so that same-label rows of adjacent groups are the
     most correlated (same channel); (4) signs that make the within-pixel and
@@ -565,7 +570,7 @@ def recover_key_from_structure(encrypted_kernel, *, seed: int = 0, n_starts: int
       statistics on the public images best match the model's BatchNorm
       running statistics (:func:`rank_keys_by_batch_stats`).
     - Otherwise by heuristics: channel order by
-      :func:`_channel_order_heuristic`; with ``stem_bias`` and
+      ``_channel_order_heuristic``; with ``stem_bias`` and
       ``stem_bn_mean`` the global sign that makes the output channels' DC
       gains (sum of their kernel column) correlate negatively with the
       BatchNorm running mean (an empirical prior observed on the trained

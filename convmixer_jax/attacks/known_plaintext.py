@@ -57,13 +57,18 @@ class RecoveryResult:
 
     key: the validated :class:`Key` when every position is determined and the pairs are
         consistent, else None.
+
     consistent: False when no key of this form (one signed permutation with exactly pb/2
         flips, applied to every block) explains the pairs; ``reason`` then says why, and
         the per-position fields below describe only the raw evidence.
+
     undetermined: number of the pb encrypted positions whose (j, flip) is not unique.
+
     perm, flip: (pb,) int arrays; perm[k] = j and flip[k] = f where unique, else -1.
+
     candidates: (pb, pb, 2) bool; candidates[k, j, f] when some key that explains the
         pairs has perm[k] = j and flip[k] = f.
+
     raw_candidates: (pb, pb, 2) bool; the per-column evidence before using that perm is a
         permutation and flip has pb/2 ones.
     """

@@ -43,7 +43,8 @@ def register(add) -> None:
             "The key is never written; results.json holds its fingerprint.")
     add_data_options(p)
     p.add_argument("--checkpoint", metavar="MODEL_DIR", help="a trained plain model (skip training)")
-    p.add_argument("--recipe", choices=["paper", "fast"], default="fast", help="training recipe (default fast)")
+    p.add_argument("--recipe", choices=["paper", "fast", "strong"], default="fast",
+                   help="training recipe (default fast; strong: RandAugment, EMA, 5,000 training images held out)")
     p.add_argument("--epochs", type=positive_int, metavar="E", help="override the recipe's epochs")
     p.add_argument("--workdir", metavar="DIR", help="training checkpoints (default OUT-work)")
     p.add_argument("--resume", action="store_true", help="continue training from --workdir")

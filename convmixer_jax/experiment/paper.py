@@ -18,9 +18,7 @@ fingerprint.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import numpy as np
 
 from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies
 from convmixer_jax.scheme.images import encrypt_images
-from convmixer_jax.files.atomic import save_figure_atomic
+from convmixer_jax.files.atomic import save_figure_atomic, write_text_atomic
 from convmixer_jax.files.provenance import device_description
 from convmixer_jax.model.inference import predict_logits
 from convmixer_jax.scheme.keys import fingerprint, generate_key, key_space, key_space_log2
@@ -59,7 +57,37 @@ def evaluate_encryption(config, variables, key, images, labels, *, batch_size: i
         pred[name] = np.argmax(predict_logits(config, v, x, batch_size=batch_size, progress=progress), 1)
     out = {name: float(np.mean(p == labels)) for name, p in pred.items()}
     out["identical_predictions"] = int(np.sum(pred["baseline_plain"] == pred["encrypted_encrypted"]))
+    out.update(evaluate_tta(config, variables, enc_vars, key, images, labels, batch_size=batch_size,
+                            progress=progress))
     return out, enc_vars
+
+
+def mirror_tta_logits(config, variables, images, *, encrypt_with=None, batch_size: int = 500,
+                      progress: bool = False) -> np.ndarray:
+    """Mean logits over each image and its horizontal mirror: (N, H, W, C) -> (N, classes).
+
+    The mirror is taken of the plain image; with ``encrypt_with`` (a key) both views
+    are then encrypted, as a client would send them to a provider that holds the
+    encrypted model (mirroring an encrypted image is not the encryption of a mirror).
+    """
+    views = [np.asarray(images), np.asarray(images)[:, :, ::-1, :]]
+    if encrypt_with is not None:
+        views = [np.asarray(encrypt_images(v, encrypt_with)) for v in views]
+    return sum(predict_logits(config, variables, v, batch_size=batch_size, progress=progress)
+               for v in views) / len(views)
+
+
+def evaluate_tta(config, variables, enc_vars, key, images, labels, *, batch_size: int = 500,
+                 progress: bool = False) -> dict:
+    """Mirror test-time augmentation through the scheme: the plain model on plain views and the
+    encrypted model on encrypted views (accuracies and the identical-prediction count)."""
+    labels = np.asarray(labels)
+    plain = np.argmax(mirror_tta_logits(config, variables, images, batch_size=batch_size, progress=progress), 1)
+    enc = np.argmax(mirror_tta_logits(config, enc_vars, images, encrypt_with=key, batch_size=batch_size,
+                                      progress=progress), 1)
+    return {"baseline_plain_tta": float(np.mean(plain == labels)),
+            "encrypted_encrypted_tta": float(np.mean(enc == labels)),
+            "identical_predictions_tta": int(np.sum(plain == enc))}
 
 
 def table1_markdown(results: dict) -> str:
@@ -76,11 +104,26 @@ def table1_markdown(results: dict) -> str:
         f"| baseline (plain model) | {pct(results['baseline_plain'])} | {pct(PAPER['baseline_plain'])} | - | - |",
         f"| encrypted model | {pct(results['encrypted_plain'])} | {pct(PAPER['encrypted_plain'])} | "
         f"{pct(results['encrypted_encrypted'])} | {pct(PAPER['encrypted_encrypted'])} |",
+    ]
+    if "baseline_plain_tta" in results:
+        lines += [
+            f"| baseline + mirror TTA (ours only) | {pct(results['baseline_plain_tta'])} | - | - | - |",
+            f"| encrypted model + mirror TTA (ours only) | - | - | {pct(results['encrypted_encrypted_tta'])} | - |",
+        ]
+    lines += [
         "",
         f"Identical predictions (encrypted model on encrypted images vs plain model on plain images): "
         f"{results['identical_predictions']:,} of {n:,}.",
         "",
     ]
+    if "identical_predictions_tta" in results:
+        lines += [
+            "Mirror TTA: each image and its horizontal mirror (mirrored before encryption, both views "
+            "encrypted by the client), logits averaged by the provider; identical predictions between the "
+            f"plain model with TTA on plain views and the encrypted model with TTA on encrypted views: "
+            f"{results['identical_predictions_tta']:,} of {n:,}.",
+            "",
+        ]
     wk = np.asarray(results["wrong_keys"])
     if wk.size:
         lines += [
@@ -143,13 +186,6 @@ def plot_fig5(wrong_keys, results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def run_experiment(config, variables, test_data, out_dir, *, num_keys: int = 100,
                    attack_seed: int | None = None, key_seed: int | None = None,
                    strategy: str = "weights", provenance: dict | None = None,
@@ -196,8 +232,8 @@ def run_experiment(config, variables, test_data, out_dir, *, num_keys: int = 100
         "paper": PAPER,
     }
     results.update(provenance or {})
-    _write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
-    _write_text_atomic(out_dir / "table1.md", table1_markdown(results))
+    write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n", force=True)
+    write_text_atomic(out_dir / "table1.md", table1_markdown(results), force=True)
     # one example from each of the first six classes present (the test set is often class-sorted)
     _, first = np.unique(np.asarray(labels), return_index=True)
     idx = np.sort(first)[:6] if len(first) >= 2 else np.arange(min(6, len(images)))

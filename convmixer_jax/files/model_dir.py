@@ -218,7 +218,7 @@ def save_model(path: str | os.PathLike, config: ConvMixerConfig, variables: PyTr
 
     variables: ``{'params', 'batch_stats'}`` matching ``config`` (checked).
     encryption: None for a plain model, or the key it is encrypted with (only its
-    :func:`encryption_record` is stored) or such a record.
+    :func:`~convmixer_jax.files.model_dir.encryption_record` is stored) or such a record.
     extra: JSON-serializable provenance fields for config.json (not the reserved
     ``format``, ``version``, ``model``, ``encryption``).
     An existing ``path`` is refused unless ``force``, and then replaced only once
@@ -305,7 +305,7 @@ def load_model(path: str | os.PathLike) -> tuple[ConvMixerConfig, PyTree, dict]:
     """Read a model directory: ``(config, variables, meta)``.
 
     variables: ``{'params', 'batch_stats'}`` of NumPy arrays, checked against
-    ``config``; meta: see :func:`load_model_meta`.
+    ``config``; meta: see :func:`~convmixer_jax.files.model_dir.load_model_meta`.
     Raises :class:`ModelDirError` naming what is wrong.
     """
     path = Path(path)

@@ -61,11 +61,11 @@ def chain_train_logs(histories: list[dict]) -> dict:
 
 
 def plot_training_curves(history: dict, path, title: str | None = None) -> None:
-    """Write a PNG of loss (left) and train / test accuracy (right) per epoch.
+    """Write a PNG of loss (left) and train / validation / test accuracy (right) per epoch.
 
     history: the dict of ``train_log.json`` (``epochs``: list of per-epoch entries
     with ``epoch``, ``train_loss``, ``train_accuracy`` and, if evaluated,
-    ``test_accuracy``). The file is replaced atomically.
+    ``test_accuracy``, ``val_accuracy``, ``val_accuracy_ema``). The file is replaced atomically.
     """
     import matplotlib
 
@@ -82,6 +82,11 @@ def plot_training_curves(history: dict, path, title: str | None = None) -> None:
     test = [(e["epoch"], e["test_accuracy"]) for e in epochs if e.get("test_accuracy") is not None]
     if test:
         ax_a.plot(*zip(*test), color="tab:orange", label=f"test (last {test[-1][1]:.4f})")
+    for key, color, name in (("val_accuracy", "tab:purple", "validation"),
+                             ("val_accuracy_ema", "tab:red", "validation, EMA weights")):
+        val = [(e["epoch"], e[key]) for e in epochs if e.get(key) is not None]
+        if val:
+            ax_a.plot(*zip(*val), color=color, label=f"{name} (last {val[-1][1]:.4f})")
     ax_a.axhline(PAPER_BASELINE, color="0.5", ls="--", lw=1, label=f"paper, 200 epochs ({PAPER_BASELINE})")
     for i, start in enumerate(history.get("stage_starts") or []):
         for ax in (ax_l, ax_a):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 MAX_MAGNITUDE = 30  # torchvision's num_magnitude_bins - 1
 
+#: The op names, in the order of :func:`all_ops`'s output.
 OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness",
        "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
 
@@ -73,7 +74,7 @@ def _sharpen_degenerate(x: jax.Array) -> jax.Array:
 
 
 def all_ops(x: jax.Array, magnitude: float, sign) -> jax.Array:
-    """Every op of :data:`OPS` applied to one image (H, W, C) -> (len(OPS), H, W, C).
+    """Every op of :data:`~convmixer_jax.training.randaugment.OPS` applied to one image (H, W, C) -> (len(OPS), H, W, C).
 
     magnitude: 0..30 (may be a traced value); sign: +1 or -1 for the signed ops.
     """
@@ -116,7 +117,7 @@ def all_ops(x: jax.Array, magnitude: float, sign) -> jax.Array:
 
 
 def rand_augment_image(rng: jax.Array, x: jax.Array, num_ops: int, magnitude: float) -> jax.Array:
-    """``num_ops`` random ops of :data:`OPS` in sequence on one image (H, W, C) in [0, 1]."""
+    """``num_ops`` random ops of :data:`~convmixer_jax.training.randaugment.OPS` in sequence on one image (H, W, C) in [0, 1]."""
     for k in jax.random.split(rng, num_ops):
         k_op, k_sign = jax.random.split(k)
         op = jax.random.randint(k_op, (), 0, len(OPS))

@@ -2,7 +2,7 @@
 """Check the committed CIFAR-10 results with code written from ../shared/docs/method.md,
 without the library's keys, block transform, model encryption or JAX model.
 
-    python results/cifar10/verify_independent.py [--model results/cifar10/plain-model]
+    python scripts/verify_independent.py [--model results/cifar10/plain-model]
         [--data-dir ../shared/data/cifar10-jpeg] [--results results/cifar10/results.json]
         [--wrong-keys 10] [--seed N] [--out FILE.json]
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 

@@ -7,7 +7,7 @@
 # measured 44x faster there (2.2 ms at batch 256, about 0.4 s of steps per
 # epoch), so the defaults now ask for 200 epochs within 480 s; not yet tried.
 #
-# usage: bash results/cifar10/train_on_gpu.sh [DATA.tar.xz]
+# usage: bash scripts/train_on_gpu.sh [DATA.tar.xz]
 #   DATA.tar.xz  the CIFAR-10 JPEG copy (class-subfolder layout) as one archive:
 #                tar -C ../shared/data -cf - cifar10-jpeg | xz -6 > DATA.tar.xz
 # environment: OUT (results folder, default gpu-out), EPOCHS (default 200),
