@@ -136,7 +136,7 @@ def test_cli_attack_strategies_identical_and_reproduce(tmp_path, monkeypatch, ca
     assert cli.main(["reproduce", "--checkpoint", str(nest / "plain-model"), "--data-dir", str(tmp_path / "data"),
                      "--num-keys", "1", "--quiet", "--force", "--out", str(nest)]) == 1
     err = capsys.readouterr().err
-    assert "contains --checkpoint" in err and "choose an --out" in err
+    assert "contains --checkpoint" in err and "choose another output name" in err
     assert sorted(str(p.relative_to(nest)) for p in nest.rglob("*")) == before
 
 

@@ -68,7 +68,8 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
                               eval_images=40, finetune_sizes=(10, 20), finetune_modes=("stem", "scratch"),
                               finetune_steps=3, seed=11, progress=False, log=lambda m: None)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["finetune.png", "known_plaintext.png", "model_recovery.png", "security.json", "summary.md"]
+    assert names == [".convmixer-jax-output", "finetune.png", "known_plaintext.png", "model_recovery.png",
+                     "security.json", "summary.md"]
     data = json.loads((out / "security.json").read_text())
     assert data["known_plaintext"][0]["trials"] == 3
     assert set(data["finetune"]["accuracy"]) == {"stem", "scratch"}
@@ -108,5 +109,5 @@ def test_cli_security_report_refuses_out_holding_its_model(tmp_path, capsys):
                    "--force", "--out", str(tmp_path / "results")])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "contains MODEL_DIR" in err and "choose an --out" in err
+    assert "contains MODEL_DIR" in err and "choose another output name" in err
     assert sorted(p.name for p in (tmp_path / "results" / "plain").rglob("*")) == before

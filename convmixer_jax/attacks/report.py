@@ -324,7 +324,7 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
     from convmixer_jax.files.provenance import device_description
 
     out = Path(out)
-    check_output_path(out, force)
+    check_output_path(out, force, kind="results_dir")
     t_start = time.perf_counter()
     test_x, test_y = test_data
     ev_x, ev_y = subset(np.asarray(test_x), np.asarray(test_y), min(eval_images, len(test_x)), 0 if seed is None else seed)

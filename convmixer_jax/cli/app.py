@@ -15,7 +15,9 @@ renamed into place when complete.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from convmixer_jax.cli import attacks, experiment, images, keys, models, training
 from convmixer_jax.cli.options import PROG, Parser, UsageError, one_line
@@ -56,9 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every write cleans up as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit status."""
+    """Run the command line; return the exit status.
+
+    0 on success, 1 for bad input (one line on stderr, nothing written), 2 for a
+    malformed command line, 130 on SIGINT and 143 on SIGTERM (temporaries removed).
+    """
     parser = build_parser()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = parser.parse_args(argv)
         return args.func(args)
@@ -67,14 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{PROG}: error: terminated (SIGTERM); nothing was left half-written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, OverflowError, RecursionError) as e:
         # Library errors (InvalidKeyError, ImageError, ModelDirError, DataError,
         # KeyModelMismatch are ValueErrors) and file errors: one line, no traceback.
         print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(f"{PROG}: error: out of memory; use fewer images per file or a smaller --batch-size", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 __all__ = ["main", "build_parser"]

@@ -33,11 +33,11 @@ def cmd_attack(args) -> int:
 
     from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies
     from convmixer_jax.model.inference import check_model_images
-    from convmixer_jax.files.atomic import check_output_path, write_text_atomic
+    from convmixer_jax.files.atomic import check_output, write_text_atomic
     from convmixer_jax.files.model_dir import load_model
     from convmixer_jax.files.provenance import device_description
 
-    check_output_path(args.out, args.force)
+    check_output(args.out, args.force, inputs={"MODEL_DIR": args.model, "--data-dir": args.data_dir})
     config, variables, meta = load_model(args.model)
     images, labels, _ = load_split(args, "test")
     images, labels = subset(images, labels, args.limit, 0 if args.seed is None else args.seed)
@@ -65,11 +65,11 @@ def cmd_security_report(args) -> int:
     from pathlib import Path
 
     from convmixer_jax.attacks.report import reference_model, run_security_report
-    from convmixer_jax.files.atomic import check_replaceable_dir
+    from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import ModelDirError, is_encrypted, load_model
     from convmixer_jax.model.inference import check_model_images
 
-    out = check_replaceable_dir(args.out, args.force, {"MODEL_DIR": args.model_dir,
+    out = check_output(args.out, args.force, kind="results_dir", inputs={"MODEL_DIR": args.model_dir,
                                                         "--reference-model": args.reference_model,
                                                         "--data-dir": args.data_dir})
     config, variables, meta = load_model(args.model_dir)
@@ -99,10 +99,10 @@ def cmd_recover_key(args) -> int:
     from convmixer_jax.scheme.images import ImageError
     from convmixer_jax.attacks.known_plaintext import recover_key
     from convmixer_jax.scheme.keys import fingerprint, key_file_text
-    from convmixer_jax.files.atomic import check_output_path, write_text_atomic
+    from convmixer_jax.files.atomic import check_output, write_text_atomic
     from convmixer_jax.files.arrays import load_images
 
-    check_output_path(args.out, args.force)
+    check_output(args.out, args.force, inputs={"--plain": args.plain, "--encrypted": args.encrypted})
     plain = load_images(args.plain)
     encrypted = load_images(args.encrypted)
     if plain.shape != encrypted.shape:

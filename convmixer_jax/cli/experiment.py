@@ -11,10 +11,10 @@ def cmd_reproduce(args) -> int:
     import dataclasses
 
     from convmixer_jax.experiment.paper import reproduce
-    from convmixer_jax.files.atomic import check_replaceable_dir
+    from convmixer_jax.files.atomic import check_output
     from convmixer_jax.training.loop import RECIPES
 
-    out = check_replaceable_dir(args.out, args.force, {"--checkpoint": args.checkpoint, "--workdir": args.workdir,
+    out = check_output(args.out, args.force, kind="results_dir", inputs={"--checkpoint": args.checkpoint, "--workdir": args.workdir,
                                                         "--data-dir": args.data_dir})
     test_x, test_y, _ = load_split(args, "test")
     test_x, test_y = subset(test_x, test_y, args.limit, args.seed)

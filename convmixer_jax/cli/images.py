@@ -10,10 +10,10 @@ def _transform_images(args, encrypt: bool) -> int:
 
     from convmixer_jax.scheme import images as blockwise
     from convmixer_jax.scheme.keys import load_key
-    from convmixer_jax.files.atomic import check_output_path, save_array
+    from convmixer_jax.files.atomic import check_output, save_array
     from convmixer_jax.files.arrays import load_images
 
-    check_output_path(args.output, args.force)
+    check_output(args.output, args.force, inputs={"IN": args.input, "--key": args.key})
     key = load_key(args.key)
     images = load_images(args.input)
     blockwise.check_images(images, key)

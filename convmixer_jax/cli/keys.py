@@ -8,9 +8,9 @@ from convmixer_jax.cli.options import positive_int, seed_arg, add_force, PROG
 
 def cmd_keygen(args) -> int:
     from convmixer_jax.scheme import keys
-    from convmixer_jax.files.atomic import check_output_path, write_text_atomic
+    from convmixer_jax.files.atomic import check_output, write_text_atomic
 
-    check_output_path(args.out, args.force)
+    check_output(args.out, args.force)
     key = keys.generate_key(args.block_size, args.channels, seed=args.seed)
     write_text_atomic(args.out, keys.key_file_text(key), force=args.force, private=True)
     if args.seed is not None:
@@ -24,12 +24,20 @@ def cmd_keyspace(args) -> int:
     from convmixer_jax.scheme import keys
 
     pb = keys.block_len(args.block_size, args.channels)
-    n = keys.key_space(args.block_size, args.channels)
     log2 = keys.key_space_log2(args.block_size, args.channels)
     print(f"block size {args.block_size}, {args.channels} channels: pb = {pb}")
-    print(f"keys = pb! * C(pb, pb/2) = {n}")
+    if pb <= EXACT_KEYSPACE_MAX_PB:
+        text = keys.key_space_text(args.block_size, args.channels)
+        print(f"keys = pb! * C(pb, pb/2) = {text}")
+    else:
+        digits = int(log2 * 0.30102999566398120) + 1
+        print(f"keys = pb! * C(pb, pb/2), an integer of {digits:,} digits (printed exactly up to "
+              f"pb = {EXACT_KEYSPACE_MAX_PB:,})")
     print(f"log2 = {log2:.2f} (about 2^{log2:.2f})")
     return 0
+
+
+EXACT_KEYSPACE_MAX_PB = 20000
 
 
 def register(add) -> None:

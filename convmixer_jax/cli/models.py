@@ -7,11 +7,11 @@ from convmixer_jax.cli.options import positive_int, seed_arg, add_force, add_mod
 
 
 def cmd_init_model(args) -> int:
-    from convmixer_jax.files.atomic import check_output_path
+    from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import save_model
     from convmixer_jax.training.loop import init_variables
 
-    check_output_path(args.out, args.force)
+    check_output(args.out, args.force, kind="model_dir")
     config = model_config(args)
     variables = init_variables(config, args.seed)
     save_model(args.out, config, variables, force=args.force,
@@ -22,10 +22,10 @@ def cmd_init_model(args) -> int:
 
 def cmd_encrypt_model(args) -> int:
     from convmixer_jax.scheme.keys import fingerprint, load_key
-    from convmixer_jax.files.atomic import check_output_path
+    from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import encrypt_model_dir
 
-    check_output_path(args.output, args.force)
+    check_output(args.output, args.force, kind="model_dir", inputs={"IN_MODEL": args.input, "--key": args.key})
     key = load_key(args.key)
     encrypt_model_dir(args.input, args.output, key, force=args.force)
     print(f"encrypted model (key fingerprint {fingerprint(key)}) -> {args.output}")
@@ -34,10 +34,10 @@ def cmd_encrypt_model(args) -> int:
 
 def cmd_decrypt_model(args) -> int:
     from convmixer_jax.scheme.keys import load_key
-    from convmixer_jax.files.atomic import check_output_path
+    from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import decrypt_model_dir
 
-    check_output_path(args.output, args.force)
+    check_output(args.output, args.force, kind="model_dir", inputs={"IN_MODEL": args.input, "--key": args.key})
     decrypt_model_dir(args.input, args.output, load_key(args.key), force=args.force)
     print(f"plain model -> {args.output}")
     return 0
@@ -45,10 +45,11 @@ def cmd_decrypt_model(args) -> int:
 
 def cmd_rekey_model(args) -> int:
     from convmixer_jax.scheme.keys import fingerprint, load_key
-    from convmixer_jax.files.atomic import check_output_path
+    from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import rekey_model_dir
 
-    check_output_path(args.output, args.force)
+    check_output(args.output, args.force, kind="model_dir",
+                 inputs={"IN_MODEL": args.input, "--old-key": args.old_key, "--new-key": args.new_key})
     old, new = load_key(args.old_key), load_key(args.new_key)
     rekey_model_dir(args.input, args.output, old, new, force=args.force)
     print(f"model re-encrypted (key fingerprint {fingerprint(new)}) -> {args.output}")
@@ -59,11 +60,11 @@ def cmd_predict(args) -> int:
     import numpy as np
 
     from convmixer_jax.model.inference import check_model_images, predict_logits
-    from convmixer_jax.files.atomic import check_output_path, save_array
+    from convmixer_jax.files.atomic import check_output, save_array
     from convmixer_jax.files.arrays import load_images
     from convmixer_jax.files.model_dir import load_model
 
-    check_output_path(args.out, args.force)
+    check_output(args.out, args.force, inputs={"MODEL_DIR": args.model, "IMAGES": args.images})
     config, variables, _ = load_model(args.model)
     images = load_images(args.images)
     check_model_images(config, images)

@@ -9,9 +9,9 @@ from convmixer_jax.cli.options import (ARCH_OPTIONS, UsageError, add_data_option
 
 def cmd_plot_training(args) -> int:
     from convmixer_jax.training.curves import chain_train_logs, plot_training_curves, read_train_log
-    from convmixer_jax.files.atomic import check_output_path
+    from convmixer_jax.files.atomic import check_output
 
-    out = check_output_path(args.out, args.force)
+    out = check_output(args.out, args.force, inputs={"the log": args.log})
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out} must end in .png (the curves are written as PNG)")
     if not out.parent.is_dir():
@@ -28,12 +28,13 @@ def cmd_plot_training(args) -> int:
 def cmd_train(args) -> int:
     import dataclasses
 
-    from convmixer_jax.files.atomic import check_output_path
+    from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import save_model
     from convmixer_jax.training.loop import RECIPES
     from convmixer_jax.training.stages import train_model, warm_start
 
-    check_output_path(args.out, args.force)
+    check_output(args.out, args.force, kind="model_dir",
+                 inputs={"--init-from": args.init_from, "--data-dir": args.data_dir, "--workdir": args.workdir})
     config = model_config(args)
     warm = None
     if args.init_from:
@@ -59,11 +60,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_average_models(args) -> int:
-    from convmixer_jax.files.atomic import check_output_path
+    from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import save_model
     from convmixer_jax.training.stages import average_models
 
-    check_output_path(args.out, args.force)
+    check_output(args.out, args.force, kind="model_dir", inputs={"the input model": args.models,
+                                                                "--data-dir": args.data_dir})
     if len(args.models) < 2:
         raise UsageError(f"average-models needs at least two models, got {len(args.models)}")
     if args.weights is not None and len(args.weights) != len(args.models):
@@ -83,11 +85,11 @@ def cmd_average_models(args) -> int:
 
 
 def cmd_export_model(args) -> int:
-    from convmixer_jax.files.atomic import check_output_path
+    from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import save_model
     from convmixer_jax.training.stages import export_checkpoint
 
-    check_output_path(args.out, args.force)
+    check_output(args.out, args.force, kind="model_dir", inputs={"--workdir": args.workdir})
     config, variables, meta = export_checkpoint(args.workdir, data_label=args.data_label)
     save_model(args.out, config, variables, extra=meta, force=args.force)
     print(json.dumps({"model": str(args.out), "epoch": meta["epochs"], "of": meta["epochs_planned"],

@@ -29,7 +29,7 @@ from convmixer_jax.scheme.images import encrypt_images
 from convmixer_jax.files.atomic import save_figure_atomic, write_text_atomic
 from convmixer_jax.files.provenance import device_description
 from convmixer_jax.model.inference import predict_logits
-from convmixer_jax.scheme.keys import fingerprint, generate_key, key_space, key_space_log2
+from convmixer_jax.scheme.keys import fingerprint, generate_key, key_space_log2, key_space_text
 from convmixer_jax.scheme.params import encrypt_params
 
 # Iijima & Kiya (2022), Table 1 and Fig. 5 (CIFAR-10, official data, 200 epochs).
@@ -224,7 +224,7 @@ def run_experiment(config, variables, test_data, out_dir, *, num_keys: int = 100
         "block_size": m,
         "channels": c,
         "block_len": m * m * c,
-        "key_space": str(key_space(m, c)),
+        "key_space": key_space_text(m, c),
         "key_space_log2": key_space_log2(m, c),
         "model": config.to_dict(),
         "device": device_description(),
@@ -262,7 +262,7 @@ def reproduce(out, test_data, *, checkpoint=None, train_data=None, recipe=None, 
     ConvMixer-256/8 is trained from scratch in ``workdir``, and saved as
     ``out/plain-model``). test_data / train_data: (images (N, H, W, C) uint8,
     labels (N,)). Whether ``out`` may be replaced is the caller's check
-    (:func:`~convmixer_jax.files.atomic.check_replaceable_dir`). Returns the results dict.
+    (:func:`~convmixer_jax.files.atomic.check_output` with ``kind='results_dir'``). Returns the results dict.
     """
     from convmixer_jax.files.atomic import staged_output_dir
     from convmixer_jax.files.model_dir import ModelDirError, is_encrypted, load_model, save_model

@@ -20,18 +20,19 @@ JAX, Flax and Orbax are imported inside the functions that need them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from convmixer_jax.files.atomic import check_output_path, swap_into_place
+from convmixer_jax.files.atomic import (check_output_path, remove_stale_temporaries, swap_into_place,
+                                        temporary_name)
 from convmixer_jax.scheme.keys import Key, fingerprint
 from convmixer_jax.model.convmixer import ConvMixerConfig
 
@@ -39,7 +40,7 @@ MODEL_FORMAT = "convmixer-jax-model"
 MODEL_VERSION = 1
 CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
-_RESERVED = ("format", "version", "model", "encryption")
+_RESERVED = ("format", "version", "model", "encryption", "variables_sha256")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 PyTree = Any
@@ -227,7 +228,7 @@ def save_model(path: str | os.PathLike, config: ConvMixerConfig, variables: PyTr
     import jax
 
     path = Path(path)
-    check_output_path(path, force)
+    check_output_path(path, force, kind="model_dir")
     if not isinstance(config, ConvMixerConfig):
         raise TypeError(f"config must be a ConvMixerConfig, got {type(config).__name__}")
     enc = _check_encryption_record(encryption, config, "encryption")
@@ -238,19 +239,22 @@ def save_model(path: str | os.PathLike, config: ConvMixerConfig, variables: PyTr
     doc = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "model": config.to_dict(), "encryption": enc,
            **extra}
     try:
-        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+        json.dumps(doc, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.json fields must be JSON-serializable: {e}") from None
     variables = jax.tree.map(np.asarray, {"params": variables["params"],
                                           "batch_stats": variables["batch_stats"]})
     check_variables(config, variables)
+    check_finite(variables, where="the variables to save")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    remove_stale_temporaries(path.parent)
+    tmp = temporary_name(path)
     tmp.mkdir()
     try:
-        (tmp / CONFIG_FILE).write_text(text)
         _save_variables(tmp / VARIABLES_DIR, variables)
+        doc["variables_sha256"] = variables_digests(tmp / VARIABLES_DIR)
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
         swap_into_place(tmp, path, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -301,6 +305,47 @@ def load_model_meta(path: str | os.PathLike) -> tuple[ConvMixerConfig, dict]:
     return config, meta
 
 
+def variables_digests(var_dir: Path) -> dict[str, str]:
+    """SHA-256 of every file under a model's ``variables/``, by path relative to it."""
+    out = {}
+    for f in sorted(Path(var_dir).rglob("*")):
+        if f.is_file():
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            out[f.relative_to(var_dir).as_posix()] = h.hexdigest()
+    return out
+
+
+def verify_variables(path: Path, meta: dict) -> None:
+    """Raise :class:`ModelDirError` naming the first file under ``path/variables`` that is
+    missing or differs from the SHA-256 recorded in config.json at save."""
+    recorded = meta.get("variables_sha256")
+    if recorded is None:
+        return  # written before files were recorded (see docs/design.md)
+    if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)
+                                                 for k, v in recorded.items()):
+        raise ModelDirError(f"{path / CONFIG_FILE}: 'variables_sha256' must map file names to SHA-256 digests")
+    actual = variables_digests(path / VARIABLES_DIR)
+    for name, digest in sorted(recorded.items()):
+        if name not in actual:
+            raise ModelDirError(f"{path}: the file variables/{name} is missing; the model directory is damaged "
+                                "or corrupt (re-create or re-copy it)")
+        if actual[name] != digest:
+            raise ModelDirError(f"{path}: the file variables/{name} differs from what was saved (SHA-256 "
+                                "mismatch); the model directory is damaged, corrupt or was edited (re-create or re-copy it)")
+
+
+def check_finite(variables: PyTree, *, where: str = "variables") -> None:
+    """Raise :class:`ModelDirError` naming the first array with NaN or infinite values."""
+    for name, leaf in _leaves_by_path(variables).items():
+        arr = np.asarray(leaf)
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise ModelDirError(f"{where}: {name} holds NaN or infinite values; the model is unusable "
+                                "(re-create or re-train it)")
+
+
 def load_model(path: str | os.PathLike) -> tuple[ConvMixerConfig, PyTree, dict]:
     """Read a model directory: ``(config, variables, meta)``.
 
@@ -313,7 +358,10 @@ def load_model(path: str | os.PathLike) -> tuple[ConvMixerConfig, PyTree, dict]:
     var_dir = path / VARIABLES_DIR
     if not var_dir.is_dir():
         raise ModelDirError(f"{path} has no {VARIABLES_DIR}/ directory: the model's weights are missing")
-    return config, _restore_variables(var_dir, config), meta
+    verify_variables(path, meta)
+    variables = _restore_variables(var_dir, config)
+    check_finite(variables, where=str(path))
+    return config, variables, meta
 
 
 def is_encrypted(meta: dict) -> bool:
@@ -367,7 +415,7 @@ def encrypt_model_dir(src: str | os.PathLike, dst: str | os.PathLike, key: Key, 
     from convmixer_jax.scheme.params import encrypt_params
 
     src = Path(src)
-    check_output_path(dst, force)
+    check_output_path(dst, force, kind="model_dir", inputs=[src])
     config, meta = load_model_meta(src)
     _require_plain(src, meta)
     check_key_fits_model(config, key)
@@ -385,7 +433,7 @@ def decrypt_model_dir(src: str | os.PathLike, dst: str | os.PathLike, key: Key, 
     from convmixer_jax.scheme.params import decrypt_params
 
     src = Path(src)
-    check_output_path(dst, force)
+    check_output_path(dst, force, kind="model_dir", inputs=[src])
     config, meta = load_model_meta(src)
     _require_encrypted_with(src, meta, key)
     check_key_fits_model(config, key)
@@ -400,7 +448,7 @@ def rekey_model_dir(src: str | os.PathLike, dst: str | os.PathLike, old_key: Key
     from convmixer_jax.scheme.params import rekey_params
 
     src = Path(src)
-    check_output_path(dst, force)
+    check_output_path(dst, force, kind="model_dir", inputs=[src])
     config, meta = load_model_meta(src)
     if not is_encrypted(meta):
         raise ModelDirError(f"{src} is a plain model, not encrypted; use encrypt-model instead of rekey-model")
@@ -414,4 +462,5 @@ def rekey_model_dir(src: str | os.PathLike, dst: str | os.PathLike, old_key: Key
 
 __all__ = ["MODEL_FORMAT", "MODEL_VERSION", "ModelDirError", "save_model", "load_model", "load_model_meta",
            "is_encrypted", "encryption_record", "check_key_fits_model", "abstract_variables", "check_variables",
-           "encrypt_model_dir", "decrypt_model_dir", "rekey_model_dir"]
+           "encrypt_model_dir", "decrypt_model_dir", "rekey_model_dir", "variables_digests", "verify_variables",
+           "check_finite"]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.scheme.images import ImageError, check_pixel_values
+from convmixer_jax.scheme.images import ImageError, check_not_empty, check_pixel_values
 from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig, prepare_inference
 
 
@@ -32,6 +32,7 @@ def check_model_images(config: ConvMixerConfig, images) -> None:
     uint8 or float with finite values in [0, 1]."""
     shape = tuple(np.shape(images))
     s, c = config.image_size, config.channels
+    check_not_empty(shape)
     if len(shape) != 4:
         raise ImageError(f"images must be a batch of shape (N, H, W, C); got shape {shape} "
                          "(for a single image add a leading axis: image[None])")

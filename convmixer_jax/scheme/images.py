@@ -54,6 +54,7 @@ def check_images(images, key: Key, *, check_values: bool = True) -> None:
     shape = tuple(np.shape(images))
     if len(shape) < 3:
         raise ImageError(f"images must be (..., H, W, C) arrays; got shape {shape}")
+    check_not_empty(shape)
     h, w, c = shape[-3:]
     m = key.block_size
     if h % m or w % m:
@@ -63,6 +64,14 @@ def check_images(images, key: Key, *, check_values: bool = True) -> None:
         raise ImageError(f"images have {c} channels but the key is for {key.channels}; "
                          "use a key made with --channels equal to the images' channels")
     check_pixel_values(images, check_values=check_values)
+
+
+def check_not_empty(shape) -> None:
+    """Raise :class:`ImageError` if the images of an array of ``shape`` (..., H, W, C) have no pixels
+    (an empty batch, N = 0, is allowed: it encrypts to an empty batch)."""
+    if len(shape) >= 3 and any(int(n) == 0 for n in shape[-3:]):
+        raise ImageError(f"the image array has shape {tuple(shape)}, which holds no pixels; "
+                         "pass at least one image of at least one pixel")
 
 
 def check_pixel_values(images, *, check_values: bool = True) -> None:

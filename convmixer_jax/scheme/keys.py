@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import secrets
 from pathlib import Path
 
@@ -34,6 +35,9 @@ import numpy as np
 
 KEY_FORMAT = "convmixer-jax-key"
 KEY_VERSION = 1
+MAX_KEY_FILE_BYTES = 1 << 20  # a key for M = 64, C = 4 (pb = 16,384) takes about 200 kB
+MAX_BLOCK_SIZE = 64
+MAX_CHANNELS = 64
 
 
 class InvalidKeyError(ValueError):
@@ -87,6 +91,9 @@ def block_len(block_size: int, channels: int) -> int:
     for name, v in (("block size", block_size), ("channels", channels)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise InvalidKeyError(f"{name} must be a positive integer, got {v!r}")
+    if block_size > MAX_BLOCK_SIZE or channels > MAX_CHANNELS:
+        raise InvalidKeyError(f"block size {block_size} with {channels} channels is beyond this release's "
+                              f"limits (block size <= {MAX_BLOCK_SIZE}, channels <= {MAX_CHANNELS})")
     pb = int(block_size) ** 2 * int(channels)
     if pb % 2:
         raise InvalidKeyError(f"block size {block_size} with {channels} channels gives {pb} values per block, "
@@ -203,10 +210,19 @@ def key_from_json(obj) -> Key:
     for name, v in (("block_size", m), ("channels", c)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise InvalidKeyError(f"key field {name!r} must be an integer, got {v!r}")
+    if not (0 < m <= MAX_BLOCK_SIZE and 0 < c <= MAX_CHANNELS):
+        raise InvalidKeyError(f"key has block size {m} and {c} channels; this release reads block sizes "
+                              f"1..{MAX_BLOCK_SIZE} and 1..{MAX_CHANNELS} channels")
+    pb = m * m * c
     for name in ("perm", "flip"):
         v = obj[name]
         if not isinstance(v, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
             raise InvalidKeyError(f"key field {name!r} must be a list of integers")
+        if len(v) != pb:
+            raise InvalidKeyError(f"key field {name!r} has shape ({len(v)},), expected ({pb},) (pb = {pb} for "
+                                  f"block size {m} and {c} channels)")
+        if not all(0 <= e < pb for e in v):
+            raise InvalidKeyError(f"key field {name!r} holds values outside 0..{pb - 1}")
     key = make_key(np.asarray(obj["perm"], np.int64), np.asarray(obj["flip"], np.int64), m, c)
     if "fingerprint" in obj and obj["fingerprint"] != fingerprint(key):
         raise InvalidKeyError("the key's recorded fingerprint does not match its contents: the file was altered")
@@ -217,19 +233,52 @@ def load_key(path: str | Path) -> Key:
     """Read and validate a key JSON file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.is_dir():
+            raise InvalidKeyError(f"key file {path} is a directory; pass the key's .json file")
+        size = path.stat().st_size
+        if size > MAX_KEY_FILE_BYTES:
+            raise InvalidKeyError(f"key file {path} holds {size:,} bytes, more than any key "
+                                  f"({MAX_KEY_FILE_BYTES:,} at most); it is not a key file")
+        with open(path, "rb") as f:
+            text = f.read(MAX_KEY_FILE_BYTES + 1).decode()
     except FileNotFoundError:
         raise InvalidKeyError(f"key file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InvalidKeyError(f"cannot read key file {path}: {e}") from None
+    depth = _nesting_depth(text)
+    if depth > 4:
+        raise InvalidKeyError(f"key file {path} nests JSON {depth} levels deep; a key file is one flat object")
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InvalidKeyError(f"key file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        msg = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        raise InvalidKeyError(f"key file {path} is not valid JSON ({msg})") from None
     try:
         return key_from_json(obj)
     except InvalidKeyError as e:
         raise InvalidKeyError(f"key file {path}: {e}") from None
+
+
+def _nesting_depth(text: str) -> int:
+    """Deepest bracket nesting of JSON ``text`` (brackets inside strings ignored), without parsing it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def key_file_text(key: Key) -> str:
@@ -245,6 +294,21 @@ def key_space(block_size: int, channels: int) -> int:
     return math.factorial(pb) * math.comb(pb, pb // 2)
 
 
+def key_space_text(block_size: int, channels: int) -> str:
+    """:func:`key_space` in decimal, however many digits it has (Python limits int-to-str
+    conversion to 4,300 digits by default against hostile input; this integer is our own)."""
+    n = key_space(block_size, channels)
+    old = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        return str(n)
+    finally:
+        sys.set_int_max_str_digits(old)
+
+
 def key_space_log2(block_size: int, channels: int) -> float:
-    """log2 of :func:`key_space` (about 247.8 for pb = 48)."""
-    return math.log2(key_space(block_size, channels))
+    """log2 of :func:`key_space` (about 247.8 for pb = 48), from log-gamma: no huge integer is formed."""
+    pb = block_len(block_size, channels)
+    h = pb // 2
+    ln = 2 * math.lgamma(pb + 1) - math.lgamma(h + 1) - math.lgamma(pb - h + 1)
+    return ln / math.log(2)

@@ -207,7 +207,10 @@ def _checkpoint_manager(workdir: Path):
 
     return ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+        # Synchronous saves (a signal never meets a half-finished background write), and
+        # the temporary folder of a save that was interrupted is removed at the next start.
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, cleanup_tmp_directories=True,
+                                             enable_async_checkpointing=False))
 
 
 def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, workdir, *,
