@@ -59,7 +59,7 @@ def _read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
             else:
                 raise ValueError(f"unsupported .npy version {version}")
             offset = f.tell()
-    except (ValueError, EOFError, OSError, SyntaxError) as e:
+    except Exception as e:  # numpy parses the header with ast/tokenize: any of their errors means damaged
         raise ImageError(f"{path} has a damaged .npy header ({' '.join(str(e).split())[:200]}); "
                          "write it again with numpy.save") from None
     if dtype.hasobject:

@@ -160,7 +160,12 @@ def encrypt_images(images, key: Key) -> jax.Array:
 
 
 def decrypt_images(images, key: Key) -> jax.Array:
-    """Inverse of :func:`encrypt_images` (flip again, then the inverse permutation)."""
+    """Inverse of :func:`encrypt_images` (flip again, then the inverse permutation).
+
+    Exact for uint8 images. For float images the flip is ``1 - x``, so
+    ``decrypt_images(encrypt_images(x))`` equals ``x`` to within one float rounding
+    (at most 2**-23) where a value was flipped (docs/method.md).
+    """
     check_images(images, key, check_values=False)
     _check_key(key)
     return _apply(_decrypt, images, key)
