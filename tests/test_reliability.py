@@ -255,8 +255,8 @@ def test_float_round_trip_is_within_one_ulp_and_uint8_is_exact(work):
 # --------------------------------------------------------------------------- signals and debris
 
 
-def _cli(*argv, **kw):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def _cli(*argv, env=None, **kw):
+    env = env or dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen([sys.executable, "-m", "convmixer_jax.cli", *map(str, argv)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
@@ -332,3 +332,31 @@ def test_stale_temporaries_of_dead_processes_only_are_removed(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_training_leaves_complete_checkpoints_and_resumes(tmp_path, sig, code):
+    from test_attack import _png_tree
+
+    _png_tree(tmp_path / "data", n_per_class=40, size=8)
+    argv = ["train", "--data-dir", tmp_path / "data", "--dim", "16", "--depth", "1", "--kernel-size", "3",
+            "--patch-size", "4", "--image-size", "8", "--num-classes", "3", "--recipe", "fast", "--epochs", "40",
+            "--batch-size", "8", "--workdir", tmp_path / "w", "--out", tmp_path / "o", "--quiet"]
+    env_cache = {"CONVMIXER_JAX_CACHE": str(tmp_path / "cache")}
+    proc = _cli(*argv, env=dict(os.environ, PYTHONPATH=str(REPO), **env_cache))
+    ckpt = tmp_path / "w" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpt / "2").exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+    assert all(p.name.isdigit() for p in ckpt.iterdir()), sorted(p.name for p in ckpt.iterdir())
+    again = _cli(*argv, "--resume", env=dict(os.environ, PYTHONPATH=str(REPO), **env_cache))
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    assert "resumed from epoch" in out and json.loads(out.strip().splitlines()[-1])["epochs"] == 40

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -291,56 +292,83 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
     state = jax.device_put(state, repl)
 
     stop_epoch = cfg.epochs if max_epochs_this_run is None else min(cfg.epochs, start_epoch + max_epochs_this_run)
-    for epoch in range(start_epoch, stop_epoch):
-        order = epoch_order(cfg.seed, epoch, n)
-        t0 = time.perf_counter()
-        loss_sum, correct_sum, seen = 0.0, 0, 0
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+    try:
+        for epoch in range(start_epoch, stop_epoch):
+            order = epoch_order(cfg.seed, epoch, n)
+            t0 = time.perf_counter()
+            loss_sum, correct_sum, seen = 0.0, 0, 0
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step")
-        pending = []
-        for s in range(steps_per_epoch):
-            idx = np.sort(order[s * cfg.batch_size:(s + 1) * cfg.batch_size])
-            xb = jax.device_put(images[idx], data_sharding)
-            yb = jax.device_put(np.asarray(labels[idx], np.int32), data_sharding)
-            state, loss, correct = step_fn(state, xb, yb)
-            pending.append((loss, correct))
-            if len(pending) >= 10 or s == steps_per_epoch - 1:
-                for l_, c_ in pending:
-                    loss_sum += float(l_) * cfg.batch_size
-                    correct_sum += int(c_)
-                    seen += cfg.batch_size
-                pending = []
-                if bar is not None:
-                    dt = time.perf_counter() - t0
-                    bar.n = s + 1
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct_sum / seen:.3f}",
-                                    img_s=f"{seen / dt:.0f}")
-                    bar.refresh()
-        if bar is not None:
-            bar.close()
-        train_seconds = time.perf_counter() - t0
-        entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct_sum / seen,
-                 "train_seconds": train_seconds, "images_per_second": seen / train_seconds}
-        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        for name, data in (("val", val_data), ("test", test_data)):
-            if data is not None:
-                entry[f"{name}_accuracy"] = accuracy(config, variables, data[0], data[1])
-                if "ema" in state:
-                    entry[f"{name}_accuracy_ema"] = accuracy(config, state["ema"], data[0], data[1])
-        history["epochs"].append(entry)
-        mngr.save(epoch + 1, args=ocp.args.StandardSave(state))
-        mngr.wait_until_finished()
-        write_json_atomic(log_path, history)
-        log(json.dumps(entry))
+                bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step")
+            pending = []
+            for s in range(steps_per_epoch):
+                idx = np.sort(order[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+                xb = jax.device_put(images[idx], data_sharding)
+                yb = jax.device_put(np.asarray(labels[idx], np.int32), data_sharding)
+                state, loss, correct = step_fn(state, xb, yb)
+                pending.append((loss, correct))
+                if len(pending) >= 10 or s == steps_per_epoch - 1:
+                    for l_, c_ in pending:
+                        loss_sum += float(l_) * cfg.batch_size
+                        correct_sum += int(c_)
+                        seen += cfg.batch_size
+                    pending = []
+                    if bar is not None:
+                        dt = time.perf_counter() - t0
+                        bar.n = s + 1
+                        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct_sum / seen:.3f}",
+                                        img_s=f"{seen / dt:.0f}")
+                        bar.refresh()
+            if bar is not None:
+                bar.close()
+            train_seconds = time.perf_counter() - t0
+            entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct_sum / seen,
+                     "train_seconds": train_seconds, "images_per_second": seen / train_seconds}
+            variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+            for name, data in (("val", val_data), ("test", test_data)):
+                if data is not None:
+                    entry[f"{name}_accuracy"] = accuracy(config, variables, data[0], data[1])
+                    if "ema" in state:
+                        entry[f"{name}_accuracy_ema"] = accuracy(config, state["ema"], data[0], data[1])
+            history["epochs"].append(entry)
+            mngr.save(epoch + 1, args=ocp.args.StandardSave(state))
+            mngr.wait_until_finished()
+            write_json_atomic(log_path, history)
+            log(json.dumps(entry))
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM): close the manager and drop the temporary folder of
+        # a save that did not finish, so the workdir holds complete checkpoints only. Orbax's
+        # helper threads then log the shutdown as errors with tracebacks; the interruption is
+        # reported once by the caller instead.
+        import logging
+
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
+        try:
+            mngr.close()
+        except Exception:  # noqa: BLE001 - a half-finished save may fail to close; its folder goes below
+            pass
+        _drop_unfinished_saves(workdir / "checkpoints")
+        raise
     mngr.close()
     weights = choose_weights(history)
     history["weights"] = weights
     chosen = state["ema"] if weights == "ema" else state
     variables = jax.tree.map(np.asarray, {"params": chosen["params"], "batch_stats": chosen["batch_stats"]})
     return variables, history
+
+
+def _drop_unfinished_saves(ckpt_dir: Path, settle_seconds: float = 2.0) -> None:
+    """Remove Orbax's temporary folders of interrupted saves; Orbax's helper threads may still
+    create one just after the interruption, so look again until none has appeared for a while."""
+    deadline, quiet = time.monotonic() + settle_seconds, 0
+    while time.monotonic() < deadline and quiet < 5:
+        found = list(ckpt_dir.glob("*.orbax-checkpoint-tmp*"))
+        for tmp in found:
+            shutil.rmtree(tmp, ignore_errors=True)
+        quiet = 0 if found else quiet + 1
+        time.sleep(0.05)
 
 
 def _initial_state(cfg: TrainConfig, tx, variables: dict) -> dict:
