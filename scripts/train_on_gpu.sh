@@ -59,13 +59,14 @@ cj export-model --workdir "$WORK/train" --out "$WORK/plain-model" \
 tar -C "$WORK" -cf "$OUT/plain-model.tar" plain-model
 echo "exported at $(elapsed) s"
 
-# The wrong-key sweep on the accelerator: 100 keys x all test images, two chunkings.
+# The wrong-key sweep on the accelerator: 100 keys x all test images, two chunkings
+# (keys per call, images per call; --batch-size counts the model inputs of a call).
 for spec in "4 125" "25 1000"; do
   set -- $spec
   if [ "$(elapsed)" -lt 470 ]; then
     timeout 60 python3 -c 'import sys; from convmixer_jax.cli import main; sys.exit(main())' \
-      attack "$WORK/plain-model" --data-dir "$DATA" --num-keys 100 --seed 1 --key-chunk "$1" \
-      --batch-size "$2" --quiet --out "$OUT/attack-chunk$1-batch$2.json" ${LIMIT_TEST:+--limit $LIMIT_TEST}
+      attack "$WORK/plain-model" --data-dir "$DATA" --num-keys 100 --key-seed 1 --key-chunk "$1" \
+      --batch-size "$(( $1 * $2 ))" --quiet --out "$OUT/attack-chunk$1-batch$2.json" ${LIMIT_TEST:+--limit $LIMIT_TEST}
     echo "attack chunk $1 batch $2 ended (status $?) at $(elapsed) s"
   fi
 done

@@ -93,8 +93,9 @@ def test_cli_attack_strategies_identical_and_reproduce(tmp_path, monkeypatch, ca
     for s in ("weights", "images"):
         out = tmp_path / f"{s}.json"
         assert cli.main(["attack", str(model), "--data-dir", str(tmp_path / "data"), "--num-keys", "5",
-                         "--limit", "15", "--seed", "5", "--strategy", s, "--quiet", "--out", str(out)]) == 0
+                         "--limit", "15", "--key-seed", "5", "--strategy", s, "--quiet", "--out", str(out)]) == 0
         outs[s] = json.loads(out.read_text())
+        assert outs[s]["key_seed"] == 5 and outs[s]["seed"] == 0  # keys from --key-seed, subset from --seed
     assert outs["weights"]["accuracies"] == outs["images"]["accuracies"]
     assert len(outs["weights"]["accuracies"]) == 5 and outs["weights"]["test_images"] == 15
     assert "perm" not in json.dumps(outs["weights"])

@@ -24,6 +24,7 @@ import pytest
 from convmixer_jax import cli
 from convmixer_jax.files import atomic, model_dir as model_io
 from convmixer_jax.scheme import keys
+from tests.cli_helpers import ok, run
 
 REPO = Path(__file__).resolve().parents[1]
 M, C = 2, 3  # block size = patch size, channels
@@ -31,16 +32,6 @@ TINY = ["--dim", "8", "--depth", "1", "--kernel-size", "3", "--patch-size", str(
         "--num-classes", "3", "--image-size", "8", "--channels", str(C)]
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def ok(capsys, *argv) -> str:
-    rc, out, err = run(capsys, *argv)
-    assert rc == 0, err
-    return out
 
 
 def assert_error(capsys, argv, *words, rc_expected=None):
@@ -242,7 +233,9 @@ def test_train_then_evaluate(env, tiny_data, tmp_path, capsys):
        "--workdir", tmp_path / "work", "--limit-train", "8", "--limit-test", "5", "--quiet",
        "--out", tmp_path / "model")
     config, _, meta = model_io.load_model(tmp_path / "model")
-    assert meta["encryption"] is None and meta["recipe"] == "paper"
+    assert meta["encryption"] is None and meta["recipe"] == "fast"  # the default recipe
+    assert meta["train_config"]["batch_size"] == 4  # --batch-size: the former name of --train-batch-size
+    assert meta["classes"] == sorted(p.name for p in (tiny_data / "train").iterdir())
     assert meta["train_config"]["epochs"] == 1 and meta["train_images"] == 8 and meta["test_images"] == 5
     assert 0.0 <= meta["test_accuracy"] <= 1.0
     # train draws the run's curves into its workdir; plot-training redraws them
@@ -274,6 +267,22 @@ def test_train_then_evaluate(env, tiny_data, tmp_path, capsys):
                           "--out", tmp_path / "m3"], "16x16", "--image-size")
     assert not (tmp_path / "m3").exists()
     assert_error(capsys, ["evaluate", tmp_path / "model", "--data-dir", tmp_path / "nowhere"], "does not exist")
+    # evaluate --out writes the JSON it prints
+    ok(capsys, "evaluate", tmp_path / "model", "--data-dir", tiny_data, "--quiet", "--out", tmp_path / "ev.json")
+    assert json.loads((tmp_path / "ev.json").read_text())["accuracy"] == plain["accuracy"]
+    # data whose classes are not the model's: other names, or another count
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    (other / "test" / "c").rename(other / "test" / "z")
+    assert_error(capsys, ["evaluate", tmp_path / "model", "--data-dir", other, "--out", tmp_path / "ev2.json"],
+                 "class 2 is 'z' in the data but 'c' in the model")
+    shutil.rmtree(other / "test" / "z")
+    assert_error(capsys, ["evaluate", tmp_path / "model", "--data-dir", other], "has 2 classes but the model has 3")
+    assert_error(capsys, ["attack", tmp_path / "enc", "--data-dir", other, "--num-keys", "2",
+                          "--out", tmp_path / "a.json"], "has 2 classes but the model has 3")
+    assert not (tmp_path / "ev2.json").exists() and not (tmp_path / "a.json").exists()
 
 
 def test_train_init_from_warm_starts_and_counts_both_stages(env, tiny_data, tmp_path, capsys):

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from convmixer_jax import cli
 from convmixer_jax.scheme import keys
 from convmixer_jax.scheme.images import ImageError, decrypt_images, encrypt_images
 from convmixer_jax.attacks.known_plaintext import RecoveryResult, image_blocks, recover_key
+from tests.cli_helpers import run
 
 
 # ---------------------------------------------------------------- independent encryption (method.md)
@@ -258,11 +258,6 @@ def test_bad_inputs():
 
 # ---------------------------------------------------------------- command line
 
-
-def run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def assert_one_error(rc, err, *words):

@@ -35,22 +35,34 @@ _EPILOG = """\
 example:
   convmixer-jax keygen --block-size 4 --channels 3 --out key.json
   convmixer-jax init-model --preset paper --seed 0 --out plain_model
-  convmixer-jax encrypt-model --key key.json plain_model enc_model
-  convmixer-jax encrypt-images --key key.json images.npy enc_images.npy
-  convmixer-jax predict enc_model enc_images.npy --out logits.npy
+  convmixer-jax encrypt-model --key key.json plain_model --out enc_model
+  convmixer-jax encrypt-images --key key.json photos/ --out enc_photos/
+  convmixer-jax predict enc_model enc_photos/
 
 run 'convmixer-jax COMMAND --help' for the options of a command.
 """
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("convmixer-jax")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description=_DESCRIPTION, epilog=_EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.subcommands = {}
 
     def add(name, func, help_, description=None):
         p = sub.add_parser(name, help=help_, description=description or help_)
         p.set_defaults(func=func)
+        parser.subcommands[name] = p
         return p
 
     for group in (keys, images, models, training, attacks, experiment):
@@ -77,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # report it against the subcommand, whose --help lists what it takes
+            parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

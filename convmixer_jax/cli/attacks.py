@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from convmixer_jax.cli.options import positive_int, int_arg, seed_arg, add_force, add_data_options, load_split, subset
+from convmixer_jax.cli.options import (add_batch_size, add_data_options, add_force, add_key_seed, add_limit, add_quiet,
+                                       add_seed, data_label, int_arg, load_split, positive_int, seed_arg, subset)
 
 
 def _attack_model(args, config, variables, meta):
@@ -16,13 +17,13 @@ def _attack_model(args, config, variables, meta):
     if is_encrypted(meta):
         return variables, {"model_key_fingerprint": meta["encryption"]["key_fingerprint"],
                            "model_encrypted_by": "given"}
-    # A plain model: encrypt it first with a secret key (from --seed if given, for a
+    # A plain model: encrypt it first with a secret key (from --key-seed if given, for a
     # repeatable run; else the OS CSPRNG). Wrong keys are independent of it.
-    seed = None if args.seed is None else [args.seed, 0x5EC2E7]
+    seed = None if args.key_seed is None else [args.key_seed, 0x5EC2E7]
     key = generate_key(config.patch_size, config.channels, seed=seed)
     enc = encrypt_params(variables, key, mean=config.mean, std=config.std)
     return enc, {"model_key_fingerprint": fingerprint(key),
-                 "model_encrypted_by": "attack (secret key from --seed)" if seed else "attack (OS CSPRNG key)"}
+                 "model_encrypted_by": "attack (secret key from --key-seed)" if seed else "attack (OS CSPRNG key)"}
 
 
 def cmd_attack(args) -> int:
@@ -34,24 +35,29 @@ def cmd_attack(args) -> int:
     from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies
     from convmixer_jax.model.inference import check_model_images
     from convmixer_jax.files.atomic import check_output, write_text_atomic
-    from convmixer_jax.files.model_dir import load_model
+    from convmixer_jax.files.model_dir import check_data_classes, load_model
     from convmixer_jax.files.provenance import device_description
 
     check_output(args.out, args.force, inputs={"MODEL_DIR": args.model, "--data-dir": args.data_dir})
     config, variables, meta = load_model(args.model)
-    images, labels, _ = load_split(args, "test")
-    images, labels = subset(images, labels, args.limit, 0 if args.seed is None else args.seed)
+    images, labels, classes = load_split(args, "test")
+    check_data_classes(config, meta, classes, where=f"the test data ({data_label(args)})")
+    images, labels = subset(images, labels, args.limit, args.seed)
     check_model_images(config, images)
     enc_vars, origin = _attack_model(args, config, variables, meta)
-    seed = args.seed if args.seed is not None else secrets.randbits(31)
+    seed = args.key_seed if args.key_seed is not None else secrets.randbits(31)
     keys = draw_attack_keys(seed, args.num_keys, config.patch_size, config.channels)
     t0 = time.perf_counter()
+    # --batch-size counts model inputs per call, as everywhere: key_chunk keys x images
+    per_call_images = max(1, args.batch_size // args.key_chunk)
     acc = wrong_key_accuracies(config, enc_vars, images, labels, keys, strategy=args.strategy,
-                               key_chunk=args.key_chunk, batch_size=args.batch_size,
+                               key_chunk=args.key_chunk, batch_size=per_call_images,
                                progress=not args.quiet)
     seconds = time.perf_counter() - t0
     result = {"model": str(args.model), **origin, "test_images": int(len(images)),
-              "num_keys": int(args.num_keys), "seed": int(seed), "strategy": args.strategy,
+              "num_keys": int(args.num_keys), "key_seed": int(seed),
+              "key_seed_source": "--key-seed" if args.key_seed is not None else "os-csprng (recorded)",
+              "seed": args.seed, "limit": args.limit, "data": data_label(args), "strategy": args.strategy,
               "accuracies": [float(a) for a in acc], "median": float(np.median(acc)),
               "min": float(np.min(acc)), "max": float(np.max(acc)), "seconds": seconds,
               "key_image_pairs_per_second": len(images) * args.num_keys / seconds,
@@ -66,7 +72,7 @@ def cmd_security_report(args) -> int:
 
     from convmixer_jax.attacks.report import reference_model, run_security_report
     from convmixer_jax.files.atomic import check_output
-    from convmixer_jax.files.model_dir import ModelDirError, is_encrypted, load_model
+    from convmixer_jax.files.model_dir import ModelDirError, check_data_classes, is_encrypted, load_model
     from convmixer_jax.model.inference import check_model_images
 
     out = check_output(args.out, args.force, kind="results_dir", inputs={"MODEL_DIR": args.model_dir,
@@ -77,7 +83,8 @@ def cmd_security_report(args) -> int:
         raise ModelDirError(f"{args.model_dir} is an encrypted model; the report needs the plain model "
                             "(it encrypts it with fresh keys itself)")
     train_x, train_y, _ = load_split(args, "train")
-    test_x, test_y, _ = load_split(args, "test")
+    test_x, test_y, classes = load_split(args, "test")
+    check_data_classes(config, meta, classes, where=f"the test data ({data_label(args)})")
     check_model_images(config, test_x[:1])
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     reference, ref_note = reference_model(config, (train_x, train_y), model_dir=args.reference_model,
@@ -87,10 +94,10 @@ def cmd_security_report(args) -> int:
         config, variables, (train_x, train_y), (test_x, test_y), out, model_dir=args.model_dir,
         model_note=f"epochs {meta.get('epochs')} of {meta.get('epochs_planned', meta.get('epochs'))}, "
                    f"test accuracy {meta.get('test_accuracy')}",
-        data_label=args.data_dir or "tfds:cifar10", reference_variables=reference, reference_note=ref_note,
+        data_label=data_label(args), reference_variables=reference, reference_note=ref_note,
         kp_pairs=args.pairs, kp_trials=args.trials, recovery_keys=args.recovery_keys,
         eval_images=args.eval_images, public_images=args.public_images, finetune_sizes=args.finetune_sizes, finetune_modes=args.finetune_modes,
-        finetune_steps=args.finetune_steps, seed=args.seed, force=args.force, progress=not args.quiet, log=say)
+        finetune_steps=args.finetune_steps, seed=args.key_seed, force=args.force, progress=not args.quiet, log=say)
     print(Path(out, "summary.md").read_text())
     return 0
 
@@ -126,21 +133,21 @@ def register(add) -> None:
     p = add("attack", cmd_attack, "accuracy of an encrypted model under random wrong keys",
             "Evaluate an encrypted model on test images encrypted with N random wrong keys, drawn "
             "as a batch with jax.random and evaluated under vmap in chunks (memory stays bounded). "
-            "A plain model is first encrypted with a secret key (from --seed if given). Writes JSON.")
+            "A plain model is first encrypted with a secret key (from --key-seed if given). Writes JSON.")
     p.add_argument("model", metavar="MODEL_DIR", help="model directory (encrypted, or plain)")
     add_data_options(p)
     p.add_argument("--num-keys", type=positive_int, required=True, metavar="N", help="number of wrong keys")
-    p.add_argument("--limit", type=positive_int, metavar="K", help="a random subset of K test images")
-    p.add_argument("--seed", type=seed_arg, metavar="S",
-                   help="seed of the wrong keys (and the --limit subset); default: a random one, recorded")
+    add_limit(p)
+    add_seed(p)
+    add_key_seed(p)
     p.add_argument("--strategy", choices=["images", "weights"], default="weights",
                    help="encrypt the images with each key, or fold each key into the patch embedding "
                         "(same accuracies; default weights)")
     p.add_argument("--key-chunk", type=positive_int, default=4, metavar="K",
-                   help="keys per call, folded into the batch with the images (default 4)")
-    p.add_argument("--batch-size", type=positive_int, default=125, metavar="B",
-                   help="images per call; a call evaluates K x B pairs (default 125: 500 pairs)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="keys per call, folded into the batch with the images: a call runs K keys x "
+                        "(B / K) images (default 4)")
+    add_batch_size(p)
+    add_quiet(p)
     p.add_argument("--out", required=True, metavar="FILE.json", help="results to write")
     add_force(p)
 
@@ -149,7 +156,7 @@ def register(add) -> None:
             "weights, with an independently trained reference, from the encrypted model alone) and the "
             "fine-tuning attack; writes security.json, summary.md and PNG plots to --out. The defaults "
             "finish in about 30 minutes on a 2-core CPU. Secret keys come from the OS CSPRNG unless "
-            "--seed is given; only fingerprints are written.")
+            "--key-seed is given; only fingerprints are written.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="the plain trained model")
     add_data_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -175,8 +182,8 @@ def register(add) -> None:
                    default=["stem", "all", "scratch"], help="what is trained (default: all three)")
     p.add_argument("--finetune-steps", type=positive_int, metavar="S",
                    help="steps per fine-tuning run (default: grows with n, see finetune_attack.default_steps)")
-    p.add_argument("--seed", type=seed_arg, metavar="N", help="repeatable keys and subsets (default: OS CSPRNG keys)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_key_seed(p, old_seed_alias=True)
+    add_quiet(p)
     add_force(p)
 
     p = add("recover-key", cmd_recover_key, "recover a key from plain/encrypted image pairs",

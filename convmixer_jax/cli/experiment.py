@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from convmixer_jax.cli.options import positive_int, int_arg, seed_arg, add_force, add_data_options, load_split, subset
+from convmixer_jax.cli.options import (add_data_options, add_force, add_key_seed, add_limit, add_quiet, add_recipe,
+                                       add_seed, data_label, int_arg, load_split, positive_int, seed_arg, subset)
 
 
 def cmd_reproduce(args) -> int:
@@ -16,7 +17,12 @@ def cmd_reproduce(args) -> int:
 
     out = check_output(args.out, args.force, kind="results_dir", inputs={"--checkpoint": args.checkpoint, "--workdir": args.workdir,
                                                         "--data-dir": args.data_dir})
-    test_x, test_y, _ = load_split(args, "test")
+    test_x, test_y, classes = load_split(args, "test")
+    if args.checkpoint:
+        from convmixer_jax.files.model_dir import check_data_classes, load_model_meta
+
+        config, meta = load_model_meta(args.checkpoint)
+        check_data_classes(config, meta, classes, where=f"the test data ({data_label(args)})")
     test_x, test_y = subset(test_x, test_y, args.limit, args.seed)
     train_data, recipe = None, None
     if not args.checkpoint:
@@ -26,8 +32,9 @@ def cmd_reproduce(args) -> int:
         train_data = (train_x, train_y)
     results = reproduce(out, (test_x, test_y), checkpoint=args.checkpoint, train_data=train_data, recipe=recipe,
                         workdir=args.workdir, resume=args.resume, num_keys=args.num_keys,
-                        attack_seed=args.attack_seed, key_seed=args.key_seed, strategy=args.strategy,
-                        data_label=args.data_dir if args.data_dir else "tfds:cifar10", progress=not args.quiet,
+                        attack_seed=args.attack_seed if args.attack_seed is not None else args.key_seed,
+                        key_seed=args.key_seed, strategy=args.strategy,
+                        data_label=data_label(args), progress=not args.quiet,
                         log=lambda m: print(m, file=sys.stderr))
     summary = {k: results[k] for k in ("test_images", "baseline_plain", "encrypted_plain", "encrypted_encrypted",
                                        "identical_predictions", "wrong_keys_median", "key_space_log2")}
@@ -43,18 +50,17 @@ def register(add) -> None:
             "The key is never written; results.json holds its fingerprint.")
     add_data_options(p)
     p.add_argument("--checkpoint", metavar="MODEL_DIR", help="a trained plain model (skip training)")
-    p.add_argument("--recipe", choices=["paper", "fast", "strong"], default="fast",
-                   help="training recipe (default fast; strong: RandAugment, EMA, 5,000 training images held out)")
+    add_recipe(p)
     p.add_argument("--epochs", type=positive_int, metavar="E", help="override the recipe's epochs")
     p.add_argument("--workdir", metavar="DIR", help="training checkpoints (default OUT-work)")
     p.add_argument("--resume", action="store_true", help="continue training from --workdir")
     p.add_argument("--num-keys", type=int_arg, default=100, metavar="N", help="random wrong keys (default 100)")
-    p.add_argument("--limit", type=positive_int, metavar="K", help="a random subset of K test images")
-    p.add_argument("--seed", type=seed_arg, default=0, metavar="N", help="training seed and --limit subset (default 0)")
-    p.add_argument("--key-seed", type=seed_arg, metavar="N",
-                   help="reproducible secret key (experiments only; default: OS CSPRNG)")
-    p.add_argument("--attack-seed", type=seed_arg, metavar="N", help="seed of the wrong keys (default: random, recorded)")
+    add_limit(p)
+    add_seed(p)
+    add_key_seed(p)
+    p.add_argument("--attack-seed", type=seed_arg, metavar="N",
+                   help="a separate seed for the wrong keys only (default: --key-seed, else random; recorded)")
     p.add_argument("--strategy", choices=["images", "weights"], default="weights", help="wrong-key sweep strategy")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     add_force(p)

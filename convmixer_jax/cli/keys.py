@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from convmixer_jax.cli.options import positive_int, seed_arg, add_force, PROG
+from convmixer_jax.cli.options import PROG, add_force, add_key_seed, add_out, positive_int
 
 
 def cmd_keygen(args) -> int:
@@ -11,11 +11,11 @@ def cmd_keygen(args) -> int:
     from convmixer_jax.files.atomic import check_output, write_text_atomic
 
     check_output(args.out, args.force)
-    key = keys.generate_key(args.block_size, args.channels, seed=args.seed)
+    key = keys.generate_key(args.block_size, args.channels, seed=args.key_seed)
     write_text_atomic(args.out, keys.key_file_text(key), force=args.force, private=True)
-    if args.seed is not None:
+    if args.key_seed is not None:
         print(f"{PROG}: warning: a seeded key can be re-made by anyone who knows the seed; "
-              "use --seed for experiments only", file=sys.stderr)
+              "use --key-seed for experiments only", file=sys.stderr)
     print(keys.fingerprint(key))
     return 0
 
@@ -43,13 +43,13 @@ EXACT_KEYSPACE_MAX_PB = 20000
 def register(add) -> None:
     """Add this group's subcommands with ``add(name, func, help, description)``."""
     p = add("keygen", cmd_keygen, "make a secret key (pixel permutation and flip vector)",
-            "Make a secret key for block size M and C channels and write it as JSON. Without --seed "
+            "Make a secret key for block size M and C channels and write it as JSON. Without --key-seed "
             "the key comes from the operating system's CSPRNG. Prints only the key's fingerprint.")
     p.add_argument("--block-size", type=positive_int, required=True, metavar="M",
                    help="block size M (= the model's patch size)")
     p.add_argument("--channels", type=positive_int, required=True, metavar="C", help="image channels C")
-    p.add_argument("--seed", type=seed_arg, metavar="N", help="reproducible key, for experiments only")
-    p.add_argument("--out", required=True, metavar="KEY.json", help="key file to write (kept secret)")
+    add_key_seed(p, old_seed_alias=True)
+    add_out(p, "KEY.json", "key file to write (kept secret)")
     add_force(p)
 
     p = add("keyspace", cmd_keyspace, "size of the key space, pb! * C(pb, pb/2)")

@@ -1,9 +1,12 @@
 """Models: make, encrypt, decrypt, re-key, and run a model directory."""
 from __future__ import annotations
 
+import argparse
 import json
 
-from convmixer_jax.cli.options import positive_int, seed_arg, add_force, add_model_options, model_config, add_data_options, load_split, subset
+from convmixer_jax.cli.options import (add_batch_size, add_data_options, add_force, add_limit, add_model_options,
+                                       add_out, add_quiet, add_seed, data_label, load_split, model_config, positive_int,
+                                       resolve_out, subset, UsageError)
 
 
 def cmd_init_model(args) -> int:
@@ -25,10 +28,11 @@ def cmd_encrypt_model(args) -> int:
     from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import encrypt_model_dir
 
-    check_output(args.output, args.force, kind="model_dir", inputs={"IN_MODEL": args.input, "--key": args.key})
+    resolve_out(args, args.output)
+    check_output(args.out, args.force, kind="model_dir", inputs={"IN_MODEL": args.input, "--key": args.key})
     key = load_key(args.key)
-    encrypt_model_dir(args.input, args.output, key, force=args.force)
-    print(f"encrypted model (key fingerprint {fingerprint(key)}) -> {args.output}")
+    encrypt_model_dir(args.input, args.out, key, force=args.force)
+    print(f"encrypted model (key fingerprint {fingerprint(key)}) -> {args.out}")
     return 0
 
 
@@ -37,9 +41,10 @@ def cmd_decrypt_model(args) -> int:
     from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import decrypt_model_dir
 
-    check_output(args.output, args.force, kind="model_dir", inputs={"IN_MODEL": args.input, "--key": args.key})
-    decrypt_model_dir(args.input, args.output, load_key(args.key), force=args.force)
-    print(f"plain model -> {args.output}")
+    resolve_out(args, args.output)
+    check_output(args.out, args.force, kind="model_dir", inputs={"IN_MODEL": args.input, "--key": args.key})
+    decrypt_model_dir(args.input, args.out, load_key(args.key), force=args.force)
+    print(f"plain model -> {args.out}")
     return 0
 
 
@@ -48,55 +53,96 @@ def cmd_rekey_model(args) -> int:
     from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import rekey_model_dir
 
-    check_output(args.output, args.force, kind="model_dir",
+    resolve_out(args, args.output)
+    check_output(args.out, args.force, kind="model_dir",
                  inputs={"IN_MODEL": args.input, "--old-key": args.old_key, "--new-key": args.new_key})
     old, new = load_key(args.old_key), load_key(args.new_key)
-    rekey_model_dir(args.input, args.output, old, new, force=args.force)
-    print(f"model re-encrypted (key fingerprint {fingerprint(new)}) -> {args.output}")
+    rekey_model_dir(args.input, args.out, old, new, force=args.force)
+    print(f"model re-encrypted (key fingerprint {fingerprint(new)}) -> {args.out}")
     return 0
+
+
+def _top_classes(logits, k: int, names) -> list[list[dict]]:
+    """Per image, the k most likely classes: [{"class", "index", "probability"}, ...]."""
+    import numpy as np
+
+    z = logits - logits.max(axis=1, keepdims=True)
+    prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    order = np.argsort(-prob, axis=1, kind="stable")[:, :k]
+    return [[{"class": names[c] if names else str(int(c)), "index": int(c), "probability": float(row[c])}
+             for c in idx] for idx, row in zip(order, prob)]
 
 
 def cmd_predict(args) -> int:
     import numpy as np
 
+    from convmixer_jax.files.atomic import check_output, save_array, write_text_atomic
+    from convmixer_jax.files.image_files import load_image_inputs
+    from convmixer_jax.files.model_dir import load_model, model_classes
     from convmixer_jax.model.inference import check_model_images, predict_logits
-    from convmixer_jax.files.atomic import check_output, save_array
-    from convmixer_jax.files.arrays import load_images
-    from convmixer_jax.files.model_dir import load_model
 
-    check_output(args.out, args.force, inputs={"MODEL_DIR": args.model, "IMAGES": args.images})
-    config, variables, _ = load_model(args.model)
-    images = load_images(args.images)
+    if args.out is not None:
+        out = check_output(args.out, args.force, inputs={"MODEL_DIR": args.model, "IMAGES": args.images})
+        if out.suffix.lower() not in (".npy", ".json"):
+            raise UsageError(f"--out {out} must end in .npy (the logits) or .json (the top classes per image)")
+    config, variables, meta = load_model(args.model)
+    images, names = load_image_inputs(args.images)
     check_model_images(config, images)
-    logits = predict_logits(config, variables, images, batch_size=args.batch_size)
-    save_array(args.out, np.asarray(logits, np.float32), force=args.force)
-    print(f"logits {logits.shape} -> {args.out}")
+    logits = predict_logits(config, variables, images, batch_size=args.batch_size, progress=not args.quiet)
+    classes = model_classes(meta)
+    if classes is not None and len(classes) != config.num_classes:
+        classes = None
+    names = names if names is not None else [f"{args.images[0]}[{i}]" for i in range(len(images))]
+    top = _top_classes(logits, min(args.top, config.num_classes), classes)
+    if args.out is None or str(args.out).lower().endswith(".json"):
+        lines = [f"{n}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in row)
+                 for n, row in zip(names, top)]
+    if args.out is None:
+        print("\n".join(lines))
+        return 0
+    if str(args.out).lower().endswith(".npy"):
+        save_array(args.out, np.asarray(logits, np.float32), force=args.force)
+        print(f"logits {logits.shape} -> {args.out}")
+    else:
+        doc = {"model": str(args.model), "classes_known": classes is not None,
+               "predictions": [{"image": n, "top": row} for n, row in zip(names, top)]}
+        write_text_atomic(args.out, json.dumps(doc, indent=1) + "\n", force=args.force)
+        print(f"top-{len(top[0]) if top else 0} classes of {len(top)} images -> {args.out}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     import numpy as np
 
-    from convmixer_jax.scheme.images import encrypt_images
+    from convmixer_jax.files.atomic import check_output, write_text_atomic
+    from convmixer_jax.files.model_dir import check_data_classes, check_key_fits_model, is_encrypted, load_model
     from convmixer_jax.model.inference import accuracy, check_model_images
+    from convmixer_jax.scheme.images import encrypt_images
     from convmixer_jax.scheme.keys import fingerprint, load_key
-    from convmixer_jax.files.model_dir import check_key_fits_model, is_encrypted, load_model
 
+    if args.out is not None:
+        check_output(args.out, args.force, inputs={"MODEL_DIR": args.model, "--key": args.key,
+                                                   "--data-dir": args.data_dir})
     config, variables, meta = load_model(args.model)
     key = load_key(args.key) if args.key else None
     if key is not None:
         check_key_fits_model(config, key)
-    images, labels, _ = load_split(args, "test")
+    images, labels, classes = load_split(args, "test")
+    check_data_classes(config, meta, classes, where=f"the test data ({data_label(args)})")
     images, labels = subset(images, labels, args.limit, args.seed)
     check_model_images(config, images)
     if key is not None:
         images = np.asarray(encrypt_images(images, key))
-    acc = accuracy(config, variables, images, labels, batch_size=args.batch_size)
+    acc = accuracy(config, variables, images, labels, batch_size=args.batch_size, progress=not args.quiet)
     enc = meta.get("encryption")
-    print(json.dumps({"accuracy": acc, "images": int(len(images)), "encrypted_images": key is not None,
-                      "model_encrypted": is_encrypted(meta),
-                      "key_fingerprint": fingerprint(key) if key is not None else None,
-                      "model_key_fingerprint": enc["key_fingerprint"] if enc else None}))
+    result = {"accuracy": acc, "images": int(len(images)), "encrypted_images": key is not None,
+              "model_encrypted": is_encrypted(meta),
+              "key_fingerprint": fingerprint(key) if key is not None else None,
+              "model_key_fingerprint": enc["key_fingerprint"] if enc else None,
+              "model": str(args.model), "data": data_label(args), "limit": args.limit, "seed": args.seed}
+    if args.out is not None:
+        write_text_atomic(args.out, json.dumps(result, indent=1) + "\n", force=args.force)
+    print(json.dumps(result))
     return 0
 
 
@@ -104,8 +150,8 @@ def register(add) -> None:
     """Add this group's subcommands with ``add(name, func, help, description)``."""
     p = add("init-model", cmd_init_model, "make a freshly initialized plain model directory")
     add_model_options(p)
-    p.add_argument("--seed", type=seed_arg, required=True, metavar="N", help="initialization seed")
-    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
+    add_seed(p)
+    add_out(p, "MODEL_DIR", "model directory to write")
     add_force(p)
 
     p = add("encrypt-model", cmd_encrypt_model, "encrypt a plain model with a key",
@@ -114,7 +160,8 @@ def register(add) -> None:
             "Only the key's fingerprint is recorded in the model directory.")
     p.add_argument("--key", required=True, metavar="KEY.json", help="key file from keygen")
     p.add_argument("input", metavar="IN_MODEL", help="plain model directory")
-    p.add_argument("output", metavar="OUT_MODEL", help="encrypted model directory to write")
+    p.add_argument("output", metavar="OUT", nargs="?", help=argparse.SUPPRESS)
+    add_out(p, "MODEL_DIR", "encrypted model directory to write", positional_alias=True)
     add_force(p)
 
     p = add("decrypt-model", cmd_decrypt_model, "decrypt an encrypted model with its key",
@@ -122,7 +169,8 @@ def register(add) -> None:
             "encrypted with (checked by fingerprint).")
     p.add_argument("--key", required=True, metavar="KEY.json", help="the key the model was encrypted with")
     p.add_argument("input", metavar="IN_MODEL", help="encrypted model directory")
-    p.add_argument("output", metavar="OUT_MODEL", help="plain model directory to write")
+    p.add_argument("output", metavar="OUT", nargs="?", help=argparse.SUPPRESS)
+    add_out(p, "MODEL_DIR", "plain model directory to write", positional_alias=True)
     add_force(p)
 
     p = add("rekey-model", cmd_rekey_model, "move an encrypted model to a new key",
@@ -131,24 +179,35 @@ def register(add) -> None:
     p.add_argument("--old-key", required=True, metavar="A.json", help="the key the model is encrypted with")
     p.add_argument("--new-key", required=True, metavar="B.json", help="the new key")
     p.add_argument("input", metavar="IN_MODEL", help="encrypted model directory")
-    p.add_argument("output", metavar="OUT_MODEL", help="model directory to write")
+    p.add_argument("output", metavar="OUT", nargs="?", help=argparse.SUPPRESS)
+    add_out(p, "MODEL_DIR", "model directory to write", positional_alias=True)
     add_force(p)
 
-    p = add("predict", cmd_predict, "logits of a model on images in a .npy file",
-            "Run a model (plain or encrypted) on (N, H, W, C) images in a .npy file: uint8 is "
-            "scaled by 1/255, float must lie in [0, 1]. Writes float32 logits (N, classes).")
+    p = add("predict", cmd_predict, "a model's predictions on images: top classes or logits",
+            "Run a model (plain or encrypted) on images: PNG/JPEG files, folders of them, or one .npy "
+            "file (N, H, W, C) (uint8 is scaled by 1/255; float must lie in [0, 1]). Without --out it "
+            "prints the --top most likely classes per image (by name when the model records its class "
+            "names); --out X.npy writes float32 logits (N, classes), --out X.json the top classes.")
     p.add_argument("model", metavar="MODEL_DIR", help="model directory")
-    p.add_argument("images", metavar="IN.npy", help="images (encrypted ones for an encrypted model)")
-    p.add_argument("--out", required=True, metavar="LOGITS.npy", help="logits to write")
-    p.add_argument("--batch-size", type=positive_int, default=500, metavar="B", help="default 500")
+    p.add_argument("images", metavar="IMAGES", nargs="+",
+                   help="PNG/JPEG files or folders, or one .npy (encrypted images for an encrypted model)")
+    p.add_argument("--out", metavar="LOGITS.npy|TOP.json", help="write the logits (.npy) or the top classes (.json)")
+    p.add_argument("--top", type=positive_int, default=3, metavar="K", help="classes shown per image (default 3)")
+    add_batch_size(p)
+    add_quiet(p)
     add_force(p)
 
     p = add("evaluate", cmd_evaluate, "test accuracy of a model, on plain or encrypted images",
             "Accuracy on the test split; with --key the test images are encrypted with that key "
-            "first (the right key for an encrypted model, or a wrong one for an attack). Prints JSON.")
+            "first (the right key for an encrypted model, or a wrong one for an attack). A data set "
+            "whose classes do not match the model's (count, or names when both are known) is refused. "
+            "Prints JSON; --out also writes it.")
     p.add_argument("model", metavar="MODEL_DIR", help="model directory")
     add_data_options(p)
     p.add_argument("--key", metavar="KEY.json", help="encrypt the test images with this key")
-    p.add_argument("--limit", type=positive_int, metavar="K", help="a random subset of K test images")
-    p.add_argument("--seed", type=seed_arg, default=0, metavar="N", help="seed of the --limit subset (default 0)")
-    p.add_argument("--batch-size", type=positive_int, default=500, metavar="B", help="default 500")
+    add_limit(p)
+    add_seed(p)
+    add_batch_size(p)
+    add_quiet(p)
+    p.add_argument("--out", metavar="RESULT.json", help="also write the result JSON here")
+    add_force(p)

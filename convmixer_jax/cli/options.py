@@ -55,6 +55,63 @@ def add_force(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace the output if it exists")
 
 
+# The options below mean the same thing, with the same default, in every command
+# that has them (tests/test_cli_grammar.py checks every subcommand's --help).
+
+def add_out(p: argparse.ArgumentParser, metavar: str, help_: str, *, positional_alias: bool = False) -> None:
+    """``--out`` for the command's output; with ``positional_alias`` an older last
+    positional OUT is still accepted (see :func:`resolve_out`)."""
+    p.add_argument("--out", metavar=metavar, required=not positional_alias,
+                   help=help_ + (" (a last positional OUT is still accepted, as before)" if positional_alias else ""))
+
+
+def resolve_out(args, positional: str | None) -> None:
+    """Set ``args.out`` from ``--out`` or the older positional form; exactly one must be given."""
+    if positional is not None and args.out is not None:
+        raise UsageError(f"{args.command}: the output is given twice ({positional!r} and --out {args.out!r}); "
+                         f"give it once, with --out (see '{PROG} {args.command} --help')")
+    if positional is None and args.out is None:
+        raise UsageError(f"{args.command}: the output is missing; give it with --out "
+                         f"(see '{PROG} {args.command} --help')")
+    if args.out is None:
+        args.out = positional
+
+
+SEED_HELP = "seed of this command's non-secret randomness: --limit subsets, initialization, data order, augmentation (default 0)"
+KEY_SEED_HELP = ("seed of the keys this command draws, for repeatable experiments "
+                 "(default: the OS CSPRNG; the seed used is recorded)")
+
+
+def add_seed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=seed_arg, default=0, metavar="N", help=SEED_HELP)
+
+
+def add_key_seed(p: argparse.ArgumentParser, *, old_seed_alias: bool = False) -> None:
+    p.add_argument("--key-seed", type=seed_arg, metavar="N", help=KEY_SEED_HELP)
+    if old_seed_alias:  # the option's former name, kept working but no longer shown
+        p.add_argument("--seed", dest="key_seed", type=seed_arg, help=argparse.SUPPRESS)
+
+
+def add_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=positive_int, metavar="K",
+                   help="a random subset of K test images, drawn with --seed (default: all)")
+
+
+def add_batch_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=positive_int, default=500, metavar="B",
+                   help="images per forward pass of the model (default 500)")
+
+
+def add_recipe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", choices=["paper", "fast", "strong"], default="fast",
+                   help="training recipe (default fast: AdamW one-cycle, 40 epochs; paper: Adam 1e-3, "
+                        "200 epochs; strong: fast + RandAugment and EMA, 100 epochs, 5,000 images held out)")
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model architecture (explicit options override --preset; "
                              "the defaults are the paper's ConvMixer-256/8)")
@@ -84,17 +141,42 @@ def model_config(args):
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", metavar="DIR",
-                   help="local data: DIR/{train,test}/<class>/*.png|jpg or the CIFAR-10 binary "
-                        "batches; without it CIFAR-10 comes from tensorflow-datasets")
-    p.add_argument("--tfds-data-dir", metavar="DIR",
-                   help="where tensorflow-datasets keeps its prepared data (without --data-dir)")
+    g = p.add_argument_group("data (default: the official CIFAR binary release, downloaded once "
+                             "into the cache and checked against its SHA-256)")
+    g.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10",
+                   help="which data set to download or open from tfds (default cifar10; "
+                        "cifar100 uses the fine labels)")
+    g.add_argument("--data-dir", metavar="DIR",
+                   help="a local copy instead: DIR/{train,test}/<class>/*.png|jpg or the CIFAR "
+                        "binary batches (for offline machines)")
+    g.add_argument("--download-url", metavar="URL",
+                   help="a mirror of the binary release (env CONVMIXER_JAX_CIFAR10_URL / _CIFAR100_URL)")
+    g.add_argument("--download-sha256", metavar="HEX",
+                   help="the mirror's archive SHA-256 (env CONVMIXER_JAX_CIFAR10_SHA256 / _CIFAR100_SHA256)")
+    g.add_argument("--tfds-data-dir", metavar="DIR",
+                   help="read a data set prepared by tensorflow-datasets in DIR instead "
+                        "(needs the tfds extra)")
 
 
 def load_split(args, split: str):
+    """(images (N,H,W,C) uint8, labels (N,) int32, class names) of ``split`` from the data options."""
     from convmixer_jax.data import load_split
 
-    return load_split(split, data_dir=args.data_dir, tfds_data_dir=args.tfds_data_dir)
+    if args.data_dir is not None and (args.download_url or args.download_sha256 or args.tfds_data_dir):
+        raise UsageError("--data-dir reads a local copy; it cannot be combined with --download-url, "
+                         "--download-sha256 or --tfds-data-dir")
+    return load_split(split, data_dir=args.data_dir, dataset=args.dataset,
+                      download_url=args.download_url, download_sha256=args.download_sha256,
+                      tfds_data_dir=args.tfds_data_dir, progress=not getattr(args, "quiet", False))
+
+
+def data_label(args) -> str:
+    """What the data options read, for provenance records."""
+    if args.data_dir:
+        return args.data_dir
+    if args.tfds_data_dir:
+        return f"tfds:{args.dataset}"
+    return f"{args.dataset} binary release" + (f" from {args.download_url}" if args.download_url else "")
 
 
 def subset(images, labels, n: int | None, seed: int):

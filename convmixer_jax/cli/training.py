@@ -1,10 +1,12 @@
 """Training: train, export a checkpoint, average models, plot the curves."""
 from __future__ import annotations
 
+import argparse
 import json
 
-from convmixer_jax.cli.options import (ARCH_OPTIONS, UsageError, add_data_options, add_force, add_model_options,
-                                       load_split, model_config, positive_float, positive_int, seed_arg, subset)
+from convmixer_jax.cli.options import (ARCH_OPTIONS, UsageError, add_batch_size, add_data_options, add_force,
+                                       add_model_options, add_quiet, add_recipe, add_seed, data_label, load_split, model_config,
+                                       positive_float, positive_int, seed_arg, subset)
 
 
 def cmd_plot_training(args) -> int:
@@ -43,7 +45,7 @@ def cmd_train(args) -> int:
             asked = {n: getattr(config, n) for n in ARCH_OPTIONS} | asked
         config, start, init_from = warm_start(args.init_from, asked)
         warm = (start, init_from)
-    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "holdout": args.holdout}
+    overrides = {"epochs": args.epochs, "batch_size": args.train_batch_size, "lr": args.lr, "holdout": args.holdout}
     recipe = dataclasses.replace(RECIPES[args.recipe], seed=args.seed,
                                  **{k: v for k, v in overrides.items() if v is not None})
     train_x, train_y, classes = load_split(args, "train")
@@ -52,8 +54,7 @@ def cmd_train(args) -> int:
     test_x, test_y = subset(test_x, test_y, args.limit_test, args.seed)
     variables, meta = train_model(config, recipe, (train_x, train_y), (test_x, test_y), args.workdir,
                                   recipe_name=args.recipe, resume=args.resume, warm=warm, classes=classes,
-                                  data_label=args.data_dir if args.data_dir else "tfds:cifar10",
-                                  progress=not args.quiet)
+                                  data_label=data_label(args), progress=not args.quiet)
     save_model(args.out, config, variables, extra=meta, force=args.force)
     print(json.dumps({"test_accuracy": meta["test_accuracy"], "model": str(args.out), "epochs": meta["epochs"]}))
     return 0
@@ -71,13 +72,13 @@ def cmd_average_models(args) -> int:
     if args.weights is not None and len(args.weights) != len(args.models):
         raise UsageError(f"--weights gives {len(args.weights)} numbers for {len(args.models)} models; "
                          "give one per model")
-    train_x, train_y, _ = load_split(args, "train")
+    train_x, train_y, classes = load_split(args, "train")
     test_x, test_y, _ = load_split(args, "test")
     train_x, _ = subset(train_x, train_y, args.limit_train, args.seed)
     config, averaged, meta = average_models(
         args.models, train_x, (test_x, test_y), weights=args.weights, bn_images=args.bn_images,
         bn_passes=args.bn_passes, seed=args.seed, batch_size=args.batch_size,
-        data_label=args.data_dir if args.data_dir else "tfds:cifar10", progress=not args.quiet)
+        data_label=data_label(args), classes=classes, progress=not args.quiet)
     save_model(args.out, config, averaged, extra=meta, force=args.force)
     print(json.dumps({"test_accuracy": meta["test_accuracy"],
                       "inputs": [i["test_accuracy"] for i in meta["averaged"]], "model": str(args.out)}))
@@ -109,21 +110,20 @@ def register(add) -> None:
     add_force(p)
 
     p = add("train", cmd_train, "train a plain model and save it",
-            "Train a ConvMixer on plain images with a recipe (paper: Adam 1e-3, batch 128, 200 "
-            "epochs), checkpointing every epoch into --workdir, then save the plain model with "
+            "Train a ConvMixer on plain images with a recipe (--recipe), checkpointing every epoch into --workdir, then save the plain model with "
             "its recipe and final test accuracy in config.json.")
     add_data_options(p)
-    p.add_argument("--recipe", choices=["paper", "fast", "strong"], default="paper",
-                   help="training recipe (default paper; strong: fast + RandAugment, EMA, 5,000 held out)")
+    add_recipe(p)
     p.add_argument("--epochs", type=positive_int, metavar="E", help="override the recipe's epochs")
-    p.add_argument("--batch-size", type=positive_int, metavar="B", help="override the recipe's batch size")
+    p.add_argument("--train-batch-size", type=positive_int, metavar="B",
+                   help="override the recipe's training batch size")
+    p.add_argument("--batch-size", dest="train_batch_size", type=positive_int, help=argparse.SUPPRESS)  # former name
     p.add_argument("--lr", type=positive_float, help="override the recipe's (peak) learning rate")
     p.add_argument("--holdout", type=seed_arg, metavar="N",
                    help="override the recipe's validation hold-out: N training images, stratified, "
                         "not trained on (0: none)")
     add_model_options(p)
-    p.add_argument("--seed", type=seed_arg, default=0, metavar="N",
-                   help="initialization, data order, augmentation and --limit-* subsets (default 0)")
+    add_seed(p)
     p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints and train_log.json")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --workdir")
     p.add_argument("--init-from", metavar="MODEL_DIR",
@@ -132,7 +132,7 @@ def register(add) -> None:
                         "the epochs and seconds of both stages")
     p.add_argument("--limit-train", type=positive_int, metavar="N", help="train on a random subset of N images")
     p.add_argument("--limit-test", type=positive_int, metavar="N", help="test on a random subset of N images")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(p)
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
     add_force(p)
 
@@ -140,7 +140,7 @@ def register(add) -> None:
             "Average the weights of two or more plain models of one architecture (a uniform model soup, "
             "as at the end of stochastic weight averaging; meant for models of one training lineage, "
             "e.g. a model and its train --init-from continuation), re-estimate every BatchNorm's "
-            "statistics on the training images (shuffled, in batches of the training batch size, "
+            "statistics on the training images (shuffled, in batches of the last model's training batch size, "
             "under the training augmentation of the last model's recipe unless --bn-images plain), "
             "report the test accuracy and save the result as a plain model. Compare with the inputs' "
             "test accuracy (results/cifar10/README.md).")
@@ -155,11 +155,9 @@ def register(add) -> None:
                         "(crop/flip/cutout from the last model's train_config; default) or as they are")
     p.add_argument("--bn-passes", type=positive_int, default=1, metavar="P",
                    help="passes over the training images for the statistics (default 1)")
-    p.add_argument("--seed", type=seed_arg, default=0, metavar="N",
-                   help="seed of the --limit-train subset, the shuffling and the augmentation (default 0)")
-    p.add_argument("--batch-size", type=positive_int, default=500, metavar="B",
-                   help="test evaluation batch size (default 500); the statistics use the training batch size")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_seed(p)
+    add_batch_size(p)
+    add_quiet(p)
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
     add_force(p)
 

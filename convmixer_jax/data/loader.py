@@ -1,25 +1,45 @@
-"""One entry point over every data source."""
+"""One entry point over every data source: a local copy, tensorflow-datasets, or the downloaded release."""
 from __future__ import annotations
 
 import numpy as np
 
-from convmixer_jax.data.local import load_local
+from convmixer_jax.data.local import BINARY_LAYOUTS, DataError, load_cifar_binary, load_local
 
 
-def load_split(split: str, *, data_dir: str | None = None, tfds_name: str = "cifar10",
-               tfds_data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Load a split as (images (N,H,W,C) uint8, labels (N,) int32, class names).
+def load_split(split: str, *, data_dir: str | None = None, dataset: str = "cifar10",
+               download_url: str | None = None, download_sha256: str | None = None,
+               tfds_data_dir: str | None = None, progress: bool = True
+               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Load a split ("train" or "test") as (images (N,H,W,C) uint8, labels (N,) int32, class names).
 
-    ``data_dir`` selects a local copy (image folders or CIFAR-10 binaries);
-    without it the data come from tensorflow-datasets (``pip install
-    convmixer-jax[tfds]``; the data set must already be prepared in
-    ``tfds_data_dir``).
+    The source, first match wins:
+
+    - ``data_dir``: a local copy (image folders, or CIFAR-10 / CIFAR-100 binaries,
+      detected from the files; ``dataset`` is not consulted);
+    - ``tfds_data_dir``: ``dataset`` as prepared by tensorflow-datasets in that
+      folder (needs the ``tfds`` extra; nothing is downloaded);
+    - otherwise the official binary release of ``dataset`` ("cifar10", or
+      "cifar100" with its 100 fine labels), downloaded once into the cache and
+      checked against its SHA-256 (:func:`convmixer_jax.data.download.fetch_release`;
+      ``download_url`` / ``download_sha256`` name a mirror). ``progress`` shows
+      the download's (and an image folder's decoding) progress bar.
+
+    Images of the CIFAR sets are (N, 32, 32, 3).
     """
     if data_dir is not None:
-        return load_local(data_dir, split)
-    from convmixer_jax.data.tfds_source import load_tfds
+        return load_local(data_dir, split, progress=progress)
+    if dataset not in BINARY_LAYOUTS:
+        raise DataError(f"unknown dataset {dataset!r}; use one of {', '.join(BINARY_LAYOUTS)}")
+    if tfds_data_dir is not None:
+        from convmixer_jax.data.tfds_source import load_tfds
 
-    return load_tfds(tfds_name, split, data_dir=tfds_data_dir)
+        return load_tfds(dataset, split, data_dir=tfds_data_dir)
+    if split not in ("train", "test"):
+        raise DataError(f"unknown split {split!r}; use one of ('train', 'test')")
+    from convmixer_jax.data.download import fetch_release
+
+    folder = fetch_release(dataset, url=download_url, sha256=download_sha256, progress=progress)
+    return load_cifar_binary(folder, split, BINARY_LAYOUTS[dataset])
 
 
 def subset(images: np.ndarray, labels: np.ndarray, n: int | None, seed: int):

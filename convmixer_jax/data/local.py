@@ -1,22 +1,30 @@
 """Local data sources, decoded once and cached by content.
 
-Two layouts are read:
+Three layouts are read:
 
 - a class-subfolder image tree ``ROOT/{train,test}/<class>/*.{jpg,jpeg,png}``
   (like ``shared/data/cifar10-jpeg``); classes are the sorted folder names,
   which for CIFAR-10 is its label order airplane..truck;
 - the official CIFAR-10 binary release: ``data_batch_1..5.bin`` and
-  ``test_batch.bin`` (records of 1 label byte + 3072 pixel bytes, CHW).
+  ``test_batch.bin`` (records of 1 label byte + 3072 pixel bytes, CHW), class
+  names from ``batches.meta.txt``;
+- the official CIFAR-100 binary release: ``train.bin`` and ``test.bin``
+  (records of 1 coarse + 1 fine label byte + 3072 pixel bytes; the fine labels
+  are used), class names from ``fine_label_names.txt``.
 
-No pickle is ever read. Decoded arrays are cached as ``.npz`` under
-``$CONVMIXER_JAX_CACHE`` (default ``~/.cache/convmixer-jax``), named by a
+The binaries may sit in ``ROOT`` or in the release's own subfolder
+(``cifar-10-batches-bin``, ``cifar-100-binary``). No pickle is ever read.
+Decoded images are cached as ``.npz`` under ``cache_dir()``
+(``$CONVMIXER_JAX_CACHE``, default ``~/.cache/convmixer-jax``), named by a
 SHA-256 of the source files' names and bytes, so a changed file gives a new
-cache entry and the second load of the same data takes well under a second.
+cache entry and the second load of the same data takes well under a second;
+the binaries are read directly (they are fast to read).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +42,7 @@ class DataError(ValueError):
 
 
 def cache_dir() -> Path:
+    """The cache folder: ``$CONVMIXER_JAX_CACHE``, default ``~/.cache/convmixer-jax``."""
     return Path(os.environ.get("CONVMIXER_JAX_CACHE", Path.home() / ".cache" / "convmixer-jax"))
 
 
@@ -60,7 +69,7 @@ def _split_dir(root: Path, split: str) -> Path:
     d = root / split
     if not d.is_dir():
         raise DataError(f"{root} has no '{split}' folder; expected {root}/{split}/<class>/*.jpg "
-                        "or CIFAR-10 binary batches")
+                        "or CIFAR-10/CIFAR-100 binary batches")
     return d
 
 
@@ -79,7 +88,8 @@ def _list_image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[Pa
     return classes, files
 
 
-def load_image_folder(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_image_folder(root: str | os.PathLike, split: str, *, progress: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read ``root/split/<class>/*`` images.
 
     Returns images (N, H, W, 3) uint8 (RGB), labels (N,) int32 in file order
@@ -102,7 +112,13 @@ def load_image_folder(root: str | os.PathLike, split: str) -> tuple[np.ndarray, 
         from PIL import Image
 
         arrays = []
-        for (f, _), data in zip(files, blobs):
+        pairs = zip(files, blobs)
+        if progress:  # the first decode of 60,000 JPEGs takes a while; later loads hit the cache
+            from tqdm.auto import tqdm
+
+            pairs = tqdm(pairs, total=len(files), desc=f"decode {split} images", unit="img", leave=False,
+                         disable=None)  # on a terminal only: logs and error output stay clean
+        for (f, _), data in pairs:
             try:
                 with Image.open(BytesIO(data)) as im:
                     arrays.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
@@ -117,50 +133,134 @@ def load_image_folder(root: str | os.PathLike, split: str) -> tuple[np.ndarray, 
     return images, labels, classes
 
 
-_CIFAR_BIN = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
-_RECORD = 1 + 32 * 32 * 3
+@dataclass(frozen=True)
+class BinaryLayout:
+    """One CIFAR binary release: its folder, batch files and record layout.
+
+    A record is ``label_bytes`` label bytes, then 3072 pixel bytes (3 planes of
+    32x32, CHW); ``label_index`` picks the label that is used.
+    """
+
+    name: str  # "CIFAR-10"
+    folder: str  # the release's top folder in its archive
+    batches: dict  # split -> batch file names, read in this order
+    label_bytes: int
+    label_index: int
+    num_classes: int
+    names_file: str  # class names, one per line
+    other_files: tuple = ()  # further members of the release (not read)
+    default_names: tuple | None = None  # when names_file is absent (None: "0", "1", ...)
+
+    @property
+    def record(self) -> int:
+        return self.label_bytes + _PIXELS
+
+    @property
+    def batch_files(self) -> tuple:
+        return tuple(n for names in self.batches.values() for n in names)
+
+    @property
+    def files(self) -> tuple:
+        """Every file name of the release folder."""
+        return (*self.batch_files, self.names_file, *self.other_files)
 
 
-def _find_cifar_binaries(root: Path) -> Path | None:
-    for d in (root, root / "cifar-10-batches-bin"):
-        if (d / "test_batch.bin").exists() or (d / "data_batch_1.bin").exists():
-            return d
+_PIXELS = 32 * 32 * 3
+CIFAR10_BINARY = BinaryLayout(
+    "CIFAR-10", "cifar-10-batches-bin",
+    {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)},
+    label_bytes=1, label_index=0, num_classes=10, names_file="batches.meta.txt",
+    other_files=("readme.html",), default_names=CIFAR10_CLASSES)
+CIFAR100_BINARY = BinaryLayout(
+    "CIFAR-100", "cifar-100-binary", {"train": ("train.bin",), "test": ("test.bin",)},
+    label_bytes=2, label_index=1, num_classes=100, names_file="fine_label_names.txt",
+    other_files=("coarse_label_names.txt",))
+#: The binary releases by data set name (cifar100: the fine labels; the coarse byte is checked, not used).
+BINARY_LAYOUTS = {"cifar10": CIFAR10_BINARY, "cifar100": CIFAR100_BINARY}
+_COARSE_CLASSES = 20
+
+
+def _find_cifar_binaries(root: Path, layouts=tuple(BINARY_LAYOUTS.values())) -> tuple[BinaryLayout, Path] | None:
+    """The first layout with a batch file in ``root`` or ``root/<release folder>``."""
+    for layout in layouts:
+        for d in (root, root / layout.folder):
+            if any((d / n).exists() for n in layout.batch_files):
+                return layout, d
     return None
 
 
-def load_cifar10_binary(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Read the official CIFAR-10 binary batches (no pickle).
+def _class_names(d: Path, layout: BinaryLayout) -> list[str]:
+    p = d / layout.names_file
+    if not p.is_file():
+        return list(layout.default_names or (str(i) for i in range(layout.num_classes)))
+    names = [line.strip() for line in p.read_text(errors="replace").splitlines() if line.strip()]
+    if len(names) != layout.num_classes:
+        raise DataError(f"{p} names {len(names)} classes; {layout.name} has {layout.num_classes}")
+    return names
 
-    Returns images (N, 32, 32, 3) uint8, labels (N,) int32, class names.
+
+def load_cifar_binary(root: str | os.PathLike, split: str, layout: BinaryLayout
+                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read the batches of a CIFAR binary release (no pickle) in ``root`` or ``root/<release folder>``.
+
+    Returns images (N, 32, 32, 3) uint8 (CHW records turned HWC), labels (N,)
+    int32 in [0, num_classes), and the class names (from the release's names
+    file when present).
     """
     root = Path(root)
     if split not in _SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {_SPLITS}")
-    d = _find_cifar_binaries(root)
-    if d is None:
-        raise DataError(f"no CIFAR-10 binary batches (data_batch_*.bin, test_batch.bin) under {root}")
+    found = _find_cifar_binaries(root, (layout,))
+    if found is None:
+        raise DataError(f"no {layout.name} binary batches ({', '.join(layout.batch_files)}) under {root}")
+    d = found[1]
     raw = []
-    for name in _CIFAR_BIN[split]:
+    for name in layout.batches[split]:
         p = d / name
         if not p.exists():
-            raise DataError(f"missing {p}; the CIFAR-10 binary release has {', '.join(_CIFAR_BIN[split])}")
+            raise DataError(f"missing {p}; the {layout.name} binary release has {', '.join(layout.batches[split])}")
         data = p.read_bytes()
-        if len(data) % _RECORD:
-            raise DataError(f"{p} is not a CIFAR-10 binary batch: size {len(data)} is not a multiple of {_RECORD}")
-        raw.append(np.frombuffer(data, np.uint8).reshape(-1, _RECORD))
+        if len(data) % layout.record:
+            raise DataError(f"{p} is not a {layout.name} binary batch: size {len(data)} is not a multiple "
+                            f"of {layout.record}")
+        raw.append(np.frombuffer(data, np.uint8).reshape(-1, layout.record))
     records = np.concatenate(raw)
-    labels = records[:, 0].astype(np.int32)
-    if labels.max(initial=0) > 9:
-        raise DataError(f"labels above 9 in {d}: not CIFAR-10 binary batches")
-    images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
-    return images, labels, list(CIFAR10_CLASSES)
+    labels = records[:, layout.label_index].astype(np.int32)
+    if labels.max(initial=0) >= layout.num_classes:
+        raise DataError(f"labels above {layout.num_classes - 1} in {d}: not {layout.name} binary batches")
+    if layout.label_bytes == 2 and records[:, 0].max(initial=0) >= _COARSE_CLASSES:
+        raise DataError(f"coarse labels above {_COARSE_CLASSES - 1} in {d}: not {layout.name} binary batches")
+    images = records[:, layout.label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+    return images, labels, _class_names(d, layout)
 
 
-def load_local(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Load ``split`` from a local directory in either supported layout."""
+def load_cifar10_binary(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read the official CIFAR-10 binary batches (records: 1 label byte + 3072 pixel bytes).
+
+    Returns images (N, 32, 32, 3) uint8, labels (N,) int32 in [0, 10), class names.
+    """
+    return load_cifar_binary(root, split, CIFAR10_BINARY)
+
+
+def load_cifar100_binary(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read the official CIFAR-100 binary batches ``train.bin`` / ``test.bin``
+    (records: 1 coarse + 1 fine label byte + 3072 pixel bytes).
+
+    Returns images (N, 32, 32, 3) uint8, the FINE labels (N,) int32 in [0, 100),
+    and the fine class names (``fine_label_names.txt``; "0".."99" without it).
+    """
+    return load_cifar_binary(root, split, CIFAR100_BINARY)
+
+
+def load_local(root: str | os.PathLike, split: str, *, progress: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Load ``split`` from a local directory in any supported layout (CIFAR-10 / CIFAR-100
+    binaries in ``root`` or its release subfolder, else a class-subfolder image tree);
+    ``progress`` shows a bar while images are decoded."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist")
-    if _find_cifar_binaries(root) is not None:
-        return load_cifar10_binary(root, split)
-    return load_image_folder(root, split)
+    found = _find_cifar_binaries(root)
+    if found is not None:
+        return load_cifar_binary(root, split, found[0])
+    return load_image_folder(root, split, progress=progress)

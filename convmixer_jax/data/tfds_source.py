@@ -1,9 +1,13 @@
-"""CIFAR-10 (or another image classification set) from tensorflow-datasets.
+"""CIFAR-10, CIFAR-100 (or another image classification set) from tensorflow-datasets.
 
-Uses ``tfds.data_source`` over the prepared array_record files, which reads
-without TensorFlow (``tfds.load`` needs TensorFlow). The data set must be
-prepared already (``download=False``): preparing CIFAR-10 needs TensorFlow
-and internet; use ``--data-dir`` with a local copy otherwise.
+Used only when a ``tfds_data_dir`` is given (``--tfds-data-dir``). Uses
+``tfds.data_source`` over the prepared array_record files, which reads without
+TensorFlow (``tfds.load`` needs TensorFlow). Needs the ``tfds`` extra
+(``pip install 'convmixer-jax[tfds]'``) and a data set already prepared in that
+folder: nothing is downloaded here (``download=False``; preparing needs
+TensorFlow and internet). Without a tfds folder the CIFAR binary release is
+downloaded instead (:mod:`.download`), or ``--data-dir`` reads a local copy.
+The label is the data set's ``label`` feature (CIFAR-100: the fine label).
 """
 from __future__ import annotations
 

@@ -369,6 +369,34 @@ def is_encrypted(meta: dict) -> bool:
     return meta.get("encryption") is not None
 
 
+def model_classes(meta: dict) -> list[str] | None:
+    """The class names a model directory records (its ``classes`` field, written by
+    ``train``), or None when it records none."""
+    names = meta.get("classes")
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        return names
+    return None
+
+
+def check_data_classes(config: ConvMixerConfig, meta: dict, classes, *, where: str = "the data") -> None:
+    """Raise :class:`ModelDirError` unless a data set's class names ``classes``
+    (a sequence of str, or None when unknown) match the model: the same count as
+    ``config.num_classes``, and the same names in the same order when the model
+    records its own (:func:`model_classes`)."""
+    if classes is None:
+        return
+    classes = [str(c) for c in classes]
+    if len(classes) != config.num_classes:
+        raise ModelDirError(f"{where} has {len(classes)} classes but the model has {config.num_classes}; "
+                            "scores against it would be meaningless; use the data set the model was trained on")
+    own = model_classes(meta)
+    if own is not None and own != classes:
+        diff = next(i for i, (a, b) in enumerate(zip(own, classes)) if a != b)
+        raise ModelDirError(f"{where} names its classes differently from the model: class {diff} is "
+                            f"{classes[diff]!r} in the data but {own[diff]!r} in the model; use the data "
+                            "set the model was trained on (same class folders)")
+
+
 def _extra(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k not in _RESERVED}
 

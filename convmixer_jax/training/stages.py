@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convmixer_jax.files.model_dir import ModelDirError, is_encrypted, load_model
+from convmixer_jax.files.model_dir import ModelDirError, check_data_classes, is_encrypted, load_model, model_classes
 from convmixer_jax.model.convmixer import ConvMixerConfig
 from convmixer_jax.model.inference import accuracy, check_model_images
 from convmixer_jax.scheme.images import ImageError
@@ -149,14 +149,15 @@ def export_checkpoint(workdir, *, data_label: str | None = None) -> tuple[ConvMi
 
 def average_models(model_dirs, train_images, test_data, *, weights=None, bn_images: str = "augmented",
                    bn_passes: int = 1, seed: int = 0, batch_size: int = 500, data_label: str | None = None,
-                   progress: bool = True) -> tuple[ConvMixerConfig, dict, dict]:
+                   classes=None, progress: bool = True) -> tuple[ConvMixerConfig, dict, dict]:
     """Average plain models of one architecture and re-measure BatchNorm: ``(config, variables, meta)``.
 
     train_images: (N, H, W, C) uint8 for the statistics, measured in batches of the
     last model's training batch size under its recipe's augmentation
     (``bn_images='augmented'``) or as they are (``'plain'``); test_data: (images,
     labels) for the reported accuracy. meta counts every stage's seconds once
-    (:func:`lineage_train_seconds`) plus the re-measurement.
+    (:func:`lineage_train_seconds`) plus the re-measurement. classes: the data's
+    class names (checked against each model's, recorded), or None.
     """
     from convmixer_jax.training.averaging import average_variables, recalibrate_batch_stats
 
@@ -173,6 +174,7 @@ def average_models(model_dirs, train_images, test_data, *, weights=None, bn_imag
             raise ModelDirError(f"{path} has another architecture than {model_dirs[0]} "
                                 f"({config.to_dict()} vs {loaded[0][0].to_dict()}); only models of one "
                                 "architecture can be averaged")
+        check_data_classes(config, meta, classes, where=f"the data ({data_label})")
     config = loaded[0][0]
     test_x, test_y = test_data
     check_model_images(config, train_images)
@@ -204,7 +206,8 @@ def average_models(model_dirs, train_images, test_data, *, weights=None, bn_imag
                               "augment": list(train_config.get("augment") or []) if augment else [],
                               "passes": bn_passes, "seed": seed},
             "test_accuracy": acc, "test_images": int(len(test_x)),
-            "train_config": train_config or None, "data": data_label}
+            "train_config": train_config or None, "data": data_label,
+            "classes": list(classes) if classes is not None else model_classes(loaded[-1][2])}
     return config, averaged, meta
 
 
