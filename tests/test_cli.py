@@ -179,6 +179,24 @@ def test_keyspace(capsys):
     assert "log2 = 247.82" in out and "2^247.82" in out
 
 
+def test_odd_block_length_keys_and_key_space(tmp_path, capsys):
+    """Patch 7 on RGB (timm's ImageNet ConvMixers): pb = 147, flip has floor(147/2) = 73 ones."""
+    ok(capsys, "keygen", "--block-size", "7", "--channels", "3", "--out", tmp_path / "k.json")
+    key = json.loads((tmp_path / "k.json").read_text())
+    assert sorted(key["perm"]) == list(range(147)) and sum(key["flip"]) == 73 and len(key["flip"]) == 147
+    out = ok(capsys, "keyspace", "--block-size", "7", "--channels", "3")
+    exact = math.factorial(147) * math.comb(147, 73)
+    assert f"keys = pb! * C(pb, (pb-1)/2) = {exact}\n" in out
+    assert f"log2 = {math.log2(exact):.2f}" in out
+    # a model of that patch size is made and encrypted; pb = 1 is refused, it has no key but the identity
+    ok(capsys, "init-model", "--dim", "8", "--depth", "1", "--kernel-size", "3", "--patch-size", "7",
+       "--image-size", "14", "--out", tmp_path / "m")
+    ok(capsys, "encrypt-model", "--key", tmp_path / "k.json", tmp_path / "m", "--out", tmp_path / "e")
+    assert_error(capsys, ["init-model", "--patch-size", "1", "--channels", "1", "--image-size", "4",
+                          "--out", tmp_path / "m1"], "identity")
+    assert not (tmp_path / "m1").exists()
+
+
 def test_init_model_preset_and_overrides(tmp_path, capsys):
     ok(capsys, "init-model", "--preset", "paper", "--dim", "8", "--depth", "1", "--image-size", "8",
        "--patch-size", "2", "--seed", "3", "--out", tmp_path / "m")
@@ -408,7 +426,7 @@ def _bad_keys(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
     put("short_perm", {**obj, "perm": obj["perm"][:-1]}, "shape")
     flips = list(obj["flip"])
     flips[flips.index(0)] = 1
-    put("flip_count", {**obj, "flip": flips}, f"expected exactly pb/2 = {pb // 2}")
+    put("flip_count", {**obj, "flip": flips}, f"expected exactly floor(pb/2) = {pb // 2}")
     put("flip_values", {**obj, "flip": [2] * (pb // 2) + [0] * (pb // 2)}, "only 0 and 1")
     swapped = list(obj["perm"])
     swapped[0], swapped[1] = swapped[1], swapped[0]
@@ -560,7 +578,7 @@ def test_usage_errors_exit_2(capsys):
                  ["attack", "m", "--num-keys", "2", "--seed", "-1", "--out", "x"]):
         assert_error(capsys, argv, "--seed", "non-negative", rc_expected=2)
     assert_error(capsys, [], "required", rc_expected=2)
-    assert_error(capsys, ["keyspace", "--block-size", "3", "--channels", "3"], "odd", rc_expected=1)
+    assert_error(capsys, ["keyspace", "--block-size", "1", "--channels", "1"], "identity", rc_expected=1)
 
 
 def test_model_io_save_load_roundtrip(tmp_path):

@@ -36,8 +36,8 @@ from convmixer_jax.scheme.keys import (
 
 FAST = settings(max_examples=20, deadline=None, database=None)
 
-# (block size, channels) pairs with an even pb = M*M*C.
-EVEN_SHAPES = [(m, c) for m in range(1, 7) for c in range(1, 5) if (m * m * c) % 2 == 0]
+# (block size, channels) pairs with pb = M*M*C >= 2, odd and even, and patch 7 on RGB.
+SHAPES = [(m, c) for m in range(1, 7) for c in range(1, 5) if m * m * c >= 2] + [(7, 3)]
 
 
 def assert_valid_key(perm, flip, pb):
@@ -55,7 +55,7 @@ def valid_obj(m=2, c=1):
 
 # ---------------------------------------------------------------- generate_key
 
-@given(st.sampled_from(EVEN_SHAPES))
+@given(st.sampled_from(SHAPES))
 @FAST
 def test_generate_key_is_valid(shape):
     m, c = shape
@@ -84,7 +84,7 @@ def test_generate_key_csprng_is_not_numpy_global_state():
     assert not np.array_equal(a.perm, b.perm)
 
 
-@given(st.sampled_from(EVEN_SHAPES), st.integers(0, 2**32 - 1))
+@given(st.sampled_from(SHAPES), st.integers(0, 2**32 - 1))
 @FAST
 def test_generate_key_seeded_is_reproducible(shape, seed):
     m, c = shape
@@ -112,16 +112,29 @@ def test_generate_key_flip_is_not_biased_to_a_fixed_pattern():
         assert set(perms[:, pos].tolist()) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("m,c", [(1, 1), (3, 1), (3, 3), (5, 1), (1, 3)])
-def test_odd_block_length_is_refused(m, c):
-    with pytest.raises(InvalidKeyError, match="odd"):
-        generate_key(m, c)
+def test_a_block_of_one_value_is_refused():
+    # pb = 1 has one key, the identity: nothing to encrypt
+    with pytest.raises(InvalidKeyError, match="identity"):
+        generate_key(1, 1)
     with pytest.raises(InvalidKeyError):
-        generate_key(m, c, seed=0)
+        generate_key(1, 1, seed=0)
     with pytest.raises(InvalidKeyError):
-        key_space(m, c)
+        key_space(1, 1)
     with pytest.raises(InvalidKeyError):
-        random_keys(jax.random.key(0), 2, m, c)
+        random_keys(jax.random.key(0), 2, 1, 1)
+
+
+@pytest.mark.parametrize("m,c", [(3, 1), (3, 3), (5, 1), (1, 3), (7, 3)])
+def test_odd_block_length_has_floor_half_flips(m, c):
+    pb = m * m * c
+    for key in (generate_key(m, c), generate_key(m, c, seed=3)):
+        assert_valid_key(key.perm, key.flip, pb)
+        assert int(np.sum(key.flip)) == (pb - 1) // 2  # 73 for pb = 147
+    batch = random_keys(jax.random.key(0), 3, m, c)
+    assert np.asarray(batch.flip).sum(axis=1).tolist() == [(pb - 1) // 2] * 3
+    with pytest.raises(InvalidKeyError, match=r"floor\(pb/2\)"):  # the other split is not a key
+        make_key(np.arange(pb), [1] * (pb - pb // 2) + [0] * (pb // 2), m, c)
+    assert key_space(m, c) == math.factorial(pb) * math.comb(pb, (pb - 1) // 2)
 
 
 @pytest.mark.parametrize("m,c", [(0, 3), (4, 0), (-2, 3), (2.0, 1), (True, 2), ("4", 3)])
@@ -212,7 +225,7 @@ def test_stack_keys_and_inverse_permutation():
 
 # ---------------------------------------------------------------- JSON and fingerprint
 
-@given(st.sampled_from(EVEN_SHAPES), st.integers(0, 2**31))
+@given(st.sampled_from(SHAPES), st.integers(0, 2**31))
 @FAST
 def test_json_round_trip(shape, seed):
     m, c = shape
@@ -378,7 +391,7 @@ def _mutations():
         ("block_size disagrees", block_size_mismatch),
         ("channels disagrees", channels_mismatch),
         ("block_size zero", set_("block_size", 0)),
-        ("odd pb", set_("block_size", 1)),
+        ("pb of one value", set_("block_size", 1)),
     ]
 
 
@@ -458,7 +471,7 @@ def test_key_space_paper_value():
     assert n % math.factorial(48) == 0 and n // math.factorial(48) == 32247603683100
 
 
-@pytest.mark.parametrize("m,c", [(1, 2), (2, 1), (1, 4)])
+@pytest.mark.parametrize("m,c", [(1, 2), (2, 1), (1, 4), (1, 3), (1, 5)])
 def test_key_space_counts_valid_keys_by_brute_force(m, c):
     pb = m * m * c
     count = 0
@@ -472,7 +485,7 @@ def test_key_space_counts_valid_keys_by_brute_force(m, c):
     assert count == key_space(m, c) == math.factorial(pb) * math.comb(pb, pb // 2)
 
 
-@pytest.mark.parametrize("m,c", [(2, 1), (2, 3), (4, 3), (6, 4)])
+@pytest.mark.parametrize("m,c", [(2, 1), (2, 3), (4, 3), (6, 4), (3, 1), (7, 3)])
 def test_key_space_log2_matches_exact(m, c):
     pb = m * m * c
     exact = math.factorial(pb) * math.comb(pb, pb // 2)

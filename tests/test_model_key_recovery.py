@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from scipy.special import erf
 
 from convmixer_jax.scheme.keys import Key, generate_key, make_key, validate_key
@@ -44,8 +44,9 @@ def _same(a: Key, b: Key) -> bool:
 # ------------------------------------------------------------ original weights
 
 @settings(max_examples=15, deadline=None)
-@given(m=st.integers(1, 4), c=st.sampled_from([2, 4]), d=st.integers(4, 40), seed=st.integers(0, 10**6))
+@given(m=st.integers(1, 4), c=st.integers(1, 4), d=st.integers(4, 40), seed=st.integers(0, 10**6))
 def test_original_weights_give_the_exact_key(m, c, d, seed):
+    assume(m * m * c >= 2)  # odd pb too
     rng = np.random.default_rng(seed)
     kernel = rng.normal(size=(m, m, c, d)).astype(np.float32)
     key = generate_key(m, c, seed=seed)
@@ -177,6 +178,29 @@ def test_symmetric_keys_are_the_block_symmetries():
         assert len(hits) == 1
         found.append(hits[0])
     assert sorted(found) == list(range(96))
+
+
+def test_odd_pb_has_no_global_sign_twin():
+    """For an odd pb (P = 3, C = 3: 27 values, 13 flips) 1 - flip has 14 ones and is no key:
+    the symmetric keys are the 8 x 6 layouts with the key's own sign, each once."""
+    rng = np.random.default_rng(2)
+    kernel = rng.normal(size=(3, 3, 3, 8))
+    key = generate_key(3, 3, seed=2)
+    enc = _encrypt(kernel, key)
+    cands = symmetric_keys(key)
+    assert len(cands) == 48 and _same(cands[0], key)
+    found = set()
+    for k in cands:
+        validate_key(k)
+        assert int(np.sum(k.flip)) == 13
+        dec = np.asarray(decrypt_kernel(enc, np.zeros(8), k)[0])
+        for order in itertools.permutations(range(3)):
+            for t in range(8):
+                x = np.rot90(kernel, t % 4, axes=(0, 1))
+                x = (x.transpose(1, 0, 2, 3) if t >= 4 else x)[:, :, list(order)]
+                if np.allclose(dec, x):
+                    found.add((order, t))
+    assert len(found) == 48
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -25,7 +25,7 @@ unchanged). Three adversaries, from strongest to weakest knowledge:
   the flips) reveals the P x P x C layout up to its symmetries.
 
 What no Gram/correlation-based attack can see: a global sign (``S -> -S``
-leaves ``C'`` unchanged, and ``flip -> 1 - flip`` keeps pb/2 ones), and,
+leaves ``C'`` unchanged, and ``flip -> 1 - flip`` keeps pb/2 ones; an odd pb has no such twin), and,
 without a reference, the symmetries of the block that map the correlation
 graph to itself (the 8 dihedral symmetries of the P x P grid, the C! channel
 orders; :func:`symmetric_keys`). Even a reference or image statistics
@@ -100,9 +100,16 @@ def _kernel_rows(kernel, name: str = "kernel") -> tuple[np.ndarray, int, int]:
     if k.ndim != 4 or k.shape[0] != k.shape[1]:
         raise ValueError(f"{name} must be a (P, P, C, dim) stem kernel; got shape {k.shape}")
     p, _, c, d = k.shape
-    if (p * p * c) % 2:
-        raise ValueError(f"{name}: pb = P*P*C = {p * p * c} is odd; keys need an even pb")
     return k.reshape(p * p * c, d), p, c
+
+
+def _sign_by_count(s: np.ndarray, notes: list[str]) -> np.ndarray:
+    """Odd pb: of the signs s (pb,) and -s only the one with floor(pb/2) negatives is a key's."""
+    n = len(s)
+    if n % 2 and int(np.sum(s < 0)) == n - n // 2:
+        notes.append(f"global sign from the flip count (odd pb = {n}: {n // 2} flips, not {n - n // 2})")
+        return -s
+    return s
 
 
 def _correlation(rows: np.ndarray) -> np.ndarray:
@@ -222,13 +229,13 @@ def symmetric_keys(key: Key, *, channel_orders: bool = True, global_sign: bool =
     """Keys that differ from ``key`` by a symmetry of the block that correlation
     structure alone cannot resolve: the 8 dihedral symmetries of the P x P grid,
     the C! channel orders (only for C <= 4 and ``channel_orders``), and the
-    global sign (``flip -> 1 - flip``, with ``global_sign``). ``key`` itself is
-    first; the list has no duplicates (8 * 6 * 2 = 96 keys for P = 4, C = 3)."""
+    global sign (``flip -> 1 - flip``, with ``global_sign``; even pb only). ``key`` is first,
+    no duplicates (96 keys for P = 4, C = 3, the first half of ``key``'s sign; 48 for P = 7, C = 3)."""
     key = validate_key(key)
     p, c = key.block_size, key.channels
     i, j, ch = _decode(key.perm, p, c)
     orders = list(itertools.permutations(range(c))) if channel_orders and c <= 4 else [tuple(range(c))]
-    signs = (0, 1) if global_sign else (0,)
+    signs = (0, 1) if global_sign and (p * p * c) % 2 == 0 else (0,)
     out, seen = [], set()
     for g in signs:
         for sigma in orders:
@@ -382,6 +389,7 @@ def recover_key_with_independent_reference(encrypted_kernel, reference_kernel, *
         notes.append(f"global sign from output-channel orientation (matched signed-cosine sum {orient:+.3f})")
     else:
         notes.append("global sign arbitrary (not observable from correlations)")
+    s = _sign_by_count(s, notes)
     flip = _balanced_flip(-s * (np.abs(support) + 1e-12))
     if int(np.sum(s < 0)) != n // 2:
         notes.append(f"sign estimate had {int(np.sum(s < 0))} flips; balanced to pb/2 = {n // 2}")
@@ -404,10 +412,11 @@ def recover_key_with_independent_reference(encrypted_kernel, reference_kernel, *
                      + np.sum(ce * np.outer(sg, sg) * cr0[np.ix_(q, q)]))
 
     score = np.array([objective(k) for k in cands])
+    # by decreasing objective, each layout followed by its global-sign twin (even pb; the sign
+    # is the least reliable part: re-rankers should see both)
     half = len(cands) // 2
-    # by decreasing objective, each layout followed by its global-sign twin
-    # (the sign is the least reliable part: re-rankers should see both).
-    order = [j for i in np.argsort(-score[:half], kind="stable") for j in (i, i + half)]
+    order = (list(np.argsort(-score, kind="stable")) if n % 2 else
+             [j for i in np.argsort(-score[:half], kind="stable") for j in (i, i + half)])
     cands = tuple(cands[i] for i in order)
     if not _same_key(cands[0], key):
         notes.append("a block symmetry of the matching scored higher and was taken")
@@ -625,6 +634,7 @@ def recover_key_from_structure(encrypted_kernel, *, seed: int = 0, n_starts: int
         notes.append(f"global sign from corr(DC gain, BN mean) = {orient:+.3f} (empirical prior: < 0)")
     else:
         notes.append("global sign arbitrary")
+    s = _sign_by_count(s, notes)
     flip = _balanced_flip(-s * (np.abs(support) + 1e-12))
     key = validate_key(Key(perm.astype(np.int32), flip, p, c))
     cands = symmetric_keys(key)

@@ -122,7 +122,7 @@ def _check_pair(plain, encrypted, block_size: int) -> tuple[np.ndarray, np.ndarr
         raise InvalidKeyError(f"block size must be a positive integer, got {block_size!r}")
     if h % block_size or w % block_size:
         raise ImageError(f"image size {h}x{w} is not divisible by the block size {block_size}")
-    pb = block_len(block_size, c)  # InvalidKeyError for an odd pb
+    pb = block_len(block_size, c)  # InvalidKeyError for pb = 1 (no key but the identity)
     check_pixel_values(plain)
     check_pixel_values(encrypted)
     return plain, encrypted, pb

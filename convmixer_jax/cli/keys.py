@@ -26,12 +26,13 @@ def cmd_keyspace(args) -> int:
     pb = keys.block_len(args.block_size, args.channels)
     log2 = keys.key_space_log2(args.block_size, args.channels)
     print(f"block size {args.block_size}, {args.channels} channels: pb = {pb}")
+    half = "pb/2" if pb % 2 == 0 else "(pb-1)/2"  # floor(pb/2) ones in the flip vector
     if pb <= EXACT_KEYSPACE_MAX_PB:
         text = keys.key_space_text(args.block_size, args.channels)
-        print(f"keys = pb! * C(pb, pb/2) = {text}")
+        print(f"keys = pb! * C(pb, {half}) = {text}")
     else:
         digits = int(log2 * 0.30102999566398120) + 1
-        print(f"keys = pb! * C(pb, pb/2), an integer of {digits:,} digits (printed exactly up to "
+        print(f"keys = pb! * C(pb, {half}), an integer of {digits:,} digits (printed exactly up to "
               f"pb = {EXACT_KEYSPACE_MAX_PB:,})")
     print(f"log2 = {log2:.2f} (about 2^{log2:.2f})")
     return 0
@@ -52,6 +53,6 @@ def register(add) -> None:
     add_out(p, "KEY.json", "key file to write (kept secret)")
     add_force(p)
 
-    p = add("keyspace", cmd_keyspace, "size of the key space, pb! * C(pb, pb/2)")
+    p = add("keyspace", cmd_keyspace, "size of the key space, pb! * C(pb, floor(pb/2))")
     p.add_argument("--block-size", type=positive_int, required=True, metavar="M", help="block size M")
     p.add_argument("--channels", type=positive_int, required=True, metavar="C", help="channels C")

@@ -10,12 +10,16 @@ from convmixer_jax.cli.options import (add_batch_size, add_data_options, add_for
 
 
 def cmd_init_model(args) -> int:
+    from convmixer_jax.scheme.keys import block_len
     from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import save_model
     from convmixer_jax.training.loop import init_variables
 
     check_output(args.out, args.force, kind="model_dir")
     config = model_config(args)
+    # A model is made to be encrypted: refuse the one shape with no key but the identity
+    # (patch 1 on one channel, pb = 1); odd pb is fine (floor(pb/2) flips).
+    block_len(config.patch_size, config.channels)
     variables = init_variables(config, args.seed)
     save_model(args.out, config, variables, force=args.force,
                extra={"created_by": "init-model", "seed": args.seed})

@@ -3,7 +3,8 @@
 A :class:`Key` for block size M and C channels holds, with pb = M*M*C,
 
 - ``perm``: a permutation of 0..pb-1 (pixel shuffling ``y[k] = x[perm[k]]``);
-- ``flip``: a 0/1 vector with exactly pb/2 ones (bit flipping ``z[k] = 1 - y[k]``).
+- ``flip``: a 0/1 vector with exactly floor(pb/2) ones (bit flipping ``z[k] = 1 - y[k]``);
+  pb/2 for the usual even pb, (pb - 1)/2 for an odd one (patch 7 on RGB: pb = 147, 73 ones).
 
 ``Key`` is a JAX pytree (``perm`` and ``flip`` are leaves, ``block_size`` and
 ``channels`` static), so a batch of keys is a ``Key`` whose leaves carry a
@@ -52,7 +53,7 @@ class Key:
     """A block-encryption key (or, with a leading axis on the leaves, a batch of keys).
 
     perm: (..., pb) int32, a permutation of 0..pb-1.
-    flip: (..., pb) uint8 in {0, 1}, exactly pb/2 ones.
+    flip: (..., pb) uint8 in {0, 1}, exactly floor(pb/2) ones.
     block_size, channels: static; pb = block_size**2 * channels.
     """
 
@@ -87,7 +88,11 @@ class Key:
 
 
 def block_len(block_size: int, channels: int) -> int:
-    """pb = M*M*C after checking both are positive integers and pb is even."""
+    """pb = M*M*C after checking both are positive integers within this release's limits.
+
+    Odd pb is allowed (``flip`` then has floor(pb/2) ones). Only pb = 1 (block size 1
+    on one channel) is refused: its one key is the identity, so nothing would be encrypted.
+    """
     for name, v in (("block size", block_size), ("channels", channels)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise InvalidKeyError(f"{name} must be a positive integer, got {v!r}")
@@ -95,11 +100,15 @@ def block_len(block_size: int, channels: int) -> int:
         raise InvalidKeyError(f"block size {block_size} with {channels} channels is beyond this release's "
                               f"limits (block size <= {MAX_BLOCK_SIZE}, channels <= {MAX_CHANNELS})")
     pb = int(block_size) ** 2 * int(channels)
-    if pb % 2:
-        raise InvalidKeyError(f"block size {block_size} with {channels} channels gives {pb} values per block, "
-                        "an odd number: the flip vector needs exactly pb/2 ones, so pb must be even "
-                        "(use an even block size or an even number of channels)")
+    if pb < 2:
+        raise InvalidKeyError(f"block size {block_size} with {channels} channel gives 1 value per block: its only "
+                              "key is the identity, which encrypts nothing; use a block size of 2 or more")
     return pb
+
+
+def flip_ones(pb: int) -> int:
+    """How many ones a key's flip vector holds: floor(pb/2)."""
+    return pb // 2
 
 
 def validate_key(key: Key) -> Key:
@@ -117,8 +126,8 @@ def validate_key(key: Key) -> Key:
     if not (np.issubdtype(flip.dtype, np.integer) or flip.dtype == bool) or not np.isin(flip, (0, 1)).all():
         raise InvalidKeyError("flip must hold only 0 and 1")
     ones = int(np.sum(flip))
-    if ones != pb // 2:
-        raise InvalidKeyError(f"flip has {ones} ones, expected exactly pb/2 = {pb // 2}")
+    if ones != flip_ones(pb):
+        raise InvalidKeyError(f"flip has {ones} ones, expected exactly floor(pb/2) = {flip_ones(pb)}")
     return Key(perm.astype(np.int32), flip.astype(np.uint8), int(key.block_size), int(key.channels))
 
 
@@ -135,12 +144,12 @@ def generate_key(block_size: int, channels: int, seed: int | None = None) -> Key
         rng = secrets.SystemRandom()
         perm = list(range(pb))
         rng.shuffle(perm)
-        flip = [1] * (pb // 2) + [0] * (pb // 2)
+        flip = [1] * flip_ones(pb) + [0] * (pb - flip_ones(pb))
         rng.shuffle(flip)
         return make_key(perm, flip, block_size, channels)
     g = np.random.default_rng(seed)
     perm = g.permutation(pb)
-    flip = g.permutation(np.repeat(np.array([1, 0], np.uint8), pb // 2))
+    flip = g.permutation(np.concatenate([np.ones(flip_ones(pb), np.uint8), np.zeros(pb - flip_ones(pb), np.uint8)]))
     return make_key(perm, flip, block_size, channels)
 
 
@@ -151,7 +160,7 @@ def random_keys(rng: jax.Array, n: int, block_size: int, channels: int) -> Key:
     Returns a Key with perm (n, pb) int32 and flip (n, pb) uint8.
     """
     pb = block_len(block_size, channels)
-    half = jnp.concatenate([jnp.ones(pb // 2, jnp.uint8), jnp.zeros(pb // 2, jnp.uint8)])
+    half = jnp.concatenate([jnp.ones(flip_ones(pb), jnp.uint8), jnp.zeros(pb - flip_ones(pb), jnp.uint8)])
 
     def one(k):
         kp, kf = jax.random.split(k)
@@ -289,9 +298,9 @@ def key_file_text(key: Key) -> str:
 
 
 def key_space(block_size: int, channels: int) -> int:
-    """Exact number of keys: pb! * C(pb, pb/2)."""
+    """Exact number of keys: pb! * C(pb, floor(pb/2))."""
     pb = block_len(block_size, channels)
-    return math.factorial(pb) * math.comb(pb, pb // 2)
+    return math.factorial(pb) * math.comb(pb, flip_ones(pb))
 
 
 def key_space_text(block_size: int, channels: int) -> str:
@@ -309,6 +318,6 @@ def key_space_text(block_size: int, channels: int) -> str:
 def key_space_log2(block_size: int, channels: int) -> float:
     """log2 of :func:`key_space` (about 247.8 for pb = 48), from log-gamma: no huge integer is formed."""
     pb = block_len(block_size, channels)
-    h = pb // 2
+    h = flip_ones(pb)
     ln = 2 * math.lgamma(pb + 1) - math.lgamma(h + 1) - math.lgamma(pb - h + 1)
     return ln / math.log(2)
