@@ -55,10 +55,12 @@ class RefConvMixer(nn.Module):
     mean: tuple
     std: tuple
     approximate: bool = False
+    activation: str = "gelu"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        act = lambda v: jax.nn.gelu(v, approximate=self.approximate)  # noqa: E731
+        act = (jax.nn.relu if self.activation == "relu" else  # noqa: E731
+               lambda v: jax.nn.gelu(v, approximate=self.approximate))
         bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,  # noqa: E731
                                        epsilon=1e-5, name=name)
         x = (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
@@ -77,7 +79,7 @@ class RefConvMixer(nn.Module):
 
 def ref_for(cfg: ConvMixerConfig) -> RefConvMixer:
     return RefConvMixer(cfg.dim, cfg.depth, cfg.kernel_size, cfg.patch_size, cfg.num_classes,
-                        cfg.norm_mean, cfg.norm_std, cfg.gelu_approximate)
+                        cfg.norm_mean, cfg.norm_std, cfg.gelu_approximate, cfg.activation)
 
 
 def to_reference_tree(tree: dict, depth: int) -> dict:
@@ -109,7 +111,8 @@ def configs(draw, impl="auto"):
         dim=draw(st.sampled_from([8, 12, 16])), depth=draw(st.integers(1, 2)),
         kernel_size=draw(st.integers(1, 6)), patch_size=p,
         num_classes=draw(st.integers(2, 5)), image_size=p * grid, channels=c,
-        gelu_approximate=draw(st.booleans()), depthwise_impl=impl)
+        gelu_approximate=draw(st.booleans()), depthwise_impl=impl,
+        activation=draw(st.sampled_from(["gelu", "relu"])))
     return cfg, draw(st.integers(1, 3)), draw(st.integers(0, 2**31))
 
 
@@ -413,3 +416,25 @@ def test_model_rejects_images_that_do_not_fit():
         model.apply(variables, np.zeros((1, 4, 4, 1), np.float32))
     with pytest.raises(ValueError):
         model.apply(variables, np.zeros((1, 5, 4, 3), np.float32))
+
+
+def test_timm_presets_and_activation_field():
+    """The timm ImageNet presets (timm 1.0 convmixer.py) and the activation in config.json."""
+    from convmixer_jax.cli.options import PRESET_NAMES
+    from convmixer_jax.model.convmixer import IMAGENET_MEAN, IMAGENET_STD, PRESETS
+
+    assert PRESET_NAMES == list(PRESETS)  # the CLI spells them out to answer --help without JAX
+    shapes = {name: (c.dim, c.depth, c.kernel_size, c.patch_size, c.activation) for name, c in PRESETS.items()}
+    assert shapes["convmixer_768_32"] == (768, 32, 7, 7, "relu")
+    assert shapes["convmixer_1536_20"] == (1536, 20, 9, 7, "gelu")
+    assert shapes["convmixer_1024_20_ks9_p14"] == (1024, 20, 9, 14, "gelu")
+    for name in PRESET_NAMES[1:]:
+        c = PRESETS[name]
+        assert (c.image_size, c.num_classes, c.mean, c.std) == (224, 1000, IMAGENET_MEAN, IMAGENET_STD)
+    relu = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, image_size=4, activation="relu")
+    assert ConvMixerConfig.from_dict(relu.to_dict()) == relu
+    old = relu.to_dict()
+    del old["activation"]  # config.json written before the field existed
+    assert ConvMixerConfig.from_dict(old).activation == "gelu"
+    with pytest.raises(ValueError, match="activation"):
+        ConvMixerConfig(activation="tanh")

@@ -69,7 +69,8 @@ def cases(draw):
     cfg = ConvMixerConfig(dim=draw(st.sampled_from([8, 16])), depth=1,
                           kernel_size=draw(st.integers(1, 4)), patch_size=p,
                           num_classes=draw(st.integers(3, 5)),
-                          image_size=p * draw(st.integers(1, 3)), channels=c)
+                          image_size=p * draw(st.integers(1, 3)), channels=c,
+                          activation=draw(st.sampled_from(["gelu", "relu"])))
     return cfg, draw(st.integers(0, 2**31))
 
 

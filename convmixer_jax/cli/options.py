@@ -115,7 +115,8 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model architecture (explicit options override --preset; "
                              "the defaults are the paper's ConvMixer-256/8)")
-    g.add_argument("--preset", choices=["paper"], help="start from a named architecture")
+    g.add_argument("--preset", choices=PRESET_NAMES,
+                   help="start from a named architecture: the paper's, or one of timm's ImageNet ConvMixers")
     g.add_argument("--dim", type=positive_int, help="embedding width d (paper: 256)")
     g.add_argument("--depth", type=positive_int, help="number of mixer blocks L (paper: 8)")
     g.add_argument("--kernel-size", type=positive_int, help="depthwise kernel size k (paper: 9)")
@@ -125,9 +126,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=positive_int,
                    help="input height = width, a multiple of the patch size (paper: 32)")
     g.add_argument("--channels", type=positive_int, help="input channels C (paper: 3)")
+    g.add_argument("--activation", choices=["gelu", "relu"],
+                   help="activation after every convolution (paper: gelu, exact; timm's convmixer_768_32: relu)")
 
 
-ARCH_OPTIONS = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "image_size", "channels")
+ARCH_OPTIONS = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "image_size", "channels", "activation")
+# the keys of convmixer_jax.model.convmixer.PRESETS, spelled out so that --help needs no JAX (tested)
+PRESET_NAMES = ["paper", "convmixer_768_32", "convmixer_1536_20", "convmixer_1024_20_ks9_p14"]
 
 
 def model_config(args):

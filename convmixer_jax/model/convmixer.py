@@ -43,6 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 DEPTHWISE_IMPLS = ("auto", "toeplitz", "shift", "conv")
+ACTIVATIONS = ("gelu", "relu")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's ImageNet normalization
+IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPARED = "prepared"  # variable collection of prepare_inference()
 
 
@@ -59,6 +62,8 @@ class ConvMixerConfig:
       image_size: input height and width (square); must be divisible by P.
       channels: input channels C.
       mean, std: per-channel input normalization, length C (None: 0.5 / 0.5).
+      activation: 'gelu' (exact erf GELU, the paper's and most timm models') or 'relu'
+        (timm's ``convmixer_768_32``).
       gelu_approximate: tanh GELU instead of exact erf GELU.
       depthwise_impl: 'auto' | 'toeplitz' | 'shift' | 'conv' (all exact).
     """
@@ -74,6 +79,7 @@ class ConvMixerConfig:
     std: tuple[float, ...] | None = None
     gelu_approximate: bool = False
     depthwise_impl: str = "auto"
+    activation: str = "gelu"
 
     def __post_init__(self):
         for name in ("dim", "depth", "kernel_size", "patch_size", "num_classes",
@@ -85,6 +91,8 @@ class ConvMixerConfig:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
                 "choose an image size that is a multiple of the patch size")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.depthwise_impl not in DEPTHWISE_IMPLS:
             raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {self.depthwise_impl!r}")
         for name in ("mean", "std"):
@@ -130,6 +138,16 @@ PRESETS = {
     # Iijima & Kiya (2022), section 4: ConvMixer-256/8, k = 9, p = 4 on CIFAR-10.
     "paper": ConvMixerConfig(dim=256, depth=8, kernel_size=9, patch_size=4,
                              num_classes=10, image_size=32, channels=3),
+    # timm 1.0's ImageNet ConvMixers (timm/models/convmixer.py): 224 x 224 RGB, 1000 classes,
+    # ImageNet mean/std. Patch 7 on RGB gives the odd pb = 147.
+    "convmixer_768_32": ConvMixerConfig(dim=768, depth=32, kernel_size=7, patch_size=7, num_classes=1000,
+                                        image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                        activation="relu"),
+    "convmixer_1536_20": ConvMixerConfig(dim=1536, depth=20, kernel_size=9, patch_size=7, num_classes=1000,
+                                         image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "convmixer_1024_20_ks9_p14": ConvMixerConfig(dim=1024, depth=20, kernel_size=9, patch_size=14,
+                                                 num_classes=1000, image_size=224, channels=3,
+                                                 mean=IMAGENET_MEAN, std=IMAGENET_STD),
 }
 
 
@@ -330,8 +348,15 @@ class PatchEmbed(nn.Module):
         return y.transpose(1, 2, 0, 3).reshape(self.dim, gh, gw, k * n)
 
 
+def activation_fn(activation: str, gelu_approximate: bool = False):
+    """The elementwise activation of a ConvMixer: exact (or tanh) GELU, or ReLU."""
+    if activation == "relu":
+        return nn.relu
+    return functools.partial(gelu, approximate=gelu_approximate)
+
+
 class MixerBlock(nn.Module):
-    """Residual(depthwise -> GELU -> BN) -> pointwise -> GELU -> BN.
+    """Residual(depthwise -> act -> BN) -> pointwise -> act -> BN, act GELU or ReLU.
 
     ``x``: (dim, h, w, N) -> (dim, h, w, N).
     """
@@ -339,10 +364,11 @@ class MixerBlock(nn.Module):
     kernel_size: int
     impl: str
     gelu_approximate: bool = False
+    activation: str = "gelu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        act = functools.partial(gelu, approximate=self.gelu_approximate)
+        act = activation_fn(self.activation, self.gelu_approximate)
         y = DepthwiseConv(self.kernel_size, self.impl, name="depthwise")(x, train)
         y = ChannelBatchNorm(name="depthwise_bn")(act(y), train)
         x = x + y
@@ -414,8 +440,6 @@ class ConvMixer(nn.Module):
 
     config: ConvMixerConfig
 
-    def _gelu(self, x):
-        return gelu(x, approximate=self.config.gelu_approximate)
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False,
@@ -442,10 +466,10 @@ class ConvMixer(nn.Module):
                 raise ValueError(f"stems must be kernels (K, {p}, {p}, {c}, {d}) and biases (K, {d}); "
                                  f"got {kernels.shape} and {biases.shape}")
         x = PatchEmbed(p, d, name="stem")(x, stems)  # (d, gh, gw, N), or (d, gh, gw, K * N)
-        x = self._gelu(x)
+        x = activation_fn(cfg.activation, cfg.gelu_approximate)(x)
         x = ChannelBatchNorm(name="stem_bn")(x, train)
         for i in range(cfg.depth):
-            x = MixerBlock(k, impl, cfg.gelu_approximate, name=f"block_{i}")(x, train)
+            x = MixerBlock(k, impl, cfg.gelu_approximate, cfg.activation, name=f"block_{i}")(x, train)
         pooled = jnp.mean(x, axis=(1, 2))  # (d, N)
         head = nn.Dense(cfg.num_classes, name="head",
                         kernel_init=_torch_like_conv_init(d), bias_init=_torch_like_conv_init(d))
