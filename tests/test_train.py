@@ -34,10 +34,16 @@ def load(out):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted_run(tmp_path_factory):
+    """One uninterrupted training run of the worker: its folder (work/, params.npz)."""
     d = tmp_path_factory.mktemp("full")
     run_worker(d / "work", d / "params.npz")
-    return load(d / "params.npz")
+    return d
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return load(uninterrupted_run / "params.npz")
 
 
 def _checkpoint_steps(workdir: Path):
@@ -73,14 +79,16 @@ def test_resume_after_kill_reaches_same_parameters(tmp_path, uninterrupted):
     del init
 
 
-def test_resume_refuses_to_overwrite_without_flag(tmp_path, uninterrupted):
-    work = tmp_path / "work"
-    run_worker(work, tmp_path / "a.npz")
+def test_resume_refuses_to_overwrite_without_flag(tmp_path, uninterrupted_run):
+    work = uninterrupted_run / "work"  # a finished run's workdir (not trained again here)
+    before = sorted(str(p.relative_to(work)) for p in work.rglob("*"))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
     proc = subprocess.run([sys.executable, WORKER, str(work), str(tmp_path / "b.npz"), str(EPOCHS)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "--resume" in proc.stderr
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == before
+    assert not (tmp_path / "b.npz").exists()
 
 
 def test_four_simulated_devices_match_one_device(tmp_path, uninterrupted):

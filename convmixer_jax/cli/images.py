@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from convmixer_jax.cli.options import add_force, add_out, resolve_out
+from convmixer_jax.cli.options import add_force, add_out, add_resize, resolve_out
 
 
 def _split_output(args) -> list[str]:
@@ -33,7 +33,7 @@ def _transform_images(args, encrypt: bool) -> int:
     out = args.out
     fmt = output_format(out)  # a lossy or unknown format is refused before any work
     key = load_key(args.key)
-    images, names = load_image_inputs(inputs)
+    images, names = load_image_inputs(inputs, resize=args.resize, crop_pct=args.crop_pct)
     blockwise.check_images(images, key)
     n = len(names) if names is not None else int(np.prod(images.shape[:-3]))
     check_image_output(out, n_inputs=n, from_files=names is not None, force=args.force,
@@ -79,4 +79,8 @@ def register(add) -> None:
         p.add_argument("output", metavar="OUT", nargs="?", help=argparse.SUPPRESS)
         add_out(p, "OUT", "OUT.npy (one array), OUT.png (one image) or a folder (one PNG per input image). "
                 "Deprecated alias, after a single IN.npy only", positional_alias=True)
+        if name == "encrypt-images":  # a client resizes first, then encrypts on the model's grid
+            add_resize(p, to_model=False)
+        else:
+            p.set_defaults(resize=None, crop_pct=0.96)
         add_force(p)

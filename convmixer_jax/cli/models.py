@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from convmixer_jax.cli.options import (add_batch_size, add_data_options, add_force, add_limit, add_model_options,
-                                       add_out, add_quiet, add_seed, data_label, load_split, model_config, positive_int,
-                                       resolve_out, subset, UsageError)
+from convmixer_jax.cli.options import (UsageError, add_batch_size, add_data_options, add_force, add_limit,
+                                       add_model_options, add_out, add_quiet, add_resize, add_seed, data_label,
+                                       load_split, model_config, positive_int, resolve_out, subset)
 
 
 def cmd_init_model(args) -> int:
@@ -90,7 +90,8 @@ def cmd_predict(args) -> int:
         if out.suffix.lower() not in (".npy", ".json"):
             raise UsageError(f"--out {out} must end in .npy (the logits) or .json (the top classes per image)")
     config, variables, meta = load_model(args.model)
-    images, names = load_image_inputs(args.images)
+    resize = None if args.resize is None else (args.resize or config.image_size)
+    images, names = load_image_inputs(args.images, resize=resize, crop_pct=args.crop_pct)
     check_model_images(config, images)
     logits = predict_logits(config, variables, images, batch_size=args.batch_size, progress=not args.quiet)
     classes = model_classes(meta)
@@ -131,11 +132,12 @@ def cmd_evaluate(args) -> int:
     key = load_key(args.key) if args.key else None
     if key is not None:
         check_key_fits_model(config, key)
-    images, labels, classes = load_split(args, "test")
+    resize = None if args.resize is None else (args.resize or config.image_size)
+    images, labels, classes = load_split(args, "test", resize=resize)
     check_data_classes(config, meta, classes, where=f"the test data ({data_label(args)})")
     images, labels = subset(images, labels, args.limit, args.seed)
     check_model_images(config, images)
-    if key is not None:
+    if key is not None:  # after any resize: the blocks are those of the model's input grid
         images = np.asarray(encrypt_images(images, key))
     acc = accuracy(config, variables, images, labels, batch_size=args.batch_size, progress=not args.quiet)
     enc = meta.get("encryption")
@@ -197,6 +199,7 @@ def register(add) -> None:
                    help="PNG/JPEG files or folders, or one .npy (encrypted images for an encrypted model)")
     p.add_argument("--out", metavar="LOGITS.npy|TOP.json", help="write the logits (.npy) or the top classes (.json)")
     p.add_argument("--top", type=positive_int, default=3, metavar="K", help="classes shown per image (default 3)")
+    add_resize(p, to_model=True)
     add_batch_size(p)
     add_quiet(p)
     add_force(p)
@@ -209,6 +212,7 @@ def register(add) -> None:
     p.add_argument("model", metavar="MODEL_DIR", help="model directory")
     add_data_options(p)
     p.add_argument("--key", metavar="KEY.json", help="encrypt the test images with this key")
+    add_resize(p, to_model=True)
     add_limit(p)
     add_seed(p)
     add_batch_size(p)

@@ -102,6 +102,20 @@ def add_batch_size(p: argparse.ArgumentParser) -> None:
                    help="images per forward pass of the model (default 500)")
 
 
+def add_resize(p: argparse.ArgumentParser, *, to_model: bool) -> None:
+    """``--resize`` (timm's evaluation transform) and ``--crop-pct``; with ``to_model`` the
+    size may be left out and is then the model's input size."""
+    what = "images of any size: resize the shorter side to SIZE / crop-pct (bicubic) and crop the centre"
+    if to_model:
+        p.add_argument("--resize", type=positive_int, nargs="?", const=0, metavar="SIZE",
+                       help=f"{what} SIZE x SIZE, as timm evaluates (SIZE left out: the model's input size)")
+    else:
+        p.add_argument("--resize", type=positive_int, metavar="SIZE",
+                       help=f"{what} SIZE x SIZE, as timm evaluates; encryption happens after it, on that grid")
+    p.add_argument("--crop-pct", type=positive_float, default=0.96, metavar="F",
+                   help="the centre crop's share of the resized shorter side (default 0.96, timm's ConvMixers)")
+
+
 def add_recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=["paper", "fast", "strong"], default="fast",
                    help="training recipe (default fast: AdamW one-cycle, 40 epochs; paper: Adam 1e-3, "
@@ -163,8 +177,9 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
                         "(needs the tfds extra)")
 
 
-def load_split(args, split: str):
-    """(images (N,H,W,C) uint8, labels (N,) int32, class names) of ``split`` from the data options."""
+def load_split(args, split: str, *, resize: int | None = None):
+    """(images (N,H,W,C) uint8, labels (N,) int32, class names) of ``split`` from the data options;
+    ``resize``: timm's evaluation transform to that size, with ``args.crop_pct``."""
     from convmixer_jax.data import load_split
 
     if args.data_dir is not None and (args.download_url or args.download_sha256 or args.tfds_data_dir):
@@ -172,7 +187,8 @@ def load_split(args, split: str):
                          "--download-sha256 or --tfds-data-dir")
     return load_split(split, data_dir=args.data_dir, dataset=args.dataset,
                       download_url=args.download_url, download_sha256=args.download_sha256,
-                      tfds_data_dir=args.tfds_data_dir, progress=not getattr(args, "quiet", False))
+                      tfds_data_dir=args.tfds_data_dir, progress=not getattr(args, "quiet", False),
+                      resize=resize, **({"crop_pct": args.crop_pct} if resize is not None else {}))
 
 
 def data_label(args) -> str:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from convmixer_jax.files.resize import DEFAULT_CROP_PCT, eval_resize_batch
 from convmixer_jax.data.local import BINARY_LAYOUTS, DataError, load_cifar_binary, load_local
 
 
 def load_split(split: str, *, data_dir: str | None = None, dataset: str = "cifar10",
                download_url: str | None = None, download_sha256: str | None = None,
-               tfds_data_dir: str | None = None, progress: bool = True
-               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+               tfds_data_dir: str | None = None, progress: bool = True, resize: int | None = None,
+               crop_pct: float = DEFAULT_CROP_PCT) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Load a split ("train" or "test") as (images (N,H,W,C) uint8, labels (N,) int32, class names).
 
     The source, first match wins:
@@ -24,10 +25,20 @@ def load_split(split: str, *, data_dir: str | None = None, dataset: str = "cifar
       ``download_url`` / ``download_sha256`` name a mirror). ``progress`` shows
       the download's (and an image folder's decoding) progress bar.
 
-    Images of the CIFAR sets are (N, 32, 32, 3).
+    Images of the CIFAR sets are (N, 32, 32, 3). With ``resize`` every image of
+    any source goes through timm's evaluation transform to ``resize x resize``
+    (:func:`~convmixer_jax.files.resize.eval_resize`).
     """
     if data_dir is not None:
-        return load_local(data_dir, split, progress=progress)
+        return load_local(data_dir, split, progress=progress, resize=resize, crop_pct=crop_pct)
+    images, labels, classes = _load_source(split, dataset, download_url, download_sha256, tfds_data_dir, progress)
+    if resize is not None:
+        images = eval_resize_batch(images, resize, crop_pct)
+    return images, labels, classes
+
+
+def _load_source(split, dataset, download_url, download_sha256, tfds_data_dir, progress):
+    """A split of ``dataset`` from tfds or the downloaded release, as :func:`load_split` returns it."""
     if dataset not in BINARY_LAYOUTS:
         raise DataError(f"unknown dataset {dataset!r}; use one of {', '.join(BINARY_LAYOUTS)}")
     if tfds_data_dir is not None:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from convmixer_jax.files.atomic import save_npz_atomic
+from convmixer_jax.files.resize import DEFAULT_CROP_PCT, eval_resize, eval_resize_batch
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -88,17 +89,22 @@ def _list_image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[Pa
     return classes, files
 
 
-def load_image_folder(root: str | os.PathLike, split: str, *, progress: bool = False
+def load_image_folder(root: str | os.PathLike, split: str, *, progress: bool = False,
+                      resize: int | None = None, crop_pct: float = DEFAULT_CROP_PCT
                       ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read ``root/split/<class>/*`` images.
 
     Returns images (N, H, W, 3) uint8 (RGB), labels (N,) int32 in file order
     (class by class; shuffle before training), and the class names.
-    All images must have the same size.
+    All images must have the same size, unless ``resize`` is given: then every
+    image goes through timm's evaluation transform to ``resize x resize``
+    (:func:`~convmixer_jax.files.resize.eval_resize`).
     """
     root = Path(root)
     classes, files = _list_image_folder(root, split)
     h = hashlib.sha256(b"image-folder-v1\0")
+    if resize is not None:  # another cache entry for every transform
+        h.update(f"eval-resize {resize} {crop_pct!r}\0".encode())
     blobs = []
     for f, label in files:
         data = f.read_bytes()
@@ -121,12 +127,14 @@ def load_image_folder(root: str | os.PathLike, split: str, *, progress: bool = F
         for (f, _), data in pairs:
             try:
                 with Image.open(BytesIO(data)) as im:
-                    arrays.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+                    a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                arrays.append(a if resize is None else eval_resize(a, resize, crop_pct))
             except Exception as e:
                 raise DataError(f"cannot decode image {f}: {e}") from e
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
-            raise DataError(f"images under {root / split} differ in size: {sorted(shapes)[:3]}")
+            raise DataError(f"images under {root / split} differ in size: {sorted(shapes)[:3]}; "
+                            "evaluate --resize maps them onto the model's input size")
         return np.stack(arrays), np.asarray([lab for _, lab in files], np.int32)
 
     images, labels = _cached(h.hexdigest(), build)
@@ -252,15 +260,19 @@ def load_cifar100_binary(root: str | os.PathLike, split: str) -> tuple[np.ndarra
     return load_cifar_binary(root, split, CIFAR100_BINARY)
 
 
-def load_local(root: str | os.PathLike, split: str, *, progress: bool = False
-               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_local(root: str | os.PathLike, split: str, *, progress: bool = False, resize: int | None = None,
+               crop_pct: float = DEFAULT_CROP_PCT) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Load ``split`` from a local directory in any supported layout (CIFAR-10 / CIFAR-100
     binaries in ``root`` or its release subfolder, else a class-subfolder image tree);
-    ``progress`` shows a bar while images are decoded."""
+    ``progress`` shows a bar while images are decoded; ``resize`` maps every image
+    to ``resize x resize`` by timm's evaluation transform."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist")
     found = _find_cifar_binaries(root)
     if found is not None:
-        return load_cifar_binary(root, split, found[0])
-    return load_image_folder(root, split, progress=progress)
+        images, labels, classes = load_cifar_binary(root, split, found[0])
+        if resize is not None:
+            images = eval_resize_batch(images, resize, crop_pct)
+        return images, labels, classes
+    return load_image_folder(root, split, progress=progress, resize=resize, crop_pct=crop_pct)

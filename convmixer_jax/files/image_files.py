@@ -33,6 +33,7 @@ from convmixer_jax.files.atomic import (
     staged_output_dir,
     write_bytes_atomic,
 )
+from convmixer_jax.files.resize import DEFAULT_CROP_PCT, eval_resize, eval_resize_batch
 from convmixer_jax.scheme.images import ImageError
 
 #: Suffixes of the image files read from folders and named as inputs (any case).
@@ -79,7 +80,8 @@ def _folder_images(folder: Path) -> list[Path]:
                    and e.is_file()), key=lambda e: e.name)
 
 
-def load_image_inputs(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, list[str] | None]:
+def load_image_inputs(paths: Sequence[str | os.PathLike], *, resize: int | None = None,
+                      crop_pct: float = DEFAULT_CROP_PCT) -> tuple[np.ndarray, list[str] | None]:
     """Read the images of a command's inputs; return (images, names).
 
     ``paths`` is either exactly one ``.npy`` file, read by
@@ -95,7 +97,11 @@ def load_image_inputs(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, l
     (bilevel) C = 1 with values 0 and 255; every other 8-bit mode (``P`` palette,
     ``LA``, ``PA``, ``CMYK``, ``YCbCr``, ...) is converted to RGB (C = 3, any alpha
     dropped). 16-bit and float images (``I;16``, ``I``, ``F``, 16-bit PNG) and
-    animated files are refused. All images must share (H, W, C).
+    animated files are refused. All images must share (H, W, C), unless ``resize``
+    is given: then each image, of any size, goes through timm's evaluation
+    transform to ``resize x resize`` (:func:`~convmixer_jax.files.resize.eval_resize`,
+    shorter side to floor(resize / crop_pct), bicubic, centre crop); a uint8
+    ``.npy`` batch is resized image by image.
 
     Raises :class:`~convmixer_jax.scheme.images.ImageError` naming the problem and the fix.
     """
@@ -114,7 +120,10 @@ def load_image_inputs(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, l
             more = ", ..." if len(npys) > 2 else ""
             raise ImageError(f"pass one .npy file, not {len(npys)} ({npys[0]}, {npys[1]}{more}); "
                              "stack the images into one array saved with numpy.save")
-        return load_images(npys[0]), None
+        images = load_images(npys[0])
+        if resize is not None:
+            images = eval_resize_batch(images if images.ndim == 4 else images[None], resize, crop_pct)
+        return images, None
     files: list[Path] = []
     for p, k in zip(paths, kinds):
         if k == "folder":
@@ -131,14 +140,19 @@ def load_image_inputs(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, l
             raise ImageError(f"two inputs are named {f.name} ({seen[f.name]} and {f}); the outputs keep the "
                              "input names: rename one of them (or pass a file only once)")
         seen[f.name] = f
-    first = _decode(files[0])
+    def decode(f):
+        img = _decode(f)
+        return img if resize is None else eval_resize(img, resize, crop_pct)
+
+    first = decode(files[0])
     images = np.empty((len(files),) + first.shape, np.uint8)
     images[0] = first
     for i, f in enumerate(files[1:], 1):
-        img = _decode(f)
+        img = decode(f)
         if img.shape != first.shape:
             raise ImageError(f"{files[0]} is {_describe(first.shape)} but {f} is {_describe(img.shape)}; all images "
-                             "must have the same size and channels: resize or convert them")
+                             "must have the same size and channels: resize or convert them "
+                             "(--resize does timm's evaluation resize)")
         images[i] = img
     return images, [f.name for f in files]
 

@@ -1,0 +1,371 @@
+"""PyTorch ConvMixer weights in and out: timm's and the locuslab reference's state dicts.
+
+Two PyTorch layouts of the same network are read (names of ``model.state_dict()``):
+
+- ``timm`` (``timm.models.convmixer.ConvMixer``): ``stem.0`` Conv2d (dim, C, P, P),
+  ``stem.2`` BatchNorm2d, ``blocks.{i}.0.fn.0`` depthwise Conv2d (dim, 1, k, k),
+  ``blocks.{i}.0.fn.2`` BatchNorm2d, ``blocks.{i}.1`` 1x1 Conv2d (dim, dim, 1, 1),
+  ``blocks.{i}.3`` BatchNorm2d, ``head`` Linear (classes, dim).
+- ``locuslab`` (the paper's ``nn.Sequential``): ``0`` stem Conv2d, ``2`` BatchNorm2d,
+  ``{3+i}.0.fn.0`` / ``{3+i}.0.fn.2`` / ``{3+i}.1`` / ``{3+i}.3`` as timm's block i, and
+  the Linear head at index ``3 + depth + 2``.
+
+A BatchNorm2d holds ``weight``, ``bias``, ``running_mean``, ``running_var`` (and
+``num_batches_tracked``, ignored on import). PyTorch convolution weights are
+(out, in, kh, kw) and are cross-correlations like ours, so every kernel maps to
+our HWIO layout (docs/design.md, "Parameter layout") by ``transpose(2, 3, 1, 0)``
+and the head by a transpose; both layouts pad the depthwise convolution 'same'
+(for even k, PyTorch and lax both put the extra row and column after).
+A ``module.`` prefix (``nn.DataParallel``) is removed.
+
+Written weights are always timm's layout, with ``num_batches_tracked`` zeros so
+that ``load_state_dict(strict=True)`` accepts them. The weights carry neither the
+activation nor the input normalization, which the caller states.
+
+PyTorch and safetensors are optional (``pip install 'convmixer-jax[torch]'``) and
+imported inside the functions that need them; files are never unpickled beyond
+PyTorch's ``weights_only`` loader.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convmixer_jax.model.convmixer import ConvMixerConfig
+
+LAYOUTS = ("timm", "locuslab")
+INSTALL_HINT = "pip install 'convmixer-jax[torch]'"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_BN_STATS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+             "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_UNWRAP = ("state_dict", "model", "model_state_dict")
+
+StateDict = dict[str, np.ndarray]
+
+
+class NotAConvMixer(ValueError):
+    """A state dict that is not a ConvMixer of a known layout (names the first tensor that does not fit)."""
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def _need(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"reading and writing PyTorch weights needs {module.split('.')[0]}; "
+                          f"install it with {INSTALL_HINT}") from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether the file starts like safetensors: an 8-byte little-endian header length, then '{'."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 1 < int.from_bytes(head[:8], "little") < (1 << 27)
+
+
+def _is_torch_file(path: Path) -> bool:
+    """A PyTorch zip archive (torch.save since 1.6)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _to_numpy(name: str, value) -> np.ndarray:
+    torch = _need("torch")
+    if not isinstance(value, torch.Tensor):
+        raise NotAConvMixer(f"the entry {name!r} is a {type(value).__name__}, not a tensor; "
+                            "not a state dict of weights")
+    value = value.detach().cpu()
+    if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64, torch.float16):
+        value = value.float()  # bfloat16 and the like have no NumPy dtype
+    return value.numpy().copy()
+
+
+def _read_torch(path: Path) -> StateDict:
+    torch = _need("torch")
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # PyTorch bolds part of its message
+        first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+        raise ValueError(f"{path} is not a weights-only PyTorch file (loading it would run arbitrary "
+                         f"pickled code: {first[:160]}); save the weights with "
+                         "torch.save(model.state_dict(), ...) or as .safetensors") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a readable PyTorch file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for name in _UNWRAP:  # a training checkpoint {"state_dict": ..., "epoch": ...}
+            if isinstance(obj.get(name), dict):
+                obj = obj[name]
+                break
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
+    return {str(k): _to_numpy(str(k), v) for k, v in obj.items()}
+
+
+def read_state_dict(path) -> StateDict:
+    """Read a state dict: ``.safetensors`` (preferred) or a PyTorch file loaded weights-only.
+
+    Returns {name: array} in the file's order. A PyTorch checkpoint dict holding
+    the weights under ``state_dict`` / ``model`` / ``model_state_dict`` is
+    unwrapped. Raises ValueError for a file of another kind or one that would
+    need arbitrary unpickling, ImportError (naming the extra) without the libraries.
+    """
+    path = Path(path)
+    if not path.is_file():
+        if path.exists():
+            raise ValueError(f"{path} is not a file; give the weights file (.safetensors, .pth, ...)")
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors" or (suffix not in TORCH_SUFFIXES and _is_safetensors(path)):
+        st = _need("safetensors.numpy")
+        try:
+            return dict(st.load_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            if "bf16" in str(e).lower() or "bfloat16" in str(e).lower():
+                sd = _need("safetensors.torch").load_file(str(path))
+                return {k: _to_numpy(k, v) for k, v in sd.items()}
+            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    if suffix in TORCH_SUFFIXES or _is_torch_file(path):
+        return _read_torch(path)
+    raise ValueError(f"{path} is neither a .safetensors file nor a PyTorch weights file "
+                     f"({', '.join(TORCH_SUFFIXES)}); give the weights in one of those formats")
+
+
+# --------------------------------------------------------------------------- names and shapes
+
+
+def _strip_prefix(sd: StateDict) -> StateDict:
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _bn(prefix: str, dim: int) -> dict[str, tuple]:
+    return {f"{prefix}.{n}": (dim,) for n in _BN_STATS}
+
+
+def _names(layout: str, depth: int) -> dict[str, str]:
+    """Our module path -> the PyTorch module prefix, for every module of the network."""
+    if layout == "timm":
+        out = {"stem": "stem.0", "stem_bn": "stem.2", "head": "head"}
+        block = lambda i: f"blocks.{i}"  # noqa: E731
+    else:
+        out = {"stem": "0", "stem_bn": "2", "head": f"{3 + depth + 2}"}
+        block = lambda i: f"{3 + i}"  # noqa: E731
+    for i in range(depth):
+        b = block(i)
+        out.update({f"block_{i}/depthwise": f"{b}.0.fn.0", f"block_{i}/depthwise_bn": f"{b}.0.fn.2",
+                    f"block_{i}/pointwise": f"{b}.1", f"block_{i}/pointwise_bn": f"{b}.3"})
+    return out
+
+
+def expected_shapes(config: ConvMixerConfig, layout: str = "timm") -> dict[str, tuple]:
+    """{PyTorch tensor name: shape} of a ConvMixer of ``config`` in ``layout``
+    (without ``num_batches_tracked``)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    d, p, c, k = config.dim, config.patch_size, config.channels, config.kernel_size
+    shapes = {}
+    for ours, theirs in _names(layout, config.depth).items():
+        if ours.endswith("_bn"):
+            shapes.update(_bn(theirs, d))
+            continue
+        weight = {"stem": (d, c, p, p), "head": (config.num_classes, d)}.get(ours)
+        if weight is None:
+            weight = (d, 1, k, k) if ours.endswith("depthwise") else (d, d, 1, 1)
+        shapes[f"{theirs}.weight"] = weight
+        shapes[f"{theirs}.bias"] = (config.num_classes,) if ours == "head" else (d,)
+    return shapes
+
+
+def detect_layout(sd: StateDict) -> str:
+    """'timm' or 'locuslab' from the stem's name; :class:`NotAConvMixer` otherwise."""
+    sd = _strip_prefix(sd)
+    if "stem.0.weight" in sd:
+        return "timm"
+    if "0.weight" in sd:
+        return "locuslab"
+    if not sd:
+        raise NotAConvMixer("the state dict is empty; not a ConvMixer")
+    # name the tensor that would have to be the stem: the first convolution weight, else the first tensor
+    first = next((k for k, v in sd.items() if np.ndim(v) == 4), next(iter(sd)))
+    raise NotAConvMixer(f"not a ConvMixer state dict: its first convolution {first!r} (shape "
+                        f"{tuple(np.shape(sd[first]))}) is neither timm's stem 'stem.0.weight' nor the "
+                        "locuslab reference's '0.weight', and neither is present")
+
+
+def _shape(sd: StateDict, name: str, ndim: int) -> tuple:
+    if name not in sd:
+        raise NotAConvMixer(f"not a ConvMixer state dict: the tensor {name!r} is missing")
+    shape = tuple(np.shape(sd[name]))
+    if len(shape) != ndim:
+        raise NotAConvMixer(f"not a ConvMixer state dict: the tensor {name!r} has shape {shape}, "
+                            f"expected {ndim} dimensions")
+    return shape
+
+
+def _infer_depth(sd: StateDict, layout: str) -> int:
+    if layout == "timm":
+        pat = re.compile(r"blocks\.(\d+)\.0\.fn\.0\.weight")
+        found = {int(m.group(1)) for k in sd if (m := pat.fullmatch(k))}
+        depth = 0
+        while depth in found:
+            depth += 1
+    else:
+        pat = re.compile(r"(\d+)\.0\.fn\.0\.weight")
+        found = {int(m.group(1)) for k in sd if (m := pat.fullmatch(k))}
+        depth = 0
+        while 3 + depth in found:
+            depth += 1
+    if depth == 0:
+        name = "blocks.0.0.fn.0.weight" if layout == "timm" else "3.0.fn.0.weight"
+        raise NotAConvMixer(f"not a ConvMixer state dict: the tensor {name!r} (the first mixer block's "
+                            "depthwise convolution) is missing")
+    return depth
+
+
+def config_from_state_dict(sd: StateDict, *, activation: str = "gelu", mean=None, std=None,
+                           image_size: int | None = 224, layout: str | None = None) -> tuple[ConvMixerConfig, str]:
+    """The architecture of a PyTorch ConvMixer state dict: ``(config, layout)``.
+
+    dim, depth, kernel size, patch size, channels and classes come from the
+    tensor shapes; the activation, the normalization ``mean``/``std`` (None:
+    0.5 / 0.5) and ``image_size`` (a multiple of the patch size; None: the
+    patch size, for reading the shapes only) are not in the weights and are given. ``layout``: 'timm', 'locuslab' or None (detected).
+    Every tensor is then checked: :class:`NotAConvMixer` names the first one
+    that is missing, unexpected or of the wrong shape.
+    """
+    sd = _strip_prefix(sd)
+    layout = layout or detect_layout(sd)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    stem, dw = ("stem.0", "blocks.0.0.fn.0") if layout == "timm" else ("0", "3.0.fn.0")
+    dim, channels, p, p2 = _shape(sd, f"{stem}.weight", 4)
+    depth = _infer_depth(sd, layout)
+    k = _shape(sd, f"{dw}.weight", 4)[2]
+    head = "head" if layout == "timm" else f"{3 + depth + 2}"
+    classes = _shape(sd, f"{head}.weight", 2)[0]
+    if p != p2:
+        raise NotAConvMixer(f"not a ConvMixer state dict: the stem {stem}.weight has a non-square kernel "
+                            f"{(p, p2)}")
+    image_size = p if image_size is None else image_size
+    try:
+        config = ConvMixerConfig(dim=dim, depth=depth, kernel_size=k, patch_size=p, num_classes=classes,
+                                 image_size=image_size, channels=channels, mean=mean, std=std,
+                                 activation=activation)
+    except ValueError as e:
+        raise ValueError(f"the weights (dim {dim}, depth {depth}, kernel {k}, patch {p}, {channels} channels, "
+                         f"{classes} classes) do not fit the options: {e}") from None
+    check_state_dict(sd, config, layout)
+    return config, layout
+
+
+def check_state_dict(sd: StateDict, config: ConvMixerConfig, layout: str) -> None:
+    """Raise :class:`NotAConvMixer` naming the first tensor of ``sd`` that is missing,
+    unexpected or of another shape than a ConvMixer of ``config`` in ``layout`` has."""
+    sd = _strip_prefix(sd)
+    expected = expected_shapes(config, layout)
+    what = f"a {layout} ConvMixer (dim {config.dim}, depth {config.depth})"
+    for name, value in sd.items():
+        shape = tuple(np.shape(value))
+        if name.endswith(".num_batches_tracked") and f"{name.rsplit('.', 1)[0]}.running_mean" in expected:
+            if shape != ():
+                raise NotAConvMixer(f"the tensor {name!r} has shape {shape}, expected a scalar")
+            continue
+        if name not in expected:
+            raise NotAConvMixer(f"the tensor {name!r} (shape {shape}) is not part of {what}")
+        if shape != expected[name]:
+            raise NotAConvMixer(f"the tensor {name!r} has shape {shape} but {what} has {expected[name]}")
+        if np.asarray(value).dtype.kind in "biucOSUM":  # bfloat16 (ml_dtypes) is floating but not np.floating
+            raise NotAConvMixer(f"the tensor {name!r} has dtype {np.asarray(value).dtype}, expected floating point")
+    missing = [n for n in expected if n not in sd]
+    if missing:
+        raise NotAConvMixer(f"the tensor {missing[0]!r} of {what} is missing"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _put(tree: dict, path: str, name: str, value) -> None:
+    for part in path.split("/"):
+        tree = tree.setdefault(part, {})
+    tree[name] = value
+
+
+def _get(tree: dict, path: str, name: str):
+    for part in path.split("/"):
+        tree = tree[part]
+    return np.asarray(tree[name])
+
+
+def variables_from_state_dict(sd: StateDict, config: ConvMixerConfig, layout: str) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` (float32 NumPy) of our ConvMixer from a PyTorch state dict.
+
+    Conv weights (out, in, kh, kw) become HWIO kernels, the Linear weight
+    (classes, dim) the Dense kernel (dim, classes); BatchNorm weight/bias/
+    running_mean/running_var become scale/bias/mean/var. Checked first
+    (:func:`check_state_dict`).
+    """
+    sd = _strip_prefix(sd)
+    check_state_dict(sd, config, layout)
+    f32 = lambda name: np.ascontiguousarray(np.asarray(sd[name], np.float32))  # noqa: E731
+    out: dict[str, Any] = {"params": {}, "batch_stats": {}}
+    for ours, theirs in _names(layout, config.depth).items():
+        if ours.endswith("_bn"):
+            for torch_name, (collection, name) in _BN_STATS.items():
+                _put(out[collection], ours, name, f32(f"{theirs}.{torch_name}"))
+            continue
+        weight = f32(f"{theirs}.weight")
+        kernel = weight.T if ours == "head" else weight.transpose(2, 3, 1, 0)
+        _put(out["params"], ours, "kernel", np.ascontiguousarray(kernel))
+        _put(out["params"], ours, "bias", f32(f"{theirs}.bias"))
+    return out
+
+
+def state_dict_from_variables(config: ConvMixerConfig, variables) -> StateDict:
+    """timm's ``ConvMixer`` state dict (float32, plus int64 ``num_batches_tracked`` zeros)
+    of our variables ``{'params', 'batch_stats'}``, in timm's order."""
+    params, stats = variables["params"], variables["batch_stats"]
+    sd: StateDict = {}
+    for ours, theirs in _names("timm", config.depth).items():
+        if ours.endswith("_bn"):
+            for torch_name, (collection, name) in _BN_STATS.items():
+                tree = params if collection == "params" else stats
+                sd[f"{theirs}.{torch_name}"] = np.ascontiguousarray(_get(tree, ours, name), np.float32)
+            sd[f"{theirs}.num_batches_tracked"] = np.zeros((), np.int64)
+            continue
+        kernel = _get(params, ours, "kernel").astype(np.float32)
+        weight = kernel.T if ours == "head" else kernel.transpose(3, 2, 0, 1)
+        sd[f"{theirs}.weight"] = np.ascontiguousarray(weight)
+        sd[f"{theirs}.bias"] = np.ascontiguousarray(_get(params, ours, "bias"), np.float32)
+    check_state_dict(sd, config, "timm")
+    return sd
+
+
+def safetensors_bytes(sd: StateDict, metadata: dict[str, str] | None = None) -> bytes:
+    """A state dict serialized as safetensors (write it with ``files.atomic.write_bytes_atomic``)."""
+    st = _need("safetensors.numpy")
+    return st.save({k: np.ascontiguousarray(v) for k, v in sd.items()}, metadata=metadata)
+
+
+__all__ = ["LAYOUTS", "NotAConvMixer", "read_state_dict", "detect_layout", "expected_shapes",
+           "config_from_state_dict", "check_state_dict", "variables_from_state_dict",
+           "state_dict_from_variables", "safetensors_bytes"]
