@@ -60,3 +60,8 @@ def test_explore_notebook_runs(tmp_path, monkeypatch):
     assert "decrypt(encrypt(x)) == x on all" in text and "False" not in re.findall(
         r"decrypt\(encrypt\(x\)\) == x on all \d+ images: (\w+)", text)
     assert "E' == sign * E[perm] exactly: True" in text
+    # section 7 (with the torch extra): an imported timm model, encrypted with a pb = 147 key
+    if "section skipped" not in text:
+        diffs = [float(v) for v in re.findall(r"max \|diff\| / scale = ([0-9.e+-]+)", text)]
+        assert len(diffs) == 2 and max(diffs) < 1e-4, diffs
+        assert "pb = 147, flips = 73" in text
