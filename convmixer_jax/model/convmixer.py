@@ -189,21 +189,24 @@ def toeplitz_matrices(kernel: jax.Array, h: int, w: int) -> jax.Array:
 
 
 def resolve_depthwise_impl(impl: str, grid: tuple[int, int], backend: str | None = None) -> str:
-    """Pick the depthwise formulation: dense per-channel matrices on every
-    backend for small grids (<= 256 positions); for larger grids shifted
-    multiply-adds on CPU and the library grouped convolution elsewhere.
+    """Pick the depthwise formulation: dense per-channel matrices for grids of at
+    most 8 x 8 = 64 positions, shifted multiply-adds for larger ones, on every backend.
 
-    Measured for ConvMixer-256/8 on its 8 x 8 grid (``benchmarks/depthwise_impls.py``):
-    on the 2-core development CPU the grouped convolution is ~30x slower than
-    the matrices; on an NVIDIA H200 (jax 0.11.2) the training step took
-    2.2 ms with the matrices, 8.7 ms with shifts and 97.6 ms with the grouped
-    convolution (batch 256), and inference ran 6.2x faster with the matrices."""
+    Measured (``benchmarks/depthwise_impls.py``, ``benchmarks/depthwise_grids.py``):
+    on the paper's 8 x 8 grid the grouped convolution is ~30x slower than the
+    matrices on the 2-core development CPU, and on an NVIDIA H200 (jax 0.11.2)
+    the training step took 2.2 ms with the matrices, 8.7 ms with shifts and
+    97.6 ms with the grouped convolution (batch 256). On timm's 16 x 16 grid
+    (dim 1024, k 9) the development CPU ran one layer 2.2x faster with shifts
+    than with the matrices (which would also take 5 GiB for the 20 blocks) and
+    24x faster than the grouped convolution; on the 32 x 32 grids the matrices
+    would take 96-120 GiB and shifts beat the convolution 14-19x. Larger grids
+    on GPU were not measured; shifts also won there at 8 x 8."""
     if impl != "auto":
         return impl
-    if grid[0] * grid[1] <= 256:
+    if grid[0] * grid[1] <= 64:
         return "toeplitz"
-    backend = backend or jax.default_backend()
-    return "shift" if backend == "cpu" else "conv"
+    return "shift"
 
 
 def depthwise(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
