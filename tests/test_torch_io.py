@@ -136,6 +136,12 @@ def test_timm_gelu_patch7_rgb_import_encrypt_export(tmp_path, capsys):
     xe = encrypt_independently(x, key, 7)
     config_e, variables_e, _ = load_model(tmp_path / "e")
     assert_logits_close(predict_logits(config_e, variables_e, xe), expected)
+    # the same through the command line: predict on the plain and on the encrypted images
+    for model_dir, imgs, name in ((tmp_path / "m", x, "x"), (tmp_path / "e", xe, "xe")):
+        np.save(tmp_path / f"{name}.npy", np.asarray(imgs, np.float32))
+        assert run("predict", model_dir, tmp_path / f"{name}.npy", "--quiet", "--out",
+                   tmp_path / f"{name}-logits.npy") == 0
+        assert_logits_close(np.load(tmp_path / f"{name}-logits.npy"), expected)
 
     capsys.readouterr()
     for name, imgs in (("m", x), ("e", xe)):
