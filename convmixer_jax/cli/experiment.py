@@ -34,7 +34,7 @@ def cmd_reproduce(args) -> int:
                         workdir=args.workdir, resume=args.resume, num_keys=args.num_keys,
                         attack_seed=args.attack_seed if args.attack_seed is not None else args.key_seed,
                         key_seed=args.key_seed, strategy=args.strategy,
-                        data_label=data_label(args), progress=not args.quiet,
+                        data_label=data_label(args), classes=classes, progress=not args.quiet,
                         log=lambda m: print(m, file=sys.stderr))
     summary = {k: results[k] for k in ("test_images", "baseline_plain", "encrypted_plain", "encrypted_encrypted",
                                        "identical_predictions", "wrong_keys_median", "key_space_log2")}

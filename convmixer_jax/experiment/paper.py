@@ -254,14 +254,15 @@ def checkpoint_provenance(model_dir, meta: dict) -> dict:
 def reproduce(out, test_data, *, checkpoint=None, train_data=None, recipe=None, workdir=None,
               resume: bool = False, num_keys: int = 100, attack_seed: int | None = None,
               key_seed: int | None = None, strategy: str = "weights", data_label: str | None = None,
-              progress: bool = True, log=print) -> dict:
+              classes=None, progress: bool = True, log=print) -> dict:
     """The whole experiment into the directory ``out`` (replaced as a whole, only once complete).
 
     Either ``checkpoint`` (a plain model directory) or ``train_data`` and ``recipe``
     (a :class:`~convmixer_jax.training.loop.TrainConfig`; the paper's
     ConvMixer-256/8 is trained from scratch in ``workdir``, and saved as
     ``out/plain-model``). test_data / train_data: (images (N, H, W, C) uint8,
-    labels (N,)). Whether ``out`` may be replaced is the caller's check
+    labels (N,)); classes: the data's class names, recorded in a model trained here.
+    Whether ``out`` may be replaced is the caller's check
     (:func:`~convmixer_jax.files.atomic.check_output` with ``kind='results_dir'``). Returns the results dict.
     """
     from convmixer_jax.files.atomic import staged_output_dir
@@ -291,6 +292,8 @@ def reproduce(out, test_data, *, checkpoint=None, train_data=None, recipe=None, 
                       "holdout": history.get("holdout"), "train_log": history["epochs"]}
         trained = True
     provenance["data"] = data_label
+    if trained and classes is not None:
+        provenance["classes"] = list(classes)
     check_model_images(config, test_x)
     with staged_output_dir(out) as tmp:
         if trained:
