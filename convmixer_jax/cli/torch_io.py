@@ -144,8 +144,9 @@ def register(add) -> None:
             "directory. The architecture comes from the tensor shapes; what the weights do not hold is given: "
             "--timm-name fills it for timm's ImageNet models (and checks the shapes are that model's); "
             "otherwise the activation defaults to gelu, the normalization to ImageNet's mean/std for the timm "
-            "layout on RGB and 0.5/0.5 otherwise (the locuslab reference's), and the image size to 224 for the timm layout (locuslab weights "
-            "need --image-size). Needs the torch extra: pip install 'convmixer-jax[torch]'.")
+            "layout on RGB and 0.5/0.5 otherwise (the locuslab reference's), and the image size to 224 for "
+            "the timm layout (locuslab weights need --image-size). Needs the torch extra: "
+            "pip install 'convmixer-jax[torch]'.")
     p.add_argument("weights", metavar="WEIGHTS", help="state dict: .safetensors, or .pth/.pt/.bin/.ckpt")
     add_out(p, "MODEL_DIR", "model directory to write")
     p.add_argument("--timm-name", choices=TIMM_NAMES,
