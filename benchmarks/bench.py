@@ -343,12 +343,18 @@ def model_benchmarks(args, torch, info: dict) -> dict:
         import torch_reference
 
     config = PRESETS["paper"]
+    if args.tiny:  # a smoke run's model: the same code paths, a fraction of the work
+        import dataclasses
+
+        config = dataclasses.replace(config, dim=16, depth=1)
+    BATCH = args.batch
     recipe = RECIPES["paper"]
     assert recipe.optimizer == "adam" and recipe.lr == 1e-3 and not recipe.augment
     grid = (config.grid_size, config.grid_size)
     impl = resolve_depthwise_impl(config.depthwise_impl, grid)
     alt_impl = "conv" if impl != "conv" else "toeplitz"
     has_torch = torch is not None
+    compiled = False
     tdev = torch.device(info["torch_device"]) if has_torch else None
     cl = torch.channels_last if has_torch else None
 
@@ -377,6 +383,10 @@ def model_benchmarks(args, torch, info: dict) -> dict:
     if has_torch:
         t_eval = new_torch_model().eval()
         t_train = new_torch_model().train()
+        compiled = args.torch_compile
+        if compiled:  # the same models, compiled by TorchInductor (first call compiles)
+            tc_eval = torch.compile(new_torch_model().eval())
+            tc_train = torch.compile(new_torch_model().train())
         mean = torch.tensor(config.norm_mean, dtype=torch.float32, device=tdev).view(1, -1, 1, 1)
         std = torch.tensor(config.norm_std, dtype=torch.float32, device=tdev).view(1, -1, 1, 1)
 
@@ -448,6 +458,22 @@ def model_benchmarks(args, torch, info: dict) -> dict:
         opt.step()
         tsync()
 
+    if compiled:
+        opt_c = torch.optim.Adam(tc_train.parameters(), lr=recipe.lr)
+
+    def torch_compile_train():
+        x = tx_u8.float().div_(255.0)
+        loss = ce(tc_train((x - mean) / std), ty)
+        opt_c.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_c.step()
+        tsync()
+
+    def torch_compile_infer():
+        with torch.inference_mode():
+            tc_eval((tx_f32 - mean) / std)
+        tsync()
+
     def jax_infer():
         jax.block_until_ready(infer(pvars, jx_f32))
 
@@ -461,6 +487,8 @@ def model_benchmarks(args, torch, info: dict) -> dict:
 
     names = ("jax_train", "torch_train", "jax_infer", "torch_infer", "jax_infer_plain") if has_torch \
         else ("jax_train", "jax_infer", "jax_infer_plain")
+    if compiled:
+        names += ("torch_compile_train", "torch_compile_infer")
     timers = {k: Timer(k) for k in names}
     timers["jax_infer"].first_call_s = infer_first
     timers["jax_infer_plain"].first_call_s = infer_plain_first
@@ -475,6 +503,18 @@ def model_benchmarks(args, torch, info: dict) -> dict:
         timers["torch_train"].first_call_s = time.perf_counter() - t0
         log(f"  first step: JAX {timers['jax_train'].first_call_s:.1f} s (compile + run), "
             f"torch {timers['torch_train'].first_call_s:.2f} s")
+    if compiled:
+        for name, fn in (("torch_compile_train", torch_compile_train), ("torch_compile_infer", torch_compile_infer)):
+            t0 = time.perf_counter()
+            fn()
+            timers[name].first_call_s = time.perf_counter() - t0
+            log(f"  first call of {name}: {timers[name].first_call_s:.1f} s (TorchInductor compile + run)")
+        with torch.inference_mode():
+            c_logits = tc_eval((tx_f32 - mean) / std).float().cpu().numpy()
+        c_diff = float(np.max(np.abs(c_logits - j_logits)))
+        log(f"  max |logits_jax - logits_torch.compile| = {c_diff:.2e}")
+        if not c_diff <= LOGIT_TOL:
+            raise SystemExit(f"JAX and torch.compile eval logits differ by {c_diff:.3e} > {LOGIT_TOL}")
 
     log(f"warm-up: {_n(args.warmup, 'step')} each ...")
     for _ in range(args.warmup):
@@ -486,22 +526,28 @@ def model_benchmarks(args, torch, info: dict) -> dict:
         jax_infer_plain()
         if has_torch:
             torch_infer()
+        if compiled:
+            torch_compile_train()
+            torch_compile_infer()
 
     # Interleaved rounds; the order flips every round (J T, T J, ...) so that a
     # slow drift of the machine does not favour one framework.
-    for phase, steps, pair in (("training", args.train_steps, ("jax_train", "torch_train")),
-                               ("inference", args.infer_steps, ("jax_infer", "torch_infer", "jax_infer_plain"))):
+    for phase, steps, pair in (("training", args.train_steps, ("jax_train", "torch_train", "torch_compile_train")),
+                               ("inference", args.infer_steps, ("jax_infer", "torch_infer", "jax_infer_plain",
+                                                                "torch_compile_infer"))):
         fns = {"jax_train": jax_train, "jax_infer": jax_infer, "jax_infer_plain": jax_infer_plain}
         if has_torch:
             fns.update(torch_train=torch_train, torch_infer=torch_infer)
-        else:
-            pair = tuple(n for n in pair if not n.startswith("torch"))
+        if compiled:
+            fns.update(torch_compile_train=torch_compile_train, torch_compile_infer=torch_compile_infer)
+        pair = tuple(n for n in pair if n in fns)
         for r in range(args.rounds):
             order = pair if r % 2 == 0 else pair[::-1]
             for name in order:
                 run_round(timers[name], fns[name], steps, warmup=1)
             label = {"jax_train": "JAX", "jax_infer": "JAX", "jax_infer_plain": "JAX (unprepared)",
-                     "torch_train": "torch", "torch_infer": "torch"}
+                     "torch_train": "torch", "torch_infer": "torch", "torch_compile_train": "torch.compile",
+                     "torch_compile_infer": "torch.compile"}
             msg = ", ".join(f"{label[n]} {BATCH / median(timers[n].rounds[-1]):.0f} img/s" for n in pair)
             log(f"{phase} round {r + 1}/{args.rounds}: {msg}")
 
@@ -548,6 +594,11 @@ def model_benchmarks(args, torch, info: dict) -> dict:
                         if has_torch else None),
         "infer_plain_ratio": (results["jax_infer_plain"]["images_per_s"] / results["torch_infer"]["images_per_s"]
                               if has_torch else None),
+        "train_ratio_compile": (results["jax_train"]["images_per_s"] / results["torch_compile_train"]["images_per_s"]
+                                if compiled else None),
+        "infer_ratio_compile": (results["jax_infer"]["images_per_s"] / results["torch_compile_infer"]["images_per_s"]
+                                if compiled else None),
+        "tiny": bool(args.tiny),
         "prepare": {"first_call_s": prepare_first, "median_s": median(prepare_times),
                     "max_abs_logit_diff": prepared_diff},
     }
@@ -632,7 +683,7 @@ def blockwise_benchmarks(args) -> dict:
 
 def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool, sres: dict | None = None) -> str:
     L = []
-    tag = " (quick smoke run: do not quote)" if quick else ""
+    tag = " (quick smoke run: do not quote)" if quick or (mres or {}).get("tiny") else ""
     dev = info["jax_devices"][0] if info["jax_backend"] != "cpu" else "CPU"
     L.append(f"## {info['date_utc']}: {info['cpu_model']}, {info['cores']} cores, JAX on {dev}{tag}\n")
     v = info["versions"]
@@ -681,8 +732,12 @@ def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool, sres
                  "train step"),
                 ("inference", "jax_infer", "torch_infer", mres["infer_ratio"], "inference"),
                 ("inference, matrices rebuilt every call", "jax_infer_plain", "torch_infer",
-                 mres.get("infer_plain_ratio"), "inference")):
-            if j not in r:  # sections written before this row existed
+                 mres.get("infer_plain_ratio"), "inference"),
+                ("training step vs torch.compile", "jax_train", "torch_compile_train",
+                 mres.get("train_ratio_compile"), "train step"),
+                ("inference vs torch.compile", "jax_infer", "torch_compile_infer",
+                 mres.get("infer_ratio_compile"), "inference")):
+            if j not in r or (t.startswith("torch_compile") and t not in r):  # rows this run did not measure
                 continue
             rj, rt = r[j], r.get(t)
             if rt is None:
@@ -788,6 +843,11 @@ def parse_args(argv=None):
     p.add_argument("--alt-steps", type=int, default=None,
                    help="timed steps of the other depthwise formulation (3; quick 1)")
     p.add_argument("--skip-alt", action="store_true", help="skip the other depthwise formulation")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="also time the PyTorch models under torch.compile (TorchInductor; compiles on first call)")
+    p.add_argument("--tiny", action="store_true",
+                   help="smoke runs only: ConvMixer-16/1 at batch 8 instead of ConvMixer-256/8 at batch 128")
+    p.add_argument("--batch", type=int, default=None, help="model batch (128; tiny 8)")
     p.add_argument("--skip-model", action="store_true", help="skip the model benchmarks")
     p.add_argument("--skip-blockwise", action="store_true", help="skip the block-wise transform benchmarks")
     p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: cores)")
@@ -812,6 +872,8 @@ def parse_args(argv=None):
     for name, (quick_v, full_v) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick_v if q else full_v)
+    if args.batch is None:
+        args.batch = 8 if args.tiny else BATCH
     args.bw_images = 10_000
     args.bw_rounds = 2 if q else 3
     args.bw_reps = 3 if q else 10

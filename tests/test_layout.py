@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parents[1] / "convmixer_jax"
-LAYERS = ("scheme", "model", "files", "data", "training", "attacks", "experiment", "cli")
+LAYERS = ("parallel", "scheme", "model", "files", "data", "training", "attacks", "experiment", "cli")
 BASE = {"_xla_flags"}  # imports nothing from the package; anyone may import it
 PUBLIC = ["generate_key", "load_key", "encrypt_images", "decrypt_images", "encrypt_params", "decrypt_params",
           "rekey_params", "ConvMixer", "ConvMixerConfig", "PRESETS"]

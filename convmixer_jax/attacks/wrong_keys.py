@@ -17,7 +17,10 @@ the number of keys. The default 4 x 125 = 500 pairs per call runs at the
 speed of plain inference at its best batch on a 2-core CPU; calls of 512 or
 1,024 pairs are about 20 % slower there (power-of-two strides conflict in the
 cache; benchmarks/RESULTS.md). The key axis of each chunk is sharded over all
-visible devices (a one-axis ``Mesh``); images and model are replicated.
+devices of all processes (a one-axis global ``Mesh``): in a multi-process run
+(:mod:`convmixer_jax.parallel`) each process feeds only its own keys of each chunk,
+images and model are replicated, and every process receives all the counts, so the
+accuracies equal a one-process run's for the same keys.
 """
 from __future__ import annotations
 
@@ -26,12 +29,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from convmixer_jax.scheme.images import encrypt_images
 from convmixer_jax.model.inference import iterate_batches
 from convmixer_jax.scheme.keys import Key, random_keys
 from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig, prepare_inference
+from convmixer_jax.parallel.global_arrays import (by_rows, global_mesh, pad_to_multiple, replicate, replicated,
+                                                  shard_rows, to_host)
 from convmixer_jax.scheme.params import decrypt_params
 
 STRATEGIES = ("images", "weights")
@@ -43,14 +48,14 @@ def _to_unit_float(images: jax.Array) -> jax.Array:
 
 
 def key_mesh() -> Mesh:
-    """A one-axis mesh ('keys',) over every visible device."""
-    return Mesh(np.asarray(jax.devices()), ("keys",))
+    """A one-axis mesh ('keys',) over every device of every process."""
+    return global_mesh("keys")
 
 
 @functools.lru_cache(maxsize=None)
 def _correct_fn(config: ConvMixerConfig, strategy: str, mesh: Mesh):
     """jit of the number of correct predictions per key of a chunk, keys
-    sharded over ``mesh``.
+    sharded over ``mesh``, the counts replicated to every process.
 
     The key axis is folded into the batch rather than ``vmap``-ped around the
     whole model: every layer after the patch embedding then runs one matrix
@@ -84,8 +89,8 @@ def _correct_fn(config: ConvMixerConfig, strategy: str, mesh: Mesh):
         return count(logits, labels, n_keys)
 
     fn = correct_images if strategy == "images" else correct_weights
-    repl, by_key = NamedSharding(mesh, P()), NamedSharding(mesh, P("keys"))
-    return jax.jit(fn, in_shardings=(repl, repl, repl, by_key), out_shardings=by_key)
+    repl, by_key = replicated(mesh), by_rows(mesh)
+    return jax.jit(fn, in_shardings=(repl, repl, repl, by_key), out_shardings=repl)
 
 
 def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, keys: Key, *,
@@ -99,7 +104,8 @@ def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, key
     folded into one batch of ``key_chunk * batch_size`` per call (the memory
     bound); the last image batch is padded to full size and the last key chunk
     to a multiple of the device count (at most two programs are compiled);
-    padded keys and images are not counted.
+    padded keys and images are not counted. In a multi-process run every process
+    passes the same arguments and gets the same result.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -111,9 +117,9 @@ def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, key
         raise ValueError("need at least one image and one key")
     mesh = key_mesh()
     n_dev = mesh.devices.size
-    key_chunk = -(-key_chunk // n_dev) * n_dev  # a multiple of the device count
+    key_chunk = pad_to_multiple(key_chunk, n_dev)
     fn = _correct_fn(config, strategy, mesh)
-    variables = prepare_inference(config, variables)  # depthwise matrices once, not per call
+    variables = replicate(prepare_inference(config, variables), mesh)  # depthwise matrices once, not per call
     labels = np.asarray(labels, np.int32)
     perm, flip = np.asarray(keys.perm), np.asarray(keys.flip)
     correct = np.zeros(n_keys, np.int64)
@@ -128,17 +134,16 @@ def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, key
     for k0, k1 in chunks:
         # The last chunk is padded only up to a multiple of the device count
         # (a second, smaller program is compiled for it rather than wasting work).
-        size = -(-(k1 - k0) // n_dev) * n_dev
-        kp = np.concatenate([perm[k0:k1], np.repeat(perm[k1 - 1:k1], size - (k1 - k0), 0)])
-        kf = np.concatenate([flip[k0:k1], np.repeat(flip[k1 - 1:k1], size - (k1 - k0), 0)])
-        chunk_keys = Key(jnp.asarray(kp), jnp.asarray(kf), keys.block_size, keys.channels)
+        rows = np.minimum(np.arange(k0, k0 + pad_to_multiple(k1 - k0, n_dev)), k1 - 1)
+        chunk_keys = Key(shard_rows(perm, mesh, rows), shard_rows(flip, mesh, rows), keys.block_size, keys.channels)
         for b0, b1 in batches:
             xb = np.asarray(images[b0:b1])
             yb = labels[b0:b1]
             if b1 - b0 < bsz:  # pad; padded labels are -1 and never match
                 xb = np.concatenate([xb, np.zeros((bsz - (b1 - b0),) + xb.shape[1:], xb.dtype)])
                 yb = np.concatenate([yb, np.full(bsz - (b1 - b0), -1, np.int32)])
-            counts = np.asarray(fn(variables, xb, yb, chunk_keys))
+            xb, yb = replicate((xb, yb), mesh)
+            counts = to_host(fn(variables, xb, yb, chunk_keys))
             correct[k0:k1] += counts[: k1 - k0]
             if bar is not None:
                 bar.update(1)

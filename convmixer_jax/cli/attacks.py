@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import sys
 
-from convmixer_jax.cli.options import (add_batch_size, add_data_options, add_force, add_key_seed, add_limit, add_quiet,
-                                       add_seed, data_label, int_arg, load_split, positive_int, seed_arg, subset)
+from convmixer_jax.cli.options import (add_batch_size, add_data_options, add_distributed_options, add_force,
+                                       add_key_seed, add_limit, add_quiet, add_seed, data_label, int_arg, load_split,
+                                       positive_int, seed_arg, start_processes, subset)
 
 
 def _attack_model(args, config, variables, meta):
@@ -37,7 +38,9 @@ def cmd_attack(args) -> int:
     from convmixer_jax.files.atomic import check_output, write_text_atomic
     from convmixer_jax.files.model_dir import check_data_classes, load_model
     from convmixer_jax.files.provenance import device_description
+    from convmixer_jax.parallel.runtime import from_process_zero, is_writer
 
+    start_processes(args)
     check_output(args.out, args.force, inputs={"MODEL_DIR": args.model, "--data-dir": args.data_dir})
     config, variables, meta = load_model(args.model)
     images, labels, classes = load_split(args, "test")
@@ -45,7 +48,11 @@ def cmd_attack(args) -> int:
     images, labels = subset(images, labels, args.limit, args.seed)
     check_model_images(config, images)
     enc_vars, origin = _attack_model(args, config, variables, meta)
-    seed = args.key_seed if args.key_seed is not None else secrets.randbits(31)
+    # several processes: all attack process 0's encryption (its secret key may come from the
+    # OS CSPRNG) with process 0's key seed; the encryption changes the patch embedding only
+    stem = from_process_zero(enc_vars["params"]["stem"])
+    enc_vars = {**enc_vars, "params": {**enc_vars["params"], "stem": stem}}
+    seed = args.key_seed if args.key_seed is not None else int(from_process_zero(np.int64(secrets.randbits(31))))
     keys = draw_attack_keys(seed, args.num_keys, config.patch_size, config.channels)
     t0 = time.perf_counter()
     # --batch-size counts model inputs per call, as everywhere: key_chunk keys x images
@@ -62,8 +69,9 @@ def cmd_attack(args) -> int:
               "min": float(np.min(acc)), "max": float(np.max(acc)), "seconds": seconds,
               "key_image_pairs_per_second": len(images) * args.num_keys / seconds,
               "device": device_description()}
-    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n", force=args.force)
-    print(json.dumps({k: result[k] for k in ("num_keys", "test_images", "strategy", "median", "min", "max")}))
+    if is_writer():  # one process writes and reports; the others computed the same accuracies
+        write_text_atomic(args.out, json.dumps(result, indent=1) + "\n", force=args.force)
+        print(json.dumps({k: result[k] for k in ("num_keys", "test_images", "strategy", "median", "min", "max")}))
     return 0
 
 
@@ -133,7 +141,8 @@ def register(add) -> None:
     p = add("attack", cmd_attack, "accuracy of an encrypted model under random wrong keys",
             "Evaluate an encrypted model on test images encrypted with N random wrong keys, drawn "
             "as a batch with jax.random and evaluated under vmap in chunks (memory stays bounded). "
-            "A plain model is first encrypted with a secret key (from --key-seed if given). Writes JSON.")
+            "A plain model is first encrypted with a secret key (from --key-seed if given). Writes JSON. "
+            "Runs over several processes too: the keys are split over all their devices, process 0 writes.")
     p.add_argument("model", metavar="MODEL_DIR", help="model directory (encrypted, or plain)")
     add_data_options(p)
     p.add_argument("--num-keys", type=positive_int, required=True, metavar="N", help="number of wrong keys")
@@ -150,6 +159,7 @@ def register(add) -> None:
     add_quiet(p)
     p.add_argument("--out", required=True, metavar="FILE.json", help="results to write")
     add_force(p)
+    add_distributed_options(p)
 
     p = add("security-report", cmd_security_report, "attacks beyond the paper, measured on a trained model",
             "Known-plaintext key recovery rate, key recovery from the encrypted model (with the original "

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import sys
 
-from convmixer_jax.cli.options import (add_data_options, add_force, add_key_seed, add_limit, add_quiet, add_recipe,
-                                       add_seed, data_label, int_arg, load_split, positive_int, seed_arg, subset)
+from convmixer_jax.cli.options import (add_data_options, add_distributed_options, add_force, add_key_seed, add_limit,
+                                       add_quiet, add_recipe, add_seed, data_label, int_arg, load_split, positive_int,
+                                       seed_arg, start_processes, subset)
 
 
 def cmd_reproduce(args) -> int:
@@ -13,8 +14,10 @@ def cmd_reproduce(args) -> int:
 
     from convmixer_jax.experiment.paper import reproduce
     from convmixer_jax.files.atomic import check_output
+    from convmixer_jax.parallel.runtime import is_writer
     from convmixer_jax.training.loop import RECIPES
 
+    start_processes(args)
     out = check_output(args.out, args.force, kind="results_dir", inputs={"--checkpoint": args.checkpoint, "--workdir": args.workdir,
                                                         "--data-dir": args.data_dir})
     test_x, test_y, classes = load_split(args, "test")
@@ -38,7 +41,8 @@ def cmd_reproduce(args) -> int:
                         log=lambda m: print(m, file=sys.stderr))
     summary = {k: results[k] for k in ("test_images", "baseline_plain", "encrypted_plain", "encrypted_encrypted",
                                        "identical_predictions", "wrong_keys_median", "key_space_log2")}
-    print(json.dumps(summary))
+    if is_writer():
+        print(json.dumps(summary))
     return 0
 
 
@@ -47,7 +51,8 @@ def register(add) -> None:
     p = add("reproduce", cmd_reproduce, "the paper's experiment: Table 1, Fig. 4, Fig. 5, key space",
             "Train (or load with --checkpoint) the plain ConvMixer-256/8, draw a fresh secret key from the "
             "OS CSPRNG, encrypt the model and write results.json, table1.md, fig4.png and fig5.png to --out. "
-            "The key is never written; results.json holds its fingerprint.")
+            "The key is never written; results.json holds its fingerprint. Runs over several processes "
+            "too: the sweep's keys (and any training's batches) are split over all their devices, process 0 writes.")
     add_data_options(p)
     p.add_argument("--checkpoint", metavar="MODEL_DIR", help="a trained plain model (skip training)")
     add_recipe(p)
@@ -64,3 +69,4 @@ def register(add) -> None:
     add_quiet(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     add_force(p)
+    add_distributed_options(p)

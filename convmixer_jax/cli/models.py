@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from convmixer_jax.cli.options import (UsageError, add_batch_size, add_data_options, add_force, add_limit,
-                                       add_model_options, add_out, add_quiet, add_resize, add_seed, data_label,
-                                       load_split, model_config, positive_int, resolve_out, subset)
+from convmixer_jax.cli.options import (UsageError, add_batch_size, add_data_options, add_distributed_options,
+                                       add_force, add_limit, add_model_options, add_out, add_quiet, add_resize,
+                                       add_seed, data_label, load_split, model_config, positive_int, resolve_out,
+                                       start_processes, subset)
 
 
 def cmd_init_model(args) -> int:
@@ -123,8 +124,10 @@ def cmd_evaluate(args) -> int:
     from convmixer_jax.files.model_dir import check_data_classes, check_key_fits_model, is_encrypted, load_model
     from convmixer_jax.model.inference import accuracy, check_model_images
     from convmixer_jax.scheme.images import encrypt_images
+    from convmixer_jax.parallel.runtime import is_writer
     from convmixer_jax.scheme.keys import fingerprint, load_key
 
+    start_processes(args)
     if args.out is not None:
         check_output(args.out, args.force, inputs={"MODEL_DIR": args.model, "--key": args.key,
                                                    "--data-dir": args.data_dir})
@@ -146,6 +149,8 @@ def cmd_evaluate(args) -> int:
               "key_fingerprint": fingerprint(key) if key is not None else None,
               "model_key_fingerprint": enc["key_fingerprint"] if enc else None,
               "model": str(args.model), "data": data_label(args), "limit": args.limit, "seed": args.seed}
+    if not is_writer():  # one process writes and reports; every process measured the same
+        return 0
     if args.out is not None:
         write_text_atomic(args.out, json.dumps(result, indent=1) + "\n", force=args.force)
     print(json.dumps(result))
@@ -208,7 +213,8 @@ def register(add) -> None:
             "Accuracy on the test split; with --key the test images are encrypted with that key "
             "first (the right key for an encrypted model, or a wrong one for an attack). A data set "
             "whose classes do not match the model's (count, or names when both are known) is refused. "
-            "Prints JSON; --out also writes it.")
+            "Prints JSON; --out also writes it. Runs over several processes too: each batch is split "
+            "over all their devices, process 0 reports.")
     p.add_argument("model", metavar="MODEL_DIR", help="model directory")
     add_data_options(p)
     p.add_argument("--key", metavar="KEY.json", help="encrypt the test images with this key")
@@ -219,3 +225,4 @@ def register(add) -> None:
     add_quiet(p)
     p.add_argument("--out", metavar="RESULT.json", help="also write the result JSON here")
     add_force(p)
+    add_distributed_options(p)

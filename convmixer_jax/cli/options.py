@@ -159,6 +159,33 @@ def model_config(args):
     return dataclasses.replace(base, **overrides)
 
 
+def add_distributed_options(p: argparse.ArgumentParser) -> None:
+    """The options of a multi-process run (one group, the same on every command that has it)."""
+    g = p.add_argument_group("several processes (jax.distributed; automatic on SLURM, Open MPI, Cloud TPU "
+                             "and Kubernetes clusters JAX detects, otherwise these three on every process)")
+    g.add_argument("--coordinator-address", metavar="HOST:PORT",
+                   help="process 0's host and a free port, the same on every process")
+    g.add_argument("--num-processes", type=positive_int, metavar="N", help="how many processes run this command")
+    g.add_argument("--process-id", type=seed_arg, metavar="I", help="this process's number, 0..N-1")
+
+
+def start_processes(args):
+    """Join the process group the options (or the cluster) describe; the first thing a
+    command that has :func:`add_distributed_options` does, before JAX computes anything.
+    Returns the :class:`~convmixer_jax.parallel.runtime.Group`; on processes other than 0,
+    ``args.quiet`` is set (one process reports)."""
+    from convmixer_jax.parallel.runtime import DistributedError, check_options, start
+
+    try:
+        check_options(args.coordinator_address, args.num_processes, args.process_id)
+    except DistributedError as e:
+        raise UsageError(f"{args.command}: {e}") from None
+    group = start(args.coordinator_address, args.num_processes, args.process_id)
+    if group.process_id != 0:
+        args.quiet = True
+    return group
+
+
 def add_data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (default: the official CIFAR binary release, downloaded once "
                              "into the cache and checked against its SHA-256)")

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from convmixer_jax.cli.options import (ARCH_OPTIONS, UsageError, add_batch_size, add_data_options, add_force,
-                                       add_model_options, add_quiet, add_recipe, add_seed, data_label, load_split, model_config,
-                                       positive_float, positive_int, seed_arg, subset)
+from convmixer_jax.cli.options import (ARCH_OPTIONS, UsageError, add_batch_size, add_data_options,
+                                       add_distributed_options, add_force, add_model_options, add_quiet, add_recipe,
+                                       add_seed, data_label, load_split, model_config, positive_float, positive_int,
+                                       seed_arg, start_processes, subset)
 
 
 def cmd_plot_training(args) -> int:
@@ -33,8 +34,10 @@ def cmd_train(args) -> int:
     from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import save_model
     from convmixer_jax.training.loop import RECIPES
+    from convmixer_jax.parallel.runtime import is_writer
     from convmixer_jax.training.stages import train_model, warm_start
 
+    start_processes(args)
     check_output(args.out, args.force, kind="model_dir",
                  inputs={"--init-from": args.init_from, "--data-dir": args.data_dir, "--workdir": args.workdir})
     config = model_config(args)
@@ -55,8 +58,9 @@ def cmd_train(args) -> int:
     variables, meta = train_model(config, recipe, (train_x, train_y), (test_x, test_y), args.workdir,
                                   recipe_name=args.recipe, resume=args.resume, warm=warm, classes=classes,
                                   data_label=data_label(args), progress=not args.quiet)
-    save_model(args.out, config, variables, extra=meta, force=args.force)
-    print(json.dumps({"test_accuracy": meta["test_accuracy"], "model": str(args.out), "epochs": meta["epochs"]}))
+    if is_writer():  # one process writes the model; every process trained the same weights
+        save_model(args.out, config, variables, extra=meta, force=args.force)
+        print(json.dumps({"test_accuracy": meta["test_accuracy"], "model": str(args.out), "epochs": meta["epochs"]}))
     return 0
 
 
@@ -111,7 +115,8 @@ def register(add) -> None:
 
     p = add("train", cmd_train, "train a plain model and save it",
             "Train a ConvMixer on plain images with a recipe (--recipe), checkpointing every epoch into --workdir, then save the plain model with "
-            "its recipe and final test accuracy in config.json.")
+            "its recipe and final test accuracy in config.json. Runs over several processes too: each "
+            "batch is split over all their devices, --workdir is one shared folder, process 0 writes the model.")
     add_data_options(p)
     add_recipe(p)
     p.add_argument("--epochs", type=positive_int, metavar="E", help="override the recipe's epochs")
@@ -135,6 +140,7 @@ def register(add) -> None:
     add_quiet(p)
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
     add_force(p)
+    add_distributed_options(p)
 
     p = add("average-models", cmd_average_models, "average plain models' weights and re-measure BatchNorm",
             "Average the weights of two or more plain models of one architecture (a uniform model soup, "

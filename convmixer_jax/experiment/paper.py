@@ -29,7 +29,8 @@ from convmixer_jax.scheme.images import encrypt_images
 from convmixer_jax.files.atomic import save_figure_atomic, write_text_atomic
 from convmixer_jax.files.provenance import device_description
 from convmixer_jax.model.inference import predict_logits
-from convmixer_jax.scheme.keys import fingerprint, generate_key, key_space_log2, key_space_text
+from convmixer_jax.parallel.runtime import from_process_zero
+from convmixer_jax.scheme.keys import fingerprint, generate_key, key_space_log2, key_space_text, make_key
 from convmixer_jax.scheme.params import encrypt_params
 
 # Iijima & Kiya (2022), Table 1 and Fig. 5 (CIFAR-10, official data, 200 epochs).
@@ -192,20 +193,23 @@ def run_experiment(config, variables, test_data, out_dir, *, num_keys: int = 100
                    progress: bool = True, log=print) -> dict:
     """Encrypt ``variables`` with a fresh key, measure everything, write the outputs.
 
-    test_data: (images (N, H, W, C) uint8, labels (N,)). ``out_dir`` must exist.
+    test_data: (images (N, H, W, C) uint8, labels (N,)). ``out_dir`` must exist; None
+    writes nothing (the processes other than 0 of a multi-process run).
     Returns the results dict (also written as results.json).
     """
-    out_dir = Path(out_dir)
     images, labels = test_data
     m, c = config.patch_size, config.channels
+    # one secret key and one attack seed for all processes of a multi-process run: process 0's
     key = generate_key(m, c, seed=key_seed)
+    perm, flip = from_process_zero((np.asarray(key.perm), np.asarray(key.flip)))
+    key = make_key(perm, flip, m, c)
+    if attack_seed is None:
+        attack_seed = int(from_process_zero(np.int64(secrets.randbits(31))))
     log(f"secret key drawn ({'seed ' + str(key_seed) if key_seed is not None else 'OS CSPRNG'}); "
         f"fingerprint {fingerprint(key)}")
     t0 = time.perf_counter()
     acc, enc_vars = evaluate_encryption(config, variables, key, images, labels, progress=progress)
     log(json.dumps(acc))
-    if attack_seed is None:
-        attack_seed = secrets.randbits(31)
     wrong = []
     if num_keys > 0:
         keys = draw_attack_keys(attack_seed, num_keys, m, c)
@@ -232,6 +236,9 @@ def run_experiment(config, variables, test_data, out_dir, *, num_keys: int = 100
         "paper": PAPER,
     }
     results.update(provenance or {})
+    if out_dir is None:
+        return results
+    out_dir = Path(out_dir)
     write_text_atomic(out_dir / "results.json", json.dumps(results, indent=1) + "\n", force=True)
     write_text_atomic(out_dir / "table1.md", table1_markdown(results), force=True)
     # one example from each of the first six classes present (the test set is often class-sorted)
@@ -264,14 +271,19 @@ def reproduce(out, test_data, *, checkpoint=None, train_data=None, recipe=None, 
     labels (N,)); classes: the data's class names, recorded in a model trained here.
     Whether ``out`` may be replaced is the caller's check
     (:func:`~convmixer_jax.files.atomic.check_output` with ``kind='results_dir'``). Returns the results dict.
+    In a multi-process run every process calls this alike; the sweep's keys are split
+    over them and process 0 alone logs and writes ``out``.
     """
     from convmixer_jax.files.atomic import staged_output_dir
     from convmixer_jax.files.model_dir import ModelDirError, is_encrypted, load_model, save_model
     from convmixer_jax.model.convmixer import PRESETS
     from convmixer_jax.model.inference import check_model_images
+    from convmixer_jax.parallel.runtime import is_writer
     from convmixer_jax.training.loop import total_train_seconds, train
 
     out = Path(out)
+    if not is_writer():
+        progress, log = False, (lambda message: None)
     test_x, test_y = test_data
     if checkpoint is not None:
         config, variables, meta = load_model(checkpoint)
@@ -295,6 +307,10 @@ def reproduce(out, test_data, *, checkpoint=None, train_data=None, recipe=None, 
     if trained and classes is not None:
         provenance["classes"] = list(classes)
     check_model_images(config, test_x)
+    if not is_writer():
+        return run_experiment(config, variables, (test_x, test_y), None, num_keys=num_keys,
+                              attack_seed=attack_seed, key_seed=key_seed, strategy=strategy,
+                              provenance=provenance, progress=progress, log=log)
     with staged_output_dir(out) as tmp:
         if trained:
             save_model(tmp / "plain-model", config, variables,

@@ -165,10 +165,19 @@ def _quiet_orbax():
         absl_logger.setLevel(level)
 
 
-def _save_variables(directory: Path, variables: PyTree) -> None:
+def _checkpointer():
+    """An Orbax checkpointer of this process alone: a model directory is one process's file
+    (in a multi-process run process 0 writes it and every process reads it by itself)."""
+    import jax
     import orbax.checkpoint as ocp
 
-    ckptr = ocp.StandardCheckpointer()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"model-dir-process-{me}"))
+
+
+def _save_variables(directory: Path, variables: PyTree) -> None:
+    ckptr = _checkpointer()
     try:
         ckptr.save(directory.absolute(), variables)
         ckptr.wait_until_finished()
@@ -178,7 +187,6 @@ def _save_variables(directory: Path, variables: PyTree) -> None:
 
 def _restore_variables(directory: Path, config: ConvMixerConfig) -> PyTree:
     import jax
-    import orbax.checkpoint as ocp
 
     where = f"{directory}"
 
@@ -187,7 +195,7 @@ def _restore_variables(directory: Path, config: ConvMixerConfig) -> PyTree:
                              "re-create or re-copy the model directory")
 
     with _quiet_orbax():
-        ckptr = ocp.StandardCheckpointer()
+        ckptr = _checkpointer()
         try:
             try:
                 md = ckptr.metadata(directory.absolute())

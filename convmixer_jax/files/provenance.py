@@ -6,12 +6,14 @@ import sys
 
 
 def device_description() -> str:
-    """``'<platform>: <device kind> x<count>'`` of JAX's default backend, e.g. ``'cpu: cpu x1'``."""
+    """``'<platform>: <device kind> x<count>'`` of JAX's default backend, e.g. ``'cpu: cpu x1'``,
+    with ``' in <P> processes'`` appended when several processes share the run."""
     import jax
 
     d = jax.devices()[0]
     kind = getattr(d, "device_kind", "") or d.platform
-    return f"{d.platform}: {kind} x{jax.device_count()}"
+    procs = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return f"{d.platform}: {kind} x{jax.device_count()}{procs}"
 
 
 def package_versions() -> dict:

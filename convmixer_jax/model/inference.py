@@ -1,4 +1,9 @@
-"""Accuracy and logits of a ConvMixer over arrays of images, in fixed-size batches."""
+"""Accuracy and logits of a ConvMixer over arrays of images, in fixed-size batches.
+
+Each batch is split over every device of every process (the global mesh of
+:mod:`convmixer_jax.parallel`); in a multi-process run each process feeds only its
+own images of the batch and every process receives all the logits.
+"""
 from __future__ import annotations
 
 import functools
@@ -10,20 +15,21 @@ import numpy as np
 
 from convmixer_jax.scheme.images import ImageError, check_not_empty, check_pixel_values
 from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig, prepare_inference
+from convmixer_jax.parallel.global_arrays import (by_rows, global_mesh, pad_to_multiple, replicate, replicated,
+                                                  shard_rows, to_host)
 
 
 @functools.lru_cache(maxsize=None)
-def _logits_fn(config: ConvMixerConfig) -> Callable:
+def _logits_fn(config: ConvMixerConfig, mesh) -> Callable:
     model = ConvMixer(config)
 
-    @jax.jit
     def logits(variables, images):
         x = images.astype(jnp.float32)
         if images.dtype == jnp.uint8:
             x = x / 255.0
         return model.apply(variables, x, train=False)
 
-    return logits
+    return jax.jit(logits, in_shardings=(replicated(mesh), by_rows(mesh)), out_shardings=replicated(mesh))
 
 
 def check_model_images(config: ConvMixerConfig, images) -> None:
@@ -54,14 +60,18 @@ def predict_logits(config: ConvMixerConfig, variables, images, *, batch_size: in
                    progress: bool = False) -> np.ndarray:
     """Logits of ``images`` (N, H, W, C) uint8 or float in [0, 1] -> (N, classes) float32.
 
-    The last partial batch is padded to ``batch_size`` so that only one
-    shape is compiled; padding rows are dropped from the result.
+    Every batch has one size, ``batch_size`` (or N if smaller) rounded up to a
+    multiple of the device count: the last one is padded (with repeats of the last
+    image), so that one shape is compiled; padding rows are dropped from the result.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    fn = _logits_fn(config)
-    variables = prepare_inference(config, variables)  # depthwise matrices once, not per batch
+    mesh = global_mesh("data")
+    fn = _logits_fn(config, mesh)
+    # depthwise matrices once, not per batch
+    variables = replicate(prepare_inference(config, to_host(variables)), mesh)
     n = len(images)
+    size = pad_to_multiple(min(batch_size, n), mesh.devices.size)
     out = np.empty((n, config.num_classes), np.float32)
     it = iterate_batches(n, batch_size)
     if progress:
@@ -69,11 +79,8 @@ def predict_logits(config: ConvMixerConfig, variables, images, *, batch_size: in
 
         it = tqdm(list(it), desc="predict", unit="batch", leave=False)
     for start, stop in it:
-        batch = np.asarray(images[start:stop])
-        if stop - start < batch_size and n > batch_size:
-            pad = np.zeros((batch_size - (stop - start),) + batch.shape[1:], batch.dtype)
-            batch = np.concatenate([batch, pad])
-        out[start:stop] = np.asarray(fn(variables, batch))[: stop - start]
+        rows = np.minimum(np.arange(start, start + size), stop - 1)
+        out[start:stop] = to_host(fn(variables, shard_rows(images, mesh, rows)))[: stop - start]
     return out
 
 

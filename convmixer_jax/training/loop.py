@@ -4,6 +4,14 @@ Orbax checkpoints every epoch and exact resume.
 Determinism: the epoch's example order comes from ``numpy.random.default_rng([seed, epoch])``
 and each step's augmentation key from ``fold_in(PRNGKey(seed), step)``, so a run
 resumed from any epoch checkpoint retraces the uninterrupted run exactly.
+
+Several processes (:mod:`convmixer_jax.parallel`): the batch is split over every
+device of every process and each process feeds only its own rows of it; the state
+is replicated. Every process must hold the same training data. The trained weights
+equal a one-process run's up to the order of the cross-device sums. Process 0
+writes the log; every process takes part in Orbax's checkpoint saves (the
+``workdir`` must be one shared folder), and a checkpoint restores on any number
+of processes.
 """
 from __future__ import annotations
 
@@ -18,11 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from convmixer_jax.files.atomic import write_json_atomic
 from convmixer_jax.model.inference import accuracy
 from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
+from convmixer_jax.parallel.global_arrays import by_rows, global_mesh, replicate, replicated, shard_rows, to_host
+from convmixer_jax.parallel.runtime import is_writer
 from convmixer_jax.training.randaugment import rand_augment
 
 
@@ -228,12 +237,16 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
     ``init_variables_`` starts from given weights instead of a fresh initialization
     (a warm start: the recipe's optimizer and schedule begin anew); ``init_from``
     describes where they came from (JSON-able; kept in the log as ``init_from``
-    and checked on ``resume``).
+    and checked on ``resume``). In a multi-process run every process calls this with
+    the same arguments; only process 0 logs, shows progress and writes the log file.
     """
     import orbax.checkpoint as ocp
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    writer = is_writer()
+    if not writer:
+        progress, log = False, (lambda message: None)
     images, labels = train_data
     val_data = None
     if cfg.holdout:
@@ -242,16 +255,17 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
         keep, held = stratified_holdout(labels, cfg.holdout, cfg.holdout_seed)
         val_data = (images[held], labels[held])
         images, labels = images[keep], labels[keep]
+    labels = np.asarray(labels, np.int32)
     n = len(images)
     devices = jax.devices()
     if cfg.batch_size % len(devices):
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {len(devices)} devices")
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {len(devices)} devices "
+                         f"of this run; choose a multiple of {len(devices)}")
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{n} training images are fewer than one batch of {cfg.batch_size}")
-    mesh = Mesh(np.asarray(devices), ("data",))
-    data_sharding = NamedSharding(mesh, P("data"))
-    repl = NamedSharding(mesh, P())
+    mesh = global_mesh("data")
+    data_sharding, repl = by_rows(mesh), replicated(mesh)
     tx = make_optimizer(cfg, steps_per_epoch)
     step_fn = _make_step(config, cfg, tx, data_sharding, repl)
 
@@ -270,7 +284,7 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
     start_epoch = 0
     if resume and mngr.latest_step() is not None:
         latest = mngr.latest_step()
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=repl), state)
         state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
         start_epoch = latest
         if log_path.exists():
@@ -289,7 +303,8 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
     elif mngr.latest_step() is not None and not resume:
         raise FileExistsError(f"{workdir} already holds checkpoints; pass --resume to continue "
                               "or choose another directory")
-    state = jax.device_put(state, repl)
+    else:
+        state = replicate(state, mesh)
 
     stop_epoch = cfg.epochs if max_epochs_this_run is None else min(cfg.epochs, start_epoch + max_epochs_this_run)
     try:
@@ -305,8 +320,8 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
             pending = []
             for s in range(steps_per_epoch):
                 idx = np.sort(order[s * cfg.batch_size:(s + 1) * cfg.batch_size])
-                xb = jax.device_put(images[idx], data_sharding)
-                yb = jax.device_put(np.asarray(labels[idx], np.int32), data_sharding)
+                # each process reads only its own rows of the batch
+                xb, yb = shard_rows(images, mesh, idx), shard_rows(labels, mesh, idx)
                 state, loss, correct = step_fn(state, xb, yb)
                 pending.append((loss, correct))
                 if len(pending) >= 10 or s == steps_per_epoch - 1:
@@ -333,9 +348,10 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
                     if "ema" in state:
                         entry[f"{name}_accuracy_ema"] = accuracy(config, state["ema"], data[0], data[1])
             history["epochs"].append(entry)
-            mngr.save(epoch + 1, args=ocp.args.StandardSave(state))
+            mngr.save(epoch + 1, args=ocp.args.StandardSave(state))  # every process takes part
             mngr.wait_until_finished()
-            write_json_atomic(log_path, history)
+            if writer:
+                write_json_atomic(log_path, history)
             log(json.dumps(entry))
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM): close the manager and drop the temporary folder of
@@ -349,13 +365,14 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
             mngr.close()
         except Exception:  # noqa: BLE001 - a half-finished save may fail to close; its folder goes below
             pass
-        _drop_unfinished_saves(workdir / "checkpoints")
+        if writer:
+            _drop_unfinished_saves(workdir / "checkpoints")
         raise
     mngr.close()
     weights = choose_weights(history)
     history["weights"] = weights
     chosen = state["ema"] if weights == "ema" else state
-    variables = jax.tree.map(np.asarray, {"params": chosen["params"], "batch_stats": chosen["batch_stats"]})
+    variables = to_host({"params": chosen["params"], "batch_stats": chosen["batch_stats"]})
     return variables, history
 
 
@@ -416,12 +433,14 @@ def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
     tx = make_optimizer(cfg, 1)  # the state's structure does not depend on the schedule length
     abstract_vars = jax.eval_shape(lambda: init_variables_abstract(config))
     state = jax.eval_shape(lambda v: _initial_state(cfg, tx, v), abstract_vars)
+    repl = replicated(global_mesh("data"))  # onto this run's devices, however many saved it
+    state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=repl), state)
     restored = mngr.restore(latest, args=ocp.args.StandardRestore(state))
     mngr.close()
     entry = next((e for e in history["epochs"] if e["epoch"] == latest), None)
     weights = choose_weights({**history, "epochs": [entry] if entry else []})
     chosen = restored["ema"] if weights == "ema" else restored
-    variables = jax.tree.map(np.asarray, {"params": chosen["params"], "batch_stats": chosen["batch_stats"]})
+    variables = to_host({"params": chosen["params"], "batch_stats": chosen["batch_stats"]})
     this_run = sum(e["train_seconds"] for e in history["epochs"] if e["epoch"] <= latest)
     return config, variables, {"epoch": latest, "epochs_planned": cfg.epochs, "recipe": cfg.to_dict(),
                                "log": entry, "train_seconds": this_run, "weights": weights,

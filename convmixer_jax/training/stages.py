@@ -15,6 +15,7 @@ import numpy as np
 from convmixer_jax.files.model_dir import ModelDirError, check_data_classes, is_encrypted, load_model, model_classes
 from convmixer_jax.model.convmixer import ConvMixerConfig
 from convmixer_jax.model.inference import accuracy, check_model_images
+from convmixer_jax.parallel.runtime import is_writer
 from convmixer_jax.scheme.images import ImageError
 from convmixer_jax.training.loop import TrainConfig, load_checkpoint, total_train_seconds, train
 
@@ -111,7 +112,7 @@ def train_model(config: ConvMixerConfig, recipe: TrainConfig, train_data, test_d
     per_epoch_test = None if recipe.holdout else test_data
     variables, history = train(config, recipe, train_data, per_epoch_test, workdir, resume=resume,
                                progress=progress, init_variables_=init_variables_, init_from=init_from)
-    if history.get("epochs"):
+    if history.get("epochs") and is_writer():
         from convmixer_jax.training.curves import plot_training_curves
 
         plot_training_curves(history, Path(workdir) / "curves.png")

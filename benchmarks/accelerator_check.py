@@ -1,0 +1,309 @@
+#!/usr/bin/env python
+"""One accelerator check in minutes: device, JAX vs PyTorch, the 100-key sweep, the paper's training.
+
+    python benchmarks/accelerator_check.py pack --data-dir ../shared/data/cifar10-jpeg \\
+        --out .devcarry/cifar10-jpeg.tar.gz
+    python benchmarks/accelerator_check.py run --archive .devcarry/cifar10-jpeg.tar.gz --out accel-out
+    python benchmarks/accelerator_check.py run --dry-run --archive A.tar.gz --model MODEL_DIR --out OUT
+
+``pack`` puts the JPEG copy of CIFAR-10 (class folders ``train/`` and ``test/``) into one
+gzip tar archive, about 56 MB, which a job carries to the accelerator machine.
+
+``run`` does, each step in its own process with its own time limit, within ``--budget``
+seconds of wall time (default 450, so that the whole check ends within 8 minutes):
+
+1. prints the device (``jax.devices()``, ``nvidia-smi -L``) and the versions -> ``env.json``;
+2. ``benchmarks/bench.py`` on that device: JAX against PyTorch eager, and against
+   ``torch.compile`` where PyTorch sees the accelerator -> ``bench.md``, ``bench.json``;
+3. unpacks the archive;
+4. the wrong-key sweep, ``convmixer-jax attack`` with 100 keys over the 10,000 test images
+   on ``--model`` (default the committed ``results/cifar10/plain-model``) -> ``attack.json``;
+5. the paper's recipe (Adam, lr 1e-3, batch 128) from scratch for as many epochs as fit
+   in the time left, stopped by SIGTERM at the deadline -> ``train_log.json``, and the
+   training seconds until the test accuracy first reached ``--target`` (0.90);
+6. ``summary.json`` and ``summary.md`` (also printed) with every number above.
+
+Everything goes into ``--out``. ``--dry-run`` runs the same steps with tiny limits (a
+tiny bench model, 3 keys on 20 images, 2 epochs on 64 images with the model's own
+architecture) so that CI can rehearse the whole script on a CPU
+(``tests/test_accelerator_check.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "convmixer_jax.cli"]
+ENV_PROBE = """
+import json, shutil, subprocess, jax, jaxlib, flax, optax, numpy
+import orbax.checkpoint as ocp
+d = jax.devices()[0]
+smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip() if shutil.which("nvidia-smi") else None
+print(json.dumps({"backend": jax.default_backend(), "devices": [str(x) for x in jax.devices()],
+                  "device_kind": getattr(d, "device_kind", d.platform), "device_count": jax.device_count(),
+                  "nvidia_smi": smi, "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                  "flax": flax.__version__, "optax": optax.__version__, "orbax": ocp.__version__,
+                  "numpy": numpy.__version__}}))
+"""
+
+
+def log(message: str) -> None:
+    print(f"[accelerator_check] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- pack
+
+
+def pack(data_dir: Path, out: Path) -> dict:
+    """``data_dir/{train,test}/<class>/*`` into the gzip tar ``out`` (top folder ``data``)."""
+    for split in ("train", "test"):
+        if not (data_dir / split).is_dir():
+            raise SystemExit(f"error: {data_dir} has no {split}/ folder; give the JPEG copy's folder "
+                             "(class folders under train/ and test/)")
+    if out.exists():
+        raise SystemExit(f"error: {out} exists; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    files = 0
+    with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+        for split in ("train", "test"):
+            for path in sorted((data_dir / split).rglob("*")):
+                if path.is_file():
+                    tar.add(path, arcname=str(Path("data") / path.relative_to(data_dir)), recursive=False)
+                    files += 1
+    os.replace(tmp, out)
+    return {"archive": str(out), "files": files, "bytes": out.stat().st_size}
+
+
+def unpack(archive: Path, dest: Path) -> Path:
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    return dest / "data"
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def step(name: str, argv: list[str], out: Path, timeout_s: float, env=None) -> dict:
+    """Run one step in its own process; its stdout and stderr go to ``out/NAME.log``."""
+    t0 = time.perf_counter()
+    log(f"{name}: {' '.join(argv)} (limit {timeout_s:.0f} s)")
+    with open(out / f"{name}.log", "w") as f:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=f, text=True, cwd=ROOT, env=env)
+        try:
+            stdout, _ = proc.communicate(timeout=max(timeout_s, 1.0))
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # SIGTERM: training keeps its complete epochs, as on Ctrl-C
+            try:
+                stdout, _ = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, _ = proc.communicate()
+            timed_out = True
+        f.write(stdout or "")
+    seconds = time.perf_counter() - t0
+    log(f"{name}: exit {proc.returncode}{' (stopped at its time limit)' if timed_out else ''}, {seconds:.1f} s")
+    return {"returncode": proc.returncode, "timed_out": timed_out, "seconds": seconds, "stdout": stdout or ""}
+
+
+def seconds_to_target(epochs: list[dict], target: float) -> dict:
+    """Training seconds (per-epoch evaluation not counted) until the test accuracy first reached ``target``."""
+    total = 0.0
+    for e in epochs:
+        total += e["train_seconds"]
+        if e.get("test_accuracy") is not None and e["test_accuracy"] >= target:
+            return {"target": target, "reached": True, "epoch": e["epoch"], "train_seconds": total}
+    best = max((e.get("test_accuracy") or 0.0 for e in epochs), default=None)
+    return {"target": target, "reached": False, "epoch": None, "train_seconds": None, "best_test_accuracy": best}
+
+
+def _model_arch(model_dir: Path) -> list[str]:
+    config = json.loads((model_dir / "config.json").read_text())["model"]
+    names = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "image_size", "channels", "activation")
+    return [x for n in names if n in config for x in (f"--{n.replace('_', '-')}", str(config[n]))]
+
+
+def run(args) -> dict:
+    start = time.perf_counter()
+    left = lambda: args.budget - (time.perf_counter() - start)  # noqa: E731
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: {out} exists and is not empty; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="cmj-accel-"))
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
+               PYTHONUNBUFFERED="1", CONVMIXER_JAX_CACHE=str(work / "cache"))
+    if not args.dry_run:
+        # the package's XLA:CPU flag is for the jaxlib pinned in pyproject.toml; an accelerator
+        # image may carry another jaxlib
+        env["CONVMIXER_JAX_KEEP_XLA_FLAGS"] = "1"
+    summary: dict = {"dry_run": args.dry_run, "budget_s": args.budget, "command": " ".join(sys.argv)}
+    try:
+        # 1. the device
+        r = step("env", [sys.executable, "-c", ENV_PROBE], out, 120, env)
+        device = json.loads(r["stdout"].strip().splitlines()[-1]) if r["returncode"] == 0 else None
+        summary["device"] = device
+        (out / "env.json").write_text(json.dumps(device, indent=1) + "\n")
+        print(f"device: {device['device_kind'] if device else 'unknown'} ({device and device['backend']}), "
+              f"{device and device['device_count']} device(s)", flush=True)
+        accelerator = bool(device and device["backend"] != "cpu")
+
+        # 2. JAX vs PyTorch on this device
+        bench = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--skip-sweep", "--skip-blockwise",
+                 "--skip-alt", "--out", str(out / "bench.md"), "--json", str(out / "bench.json")]
+        if args.dry_run:
+            bench += ["--quick", "--tiny", "--rounds", "1", "--train-steps", "1", "--infer-steps", "1",
+                      "--warmup", "0"]
+        elif accelerator:
+            bench += ["--torch-compile"]  # bench.py times eager and compiled; CPU torch is skipped there
+        r = step("bench", bench, out, min(args.bench_limit, max(left() - 60, 30)), env)
+        summary["bench"] = _bench_summary(out / "bench.json") if r["returncode"] == 0 else {"error": r["returncode"]}
+
+        # 3. the data
+        t0 = time.perf_counter()
+        data = unpack(Path(args.archive), work)
+        summary["data"] = {"archive": str(args.archive), "archive_bytes": Path(args.archive).stat().st_size,
+                           "unpack_seconds": time.perf_counter() - t0}
+
+        # 4. the wrong-key sweep
+        keys, limit = (3, ["--limit", "20"]) if args.dry_run else (args.num_keys, [])
+        chunk, batch = (2, 40) if args.dry_run else (args.key_chunk, args.key_chunk * 1000)
+        attack = CLI + ["attack", str(args.model), "--data-dir", str(data), "--num-keys", str(keys), "--key-seed",
+                        str(args.key_seed), "--key-chunk", str(chunk), "--batch-size", str(batch), *limit,
+                        "--quiet", "--out", str(out / "attack.json")]
+        r = step("attack", attack, out, max(min(args.attack_limit, left() - 60), 30), env)
+        summary["sweep"] = _attack_summary(out / "attack.json") if r["returncode"] == 0 else {"error": r["returncode"]}
+
+        # 5. the paper's recipe for as many epochs as fit
+        if args.dry_run:
+            train_opts = [*_model_arch(Path(args.model)), "--epochs", "2", "--train-batch-size", "16",
+                          "--limit-train", "64", "--limit-test", "32"]
+        else:
+            train_opts = ["--preset", "paper", "--epochs", str(args.epochs)]
+        train = CLI + ["train", "--data-dir", str(data), "--recipe", "paper", "--seed", "0", *train_opts,
+                       "--workdir", str(work / "train"), "--out", str(work / "model"), "--quiet"]
+        limit_s = max(left() - args.margin, 10)
+        r = step("train", train, out, limit_s, env)
+        log_file = work / "train" / "train_log.json"
+        if log_file.exists():
+            shutil.copy(log_file, out / "train_log.json")
+            history = json.loads(log_file.read_text())
+            epochs = history["epochs"]
+            summary["train"] = {"recipe": "paper", "epochs_done": len(epochs),
+                                "epochs_planned": history["recipe"]["epochs"], "time_limit_s": limit_s,
+                                "stopped_at_limit": r["timed_out"], "returncode": r["returncode"],
+                                "train_images": history.get("train_images"),
+                                "images_per_second": [e["images_per_second"] for e in epochs],
+                                "test_accuracy": [e.get("test_accuracy") for e in epochs],
+                                "to_target": seconds_to_target(epochs, args.target)}
+        else:
+            summary["train"] = {"error": r["returncode"], "epochs_done": 0}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary["wall_seconds"] = time.perf_counter() - start
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    text = summary_markdown(summary)
+    (out / "summary.md").write_text(text)
+    print(text, flush=True)
+    return summary
+
+
+def _bench_summary(path: Path) -> dict:
+    b = json.loads(path.read_text())["model"]
+    r = b["results"]
+    out = {"batch": b["batch"], "tiny": b.get("tiny", False), "depthwise_impl": b["depthwise_impl"],
+           "jax_train_images_per_s": r["jax_train"]["images_per_s"],
+           "jax_infer_images_per_s": r["jax_infer"]["images_per_s"]}
+    for key in ("train_ratio", "infer_ratio", "train_ratio_compile", "infer_ratio_compile"):
+        out[key] = b.get(key)
+    return out
+
+
+def _attack_summary(path: Path) -> dict:
+    a = json.loads(path.read_text())
+    return {k: a[k] for k in ("num_keys", "test_images", "seconds", "key_image_pairs_per_second", "median",
+                              "min", "max", "device", "accuracies", "key_seed")}
+
+
+def summary_markdown(s: dict) -> str:
+    d = s.get("device") or {}
+    L = [f"# Accelerator check{' (dry run: tiny limits, not a measurement)' if s['dry_run'] else ''}", "",
+         f"- Device: {d.get('device_kind')} ({d.get('backend')}), {d.get('device_count')} device(s); "
+         f"nvidia-smi: {d.get('nvidia_smi')}", f"- Versions: {d.get('versions')}",
+         f"- Wall time: {s['wall_seconds']:.0f} s of a {s['budget_s']:.0f} s budget", f"- Command: `{s['command']}`", ""]
+    b = s.get("bench") or {}
+    if "jax_train_images_per_s" in b:
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        L += [f"bench.py (batch {b['batch']}{', tiny model' if b['tiny'] else ', ConvMixer-256/8'}, "
+              f"depthwise {b['depthwise_impl']}): JAX training {b['jax_train_images_per_s']:.0f} img/s, "
+              f"inference {b['jax_infer_images_per_s']:.0f} img/s; JAX / PyTorch eager: training "
+              f"{fmt(b['train_ratio'])}, inference {fmt(b['infer_ratio'])}; JAX / torch.compile: training "
+              f"{fmt(b['train_ratio_compile'])}, inference {fmt(b['infer_ratio_compile'])}.", ""]
+    w = s.get("sweep") or {}
+    if "num_keys" in w:
+        L += [f"Wrong-key sweep: {w['num_keys']} keys x {w['test_images']:,} test images in {w['seconds']:.1f} s "
+              f"({w['key_image_pairs_per_second']:,.0f} key-image pairs/s); accuracies median {w['median']:.4f}, "
+              f"min {w['min']:.4f}, max {w['max']:.4f}.", ""]
+    t = s.get("train") or {}
+    if t.get("epochs_done"):
+        tt = t["to_target"]
+        reached = (f"test accuracy {tt['target']:.2f} first reached after epoch {tt['epoch']}, "
+                   f"{tt['train_seconds']:.1f} s of training (per-epoch evaluation not counted)" if tt["reached"]
+                   else f"test accuracy {tt['target']:.2f} not reached (best {tt['best_test_accuracy']:.4f})")
+        L += [f"Paper recipe: {t['epochs_done']} of {t['epochs_planned']} epochs in the {t['time_limit_s']:.0f} s "
+              f"left{' (stopped there)' if t['stopped_at_limit'] else ''}, last test accuracy "
+              f"{t['test_accuracy'][-1]:.4f}, {t['images_per_second'][-1]:,.0f} img/s in the last epoch; {reached}.", ""]
+    return "\n".join(L)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    k = sub.add_parser("pack", help="pack the JPEG copy into one archive to carry")
+    k.add_argument("--data-dir", required=True, type=Path, help="folder with train/ and test/ class folders")
+    k.add_argument("--out", required=True, type=Path, help="archive to write (.tar.gz)")
+    r = sub.add_parser("run", help="the check itself")
+    r.add_argument("--archive", required=True, type=Path, help="the archive made by pack")
+    r.add_argument("--out", required=True, type=Path, help="results folder (new or empty)")
+    r.add_argument("--model", type=Path, default=ROOT / "results" / "cifar10" / "plain-model",
+                   help="the model the sweep attacks (default: the committed CIFAR-10 model)")
+    r.add_argument("--budget", type=float, default=450.0, help="seconds of wall time for everything (450)")
+    r.add_argument("--margin", type=float, default=25.0, help="seconds kept after training (25)")
+    r.add_argument("--bench-limit", type=float, default=150.0, help="seconds at most for bench.py (150)")
+    r.add_argument("--attack-limit", type=float, default=120.0, help="seconds at most for the sweep (120)")
+    r.add_argument("--num-keys", type=int, default=100, help="wrong keys of the sweep (100)")
+    r.add_argument("--key-chunk", type=int, default=25, help="keys per call of the sweep, x 1000 images (25)")
+    r.add_argument("--key-seed", type=int, default=1, help="seed of the sweep's keys (1)")
+    r.add_argument("--epochs", type=int, default=200, help="epochs planned; the budget usually ends it first (200)")
+    r.add_argument("--target", type=float, default=0.90, help="test accuracy to time (0.90)")
+    r.add_argument("--dry-run", action="store_true", help="tiny limits: rehearse every step on a CPU")
+    args = p.parse_args(argv)
+    if args.what == "run":
+        for name in ("archive", "model"):
+            if not getattr(args, name).exists():
+                p.error(f"--{name} {getattr(args, name)} does not exist")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.what == "pack":
+        print(json.dumps(pack(args.data_dir, args.out)))
+        return 0
+    summary = run(args)
+    failed = [name for name in ("bench", "sweep", "train") if "error" in (summary.get(name) or {"error": 1})]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The global device mesh, and arrays on it built from what each process holds.
+
+In a multi-process run every process sees all devices (``jax.devices()``) but
+addresses only its own (``jax.local_devices()``). An array sharded over the mesh is
+built with ``jax.make_array_from_callback``: each process is asked only for the rows
+of its own devices, so it feeds just its share (of the keys of a sweep, of the images
+of a training batch). Replicated values (weights, the images every key is tried on)
+are put on each process's devices from that process's identical copy. With one
+process all of this is ordinary single-host sharding.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def global_mesh(axis: str) -> Mesh:
+    """A one-axis mesh named ``axis`` over every device of every process."""
+    return Mesh(np.asarray(jax.devices()), (axis,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def by_rows(mesh: Mesh) -> NamedSharding:
+    """The leading axis split over the mesh's one axis."""
+    return NamedSharding(mesh, P(mesh.axis_names[0]))
+
+
+def replicate(tree, mesh: Mesh):
+    """Every leaf of ``tree`` (numpy, or arrays this process can read) as a replicated global array.
+
+    Every process must pass the same values; each supplies its own devices' copies.
+    """
+    sharding = replicated(mesh)
+
+    def put(leaf):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def shard_rows(source, mesh: Mesh, rows: np.ndarray | None = None) -> jax.Array:
+    """The global array ``source[rows]`` (all of ``source`` if ``rows`` is None), split by rows.
+
+    source: (N, ...) array-like, the same on every process (it may be a memory map);
+    rows: (B,) int indices, B a multiple of the mesh size. Only this process's rows
+    are read from ``source``.
+    """
+    n = len(source) if rows is None else len(rows)
+    shape = (n,) + tuple(np.shape(source)[1:])
+
+    def local(index):
+        sl = index[0]
+        picked = source[sl] if rows is None else source[np.asarray(rows)[sl]]
+        return np.asarray(picked)[(slice(None),) + tuple(index[1:])]
+
+    return jax.make_array_from_callback(shape, by_rows(mesh), local)
+
+
+def to_host(tree):
+    """Replicated (or single-process) arrays of ``tree`` as numpy; every process gets the values."""
+    return jax.tree.map(np.asarray, tree)
+
+
+def pad_to_multiple(n: int, k: int) -> int:
+    """The smallest multiple of ``k`` that is >= ``n``."""
+    return -(-n // k) * k
+
+
+__all__ = ["global_mesh", "replicated", "by_rows", "replicate", "shard_rows", "to_host", "pad_to_multiple"]

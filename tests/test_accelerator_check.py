@@ -1,0 +1,103 @@
+"""The accelerator script's dry run, end to end on the CPU: the data packed and unpacked, the
+bench, the sweep and the paper recipe's training, and every number of its summary checked
+against the files it comes from or a run of the same command here."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli_helpers import ok
+
+ROOT = Path(__file__).parents[1]
+SCRIPT = ROOT / "benchmarks" / "accelerator_check.py"
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("accel")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("test", 12)):
+        for c in range(3):
+            d = tmp / "data" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    archive = tmp / "carry" / "data.tar.gz"
+    packed = subprocess.run([sys.executable, str(SCRIPT), "pack", "--data-dir", str(tmp / "data"),
+                             "--out", str(archive)], capture_output=True, text=True, timeout=120)
+    assert packed.returncode == 0, packed.stderr
+    from convmixer_jax import cli
+
+    assert cli.main(["init-model", "--dim", "8", "--depth", "1", "--kernel-size", "3", "--patch-size", "2",
+                     "--num-classes", "3", "--image-size", "8", "--seed", "1", "--out", str(tmp / "model")]) == 0
+    out = tmp / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "run", "--dry-run", "--archive", str(archive),
+                           "--model", str(tmp / "model"), "--target", "0.0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"tmp": tmp, "out": out, "archive": archive, "packed": json.loads(packed.stdout),
+            "stdout": proc.stdout, "summary": json.loads((out / "summary.json").read_text())}
+
+
+def test_pack_holds_every_image_once(dry_run):
+    with tarfile.open(dry_run["archive"]) as tar:
+        names = sorted(m.name for m in tar.getmembers() if m.isfile())
+    assert len(names) == dry_run["packed"]["files"] == 3 * (24 + 12)
+    assert names[0].startswith("data/test/class0/") and all(n.startswith("data/") for n in names)
+    assert dry_run["summary"]["data"]["archive_bytes"] == dry_run["archive"].stat().st_size
+
+
+def test_everything_in_one_folder_and_printed(dry_run):
+    files = {p.name for p in dry_run["out"].iterdir()}
+    assert {"env.json", "bench.md", "bench.json", "attack.json", "train_log.json", "summary.json",
+            "summary.md"} <= files
+    assert dry_run["stdout"].startswith("device: cpu (cpu), 1 device(s)")
+    assert (dry_run["out"] / "summary.md").read_text() in dry_run["stdout"]
+    assert dry_run["summary"]["device"]["backend"] == "cpu"
+
+
+def test_bench_numbers_are_bench_py_s(dry_run):
+    b = json.loads((dry_run["out"] / "bench.json").read_text())["model"]
+    s = dry_run["summary"]["bench"]
+    assert s["tiny"] and s["batch"] == 8 == b["batch"]
+    assert s["jax_train_images_per_s"] == b["results"]["jax_train"]["images_per_s"] > 0
+    if b["train_ratio"] is not None:  # PyTorch installed (the torch extra)
+        assert s["train_ratio"] == b["results"]["jax_train"]["images_per_s"] / b["results"]["torch_train"]["images_per_s"]
+    assert s["train_ratio_compile"] is None  # torch.compile only where PyTorch sees an accelerator
+
+
+def test_sweep_equals_the_attack_command(capsys, dry_run):
+    tmp, s = dry_run["tmp"], dry_run["summary"]["sweep"]
+    ok(capsys, "attack", tmp / "model", "--data-dir", tmp / "data", "--num-keys", "3", "--key-seed", "1",
+       "--key-chunk", "2", "--batch-size", "40", "--limit", "20", "--quiet", "--out", tmp / "again.json")
+    again = json.loads((tmp / "again.json").read_text())
+    assert s["accuracies"] == again["accuracies"] and s["num_keys"] == 3 and s["test_images"] == 20
+    assert s["median"] == float(np.median(again["accuracies"]))
+
+
+def test_training_epochs_and_seconds_to_target_from_the_log(dry_run):
+    t = dry_run["summary"]["train"]
+    epochs = json.loads((dry_run["out"] / "train_log.json").read_text())["epochs"]
+    assert t["epochs_done"] == len(epochs) == 2 and t["recipe"] == "paper" and t["train_images"] == 64
+    assert t["test_accuracy"] == [e["test_accuracy"] for e in epochs]
+    # --target 0.0 is met by the first epoch: its training seconds exactly
+    assert t["to_target"] == {"target": 0.0, "reached": True, "epoch": 1, "train_seconds": epochs[0]["train_seconds"]}
+    assert not t["stopped_at_limit"] and t["returncode"] == 0
+
+
+def test_seconds_to_target_when_not_reached():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from accelerator_check import seconds_to_target
+
+    epochs = [{"epoch": 1, "train_seconds": 2.0, "test_accuracy": 0.5},
+              {"epoch": 2, "train_seconds": 3.0, "test_accuracy": 0.91}]
+    assert seconds_to_target(epochs, 0.9) == {"target": 0.9, "reached": True, "epoch": 2, "train_seconds": 5.0}
+    assert seconds_to_target(epochs, 0.95)["best_test_accuracy"] == 0.91
