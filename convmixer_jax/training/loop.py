@@ -289,8 +289,11 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
         start_epoch = latest
         if log_path.exists():
             saved = json.loads(log_path.read_text())
-            if saved.get("recipe") is not None:  # recipes saved before a field existed have its default
+            # models and recipes saved before a field existed have its default
+            if saved.get("recipe") is not None:
                 saved["recipe"] = TrainConfig.from_dict(saved["recipe"]).to_dict()
+            if saved.get("model") is not None:
+                saved["model"] = type(config).from_dict(saved["model"]).to_dict()
             for what, now in (("model", config.to_dict()), ("recipe", cfg.to_dict()),
                               ("init_from", init_from)):
                 if json.loads(json.dumps(now)) != json.loads(json.dumps(saved.get(what))):
