@@ -65,6 +65,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the library's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--save", default=None, metavar="DIR", help="also save the trained prior to DIR")
     args = ap.parse_args(argv)
 
     import convmixer_jax  # noqa: F401  (XLA CPU flags)
@@ -77,6 +78,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     prior = ip.train_image_prior(train, seed=args.seed, progress=True, **kw)
     train_s = time.perf_counter() - t0
+    if args.save:
+        ip.save_image_prior(prior, args.save)
 
     held_f = held.astype(np.float32) / 255.0
     t0 = time.perf_counter()

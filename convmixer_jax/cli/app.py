@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 
-from convmixer_jax.cli import attacks, experiment, images, keys, models, torch_io, training
+from convmixer_jax.cli import attacks, experiment, images, keys, models, recover, torch_io, training
 from convmixer_jax.cli.options import PROG, Parser, UsageError, one_line
 
 _DESCRIPTION = """\
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.subcommands[name] = p
         return p
 
-    for group in (keys, images, models, torch_io, training, attacks, experiment):
+    for group in (keys, images, models, torch_io, training, attacks, recover, experiment):
         group.register(add)
     return parser
 

@@ -110,32 +110,6 @@ def cmd_security_report(args) -> int:
     return 0
 
 
-def cmd_recover_key(args) -> int:
-    from convmixer_jax.scheme.images import ImageError
-    from convmixer_jax.attacks.known_plaintext import recover_key
-    from convmixer_jax.scheme.keys import fingerprint, key_file_text
-    from convmixer_jax.files.atomic import check_output, write_text_atomic
-    from convmixer_jax.files.arrays import load_images
-
-    check_output(args.out, args.force, inputs={"--plain": args.plain, "--encrypted": args.encrypted})
-    plain = load_images(args.plain)
-    encrypted = load_images(args.encrypted)
-    if plain.shape != encrypted.shape:
-        raise ImageError(f"{args.plain} holds shape {plain.shape} but {args.encrypted} holds shape "
-                         f"{encrypted.shape}; pass each plain image with its own encrypted version")
-    result = recover_key(plain, encrypted, args.block_size)
-    if not result.consistent:
-        raise ValueError("the pairs are not plain/encrypted images under one key of this block size "
-                         f"({result.reason})")
-    if result.key is None:
-        raise ValueError(f"{result.undetermined} of the {result.block_len} positions of a block are "
-                         f"undetermined by these pairs ({result.num_blocks} blocks); use more image pairs, "
-                         "or less uniform ones (flat, repeated or gray regions leave positions ambiguous)")
-    write_text_atomic(args.out, key_file_text(result.key), force=args.force, private=True)
-    print(fingerprint(result.key))
-    return 0
-
-
 def register(add) -> None:
     """Add this group's subcommands with ``add(name, func, help, description)``."""
     p = add("attack", cmd_attack, "accuracy of an encrypted model under random wrong keys",
@@ -194,14 +168,4 @@ def register(add) -> None:
                    help="steps per fine-tuning run (default: grows with n, see finetune_attack.default_steps)")
     add_key_seed(p, old_seed_alias=True)
     add_quiet(p)
-    add_force(p)
-
-    p = add("recover-key", cmd_recover_key, "recover a key from plain/encrypted image pairs",
-            "Known-plaintext attack: recover the key from plain images and the same images "
-            "encrypted with it (.npy, (N, H, W, C) or (H, W, C), uint8 or float in [0, 1]). Writes "
-            "the key file only if the pairs determine every position of the key; prints its fingerprint.")
-    p.add_argument("--plain", required=True, metavar="P.npy", help="plain images")
-    p.add_argument("--encrypted", required=True, metavar="E.npy", help="the same images, encrypted")
-    p.add_argument("--block-size", type=positive_int, required=True, metavar="M", help="block size M")
-    p.add_argument("--out", required=True, metavar="KEY.json", help="key file to write")
     add_force(p)

@@ -1,0 +1,408 @@
+"""Ciphertext-only key recovery: the key from encrypted images alone (docs/security.md).
+
+Every block of every image is encrypted with the same signed permutation of its
+pb = M*M*C values. Natural images leave three kinds of evidence in the ciphertext:
+
+1. **Flips.** Values of one block are positively correlated in natural images, and a
+   flip (``1 - x``; in the normalized values ``-x``) changes the sign of the correlations
+   of its position. The signs of the correlation matrix of the pb encrypted positions
+   over all blocks give the flips up to one global sign (``from_weights._signs``).
+2. **Layout.** After undoing the flips, the positions still have to be put back in
+   their (row, column, channel) slots. Two horizontally (vertically) adjacent blocks
+   form a window of 2*pb values whose covariance in natural images is a property of
+   the slots alone: :func:`block_template` estimates it, with its inverse, from public
+   images. The Gaussian log-likelihood of the encrypted windows under a candidate layout
+   is a sum of quadratic-assignment terms (``layout_search``), maximized over
+   permutations. The window across a block border is what breaks the symmetries of the
+   block (mirrors and rotations leave the correlations inside a block unchanged, but not
+   the continuation of the right column into the next block's left column).
+3. **Colour and sign.** What the second-order statistics cannot see is the order of
+   the channels and the global sign (the whole image negated). A learned prior
+   (:mod:`convmixer_jax.attacks.image_prior`) scores the 12 colour variants of the
+   decrypted images; the log-probabilities of all images add up. For odd pb the flip
+   count (floor(pb/2) ones) fixes the sign by itself.
+
+With the encrypted model as well (``model=``), the kernel attack of
+:mod:`convmixer_jax.attacks.from_model` proposes the key up to the block's dihedral
+symmetries (its colour and sign decided by the model's own BatchNorm statistics on
+public images) and the encrypted images pick the orientation by the likelihood above.
+
+The result says how sure it is: a key is *determined* only when the flips, the layout
+and the colour/sign decisions each clear a stated margin (:data:`SIGN_SIGMAS`,
+:data:`LAYOUT_MARGIN`, :data:`COLOUR_MARGIN`); otherwise ``key`` is None and
+``best_guess`` holds the most likely key with the reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from convmixer_jax.attacks.from_weights import _balanced_flip, _signs, symmetric_keys
+from convmixer_jax.attacks.image_prior import colour_variants, invert_variant, variant_log_probs
+from convmixer_jax.attacks.layout_search import local_search, objective, search
+from convmixer_jax.scheme.images import ImageError
+from convmixer_jax.scheme.keys import Key, block_len, flip_ones, validate_key
+
+#: A flip is decided when its support in the correlation signs exceeds this many
+#: standard deviations of what uncorrelated values (noise) would give.
+SIGN_SIGMAS = 6.0
+#: nats by which the chosen layout must beat every other local maximum found (other
+#: than its own colour variants) and every exchange of two positions.
+LAYOUT_MARGIN = 5.0
+#: starts of the layout search that must end in the chosen layout (or one of its
+#: dihedral copies, which the polish maps onto it).
+MIN_HITS = 2
+#: nats by which the chosen colour/sign variant must beat the next one.
+COLOUR_MARGIN = 3.0
+#: covariance regularizations of the template, from the smooth objective the search
+#: starts on to the one it ends on (values are normalized to [-1, 1]).
+TEMPLATE_REGS = (1.0, 0.1, 0.01)
+
+
+def block_grid(images, block_size: int) -> np.ndarray:
+    """(N, H, W, C) uint8 or float in [0, 1] -> (N, H/M, W/M, M*M*C) float64 blocks in
+    (row, column, channel) order, normalized to ``2x - 1``."""
+    x = np.asarray(images)
+    x = x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
+    n, h, w, c = x.shape
+    m = block_size
+    if h % m or w % m:
+        raise ImageError(f"images of {h} x {w} do not split into {m} x {m} blocks; "
+                         f"pass images whose height and width are multiples of {m}")
+    x = x.reshape(n, h // m, m, w // m, m, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h // m, w // m, m * m * c) * 2.0 - 1.0
+
+
+def grid_images(grid: np.ndarray, block_size: int, channels: int) -> np.ndarray:
+    """Inverse of :func:`block_grid`: (N, gh, gw, pb) normalized -> (N, H, W, C) in [0, 1]."""
+    n, gh, gw, _ = grid.shape
+    m = block_size
+    x = grid.reshape(n, gh, gw, m, m, channels).transpose(0, 1, 3, 2, 4, 5)
+    return np.clip((x.reshape(n, gh * m, gw * m, channels) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _pairs(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, gh, gw, pb) -> horizontal and vertical windows of two blocks, (n, 2*pb) each."""
+    pb = grid.shape[-1]
+    h = np.concatenate([grid[:, :, :-1], grid[:, :, 1:]], -1).reshape(-1, 2 * pb)
+    v = np.concatenate([grid[:, :-1], grid[:, 1:]], -1).reshape(-1, 2 * pb)
+    return h, v
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockTemplate:
+    """Second-order statistics of natural images at the scale of one block pair.
+
+    precisions: one (horizontal, vertical) pair per regularization in ``regs``; each is the
+      (2*pb, 2*pb) inverse covariance of the normalized values of two adjacent blocks.
+    """
+
+    block_size: int
+    channels: int
+    regs: tuple[float, ...]
+    precisions: tuple[tuple[np.ndarray, np.ndarray], ...]
+    public_images: int
+    windows: int
+
+
+def block_template(public_images, block_size: int, *, regs=TEMPLATE_REGS,
+                   max_windows: int = 400_000, seed: int = 0) -> BlockTemplate:
+    """Estimate the block-pair template from public natural images.
+
+    Windows are taken at every offset 0..M-1 of the block grid (natural images are
+    stationary), at most ``max_windows`` of each kind (a seeded subset).
+
+    Args:
+      public_images: (N, H, W, C) uint8 or float in [0, 1], at the scale of the images to
+        be attacked (natural images of the same size; resize them first if needed).
+      block_size: M.
+    """
+    x = np.asarray(public_images)
+    if x.ndim != 4:
+        raise ImageError(f"public images must be (N, H, W, C), got shape {x.shape}")
+    m, c = block_size, x.shape[-1]
+    pb = block_len(m, c)
+    rng = np.random.default_rng(seed)
+    hs, vs = [], []
+    for o in range(m):
+        sub = x[:, o:, o:]
+        hh, ww = (sub.shape[1] // m) * m, (sub.shape[2] // m) * m
+        if hh < 2 * m or ww < 2 * m:
+            continue
+        h, v = _pairs(block_grid(sub[:, :hh, :ww], m))
+        hs.append(h[rng.permutation(len(h))[: max_windows // m]])
+        vs.append(v[rng.permutation(len(v))[: max_windows // m]])
+    if not hs or sum(len(h) for h in hs) < 4 * pb:
+        raise ImageError(f"{len(x)} public images of {x.shape[1]} x {x.shape[2]} give too few "
+                         f"{m} x {m} block pairs for a template; pass more (or larger) public images")
+    covs = [np.cov(np.concatenate(d), rowvar=False) for d in (hs, vs)]
+    eye = np.eye(2 * pb)
+    precs = tuple(tuple(np.linalg.inv(cv + r * eye) for cv in covs) for r in regs)
+    return BlockTemplate(m, c, tuple(float(r) for r in regs), precs, int(len(x)), int(sum(len(h) for h in hs)))
+
+
+def _terms(prec_h: np.ndarray, prec_v: np.ndarray, signed_grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stacked (A, B), (8, pb, pb): f(p) = sum A[t,u,v] B[t,p u,p v] is the Gaussian log-likelihood
+    (nats, up to a constant) of the centered encrypted windows under layout p."""
+    pb = signed_grid.shape[-1]
+    a_list, b_list = [], []
+    for prec, d in zip((prec_h, prec_v), _pairs(signed_grid)):
+        d = d - d.mean(0)
+        s = d.T @ d
+        for i in range(2):
+            for j in range(2):
+                blk = (slice(i * pb, (i + 1) * pb), slice(j * pb, (j + 1) * pb))
+                a_list.append(-0.5 * prec[blk])
+                b_list.append(s[blk])
+    return np.stack(a_list), np.stack(b_list)
+
+
+def colour_key(key: Key, variant) -> Key:
+    """The key whose decryption is ``apply_variant(decrypt(E, key), variant)``.
+
+    variant: (negate, order) as in :mod:`~convmixer_jax.attacks.image_prior`.
+    """
+    neg, order = variant
+    c = key.channels
+    perm = np.asarray(key.perm)
+    inv_order = np.argsort(np.asarray(order))
+    new_perm = perm - perm % c + inv_order[perm % c]
+    return Key(new_perm, np.asarray(key.flip) ^ np.uint8(bool(neg)), key.block_size, c)
+
+
+def _dihedral_keys(key: Key) -> list[Key]:
+    return symmetric_keys(key, channel_orders=False, global_sign=False)
+
+
+def _layout_of(key: Key) -> np.ndarray:
+    """p[u] = the encrypted position that holds plain slot u."""
+    return np.argsort(np.asarray(key.perm))
+
+
+def _key_from(p: np.ndarray, s: np.ndarray, m: int, c: int, support: np.ndarray | None = None) -> Key:
+    """The key of layout p with flips where s < 0 (the global sign flipped when that gives the
+    right count; else the floor(pb/2) positions with the most evidence for a flip)."""
+    flip = (s < 0).astype(np.uint8)
+    if int(flip.sum()) != flip_ones(len(s)):
+        flip = 1 - flip
+    if int(flip.sum()) != flip_ones(len(s)):
+        w = np.abs(support) if support is not None else np.ones(len(s))
+        flip = _balanced_flip(np.where(flip == 1, 1.0, -1.0) * w)
+    return Key(np.argsort(p), flip, m, c)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CiphertextRecovery:
+    """What encrypted images alone reveal about the key.
+
+    Attributes:
+      key: the key when determined (every margin cleared), else None.
+      best_guess: the most likely key found (always set).
+      reason: why the key is not determined ('' when it is).
+      sign_support: (pb,) support of each flip, in noise standard deviations.
+      layout_margin: nats between the chosen layout and the best other one found.
+      colour_margin: nats between the chosen colour/sign variant and the next.
+      colour_log_probs: (V,) summed log-probs of the colour variants under the prior
+        (V = 0 without a prior), in the order of ``colour_variants``.
+    """
+
+    key: Key | None
+    best_guess: Key
+    reason: str
+    num_images: int
+    num_blocks: int
+    sign_support: np.ndarray
+    layout_margin: float
+    colour_margin: float
+    colour_log_probs: np.ndarray
+    method: str
+    seconds: float
+    notes: str = ""
+
+    @property
+    def determined(self) -> bool:
+        return self.key is not None
+
+
+def _colour_choice(best: Key, grid: np.ndarray, prior, notes: list[str]) -> tuple[Key, float, np.ndarray]:
+    """Pick the colour/sign variant of ``best`` by the prior; returns key, margin, log-probs."""
+    from convmixer_jax.scheme.keys import InvalidKeyError
+
+    m, c = best.block_size, best.channels
+    pb = grid.shape[-1]
+    variants = colour_variants(c)
+    valid = []
+    for v in variants:
+        try:
+            validate_key(colour_key(best, invert_variant(v)))
+            valid.append(True)
+        except InvalidKeyError:
+            valid.append(False)  # odd pb: the negated key has the wrong flip count
+    if not any(v[0] for v, ok in zip(variants, valid) if ok) and len(variants) > 1:
+        notes.append(f"global sign from the flip count (odd pb = {pb})")
+    if prior is None or getattr(prior, "config", None) is None or prior.config.channels != c:
+        alive = [i for i, ok in enumerate(valid) if ok]
+        notes.append("no colour prior for these images: channel order and sign left as found")
+        margin = np.inf if len(alive) == 1 else 0.0
+        return colour_key(best, invert_variant(variants[alive[0]])), margin, np.zeros(0)
+    sgn = 1.0 - 2.0 * np.asarray(best.flip, np.float64)
+    plain = np.empty_like(grid)
+    plain[..., np.asarray(best.perm)] = grid * sgn
+    lp = variant_log_probs(prior, grid_images(plain, m, c)).sum(0)
+    masked = np.where(valid, lp, -np.inf)
+    order = np.argsort(-masked)
+    j = int(order[0])
+    margin = float(masked[j] - masked[order[1]]) if np.isfinite(masked[order[1]]) else np.inf
+    return validate_key(colour_key(best, invert_variant(variants[j]))), margin, lp
+
+
+def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTemplate, *, prior=None,
+                                model=None, public_images=None, starts: int | None = None, seed: int = 0,
+                                progress: bool = False) -> CiphertextRecovery:
+    """Recover the key from encrypted images alone.
+
+    Args:
+      encrypted: (N, H, W, C) or (H, W, C) uint8 or float in [0, 1], encrypted with one
+        key of block size M (H, W multiples of M).
+      block_size: M.
+      template: :func:`block_template` of public natural images at the same scale.
+      prior: an :class:`~convmixer_jax.attacks.image_prior.ImagePrior` for C channels, or
+        None (then the channel order and, for even pb, the sign stay undetermined).
+      model: optional ``(config, encrypted_variables)`` of the encrypted model; with
+        ``public_images`` (unlabeled natural images) its kernel attack proposes the key.
+      starts: layout-search starts (default 48 for pb <= 64, else 12).
+    Returns:
+      a :class:`CiphertextRecovery`.
+    """
+    t0 = time.perf_counter()
+    e = np.asarray(encrypted)
+    if e.ndim == 3:
+        e = e[None]
+    if e.ndim != 4:
+        raise ImageError(f"encrypted images must be (N, H, W, C) or (H, W, C), got shape {e.shape}")
+    m, c = block_size, e.shape[-1]
+    if (template.block_size, template.channels) != (m, c):
+        raise ImageError(f"the template is for {template.block_size} x {template.block_size} blocks of "
+                         f"{template.channels} channels, the images have {c} channels and block size {m}; "
+                         "build the template from public images of the same kind")
+    grid = block_grid(e, m)
+    n_img, gh, gw, pb = grid.shape
+    if gh * gw < 2 or min(gh, gw) < 1 or (gh < 2 and gw < 2):
+        raise ImageError(f"images of {gh} x {gw} blocks have no adjacent blocks; pass larger images")
+    flat = grid.reshape(-1, pb)
+    n_blocks = len(flat)
+    notes: list[str] = []
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.nan_to_num(np.corrcoef(flat, rowvar=False))
+    s, support = _signs(corr)
+    noise = np.sqrt((pb - 1) / max(n_blocks, 1))
+    sign_support = support / noise
+    if np.any(sign_support < SIGN_SIGMAS):
+        # not even the flips are supported: no layout search on these images
+        guess = validate_key(_key_from(np.arange(pb), s, m, c, support))
+        return _result(guess, grid, sign_support, np.inf, np.inf, np.zeros(0), "ciphertext", notes, t0)
+    signed = grid * s
+    levels = [_terms(ph, pv, signed) for ph, pv in template.precisions]
+    a, b = levels[-1]
+
+    if model is not None and public_images is not None:
+        return _with_model(model, public_images, template, grid, sign_support, notes, t0)
+
+    sols = search(levels, starts=starts or (48 if pb <= 64 else 12), seed=seed, progress=progress)
+    # the block's dihedral symmetries of the best layouts, polished: the search can end in a
+    # mirrored or rotated copy of the truth
+    hits = {p.tobytes(): h for p, _, h in sols}
+    found = {p.tobytes(): (p, v) for p, v, _ in sols}
+    for p0, _, _ in sols[:2]:
+        for k in _dihedral_keys(_key_from(p0, s, m, c, support)):
+            p, v, _ = local_search(a, b, _layout_of(k))
+            found.setdefault(p.tobytes(), (p, v))
+    ranked = sorted(found.values(), key=lambda t: -t[1])
+    best_p, best_v = ranked[0]
+    _, _, gains = local_search(a, b, best_p, max_iter=1)
+    best = validate_key(_key_from(best_p, s, m, c, support))
+    # the colour variants of the best layout are not alternatives to it
+    same = {_layout_of(colour_key(best, (False, o))).tobytes() for _, o in colour_variants(c)}
+    others = [v for p, v in ranked[1:] if p.tobytes() not in same]
+    swap_margin = float(-np.max(gains + np.diag(np.full(pb, -np.inf)))) if pb > 1 else np.inf
+    layout_margin = min([best_v - v for v in others] + [swap_margin])
+    best_hits = hits.get(best_p.tobytes(), 0)
+    if best_hits < MIN_HITS:
+        notes.append(f"the best layout was reached from {best_hits} of the search's starts")
+    key, colour_margin, lp = _colour_choice(best, grid, prior, notes)
+    return _result(key, grid, sign_support, layout_margin, colour_margin, lp, "ciphertext", notes, t0,
+                   hits=best_hits)
+
+
+def _result(key, grid, sign_support, layout_margin, colour_margin, lp, method, notes, t0,
+            hits: int = MIN_HITS) -> CiphertextRecovery:
+    reasons = []
+    if hits < MIN_HITS:
+        reasons.append(f"only {hits} of the layout search's starts reached the best layout (needs {MIN_HITS}); "
+                       "a better one may exist")
+    weak = int(np.sum(sign_support < SIGN_SIGMAS))
+    if weak:
+        reasons.append(f"{weak} of {grid.shape[-1]} flips are not supported by the correlations "
+                       f"(below {SIGN_SIGMAS:g} noise standard deviations)")
+    if layout_margin < LAYOUT_MARGIN:
+        reasons.append(f"the layout is ahead of the next one by {layout_margin:.1f} nats "
+                       f"(needs {LAYOUT_MARGIN:g})")
+    if colour_margin < COLOUR_MARGIN:
+        reasons.append(f"the channel order / sign is ahead of the next by {colour_margin:.1f} nats "
+                       f"(needs {COLOUR_MARGIN:g})")
+    return CiphertextRecovery(
+        key=None if reasons else key, best_guess=key, reason="; ".join(reasons),
+        num_images=int(grid.shape[0]), num_blocks=int(np.prod(grid.shape[:3])),
+        sign_support=np.asarray(sign_support), layout_margin=float(layout_margin),
+        colour_margin=float(colour_margin), colour_log_probs=np.asarray(lp), method=method,
+        seconds=time.perf_counter() - t0, notes="; ".join(notes))
+
+
+def _with_model(model, public_images, template, grid, sign_support, notes, t0):
+    """The kernel attack's key, its orientation chosen by the encrypted images."""
+    from convmixer_jax.attacks.from_model import recover_key_from_encrypted_model
+
+    config, enc_vars = model
+    rec = recover_key_from_encrypted_model(config, enc_vars, public_images)
+    if rec.key is None:
+        raise ValueError("the encrypted model's kernel gives no valid key; check that the model and "
+                         "the images were encrypted with the same block size")
+    # the dihedral copies of the model's key share its flips, so one set of terms scores them all
+    sgn = 1.0 - 2.0 * np.asarray(rec.key.flip, np.float64)
+    a, b = _terms(*template.precisions[-1], grid * sgn)
+    scored = sorted(((objective(a, b, _layout_of(k)), k) for k in _dihedral_keys(rec.key)), key=lambda t: -t[0])
+    margin = scored[0][0] - scored[1][0] if len(scored) > 1 else np.inf
+    notes.append(f"model: {rec.method}; {rec.notes}")
+    return _result(scored[0][1], grid, sign_support, margin, np.inf, np.zeros(0), "ciphertext+model", notes, t0)
+
+
+def default_prior(channels: int):
+    """The colour prior shipped with the package for RGB (trained on CIFAR-10 training images
+    0..44,999; its held-out accuracy is in ``priors/cifar10-rgb-accuracy.json``), else None."""
+    if channels != 3:
+        return None
+    from importlib.resources import files
+
+    from convmixer_jax.attacks.image_prior import load_image_prior
+
+    return load_image_prior(files("convmixer_jax.attacks") / "priors" / "cifar10-rgb")
+
+
+def match_scale(images, height: int, width: int, *, batch: int = 64) -> np.ndarray:
+    """(N, h, w, C) uint8 or float in [0, 1] -> (N, height, width, C) uint8, resized with a
+    bicubic filter (antialiased when shrinking) when the size differs."""
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        x = np.clip(np.rint(x.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    if x.shape[1:3] == (height, width):
+        return x
+    import jax
+
+    out = np.empty((len(x), height, width, x.shape[-1]), np.uint8)
+    for i in range(0, len(x), batch):
+        part = jax.image.resize(x[i:i + batch].astype(np.float32), (len(x[i:i + batch]), height, width, x.shape[-1]),
+                                "cubic", antialias=True)
+        out[i:i + batch] = np.clip(np.rint(np.asarray(part)), 0, 255).astype(np.uint8)
+    return out

@@ -1,0 +1,150 @@
+"""Ciphertext-only key recovery (attacks/ciphertext_only.py, attacks/layout_search.py) and
+recover-key without --plain, on smooth random fields (natural-like images made here)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from convmixer_jax.attacks import layout_search as ls
+from convmixer_jax.attacks.ciphertext_only import (block_grid, block_template, colour_key, grid_images,
+                                                   match_scale, recover_key_ciphertext_only)
+from convmixer_jax.scheme.images import encrypt_images_reference
+from convmixer_jax.scheme.keys import generate_key
+
+from cli_helpers import run
+
+
+def smooth_fields(n: int, size: int, channels: int, seed: int, scale: float = 3.0) -> np.ndarray:
+    """(n, size, size, channels) uint8: Gaussian-blurred noise with correlated channels."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    base = gaussian_filter(rng.normal(size=(n, size, size, 1)), (0, scale, scale, 0), mode="wrap")
+    chroma = gaussian_filter(rng.normal(size=(n, size, size, channels)), (0, scale, scale, 0), mode="wrap")
+    x = base + 0.3 * chroma
+    x = (x - x.mean()) / (x.std() * 4) + 0.5
+    return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 9), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_swap_gains_equal_the_change_of_the_objective(n, t, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(t, n, n)), rng.normal(size=(t, n, n))
+    p = rng.permutation(n)
+    gains = ls.swap_gains(a, b, p)
+    f0 = ls.objective(a, b, p)
+    for x in range(n):
+        for y in range(n):
+            q = p.copy()
+            q[x], q[y] = p[y], p[x]
+            assert gains[x, y] == pytest.approx(ls.objective(a, b, q) - f0, abs=1e-9 * max(1, abs(f0)))
+
+
+def test_search_finds_a_planted_permutation():
+    # B is A relabelled by a permutation: f is maximal exactly at that permutation
+    rng = np.random.default_rng(0)
+    n = 12
+    a = rng.normal(size=(2, n, n))
+    truth = rng.permutation(n)
+    b = np.empty_like(a)
+    b[:, truth[:, None], truth[None, :]] = a  # f(truth) = |A|^2, the maximum (Cauchy-Schwarz)
+    sols = ls.search([(a, b)], starts=8, keep=3)
+    p, v, hits = sols[0]
+    assert v == pytest.approx(ls.objective(a, b, truth))
+    assert np.array_equal(p, truth) and hits >= 1
+
+
+def test_block_grid_round_trip():
+    x = smooth_fields(2, 12, 3, seed=1)
+    g = block_grid(x, 3)
+    assert g.shape == (2, 4, 4, 27)
+    assert np.array_equal(np.rint(grid_images(g, 3, 3) * 255).astype(np.uint8), x)
+
+
+def test_colour_key_applies_the_variant():
+    from convmixer_jax.attacks.image_prior import apply_variant, colour_variants
+    from convmixer_jax.scheme.images import decrypt_images
+
+    key = generate_key(2, 3, seed=5)
+    x = smooth_fields(1, 8, 3, seed=2)
+    enc = encrypt_images_reference(x, key)
+    base = np.asarray(decrypt_images(enc, key), np.float64) / 255
+    for v in colour_variants(3):
+        got = np.asarray(decrypt_images(enc, colour_key(key, v)), np.float64) / 255
+        assert np.allclose(got, apply_variant(base, v), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_key_from_encrypted_smooth_fields_alone(seed):
+    # odd pb (M = 3, one channel: pb = 9) fixes the global sign by the flip count and there
+    # is no channel order, so the layout search decides everything
+    public = smooth_fields(60, 24, 1, seed=100)
+    template = block_template(public, 3)
+    key = generate_key(3, 1, seed=[7, seed])
+    enc = encrypt_images_reference(smooth_fields(4, 24, 1, seed=seed), key)
+    res = recover_key_ciphertext_only(enc, 3, template, starts=8)
+    assert res.determined, res.reason
+    assert np.array_equal(res.key.perm, key.perm) and np.array_equal(res.key.flip, key.flip)
+    assert res.layout_margin >= 5.0 and np.all(res.sign_support >= 6.0)
+
+
+def test_rgb_layout_without_a_prior_is_right_up_to_the_colour_variants():
+    from convmixer_jax.attacks.image_prior import colour_variants
+
+    public = smooth_fields(80, 24, 3, seed=200)
+    template = block_template(public, 2)
+    key = generate_key(2, 3, seed=11)
+    enc = encrypt_images_reference(smooth_fields(4, 24, 3, seed=3), key)
+    res = recover_key_ciphertext_only(enc, 2, template, starts=8)
+    assert not res.determined and "channel order" in res.reason  # no prior: the colour is not claimed
+    variants = [colour_key(res.best_guess, v) for v in colour_variants(3)]
+    assert any(np.array_equal(k.perm, key.perm) and np.array_equal(k.flip, key.flip) for k in variants)
+
+
+def test_noise_is_refused():
+    public = smooth_fields(60, 24, 1, seed=100)
+    template = block_template(public, 3)
+    noise = np.random.default_rng(0).integers(0, 256, (4, 24, 24, 1), dtype=np.uint8)
+    enc = encrypt_images_reference(noise, generate_key(3, 1, seed=1))
+    res = recover_key_ciphertext_only(enc, 3, template, starts=4)
+    assert not res.determined and "flips" in res.reason
+
+
+def test_match_scale():
+    x = smooth_fields(2, 8, 3, seed=4)
+    assert match_scale(x, 8, 8) is not None and np.array_equal(match_scale(x, 8, 8), x)
+    y = match_scale(x, 16, 24)
+    assert y.shape == (2, 16, 24, 3) and y.dtype == np.uint8
+    assert abs(float(y.mean()) - float(x.mean())) < 3
+
+
+def test_cli_recovers_from_encrypted_images_and_refuses_noise(tmp_path, capsys):
+    public = smooth_fields(60, 24, 1, seed=100)
+    np.save(tmp_path / "public.npy", public)
+    key = generate_key(3, 1, seed=[7, 0])
+    np.save(tmp_path / "enc.npy", encrypt_images_reference(smooth_fields(4, 24, 1, seed=0), key))
+    rc, out, err = run(capsys, "recover-key", "--encrypted", str(tmp_path / "enc.npy"), "--block-size", "3",
+                       "--public", str(tmp_path / "public.npy"), "--quiet", "--out", str(tmp_path / "key.json"))
+    assert rc == 0, err
+    got = json.loads((tmp_path / "key.json").read_text())
+    assert got["perm"] == [int(v) for v in key.perm] and got["flip"] == [int(v) for v in key.flip]
+
+    noise = np.random.default_rng(1).integers(0, 256, (4, 24, 24, 1), dtype=np.uint8)
+    np.save(tmp_path / "noise.npy", encrypt_images_reference(noise, key))
+    rc, out, err = run(capsys, "recover-key", "--encrypted", str(tmp_path / "noise.npy"), "--block-size", "3",
+                       "--public", str(tmp_path / "public.npy"), "--quiet", "--out", str(tmp_path / "noise-key.json"))
+    assert rc == 1 and "cannot determine the key" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "noise-key.json").exists()
+
+
+def test_cli_known_plaintext_options_do_not_mix(tmp_path, capsys):
+    x = smooth_fields(1, 8, 1, seed=0)
+    np.save(tmp_path / "p.npy", x)
+    rc, out, err = run(capsys, "recover-key", "--plain", str(tmp_path / "p.npy"), "--encrypted",
+                       str(tmp_path / "p.npy"), "--block-size", "2", "--best-guess", "--out", str(tmp_path / "k.json"))
+    assert rc != 0 and "--best-guess" in err and not (tmp_path / "k.json").exists()
