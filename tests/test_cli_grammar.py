@@ -16,7 +16,8 @@ NO_OUTPUT = {"keyspace"}
 OPTIONAL_OUTPUT = {"evaluate", "predict"}
 # Options that must read the same (default and help) wherever they appear.
 SHARED = ("--seed", "--key-seed", "--limit", "--batch-size", "--quiet", "--force", "--recipe",
-          "--dataset", "--data-dir", "--download-url", "--download-sha256", "--tfds-data-dir")
+          "--dataset", "--data-dir", "--download-url", "--download-sha256", "--tfds-data-dir",
+          "--coordinator-address", "--num-processes", "--process-id")
 # Each group of commands that must all have the option.
 MUST_HAVE = {
     "--quiet": {"train", "evaluate", "predict", "attack", "reproduce", "security-report", "average-models"},
@@ -24,6 +25,10 @@ MUST_HAVE = {
     "--limit": {"evaluate", "attack", "reproduce"},
     "--batch-size": {"evaluate", "predict", "attack", "average-models"},
     "--seed": {"train", "evaluate", "attack", "reproduce", "average-models", "init-model"},
+    # several processes (cli/options.add_distributed_options): the commands that run over them
+    "--coordinator-address": {"train", "evaluate", "attack", "reproduce"},
+    "--num-processes": {"train", "evaluate", "attack", "reproduce"},
+    "--process-id": {"train", "evaluate", "attack", "reproduce"},
 }
 
 

@@ -35,6 +35,8 @@ def replicate(tree, mesh: Mesh):
     Every process must pass the same values; each supplies its own devices' copies.
     """
     sharding = replicated(mesh)
+    if jax.process_count() == 1:  # every device is this process's: a plain transfer (no copy if already there)
+        return jax.device_put(tree, sharding)
 
     def put(leaf):
         host = np.asarray(leaf)

@@ -116,7 +116,7 @@ def start(coordinator_address: str | None = None, num_processes: int | None = No
         else:
             jax.distributed.initialize(initialization_timeout=timeout_s)
     except RuntimeError as e:
-        if "before" in str(e).lower() or "already" in str(e).lower():
+        if any(word in str(e).lower() for word in ("before", "already", "once")):
             raise DistributedError("jax.distributed must start before JAX computes anything in this process; "
                                    "start the process group first (a fresh process)") from None
         raise DistributedError(f"could not join the process group at {coordinator_address or want.via}: "
