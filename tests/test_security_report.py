@@ -66,10 +66,11 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
     out = tmp_path / "report"
     rep = run_security_report(CFG, variables, train, test, out, kp_pairs=(1,), kp_trials=3, recovery_keys=1,
                               eval_images=40, finetune_sizes=(10, 20), finetune_modes=("stem", "scratch"),
-                              finetune_steps=3, seed=11, progress=False, log=lambda m: None)
+                              finetune_steps=3, ciphertext_ns=(1, 3), ciphertext_keys=2, recovery_ns=(1, 4),
+                              seed=11, progress=False, log=lambda m: None)
     names = sorted(p.name for p in out.iterdir())
-    assert names == [".convmixer-jax-output", "finetune.png", "known_plaintext.png", "model_recovery.png",
-                     "security.json", "summary.md"]
+    assert names == [".convmixer-jax-output", "ciphertext_only.png", "finetune.png", "known_plaintext.png",
+                     "model_recovery.png", "security.json", "summary.md"]
     data = json.loads((out / "security.json").read_text())
     assert data["known_plaintext"][0]["trials"] == 3
     assert set(data["finetune"]["accuracy"]) == {"stem", "scratch"}
@@ -81,6 +82,12 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
     assert json.dumps(np.asarray(key.perm).tolist()) not in text
     assert "Known-plaintext" in (out / "summary.md").read_text()
     assert rep["model_recovery"]["attacks"]["original_weights"]["exact_keys"] == 1
+    # noise images: the ciphertext-only attack never claims a key on them
+    co = rep["ciphertext_only"]
+    assert [(r["images"], r["with_model"], r["keys"]) for r in co["rows"]] == [(1, False, 2), (3, False, 2), (1, True, 2)]
+    assert all(r["claimed"] == 0 for r in co["rows"][:2])
+    assert [r["images"] for r in co["image_recovery"]] == [1, 4]
+    assert "Ciphertext-only" in (out / "summary.md").read_text()
     # an existing output is refused without force and left untouched
     with pytest.raises(Exception, match="exists"):
         run_security_report(CFG, variables, train, test, out, kp_pairs=(1,), kp_trials=1, recovery_keys=1,

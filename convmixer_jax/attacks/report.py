@@ -249,6 +249,24 @@ def summary_markdown(report: dict) -> str:
         if mr.get("reference"):
             L += ["", f"Independent reference: {mr['reference']}."]
         L.append("")
+    co = report.get("ciphertext_only")
+    if co:
+        L += ["## Ciphertext-only key recovery", "",
+              f"N encrypted test images, {co['rows'][0]['keys']} secret keys per row; template from "
+              f"{co['public_images']:,} public training images; colour prior: {co['prior']}. \"exact\": the most "
+              "likely key is the key; \"claimed\": the attack says it is determined (and writes it).", "",
+              "| encrypted images | adversary also holds | keys | exact keys | claimed | claimed but wrong | "
+              "positions right | PSNR (dB) | SSIM | seconds per attack |",
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in co["rows"]:
+            L.append(f"| {r['images']:,} | {'the encrypted model + public images' if r['with_model'] else '-'} | "
+                     f"{r['keys']} | {r['exact']} | {r['claimed']} | {r['claimed_wrong']} | "
+                     f"{r['positions_right']:.3f} | {r['psnr']:.1f} | {r['ssim']:.3f} | {r['seconds']:.1f} |")
+        L += ["", "Images decrypted with the key recovered from N encrypted images (one key; "
+              "`ciphertext_only.png`):", "", "| N | exact key | PSNR (dB) | SSIM |", "| ---: | --- | ---: | ---: |"]
+        L += [f"| {r['images']:,} | {'yes' if r['exact'] else 'no'} | {r['psnr']:.1f} | {r['ssim']:.3f} |"
+              for r in co["image_recovery"]]
+        L.append("")
     ft = report.get("finetune")
     if ft:
         L += ["## Fine-tuning attack", "",
@@ -308,7 +326,9 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
                         recovery_keys: int = 3, eval_images: int = 2000, public_images: int = 256,
                         finetune_sizes: Sequence[int] = (100, 500, 1000, 5000),
                         finetune_modes: Sequence[str] = ("stem", "all", "scratch"),
-                        finetune_steps=None, seed: int | None = None, force: bool = False,
+                        finetune_steps=None, ciphertext_ns: Sequence[int] = (1, 2, 5, 10, 100),
+                        ciphertext_keys: int = 10, recovery_ns: Sequence[int] = (1, 10, 100, 1000),
+                        seed: int | None = None, force: bool = False,
                         progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run every attack and write ``out/{security.json, summary.md, *.png}``.
 
@@ -333,14 +353,14 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
                               "key_source": "os-csprng" if seed is None else "seed",
                               "model": config.to_dict()}
     with staged_output_dir(out) as tmp:
-        log(f"1/3 known-plaintext key recovery: pairs {list(kp_pairs)}, {kp_trials} trials each")
+        log(f"1/4 known-plaintext key recovery: pairs {list(kp_pairs)}, {kp_trials} trials each")
         t0 = time.perf_counter()
         report["known_plaintext"] = known_plaintext_rate(np.asarray(test_x), config.patch_size, pairs=kp_pairs,
                                                          trials=kp_trials, seed=seed, progress=progress)
         report["known_plaintext_seconds"] = time.perf_counter() - t0
         plot_known_plaintext(report["known_plaintext"], tmp / "known_plaintext.png")
 
-        log(f"2/3 key recovery from the encrypted model: {recovery_keys} keys, {len(ev_x)} test images")
+        log(f"2/4 key recovery from the encrypted model: {recovery_keys} keys, {len(ev_x)} test images")
         t0 = time.perf_counter()
         pub = None
         if public_images:
@@ -353,7 +373,7 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
         report["model_recovery"] = mr
         plot_model_recovery(mr, tmp / "model_recovery.png", 1.0 / config.num_classes)
 
-        log(f"3/3 fine-tuning attack: n in {list(finetune_sizes)}, modes {list(finetune_modes)}")
+        log(f"3/4 fine-tuning attack: n in {list(finetune_sizes)}, modes {list(finetune_modes)}")
         t0 = time.perf_counter()
         ft_key = _keys(1, config.patch_size, config.channels, seed)[0]
         enc = encrypt_params(variables, ft_key, mean=config.mean, std=config.std)
@@ -366,10 +386,43 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
         report["finetune"] = ft
         plot_finetune(ft, tmp / "finetune.png", baseline_accuracy=mr["baseline_plain"])
 
+        if ciphertext_keys:
+            log(f"4/4 ciphertext-only key recovery: N in {list(ciphertext_ns)}, {ciphertext_keys} keys each")
+            t0 = time.perf_counter()
+            report["ciphertext_only"] = _ciphertext_only(config, variables, train_data, np.asarray(test_x), pub,
+                                                         ciphertext_ns, ciphertext_keys, recovery_ns, seed,
+                                                         progress, log, tmp)
+            report["ciphertext_only"]["seconds"] = time.perf_counter() - t0
         report["seconds"] = time.perf_counter() - t_start
         (tmp / "security.json").write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
         (tmp / "summary.md").write_text(summary_markdown(report))
     return report
+
+
+def _ciphertext_only(config, variables, train_data, test_x, pub, ns, num_keys, recovery_ns, seed, progress,
+                     log, tmp: Path) -> dict:
+    """The ciphertext-only section: rates by N, the row with the model, the image-recovery figure."""
+    from convmixer_jax.attacks.ciphertext_only import block_template, default_prior, match_scale
+    from convmixer_jax.attacks.ciphertext_report import ciphertext_only_rate, image_recovery, plot_image_recovery
+
+    h, w = test_x.shape[1:3]
+    public = match_scale(np.asarray(train_data[0])[-2000:], h, w)
+    template = block_template(public, config.patch_size)
+    prior = default_prior(config.channels)
+    keys = _keys(num_keys, config.patch_size, config.channels, None if seed is None else seed + 18)
+
+    def model_fn(key):
+        return config, encrypt_params(variables, key, mean=config.mean, std=config.std)
+
+    res = ciphertext_only_rate(test_x, keys, template, prior, ns=ns, seed=0 if seed is None else seed,
+                               model_fn=model_fn if pub is not None else None, public_images=pub,
+                               progress=progress, log=log)
+    rows, examples = image_recovery(test_x, keys[0], template, prior, ns=recovery_ns,
+                                    seed=1 if seed is None else seed + 1)
+    plot_image_recovery(examples, tmp / "ciphertext_only.png")
+    res.update(image_recovery=rows, public_images=len(public),
+               prior="shipped CIFAR-10 prior (convmixer_jax/attacks/priors/cifar10-rgb)" if prior is not None else "none")
+    return res
 
 
 def _json_default(o):
