@@ -106,20 +106,26 @@ def plot_image_recovery(examples, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    show = len(examples[0][1])
-    fig, axes = plt.subplots(len(examples), 3 * show, figsize=(1.4 * 3 * show, 1.6 * len(examples)), squeeze=False)
+    show = max(len(e[1]) for e in examples)  # the N = 1 row has one image, the others up to ``show``
+    fig, axes = plt.subplots(len(examples), 3 * show, figsize=(1.4 * 3 * show, 1.6 * len(examples) + 0.4),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    titled = set()
     for r, (n, plain, enc, rec) in enumerate(examples):
-        for i in range(show):
+        for i in range(len(plain)):
             for j, (img, name) in enumerate(((plain, "plain"), (enc, "encrypted"), (rec, "recovered"))):
                 ax = axes[r, 3 * i + j]
+                ax.axis("on")
                 ax.imshow(np.asarray(img[i]).squeeze(), cmap="gray" if img.shape[-1] == 1 else None,
                           interpolation="nearest")
                 ax.set_xticks([])
                 ax.set_yticks([])
-                if r == 0:
+                if 3 * i + j not in titled:  # the first row that fills a column names it
+                    titled.add(3 * i + j)
                     ax.set_title(name, fontsize=8)
             axes[r, 0].set_ylabel(f"N = {n:,}", fontsize=8)
-    fig.suptitle("Ciphertext-only: test images decrypted with the key recovered from N encrypted images", fontsize=9)
+    fig.suptitle("Ciphertext-only: test images decrypted with the key\nrecovered from N encrypted images", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
