@@ -289,8 +289,9 @@ def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTempl
                          "build the template from public images of the same kind")
     grid = block_grid(e, m)
     n_img, gh, gw, pb = grid.shape
-    if gh * gw < 2 or min(gh, gw) < 1 or (gh < 2 and gw < 2):
-        raise ImageError(f"images of {gh} x {gw} blocks have no adjacent blocks; pass larger images")
+    if gh < 2 or gw < 2:
+        raise ImageError(f"images of {gh} x {gw} blocks lack horizontally or vertically adjacent blocks; "
+                         f"pass images of at least {2 * m} x {2 * m} pixels")
     flat = grid.reshape(-1, pb)
     n_blocks = len(flat)
     notes: list[str] = []

@@ -658,12 +658,10 @@ def recover_key_from_structure(encrypted_kernel, *, seed: int = 0, n_starts: int
 def image_blocks(images, block_size: int) -> np.ndarray:
     """(N, H, W, C) images -> (N * H/M * W/M, M*M*C) blocks in (row, column,
     channel) order, normalized to ``(x - 0.5) / 0.5`` (uint8 are scaled to [0, 1])."""
-    x = np.asarray(images)
-    x = x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
-    nb, h, wd, c = x.shape
-    m = block_size
-    x = x.reshape(nb, h // m, m, wd // m, m, c).transpose(0, 1, 3, 2, 4, 5).reshape(-1, m * m * c)
-    return (x - 0.5) / 0.5
+    from convmixer_jax.attacks.ciphertext_only import block_grid  # (it imports this module)
+
+    g = block_grid(images, block_size)
+    return g.reshape(-1, g.shape[-1])
 
 
 def rank_keys_by_batch_stats(encrypted_kernel, stem_bias, stem_bn_mean, stem_bn_var, keys,
