@@ -360,3 +360,27 @@ def test_interrupted_training_leaves_complete_checkpoints_and_resumes(tmp_path, 
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
     assert "resumed from epoch" in out and json.loads(out.strip().splitlines()[-1])["epochs"] == 40
+
+
+def test_deferred_interrupts_hold_a_signal_until_the_block_ends():
+    class Stop(Exception):
+        pass
+
+    def raise_stop(signum, frame):
+        raise Stop(signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_stop)
+    steps = []
+    try:
+        with pytest.raises(Stop):
+            with atomic.deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # a handler that ran now would raise here
+                steps.append("finished")
+        assert steps == ["finished"]
+        assert signal.getsignal(signal.SIGTERM) is raise_stop  # the caller's handler is back
+        with atomic.deferred_interrupts():  # no signal: nothing raised
+            steps.append("quiet")
+        assert steps == ["finished", "quiet"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

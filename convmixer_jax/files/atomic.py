@@ -11,7 +11,9 @@ import os
 import re
 import stat
 import shutil
+import signal
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -224,6 +226,29 @@ def staged_output_dir(out: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one that came.
+
+    For writes that a library makes in several threads (an Orbax checkpoint save): an
+    exception raised in the main thread halfway through leaves those threads writing into
+    a folder that the cleanup is removing. Outside the main thread this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])  # the restored handler raises, as it would have
 
 
 def swap_into_place(tmp: Path, path: Path, force: bool, *, kind: str = "model_dir") -> None:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from convmixer_jax.files.atomic import write_json_atomic
+from convmixer_jax.files.atomic import deferred_interrupts, write_json_atomic
 from convmixer_jax.model.inference import accuracy
 from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
 from convmixer_jax.parallel.global_arrays import by_rows, global_mesh, replicate, replicated, shard_rows, to_host
@@ -351,10 +351,11 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
                     if "ema" in state:
                         entry[f"{name}_accuracy_ema"] = accuracy(config, state["ema"], data[0], data[1])
             history["epochs"].append(entry)
-            mngr.save(epoch + 1, args=ocp.args.StandardSave(state))  # every process takes part
-            mngr.wait_until_finished()
-            if writer:
-                write_json_atomic(log_path, history)
+            with deferred_interrupts():  # a signal waits for the save: no half-written checkpoint
+                mngr.save(epoch + 1, args=ocp.args.StandardSave(state))  # every process takes part
+                mngr.wait_until_finished()
+                if writer:
+                    write_json_atomic(log_path, history)
             log(json.dumps(entry))
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM): close the manager and drop the temporary folder of
