@@ -5,12 +5,13 @@ Trains on CIFAR-10 training images 0..44,999 and scores every variant of images
 45,000..49,999::
 
     python benchmarks/image_prior_accuracy.py --data-dir ../shared/data/cifar10-jpeg \
-        [--steps N] [--out FILE.json]
+        [--steps N] [--out FILE.json] [--prior DIR]
 
 Printed (and written to --out as JSON): the training seconds; the 12-way accuracy per
 image; the sign alone and the channel order alone (each from the prior's marginal);
 the 12-way accuracy when the log-probs of k = 2 and 5 images under the same variant
-are summed; and the 12-way accuracy after each variant image is JPEG re-encoded
+are summed; the same under the group average the attack uses
+(``image_prior.group_log_probs``, prefixed ``group_``); and the 12-way accuracy after each variant image is JPEG re-encoded
 (quality 75, 4:2:0, as the data set's files), which shows how much of the channel
 order is read from the source's own JPEG chroma subsampling rather than the content.
 """
@@ -64,8 +65,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the library's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--widths", default=None, help="conv stage widths, comma-separated (default: the library's)")
+    ap.add_argument("--convs-per-stage", type=int, default=None)
+    ap.add_argument("--first-stride", type=int, default=None)
     ap.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     ap.add_argument("--save", default=None, metavar="DIR", help="also save the trained prior to DIR")
+    ap.add_argument("--prior", default=None, metavar="DIR",
+                    help="score this saved prior (trained on images 0..44,999) instead of training one")
     args = ap.parse_args(argv)
 
     import convmixer_jax  # noqa: F401  (XLA CPU flags)
@@ -75,9 +81,17 @@ def main(argv=None) -> dict:
     x, _, _ = load_split("train", data_dir=args.data_dir, progress=False)
     train, held = x[:45000], x[45000:50000]
     kw = {} if args.steps is None else {"steps": args.steps or ip.train_image_prior.__kwdefaults__["steps"]}
+    arch = {k: v for k, v in (("widths", args.widths and tuple(int(w) for w in args.widths.split(","))),
+                              ("convs_per_stage", args.convs_per_stage), ("first_stride", args.first_stride))
+            if v is not None}
+    if arch:
+        kw["config"] = ip.PriorConfig(**arch)
     t0 = time.perf_counter()
-    prior = ip.train_image_prior(train, seed=args.seed, progress=True, **kw)
-    train_s = time.perf_counter() - t0
+    if args.prior:
+        prior = ip.load_image_prior(args.prior)
+    else:
+        prior = ip.train_image_prior(train, seed=args.seed, progress=True, **kw)
+    train_s = None if args.prior else time.perf_counter() - t0
     if args.save:
         ip.save_image_prior(prior, args.save)
 
@@ -86,15 +100,21 @@ def main(argv=None) -> dict:
     lp = np.stack([ip.variant_log_probs(prior, ip.apply_variant(held_f, v)) for v in prior.variants])
     score_s = time.perf_counter() - t0
     res = {"train_images": int(train.shape[0]), "held_out_images": int(held.shape[0]),
-           "train_seconds": round(train_s, 1), "score_seconds_60k": round(score_s, 1),
+           "train_seconds": None if train_s is None else round(train_s, 1), "score_seconds_60k": round(score_s, 1),
            **marginal_accuracies(lp, prior.variants),
            "acc12_sum2": summed_accuracy(lp, 2), "acc12_sum5": summed_accuracy(lp, 5)}
+    # averaged over each image's 12 variants and their mirrors, as the attack scores
+    glp = np.stack([ip.group_log_probs(prior, ip.apply_variant(held_f, v)) for v in prior.variants])
+    res.update({f"group_{k}": v for k, v in marginal_accuracies(glp, prior.variants).items()})
+    res.update(group_acc12_sum2=summed_accuracy(glp, 2), group_acc12_sum5=summed_accuracy(glp, 5))
     rej = np.stack([ip.variant_log_probs(prior, jpeg_roundtrip(ip.apply_variant(held, v)))
                     for v in prior.variants])
     res["acc12_rejpeg"] = marginal_accuracies(rej, prior.variants)["acc12"]
     res["order_rejpeg"] = marginal_accuracies(rej, prior.variants)["order"]
     res["settings"] = {"config": prior.config.to_dict(), "input_size": prior.input_size, "seed": args.seed,
                        "steps": args.steps or ip.train_image_prior.__kwdefaults__["steps"]}
+    if args.prior:
+        res["settings"] = {"config": prior.config.to_dict(), "input_size": prior.input_size, "prior": args.prior}
     print(json.dumps(res, indent=1))
     if args.out:
         with open(args.out, "w") as f:

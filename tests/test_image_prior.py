@@ -158,3 +158,38 @@ def test_the_cache_trains_once(tmp_path, monkeypatch):
     again = ip.cached_image_prior(images, **kw)
     assert len(calls) == 4
     np.testing.assert_array_equal(ip.variant_log_probs(again, images), ip.variant_log_probs(first, images))
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=st.sampled_from(ip.COLOUR_VARIANTS), b=st.sampled_from(ip.COLOUR_VARIANTS), data=st.data())
+def test_compose_is_applying_one_then_the_other(a, b, data):
+    x = data.draw(hnp.arrays(np.float64, (2, 3, 3, 3), elements=st.floats(0, 1)))
+    ab = ip.compose_variants(a, b)
+    np.testing.assert_allclose(ip.apply_variant(ip.apply_variant(x, a), b), ip.apply_variant(x, ab), atol=1e-15)
+    assert ip.compose_variants(a, ip.invert_variant(a)) == ip.COLOUR_VARIANTS[0]
+
+
+def test_group_scores_follow_the_variant_and_ignore_the_mirror(prior):
+    x = natural_like(6, seed=5).astype(np.float64) / 255
+    base = ip.group_log_probs(prior, x)
+    assert base.shape == (6, 12)
+    np.testing.assert_allclose(np.exp(base).sum(-1), 1, atol=1e-9)
+    np.testing.assert_allclose(ip.group_log_probs(prior, x[:, :, ::-1]), base, rtol=1e-6, atol=1e-4)
+    index = {tuple(v): i for i, v in enumerate(prior.variants)}
+    for g in prior.variants[1:]:
+        # x is natural under v exactly when apply(x, g) is natural under compose(v, g)
+        moved = ip.group_log_probs(prior, ip.apply_variant(x, g))
+        cols = [index[ip.compose_variants(v, g)] for v in prior.variants]
+        np.testing.assert_allclose(moved[:, cols], base, rtol=1e-6, atol=1e-4)  # float32 net: 1 - (1 - x) is not x
+    single = ip.group_log_probs(prior, x, mirror=False)
+    assert not np.allclose(single, base, atol=1e-3)  # the mirror views do count
+
+
+def test_group_scores_are_at_least_as_accurate(prior):
+    held = natural_like(120, seed=6).astype(np.float64) / 255
+    truth = np.arange(12)[:, None]
+    plain = np.stack([ip.variant_log_probs(prior, ip.apply_variant(held, v)) for v in prior.variants])
+    group = np.stack([ip.group_log_probs(prior, ip.apply_variant(held, v)) for v in prior.variants])
+    # the group view set is the same for every true variant, so its accuracy is too
+    assert np.ptp([np.mean(group[t].argmax(-1) == t) for t in range(12)]) == 0
+    assert np.mean(group.argmax(-1) == truth) >= np.mean(plain.argmax(-1) == truth) - 0.02

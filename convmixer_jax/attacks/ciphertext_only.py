@@ -19,8 +19,9 @@ pb = M*M*C values. Natural images leave three kinds of evidence in the ciphertex
 3. **Colour and sign.** What the second-order statistics cannot see is the order of
    the channels and the global sign (the whole image negated). A learned prior
    (:mod:`convmixer_jax.attacks.image_prior`) scores the 12 colour variants of the
-   decrypted images; the log-probabilities of all images add up. For odd pb the flip
-   count (floor(pb/2) ones) fixes the sign by itself.
+   decrypted images, each image's score averaged over its own 12 variants and their
+   mirrors (``image_prior.group_log_probs``); the log-probabilities of all images add
+   up. For odd pb the flip count (floor(pb/2) ones) fixes the sign by itself.
 
 With the encrypted model as well (``model=``), the kernel attack of
 :mod:`convmixer_jax.attacks.from_model` proposes the key up to the block's dihedral
@@ -40,7 +41,7 @@ import time
 import numpy as np
 
 from convmixer_jax.attacks.from_weights import _balanced_flip, _signs, symmetric_keys
-from convmixer_jax.attacks.image_prior import colour_variants, invert_variant, variant_log_probs
+from convmixer_jax.attacks.image_prior import colour_variants, group_log_probs, invert_variant
 from convmixer_jax.attacks.layout_search import local_search, objective, search
 from convmixer_jax.scheme.images import ImageError
 from convmixer_jax.scheme.keys import Key, block_len, flip_ones, validate_key
@@ -250,7 +251,7 @@ def _colour_choice(best: Key, grid: np.ndarray, prior, notes: list[str]) -> tupl
     sgn = 1.0 - 2.0 * np.asarray(best.flip, np.float64)
     plain = np.empty_like(grid)
     plain[..., np.asarray(best.perm)] = grid * sgn
-    lp = variant_log_probs(prior, grid_images(plain, m, c)).sum(0)
+    lp = group_log_probs(prior, grid_images(plain, m, c)).sum(0)
     masked = np.where(valid, lp, -np.inf)
     order = np.argsort(-masked)
     j = int(order[0])

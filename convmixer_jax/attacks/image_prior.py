@@ -418,6 +418,48 @@ def variant_log_probs(prior: ImagePrior, images, *, batch_size: int = 500) -> np
     return out
 
 
+def compose_variants(first: Variant, then: Variant) -> Variant:
+    """The variant equal to applying ``first``, then ``then``: negations add up (mod 2)
+    and the channel orders compose, ``order[i] = first_order[then_order[i]]``."""
+    (n1, o1), (n2, o2) = _check_variant(first), _check_variant(then)
+    if len(o1) != len(o2):
+        raise ValueError(f"the variants are for {len(o1)} and {len(o2)} channels")
+    return bool(n1) ^ bool(n2), tuple(int(o1[j]) for j in o2)
+
+
+def group_log_probs(prior: ImagePrior, images, *, mirror: bool = True, batch_size: int = 500) -> np.ndarray:
+    """:func:`variant_log_probs` averaged over the views of each image that the task
+    predicts consistently: every variant ``g`` applied to the image (and to its
+    left-right mirror when ``mirror``).
+
+    If an image is a natural image under variant ``v``, its view ``g`` is under
+    ``compose(v, g)``; the view's log-probs are re-indexed to ``v`` and the views'
+    log-probs averaged, then normalized again. This is test-time augmentation along
+    the task's own group (as for rotation prediction); the classifier is not
+    equivariant, so the views disagree and their average is the better vote
+    (``benchmarks/image_prior_accuracy.py`` reports both).
+
+    images: (N, H, W, C) as for :func:`variant_log_probs`. Returns (N, V) float64 log-softmax rows.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != prior.config.channels:
+        raise ValueError(f"images must be (N, H, W, {prior.config.channels}), got shape {images.shape}")
+    x = as_unit_float(images)
+    variants = [tuple(v) for v in prior.variants]
+    index = {v: i for i, v in enumerate(variants)}
+    total = np.zeros((x.shape[0], len(variants)), np.float64)
+    views = 0
+    for view in ((x, x[:, :, ::-1]) if mirror else (x,)):
+        for g in variants:
+            lp = variant_log_probs(prior, apply_variant(view, g), batch_size=batch_size)
+            total += lp[:, [index[compose_variants(v, g)] for v in variants]]
+            views += 1
+    from scipy.special import logsumexp
+
+    mean = total / views
+    return mean - logsumexp(mean, axis=-1, keepdims=True)
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -555,4 +597,5 @@ def cached_image_prior(public_images, *, seed: int = 0, progress: bool = True, *
 
 __all__ = ["COLOUR_VARIANTS", "colour_variants", "apply_variant", "invert_variant", "variant_index",
            "PriorConfig", "ImagePrior", "ImagePriorError", "train_image_prior", "variant_log_probs",
+           "compose_variants", "group_log_probs",
            "save_image_prior", "load_image_prior", "cached_image_prior", "prior_cache_key", "resize_images"]
