@@ -204,7 +204,8 @@ class CiphertextRecovery:
       reason: why the key is not determined ('' when it is).
       sign_support: (pb,) support of each flip, in noise standard deviations.
       layout_margin: nats between the chosen layout and the best other one found.
-      colour_margin: nats between the chosen colour/sign variant and the next.
+      colour_margin: nats between the chosen colour/sign variant and the next (with the
+        model: inf, or minus the lead of another variant when the images contradict it).
       colour_log_probs: (V,) summed log-probs of the colour variants under the prior
         (V = 0 without a prior), in the order of ``colour_variants``.
     """
@@ -248,10 +249,7 @@ def _colour_choice(best: Key, grid: np.ndarray, prior, notes: list[str]) -> tupl
         notes.append("no colour prior for these images: channel order and sign left as found")
         margin = np.inf if len(alive) == 1 else 0.0
         return colour_key(best, invert_variant(variants[alive[0]])), margin, np.zeros(0)
-    sgn = 1.0 - 2.0 * np.asarray(best.flip, np.float64)
-    plain = np.empty_like(grid)
-    plain[..., np.asarray(best.perm)] = grid * sgn
-    lp = group_log_probs(prior, grid_images(plain, m, c)).sum(0)
+    lp = group_log_probs(prior, grid_images(_decrypt_grid(grid, best), m, c)).sum(0)
     masked = np.where(valid, lp, -np.inf)
     order = np.argsort(-masked)
     j = int(order[0])
@@ -310,7 +308,7 @@ def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTempl
     a, b = levels[-1]
 
     if model is not None and public_images is not None:
-        return _with_model(model, public_images, template, grid, sign_support, notes, t0)
+        return _with_model(model, public_images, template, grid, sign_support, notes, t0, prior)
 
     sols = search(levels, starts=starts or (48 if pb <= 64 else 12), seed=seed, progress=progress)
     # the block's dihedral symmetries of the best layouts, polished: the search can end in a
@@ -351,7 +349,10 @@ def _result(key, grid, sign_support, layout_margin, colour_margin, lp, method, n
     if layout_margin < LAYOUT_MARGIN:
         reasons.append(f"the layout is ahead of the next one by {layout_margin:.1f} nats "
                        f"(needs {LAYOUT_MARGIN:g})")
-    if colour_margin < COLOUR_MARGIN:
+    if colour_margin < 0:
+        reasons.append(f"the encrypted images' colour prior contradicts the model's channel order / sign "
+                       f"by {-colour_margin:.1f} nats")
+    elif colour_margin < COLOUR_MARGIN:
         reasons.append(f"the channel order / sign is ahead of the next by {colour_margin:.1f} nats "
                        f"(needs {COLOUR_MARGIN:g})")
     return CiphertextRecovery(
@@ -362,7 +363,7 @@ def _result(key, grid, sign_support, layout_margin, colour_margin, lp, method, n
         seconds=time.perf_counter() - t0, notes="; ".join(notes))
 
 
-def _with_model(model, public_images, template, grid, sign_support, notes, t0):
+def _with_model(model, public_images, template, grid, sign_support, notes, t0, prior=None):
     """The kernel attack's key, its orientation chosen by the encrypted images."""
     from convmixer_jax.attacks.from_model import recover_key_from_encrypted_model
 
@@ -377,7 +378,26 @@ def _with_model(model, public_images, template, grid, sign_support, notes, t0):
     scored = sorted(((objective(a, b, _layout_of(k)), k) for k in _dihedral_keys(rec.key)), key=lambda t: -t[0])
     margin = scored[0][0] - scored[1][0] if len(scored) > 1 else np.inf
     notes.append(f"model: {rec.method}; {rec.notes}")
-    return _result(scored[0][1], grid, sign_support, margin, np.inf, np.zeros(0), "ciphertext+model", notes, t0)
+    best = scored[0][1]
+    # The model decides the colour and sign; the images may still contradict it. Their
+    # prior's log-probs of best's 12 colour variants (index 0: best as it is): when another
+    # variant leads by COLOUR_MARGIN, the key is not claimed.
+    colour_margin, lp = np.inf, np.zeros(0)
+    if prior is not None and getattr(prior, "config", None) is not None and prior.config.channels == best.channels:
+        lp = group_log_probs(prior, grid_images(_decrypt_grid(grid, best), best.block_size, best.channels)).sum(0)
+        lead = float(np.max(lp[1:]) - lp[0]) if len(lp) > 1 else -np.inf
+        if lead >= COLOUR_MARGIN:
+            colour_margin = -lead
+            notes.append(f"the images' colour prior prefers another channel order / sign by {lead:.1f} nats")
+    return _result(best, grid, sign_support, margin, colour_margin, lp, "ciphertext+model", notes, t0)
+
+
+def _decrypt_grid(grid: np.ndarray, key: Key) -> np.ndarray:
+    """Normalized encrypted blocks (N, gh, gw, pb) -> the blocks decrypted with ``key``."""
+    sgn = 1.0 - 2.0 * np.asarray(key.flip, np.float64)
+    plain = np.empty_like(grid)
+    plain[..., np.asarray(key.perm)] = grid * sgn
+    return plain
 
 
 def default_prior(channels: int):

@@ -72,18 +72,37 @@ def rank_keys_by_confidence(config, encrypted_variables, keys, public_images, *,
     return out
 
 
+def negated_key(key: Key) -> Key | None:
+    """The key whose decryption is the negative image (every flip complemented), or None
+    for odd pb, where the complement has the wrong number of flips."""
+    perm, flip = np.asarray(key.perm), np.asarray(key.flip)
+    if len(flip) % 2:
+        return None
+    return Key(perm, (1 - flip).astype(flip.dtype), key.block_size, key.channels)
+
+
 def rerank_by_confidence(recovery: ModelRecovery, config, encrypted_variables, public_images, *,
                          top: int = 8, n_images: int = 256) -> ModelRecovery:
-    """Re-rank the first ``top`` candidates of an attack by
-    :func:`rank_keys_by_confidence` on the first ``n_images`` unlabeled
-    ``public_images`` and return the recovery with the most confident one as
+    """Re-rank the first ``top`` candidates of an attack, and their negatives
+    (:func:`negated_key`), by :func:`rank_keys_by_confidence` on the first ``n_images``
+    unlabeled ``public_images`` and return the recovery with the most confident one as
     ``key`` (the other candidates keep their order after them)."""
     if not recovery.candidates:
         raise ValueError("the recovery has no candidates to re-rank")
     head = list(recovery.candidates[:max(1, top)])
+    # The BatchNorm ranking barely sees the global sign (a stem GELU of -x has similar
+    # statistics), but the model's confidence does: the negative of each leading
+    # candidate is re-ranked too (even pb only; for odd pb the flip count fixes the sign).
+    seen = {(k.perm.tobytes(), k.flip.tobytes()) for k in head}
+    for k in list(head):
+        neg = negated_key(k)
+        if neg is not None and (neg.perm.tobytes(), neg.flip.tobytes()) not in seen:
+            seen.add((neg.perm.tobytes(), neg.flip.tobytes()))
+            head.append(neg)
+    rest = tuple(k for k in recovery.candidates[max(1, top):] if (k.perm.tobytes(), k.flip.tobytes()) not in seen)
     ent = rank_keys_by_confidence(config, encrypted_variables, head, np.asarray(public_images)[:n_images])
     order = np.argsort(ent, kind="stable")
-    cands = tuple(head[i] for i in order) + tuple(recovery.candidates[len(head):])
+    cands = tuple(head[i] for i in order) + rest
     key = cands[0]
     nxt = f", next {ent[order[1]]:.4f}" if len(head) > 1 else ""
     notes = (recovery.notes + f"; best {len(head)} candidates re-ranked by prediction entropy on "
