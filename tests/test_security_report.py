@@ -67,7 +67,7 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
     rep = run_security_report(CFG, variables, train, test, out, kp_pairs=(1,), kp_trials=3, recovery_keys=1,
                               eval_images=40, finetune_sizes=(10, 20), finetune_modes=("stem", "scratch"),
                               finetune_steps=3, ciphertext_ns=(1, 3), ciphertext_keys=2, recovery_ns=(1, 4),
-                              seed=11, progress=False, log=lambda m: None)
+                              countermeasure_keys=1, seed=11, progress=False, log=lambda m: None)
     names = sorted(p.name for p in out.iterdir())
     assert names == [".convmixer-jax-output", "ciphertext_only.png", "finetune.png", "known_plaintext.png",
                      "model_recovery.png", "security.json", "summary.md"]
@@ -88,6 +88,20 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
     assert all(r["claimed"] == 0 for r in co["rows"][:2])
     assert [r["images"] for r in co["image_recovery"]] == [1, 4]
     assert "Ciphertext-only" in (out / "summary.md").read_text()
+    # the countermeasure: same function, relative keys from the stem, only counts written
+    cm = data["countermeasure"]
+    grid = CFG.image_size // CFG.patch_size
+    assert cm["positions"] == grid * grid and len(cm["rows"]) == 1
+    row = cm["rows"][0]
+    assert row["identical_predictions"] == row["images"] == 40
+    assert row["relative_keys_exact"] == grid * grid
+    assert set(row["attacks"]) == {"raw_1", "raw_3", "aligned_1", "aligned_2", "aligned_5", "aligned_model_1"}
+    assert not row["attacks"]["raw_1"]["claimed"] and not row["attacks"]["raw_3"]["claimed"]
+    from convmixer_jax.scheme.position_keys import generate_position_keys
+
+    pos = generate_position_keys(CFG.patch_size, CFG.channels, (grid, grid), seed=11 + 100)
+    assert json.dumps(np.asarray(pos.perm[0]).tolist()) not in text
+    assert "a key per block position" in (out / "summary.md").read_text()
     # an existing output is refused without force and left untouched
     with pytest.raises(Exception, match="exists"):
         run_security_report(CFG, variables, train, test, out, kp_pairs=(1,), kp_trials=1, recovery_keys=1,

@@ -26,7 +26,7 @@ def relative_keys(kernels) -> tuple[np.ndarray, np.ndarray, float]:
     """Relative keys from a position-wise stem kernel.
 
     kernels: (gh, gw, P, P, C, dim) or (G, pb, dim). Returns ``src`` (G, pb) int, ``negate``
-    (G, pb) bool and the smallest margin between a matched row's |cosine| and the next
+    (G, pb) bool and the smallest margin between a matched row's absolute cosine and the next
     best (about 1 for a trained or random kernel; near 0 means rows are not unique and the
     match is not determined). Position g's ciphertext value at ``src[g, q]``, negated where
     ``negate[g, q]``, is the value that ``keys[0]`` puts at q.
@@ -79,17 +79,18 @@ def keys_from_first(key0: Key, src: np.ndarray, negate: np.ndarray) -> Key:
     return stack_keys(keys)
 
 
-def countermeasure_study(config, variables, test_images: np.ndarray, test_labels: np.ndarray, template, prior, *,
+def countermeasure_study(config, variables, eval_data, query_images: np.ndarray, template, prior, *,
                          num_keys: int = 5, ns: Sequence[int] = (1, 2, 5, 10, 100),
-                         aligned_ns: Sequence[int] = (1, 2, 5), public_images=None, eval_images: int = 2000,
+                         aligned_ns: Sequence[int] = (1, 2, 5), public_images=None,
                          seed: int | None = None, log: Callable[[str], None] = print) -> dict:
     """Accuracy of the position-key model and the attacks on it.
 
     For each of ``num_keys`` fresh sets of position keys: the position-wise encrypted model's
     predictions on position-wise encrypted images against the plain model's on plain images
-    (the first ``eval_images`` test images); the one-key ciphertext-only attack on the raw
-    queries for N in ``ns`` (positions whose key it recovers); the relative keys read from the
-    model, and the one-key attack on the aligned queries for N in ``aligned_ns`` and, with
+    (``eval_data``: images (N, H, W, C) uint8 and labels (N,)); the one-key ciphertext-only
+    attack on raw queries (N random ``query_images`` each) for N in ``ns`` (positions whose
+    key it recovers, and whether it claims one); the relative keys read from the model, and
+    the one-key attack on the aligned queries for N in ``aligned_ns`` and, with
     ``public_images``, with the aligned position-0 model at N = 1 (positions of the grid
     whose key is then exact). Keys come from the OS CSPRNG unless ``seed`` is set; only
     counts are returned.
@@ -102,10 +103,11 @@ def countermeasure_study(config, variables, test_images: np.ndarray, test_labels
                                                     generate_position_keys)
 
     m, c = config.patch_size, config.channels
+    test_images = np.asarray(query_images)
     h, w = test_images.shape[1:3]
     grid = (h // m, w // m)
     g_count = grid[0] * grid[1]
-    ev_x, ev_y = np.asarray(test_images[:eval_images]), np.asarray(test_labels[:eval_images])
+    ev_x, ev_y = np.asarray(eval_data[0]), np.asarray(eval_data[1])
     plain_pred = predict_logits(config, variables, ev_x).argmax(-1)
     rng = np.random.default_rng(None if seed is None else seed + 31)
 

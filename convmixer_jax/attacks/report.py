@@ -267,6 +267,9 @@ def summary_markdown(report: dict) -> str:
         L += [f"| {r['images']:,} | {'yes' if r['exact'] else 'no'} | {r['psnr']:.1f} | {r['ssim']:.3f} |"
               for r in co["image_recovery"]]
         L.append("")
+    cm = report.get("countermeasure")
+    if cm:
+        L += _countermeasure_markdown(cm)
     ft = report.get("finetune")
     if ft:
         L += ["## Fine-tuning attack", "",
@@ -281,6 +284,29 @@ def summary_markdown(report: dict) -> str:
                      + " |")
         L.append("")
     return "\n".join(L) + "\n"
+
+
+def _countermeasure_markdown(cm: dict) -> list[str]:
+    rows, g = cm["rows"], cm["positions"]
+    same = sum(r["identical_predictions"] for r in rows)
+    total = sum(r["images"] for r in rows)
+    L = ["## Countermeasure: a key per block position", "",
+         f"{cm['num_keys']} sets of {g} position keys ({cm['grid'][0]} x {cm['grid'][1]} grid), the model's stem "
+         f"made position-wise. Its accuracy on position-wise encrypted test images: "
+         f"{np.mean([r['encrypted_accuracy'] for r in rows]):.4f} (plain model on plain images "
+         f"{rows[0]['plain_accuracy']:.4f}; identical predictions {same:,}/{total:,}); on plain images "
+         f"{np.mean([r['plain_images_accuracy'] for r in rows]):.4f}. Relative keys read from the model's stem: "
+         f"{sum(r['relative_keys_exact'] for r in rows)} of {g * len(rows)} positions exact.", "",
+         "| attack on the queries | N | key sets with every position's key exact | claimed | "
+         "mean positions exact |", "| --- | ---: | ---: | ---: | ---: |"]
+    labels = {"raw": "one-key ciphertext-only attack as it is", "aligned": "aligned by the model's relative keys, "
+              "then the ciphertext-only attack", "aligned_model": "aligned, then with the position-0 model"}
+    for name in rows[0]["attacks"]:
+        kind, n = name.rsplit("_", 1)
+        res = [r["attacks"][name] for r in rows]
+        L.append(f"| {labels[kind]} | {int(n):,} | {sum(a['positions_exact'] == g for a in res)} | "
+                 f"{sum(bool(a['claimed']) for a in res)} | {np.mean([a['positions_exact'] for a in res]):.1f} |")
+    return L + [""]
 
 
 # ----------------------------------------------------------------------------- the report
@@ -328,7 +354,7 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
                         finetune_modes: Sequence[str] = ("stem", "all", "scratch"),
                         finetune_steps=None, ciphertext_ns: Sequence[int] = (1, 2, 5, 10, 100),
                         ciphertext_keys: int = 10, recovery_ns: Sequence[int] = (1, 10, 100, 1000),
-                        seed: int | None = None, force: bool = False,
+                        countermeasure_keys: int = 3, seed: int | None = None, force: bool = False,
                         progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run every attack and write ``out/{security.json, summary.md, *.png}``.
 
@@ -353,14 +379,14 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
                               "key_source": "os-csprng" if seed is None else "seed",
                               "model": config.to_dict()}
     with staged_output_dir(out) as tmp:
-        log(f"1/4 known-plaintext key recovery: pairs {list(kp_pairs)}, {kp_trials} trials each")
+        log(f"1/5 known-plaintext key recovery: pairs {list(kp_pairs)}, {kp_trials} trials each")
         t0 = time.perf_counter()
         report["known_plaintext"] = known_plaintext_rate(np.asarray(test_x), config.patch_size, pairs=kp_pairs,
                                                          trials=kp_trials, seed=seed, progress=progress)
         report["known_plaintext_seconds"] = time.perf_counter() - t0
         plot_known_plaintext(report["known_plaintext"], tmp / "known_plaintext.png")
 
-        log(f"2/4 key recovery from the encrypted model: {recovery_keys} keys, {len(ev_x)} test images")
+        log(f"2/5 key recovery from the encrypted model: {recovery_keys} keys, {len(ev_x)} test images")
         t0 = time.perf_counter()
         pub = None
         if public_images:
@@ -373,7 +399,7 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
         report["model_recovery"] = mr
         plot_model_recovery(mr, tmp / "model_recovery.png", 1.0 / config.num_classes)
 
-        log(f"3/4 fine-tuning attack: n in {list(finetune_sizes)}, modes {list(finetune_modes)}")
+        log(f"3/5 fine-tuning attack: n in {list(finetune_sizes)}, modes {list(finetune_modes)}")
         t0 = time.perf_counter()
         ft_key = _keys(1, config.patch_size, config.channels, seed)[0]
         enc = encrypt_params(variables, ft_key, mean=config.mean, std=config.std)
@@ -386,29 +412,40 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
         report["finetune"] = ft
         plot_finetune(ft, tmp / "finetune.png", baseline_accuracy=mr["baseline_plain"])
 
+        if ciphertext_keys or countermeasure_keys:
+            from convmixer_jax.attacks.ciphertext_only import block_template, default_prior, match_scale
+
+            h, w = np.shape(test_x)[1:3]
+            public = match_scale(np.asarray(train_data[0])[-2000:], h, w)
+            template = block_template(public, config.patch_size)
+            prior = default_prior(config.channels)
         if ciphertext_keys:
-            log(f"4/4 ciphertext-only key recovery: N in {list(ciphertext_ns)}, {ciphertext_keys} keys each")
+            log(f"4/5 ciphertext-only key recovery: N in {list(ciphertext_ns)}, {ciphertext_keys} keys each")
             t0 = time.perf_counter()
-            report["ciphertext_only"] = _ciphertext_only(config, variables, train_data, np.asarray(test_x), pub,
+            report["ciphertext_only"] = _ciphertext_only(config, variables, np.asarray(test_x), pub, template, prior,
                                                          ciphertext_ns, ciphertext_keys, recovery_ns, seed,
                                                          progress, log, tmp)
-            report["ciphertext_only"]["seconds"] = time.perf_counter() - t0
+            report["ciphertext_only"].update(public_images=len(public), seconds=time.perf_counter() - t0)
+        if countermeasure_keys:
+            from convmixer_jax.attacks.position_keys import countermeasure_study
+
+            log(f"5/5 countermeasure, a key per block position: {countermeasure_keys} key sets")
+            t0 = time.perf_counter()
+            report["countermeasure"] = countermeasure_study(
+                config, variables, (ev_x, ev_y), np.asarray(test_x), template, prior,
+                num_keys=countermeasure_keys, ns=tuple(ciphertext_ns), public_images=pub, seed=seed, log=log)
+            report["countermeasure"].update(public_images=len(public), seconds=time.perf_counter() - t0)
         report["seconds"] = time.perf_counter() - t_start
         (tmp / "security.json").write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
         (tmp / "summary.md").write_text(summary_markdown(report))
     return report
 
 
-def _ciphertext_only(config, variables, train_data, test_x, pub, ns, num_keys, recovery_ns, seed, progress,
+def _ciphertext_only(config, variables, test_x, pub, template, prior, ns, num_keys, recovery_ns, seed, progress,
                      log, tmp: Path) -> dict:
     """The ciphertext-only section: rates by N, the row with the model, the image-recovery figure."""
-    from convmixer_jax.attacks.ciphertext_only import block_template, default_prior, match_scale
     from convmixer_jax.attacks.ciphertext_report import ciphertext_only_rate, image_recovery, plot_image_recovery
 
-    h, w = test_x.shape[1:3]
-    public = match_scale(np.asarray(train_data[0])[-2000:], h, w)
-    template = block_template(public, config.patch_size)
-    prior = default_prior(config.channels)
     keys = _keys(num_keys, config.patch_size, config.channels, None if seed is None else seed + 18)
 
     def model_fn(key):
@@ -420,7 +457,7 @@ def _ciphertext_only(config, variables, train_data, test_x, pub, ns, num_keys, r
     rows, examples = image_recovery(test_x, keys[0], template, prior, ns=recovery_ns,
                                     seed=1 if seed is None else seed + 1)
     plot_image_recovery(examples, tmp / "ciphertext_only.png")
-    res.update(image_recovery=rows, public_images=len(public),
+    res.update(image_recovery=rows,
                prior="shipped CIFAR-10 prior (convmixer_jax/attacks/priors/cifar10-rgb)" if prior is not None else "none")
     return res
 

@@ -106,7 +106,7 @@ def cmd_security_report(args) -> int:
         kp_pairs=args.pairs, kp_trials=args.trials, recovery_keys=args.recovery_keys,
         eval_images=args.eval_images, public_images=args.public_images, finetune_sizes=args.finetune_sizes, finetune_modes=args.finetune_modes,
         finetune_steps=args.finetune_steps, ciphertext_ns=args.ciphertext_images, ciphertext_keys=args.ciphertext_keys,
-        seed=args.key_seed, force=args.force, progress=not args.quiet, log=say)
+        countermeasure_keys=args.countermeasure_keys, seed=args.key_seed, force=args.force, progress=not args.quiet, log=say)
     print(Path(out, "summary.md").read_text())
     return 0
 
@@ -171,6 +171,8 @@ def register(add) -> None:
                    help="encrypted images the ciphertext-only attack sees (default 1 2 5 10 100)")
     p.add_argument("--ciphertext-keys", type=int_arg, default=10, metavar="K",
                    help="secret keys per ciphertext-only row (0: skip that attack; default 10)")
+    p.add_argument("--countermeasure-keys", type=int_arg, default=3, metavar="K",
+                   help="sets of position keys for the countermeasure section (0: skip it; default 3)")
     add_key_seed(p, old_seed_alias=True)
     add_quiet(p)
     add_force(p)
