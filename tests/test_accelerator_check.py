@@ -3,7 +3,9 @@ bench, the sweep and the paper recipe's training, and every number of its summar
 against the files it comes from or a run of the same command here."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -12,45 +14,60 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_helpers import ok
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "benchmarks" / "accelerator_check.py"
 
 
+def _script():
+    """benchmarks/accelerator_check.py as a module."""
+    spec = importlib.util.spec_from_file_location("accelerator_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLASSES, TRAIN, TEST = 10, 7, 4  # images per class: 70 to train (64 used), 40 to test (20 and 32 used)
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
+    """The dry run on random 32 x 32 images, with the model of bench.py --tiny (ConvMixer-16/1,
+    k 9, p 4, 10 classes): its init-model (a process of its own) and the steps share one JAX
+    compilation cache, so the initializer and the training step are compiled once (and the
+    sweep again below not at all)."""
     from PIL import Image
 
     tmp = tmp_path_factory.mktemp("accel")
     rng = np.random.default_rng(0)
-    for split, n in (("train", 24), ("test", 12)):
-        for c in range(3):
+    for split, n in (("train", TRAIN), ("test", TEST)):
+        for c in range(CLASSES):
             d = tmp / "data" / split / f"class{c}"
             d.mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
     archive = tmp / "carry" / "data.tar.gz"
     packed = subprocess.run([sys.executable, str(SCRIPT), "pack", "--data-dir", str(tmp / "data"),
                              "--out", str(archive)], capture_output=True, text=True, timeout=120)
     assert packed.returncode == 0, packed.stderr
-    from convmixer_jax import cli
-
-    assert cli.main(["init-model", "--dim", "8", "--depth", "1", "--kernel-size", "3", "--patch-size", "2",
-                     "--num-classes", "3", "--image-size", "8", "--seed", "1", "--out", str(tmp / "model")]) == 0
+    env = dict(os.environ, **_script().dry_run_compilation_cache(tmp / "jax-cache"))
+    made = subprocess.run([sys.executable, "-m", "convmixer_jax.cli", "init-model", "--preset", "paper", "--dim",
+                           "16", "--depth", "1", "--seed", "1", "--out", str(tmp / "model")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert made.returncode == 0, made.stderr[-3000:]
     out = tmp / "out"
     proc = subprocess.run([sys.executable, str(SCRIPT), "run", "--dry-run", "--archive", str(archive),
                            "--model", str(tmp / "model"), "--target", "0.0", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp)
+                          capture_output=True, text=True, timeout=600, cwd=tmp, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"tmp": tmp, "out": out, "archive": archive, "packed": json.loads(packed.stdout),
+    return {"tmp": tmp, "out": out, "archive": archive, "packed": json.loads(packed.stdout), "env": env,
             "stdout": proc.stdout, "summary": json.loads((out / "summary.json").read_text())}
 
 
 def test_pack_holds_every_image_once(dry_run):
     with tarfile.open(dry_run["archive"]) as tar:
         names = sorted(m.name for m in tar.getmembers() if m.isfile())
-    assert len(names) == dry_run["packed"]["files"] == 3 * (24 + 12)
+    assert len(names) == dry_run["packed"]["files"] == CLASSES * (TRAIN + TEST)
     assert names[0].startswith("data/test/class0/") and all(n.startswith("data/") for n in names)
     assert dry_run["summary"]["data"]["archive_bytes"] == dry_run["archive"].stat().st_size
 
@@ -74,10 +91,14 @@ def test_bench_numbers_are_bench_py_s(dry_run):
     assert s["train_ratio_compile"] is None  # torch.compile only where PyTorch sees an accelerator
 
 
-def test_sweep_equals_the_attack_command(capsys, dry_run):
+def test_sweep_equals_the_attack_command(dry_run):
     tmp, s = dry_run["tmp"], dry_run["summary"]["sweep"]
-    ok(capsys, "attack", tmp / "model", "--data-dir", tmp / "data", "--num-keys", "3", "--key-seed", "1",
-       "--key-chunk", "2", "--batch-size", "40", "--limit", "20", "--quiet", "--out", tmp / "again.json")
+    # a process of its own with the dry run's compilation cache, which holds the sweep's programs
+    proc = subprocess.run([sys.executable, "-m", "convmixer_jax.cli", "attack", str(tmp / "model"), "--data-dir",
+                           str(tmp / "data"), "--num-keys", "3", "--key-seed", "1", "--key-chunk", "2",
+                           "--batch-size", "40", "--limit", "20", "--quiet", "--out", str(tmp / "again.json")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=dry_run["env"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((tmp / "again.json").read_text())
     assert s["accuracies"] == again["accuracies"] and s["num_keys"] == 3 and s["test_images"] == 20
     assert s["median"] == float(np.median(again["accuracies"]))
@@ -94,9 +115,7 @@ def test_training_epochs_and_seconds_to_target_from_the_log(dry_run):
 
 
 def test_seconds_to_target_when_not_reached():
-    sys.path.insert(0, str(SCRIPT.parent))
-    from accelerator_check import seconds_to_target
-
+    seconds_to_target = _script().seconds_to_target
     epochs = [{"epoch": 1, "train_seconds": 2.0, "test_accuracy": 0.5},
               {"epoch": 2, "train_seconds": 3.0, "test_accuracy": 0.91}]
     assert seconds_to_target(epochs, 0.9) == {"target": 0.9, "reached": True, "epoch": 2, "train_seconds": 5.0}
