@@ -193,3 +193,29 @@ def test_group_scores_are_at_least_as_accurate(prior):
     # the group view set is the same for every true variant, so its accuracy is too
     assert np.ptp([np.mean(group[t].argmax(-1) == t) for t in range(12)]) == 0
     assert np.mean(group.argmax(-1) == truth) >= np.mean(plain.argmax(-1) == truth) - 0.02
+
+
+@pytest.mark.parametrize("model_says", ["negative", "key"])
+def test_images_contradicting_the_models_colour_withhold_the_claim(prior, monkeypatch, model_says):
+    """With --model, the kernel attack decides the colour and sign; when the encrypted images'
+    prior prefers another variant by COLOUR_MARGIN the key is not claimed."""
+    from convmixer_jax.attacks import ciphertext_only as co, from_model
+    from convmixer_jax.attacks.from_weights import ModelRecovery
+    from convmixer_jax.scheme.images import encrypt_images_reference
+    from convmixer_jax.scheme.keys import generate_key
+
+    key = generate_key(4, 3, seed=21)
+    told = from_model.negated_key(key) if model_says == "negative" else key
+    monkeypatch.setattr(from_model, "recover_key_from_encrypted_model",
+                        lambda *a, **k: ModelRecovery(told.perm, told.flip, np.ones(48), told, candidates=(told,)))
+    template = co.block_template(natural_like(200, seed=7), 4)
+    enc = encrypt_images_reference(natural_like(6, seed=8), key)
+    res = co.recover_key_ciphertext_only(enc, 4, template, prior=prior, model=("config", "variables"),
+                                         public_images=natural_like(4, seed=9))
+    assert res.method == "ciphertext+model" and res.colour_log_probs.shape == (12,)
+    if model_says == "negative":
+        assert not res.determined and "contradicts" in res.reason and res.colour_margin <= -co.COLOUR_MARGIN
+        assert np.array_equal(res.best_guess.flip, told.flip)  # the model's key, not silently replaced
+    else:
+        assert "contradicts" not in res.reason and res.colour_margin == np.inf
+        assert int(np.argmax(res.colour_log_probs)) == 0  # the images agree with the model's variant
