@@ -45,7 +45,11 @@ def dry_run(tmp_path_factory):
             d = tmp / "data" / split / f"class{c}"
             d.mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+                # a random tint and contrast per image: even an untrained model's predictions
+                # then differ between images and between keys (iid noise averages out)
+                tint = rng.uniform(0, 255, (1, 1, 3))
+                img = tint + rng.uniform(0.1, 1.0) * rng.normal(0, 60, (32, 32, 3))
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{i}.png")
     archive = tmp / "carry" / "data.tar.gz"
     packed = subprocess.run([sys.executable, str(SCRIPT), "pack", "--data-dir", str(tmp / "data"),
                              "--out", str(archive)], capture_output=True, text=True, timeout=120)
@@ -101,6 +105,7 @@ def test_sweep_equals_the_attack_command(dry_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((tmp / "again.json").read_text())
     assert s["accuracies"] == again["accuracies"] and s["num_keys"] == 3 and s["test_images"] == 20
+    assert len(set(s["accuracies"])) > 1, s["accuracies"]  # the keys are told apart
     assert s["median"] == float(np.median(again["accuracies"]))
 
 
