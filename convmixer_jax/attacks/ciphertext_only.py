@@ -244,7 +244,7 @@ def _colour_choice(best: Key, grid: np.ndarray, prior, notes: list[str]) -> tupl
             valid.append(False)  # odd pb: the negated key has the wrong flip count
     if not any(v[0] for v, ok in zip(variants, valid) if ok) and len(variants) > 1:
         notes.append(f"global sign from the flip count (odd pb = {pb})")
-    if prior is None or getattr(prior, "config", None) is None or prior.config.channels != c:
+    if not _prior_fits(prior, c):
         alive = [i for i, ok in enumerate(valid) if ok]
         notes.append("no colour prior for these images: channel order and sign left as found")
         margin = np.inf if len(alive) == 1 else 0.0
@@ -383,13 +383,18 @@ def _with_model(model, public_images, template, grid, sign_support, notes, t0, p
     # prior's log-probs of best's 12 colour variants (index 0: best as it is): when another
     # variant leads by COLOUR_MARGIN, the key is not claimed.
     colour_margin, lp = np.inf, np.zeros(0)
-    if prior is not None and getattr(prior, "config", None) is not None and prior.config.channels == best.channels:
+    if _prior_fits(prior, best.channels):
         lp = group_log_probs(prior, grid_images(_decrypt_grid(grid, best), best.block_size, best.channels)).sum(0)
         lead = float(np.max(lp[1:]) - lp[0]) if len(lp) > 1 else -np.inf
         if lead >= COLOUR_MARGIN:
             colour_margin = -lead
             notes.append(f"the images' colour prior prefers another channel order / sign by {lead:.1f} nats")
     return _result(best, grid, sign_support, margin, colour_margin, lp, "ciphertext+model", notes, t0)
+
+
+def _prior_fits(prior, channels: int) -> bool:
+    """Whether ``prior`` is a colour prior for images of ``channels`` channels."""
+    return prior is not None and getattr(prior, "config", None) is not None and prior.config.channels == channels
 
 
 def _decrypt_grid(grid: np.ndarray, key: Key) -> np.ndarray:

@@ -93,13 +93,15 @@ def rerank_by_confidence(recovery: ModelRecovery, config, encrypted_variables, p
     # The BatchNorm ranking barely sees the global sign (a stem GELU of -x has similar
     # statistics), but the model's confidence does: the negative of each leading
     # candidate is re-ranked too (even pb only; for odd pb the flip count fixes the sign).
-    seen = {(k.perm.tobytes(), k.flip.tobytes()) for k in head}
-    for k in list(head):
-        neg = negated_key(k)
-        if neg is not None and (neg.perm.tobytes(), neg.flip.tobytes()) not in seen:
-            seen.add((neg.perm.tobytes(), neg.flip.tobytes()))
+    def ident(k):
+        return np.asarray(k.perm).tobytes(), np.asarray(k.flip).tobytes()
+
+    seen = {ident(k) for k in head}
+    for neg in filter(None, map(negated_key, list(head))):
+        if ident(neg) not in seen:
+            seen.add(ident(neg))
             head.append(neg)
-    rest = tuple(k for k in recovery.candidates[max(1, top):] if (k.perm.tobytes(), k.flip.tobytes()) not in seen)
+    rest = tuple(k for k in recovery.candidates[max(1, top):] if ident(k) not in seen)
     ent = rank_keys_by_confidence(config, encrypted_variables, head, np.asarray(public_images)[:n_images])
     order = np.argsort(ent, kind="stable")
     cands = tuple(head[i] for i in order) + rest

@@ -444,7 +444,7 @@ def group_log_probs(prior: ImagePrior, images, *, mirror: bool = True, batch_siz
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != prior.config.channels:
         raise ValueError(f"images must be (N, H, W, {prior.config.channels}), got shape {images.shape}")
-    x = as_unit_float(images)
+    x = as_unit_float(resize_images(images, prior.input_size))  # once; the views commute with it
     variants = [tuple(v) for v in prior.variants]
     index = {v: i for i, v in enumerate(variants)}
     total = np.zeros((x.shape[0], len(variants)), np.float64)

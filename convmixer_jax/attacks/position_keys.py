@@ -127,31 +127,25 @@ def countermeasure_study(config, variables, eval_data, query_images: np.ndarray,
         rebuilt = keys_from_first(Key(keys.perm[0], keys.flip[0], m, c), src, negate)
         row["relative_keys_exact"] = exact_positions_all(rebuilt, keys)
         row["relative_margin"] = margin
-        attacks = {}
-        for n in ns:
-            idx = rng.choice(len(test_images), n, replace=False)
-            q = np.asarray(encrypt_images_by_position(np.asarray(test_images[idx]), keys))
-            res = recover_key_ciphertext_only(q, m, template, prior=prior)
-            attacks[f"raw_{n}"] = {"claimed": res.determined, "positions_exact": exact_positions_all(res.best_guess, keys)}
-        for n in aligned_ns:
-            idx = rng.choice(len(test_images), n, replace=False)
-            q = align_to_first(np.asarray(encrypt_images_by_position(np.asarray(test_images[idx]), keys)), src,
-                               negate, m)
-            res = recover_key_ciphertext_only(q, m, template, prior=prior)
-            found = keys_from_first(res.best_guess, src, negate)
-            attacks[f"aligned_{n}"] = {"claimed": res.determined, "positions_exact": exact_positions_all(found, keys)}
+        def queries(n: int, aligned: bool) -> np.ndarray:
+            q = np.asarray(encrypt_images_by_position(test_images[rng.choice(len(test_images), n, replace=False)], keys))
+            return align_to_first(q, src, negate, m) if aligned else q
+
+        def outcome(res, aligned: bool) -> dict:
+            found = keys_from_first(res.best_guess, src, negate) if aligned else res.best_guess
+            return {"claimed": res.determined, "positions_exact": exact_positions_all(found, keys)}
+
+        attacks = {f"raw_{n}": outcome(recover_key_ciphertext_only(queries(n, False), m, template, prior=prior), False)
+                   for n in ns}
+        attacks.update({f"aligned_{n}": outcome(recover_key_ciphertext_only(queries(n, True), m, template,
+                                                                            prior=prior), True)
+                        for n in aligned_ns})
         if public_images is not None:
-            idx = rng.choice(len(test_images), 1, replace=False)
-            q = align_to_first(np.asarray(encrypt_images_by_position(np.asarray(test_images[idx]), keys)), src,
-                               negate, m)
             # position 0's slice of the stem is a one-key encrypted model under keys[0]
             first = _with_stem(enc_vars, {**stem, "kernel": np.asarray(stem["kernel"])[0, 0],
                                           "bias": np.asarray(stem["bias"])[0, 0]}, True)
-            res = recover_key_ciphertext_only(q, m, template, prior=prior, model=(config, first),
-                                              public_images=public_images)
-            found = keys_from_first(res.best_guess, src, negate)
-            attacks["aligned_model_1"] = {"claimed": res.determined,
-                                          "positions_exact": exact_positions_all(found, keys)}
+            attacks["aligned_model_1"] = outcome(recover_key_ciphertext_only(
+                queries(1, True), m, template, prior=prior, model=(config, first), public_images=public_images), True)
         row["attacks"] = attacks
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)

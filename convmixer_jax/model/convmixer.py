@@ -448,16 +448,9 @@ class ConvMixer(nn.Module):
     def __call__(self, images: jax.Array, *, train: bool = False,
                  stems: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         cfg = self.config
-        n, h, w, c = images.shape
-        p, d, k = cfg.patch_size, cfg.dim, cfg.kernel_size
-        if c != cfg.channels or h % p or w % p:
-            raise ValueError(
-                f"images of shape {images.shape} do not fit this model (channels {cfg.channels}, "
-                f"height and width divisible by patch size {p})")
-        x = images.astype(jnp.float32)
-        mean = jnp.asarray(cfg.norm_mean, jnp.float32)
-        std = jnp.asarray(cfg.norm_std, jnp.float32)
-        x = (x - mean) / std
+        x = normalize_input(cfg, images)
+        _, h, w, c = images.shape
+        p, d = cfg.patch_size, cfg.dim
         gh, gw = h // p, w // p
         impl = resolve_depthwise_impl(cfg.depthwise_impl, (gh, gw))
 
@@ -469,14 +462,38 @@ class ConvMixer(nn.Module):
                 raise ValueError(f"stems must be kernels (K, {p}, {p}, {c}, {d}) and biases (K, {d}); "
                                  f"got {kernels.shape} and {biases.shape}")
         x = PatchEmbed(p, d, name="stem")(x, stems)  # (d, gh, gw, N), or (d, gh, gw, K * N)
-        x = activation_fn(cfg.activation, cfg.gelu_approximate)(x)
-        x = ChannelBatchNorm(name="stem_bn")(x, train)
-        for i in range(cfg.depth):
-            x = MixerBlock(k, impl, cfg.gelu_approximate, cfg.activation, name=f"block_{i}")(x, train)
-        pooled = jnp.mean(x, axis=(1, 2))  # (d, N)
-        head = nn.Dense(cfg.num_classes, name="head",
-                        kernel_init=_torch_like_conv_init(d), bias_init=_torch_like_conv_init(d))
-        return head(pooled.T)
+        return after_stem(cfg, x, impl, train)
+
+
+def normalize_input(cfg: ConvMixerConfig, images: jax.Array) -> jax.Array:
+    """(N, H, W, C) in [0, 1] -> ``(x - mean) / std`` in float32 with the config's normalization;
+    refuses images whose channels or size do not fit the model."""
+    _, h, w, c = images.shape
+    p = cfg.patch_size
+    if c != cfg.channels or h % p or w % p:
+        raise ValueError(
+            f"images of shape {images.shape} do not fit this model (channels {cfg.channels}, "
+            f"height and width divisible by patch size {p})")
+    mean = jnp.asarray(cfg.norm_mean, jnp.float32)
+    std = jnp.asarray(cfg.norm_std, jnp.float32)
+    return (images.astype(jnp.float32) - mean) / std
+
+
+def after_stem(cfg: ConvMixerConfig, x: jax.Array, impl: str, train: bool) -> jax.Array:
+    """Everything after the patch embedding, (dim, gh, gw, N) -> logits (N, classes).
+
+    Call it inside a compact ``__call__``: its submodules (``stem_bn``, ``block_i``, ``head``)
+    become the caller's, under those names.
+    """
+    d = cfg.dim
+    x = activation_fn(cfg.activation, cfg.gelu_approximate)(x)
+    x = ChannelBatchNorm(name="stem_bn")(x, train)
+    for i in range(cfg.depth):
+        x = MixerBlock(cfg.kernel_size, impl, cfg.gelu_approximate, cfg.activation, name=f"block_{i}")(x, train)
+    pooled = jnp.mean(x, axis=(1, 2))  # (d, N)
+    head = nn.Dense(cfg.num_classes, name="head",
+                    kernel_init=_torch_like_conv_init(d), bias_init=_torch_like_conv_init(d))
+    return head(pooled.T)
 
 
 

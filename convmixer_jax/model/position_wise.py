@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.model.convmixer import (ChannelBatchNorm, ConvMixerConfig, MixerBlock, _torch_like_conv_init,
-                                           activation_fn, resolve_depthwise_impl)
+from convmixer_jax.model.convmixer import (ConvMixerConfig, _torch_like_conv_init, after_stem, normalize_input,
+                                           resolve_depthwise_impl)
 
 
 class PositionWisePatchEmbed(nn.Module):
@@ -45,24 +45,11 @@ class PositionWiseConvMixer(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         cfg = self.config
-        n, h, w, c = images.shape
+        x = normalize_input(cfg, images)
         p = cfg.patch_size
-        if c != cfg.channels or h % p or w % p:
-            raise ValueError(f"images of shape {images.shape} do not fit this model (channels {cfg.channels}, "
-                             f"height and width divisible by patch size {p})")
-        x = (images.astype(jnp.float32) - jnp.asarray(cfg.norm_mean, jnp.float32)) / jnp.asarray(cfg.norm_std,
-                                                                                              jnp.float32)
-        gh, gw = h // p, w // p
-        impl = resolve_depthwise_impl(cfg.depthwise_impl, (gh, gw))
+        gh, gw = images.shape[1] // p, images.shape[2] // p
         x = PositionWisePatchEmbed(p, cfg.dim, (gh, gw), name="stem")(x)
-        x = activation_fn(cfg.activation, cfg.gelu_approximate)(x)
-        x = ChannelBatchNorm(name="stem_bn")(x, train)
-        for i in range(cfg.depth):
-            x = MixerBlock(cfg.kernel_size, impl, cfg.gelu_approximate, cfg.activation, name=f"block_{i}")(x, train)
-        pooled = jnp.mean(x, axis=(1, 2))
-        head = nn.Dense(cfg.num_classes, name="head", kernel_init=_torch_like_conv_init(cfg.dim),
-                        bias_init=_torch_like_conv_init(cfg.dim))
-        return head(pooled.T)
+        return after_stem(cfg, x, resolve_depthwise_impl(cfg.depthwise_impl, (gh, gw)), train)
 
 
 @functools.lru_cache(maxsize=8)
