@@ -22,6 +22,9 @@ pb = M*M*C values. Natural images leave three kinds of evidence in the ciphertex
    decrypted images, each image's score averaged over its own 12 variants and their
    mirrors (``image_prior.group_log_probs``); the log-probabilities of all images add
    up. For odd pb the flip count (floor(pb/2) ones) fixes the sign by itself.
+   Images decoded from JPEGs add a cue of their own: only the right channel order puts
+   the luma's 8 x 8 DCT coefficients back on a quantization lattice
+   (:mod:`convmixer_jax.attacks.jpeg_trace`); its log evidence is added to the prior's.
 
 With the encrypted model as well (``model=``), the kernel attack of
 :mod:`convmixer_jax.attacks.from_model` proposes the key up to the block's dihedral
@@ -208,6 +211,11 @@ class CiphertextRecovery:
         model: inf, or minus the lead of another variant when the images contradict it).
       colour_log_probs: (V,) summed log-probs of the colour variants under the prior
         (V = 0 without a prior), in the order of ``colour_variants``.
+      jpeg_log_evidence: (V,) the JPEG trace's log evidence of the same variants, added
+        to ``colour_log_probs`` for the choice (V = 0 when the images show no trace or
+        the trace is off).
+      colour_prior_guess: the key the colour prior alone would pick for the same layout
+        (None without a prior, or with the model), to measure what the JPEG trace adds.
     """
 
     key: Key | None
@@ -222,14 +230,20 @@ class CiphertextRecovery:
     method: str
     seconds: float
     notes: str = ""
+    jpeg_log_evidence: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    colour_prior_guess: Key | None = None
 
     @property
     def determined(self) -> bool:
         return self.key is not None
 
 
-def _colour_choice(best: Key, grid: np.ndarray, prior, notes: list[str]) -> tuple[Key, float, np.ndarray]:
-    """Pick the colour/sign variant of ``best`` by the prior; returns key, margin, log-probs."""
+def _colour_choice(best: Key, grid: np.ndarray, prior, notes: list[str], jpeg_trace: bool = True):
+    """Pick the colour/sign variant of ``best`` by the prior and the JPEG trace.
+
+    Returns (key, margin, prior log-probs (V,) or (0,), JPEG evidence (V,) or (0,), the
+    key the prior alone picks or None).
+    """
     from convmixer_jax.scheme.keys import InvalidKeyError
 
     m, c = best.block_size, best.channels
@@ -244,22 +258,43 @@ def _colour_choice(best: Key, grid: np.ndarray, prior, notes: list[str]) -> tupl
             valid.append(False)  # odd pb: the negated key has the wrong flip count
     if not any(v[0] for v, ok in zip(variants, valid) if ok) and len(variants) > 1:
         notes.append(f"global sign from the flip count (odd pb = {pb})")
-    if not _prior_fits(prior, c):
-        alive = [i for i, ok in enumerate(valid) if ok]
-        notes.append("no colour prior for these images: channel order and sign left as found")
-        margin = np.inf if len(alive) == 1 else 0.0
-        return colour_key(best, invert_variant(variants[alive[0]])), margin, np.zeros(0)
-    lp = group_log_probs(prior, grid_images(_decrypt_grid(grid, best), m, c)).sum(0)
-    masked = np.where(valid, lp, -np.inf)
-    order = np.argsort(-masked)
-    j = int(order[0])
-    margin = float(masked[j] - masked[order[1]]) if np.isfinite(masked[order[1]]) else np.inf
-    return validate_key(colour_key(best, invert_variant(variants[j]))), margin, lp
+    images = grid_images(_decrypt_grid(grid, best), m, c)
+    ev = _jpeg_evidence(images, variants, notes) if jpeg_trace else np.zeros(0)
+    lp = group_log_probs(prior, images).sum(0) if _prior_fits(prior, c) else np.zeros(0)
+    if not len(lp):
+        notes.append("no colour prior for these images" + ("" if len(ev) else
+                                                           ": channel order and sign left as found"))
+
+    def pick(score):
+        masked = np.where(valid, score, -np.inf)
+        order = np.argsort(-masked, kind="stable")
+        j = int(order[0])
+        margin = float(masked[j] - masked[order[1]]) if len(order) > 1 and np.isfinite(masked[order[1]]) else np.inf
+        return validate_key(colour_key(best, invert_variant(variants[j]))), margin
+
+    total = (lp if len(lp) else 0.0) + (ev if len(ev) else 0.0)
+    key, margin = pick(np.broadcast_to(np.asarray(total, np.float64), (len(variants),)))
+    prior_key = pick(lp)[0] if len(lp) else None
+    return key, margin, lp, ev, prior_key
+
+
+def _jpeg_evidence(images: np.ndarray, variants, notes: list[str]) -> np.ndarray:
+    """The JPEG trace's log evidence of each variant (:mod:`~convmixer_jax.attacks.jpeg_trace`),
+    or (0,) when the images show none."""
+    from convmixer_jax.attacks.jpeg_trace import jpeg_log_evidence
+
+    ev = jpeg_log_evidence(images, variants)
+    if np.ptp(ev) < 1e-9:
+        return np.zeros(0)
+    j = int(np.argmax(ev))
+    notes.append(f"JPEG trace: the luma of channel order {variants[j][1]} lies on a JPEG lattice "
+                 f"({ev[j] - np.median(ev):.0f} nats over the median variant)")
+    return ev
 
 
 def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTemplate, *, prior=None,
                                 model=None, public_images=None, starts: int | None = None, seed: int = 0,
-                                progress: bool = False) -> CiphertextRecovery:
+                                jpeg_trace: bool = True, progress: bool = False) -> CiphertextRecovery:
     """Recover the key from encrypted images alone.
 
     Args:
@@ -272,6 +307,8 @@ def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTempl
       model: optional ``(config, encrypted_variables)`` of the encrypted model; with
         ``public_images`` (unlabeled natural images) its kernel attack proposes the key.
       starts: layout-search starts (default 48 for pb <= 64, else 12).
+      jpeg_trace: add the JPEG trace's evidence (:mod:`~convmixer_jax.attacks.jpeg_trace`)
+        to the prior's for the channel order and sign (no effect on images without one).
     Returns:
       a :class:`CiphertextRecovery`.
     """
@@ -308,7 +345,7 @@ def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTempl
     a, b = levels[-1]
 
     if model is not None and public_images is not None:
-        return _with_model(model, public_images, template, grid, sign_support, notes, t0, prior)
+        return _with_model(model, public_images, template, grid, sign_support, notes, t0, prior, jpeg_trace)
 
     sols = search(levels, starts=starts or (48 if pb <= 64 else 12), seed=seed, progress=progress)
     # the block's dihedral symmetries of the best layouts, polished: the search can end in a
@@ -331,13 +368,13 @@ def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTempl
     best_hits = hits.get(best_p.tobytes(), 0)
     if best_hits < MIN_HITS:
         notes.append(f"the best layout was reached from {best_hits} of the search's starts")
-    key, colour_margin, lp = _colour_choice(best, grid, prior, notes)
+    key, colour_margin, lp, ev, prior_key = _colour_choice(best, grid, prior, notes, jpeg_trace)
     return _result(key, grid, sign_support, layout_margin, colour_margin, lp, "ciphertext", notes, t0,
-                   hits=best_hits)
+                   hits=best_hits, ev=ev, prior_key=prior_key)
 
 
 def _result(key, grid, sign_support, layout_margin, colour_margin, lp, method, notes, t0,
-            hits: int = MIN_HITS) -> CiphertextRecovery:
+            hits: int = MIN_HITS, ev=None, prior_key=None) -> CiphertextRecovery:
     reasons = []
     if hits < MIN_HITS:
         reasons.append(f"only {hits} of the layout search's starts reached the best layout (needs {MIN_HITS}); "
@@ -350,7 +387,7 @@ def _result(key, grid, sign_support, layout_margin, colour_margin, lp, method, n
         reasons.append(f"the layout is ahead of the next one by {layout_margin:.1f} nats "
                        f"(needs {LAYOUT_MARGIN:g})")
     if colour_margin < 0:
-        reasons.append(f"the encrypted images' colour prior contradicts the model's channel order / sign "
+        reasons.append(f"the encrypted images' colour evidence contradicts the model's channel order / sign "
                        f"by {-colour_margin:.1f} nats")
     elif colour_margin < COLOUR_MARGIN:
         reasons.append(f"the channel order / sign is ahead of the next by {colour_margin:.1f} nats "
@@ -360,10 +397,11 @@ def _result(key, grid, sign_support, layout_margin, colour_margin, lp, method, n
         num_images=int(grid.shape[0]), num_blocks=int(np.prod(grid.shape[:3])),
         sign_support=np.asarray(sign_support), layout_margin=float(layout_margin),
         colour_margin=float(colour_margin), colour_log_probs=np.asarray(lp), method=method,
-        seconds=time.perf_counter() - t0, notes="; ".join(notes))
+        seconds=time.perf_counter() - t0, notes="; ".join(notes),
+        jpeg_log_evidence=np.zeros(0) if ev is None else np.asarray(ev), colour_prior_guess=prior_key)
 
 
-def _with_model(model, public_images, template, grid, sign_support, notes, t0, prior=None):
+def _with_model(model, public_images, template, grid, sign_support, notes, t0, prior=None, jpeg_trace=True):
     """The kernel attack's key, its orientation chosen by the encrypted images."""
     from convmixer_jax.attacks.from_model import recover_key_from_encrypted_model
 
@@ -380,16 +418,22 @@ def _with_model(model, public_images, template, grid, sign_support, notes, t0, p
     notes.append(f"model: {rec.method}; {rec.notes}")
     best = scored[0][1]
     # The model decides the colour and sign; the images may still contradict it. Their
-    # prior's log-probs of best's 12 colour variants (index 0: best as it is): when another
-    # variant leads by COLOUR_MARGIN, the key is not claimed.
-    colour_margin, lp = np.inf, np.zeros(0)
+    # prior's log-probs of best's 12 colour variants (index 0: best as it is), plus their
+    # JPEG trace: when another variant leads by COLOUR_MARGIN, the key is not claimed.
+    colour_margin, lp, ev = np.inf, np.zeros(0), np.zeros(0)
+    images = grid_images(_decrypt_grid(grid, best), best.block_size, best.channels)
+    if jpeg_trace:
+        ev = _jpeg_evidence(images, colour_variants(best.channels), notes)
     if _prior_fits(prior, best.channels):
-        lp = group_log_probs(prior, grid_images(_decrypt_grid(grid, best), best.block_size, best.channels)).sum(0)
-        lead = float(np.max(lp[1:]) - lp[0]) if len(lp) > 1 else -np.inf
+        lp = group_log_probs(prior, images).sum(0)
+    total = (lp if len(lp) else 0.0) + (ev if len(ev) else 0.0)
+    if np.ndim(total) and len(total) > 1:
+        lead = float(np.max(total[1:]) - total[0])
         if lead >= COLOUR_MARGIN:
             colour_margin = -lead
-            notes.append(f"the images' colour prior prefers another channel order / sign by {lead:.1f} nats")
-    return _result(best, grid, sign_support, margin, colour_margin, lp, "ciphertext+model", notes, t0)
+            notes.append(f"the images' colour prior / JPEG trace prefer another channel order / sign by "
+                         f"{lead:.1f} nats")
+    return _result(best, grid, sign_support, margin, colour_margin, lp, "ciphertext+model", notes, t0, ev=ev)
 
 
 def _prior_fits(prior, channels: int) -> bool:

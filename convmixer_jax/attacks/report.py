@@ -254,13 +254,16 @@ def summary_markdown(report: dict) -> str:
         L += ["## Ciphertext-only key recovery", "",
               f"N encrypted test images, {co['rows'][0]['keys']} secret keys per row; template from "
               f"{co['public_images']:,} public training images; colour prior: {co['prior']}. \"exact\": the most "
-              "likely key is the key; \"claimed\": the attack says it is determined (and writes it).", "",
-              "| encrypted images | adversary also holds | keys | exact keys | claimed | claimed but wrong | "
-              "positions right | PSNR (dB) | SSIM | seconds per attack |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "likely key is the key; \"claimed\": the attack says it is determined (and writes it); "
+              "\"colour prior alone\": exact keys had the channel order and sign been chosen without the "
+              "JPEG trace (same layouts); \"JPEG trace\": attacks whose decrypted images showed one.", "",
+              "| encrypted images | adversary also holds | keys | exact keys | colour prior alone | JPEG trace | "
+              "claimed | claimed but wrong | positions right | PSNR (dB) | SSIM | seconds per attack |",
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in co["rows"]:
             L.append(f"| {r['images']:,} | {'the encrypted model + public images' if r['with_model'] else '-'} | "
-                     f"{r['keys']} | {r['exact']} | {r['claimed']} | {r['claimed_wrong']} | "
+                     f"{r['keys']} | {r['exact']} | {'-' if r['with_model'] else r.get('exact_prior_only', '')} | {r.get('jpeg_trace', '')} | "
+                     f"{r['claimed']} | {r['claimed_wrong']} | "
                      f"{r['positions_right']:.3f} | {r['psnr']:.1f} | {r['ssim']:.3f} | {r['seconds']:.1f} |")
         L += ["", "Images decrypted with the key recovered from N encrypted images (one key; "
               "`ciphertext_only.png`):", "", "| N | exact key | PSNR (dB) | SSIM |", "| ---: | --- | ---: | ---: |"]

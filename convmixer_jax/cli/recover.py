@@ -28,7 +28,7 @@ def _recover_known_plaintext(args):
     from convmixer_jax.files.arrays import load_images
     from convmixer_jax.scheme.images import ImageError
 
-    for name in ("model", "public", "best_guess"):
+    for name in ("model", "public", "best_guess", "no_jpeg_trace"):
         if getattr(args, name):
             raise UsageError(f"--{name.replace('_', '-')} is for the ciphertext-only attack; drop it or drop --plain")
     if len(args.encrypted) != 1:
@@ -90,11 +90,11 @@ def _recover_ciphertext_only(args):
         model = (config, variables)
     res = recover_key_ciphertext_only(encrypted, args.block_size, template, prior=prior, model=model,
                                       public_images=public if model else None, seed=args.seed,
-                                      progress=not args.quiet)
+                                      jpeg_trace=not args.no_jpeg_trace, progress=not args.quiet)
     summary = {"images": res.num_images, "blocks": res.num_blocks, "method": res.method,
                "determined": res.determined, "min_flip_support_sigmas": round(float(res.sign_support.min()), 2),
                "layout_margin_nats": round(res.layout_margin, 2), "colour_margin_nats": round(res.colour_margin, 2),
-               "seconds": round(res.seconds, 1)}
+               "jpeg_trace": bool(len(res.jpeg_log_evidence)), "seconds": round(res.seconds, 1)}
     say(json.dumps(summary))
     if res.determined:
         return res.key
@@ -113,7 +113,8 @@ def register(add) -> None:
     p = add("recover-key", cmd_recover_key, "recover a key from encrypted images (and plain ones, if known)",
             "Without --plain (ciphertext-only): recover the key from encrypted images alone, by the "
             "statistics natural images keep under the cipher (flips from correlation signs, the layout from "
-            "block-pair statistics of public images, channel order and sign from a learned colour prior); "
+            "block-pair statistics of public images, channel order and sign from a learned colour prior and, "
+            "for images decoded from JPEGs, from the JPEG quantization lattice of their luma); "
             "with --model ENC_MODEL also from the encrypted model. Writes the key only when every decision "
             "clears its margin (or with --best-guess), else says what is missing and exits non-zero. With "
             "--plain (known plaintext): the key from plain/encrypted pairs (.npy, (N, H, W, C) or (H, W, C), "
@@ -131,6 +132,9 @@ def register(add) -> None:
                    help="public images used at 32 x 32, fewer for larger images (default 2000)")
     p.add_argument("--prior", metavar="DIR",
                    help="colour prior (default: the one shipped for RGB, trained on CIFAR-10 training images)")
+    p.add_argument("--no-jpeg-trace", action="store_true",
+                   help="decide the channel order and sign by the colour prior alone, ignoring the JPEG "
+                        "quantization trace of JPEG-decoded images")
     p.add_argument("--best-guess", action="store_true",
                    help="write the most likely key even when it is not determined (never for images "
                         "whose flips are undetermined)")
