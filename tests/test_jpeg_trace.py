@@ -111,3 +111,30 @@ def test_ciphertext_only_attack_takes_the_channel_order_from_the_trace():
         wrong_without += not any(np.array_equal(k.perm, key.perm) and np.array_equal(k.flip, key.flip)
                                  for k in (off.best_guess, colour_key(off.best_guess, (True, (0, 1, 2)))))
     assert wrong_without >= 1  # these keys' channel orders are not the search's own
+
+
+def test_cli_reports_the_trace_and_turns_it_off(tmp_path, capsys):
+    import json
+
+    from convmixer_jax.scheme.images import encrypt_images_reference
+    from convmixer_jax.scheme.keys import generate_key
+
+    from cli_helpers import run
+
+    np.save(tmp_path / "public.npy", smooth_fields(80, 24, 3, seed=200))
+    key = generate_key(2, 3, seed=[21, 0])
+    np.save(tmp_path / "enc.npy", encrypt_images_reference(jpeg_round_trip(smooth_fields(4, 24, 3, seed=3), 70), key))
+    common = ["recover-key", "--encrypted", str(tmp_path / "enc.npy"), "--block-size", "2",
+              "--public", str(tmp_path / "public.npy"), "--best-guess"]
+    seen = {}
+    for flag in ([], ["--no-jpeg-trace"]):
+        out_key = tmp_path / f"key{len(flag)}.json"
+        rc, out, err = run(capsys, *common, *flag, "--out", str(out_key))
+        assert rc == 0 and out_key.exists(), err
+        summary = json.loads([line for line in err.splitlines() if line.startswith("{")][-1])
+        seen[bool(flag)] = summary["jpeg_trace"]
+    assert seen == {False: True, True: False}
+    np.save(tmp_path / "p.npy", smooth_fields(1, 8, 3, seed=0))
+    rc, out, err = run(capsys, "recover-key", "--plain", str(tmp_path / "p.npy"), "--encrypted",
+                       str(tmp_path / "p.npy"), "--block-size", "2", "--no-jpeg-trace", "--out", str(tmp_path / "k.json"))
+    assert rc != 0 and "--no-jpeg-trace" in err and not (tmp_path / "k.json").exists()

@@ -20,10 +20,10 @@ index 0 is always the identity. :func:`train_image_prior` trains the classifier,
 :func:`load_image_prior` keep it on disk and :func:`cached_image_prior` trains once
 per set of public images.
 
-JPEG-coded sources carry a channel-order cue of their own (4:2:0 chroma is coded at
-a lower resolution than luma, so a channel-swapped decoded JPEG has sharp chroma);
-a prior trained on JPEG images could use it on JPEG images as well, but re-encoding
-every variant image as JPEG costs the default prior under one point (below).
+JPEG-decoded sources carry a channel-order cue of their own, which this prior does
+not learn (re-encoding every variant image as JPEG costs it under one point, below):
+only the right channel order puts the luma back on the coder's quantization lattice.
+:mod:`~convmixer_jax.attacks.jpeg_trace` scores that, and the attack adds the two.
 
 Measured with ``python benchmarks/image_prior_accuracy.py`` (the defaults: 1,500 steps of
 128, trained on CIFAR-10 training images 0..44,999 in 291 s on the shared 2-core CPU,
