@@ -32,8 +32,12 @@ the choice to the prior, and hundreds of nats apart between the variants of a JP
 The Laplace law is the null of each variant separately: how natural a variant's
 coefficients look is the image prior's question, not this module's.
 
-Measured with ``python benchmarks/jpeg_trace_accuracy.py`` (held-out CIFAR-10 training
-images; the numbers are in that script's output file, ``results/security/jpeg_trace.json``).
+Measured with ``python benchmarks/jpeg_trace_accuracy.py --images 1000 --out
+results/security/jpeg_trace.json`` on held-out CIFAR-10 training images (JPEG copy), each
+set given a random variant: the trace alone gets the channel order of 97.6 % of single
+images and 99.8 % of pairs; added to the colour prior, the 12-way variant of 93.7 % / 99.0 %
+(the prior alone: 74.8 % / 88.6 %). After a resampling that wipes the trace the sum equals
+the prior.
 
 Tables other than libjpeg's scaled ones (some cameras, MozJPEG's), other grid offsets and
 chroma are not modelled; on such images the trace is absent and the result is the prior's.
