@@ -198,7 +198,7 @@ def test_group_scores_are_at_least_as_accurate(prior):
 @pytest.mark.parametrize("model_says", ["negative", "key"])
 def test_images_contradicting_the_models_colour_withhold_the_claim(prior, monkeypatch, model_says):
     """With --model, the kernel attack decides the colour and sign; when the encrypted images'
-    prior prefers another variant by COLOUR_MARGIN the key is not claimed."""
+    prior prefers another variant by CONTRADICTION_MARGIN the key is not claimed."""
     from convmixer_jax.attacks import ciphertext_only as co, from_model
     from convmixer_jax.attacks.from_weights import ModelRecovery
     from convmixer_jax.scheme.images import encrypt_images_reference
@@ -214,7 +214,7 @@ def test_images_contradicting_the_models_colour_withhold_the_claim(prior, monkey
                                          public_images=natural_like(4, seed=9))
     assert res.method == "ciphertext+model" and res.colour_log_probs.shape == (12,)
     if model_says == "negative":
-        assert not res.determined and "contradicts" in res.reason and res.colour_margin <= -co.COLOUR_MARGIN
+        assert not res.determined and "contradicts" in res.reason and res.colour_margin <= -co.CONTRADICTION_MARGIN
         assert np.array_equal(res.best_guess.flip, told.flip)  # the model's key, not silently replaced
     else:
         assert "contradicts" not in res.reason and res.colour_margin == np.inf

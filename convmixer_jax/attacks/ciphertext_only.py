@@ -58,8 +58,13 @@ LAYOUT_MARGIN = 5.0
 #: starts of the layout search that must end in the chosen layout (or one of its
 #: dihedral copies, which the polish maps onto it).
 MIN_HITS = 2
-#: nats by which the chosen colour/sign variant must beat the next one.
-COLOUR_MARGIN = 3.0
+#: nats by which the chosen colour/sign variant must beat the next one. With the JPEG
+#: trace the channel order leads by hundreds of nats and the margin is the prior's sign
+#: alone; at 3 nats a security report claimed one negated key (docs/security.md).
+COLOUR_MARGIN = 8.0
+#: with the model, nats by which the images' colour evidence must prefer another variant
+#: to the model's to withhold the claim.
+CONTRADICTION_MARGIN = 3.0
 #: covariance regularizations of the template, from the smooth objective the search
 #: starts on to the one it ends on (values are normalized to [-1, 1]).
 TEMPLATE_REGS = (1.0, 0.1, 0.01)
@@ -419,7 +424,7 @@ def _with_model(model, public_images, template, grid, sign_support, notes, t0, p
     best = scored[0][1]
     # The model decides the colour and sign; the images may still contradict it. Their
     # prior's log-probs of best's 12 colour variants (index 0: best as it is), plus their
-    # JPEG trace: when another variant leads by COLOUR_MARGIN, the key is not claimed.
+    # JPEG trace: when another variant leads by CONTRADICTION_MARGIN, the key is not claimed.
     colour_margin, lp, ev = np.inf, np.zeros(0), np.zeros(0)
     images = grid_images(_decrypt_grid(grid, best), best.block_size, best.channels)
     if jpeg_trace:
@@ -429,7 +434,7 @@ def _with_model(model, public_images, template, grid, sign_support, notes, t0, p
     total = (lp if len(lp) else 0.0) + (ev if len(ev) else 0.0)
     if np.ndim(total) and len(total) > 1:
         lead = float(np.max(total[1:]) - total[0])
-        if lead >= COLOUR_MARGIN:
+        if lead >= CONTRADICTION_MARGIN:
             colour_margin = -lead
             notes.append(f"the images' colour prior / JPEG trace prefer another channel order / sign by "
                          f"{lead:.1f} nats")
