@@ -251,7 +251,7 @@ def _colour_choice(best: Key, grid: np.ndarray, prior, notes: list[str], jpeg_tr
     """
     from convmixer_jax.scheme.keys import InvalidKeyError
 
-    m, c = best.block_size, best.channels
+    c = best.channels
     pb = grid.shape[-1]
     variants = colour_variants(c)
     valid = []
@@ -263,9 +263,7 @@ def _colour_choice(best: Key, grid: np.ndarray, prior, notes: list[str], jpeg_tr
             valid.append(False)  # odd pb: the negated key has the wrong flip count
     if not any(v[0] for v, ok in zip(variants, valid) if ok) and len(variants) > 1:
         notes.append(f"global sign from the flip count (odd pb = {pb})")
-    images = grid_images(_decrypt_grid(grid, best), m, c)
-    ev = _jpeg_evidence(images, variants, notes) if jpeg_trace else np.zeros(0)
-    lp = group_log_probs(prior, images).sum(0) if _prior_fits(prior, c) else np.zeros(0)
+    lp, ev, total = _colour_evidence(grid, best, prior, notes, jpeg_trace)
     if not len(lp):
         notes.append("no colour prior for these images" + ("" if len(ev) else
                                                            ": channel order and sign left as found"))
@@ -277,10 +275,20 @@ def _colour_choice(best: Key, grid: np.ndarray, prior, notes: list[str], jpeg_tr
         margin = float(masked[j] - masked[order[1]]) if len(order) > 1 and np.isfinite(masked[order[1]]) else np.inf
         return validate_key(colour_key(best, invert_variant(variants[j]))), margin
 
-    total = (lp if len(lp) else 0.0) + (ev if len(ev) else 0.0)
     key, margin = pick(np.broadcast_to(np.asarray(total, np.float64), (len(variants),)))
     prior_key = pick(lp)[0] if len(lp) else None
     return key, margin, lp, ev, prior_key
+
+
+def _colour_evidence(grid: np.ndarray, key: Key, prior, notes: list[str], jpeg_trace: bool):
+    """The colour variants of the images decrypted with ``key``: the prior's summed
+    log-probs (V,) or (0,), the JPEG trace's evidence (V,) or (0,), and their sum
+    (0.0 when neither applies)."""
+    m, c = key.block_size, key.channels
+    images = grid_images(_decrypt_grid(grid, key), m, c)
+    ev = _jpeg_evidence(images, colour_variants(c), notes) if jpeg_trace else np.zeros(0)
+    lp = group_log_probs(prior, images).sum(0) if _prior_fits(prior, c) else np.zeros(0)
+    return lp, ev, (lp if len(lp) else 0.0) + (ev if len(ev) else 0.0)
 
 
 def _jpeg_evidence(images: np.ndarray, variants, notes: list[str]) -> np.ndarray:
@@ -425,13 +433,8 @@ def _with_model(model, public_images, template, grid, sign_support, notes, t0, p
     # The model decides the colour and sign; the images may still contradict it. Their
     # prior's log-probs of best's 12 colour variants (index 0: best as it is), plus their
     # JPEG trace: when another variant leads by CONTRADICTION_MARGIN, the key is not claimed.
-    colour_margin, lp, ev = np.inf, np.zeros(0), np.zeros(0)
-    images = grid_images(_decrypt_grid(grid, best), best.block_size, best.channels)
-    if jpeg_trace:
-        ev = _jpeg_evidence(images, colour_variants(best.channels), notes)
-    if _prior_fits(prior, best.channels):
-        lp = group_log_probs(prior, images).sum(0)
-    total = (lp if len(lp) else 0.0) + (ev if len(ev) else 0.0)
+    colour_margin = np.inf
+    lp, ev, total = _colour_evidence(grid, best, prior, notes, jpeg_trace)
     if np.ndim(total) and len(total) > 1:
         lead = float(np.max(total[1:]) - total[0])
         if lead >= CONTRADICTION_MARGIN:
