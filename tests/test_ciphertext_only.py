@@ -58,6 +58,39 @@ def test_search_finds_a_planted_permutation():
     assert np.array_equal(p, truth) and hits >= 1
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_iterated_local_search_escapes_where_exchanges_stop(seed):
+    # a planted permutation (maximum of f, as above) and exchanges from random starts until
+    # one stops short of it: the kicks reach the maximum, and never return worse
+    rng = np.random.default_rng(seed)
+    n = 16
+    a = rng.normal(size=(2, n, n))
+    truth = rng.permutation(n)
+    b = np.empty_like(a)
+    b[:, truth[:, None], truth[None, :]] = a
+    while True:
+        p, v, _ = ls.local_search(a, b, rng.permutation(n))
+        if not np.array_equal(p, truth):
+            break
+    q, w = ls.iterated_local_search(a, b, p, kicks=100, seed=seed)
+    assert w >= v
+    assert np.array_equal(q, truth) and w == pytest.approx(ls.objective(a, b, truth))
+    assert w == pytest.approx(ls.objective(a, b, q))
+
+
+def test_one_start_is_searched_again():
+    # a single start cannot give the MIN_HITS the claim needs: the attack searches again
+    # (two more searches, then kicks) and the hits of all three add up
+    public = smooth_fields(60, 24, 1, seed=100)
+    template = block_template(public, 3)
+    key = generate_key(3, 1, seed=[7, 5])
+    enc = encrypt_images_reference(smooth_fields(4, 24, 1, seed=5), key)
+    res = recover_key_ciphertext_only(enc, 3, template, starts=1)
+    assert "searched again" in res.notes
+    assert np.array_equal(res.best_guess.perm, key.perm) and np.array_equal(res.best_guess.flip, key.flip)
+    assert res.determined, res.reason
+
+
 def test_block_grid_round_trip():
     x = smooth_fields(2, 12, 3, seed=1)
     g = block_grid(x, 3)

@@ -10,7 +10,9 @@ with ``A`` (T, n, n) from a natural-image template (plain slots) and ``B`` (T, n
 from the encrypted images (encrypted positions). This module maximizes such an ``f``
 over permutations: Frank-Wolfe on the doubly stochastic relaxation from several
 starts, then best-improvement exchanges of two assignments, all vectorized over the
-n x n exchanges (numpy; n = 48 for 4 x 4 RGB blocks, 147 for 7 x 7).
+n x n exchanges (numpy; n = 48 for 4 x 4 RGB blocks, 147 for 7 x 7); and an iterated
+local search that kicks a local maximum out of its basin (a random cycle of a few
+assignments) and keeps the result when the exchanges then climb higher.
 """
 from __future__ import annotations
 
@@ -69,6 +71,29 @@ def local_search(a: np.ndarray, b: np.ndarray, p: np.ndarray, max_iter: int | No
         p[x], p[y] = p[y], p[x]
         cur += float(gains[x, y])
     return p, objective(a, b, p), swap_gains(a, b, p)
+
+
+def iterated_local_search(a: np.ndarray, b: np.ndarray, p: np.ndarray, *, kicks: int = 100,
+                          size: int = 6, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Escape the local maximum ``p`` (n,) by ``kicks`` random re-assignments of ``size``
+    slots among themselves, each climbed by :func:`local_search`; an improvement is kept
+    and kicked next. Returns the best p and f(p) (never worse than the start).
+
+    Errors the exchanges cannot undo one at a time (a few slots that are all misplaced
+    together, each single repair making the fit worse) are what the kicks reach.
+    """
+    rng = np.random.default_rng(seed)
+    p, v, _ = local_search(a, b, p)
+    n = len(p)
+    size = min(size, n)
+    for _ in range(kicks if n > 1 else 0):
+        q = p.copy()
+        sel = rng.choice(n, size, replace=False)
+        q[sel] = q[rng.permutation(sel)]
+        q, w, _ = local_search(a, b, q)
+        if w > v + 1e-9 * max(1.0, abs(v)):
+            p, v = q, w
+    return p, v
 
 
 def frank_wolfe(a: np.ndarray, b: np.ndarray, start: np.ndarray, iters: int = 50) -> np.ndarray:
