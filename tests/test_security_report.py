@@ -66,8 +66,8 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
     out = tmp_path / "report"
     rep = run_security_report(CFG, variables, train, test, out, kp_pairs=(1,), kp_trials=3, recovery_keys=1,
                               eval_images=40, finetune_sizes=(10, 20), finetune_modes=("stem", "scratch"),
-                              finetune_steps=3, ciphertext_ns=(1, 3), ciphertext_keys=2, recovery_ns=(1, 4),
-                              countermeasure_keys=1, seed=11, progress=False, log=lambda m: None)
+                              finetune_steps=3, finetune_keys=2, ciphertext_ns=(1, 3), ciphertext_keys=2,
+                              recovery_ns=(1, 4), countermeasure_keys=1, seed=11, progress=False, log=lambda m: None)
     names = sorted(p.name for p in out.iterdir())
     assert names == [".convmixer-jax-output", "ciphertext_only.png", "finetune.png", "known_plaintext.png",
                      "model_recovery.png", "security.json", "summary.md"]
@@ -75,6 +75,16 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
     assert data["known_plaintext"][0]["trials"] == 3
     assert set(data["finetune"]["accuracy"]) == {"stem", "scratch"}
     assert set(data["finetune"]["accuracy"]["stem"]) == {"10", "20"}
+    # the stem is fine-tuned under a second key as well; the spread is over both keys' runs
+    ft = data["finetune"]
+    assert [k["key_fingerprint"] for k in ft["stem_keys"]] == [fingerprint(generate_key(2, 3, seed=[11, i]))
+                                                             for i in range(2)]
+    assert ft["stem_keys"][0]["accuracy"] == ft["accuracy"]["stem"]
+    for n in ("10", "20"):
+        vals = [k["accuracy"][n] for k in ft["stem_keys"]]
+        assert ft["stem_across_keys"][n] == {"mean": pytest.approx(np.mean(vals)), "min": min(vals),
+                                             "max": max(vals), "values": vals}
+    assert "stem, 2 keys: mean (min-max)" in (out / "summary.md").read_text()
     # the seeded keys of the run: fingerprints are written, the keys themselves are not
     key = generate_key(2, 3, seed=[11, 0])
     text = (out / "security.json").read_text()

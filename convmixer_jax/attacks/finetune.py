@@ -512,7 +512,8 @@ MODE_LABELS = {"stem": "fine-tune patch embedding", "all": "fine-tune whole mode
 def plot_finetune(results: dict, path, *, baseline_accuracy: float | None = None):
     """Test accuracy vs n (log x), one line per mode, with horizontal lines for the
     plain model's accuracy (``baseline_accuracy`` or ``results['baseline_accuracy']``),
-    the encrypted model before fine-tuning, and chance. Writes a PNG atomically;
+    the encrypted model before fine-tuning, and chance; with ``results['stem_across_keys']``
+    (the report's several keys) the stem line gets a band from min to max. Writes a PNG atomically;
     returns the path."""
     import matplotlib
 
@@ -524,9 +525,15 @@ def plot_finetune(results: dict, path, *, baseline_accuracy: float | None = None
     base = baseline_accuracy if baseline_accuracy is not None else results.get("baseline_accuracy")
     fig, ax = plt.subplots(figsize=(5.2, 4.0))
     markers = {"stem": "o", "all": "s", "scratch": "^"}
+    spread = results.get("stem_across_keys")
     for mode, accs in results["accuracy"].items():
         ns = sorted(int(n) for n in accs)
-        ax.plot(ns, [accs[str(n)] for n in ns], marker=markers.get(mode, "o"), label=MODE_LABELS.get(mode, mode))
+        line, = ax.plot(ns, [accs[str(n)] for n in ns], marker=markers.get(mode, "o"),
+                        label=MODE_LABELS.get(mode, mode))
+        if mode == "stem" and spread:
+            ax.fill_between(ns, [spread[str(n)]["min"] for n in ns], [spread[str(n)]["max"] for n in ns],
+                            color=line.get_color(), alpha=0.2,
+                            label=f"{MODE_LABELS['stem']}, range over {len(spread[str(ns[0])]['values'])} keys")
     if base is not None:
         ax.axhline(base, color="k", ls="--", lw=1, label=f"plain model ({base:.3f})")
     if results.get("encrypted_accuracy") is not None:

@@ -42,6 +42,12 @@ def _keys(n: int, block_size: int, channels: int, seed: int | None) -> list[Key]
     return [generate_key(block_size, channels, seed=[seed, i]) for i in range(n)]
 
 
+def _spread(values) -> dict:
+    """Mean, min and max of a list of accuracies, with the list."""
+    v = [float(x) for x in values]
+    return {"mean": float(np.mean(v)), "min": min(v), "max": max(v), "values": v}
+
+
 # ----------------------------------------------------------------------------- 1. known plaintext
 
 
@@ -285,6 +291,11 @@ def summary_markdown(report: dict) -> str:
         for mode, acc in ft["accuracy"].items():
             L.append(f"| {mode} | " + " | ".join(f"{acc[str(n)]:.4f}" if str(n) in acc else "" for n in sizes)
                      + " |")
+        spread = ft.get("stem_across_keys")
+        if spread:
+            L.append(f"| stem, {len(ft['stem_keys'])} keys: mean (min-max) | "
+                     + " | ".join(f"{spread[str(n)]['mean']:.4f} ({spread[str(n)]['min']:.4f}-"
+                                  f"{spread[str(n)]['max']:.4f})" if str(n) in spread else "" for n in sizes) + " |")
         L.append("")
     return "\n".join(L) + "\n"
 
@@ -355,7 +366,7 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
                         recovery_keys: int = 3, eval_images: int = 2000, public_images: int = 256,
                         finetune_sizes: Sequence[int] = (100, 500, 1000, 5000),
                         finetune_modes: Sequence[str] = ("stem", "all", "scratch"),
-                        finetune_steps=None, ciphertext_ns: Sequence[int] = (1, 2, 5, 10, 100),
+                        finetune_steps=None, finetune_keys: int = 3, ciphertext_ns: Sequence[int] = (1, 2, 5, 10, 100),
                         ciphertext_keys: int = 10, recovery_ns: Sequence[int] = (1, 10, 100, 1000),
                         countermeasure_keys: int = 3, seed: int | None = None, force: bool = False,
                         progress: bool = True, log: Callable[[str], None] = print) -> dict:
@@ -366,6 +377,9 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
     accuracies; the known-plaintext trials draw from all test images.
     ``seed``: None draws every secret key from the OS CSPRNG (only
     fingerprints are written); an int makes the run repeatable.
+    ``finetune_keys``: secret keys the patch-embedding fine-tuning runs under (the first
+    also runs the other modes); its outcome depends on the key, so the report gives the
+    spread over them.
     """
     from convmixer_jax.data import subset
     from convmixer_jax.attacks.finetune import finetune_attack, plot_finetune
@@ -411,6 +425,18 @@ def run_security_report(config: ConvMixerConfig, variables, train_data, test_dat
                              sizes=tuple(finetune_sizes), modes=tuple(finetune_modes), seed=0 if seed is None else seed,
                              baseline_accuracy=mr["baseline_plain"], progress=progress, **kwargs)
         ft["key_fingerprint"] = fingerprint(ft_key)
+        if finetune_keys > 1 and "stem" in finetune_modes:
+            log(f"3/5 fine-tuning the patch embedding under {finetune_keys - 1} more keys")
+            ft["stem_keys"] = [{"key_fingerprint": ft["key_fingerprint"], "accuracy": ft["accuracy"]["stem"]}]
+            for key in _keys(finetune_keys, config.patch_size, config.channels, seed)[1:]:
+                more = finetune_attack(config, encrypt_params(variables, key, mean=config.mean, std=config.std),
+                                       np.asarray(train_data[0]), np.asarray(train_data[1]), ev_x, ev_y,
+                                       sizes=tuple(finetune_sizes), modes=("stem",),
+                                       seed=0 if seed is None else seed, progress=progress, **kwargs)
+                ft["stem_keys"].append({"key_fingerprint": fingerprint(key), "accuracy": more["accuracy"]["stem"],
+                                        "encrypted_accuracy": more["encrypted_accuracy"], "runs": more["runs"]})
+            ft["stem_across_keys"] = {n: _spread([k["accuracy"][n] for k in ft["stem_keys"]])
+                                      for n in ft["accuracy"]["stem"]}
         ft["seconds_total"] = time.perf_counter() - t0
         report["finetune"] = ft
         plot_finetune(ft, tmp / "finetune.png", baseline_accuracy=mr["baseline_plain"])

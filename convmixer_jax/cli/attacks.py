@@ -105,7 +105,7 @@ def cmd_security_report(args) -> int:
         data_label=data_label(args), reference_variables=reference, reference_note=ref_note,
         kp_pairs=args.pairs, kp_trials=args.trials, recovery_keys=args.recovery_keys,
         eval_images=args.eval_images, public_images=args.public_images, finetune_sizes=args.finetune_sizes, finetune_modes=args.finetune_modes,
-        finetune_steps=args.finetune_steps, ciphertext_ns=args.ciphertext_images, ciphertext_keys=args.ciphertext_keys,
+        finetune_steps=args.finetune_steps, finetune_keys=args.finetune_keys, ciphertext_ns=args.ciphertext_images, ciphertext_keys=args.ciphertext_keys,
         countermeasure_keys=args.countermeasure_keys, seed=args.key_seed, force=args.force, progress=not args.quiet, log=say)
     print(Path(out, "summary.md").read_text())
     return 0
@@ -167,6 +167,9 @@ def register(add) -> None:
                    default=["stem", "all", "scratch"], help="what is trained (default: all three)")
     p.add_argument("--finetune-steps", type=positive_int, metavar="S",
                    help="steps per fine-tuning run (default: grows with n, see finetune_attack.default_steps)")
+    p.add_argument("--finetune-keys", type=positive_int, default=3, metavar="K",
+                   help="secret keys the patch-embedding fine-tuning runs under; the first also runs the "
+                        "other modes (default 3)")
     p.add_argument("--ciphertext-images", type=positive_int, nargs="+", default=[1, 2, 5, 10, 100], metavar="N",
                    help="encrypted images the ciphertext-only attack sees (default 1 2 5 10 100)")
     p.add_argument("--ciphertext-keys", type=int_arg, default=10, metavar="K",
