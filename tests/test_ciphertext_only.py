@@ -44,6 +44,25 @@ def test_swap_gains_equal_the_change_of_the_objective(n, t, seed):
             assert gains[x, y] == pytest.approx(ls.objective(a, b, q) - f0, abs=1e-9 * max(1, abs(f0)))
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(3, 10), st.integers(1, 3), st.integers(0, 2**31 - 1))
+def test_gains_updated_after_exchanges_equal_recomputed_ones(n, t, seed):
+    # local_search updates the gains in O(T n^2) after each exchange instead of recomputing them
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(t, n, n)), rng.normal(size=(t, n, n))
+    p = rng.permutation(n)
+    gains, m = ls.swap_gains(a, b, p), b[:, p][:, :, p]
+    for _ in range(4):
+        x, y = (int(v) for v in rng.choice(n, 2, replace=False))
+        p[[x, y]] = p[[y, x]]
+        m[:, [x, y]] = m[:, [y, x]]
+        m[:, :, [x, y]] = m[:, :, [y, x]]
+        ls._update_gains(gains, a, m, x, y)
+        np.testing.assert_allclose(gains, ls.swap_gains(a, b, p), atol=1e-9 * max(1.0, np.abs(gains).max()))
+    q, v, g = ls.local_search(a, b, rng.permutation(n))
+    assert v == pytest.approx(ls.objective(a, b, q)) and np.all(g <= 1e-9 * max(1.0, abs(v)))
+
+
 def test_search_finds_a_planted_permutation():
     # B is A relabelled by a permutation: f is maximal exactly at that permutation
     rng = np.random.default_rng(0)
