@@ -97,17 +97,51 @@ def test_iterated_local_search_escapes_where_exchanges_stop(seed):
     assert w == pytest.approx(ls.objective(a, b, q))
 
 
+@pytest.mark.parametrize("m,c,size,seed", [(3, 1, 24, 0), (3, 1, 24, 1), (2, 3, 24, 2), (4, 3, 32, 3), (4, 3, 32, 4)])
+def test_signature_layout_polished_by_exchanges_is_the_layout(m, c, size, seed):
+    # the constructive start alone (sorted correlation profiles, one linear assignment),
+    # then exchanges on every level, lands on the key's layout (up to its colour variants)
+    from convmixer_jax.attacks import ciphertext_only as co
+    from convmixer_jax.attacks.from_weights import _signs
+    from convmixer_jax.attacks.image_prior import colour_variants
+
+    template = block_template(smooth_fields(80, size, c, seed=200), m)
+    key = generate_key(m, c, seed=[3, seed])
+    grid = block_grid(encrypt_images_reference(smooth_fields(4, size, c, seed=seed), key), m)
+    pb = grid.shape[-1]
+    s, _ = _signs(np.nan_to_num(np.corrcoef(grid.reshape(-1, pb), rowvar=False)))
+    p = co.signature_layout(template, grid * s)
+    assert sorted(p.tolist()) == list(range(pb))
+    for ph, pv in template.precisions:
+        p = ls.local_search(*co._terms(ph, pv, grid * s), p)[0]
+    truth = [co._layout_of(colour_key(key, v)) for v in colour_variants(c)]
+    assert any(np.array_equal(p, q) for q in truth)
+
+
 def test_one_start_is_searched_again():
-    # a single start cannot give the MIN_HITS the claim needs: the attack searches again
+    # a single start cannot give the MIN_HITS a claim needs: the layout search runs again
     # (two more searches, then kicks) and the hits of all three add up
-    public = smooth_fields(60, 24, 1, seed=100)
-    template = block_template(public, 3)
+    from convmixer_jax.attacks import ciphertext_only as co
+    from convmixer_jax.attacks.from_weights import _signs
+
+    template = block_template(smooth_fields(60, 24, 1, seed=100), 3)
     key = generate_key(3, 1, seed=[7, 5])
-    enc = encrypt_images_reference(smooth_fields(4, 24, 1, seed=5), key)
-    res = recover_key_ciphertext_only(enc, 3, template, starts=1)
-    assert "searched again" in res.notes
-    assert np.array_equal(res.best_guess.perm, key.perm) and np.array_equal(res.best_guess.flip, key.flip)
+    grid = block_grid(encrypt_images_reference(smooth_fields(4, 24, 1, seed=5), key), 3)
+    s, _ = _signs(np.nan_to_num(np.corrcoef(grid.reshape(-1, 9), rowvar=False)))
+    levels = [co._terms(ph, pv, grid * s) for ph, pv in template.precisions]
+    notes: list[str] = []
+    once = ls.search(levels, starts=1)
+    assert once[0][2] == 1
+    sols = co._layout_search(levels, 1, 0, False, notes)
+    assert "searched again" in notes[0]
+    p, v, hits = sols[0]
+    assert hits >= co.MIN_HITS and v >= once[0][1]
+    assert [t[1] for t in sols] == sorted((t[1] for t in sols), reverse=True)
+    # with the signature start, one start and the constructive guess already agree
+    res = recover_key_ciphertext_only(encrypt_images_reference(smooth_fields(4, 24, 1, seed=5), key), 3, template,
+                                      starts=1)
     assert res.determined, res.reason
+    assert np.array_equal(res.key.perm, key.perm) and np.array_equal(res.key.flip, key.flip)
 
 
 def test_block_grid_round_trip():

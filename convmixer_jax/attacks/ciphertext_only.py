@@ -168,6 +168,44 @@ def _terms(prec_h: np.ndarray, prec_v: np.ndarray, signed_grid: np.ndarray) -> t
     return np.stack(a_list), np.stack(b_list)
 
 
+def _correlation(cov: np.ndarray) -> np.ndarray:
+    d = np.sqrt(np.maximum(np.diag(cov), 1e-12))
+    return cov / d[:, None] / d[None, :]
+
+
+def _signatures(window_covs, pb: int) -> np.ndarray:
+    """(pb, F): what a position's correlations say about its slot, whatever the layout: the
+    sorted correlations with the other positions of its block and with those of the next
+    block (right and below), and of the previous block's with it."""
+    out = []
+    for cov in window_covs:
+        c = _correlation(cov)
+        for i, j in ((0, 0), (0, 1), (1, 0)):
+            out.append(np.sort(c[i * pb:(i + 1) * pb, j * pb:(j + 1) * pb], 1))
+    return np.concatenate(out, 1)
+
+
+def signature_layout(template: BlockTemplate, signed_grid: np.ndarray) -> np.ndarray:
+    """A constructive layout guess p (pb,), a start for the search: each encrypted position
+    is matched (one linear assignment) to the template slot whose sorted correlations
+    (:func:`_signatures`) are nearest to its own.
+
+    Sorting makes a position's profile independent of where the other positions are, so
+    it needs no layout; the profile still tells the block's corners, edges and interior
+    apart and, through the next block, which side a slot faces. Slots the block's
+    symmetries exchange get equal profiles: the search's exchanges settle them.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    pb = signed_grid.shape[-1]
+    reg = template.regs[-1]
+    covs = [np.linalg.inv(prec) - reg * np.eye(2 * pb) for prec in template.precisions[-1]]
+    st = _signatures(covs, pb)
+    se = _signatures([np.cov(d, rowvar=False) for d in _pairs(signed_grid)], pb)
+    cost = np.sum((st[:, None, :] - se[None, :, :]) ** 2, -1)  # (slot, encrypted position)
+    return linear_sum_assignment(cost)[1]
+
+
 def colour_key(key: Key, variant) -> Key:
     """The key whose decryption is ``apply_variant(decrypt(E, key), variant)``.
 
@@ -349,8 +387,9 @@ def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTempl
     s, support = _signs(corr)
     noise = np.sqrt((pb - 1) / max(n_blocks, 1))
     sign_support = support / noise
-    if np.any(sign_support < SIGN_SIGMAS):
-        # not even the flips are supported: no layout search on these images
+    if np.all(sign_support < SIGN_SIGMAS):
+        # no flip is supported: the images carry no structure (noise); no layout search.
+        # With only some weak (a flat image), the search still gives a best guess, never claimed.
         guess = validate_key(_key_from(np.arange(pb), s, m, c, support))
         return _result(guess, grid, sign_support, np.inf, np.inf, np.zeros(0), "ciphertext", notes, t0)
     signed = grid * s
@@ -360,7 +399,8 @@ def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTempl
     if model is not None and public_images is not None:
         return _with_model(model, public_images, template, grid, sign_support, notes, t0, prior, jpeg_trace)
 
-    sols = _layout_search(levels, starts or (48 if pb <= 64 else 12), seed, progress, notes)
+    sols = _layout_search(levels, starts or (48 if pb <= 64 else 12), seed, progress, notes,
+                          initial=[signature_layout(template, signed)])
     # the block's dihedral symmetries of the best layouts, polished: the search can end in a
     # mirrored or rotated copy of the truth
     hits = {p.tobytes(): h for p, _, h in sols}
@@ -386,7 +426,7 @@ def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTempl
                    hits=best_hits, ev=ev, prior_key=prior_key)
 
 
-def _layout_search(levels, starts: int, seed: int, progress: bool, notes: list[str]) -> list:
+def _layout_search(levels, starts: int, seed: int, progress: bool, notes: list[str], initial=()) -> list:
     """The layout search's distinct local maxima (p, f(p), hits), best first.
 
     When the best was reached from fewer than :data:`MIN_HITS` starts the landscape is
@@ -394,7 +434,7 @@ def _layout_search(levels, starts: int, seed: int, progress: bool, notes: list[s
     less smoothed), their hits add up, and the best layout is kicked by an iterated local
     search. A layout only the kicks found has no hits, so it is never claimed.
     """
-    sols = search(levels, starts=starts, seed=seed, progress=progress)
+    sols = search(levels, starts=starts, seed=seed, initial=initial, progress=progress)
     if sols[0][2] >= MIN_HITS:
         return sols
     merged = {p.tobytes(): [p, v, h] for p, v, h in sols}

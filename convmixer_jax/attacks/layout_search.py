@@ -171,16 +171,19 @@ def frank_wolfe(a: np.ndarray, b: np.ndarray, start: np.ndarray, iters: int = 50
 
 
 def search(levels: list[tuple[np.ndarray, np.ndarray]], *, starts: int = 24, keep: int = 6,
-           seed: int = 0, progress: bool = False) -> list[tuple[np.ndarray, float]]:
+           seed: int = 0, initial=(), progress: bool = False) -> list[tuple[np.ndarray, float, int]]:
     """Maximize the last level's f over permutations, by continuation over ``levels``.
 
     ``starts`` Frank-Wolfe runs on the first level (the first from the uniform matrix,
     the others from random permutations mixed with it) are polished by exchanges; the
     best ``keep`` distinct ones are carried to each next level and polished there.
+    Each permutation in ``initial`` is one more start, polished by exchanges on every
+    level and never pruned.
 
     Args:
       levels: [(A, B), ...], each (T, n, n), from a smooth objective (first) to the one
         that counts (last).
+      initial: (n,) permutations to start from as well (e.g. a constructive guess).
     Returns:
       the distinct local maxima of the last level, best first, as (p, f(p), hits):
       ``hits`` counts the starts that ended there (a maximum that only one start finds is
@@ -207,4 +210,9 @@ def search(levels: list[tuple[np.ndarray, np.ndarray]], *, starts: int = 24, kee
             distinct.setdefault(p.tobytes(), [p, v, 0])[2] += h
         ranked = sorted(distinct.values(), key=lambda s: -s[1])[:keep]
         sols, hits = [(p, v) for p, v, _ in ranked], [h for _, _, h in ranked]
-    return [(p, v, h) for (p, v), h in zip(sols, hits)]
+    final = {p.tobytes(): [p, v, h] for (p, v), h in zip(sols, hits)}
+    for p in initial:
+        for a, b in levels:
+            p, v, _ = local_search(a, b, p)
+        final.setdefault(p.tobytes(), [p, v, 0])[2] += 1
+    return [tuple(t) for t in sorted(final.values(), key=lambda t: -t[1])]
