@@ -29,6 +29,16 @@ def smooth_fields(n: int, size: int, channels: int, seed: int, scale: float = 3.
     return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
 
 
+def planted(rng, n: int, t: int = 2):
+    """A (t, n, n) and B = A relabelled by a random permutation ``truth``: f is maximal exactly
+    at ``truth`` (f(truth) = |A|^2, Cauchy-Schwarz)."""
+    a = rng.normal(size=(t, n, n))
+    truth = rng.permutation(n)
+    b = np.empty_like(a)
+    b[:, truth[:, None], truth[None, :]] = a
+    return a, b, truth
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(2, 9), st.integers(1, 3), st.integers(0, 2**31 - 1))
 def test_swap_gains_equal_the_change_of_the_objective(n, t, seed):
@@ -65,12 +75,7 @@ def test_gains_updated_after_exchanges_equal_recomputed_ones(n, t, seed):
 
 def test_search_finds_a_planted_permutation():
     # B is A relabelled by a permutation: f is maximal exactly at that permutation
-    rng = np.random.default_rng(0)
-    n = 12
-    a = rng.normal(size=(2, n, n))
-    truth = rng.permutation(n)
-    b = np.empty_like(a)
-    b[:, truth[:, None], truth[None, :]] = a  # f(truth) = |A|^2, the maximum (Cauchy-Schwarz)
+    a, b, truth = planted(np.random.default_rng(0), 12)
     sols = ls.search([(a, b)], starts=8, keep=3)
     p, v, hits = sols[0]
     assert v == pytest.approx(ls.objective(a, b, truth))
@@ -83,10 +88,7 @@ def test_iterated_local_search_escapes_where_exchanges_stop(seed):
     # one stops short of it: the kicks reach the maximum, and never return worse
     rng = np.random.default_rng(seed)
     n = 16
-    a = rng.normal(size=(2, n, n))
-    truth = rng.permutation(n)
-    b = np.empty_like(a)
-    b[:, truth[:, None], truth[None, :]] = a
+    a, b, truth = planted(rng, n)
     while True:
         p, v, _ = ls.local_search(a, b, rng.permutation(n))
         if not np.array_equal(p, truth):
