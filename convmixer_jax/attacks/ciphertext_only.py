@@ -188,7 +188,7 @@ def _signatures(window_covs, pb: int) -> np.ndarray:
 def signature_layout(template: BlockTemplate, signed_grid: np.ndarray) -> np.ndarray:
     """A constructive layout guess p (pb,), a start for the search: each encrypted position
     is matched (one linear assignment) to the template slot whose sorted correlations
-    (:func:`_signatures`) are nearest to its own.
+    are nearest to its own.
 
     Sorting makes a position's profile independent of where the other positions are, so
     it needs no layout; the profile still tells the block's corners, edges and interior

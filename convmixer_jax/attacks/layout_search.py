@@ -102,7 +102,7 @@ def local_search(a: np.ndarray, b: np.ndarray, p: np.ndarray, max_iter: int | No
     """Best-improvement exchanges from ``p`` until none improves f.
 
     The gains of all exchanges are computed once and then updated after each exchange in
-    O(T n^2) (:func:`_update_gains`), not recomputed in O(T n^3).
+    O(T n^2) (a rank-two change per term), not recomputed in O(T n^3).
 
     Returns the local maximum p, f(p) and the (n, n) gains of every exchange there (all <= 0).
     """
