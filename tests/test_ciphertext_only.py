@@ -139,6 +139,9 @@ def test_one_start_is_searched_again():
     p, v, hits = sols[0]
     assert hits >= co.MIN_HITS and v >= once[0][1]
     assert [t[1] for t in sols] == sorted((t[1] for t in sols), reverse=True)
+    # a template of one regularization has no second level to start from: the same level again
+    one = co._layout_search(levels[-1:], 1, 0, False, [])
+    assert one[0][1] >= ls.search(levels[-1:], starts=1)[0][1]
     # with the signature start, one start and the constructive guess already agree
     res = recover_key_ciphertext_only(encrypt_images_reference(smooth_fields(4, 24, 1, seed=5), key), 3, template,
                                       starts=1)

@@ -13,7 +13,8 @@ pb = M*M*C values. Natural images leave three kinds of evidence in the ciphertex
    the slots alone: :func:`block_template` estimates it, with its inverse, from public
    images. The Gaussian log-likelihood of the encrypted windows under a candidate layout
    is a sum of quadratic-assignment terms (``layout_search``), maximized over
-   permutations. The window across a block border is what breaks the symmetries of the
+   permutations from Frank-Wolfe starts and one constructive guess
+   (:func:`signature_layout`), searched again when the best is reached only once. The window across a block border is what breaks the symmetries of the
    block (mirrors and rotations leave the correlations inside a block unchanged, but not
    the continuation of the right column into the next block's left column).
 3. **Colour and sign.** What the second-order statistics cannot see is the order of
@@ -438,7 +439,7 @@ def _layout_search(levels, starts: int, seed: int, progress: bool, notes: list[s
     if sols[0][2] >= MIN_HITS:
         return sols
     merged = {p.tobytes(): [p, v, h] for p, v, h in sols}
-    for lv, sd in ((levels, seed + 1), (levels[1:], seed + 2)):
+    for lv, sd in ((levels, seed + 1), (levels[1:] or levels, seed + 2)):
         for p, v, h in search(lv, starts=starts, seed=sd, progress=progress):
             merged.setdefault(p.tobytes(), [p, v, 0])[2] += h
     a, b = levels[-1]
