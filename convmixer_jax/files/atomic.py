@@ -164,11 +164,12 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, force: bool = Fa
     readable by its owner only (for keys); otherwise the usual umask applies.
     """
     path = check_output_path(path, force)
+    tmp = None
     try:
-        fd, tmp = _mkstemp_beside(path)
-    except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror or e} (check the folder's permissions)") from None
-    try:
+        # a signal between creating the temporary and holding its name would leave it behind:
+        # it is delivered at the end of this block, inside the clean-up below
+        with deferred_interrupts():
+            fd, tmp = _mkstemp_beside(path)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -180,10 +181,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, force: bool = Fa
         check_output_path(path, force)
         os.replace(tmp, path)
     except OSError as e:
+        if tmp is None:
+            raise OSError(f"cannot write {path}: {e.strerror or e} (check the folder's permissions)") from None
         tmp.unlink(missing_ok=True)
         raise OSError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return path
 
