@@ -46,7 +46,8 @@ import numpy as np
 
 from convmixer_jax.attacks.from_weights import _balanced_flip, _signs, symmetric_keys
 from convmixer_jax.attacks.image_prior import colour_variants, group_log_probs, invert_variant
-from convmixer_jax.attacks.layout_search import iterated_local_search, local_search, objective, search
+from convmixer_jax.attacks.layout_search import (iterated_local_search, local_search, merge_maxima, objective,
+                                                  search)
 from convmixer_jax.scheme.images import ImageError
 from convmixer_jax.scheme.keys import Key, block_len, flip_ones, validate_key
 
@@ -438,18 +439,15 @@ def _layout_search(levels, starts: int, seed: int, progress: bool, notes: list[s
     sols = search(levels, starts=starts, seed=seed, initial=initial, progress=progress)
     if sols[0][2] >= MIN_HITS:
         return sols
-    merged = {p.tobytes(): [p, v, h] for p, v, h in sols}
+    found = list(sols)
     for lv, sd in ((levels, seed + 1), (levels[1:] or levels, seed + 2)):
-        for p, v, h in search(lv, starts=starts, seed=sd, progress=progress):
-            merged.setdefault(p.tobytes(), [p, v, 0])[2] += h
+        found += search(lv, starts=starts, seed=sd, progress=progress)
     a, b = levels[-1]
-    ranked = sorted(merged.values(), key=lambda t: -t[1])
-    p, v = iterated_local_search(a, b, ranked[0][0], seed=seed)
-    merged.setdefault(p.tobytes(), [p, v, 0])
-    ranked = sorted(merged.values(), key=lambda t: -t[1])
+    p, v = iterated_local_search(a, b, merge_maxima(found)[0][0], seed=seed)
+    ranked = merge_maxima(found + [(p, v, 0)])
     notes.append(f"the first search reached its best layout from {sols[0][2]} start(s); searched again "
                  f"and kicked: the best layout now has {ranked[0][2]} hit(s)")
-    return [tuple(t) for t in ranked]
+    return ranked
 
 
 def _result(key, grid, sign_support, layout_margin, colour_margin, lp, method, notes, t0,

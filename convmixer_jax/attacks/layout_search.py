@@ -205,14 +205,20 @@ def search(levels: list[tuple[np.ndarray, np.ndarray]], *, starts: int = 24, kee
     for level, (a, b) in enumerate(levels):
         if level:
             sols = [local_search(a, b, p)[:2] for p, _ in sols]
-        distinct: dict[bytes, list] = {}
-        for (p, v), h in zip(sols, hits):
-            distinct.setdefault(p.tobytes(), [p, v, 0])[2] += h
-        ranked = sorted(distinct.values(), key=lambda s: -s[1])[:keep]
+        ranked = merge_maxima([(p, v, h) for (p, v), h in zip(sols, hits)])[:keep]
         sols, hits = [(p, v) for p, v, _ in ranked], [h for _, _, h in ranked]
-    final = {p.tobytes(): [p, v, h] for (p, v), h in zip(sols, hits)}
+    polished = []
     for p in initial:
         for a, b in levels:
             p, v, _ = local_search(a, b, p)
-        final.setdefault(p.tobytes(), [p, v, 0])[2] += 1
-    return [tuple(t) for t in sorted(final.values(), key=lambda t: -t[1])]
+        polished.append((p, v, 1))
+    return merge_maxima([(p, v, h) for (p, v), h in zip(sols, hits)] + polished)
+
+
+def merge_maxima(maxima) -> list[tuple[np.ndarray, float, int]]:
+    """Distinct (p, f(p), hits), best first, from (p, f(p), hits) that may repeat a p (the
+    hits of equal p add up)."""
+    distinct: dict[bytes, list] = {}
+    for p, v, h in maxima:
+        distinct.setdefault(p.tobytes(), [p, v, 0])[2] += h
+    return [tuple(t) for t in sorted(distinct.values(), key=lambda t: -t[1])]
