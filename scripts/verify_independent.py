@@ -21,7 +21,7 @@ Only the stored weights are read with ``convmixer_jax.files.model_dir.load_model
 
 Prints (and with --out writes) the accuracies and, with --results, their
 differences from the committed ``results.json``. torch is a benchmark-only
-dependency: ``pip install torch==2.13.0``.
+dependency: ``pip install torch==2.14.1``.
 """
 from __future__ import annotations
 
