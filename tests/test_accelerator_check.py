@@ -1,5 +1,5 @@
 """The accelerator script's dry run, end to end on the CPU: the data packed and unpacked, the
-bench, the sweep and the paper recipe's training, and every number of its summary checked
+bench, the sweep and the strong recipe's training, and every number of its summary checked
 against the files it comes from or a run of the same command here."""
 from __future__ import annotations
 
@@ -110,18 +110,37 @@ def test_sweep_equals_the_attack_command(dry_run):
 
 
 def test_training_epochs_and_seconds_to_target_from_the_log(dry_run):
+    """The default recipe (strong) holds 16 of the 64 images out and is timed by the EMA
+    weights' validation accuracy; the final model's test accuracy is the one train printed."""
     t = dry_run["summary"]["train"]
-    epochs = json.loads((dry_run["out"] / "train_log.json").read_text())["epochs"]
-    assert t["epochs_done"] == len(epochs) == 2 and t["recipe"] == "paper" and t["train_images"] == 64
-    assert t["test_accuracy"] == [e["test_accuracy"] for e in epochs]
+    log = json.loads((dry_run["out"] / "train_log.json").read_text())
+    epochs = log["epochs"]
+    assert t["epochs_done"] == len(epochs) == 2 and t["recipe"] == "strong" and t["train_images"] == 48
+    assert log["holdout"]["images"] == 16 and "test_accuracy" not in epochs[0]
+    assert t["metric"] == "val_accuracy_ema" and t["accuracy"] == [e["val_accuracy_ema"] for e in epochs]
     # --target 0.0 is met by the first epoch: its training seconds exactly
-    assert t["to_target"] == {"target": 0.0, "reached": True, "epoch": 1, "train_seconds": epochs[0]["train_seconds"]}
+    assert t["to_target"] == {"target": 0.0, "metric": "val_accuracy_ema", "reached": True, "epoch": 1,
+                              "train_seconds": epochs[0]["train_seconds"]}
     assert not t["stopped_at_limit"] and t["returncode"] == 0
+    # 32 test images: the final accuracy is a multiple of 1/32, and the summary prints it
+    assert t["final_test_accuracy"] is not None and (t["final_test_accuracy"] * 32) % 1 == 0
+    assert f"the final model's test accuracy {t['final_test_accuracy']:.4f}" in dry_run["stdout"]
 
 
 def test_seconds_to_target_when_not_reached():
     seconds_to_target = _script().seconds_to_target
     epochs = [{"epoch": 1, "train_seconds": 2.0, "test_accuracy": 0.5},
               {"epoch": 2, "train_seconds": 3.0, "test_accuracy": 0.91}]
-    assert seconds_to_target(epochs, 0.9) == {"target": 0.9, "reached": True, "epoch": 2, "train_seconds": 5.0}
-    assert seconds_to_target(epochs, 0.95)["best_test_accuracy"] == 0.91
+    assert seconds_to_target(epochs, 0.9) == {"target": 0.9, "metric": "test_accuracy", "reached": True,
+                                              "epoch": 2, "train_seconds": 5.0}
+    assert seconds_to_target(epochs, 0.95)["best"] == 0.91
+    assert seconds_to_target(epochs, 0.4, "val_accuracy")["reached"] is False  # no such field in these epochs
+
+
+def test_target_metric_follows_the_recipe():
+    from convmixer_jax.training.loop import RECIPES
+
+    target_metric = _script().target_metric
+    assert target_metric(RECIPES["strong"].to_dict()) == "val_accuracy_ema"
+    assert target_metric(RECIPES["paper"].to_dict()) == "test_accuracy"
+    assert target_metric(dict(RECIPES["strong"].to_dict(), ema_decay=0.0)) == "val_accuracy"
