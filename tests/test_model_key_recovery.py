@@ -2,6 +2,7 @@
 independently trained reference, and from the encrypted model alone."""
 import itertools
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
@@ -11,7 +12,7 @@ from convmixer_jax.scheme.keys import Key, generate_key, make_key, validate_key
 from convmixer_jax.scheme.params import decrypt_kernel, encrypt_kernel
 from convmixer_jax.attacks.from_model import evaluate_recovery, recover_key_from_encrypted_model
 from convmixer_jax.attacks.from_weights import (
-    ModelRecovery, _qap, image_blocks, rank_keys_by_batch_stats, recover_key_from_structure,
+    ModelRecovery, _qap, image_blocks, rank_keys_by_batch_stats, recover_key_from_structure, stem_activation,
     recover_key_with_independent_reference, recover_key_with_reference, symmetric_keys)
 
 
@@ -255,6 +256,32 @@ def test_batch_stats_pick_the_channel_order_and_global_sign():
     scores = rank_keys_by_batch_stats(enc, bias, bn_mean, bn_var, [key, make_key(key.perm, 1 - key.flip, 4, 3)],
                                       _images(24, 32))
     assert scores[0] < scores[1]
+
+
+@pytest.mark.parametrize("activation,approx", [("gelu", False), ("gelu", True), ("relu", False)])
+def test_stem_activation_is_the_models(activation, approx):
+    from convmixer_jax.model.convmixer import activation_fn
+
+    h = np.linspace(-6, 6, 241)
+    want = np.asarray(activation_fn(activation, approx)(jnp.asarray(h, jnp.float32)), np.float64)
+    np.testing.assert_allclose(stem_activation(h, activation, approx), want, atol=2e-6)
+
+
+def test_batch_stats_of_a_relu_stem_need_the_relu():
+    """A ReLU model's statistics (timm's convmixer_768_32) ranked with its own activation put the
+    key ahead of its negative; the ranking follows the activation it is given."""
+    kernel = _smooth_kernel(30, d=64)
+    bias = np.random.default_rng(31).normal(size=64) * 0.3
+    g = np.maximum(image_blocks(_images(32, 64), 4) @ kernel.reshape(48, 64) + bias, 0.0)
+    bn_mean, bn_var = g.mean(0), g.var(0)
+    key = generate_key(4, 3, seed=33)
+    enc = _encrypt(kernel, key)
+    pair = [key, make_key(key.perm, 1 - key.flip, 4, 3)]
+    relu = rank_keys_by_batch_stats(enc, bias, bn_mean, bn_var, pair, _images(34, 32), activation="relu")
+    gelu = rank_keys_by_batch_stats(enc, bias, bn_mean, bn_var, pair, _images(34, 32))
+    assert relu[0] < relu[1] and relu[0] < gelu[0]
+    with pytest.raises(ValueError, match="activation"):
+        rank_keys_by_batch_stats(enc, bias, bn_mean, bn_var, pair, _images(34, 32), activation="silu")
 
 
 # -------------------------------------------------------------- measurement

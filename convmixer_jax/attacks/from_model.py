@@ -129,8 +129,9 @@ def recover_key_from_encrypted_model(config, encrypted_variables, public_images=
     (:func:`~convmixer_jax.attacks.from_weights.rank_keys_by_batch_stats`, first ``n_images``) and the best
     ``top`` re-ranked by prediction confidence (:func:`rerank_by_confidence`,
     first ``n_confidence_images``). Without images: the structure attack
-    with the bias / BatchNorm-mean sign heuristic. Assumes the paper's
-    normalization (mean = std = 0.5).
+    with the bias / BatchNorm-mean sign heuristic. The statistics follow the
+    model's activation (GELU or ReLU); the normalization must be the paper's
+    (mean = std = 0.5), else ValueError.
     """
     for name in ("mean", "std"):
         val = getattr(config, name, None)
@@ -141,6 +142,8 @@ def recover_key_from_encrypted_model(config, encrypted_variables, public_images=
         return recover_key_from_structure(stem["kernel"], seed=seed, stem_bias=stem["bias"],
                                           stem_bn_mean=bn["mean"])
     rec = recover_key_from_structure(stem["kernel"], seed=seed, stem_bias=stem["bias"], stem_bn_mean=bn["mean"],
-                                     stem_bn_var=bn["var"], public_images=public_images, n_images=n_images)
+                                     stem_bn_var=bn["var"], public_images=public_images, n_images=n_images,
+                                     activation=getattr(config, "activation", "gelu"),
+                                     gelu_approximate=bool(getattr(config, "gelu_approximate", False)))
     return rerank_by_confidence(rec, config, encrypted_variables, public_images, top=top,
                                 n_images=n_confidence_images)

@@ -549,7 +549,8 @@ def _channel_order_heuristic(c_signed: np.ndarray, norms: np.ndarray, layout: np
 
 def recover_key_from_structure(encrypted_kernel, *, seed: int = 0, n_starts: int = 200,
                                stem_bias=None, stem_bn_mean=None, stem_bn_var=None,
-                               public_images=None, n_images: int = 64) -> ModelRecovery:
+                               public_images=None, n_images: int = 64, activation: str = "gelu",
+                               gelu_approximate: bool = False) -> ModelRecovery:
     """Estimate the key from the encrypted stem kernel alone.
 
     encrypted_kernel: (P, P, C, dim). Assumed: the plain stem is a trained
@@ -577,7 +578,8 @@ def recover_key_from_structure(encrypted_kernel, *, seed: int = 0, n_starts: int
       ``public_images`` (N, H, W, C) natural images in [0, 1] or uint8 (any
       public images, not the client's) are given: the candidate whose stem
       statistics on the public images best match the model's BatchNorm
-      running statistics (:func:`rank_keys_by_batch_stats`).
+      running statistics (:func:`rank_keys_by_batch_stats`, with the model's
+      ``activation``: 'gelu', exact or with ``gelu_approximate`` tanh, or 'relu').
     - Otherwise by heuristics: channel order by
       ``_channel_order_heuristic``; with ``stem_bias`` and
       ``stem_bn_mean`` the global sign that makes the output channels' DC
@@ -642,7 +644,8 @@ def recover_key_from_structure(encrypted_kernel, *, seed: int = 0, n_starts: int
     if public_images is not None and stem_bias is not None and stem_bn_mean is not None \
             and stem_bn_var is not None:
         scores = rank_keys_by_batch_stats(encrypted_kernel, stem_bias, stem_bn_mean, stem_bn_var,
-                                          cands, public_images, n_images=n_images)
+                                          cands, public_images, n_images=n_images, activation=activation,
+                                          gelu_approximate=gelu_approximate)
         order = np.argsort(scores, kind="stable")
         cands = [cands[i] for i in order]
         key = cands[0]
@@ -664,14 +667,28 @@ def image_blocks(images, block_size: int) -> np.ndarray:
     return g.reshape(-1, g.shape[-1])
 
 
+def stem_activation(h: np.ndarray, activation: str = "gelu", gelu_approximate: bool = False) -> np.ndarray:
+    """The ConvMixer's activation (``model.convmixer.activation_fn``) in NumPy float64:
+    exact (erf) or tanh GELU, or ReLU."""
+    if activation == "relu":
+        return np.maximum(h, 0.0)
+    if activation != "gelu":
+        raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}")
+    if gelu_approximate:
+        return 0.5 * h * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (h + 0.044715 * h ** 3)))
+    return 0.5 * h * (1.0 + erf(h / np.sqrt(2.0)))
+
+
 def rank_keys_by_batch_stats(encrypted_kernel, stem_bias, stem_bn_mean, stem_bn_var, keys,
-                             public_images, *, n_images: int = 64) -> np.ndarray:
+                             public_images, *, n_images: int = 64, activation: str = "gelu",
+                             gelu_approximate: bool = False) -> np.ndarray:
     """Mismatch (lower = better) between the encrypted model's stem BatchNorm
     running statistics and the statistics each candidate key predicts on
     public natural images.
 
     For a candidate key, the plain blocks x of the images give the stem output
-    ``GELU(x_n @ D + b)`` with D the kernel decrypted by that key; its mean and
+    ``act(x_n @ D + b)`` with D the kernel decrypted by that key and ``act`` the
+    model's activation (:func:`stem_activation`); its mean and
     variance per output channel are compared with ``stem_bn_mean`` /
     ``stem_bn_var`` (dim,), which the model accumulated on its (plain)
     training images. The true key reproduces them up to the difference
@@ -689,8 +706,7 @@ def rank_keys_by_batch_stats(encrypted_kernel, stem_bias, stem_bn_mean, stem_bn_
     for i, k in enumerate(keys):
         dec = np.empty_like(e)
         dec[np.asarray(k.perm)] = e * (1.0 - 2.0 * np.asarray(k.flip, np.float64))[:, None]
-        h = x @ dec + b
-        g = 0.5 * h * (1.0 + erf(h / np.sqrt(2.0)))
+        g = stem_activation(x @ dec + b, activation, gelu_approximate)
         m, v = g.mean(0), np.maximum(g.var(0), 1e-12)
         out[i] = float(np.mean((m - bm) ** 2 / bv + (np.log(v) - np.log(bv)) ** 2))
     return out
