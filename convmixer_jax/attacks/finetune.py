@@ -528,8 +528,10 @@ def plot_finetune(results: dict, path, *, baseline_accuracy: float | None = None
     spread = results.get("stem_across_keys")
     for mode, accs in results["accuracy"].items():
         ns = sorted(int(n) for n in accs)
-        line, = ax.plot(ns, [accs[str(n)] for n in ns], marker=markers.get(mode, "o"),
-                        label=MODE_LABELS.get(mode, mode))
+        label = MODE_LABELS.get(mode, mode)
+        if mode == "stem" and spread:  # the line is the first key's, the band all keys'
+            label += f", key 1 of {len(spread[str(ns[0])]['values'])}"
+        line, = ax.plot(ns, [accs[str(n)] for n in ns], marker=markers.get(mode, "o"), label=label)
         if mode == "stem" and spread:
             ax.fill_between(ns, [spread[str(n)]["min"] for n in ns], [spread[str(n)]["max"] for n in ns],
                             color=line.get_color(), alpha=0.2,
