@@ -216,13 +216,10 @@ def key_from_json(obj) -> Key:
         if field not in obj:
             raise InvalidKeyError(f"key is missing the field {field!r}")
     m, c = obj["block_size"], obj["channels"]
-    for name, v in (("block_size", m), ("channels", c)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise InvalidKeyError(f"key field {name!r} must be an integer, got {v!r}")
-    if not (0 < m <= MAX_BLOCK_SIZE and 0 < c <= MAX_CHANNELS):
-        raise InvalidKeyError(f"key has block size {m} and {c} channels; this release reads block sizes "
-                              f"1..{MAX_BLOCK_SIZE} and 1..{MAX_CHANNELS} channels")
-    pb = m * m * c
+    try:
+        pb = block_len(m, c)
+    except InvalidKeyError as e:
+        raise InvalidKeyError(f"key file: {e}") from None
     for name in ("perm", "flip"):
         v = obj[name]
         if not isinstance(v, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
