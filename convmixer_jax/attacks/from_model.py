@@ -126,7 +126,7 @@ def recover_key_from_encrypted_model(config, encrypted_variables, public_images=
 
     :func:`~convmixer_jax.attacks.from_weights.recover_key_from_structure` on the stem kernel; with images, its
     96 symmetric candidates are ranked by stem BatchNorm statistics
-    (:func:`~convmixer_jax.attacks.from_weights.rank_keys_by_batch_stats`, first ``n_images``) and the best
+    (:func:`~convmixer_jax.attacks.stem_statistics.rank_keys_by_batch_stats`, first ``n_images``) and the best
     ``top`` re-ranked by prediction confidence (:func:`rerank_by_confidence`,
     first ``n_confidence_images``). Without images: the structure attack
     with the bias / BatchNorm-mean sign heuristic. The statistics follow the

@@ -34,7 +34,7 @@ image ensemble are unchanged by the 180-degree rotation of the block, and,
 when training used horizontal-flip augmentation, by the horizontal mirror.
 The attacks choose among the symmetric keys by stated heuristics, by the
 model's own stem BatchNorm statistics on public images
-(:func:`rank_keys_by_batch_stats`), and finally by the whole encrypted
+(:func:`~convmixer_jax.attacks.stem_statistics.rank_keys_by_batch_stats`), and finally by the whole encrypted
 model's confidence on unlabeled public images (:func:`~convmixer_jax.attacks.from_model.rerank_by_confidence`,
 which needs JAX); the alternatives are returned in
 ``ModelRecovery.candidates`` so that they can be scored.
@@ -52,7 +52,6 @@ import itertools
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from scipy.special import erf
 
 from convmixer_jax.scheme.keys import InvalidKeyError, Key, validate_key
 
@@ -578,7 +577,7 @@ def recover_key_from_structure(encrypted_kernel, *, seed: int = 0, n_starts: int
       ``public_images`` (N, H, W, C) natural images in [0, 1] or uint8 (any
       public images, not the client's) are given: the candidate whose stem
       statistics on the public images best match the model's BatchNorm
-      running statistics (:func:`rank_keys_by_batch_stats`, with the model's
+      running statistics (:func:`~convmixer_jax.attacks.stem_statistics.rank_keys_by_batch_stats`, with the model's
       ``activation``: 'gelu', exact or with ``gelu_approximate`` tanh, or 'relu').
     - Otherwise by heuristics: channel order by
       ``_channel_order_heuristic``; with ``stem_bias`` and
@@ -643,6 +642,8 @@ def recover_key_from_structure(encrypted_kernel, *, seed: int = 0, n_starts: int
 
     if public_images is not None and stem_bias is not None and stem_bn_mean is not None \
             and stem_bn_var is not None:
+        from convmixer_jax.attacks.stem_statistics import rank_keys_by_batch_stats  # (it imports this module)
+
         scores = rank_keys_by_batch_stats(encrypted_kernel, stem_bias, stem_bn_mean, stem_bn_var,
                                           cands, public_images, n_images=n_images, activation=activation,
                                           gelu_approximate=gelu_approximate)
@@ -656,57 +657,3 @@ def recover_key_from_structure(encrypted_kernel, *, seed: int = 0, n_starts: int
     sim = np.clip(np.abs(support) / max(np.abs(support).max(), 1e-30), 0, 1)
     return ModelRecovery(perm=key.perm, flip=key.flip, similarity=sim, key=key, method="structure",
                          notes="; ".join(notes), candidates=tuple(cands))
-
-
-def image_blocks(images, block_size: int) -> np.ndarray:
-    """(N, H, W, C) images -> (N * H/M * W/M, M*M*C) blocks in (row, column,
-    channel) order, normalized to ``(x - 0.5) / 0.5`` (uint8 are scaled to [0, 1])."""
-    from convmixer_jax.attacks.ciphertext_only import block_grid  # (it imports this module)
-
-    g = block_grid(images, block_size)
-    return g.reshape(-1, g.shape[-1])
-
-
-def stem_activation(h: np.ndarray, activation: str = "gelu", gelu_approximate: bool = False) -> np.ndarray:
-    """The ConvMixer's activation (``model.convmixer.activation_fn``) in NumPy float64:
-    exact (erf) or tanh GELU, or ReLU."""
-    if activation == "relu":
-        return np.maximum(h, 0.0)
-    if activation != "gelu":
-        raise ValueError(f"activation must be 'gelu' or 'relu', got {activation!r}")
-    if gelu_approximate:
-        return 0.5 * h * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (h + 0.044715 * h ** 3)))
-    return 0.5 * h * (1.0 + erf(h / np.sqrt(2.0)))
-
-
-def rank_keys_by_batch_stats(encrypted_kernel, stem_bias, stem_bn_mean, stem_bn_var, keys,
-                             public_images, *, n_images: int = 64, activation: str = "gelu",
-                             gelu_approximate: bool = False) -> np.ndarray:
-    """Mismatch (lower = better) between the encrypted model's stem BatchNorm
-    running statistics and the statistics each candidate key predicts on
-    public natural images.
-
-    For a candidate key, the plain blocks x of the images give the stem output
-    ``act(x_n @ D + b)`` with D the kernel decrypted by that key and ``act`` the
-    model's activation (:func:`stem_activation`); its mean and
-    variance per output channel are compared with ``stem_bn_mean`` /
-    ``stem_bn_var`` (dim,), which the model accumulated on its (plain)
-    training images. The true key reproduces them up to the difference
-    between the public images and the training set. Uses the first
-    ``n_images`` images. Returns (len(keys),) mismatches:
-    mean over channels of ((mean - bn_mean)^2 / bn_var + (log var - log bn_var)^2).
-    Assumes the paper's normalization (mean = std = 0.5).
-    """
-    e, p, c = _kernel_rows(encrypted_kernel, "encrypted_kernel")
-    x = image_blocks(np.asarray(public_images)[:n_images], p)
-    b = np.asarray(stem_bias, np.float64)
-    bm = np.asarray(stem_bn_mean, np.float64)
-    bv = np.maximum(np.asarray(stem_bn_var, np.float64), 1e-12)
-    out = np.empty(len(keys))
-    for i, k in enumerate(keys):
-        dec = np.empty_like(e)
-        dec[np.asarray(k.perm)] = e * (1.0 - 2.0 * np.asarray(k.flip, np.float64))[:, None]
-        g = stem_activation(x @ dec + b, activation, gelu_approximate)
-        m, v = g.mean(0), np.maximum(g.var(0), 1e-12)
-        out[i] = float(np.mean((m - bm) ** 2 / bv + (np.log(v) - np.log(bv)) ** 2))
-    return out
