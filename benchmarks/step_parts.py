@@ -7,8 +7,9 @@ Each case is the library's jitted training step (``training.loop._make_step``, t
 shardings ``train`` uses, state donated) of the paper's ConvMixer-256/8 with the
 recipe changed in one respect: without RandAugment, without any augmentation,
 without the EMA, with Adam and no gradient clipping in place of the recipe's
-optimizer, and at half the batch. Two more rows time the on-device augmentation
-alone (``augment_batch``) and the per-epoch scoring of the validation split
+optimizer, and at half the batch (each only where it changes something). Two more
+rows time the on-device augmentation alone (``augment_batch``, for a recipe that
+augments) and the per-epoch scoring of the validation split
 (``model.inference.accuracy`` on ``holdout`` images, raw weights and, with an
 EMA, the EMA weights as ``train`` does). The cases run in interleaved rounds in
 one process, the order reversed every round; a row's time is the median over
@@ -107,10 +108,11 @@ def main(argv=None) -> int:
         runners[name] = (run, cfg.batch_size)
         print(f"compiled {name!r} in {first_call[name]:.1f} s", file=sys.stderr)
 
-    aug = jax.jit(lambda r, x: augment_batch(r, x, recipe))
-    xa = jax.device_put(images)
-    jax.block_until_ready(aug(jax.random.PRNGKey(0), xa))
-    runners["augment_batch alone"] = (lambda: jax.block_until_ready(aug(jax.random.PRNGKey(1), xa)), full)
+    if recipe.augment:
+        aug = jax.jit(lambda r, x: augment_batch(r, x, recipe))
+        xa = jax.device_put(images)
+        jax.block_until_ready(aug(jax.random.PRNGKey(0), xa))
+        runners["augment_batch alone"] = (lambda: jax.block_until_ready(aug(jax.random.PRNGKey(1), xa)), full)
 
     times = {name: [] for name in runners}
     for r in range(args.rounds):
