@@ -6,6 +6,9 @@
 # after 15 epochs (benchmarks/h200/). With the dense depthwise matrices the step
 # measured 44x faster there (2.2 ms at batch 256, about 0.4 s of steps per
 # epoch), so the defaults now ask for 200 epochs within 480 s; not yet tried.
+# Superseded for new leases by `python benchmarks/accelerator_check.py run`, which
+# trains the `strong` recipe (the committed model's) and runs the bench and the sweep
+# in one budget (benchmarks/README.md); this script is kept as the record of that run.
 #
 # usage: bash scripts/train_on_gpu.sh [DATA.tar.xz]
 #   DATA.tar.xz  the CIFAR-10 JPEG copy (class-subfolder layout) as one archive:
