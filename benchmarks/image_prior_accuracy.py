@@ -11,7 +11,9 @@ Printed (and written to --out as JSON): the training seconds; the 12-way accurac
 image; the sign alone and the channel order alone (each from the prior's marginal);
 the 12-way accuracy when the log-probs of k = 2 and 5 images under the same variant
 are summed; the same under the group average the attack uses
-(``image_prior.group_log_probs``, prefixed ``group_``); and the 12-way accuracy after each variant image is JPEG re-encoded
+(``image_prior.group_log_probs``, prefixed ``group_``), with how often its sign is
+wrong when it leads by 3, 5 or 8 nats over 1, 2 or 5 images (``group_sign_margins``,
+the calibration of the attack's colour margin); and the 12-way accuracy after each variant image is JPEG re-encoded
 (quality 75, 4:2:0, as the data set's files), which shows how much of the channel
 order is read from the source's own JPEG chroma subsampling rather than the content.
 """
@@ -46,6 +48,31 @@ def summed_accuracy(lp: np.ndarray, k: int, seed: int = 0) -> float:
     groups = np.random.default_rng(seed).permutation(n)[: n // k * k].reshape(-1, k)
     hits = [np.mean(lp[t][groups].sum(1).argmax(-1) == t) for t in range(v)]
     return float(np.mean(hits))
+
+
+def sign_margin_calibration(lp: np.ndarray, variants, ks=(1, 2, 5), thresholds=(3.0, 5.0, 8.0),
+                            seed: int = 0) -> list[dict]:
+    """How often the prior's sign is wrong when it leads by a margin, as the attack decides it.
+
+    With the channel order known (the JPEG trace gives it), the attack's colour margin is
+    the prior's sign margin: the summed log-prob of the true variant minus that of its
+    negative, over a set of k images under one variant. lp: (V, N, V) as for
+    :func:`marginal_accuracies`. For each k and threshold: the sets whose margin is at
+    least the threshold in either direction (``decided``), and how many of those lean to
+    the wrong sign (``wrong``).
+    """
+    v, n, _ = lp.shape
+    index = {tuple(w): i for i, w in enumerate(variants)}
+    neg = np.array([index[(not w[0], tuple(w[1]))] for w in variants])
+    rows = []
+    for k in ks:
+        groups = np.random.default_rng(seed).permutation(n)[: n // k * k].reshape(-1, k)
+        m = np.concatenate([(lp[t][:, t] - lp[t][:, neg[t]])[groups].sum(1) for t in range(v)])
+        for th in thresholds:
+            rows.append({"images": k, "sets": int(m.size), "threshold_nats": th,
+                         "decided": int(np.sum(np.abs(m) >= th)), "wrong": int(np.sum(m <= -th)),
+                         "right_sign": float(np.mean(m > 0))})
+    return rows
 
 
 def jpeg_roundtrip(images_u8: np.ndarray, quality: int = 75) -> np.ndarray:
@@ -107,6 +134,7 @@ def main(argv=None) -> dict:
     glp = np.stack([ip.group_log_probs(prior, ip.apply_variant(held_f, v)) for v in prior.variants])
     res.update({f"group_{k}": v for k, v in marginal_accuracies(glp, prior.variants).items()})
     res.update(group_acc12_sum2=summed_accuracy(glp, 2), group_acc12_sum5=summed_accuracy(glp, 5))
+    res["group_sign_margins"] = sign_margin_calibration(glp, prior.variants)
     rej = np.stack([ip.variant_log_probs(prior, jpeg_roundtrip(ip.apply_variant(held, v)))
                     for v in prior.variants])
     res["acc12_rejpeg"] = marginal_accuracies(rej, prior.variants)["acc12"]
