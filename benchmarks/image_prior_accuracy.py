@@ -61,9 +61,10 @@ def sign_margin_calibration(lp: np.ndarray, variants, ks=(1, 2, 5), thresholds=(
     least the threshold in either direction (``decided``), and how many of those lean to
     the wrong sign (``wrong``).
     """
+    from convmixer_jax.attacks.image_prior import variant_index
+
     v, n, _ = lp.shape
-    index = {tuple(w): i for i, w in enumerate(variants)}
-    neg = np.array([index[(not w[0], tuple(w[1]))] for w in variants])
+    neg = np.array([variant_index((not w[0], w[1]), variants) for w in variants])
     rows = []
     for k in ks:
         groups = np.random.default_rng(seed).permutation(n)[: n // k * k].reshape(-1, k)

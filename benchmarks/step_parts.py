@@ -89,9 +89,10 @@ def main(argv=None) -> int:
     images = rng.integers(0, 256, (full, config.image_size, config.image_size, config.channels), dtype=np.uint8)
     labels = rng.integers(0, config.num_classes, full).astype(np.int32)
 
+    steps_per_epoch = (50_000 - recipe.holdout) // full  # CIFAR-10's training split
     runners, first_call = {}, {}
     for name, cfg in cases.items():
-        tx = make_optimizer(cfg, 175)
+        tx = make_optimizer(cfg, steps_per_epoch)
         step = _make_step(config, cfg, tx, data_sh, repl)
         holder = {"state": jax.device_put(_initial_state(cfg, tx, variables), repl)}
         xb = jax.device_put(images[:cfg.batch_size], data_sh)
@@ -152,7 +153,6 @@ def main(argv=None) -> int:
                      "per_image_vs_recipe": per_image / (base / full),
                      "rounds_ms": [round(1e3 * x, 1) for x in times[name]],
                      "first_call_s": first_call.get(name)})
-    steps_per_epoch = (50_000 - recipe.holdout) // full
     info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": (device_description() if jax.default_backend() != "cpu"
                                                                    else f"{_cpu_model()}, {_cores()} cores"),
             "command": "python benchmarks/step_parts.py " + shlex.join(sys.argv[1:] if argv is None else argv),

@@ -143,7 +143,6 @@ def recover_key_from_encrypted_model(config, encrypted_variables, public_images=
                                           stem_bn_mean=bn["mean"])
     rec = recover_key_from_structure(stem["kernel"], seed=seed, stem_bias=stem["bias"], stem_bn_mean=bn["mean"],
                                      stem_bn_var=bn["var"], public_images=public_images, n_images=n_images,
-                                     activation=getattr(config, "activation", "gelu"),
-                                     gelu_approximate=bool(getattr(config, "gelu_approximate", False)))
+                                     activation=config.activation, gelu_approximate=config.gelu_approximate)
     return rerank_by_confidence(rec, config, encrypted_variables, public_images, top=top,
                                 n_images=n_confidence_images)

@@ -353,6 +353,8 @@ class PatchEmbed(nn.Module):
 
 def activation_fn(activation: str, gelu_approximate: bool = False):
     """The elementwise activation of a ConvMixer: exact (or tanh) GELU, or ReLU."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if activation == "relu":
         return nn.relu
     return functools.partial(gelu, approximate=gelu_approximate)
