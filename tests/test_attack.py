@@ -162,3 +162,34 @@ def test_key_axis_sharded_over_four_devices_gives_identical_accuracies():
     assert one["devices"] == 1 and four["devices"] == 4
     assert one["images"] == four["images"] == one["weights"] == four["weights"]
     assert len(set(one["images"])) > 1
+
+
+def test_reproduce_from_scratch_trains_the_default_recipe(tmp_path, monkeypatch, capsys):
+    """With no --checkpoint, reproduce trains the paper's ConvMixer-256/8 with the default
+    recipe (strong: hold-out, EMA, RandAugment), one output per class of the data, and
+    evaluates that model; a hold-out the data cannot give is refused before any output."""
+    monkeypatch.setenv("CONVMIXER_JAX_CACHE", str(tmp_path / "cache"))
+    _png_tree(tmp_path / "data", n_per_class=4, classes=3, size=32)
+    common = ["reproduce", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--train-batch-size", "3",
+              "--num-keys", "2", "--key-seed", "4", "--quiet"]
+    assert cli.main([*common, "--out", str(tmp_path / "too-small")]) == 2
+    assert "--holdout N with N < 12" in capsys.readouterr().err
+    assert not (tmp_path / "too-small").exists() and not (tmp_path / "too-small-work").exists()
+    rep = tmp_path / "rep"
+    assert cli.main([*common, "--holdout", "3", "--out", str(rep)]) == 0
+    res = json.loads((rep / "results.json").read_text())
+    assert res["train_config"]["augment"] == ["crop", "flip", "randaugment"] and res["train_config"]["ema_decay"] > 0
+    assert res["holdout"]["images"] == 3 and res["weights"] in ("ema", "raw") and res["epochs"] == 1
+    assert "test_accuracy" not in res["train_log"][0] and "val_accuracy_ema" in res["train_log"][0]
+    from convmixer_jax.files.model_dir import load_model
+
+    config, variables, meta = load_model(rep / "plain-model")
+    assert (config.dim, config.depth, config.patch_size, config.num_classes) == (256, 8, 4, 3)
+    assert meta["classes"] == ["class0", "class1", "class2"] and meta["weights"] == res["weights"]
+    # the saved model is the one evaluated
+    from convmixer_jax.data import load_split
+    from convmixer_jax.model.inference import predict_logits
+
+    test_x, test_y, _ = load_split("test", data_dir=str(tmp_path / "data"))
+    acc = float(np.mean(np.argmax(np.asarray(predict_logits(config, variables, test_x)), -1) == test_y))
+    assert res["baseline_plain"] == pytest.approx(acc) and res["identical_predictions"] == 12

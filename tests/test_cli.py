@@ -247,19 +247,28 @@ def tiny_data(tmp_path, monkeypatch):
 
 
 def test_train_then_evaluate(env, tiny_data, tmp_path, capsys):
+    # the default recipe (strong) holds 5,000 images out: more than 8 is refused before any output
+    assert_error(capsys, ["train", "--data-dir", tiny_data, "--epochs", "1", *TINY, "--limit-train", "8",
+                          "--workdir", tmp_path / "work", "--out", tmp_path / "model"],
+                 "holds 5000 training images out", "--holdout N with N < 8")
+    assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
     ok(capsys, "train", "--data-dir", tiny_data, "--epochs", "1", "--batch-size", "4", *TINY,
-       "--workdir", tmp_path / "work", "--limit-train", "8", "--limit-test", "5", "--quiet",
+       "--workdir", tmp_path / "work", "--limit-train", "8", "--holdout", "3", "--limit-test", "5", "--quiet",
        "--out", tmp_path / "model")
     config, _, meta = model_io.load_model(tmp_path / "model")
-    assert meta["encryption"] is None and meta["recipe"] == "fast"  # the default recipe
+    assert meta["encryption"] is None and meta["recipe"] == "strong"  # the default recipe
     assert meta["train_config"]["batch_size"] == 4  # --batch-size: the former name of --train-batch-size
+    assert meta["train_config"]["augment"] == ["crop", "flip", "randaugment"] and meta["weights"] in ("ema", "raw")
     assert meta["classes"] == sorted(p.name for p in (tiny_data / "train").iterdir())
-    assert meta["train_config"]["epochs"] == 1 and meta["train_images"] == 8 and meta["test_images"] == 5
+    assert meta["train_config"]["epochs"] == 1 and meta["train_images"] == 5 and meta["test_images"] == 5
+    assert meta["holdout"]["images"] == 3
     assert 0.0 <= meta["test_accuracy"] <= 1.0
     # train draws the run's curves into its workdir; plot-training redraws them
     assert (tmp_path / "work" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = json.loads(ok(capsys, "plot-training", tmp_path / "work", "--out", tmp_path / "c.png").strip())
-    assert out["epochs"] == 1 and out["test_accuracy"] == meta["test_accuracy"]
+    last = json.loads((tmp_path / "work" / "train_log.json").read_text())["epochs"][-1]
+    assert out["epochs"] == 1 and "test_accuracy" not in out  # a hold-out run never scores test per epoch
+    assert out["val_accuracy"] == last["val_accuracy"] and out["val_accuracy_ema"] == last["val_accuracy_ema"]
     ok(capsys, "encrypt-model", "--key", env.key, tmp_path / "model", tmp_path / "enc")
 
     def evaluate(*extra):
@@ -280,7 +289,8 @@ def test_train_then_evaluate(env, tiny_data, tmp_path, capsys):
                           "--workdir", tmp_path / "work2", "--out", tmp_path / "model"], "already exists", "--force")
     assert snapshot(tmp_path / "model") == before and not (tmp_path / "work2").exists()
     # data that do not fit the model
-    assert_error(capsys, ["train", "--data-dir", tiny_data, "--epochs", "1", "--batch-size", "4", *TINY[:-4],
+    assert_error(capsys, ["train", "--data-dir", tiny_data, "--recipe", "fast", "--epochs", "1", "--batch-size", "4",
+                          *TINY[:-4],
                           "--image-size", "16", "--channels", "3", "--workdir", tmp_path / "w3",
                           "--out", tmp_path / "m3"], "16x16", "--image-size")
     assert not (tmp_path / "m3").exists()
@@ -308,7 +318,7 @@ def test_train_init_from_warm_starts_and_counts_both_stages(env, tiny_data, tmp_
 
     from convmixer_jax.training.loop import init_variables
 
-    common = ["--data-dir", tiny_data, "--batch-size", "4", "--quiet"]
+    common = ["--data-dir", tiny_data, "--recipe", "fast", "--batch-size", "4", "--quiet"]
     ok(capsys, "train", *common, "--epochs", "2", "--lr", "0.01", *TINY, "--workdir", tmp_path / "w0",
        "--out", tmp_path / "m0")
     _, start, start_meta = model_io.load_model(tmp_path / "m0")
@@ -639,11 +649,11 @@ def test_average_models_cli(env, tiny_data, tmp_path, capsys):
     from convmixer_jax.data import load_split
     from convmixer_jax.training.loop import TrainConfig, augment_batch
 
-    common = ["--data-dir", tiny_data, "--batch-size", "4", "--quiet"]
+    common = ["--data-dir", tiny_data, "--recipe", "fast", "--batch-size", "4", "--quiet"]
     ok(capsys, "train", *common, "--epochs", "2", "--lr", "0.01", *TINY, "--workdir", tmp_path / "w0",
        "--out", tmp_path / "m0")
     # the continuation uses the fast recipe (crop, flip, cutout) with batches of 4
-    ok(capsys, "train", *common, "--recipe", "fast", "--epochs", "1", "--lr", "0.01", "--init-from",
+    ok(capsys, "train", *common, "--epochs", "1", "--lr", "0.01", "--init-from",
        tmp_path / "m0", "--workdir", tmp_path / "w1", "--out", tmp_path / "m1")
     out = json.loads(ok(capsys, "average-models", tmp_path / "m0", tmp_path / "m1", "--data-dir", tiny_data,
                         "--quiet", "--seed", "3", "--out", tmp_path / "avg").strip().splitlines()[-1])

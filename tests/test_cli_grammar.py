@@ -16,10 +16,12 @@ NO_OUTPUT = {"keyspace"}
 OPTIONAL_OUTPUT = {"evaluate", "predict"}
 # Options that must read the same (default and help) wherever they appear.
 SHARED = ("--seed", "--key-seed", "--limit", "--batch-size", "--quiet", "--force", "--recipe",
+          "--epochs", "--train-batch-size", "--lr", "--holdout",
           "--dataset", "--data-dir", "--download-url", "--download-sha256", "--tfds-data-dir",
           "--coordinator-address", "--num-processes", "--process-id")
 # Each group of commands that must all have the option.
 MUST_HAVE = {
+    "--holdout": {"train", "reproduce"},
     "--quiet": {"train", "evaluate", "predict", "attack", "reproduce", "security-report", "average-models"},
     "--data-dir": {"train", "evaluate", "attack", "reproduce", "security-report", "average-models"},
     "--limit": {"evaluate", "attack", "reproduce"},
@@ -87,7 +89,7 @@ def test_shared_options_have_one_meaning_and_default():
             assert opt in _options(subs[name]), f"{name} lacks {opt}"
     # the defaults users rely on
     assert seen["--seed"][1][0] == 0 and seen["--batch-size"][1][0] == 500
-    assert seen["--key-seed"][1][0] is None and seen["--recipe"][1][0] == "fast"
+    assert seen["--key-seed"][1][0] is None and seen["--recipe"][1][0] == "strong"
 
 
 def test_old_positional_outputs_still_work(tmp_path, capsys):

@@ -36,10 +36,10 @@ def commands(root, tag: str) -> list[list[str]]:
         # as many wrong keys as attack: drawing them reuses attack's compiled programs in this process
         ["reproduce", "--checkpoint", str(root / "model"), *data, "--num-keys", "6", "--key-seed", "5",
          "--out", f"reproduce-{tag}"],
-        ["train", *data, *arch, "--epochs", "1", "--train-batch-size", "16", "--limit-train", "32",
+        ["train", *data, *arch, "--recipe", "fast", "--epochs", "1", "--train-batch-size", "16", "--limit-train", "32",
          "--seed", "2", "--workdir", str(root / f"work-{tag}"), "--out", f"trained-{tag}"],
         # resume a finished run's checkpoint: restores it (written by one process for "two") and saves it
-        ["train", *data, *arch, "--epochs", "1", "--train-batch-size", "16", "--limit-train", "32",
+        ["train", *data, *arch, "--recipe", "fast", "--epochs", "1", "--train-batch-size", "16", "--limit-train", "32",
          "--seed", "2", "--resume", "--workdir", str(root / ("work-one" if tag == "two" else f"work-{tag}")),
          "--out", f"resumed-{tag}"],
     ]

@@ -5,17 +5,14 @@ import json
 import sys
 
 from convmixer_jax.cli.options import (add_data_options, add_distributed_options, add_force, add_key_seed, add_limit,
-                                       add_quiet, add_recipe, add_seed, data_label, int_arg, load_split, positive_int,
-                                       seed_arg, start_processes, subset)
+                                       add_quiet, add_recipe, add_seed, data_label, int_arg, load_split,
+                                       recipe_from_args, seed_arg, start_processes, subset)
 
 
 def cmd_reproduce(args) -> int:
-    import dataclasses
-
     from convmixer_jax.experiment.paper import reproduce
     from convmixer_jax.files.atomic import check_output
     from convmixer_jax.parallel.runtime import is_writer
-    from convmixer_jax.training.loop import RECIPES
 
     start_processes(args)
     out = check_output(args.out, args.force, kind="results_dir", inputs={"--checkpoint": args.checkpoint, "--workdir": args.workdir,
@@ -29,9 +26,8 @@ def cmd_reproduce(args) -> int:
     test_x, test_y = subset(test_x, test_y, args.limit, args.seed)
     train_data, recipe = None, None
     if not args.checkpoint:
-        recipe = dataclasses.replace(RECIPES[args.recipe], seed=args.seed,
-                                     **({"epochs": args.epochs} if args.epochs else {}))
         train_x, train_y, _ = load_split(args, "train")
+        recipe = recipe_from_args(args, len(train_x))
         train_data = (train_x, train_y)
     results = reproduce(out, (test_x, test_y), checkpoint=args.checkpoint, train_data=train_data, recipe=recipe,
                         workdir=args.workdir, resume=args.resume, num_keys=args.num_keys,
@@ -56,7 +52,6 @@ def register(add) -> None:
     add_data_options(p)
     p.add_argument("--checkpoint", metavar="MODEL_DIR", help="a trained plain model (skip training)")
     add_recipe(p)
-    p.add_argument("--epochs", type=positive_int, metavar="E", help="override the recipe's epochs")
     p.add_argument("--workdir", metavar="DIR", help="training checkpoints (default OUT-work)")
     p.add_argument("--resume", action="store_true", help="continue training from --workdir")
     p.add_argument("--num-keys", type=int_arg, default=100, metavar="N", help="random wrong keys (default 100)")

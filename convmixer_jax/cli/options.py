@@ -117,9 +117,38 @@ def add_resize(p: argparse.ArgumentParser, *, to_model: bool) -> None:
 
 
 def add_recipe(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", choices=["paper", "fast", "strong"], default="fast",
-                   help="training recipe (default fast: AdamW one-cycle, 40 epochs; paper: Adam 1e-3, "
-                        "200 epochs; strong: fast + RandAugment and EMA, 100 epochs, 5,000 images held out)")
+    """--recipe and the overrides every training command takes."""
+    p.add_argument("--recipe", choices=["paper", "fast", "strong"], default="strong",
+                   help="training recipe (default strong, the committed model's: AdamW one-cycle with "
+                        "RandAugment and an EMA of the weights, 100 epochs, 5,000 training images held out to "
+                        "choose EMA or raw weights by; fast: AdamW one-cycle with cutout, 40 epochs, no hold-out; "
+                        "paper: Adam 1e-3, 200 epochs)")
+    p.add_argument("--epochs", type=positive_int, metavar="E", help="override the recipe's epochs")
+    p.add_argument("--train-batch-size", type=positive_int, metavar="B",
+                   help="override the recipe's training batch size")
+    p.add_argument("--lr", type=positive_float, help="override the recipe's (peak) learning rate")
+    p.add_argument("--holdout", type=seed_arg, metavar="N",
+                   help="override the recipe's validation hold-out: N training images, stratified, "
+                        "not trained on (0: none)")
+
+
+def recipe_from_args(args, train_images: int):
+    """The ``--recipe`` with the command line's overrides, seeded by ``--seed``.
+
+    Refuses, as a usage error, a hold-out that ``train_images`` images cannot give.
+    """
+    import dataclasses
+
+    from convmixer_jax.training.loop import RECIPES
+
+    given = {"epochs": args.epochs, "batch_size": args.train_batch_size, "lr": args.lr, "holdout": args.holdout}
+    recipe = dataclasses.replace(RECIPES[args.recipe], seed=args.seed,
+                                 **{k: v for k, v in given.items() if v is not None})
+    if recipe.holdout >= train_images:
+        raise UsageError(f"{args.command}: the {args.recipe} recipe holds {recipe.holdout} training images out "
+                         f"for validation, but there are only {train_images}; pass --holdout N with "
+                         f"N < {train_images} (0: none)")
+    return recipe
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ import json
 from convmixer_jax.cli.options import (ARCH_OPTIONS, UsageError, add_batch_size, add_data_options,
                                        add_distributed_options, add_force, add_model_options, add_quiet, add_recipe,
                                        add_seed, data_label, load_split, model_config, positive_float, positive_int,
-                                       seed_arg, start_processes, subset)
+                                       recipe_from_args, start_processes, subset)
 
 
 def cmd_plot_training(args) -> int:
@@ -23,17 +23,14 @@ def cmd_plot_training(args) -> int:
     history = logs[0] if len(logs) == 1 else chain_train_logs(logs)
     plot_training_curves(history, out)
     last = history["epochs"][-1]
-    print(json.dumps({"plot": str(out), "epochs": len(history["epochs"]),
-                      "test_accuracy": last.get("test_accuracy")}))
+    scores = {k: last[k] for k in ("test_accuracy", "val_accuracy", "val_accuracy_ema") if k in last}
+    print(json.dumps({"plot": str(out), "epochs": len(history["epochs"]), **scores}))
     return 0
 
 
 def cmd_train(args) -> int:
-    import dataclasses
-
     from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import save_model
-    from convmixer_jax.training.loop import RECIPES
     from convmixer_jax.parallel.runtime import is_writer
     from convmixer_jax.training.stages import train_model, warm_start
 
@@ -48,13 +45,11 @@ def cmd_train(args) -> int:
             asked = {n: getattr(config, n) for n in ARCH_OPTIONS} | asked
         config, start, init_from = warm_start(args.init_from, asked)
         warm = (start, init_from)
-    overrides = {"epochs": args.epochs, "batch_size": args.train_batch_size, "lr": args.lr, "holdout": args.holdout}
-    recipe = dataclasses.replace(RECIPES[args.recipe], seed=args.seed,
-                                 **{k: v for k, v in overrides.items() if v is not None})
     train_x, train_y, classes = load_split(args, "train")
     test_x, test_y, _ = load_split(args, "test")
     train_x, train_y = subset(train_x, train_y, args.limit_train, args.seed)
     test_x, test_y = subset(test_x, test_y, args.limit_test, args.seed)
+    recipe = recipe_from_args(args, len(train_x))
     variables, meta = train_model(config, recipe, (train_x, train_y), (test_x, test_y), args.workdir,
                                   recipe_name=args.recipe, resume=args.resume, warm=warm, classes=classes,
                                   data_label=data_label(args), progress=not args.quiet)
@@ -119,14 +114,7 @@ def register(add) -> None:
             "batch is split over all their devices, --workdir is one shared folder, process 0 writes the model.")
     add_data_options(p)
     add_recipe(p)
-    p.add_argument("--epochs", type=positive_int, metavar="E", help="override the recipe's epochs")
-    p.add_argument("--train-batch-size", type=positive_int, metavar="B",
-                   help="override the recipe's training batch size")
     p.add_argument("--batch-size", dest="train_batch_size", type=positive_int, help=argparse.SUPPRESS)  # former name
-    p.add_argument("--lr", type=positive_float, help="override the recipe's (peak) learning rate")
-    p.add_argument("--holdout", type=seed_arg, metavar="N",
-                   help="override the recipe's validation hold-out: N training images, stratified, "
-                        "not trained on (0: none)")
     add_model_options(p)
     add_seed(p)
     p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints and train_log.json")

@@ -17,6 +17,7 @@ fingerprint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -266,8 +267,8 @@ def reproduce(out, test_data, *, checkpoint=None, train_data=None, recipe=None, 
 
     Either ``checkpoint`` (a plain model directory) or ``train_data`` and ``recipe``
     (a :class:`~convmixer_jax.training.loop.TrainConfig`; the paper's
-    ConvMixer-256/8 is trained from scratch in ``workdir``, and saved as
-    ``out/plain-model``). test_data / train_data: (images (N, H, W, C) uint8,
+    ConvMixer-256/8, with one output per class of the data, is trained from scratch
+    in ``workdir``, and saved as ``out/plain-model``). test_data / train_data: (images (N, H, W, C) uint8,
     labels (N,)); classes: the data's class names, recorded in a model trained here.
     Whether ``out`` may be replaced is the caller's check
     (:func:`~convmixer_jax.files.atomic.check_output` with ``kind='results_dir'``). Returns the results dict.
@@ -294,7 +295,11 @@ def reproduce(out, test_data, *, checkpoint=None, train_data=None, recipe=None, 
     else:
         if train_data is None or recipe is None:
             raise ValueError("reproduce needs a checkpoint, or train_data and a recipe to train one")
-        config = PRESETS["paper"]
+        # the paper's architecture with one output per class of these data
+        num_classes = len(classes) if classes is not None else int(max(train_data[1].max(), test_y.max())) + 1
+        config = dataclasses.replace(PRESETS["paper"], num_classes=num_classes)
+        check_model_images(config, train_data[0])
+        check_model_images(config, test_x)  # before training, not after it
         workdir = Path(workdir) if workdir else out.with_name(out.name + "-work")
         per_epoch_test = None if recipe.holdout else test_data
         variables, history = train(config, recipe, train_data, per_epoch_test, workdir, resume=resume,
