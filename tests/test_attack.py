@@ -121,6 +121,12 @@ def test_cli_attack_strategies_identical_and_reproduce(tmp_path, monkeypatch, ca
         float(np.prod(np.arange(1, 13, dtype=np.float64))) * 924), 2)
     assert {p.name for p in rep.iterdir()} >= {"results.json", "table1.md", "fig4.png", "fig5.png"}
     assert "perm" not in (rep / "results.json").read_text()
+    # training options with --checkpoint would be ignored: refused, nothing written
+    capsys.readouterr()
+    assert cli.main(["reproduce", "--checkpoint", str(model), "--data-dir", str(tmp_path / "data"), "--epochs", "3",
+                     "--holdout", "2", "--quiet", "--out", str(tmp_path / "rep3")]) == 2
+    assert "--epochs, --holdout set how a model is trained" in capsys.readouterr().err
+    assert not (tmp_path / "rep3").exists()
     # reproduce refuses an encrypted checkpoint
     key = tmp_path / "k.json"
     assert cli.main(["keygen", "--block-size", "2", "--channels", "3", "--seed", "1", "--out", str(key)]) == 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from convmixer_jax.cli.options import (add_data_options, add_distributed_options, add_force, add_key_seed, add_limit,
-                                       add_quiet, add_recipe, add_seed, data_label, int_arg, load_split,
+from convmixer_jax.cli.options import (UsageError, add_data_options, add_distributed_options, add_force, add_key_seed,
+                                       add_limit, add_quiet, add_recipe, add_seed, data_label, int_arg, load_split,
                                        recipe_from_args, seed_arg, start_processes, subset)
 
 
@@ -14,6 +14,12 @@ def cmd_reproduce(args) -> int:
     from convmixer_jax.files.atomic import check_output
     from convmixer_jax.parallel.runtime import is_writer
 
+    if args.checkpoint:
+        training = ("epochs", "train_batch_size", "lr", "holdout", "workdir", "resume")
+        given = [f"--{n.replace('_', '-')}" for n in training if getattr(args, n) not in (None, False)]
+        if given:
+            raise UsageError(f"reproduce: {', '.join(given)} set how a model is trained, and --checkpoint "
+                             "trains none; leave them out, or leave out --checkpoint to train one")
     start_processes(args)
     out = check_output(args.out, args.force, kind="results_dir", inputs={"--checkpoint": args.checkpoint, "--workdir": args.workdir,
                                                         "--data-dir": args.data_dir})
