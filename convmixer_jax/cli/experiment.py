@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import sys
 
-from convmixer_jax.cli.options import (UsageError, add_data_options, add_distributed_options, add_force, add_key_seed,
-                                       add_limit, add_quiet, add_recipe, add_seed, data_label, int_arg, load_split,
-                                       recipe_from_args, seed_arg, start_processes, subset)
+from convmixer_jax.cli.options import (RECIPE_OVERRIDES, UsageError, add_data_options, add_distributed_options,
+                                       add_force, add_key_seed, add_limit, add_quiet, add_recipe, add_seed, data_label,
+                                       int_arg, load_split, recipe_from_args, seed_arg, start_processes, subset)
 
 
 def cmd_reproduce(args) -> int:
@@ -15,7 +15,7 @@ def cmd_reproduce(args) -> int:
     from convmixer_jax.parallel.runtime import is_writer
 
     if args.checkpoint:
-        training = ("epochs", "train_batch_size", "lr", "holdout", "workdir", "resume")
+        training = (*RECIPE_OVERRIDES, "workdir", "resume")
         given = [f"--{n.replace('_', '-')}" for n in training if getattr(args, n) not in (None, False)]
         if given:
             raise UsageError(f"reproduce: {', '.join(given)} set how a model is trained, and --checkpoint "

@@ -132,6 +132,10 @@ def add_recipe(p: argparse.ArgumentParser) -> None:
                         "not trained on (0: none)")
 
 
+# the command-line overrides of a recipe: argparse name -> TrainConfig field
+RECIPE_OVERRIDES = {"epochs": "epochs", "train_batch_size": "batch_size", "lr": "lr", "holdout": "holdout"}
+
+
 def recipe_from_args(args, train_images: int):
     """The ``--recipe`` with the command line's overrides, seeded by ``--seed``.
 
@@ -141,7 +145,7 @@ def recipe_from_args(args, train_images: int):
 
     from convmixer_jax.training.loop import RECIPES
 
-    given = {"epochs": args.epochs, "batch_size": args.train_batch_size, "lr": args.lr, "holdout": args.holdout}
+    given = {field: getattr(args, name) for name, field in RECIPE_OVERRIDES.items()}
     recipe = dataclasses.replace(RECIPES[args.recipe], seed=args.seed,
                                  **{k: v for k, v in given.items() if v is not None})
     if recipe.holdout >= train_images:

@@ -291,6 +291,7 @@ def reproduce(out, test_data, *, checkpoint=None, train_data=None, recipe=None, 
         if is_encrypted(meta):
             raise ModelDirError(f"{checkpoint} is an encrypted model; reproduce needs the plain "
                                 "model (decrypt-model it first)")
+        check_model_images(config, test_x)
         provenance, trained = checkpoint_provenance(checkpoint, meta), False
     else:
         if train_data is None or recipe is None:
@@ -311,7 +312,6 @@ def reproduce(out, test_data, *, checkpoint=None, train_data=None, recipe=None, 
     provenance["data"] = data_label
     if trained and classes is not None:
         provenance["classes"] = list(classes)
-    check_model_images(config, test_x)
     if not is_writer():
         return run_experiment(config, variables, (test_x, test_y), None, num_keys=num_keys,
                               attack_seed=attack_seed, key_seed=key_seed, strategy=strategy,
