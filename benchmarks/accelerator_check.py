@@ -37,6 +37,7 @@ architecture, 16 of them held out if the recipe holds images out, 32 test images
 sharing one JAX compilation cache, so that CI can rehearse the whole script on a CPU
 (``tests/test_accelerator_check.py``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,10 @@ def pack(data_dir: Path, out: Path) -> dict:
     """``data_dir/{train,test}/<class>/*`` into the gzip tar ``out`` (top folder ``data``)."""
     for split in ("train", "test"):
         if not (data_dir / split).is_dir():
-            raise SystemExit(f"error: {data_dir} has no {split}/ folder; give the JPEG copy's folder "
-                             "(class folders under train/ and test/)")
+            raise SystemExit(
+                f"error: {data_dir} has no {split}/ folder; give the JPEG copy's folder "
+                "(class folders under train/ and test/)"
+            )
     if out.exists():
         raise SystemExit(f"error: {out} exists; remove it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +91,11 @@ def pack(data_dir: Path, out: Path) -> dict:
         for split in ("train", "test"):
             for path in sorted((data_dir / split).rglob("*")):
                 if path.is_file():
-                    tar.add(path, arcname=str(Path("data") / path.relative_to(data_dir)), recursive=False)
+                    tar.add(
+                        path,
+                        arcname=str(Path("data") / path.relative_to(data_dir)),
+                        recursive=False,
+                    )
                     files += 1
     os.replace(tmp, out)
     return {"archive": str(out), "files": files, "bytes": out.stat().st_size}
@@ -104,10 +111,20 @@ def unpack(archive: Path, dest: Path) -> Path:
 
 
 #: Files ``run`` writes into ``--out``; the device tool brings back at most 8.
-OUT_FILES = ("steps.log", "bench.md", "bench.json", "attack.json", "train_log.json", "summary.json", "summary.md")
+OUT_FILES = (
+    "steps.log",
+    "bench.md",
+    "bench.json",
+    "attack.json",
+    "train_log.json",
+    "summary.json",
+    "summary.md",
+)
 
 
-def step(name: str, argv: list[str], out: Path, timeout_s: float, env=None, grace_s: float = 15.0) -> dict:
+def step(
+    name: str, argv: list[str], out: Path, timeout_s: float, env=None, grace_s: float = 15.0
+) -> dict:
     """Run one step in its own process group; its stderr and stdout are appended to
     ``out/steps.log`` under a header. At ``timeout_s`` the group gets SIGTERM (training then
     keeps its complete epochs, as on Ctrl-C), and SIGKILL ``grace_s`` later."""
@@ -116,8 +133,15 @@ def step(name: str, argv: list[str], out: Path, timeout_s: float, env=None, grac
     with open(out / "steps.log", "a") as f:
         f.write(f"===== {name}: {' '.join(argv)}\n")
         f.flush()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=f, text=True, cwd=ROOT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=f,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+        )
         timed_out = False
         try:
             stdout, _ = proc.communicate(timeout=max(timeout_s, 1.0))
@@ -134,8 +158,15 @@ def step(name: str, argv: list[str], out: Path, timeout_s: float, env=None, grac
                     stdout = ""
         f.write(f"----- {name} stdout\n{stdout or ''}\n")
     seconds = time.perf_counter() - t0
-    log(f"{name}: exit {proc.returncode}{' (stopped at its time limit)' if timed_out else ''}, {seconds:.1f} s")
-    return {"returncode": proc.returncode, "timed_out": timed_out, "seconds": seconds, "stdout": stdout or ""}
+    log(
+        f"{name}: exit {proc.returncode}{' (stopped at its time limit)' if timed_out else ''}, {seconds:.1f} s"
+    )
+    return {
+        "returncode": proc.returncode,
+        "timed_out": timed_out,
+        "seconds": seconds,
+        "stdout": stdout or "",
+    }
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -181,10 +212,22 @@ def seconds_to_target(epochs: list[dict], target: float, metric: str = "test_acc
     for e in epochs:
         total += e["train_seconds"]
         if e.get(metric) is not None and e[metric] >= target:
-            return {"target": target, "metric": metric, "reached": True, "epoch": e["epoch"], "train_seconds": total}
+            return {
+                "target": target,
+                "metric": metric,
+                "reached": True,
+                "epoch": e["epoch"],
+                "train_seconds": total,
+            }
     best = max((e.get(metric) or 0.0 for e in epochs), default=None)
-    return {"target": target, "metric": metric, "reached": False, "epoch": None, "train_seconds": None,
-            "best": best}
+    return {
+        "target": target,
+        "metric": metric,
+        "reached": False,
+        "epoch": None,
+        "train_seconds": None,
+        "best": best,
+    }
 
 
 def dry_run_compilation_cache(folder: Path) -> dict[str, str]:
@@ -197,13 +240,25 @@ def dry_run_compilation_cache(folder: Path) -> dict[str, str]:
     most of a CPU rehearsal's time. The real run leaves the cache alone: its steps compile
     as a fresh job's do, and bench.py reports that compile time.
     """
-    return {"JAX_COMPILATION_CACHE_DIR": str(folder), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(folder),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
 
 
 def _model_arch(model_dir: Path) -> list[str]:
     config = json.loads((model_dir / "config.json").read_text())["model"]
-    names = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "image_size", "channels", "activation")
+    names = (
+        "dim",
+        "depth",
+        "kernel_size",
+        "patch_size",
+        "num_classes",
+        "image_size",
+        "channels",
+        "activation",
+    )
     return [x for n in names if n in config for x in (f"--{n.replace('_', '-')}", str(config[n]))]
 
 
@@ -215,8 +270,12 @@ def run(args) -> dict:
         raise SystemExit(f"error: {out} exists and is not empty; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="cmj-accel-"))
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
-               PYTHONUNBUFFERED="1", CONVMIXER_JAX_CACHE=str(work / "cache"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
+        PYTHONUNBUFFERED="1",
+        CONVMIXER_JAX_CACHE=str(work / "cache"),
+    )
     if not args.dry_run:
         # the package's XLA:CPU flag is for the jaxlib pinned in pyproject.toml; an accelerator
         # image may carry another jaxlib
@@ -224,52 +283,108 @@ def run(args) -> dict:
     else:
         for name, value in dry_run_compilation_cache(work / "jax-cache").items():
             env.setdefault(name, value)  # a cache the caller set up (and perhaps filled) is kept
-    summary: dict = {"dry_run": args.dry_run, "budget_s": args.budget, "command": " ".join(sys.argv)}
+    summary: dict = {
+        "dry_run": args.dry_run,
+        "budget_s": args.budget,
+        "command": " ".join(sys.argv),
+    }
     try:
         # 1. the device
         r = step("env", [sys.executable, "-c", ENV_PROBE], out, 120, env)
-        device = _parsed("env", _last_json, r["stdout"]) if r["returncode"] == 0 else {"error": r["returncode"]}
+        device = (
+            _parsed("env", _last_json, r["stdout"])
+            if r["returncode"] == 0
+            else {"error": r["returncode"]}
+        )
         device = None if "error" in device else device
         summary["device"] = device
         _write_summary(out, summary)
-        print(f"device: {device['device_kind'] if device else 'unknown'} ({device and device['backend']}), "
-              f"{device and device['device_count']} device(s)", flush=True)
+        print(
+            f"device: {device['device_kind'] if device else 'unknown'} ({device and device['backend']}), "
+            f"{device and device['device_count']} device(s)",
+            flush=True,
+        )
         accelerator = bool(device and device["backend"] != "cpu")
 
         # 2. JAX vs PyTorch on this device
-        bench = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--skip-sweep", "--skip-blockwise",
-                 "--skip-alt", "--out", str(out / "bench.md"), "--json", str(out / "bench.json")]
+        bench = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench.py"),
+            "--skip-sweep",
+            "--skip-blockwise",
+            "--skip-alt",
+            "--out",
+            str(out / "bench.md"),
+            "--json",
+            str(out / "bench.json"),
+        ]
         if args.dry_run:
-            bench += ["--quick", "--tiny", "--rounds", "1", "--train-steps", "1", "--infer-steps", "1",
-                      "--warmup", "0"]
+            bench += [
+                "--quick",
+                "--tiny",
+                "--rounds",
+                "1",
+                "--train-steps",
+                "1",
+                "--infer-steps",
+                "1",
+                "--warmup",
+                "0",
+            ]
         elif accelerator:
-            bench += ["--torch-compile"]  # bench.py times eager and compiled; CPU torch is skipped there
+            bench += [
+                "--torch-compile"
+            ]  # bench.py times eager and compiled; CPU torch is skipped there
         if "bench" in args.skip:
             summary["bench"] = {"skipped": True}
         else:
             r = step("bench", bench, out, min(args.bench_limit, max(left() - 60, 30)), env)
-            summary["bench"] = (_parsed("bench", _bench_summary, out / "bench.json") if r["returncode"] == 0
-                                else {"error": r["returncode"]})
+            summary["bench"] = (
+                _parsed("bench", _bench_summary, out / "bench.json")
+                if r["returncode"] == 0
+                else {"error": r["returncode"]}
+            )
         _write_summary(out, summary)
 
         # 3. the data
         t0 = time.perf_counter()
         data = unpack(Path(args.archive), work)
-        summary["data"] = {"archive": str(args.archive), "archive_bytes": Path(args.archive).stat().st_size,
-                           "unpack_seconds": time.perf_counter() - t0}
+        summary["data"] = {
+            "archive": str(args.archive),
+            "archive_bytes": Path(args.archive).stat().st_size,
+            "unpack_seconds": time.perf_counter() - t0,
+        }
 
         # 4. the wrong-key sweep
         keys, limit = (3, ["--limit", "20"]) if args.dry_run else (args.num_keys, [])
         chunk, batch = (2, 40) if args.dry_run else (args.key_chunk, args.key_chunk * 1000)
-        attack = CLI + ["attack", str(args.model), "--data-dir", str(data), "--num-keys", str(keys), "--key-seed",
-                        str(args.key_seed), "--key-chunk", str(chunk), "--batch-size", str(batch), *limit,
-                        "--quiet", "--out", str(out / "attack.json")]
+        attack = CLI + [
+            "attack",
+            str(args.model),
+            "--data-dir",
+            str(data),
+            "--num-keys",
+            str(keys),
+            "--key-seed",
+            str(args.key_seed),
+            "--key-chunk",
+            str(chunk),
+            "--batch-size",
+            str(batch),
+            *limit,
+            "--quiet",
+            "--out",
+            str(out / "attack.json"),
+        ]
         if "sweep" in args.skip:
             summary["sweep"] = {"skipped": True}
         else:
             r = step("attack", attack, out, max(min(args.attack_limit, left() - 60), 30), env)
-            summary["sweep"] = (_parsed("attack", _attack_summary, out / "attack.json") if r["returncode"] == 0
-                                else {"error": r["returncode"]})
+            summary["sweep"] = (
+                _parsed("attack", _attack_summary, out / "attack.json")
+                if r["returncode"] == 0
+                else {"error": r["returncode"]}
+            )
         _write_summary(out, summary)
 
         # 5. the recipe for as many epochs as fit
@@ -281,16 +396,42 @@ def run(args) -> dict:
             sys.path.insert(0, str(ROOT))
             from convmixer_jax.training.loop import RECIPES
 
-            train_opts = [*_model_arch(Path(args.model)), "--epochs", "2", "--train-batch-size", "8",
-                          "--limit-train", "64", "--limit-test", "32"]
+            train_opts = [
+                *_model_arch(Path(args.model)),
+                "--epochs",
+                "2",
+                "--train-batch-size",
+                "8",
+                "--limit-train",
+                "64",
+                "--limit-test",
+                "32",
+            ]
             if RECIPES[args.recipe].holdout:
                 train_opts += ["--holdout", "16"]
         else:
-            train_opts = ["--preset", "paper"] + (["--epochs", str(args.epochs)] if args.epochs else [])
-        train = CLI + ["train", "--data-dir", str(data), "--recipe", args.recipe, "--seed", "0", *train_opts,
-                       "--workdir", str(work / "train"), "--out", str(work / "model"), "--quiet"]
+            train_opts = ["--preset", "paper"] + (
+                ["--epochs", str(args.epochs)] if args.epochs else []
+            )
+        train = CLI + [
+            "train",
+            "--data-dir",
+            str(data),
+            "--recipe",
+            args.recipe,
+            "--seed",
+            "0",
+            *train_opts,
+            "--workdir",
+            str(work / "train"),
+            "--out",
+            str(work / "model"),
+            "--quiet",
+        ]
         limit_s = max(left() - args.margin, 10)
-        r = step("train", train, out, limit_s, env, grace_s=60)  # a checkpoint save may be under way
+        r = step(
+            "train", train, out, limit_s, env, grace_s=60
+        )  # a checkpoint save may be under way
         log_file = work / "train" / "train_log.json"
         if log_file.exists():
             shutil.copy(log_file, out / "train_log.json")
@@ -299,7 +440,9 @@ def run(args) -> dict:
             # The newest checkpoint scored on the test split, whether the run finished or was
             # stopped at the limit: export-model chooses its weights as train does.
             if "error" not in summary["train"]:
-                summary["train"]["final"] = _final_test_accuracy(work, data, out, env, left, args.dry_run)
+                summary["train"]["final"] = _final_test_accuracy(
+                    work, data, out, env, left, args.dry_run
+                )
         else:
             summary["train"] = {"error": r["returncode"], "epochs_done": 0}
     finally:
@@ -321,12 +464,19 @@ def _train_summary(log_file: Path, r: dict, args, limit_s: float) -> dict:
     history = json.loads(log_file.read_text())
     epochs = history["epochs"]
     metric = target_metric(history["recipe"])
-    t = {"recipe": args.recipe, "epochs_done": len(epochs), "epochs_planned": history["recipe"]["epochs"],
-         "time_limit_s": limit_s, "stopped_at_limit": r["timed_out"], "returncode": r["returncode"],
-         "train_images": history.get("train_images"),
-         "images_per_second": [e["images_per_second"] for e in epochs],
-         "metric": metric, "accuracy": [e.get(metric) for e in epochs],
-         "to_target": seconds_to_target(epochs, args.target, metric)}
+    t = {
+        "recipe": args.recipe,
+        "epochs_done": len(epochs),
+        "epochs_planned": history["recipe"]["epochs"],
+        "time_limit_s": limit_s,
+        "stopped_at_limit": r["timed_out"],
+        "returncode": r["returncode"],
+        "train_images": history.get("train_images"),
+        "images_per_second": [e["images_per_second"] for e in epochs],
+        "metric": metric,
+        "accuracy": [e.get(metric) for e in epochs],
+        "to_target": seconds_to_target(epochs, args.target, metric),
+    }
     if r["returncode"] != 0 and not r["timed_out"]:
         t["error"] = r["returncode"]  # train failed for another reason than the time limit
     return t
@@ -336,27 +486,45 @@ def _final_test_accuracy(work: Path, data: Path, out: Path, env, left, dry_run: 
     """export-model of the newest epoch checkpoint, then evaluate on the test split (the dry
     run's 32 images are train's --limit-test 32 at seed 0)."""
     model = work / "final-model"
-    r = step("export", CLI + ["export-model", "--workdir", str(work / "train"), "--out", str(model)], out,
-             max(min(90.0, left() - 5), 10), env)
+    r = step(
+        "export",
+        CLI + ["export-model", "--workdir", str(work / "train"), "--out", str(model)],
+        out,
+        max(min(90.0, left() - 5), 10),
+        env,
+    )
     if r["returncode"] != 0:
         return {"error": f"export-model exited {r['returncode']}"}
     exported = _parsed("export", _last_json, r["stdout"])
     limit = ["--limit", "32", "--seed", "0"] if dry_run else []
-    r = step("evaluate", CLI + ["evaluate", str(model), "--data-dir", str(data), *limit, "--quiet"], out,
-             max(left() - 5, 10), env)
+    r = step(
+        "evaluate",
+        CLI + ["evaluate", str(model), "--data-dir", str(data), *limit, "--quiet"],
+        out,
+        max(left() - 5, 10),
+        env,
+    )
     if r["returncode"] != 0:
         return {"error": f"evaluate exited {r['returncode']}", "epoch": exported.get("epoch")}
     result = _parsed("evaluate", _last_json, r["stdout"])
-    return {"epoch": exported.get("epoch"), "of": exported.get("of"), "test_accuracy": result.get("accuracy"),
-            "test_images": result.get("images")}
+    return {
+        "epoch": exported.get("epoch"),
+        "of": exported.get("of"),
+        "test_accuracy": result.get("accuracy"),
+        "test_images": result.get("images"),
+    }
 
 
 def _bench_summary(path: Path) -> dict:
     b = json.loads(path.read_text())["model"]
     r = b["results"]
-    out = {"batch": b["batch"], "tiny": b.get("tiny", False), "depthwise_impl": b["depthwise_impl"],
-           "jax_train_images_per_s": r["jax_train"]["images_per_s"],
-           "jax_infer_images_per_s": r["jax_infer"]["images_per_s"]}
+    out = {
+        "batch": b["batch"],
+        "tiny": b.get("tiny", False),
+        "depthwise_impl": b["depthwise_impl"],
+        "jax_train_images_per_s": r["jax_train"]["images_per_s"],
+        "jax_infer_images_per_s": r["jax_infer"]["images_per_s"],
+    }
     for key in ("train_ratio", "infer_ratio", "train_ratio_compile", "infer_ratio_compile"):
         out[key] = b.get(key)
     return out
@@ -364,44 +532,76 @@ def _bench_summary(path: Path) -> dict:
 
 def _attack_summary(path: Path) -> dict:
     a = json.loads(path.read_text())
-    return {k: a[k] for k in ("num_keys", "test_images", "seconds", "key_image_pairs_per_second", "median",
-                              "min", "max", "device", "accuracies", "key_seed")}
+    return {
+        k: a[k]
+        for k in (
+            "num_keys",
+            "test_images",
+            "seconds",
+            "key_image_pairs_per_second",
+            "median",
+            "min",
+            "max",
+            "device",
+            "accuracies",
+            "key_seed",
+        )
+    }
 
 
 def summary_markdown(s: dict) -> str:
     d = s.get("device") or {}
-    L = [f"# Accelerator check{' (dry run: tiny limits, not a measurement)' if s['dry_run'] else ''}", "",
-         f"- Device: {d.get('device_kind')} ({d.get('backend')}), {d.get('device_count')} device(s); "
-         f"nvidia-smi: {d.get('nvidia_smi')}", f"- Versions: {d.get('versions')}",
-         f"- Wall time: {s['wall_seconds']:.0f} s of a {s['budget_s']:.0f} s budget", f"- Command: `{s['command']}`", ""]
+    L = [
+        f"# Accelerator check{' (dry run: tiny limits, not a measurement)' if s['dry_run'] else ''}",
+        "",
+        f"- Device: {d.get('device_kind')} ({d.get('backend')}), {d.get('device_count')} device(s); "
+        f"nvidia-smi: {d.get('nvidia_smi')}",
+        f"- Versions: {d.get('versions')}",
+        f"- Wall time: {s['wall_seconds']:.0f} s of a {s['budget_s']:.0f} s budget",
+        f"- Command: `{s['command']}`",
+        "",
+    ]
     b = s.get("bench") or {}
     if "jax_train_images_per_s" in b:
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-        L += [f"bench.py (batch {b['batch']}{', tiny model' if b['tiny'] else ', ConvMixer-256/8'}, "
-              f"depthwise {b['depthwise_impl']}): JAX training {b['jax_train_images_per_s']:.0f} img/s, "
-              f"inference {b['jax_infer_images_per_s']:.0f} img/s; JAX / PyTorch eager: training "
-              f"{fmt(b['train_ratio'])}, inference {fmt(b['infer_ratio'])}; JAX / torch.compile: training "
-              f"{fmt(b['train_ratio_compile'])}, inference {fmt(b['infer_ratio_compile'])}.", ""]
+        L += [
+            f"bench.py (batch {b['batch']}{', tiny model' if b['tiny'] else ', ConvMixer-256/8'}, "
+            f"depthwise {b['depthwise_impl']}): JAX training {b['jax_train_images_per_s']:.0f} img/s, "
+            f"inference {b['jax_infer_images_per_s']:.0f} img/s; JAX / PyTorch eager: training "
+            f"{fmt(b['train_ratio'])}, inference {fmt(b['infer_ratio'])}; JAX / torch.compile: training "
+            f"{fmt(b['train_ratio_compile'])}, inference {fmt(b['infer_ratio_compile'])}.",
+            "",
+        ]
     w = s.get("sweep") or {}
     if "num_keys" in w:
-        L += [f"Wrong-key sweep: {w['num_keys']} keys x {w['test_images']:,} test images in {w['seconds']:.1f} s "
-              f"({w['key_image_pairs_per_second']:,.0f} key-image pairs/s); accuracies median {w['median']:.4f}, "
-              f"min {w['min']:.4f}, max {w['max']:.4f}.", ""]
+        L += [
+            f"Wrong-key sweep: {w['num_keys']} keys x {w['test_images']:,} test images in {w['seconds']:.1f} s "
+            f"({w['key_image_pairs_per_second']:,.0f} key-image pairs/s); accuracies median {w['median']:.4f}, "
+            f"min {w['min']:.4f}, max {w['max']:.4f}.",
+            "",
+        ]
     t = s.get("train") or {}
     if t.get("epochs_done"):
         tt, what = t["to_target"], t["metric"].replace("_", " ")
-        reached = (f"{what} {tt['target']:.2f} first reached after epoch {tt['epoch']}, "
-                   f"{tt['train_seconds']:.1f} s of training (per-epoch evaluation not counted)" if tt["reached"]
-                   else f"{what} {tt['target']:.2f} not reached (best {tt['best']:.4f})")
+        reached = (
+            f"{what} {tt['target']:.2f} first reached after epoch {tt['epoch']}, "
+            f"{tt['train_seconds']:.1f} s of training (per-epoch evaluation not counted)"
+            if tt["reached"]
+            else f"{what} {tt['target']:.2f} not reached (best {tt['best']:.4f})"
+        )
         f = t.get("final") or {}
-        final = ("; the final model was not scored" + (f" ({f['error']})" if f.get("error") else "")
-                 if f.get("test_accuracy") is None else
-                 f"; the newest checkpoint (epoch {f['epoch']} of {f['of']}) scores test accuracy "
-                 f"{f['test_accuracy']:.4f} on {f['test_images']:,} test images")
-        L += [f"Recipe {t['recipe']}: {t['epochs_done']} of {t['epochs_planned']} epochs in the "
-              f"{t['time_limit_s']:.0f} s left{' (stopped there)' if t['stopped_at_limit'] else ''}, last {what} "
-              f"{t['accuracy'][-1]:.4f}, {t['images_per_second'][-1]:,.0f} img/s in the last epoch; {reached}{final}.",
-              ""]
+        final = (
+            "; the final model was not scored" + (f" ({f['error']})" if f.get("error") else "")
+            if f.get("test_accuracy") is None
+            else f"; the newest checkpoint (epoch {f['epoch']} of {f['of']}) scores test accuracy "
+            f"{f['test_accuracy']:.4f} on {f['test_images']:,} test images"
+        )
+        L += [
+            f"Recipe {t['recipe']}: {t['epochs_done']} of {t['epochs_planned']} epochs in the "
+            f"{t['time_limit_s']:.0f} s left{' (stopped there)' if t['stopped_at_limit'] else ''}, last {what} "
+            f"{t['accuracy'][-1]:.4f}, {t['images_per_second'][-1]:,.0f} img/s in the last epoch; {reached}{final}.",
+            "",
+        ]
     return "\n".join(L)
 
 
@@ -409,29 +609,64 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     k = sub.add_parser("pack", help="pack the JPEG copy into one archive to carry")
-    k.add_argument("--data-dir", required=True, type=Path, help="folder with train/ and test/ class folders")
+    k.add_argument(
+        "--data-dir", required=True, type=Path, help="folder with train/ and test/ class folders"
+    )
     k.add_argument("--out", required=True, type=Path, help="archive to write (.tar.gz)")
     r = sub.add_parser("run", help="the check itself")
     r.add_argument("--archive", required=True, type=Path, help="the archive made by pack")
     r.add_argument("--out", required=True, type=Path, help="results folder (new or empty)")
-    r.add_argument("--model", type=Path, default=ROOT / "results" / "cifar10" / "plain-model",
-                   help="the model the sweep attacks (default: the committed CIFAR-10 model)")
-    r.add_argument("--budget", type=float, default=450.0, help="seconds of wall time for everything (450)")
-    r.add_argument("--margin", type=float, default=60.0,
-                   help="seconds kept after training to export and score its newest checkpoint (60)")
-    r.add_argument("--skip", nargs="+", choices=["bench", "sweep"], default=[],
-                   help="leave out these steps, e.g. to give the whole budget to training")
-    r.add_argument("--bench-limit", type=float, default=150.0, help="seconds at most for bench.py (150)")
-    r.add_argument("--attack-limit", type=float, default=120.0, help="seconds at most for the sweep (120)")
+    r.add_argument(
+        "--model",
+        type=Path,
+        default=ROOT / "results" / "cifar10" / "plain-model",
+        help="the model the sweep attacks (default: the committed CIFAR-10 model)",
+    )
+    r.add_argument(
+        "--budget", type=float, default=450.0, help="seconds of wall time for everything (450)"
+    )
+    r.add_argument(
+        "--margin",
+        type=float,
+        default=60.0,
+        help="seconds kept after training to export and score its newest checkpoint (60)",
+    )
+    r.add_argument(
+        "--skip",
+        nargs="+",
+        choices=["bench", "sweep"],
+        default=[],
+        help="leave out these steps, e.g. to give the whole budget to training",
+    )
+    r.add_argument(
+        "--bench-limit", type=float, default=150.0, help="seconds at most for bench.py (150)"
+    )
+    r.add_argument(
+        "--attack-limit", type=float, default=120.0, help="seconds at most for the sweep (120)"
+    )
     r.add_argument("--num-keys", type=int, default=100, help="wrong keys of the sweep (100)")
-    r.add_argument("--key-chunk", type=int, default=25, help="keys per call of the sweep, x 1000 images (25)")
+    r.add_argument(
+        "--key-chunk", type=int, default=25, help="keys per call of the sweep, x 1000 images (25)"
+    )
     r.add_argument("--key-seed", type=int, default=1, help="seed of the sweep's keys (1)")
-    r.add_argument("--recipe", choices=["paper", "fast", "strong"], default="strong",
-                   help="training recipe (default strong, issue 17's recipe)")
-    r.add_argument("--epochs", type=int, default=None, help="epochs planned (default: the recipe's)")
-    r.add_argument("--target", type=float, default=0.90,
-                   help="accuracy to time (0.90): validation for a recipe that holds images out, else test")
-    r.add_argument("--dry-run", action="store_true", help="tiny limits: rehearse every step on a CPU")
+    r.add_argument(
+        "--recipe",
+        choices=["paper", "fast", "strong"],
+        default="strong",
+        help="training recipe (default strong, issue 17's recipe)",
+    )
+    r.add_argument(
+        "--epochs", type=int, default=None, help="epochs planned (default: the recipe's)"
+    )
+    r.add_argument(
+        "--target",
+        type=float,
+        default=0.90,
+        help="accuracy to time (0.90): validation for a recipe that holds images out, else test",
+    )
+    r.add_argument(
+        "--dry-run", action="store_true", help="tiny limits: rehearse every step on a CPU"
+    )
     args = p.parse_args(argv)
     if args.what == "run":
         for name in ("archive", "model"):
@@ -446,8 +681,12 @@ def main(argv=None) -> int:
         print(json.dumps(pack(args.data_dir, args.out)))
         return 0
     summary = run(args)
-    failed = [name for name in ("bench", "sweep", "train") if "error" in (summary.get(name) or {"error": 1})
-              or (name == "train" and "error" in (summary["train"].get("final") or {}))]
+    failed = [
+        name
+        for name in ("bench", "sweep", "train")
+        if "error" in (summary.get(name) or {"error": 1})
+        or (name == "train" and "error" in (summary["train"].get("final") or {}))
+    ]
     return 1 if failed else 0
 
 

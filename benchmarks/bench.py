@@ -36,6 +36,7 @@ torch is imported here only: it is a benchmark dependency, never a runtime
 dependency of the library. Where it is not installed (a GPU machine with JAX
 only), the JAX rows are measured without the PyTorch ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,16 +60,22 @@ sys.path.insert(1, str(HERE))
 # Importing convmixer_jax before JAX starts its backend applies the library's
 # XLA:CPU flags (convmixer_jax/_xla_flags.py), exactly as a user gets them.
 _XLA_FLAGS_BEFORE = os.environ.get("XLA_FLAGS")
-import convmixer_jax  # noqa: E402,F401
-from convmixer_jax.scheme import images as blockwise  # noqa: E402
-from convmixer_jax.scheme.keys import generate_key, random_keys  # noqa: E402
-from convmixer_jax.model.convmixer import PRESETS, ConvMixer, prepare_inference, resolve_depthwise_impl  # noqa: E402
-from convmixer_jax.training.loop import RECIPES, _make_step, init_variables, make_optimizer  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
+
+import convmixer_jax  # noqa: E402,F401
+from convmixer_jax.model.convmixer import (
+    PRESETS,
+    ConvMixer,
+    prepare_inference,
+    resolve_depthwise_impl,
+)  # noqa: E402
+from convmixer_jax.scheme import images as blockwise  # noqa: E402
+from convmixer_jax.scheme.keys import generate_key, random_keys  # noqa: E402
+from convmixer_jax.training.loop import RECIPES, _make_step, init_variables, make_optimizer  # noqa: E402
 
 BATCH = 128
 LOGIT_TOL = 1e-3
@@ -299,18 +306,18 @@ def model_flops_per_image(config) -> float:
     """Forward FLOPs per image by the conventional count (2 x multiply-adds of the
     patch embedding, the k x k depthwise and 1x1 convolutions and the head; the
     dense Toeplitz form does extra arithmetic that is not counted)."""
-    g = config.grid_size ** 2
-    pb = config.patch_size ** 2 * config.channels
+    g = config.grid_size**2
+    pb = config.patch_size**2 * config.channels
     d = config.dim
-    per_block = g * d * config.kernel_size ** 2 + g * d * d
+    per_block = g * d * config.kernel_size**2 + g * d * d
     return 2.0 * (g * pb * d + config.depth * per_block + d * config.num_classes)
 
 
 # Published dense peaks (TFLOP/s): FP32 on the CUDA cores and TF32 on the tensor
 # cores, which XLA uses for float32 matrix products at its default precision.
 GPU_PEAK_TFLOPS = {
-    "H100": {"fp32": 67.0, "tf32": 494.7},   # H100 SXM5 datasheet
-    "H200": {"fp32": 67.0, "tf32": 494.7},   # same GH100 compute as H100 SXM5
+    "H100": {"fp32": 67.0, "tf32": 494.7},  # H100 SXM5 datasheet
+    "H200": {"fp32": 67.0, "tf32": 494.7},  # same GH100 compute as H100 SXM5
     "A100": {"fp32": 19.5, "tf32": 156.0},
 }
 
@@ -328,14 +335,21 @@ def _same_function_check(torch, t_eval, tx_f32, mean, std, j_logits) -> dict:
     with torch.inference_mode():
         t_logits = t_eval((tx_f32 - mean) / std).float().cpu().numpy()
     max_diff = float(np.max(np.abs(j_logits - t_logits)))
-    log(f"  max |logits_jax - logits_torch| = {max_diff:.2e} (tolerance {LOGIT_TOL:g}; "
-        f"logit scale {float(np.max(np.abs(j_logits))):.2f})")
+    log(
+        f"  max |logits_jax - logits_torch| = {max_diff:.2e} (tolerance {LOGIT_TOL:g}; "
+        f"logit scale {float(np.max(np.abs(j_logits))):.2f})"
+    )
     if not max_diff <= LOGIT_TOL:
-        raise SystemExit(f"JAX and PyTorch eval logits differ by {max_diff:.3e} > {LOGIT_TOL}: "
-                         "the comparison would not be apples to apples")
-    return {"max_abs_logit_diff": max_diff, "tolerance": LOGIT_TOL,
-            "max_abs_logit": float(np.max(np.abs(j_logits))),
-            "max_rel_logit_diff": max_diff / max(float(np.max(np.abs(j_logits))), 1e-30)}
+        raise SystemExit(
+            f"JAX and PyTorch eval logits differ by {max_diff:.3e} > {LOGIT_TOL}: "
+            "the comparison would not be apples to apples"
+        )
+    return {
+        "max_abs_logit_diff": max_diff,
+        "tolerance": LOGIT_TOL,
+        "max_abs_logit": float(np.max(np.abs(j_logits))),
+        "max_rel_logit_diff": max_diff / max(float(np.max(np.abs(j_logits))), 1e-30),
+    }
 
 
 def model_benchmarks(args, torch, info: dict) -> dict:
@@ -362,21 +376,31 @@ def model_benchmarks(args, torch, info: dict) -> dict:
         if tdev.type == "cuda":
             torch.cuda.synchronize()
 
-    log(f"model: ConvMixer-{config.dim}/{config.depth} k={config.kernel_size} p={config.patch_size}, "
-        f"depthwise_impl={config.depthwise_impl!r} -> {impl!r}; batch {BATCH}")
+    log(
+        f"model: ConvMixer-{config.dim}/{config.depth} k={config.kernel_size} p={config.patch_size}, "
+        f"depthwise_impl={config.depthwise_impl!r} -> {impl!r}; batch {BATCH}"
+    )
 
     variables = perturb_bn(init_variables(config, seed=0))
     rng = np.random.default_rng(0)
-    images_u8 = rng.integers(0, 256, (BATCH, config.image_size, config.image_size, config.channels),
-                             dtype=np.uint8)
+    images_u8 = rng.integers(
+        0, 256, (BATCH, config.image_size, config.image_size, config.channels), dtype=np.uint8
+    )
     labels = rng.integers(0, config.num_classes, BATCH).astype(np.int32)
-    images_f32 = rng.random((BATCH, config.image_size, config.image_size, config.channels),
-                            dtype=np.float32)
+    images_f32 = rng.random(
+        (BATCH, config.image_size, config.image_size, config.channels), dtype=np.float32
+    )
 
     # ---- torch models (one for training, one for eval), same parameters as JAX
     def new_torch_model():
-        m = torch_reference.torch_convmixer(config.dim, config.depth, config.kernel_size,
-                                            config.patch_size, config.num_classes, config.channels)
+        m = torch_reference.torch_convmixer(
+            config.dim,
+            config.depth,
+            config.kernel_size,
+            config.patch_size,
+            config.num_classes,
+            config.channels,
+        )
         copy_params_to_torch(variables, m, torch, config.depth)
         return m.to(tdev).to(memory_format=cl)
 
@@ -433,8 +457,12 @@ def model_benchmarks(args, torch, info: dict) -> dict:
     steps_per_epoch = 50_000 // recipe.batch_size
     tx = make_optimizer(recipe, steps_per_epoch)
     step_fn = _make_step(config, recipe, tx, data_sh, repl)
-    state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-             "opt_state": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32)}
+    state = {
+        "params": variables["params"],
+        "batch_stats": variables["batch_stats"],
+        "opt_state": tx.init(variables["params"]),
+        "step": jnp.zeros((), jnp.int32),
+    }
     state = jax.device_put(state, repl)
     jxb = jax.device_put(images_u8, data_sh)
     jyb = jax.device_put(labels, data_sh)
@@ -485,8 +513,11 @@ def model_benchmarks(args, torch, info: dict) -> dict:
             t_eval((tx_f32 - mean) / std)
         tsync()
 
-    names = ("jax_train", "torch_train", "jax_infer", "torch_infer", "jax_infer_plain") if has_torch \
+    names = (
+        ("jax_train", "torch_train", "jax_infer", "torch_infer", "jax_infer_plain")
+        if has_torch
         else ("jax_train", "jax_infer", "jax_infer_plain")
+    )
     if compiled:
         names += ("torch_compile_train", "torch_compile_infer")
     timers = {k: Timer(k) for k in names}
@@ -501,20 +532,29 @@ def model_benchmarks(args, torch, info: dict) -> dict:
         t0 = time.perf_counter()
         torch_train()
         timers["torch_train"].first_call_s = time.perf_counter() - t0
-        log(f"  first step: JAX {timers['jax_train'].first_call_s:.1f} s (compile + run), "
-            f"torch {timers['torch_train'].first_call_s:.2f} s")
+        log(
+            f"  first step: JAX {timers['jax_train'].first_call_s:.1f} s (compile + run), "
+            f"torch {timers['torch_train'].first_call_s:.2f} s"
+        )
     if compiled:
-        for name, fn in (("torch_compile_train", torch_compile_train), ("torch_compile_infer", torch_compile_infer)):
+        for name, fn in (
+            ("torch_compile_train", torch_compile_train),
+            ("torch_compile_infer", torch_compile_infer),
+        ):
             t0 = time.perf_counter()
             fn()
             timers[name].first_call_s = time.perf_counter() - t0
-            log(f"  first call of {name}: {timers[name].first_call_s:.1f} s (TorchInductor compile + run)")
+            log(
+                f"  first call of {name}: {timers[name].first_call_s:.1f} s (TorchInductor compile + run)"
+            )
         with torch.inference_mode():
             c_logits = tc_eval((tx_f32 - mean) / std).float().cpu().numpy()
         c_diff = float(np.max(np.abs(c_logits - j_logits)))
         log(f"  max |logits_jax - logits_torch.compile| = {c_diff:.2e}")
         if not c_diff <= LOGIT_TOL:
-            raise SystemExit(f"JAX and torch.compile eval logits differ by {c_diff:.3e} > {LOGIT_TOL}")
+            raise SystemExit(
+                f"JAX and torch.compile eval logits differ by {c_diff:.3e} > {LOGIT_TOL}"
+            )
 
     log(f"warm-up: {_n(args.warmup, 'step')} each ...")
     for _ in range(args.warmup):
@@ -532,23 +572,38 @@ def model_benchmarks(args, torch, info: dict) -> dict:
 
     # Interleaved rounds; the order flips every round (J T, T J, ...) so that a
     # slow drift of the machine does not favour one framework.
-    for phase, steps, pair in (("training", args.train_steps, ("jax_train", "torch_train", "torch_compile_train")),
-                               ("inference", args.infer_steps, ("jax_infer", "torch_infer", "jax_infer_plain",
-                                                                "torch_compile_infer"))):
+    for phase, steps, pair in (
+        ("training", args.train_steps, ("jax_train", "torch_train", "torch_compile_train")),
+        (
+            "inference",
+            args.infer_steps,
+            ("jax_infer", "torch_infer", "jax_infer_plain", "torch_compile_infer"),
+        ),
+    ):
         fns = {"jax_train": jax_train, "jax_infer": jax_infer, "jax_infer_plain": jax_infer_plain}
         if has_torch:
             fns.update(torch_train=torch_train, torch_infer=torch_infer)
         if compiled:
-            fns.update(torch_compile_train=torch_compile_train, torch_compile_infer=torch_compile_infer)
+            fns.update(
+                torch_compile_train=torch_compile_train, torch_compile_infer=torch_compile_infer
+            )
         pair = tuple(n for n in pair if n in fns)
         for r in range(args.rounds):
             order = pair if r % 2 == 0 else pair[::-1]
             for name in order:
                 run_round(timers[name], fns[name], steps, warmup=1)
-            label = {"jax_train": "JAX", "jax_infer": "JAX", "jax_infer_plain": "JAX (unprepared)",
-                     "torch_train": "torch", "torch_infer": "torch", "torch_compile_train": "torch.compile",
-                     "torch_compile_infer": "torch.compile"}
-            msg = ", ".join(f"{label[n]} {BATCH / median(timers[n].rounds[-1]):.0f} img/s" for n in pair)
+            label = {
+                "jax_train": "JAX",
+                "jax_infer": "JAX",
+                "jax_infer_plain": "JAX (unprepared)",
+                "torch_train": "torch",
+                "torch_infer": "torch",
+                "torch_compile_train": "torch.compile",
+                "torch_compile_infer": "torch.compile",
+            }
+            msg = ", ".join(
+                f"{label[n]} {BATCH / median(timers[n].rounds[-1]):.0f} img/s" for n in pair
+            )
             log(f"{phase} round {r + 1}/{args.rounds}: {msg}")
 
     results = {name: tm.summary(BATCH) for name, tm in timers.items()}
@@ -567,12 +622,16 @@ def model_benchmarks(args, torch, info: dict) -> dict:
         first = time.perf_counter() - t0
         tm = Timer("jax_infer_alt")
         tm.first_call_s = first
-        run_round(tm, lambda: jax.block_until_ready(alt_infer(jvars, jx_f32)), args.alt_steps, warmup=0)
+        run_round(
+            tm, lambda: jax.block_until_ready(alt_infer(jvars, jx_f32)), args.alt_steps, warmup=0
+        )
         alt = tm.summary(BATCH)
         alt["depthwise_impl"] = alt_impl
         alt["max_abs_logit_diff_vs_default"] = float(np.max(np.abs(alt_logits - j_logits)))
-        log(f"  {alt_impl}: {alt['images_per_s']:.1f} img/s "
-            f"(logits differ from {impl!r} by {alt['max_abs_logit_diff_vs_default']:.1e})")
+        log(
+            f"  {alt_impl}: {alt['images_per_s']:.1f} img/s "
+            f"(logits differ from {impl!r} by {alt['max_abs_logit_diff_vs_default']:.1e})"
+        )
 
     return {
         "config": config.to_dict(),
@@ -588,19 +647,37 @@ def model_benchmarks(args, torch, info: dict) -> dict:
         "results": results,
         "alt": alt,
         "flops_per_image_forward": model_flops_per_image(config),
-        "train_ratio": (results["jax_train"]["images_per_s"] / results["torch_train"]["images_per_s"]
-                        if has_torch else None),
-        "infer_ratio": (results["jax_infer"]["images_per_s"] / results["torch_infer"]["images_per_s"]
-                        if has_torch else None),
-        "infer_plain_ratio": (results["jax_infer_plain"]["images_per_s"] / results["torch_infer"]["images_per_s"]
-                              if has_torch else None),
-        "train_ratio_compile": (results["jax_train"]["images_per_s"] / results["torch_compile_train"]["images_per_s"]
-                                if compiled else None),
-        "infer_ratio_compile": (results["jax_infer"]["images_per_s"] / results["torch_compile_infer"]["images_per_s"]
-                                if compiled else None),
+        "train_ratio": (
+            results["jax_train"]["images_per_s"] / results["torch_train"]["images_per_s"]
+            if has_torch
+            else None
+        ),
+        "infer_ratio": (
+            results["jax_infer"]["images_per_s"] / results["torch_infer"]["images_per_s"]
+            if has_torch
+            else None
+        ),
+        "infer_plain_ratio": (
+            results["jax_infer_plain"]["images_per_s"] / results["torch_infer"]["images_per_s"]
+            if has_torch
+            else None
+        ),
+        "train_ratio_compile": (
+            results["jax_train"]["images_per_s"] / results["torch_compile_train"]["images_per_s"]
+            if compiled
+            else None
+        ),
+        "infer_ratio_compile": (
+            results["jax_infer"]["images_per_s"] / results["torch_compile_infer"]["images_per_s"]
+            if compiled
+            else None
+        ),
         "tiny": bool(args.tiny),
-        "prepare": {"first_call_s": prepare_first, "median_s": median(prepare_times),
-                    "max_abs_logit_diff": prepared_diff},
+        "prepare": {
+            "first_call_s": prepare_first,
+            "median_s": median(prepare_times),
+            "max_abs_logit_diff": prepared_diff,
+        },
     }
 
 
@@ -633,23 +710,53 @@ def blockwise_benchmarks(args) -> dict:
         ref = blockwise.encrypt_images_reference(host[:16], key)
         ok_single = bool(np.array_equal(np.asarray(enc(dev, key))[:16], ref))
         many = np.asarray(enc_many(dev_small, keys))
-        ok_vmap = all(np.array_equal(many[i], np.asarray(enc(dev_small, keys[i]))) for i in (0, n_keys - 1))
+        ok_vmap = all(
+            np.array_equal(many[i], np.asarray(enc(dev_small, keys[i]))) for i in (0, n_keys - 1)
+        )
         checks[dname] = {"encrypt_matches_reference": ok_single, "vmap_matches_single": ok_vmap}
         if not (ok_single and ok_vmap):
             raise SystemExit(f"block-wise transform check failed for {dname}: {checks[dname]}")
 
         cases += [
-            ("np.copyto (memory copy)", dname, n_big, 2 * nbytes, lambda h=host, d=dst: np.copyto(d, h)),
-            ("jax.jit(x + 0) (memory copy)", dname, n_big, 2 * nbytes,
-             lambda d=dev: jax.block_until_ready(add0(d))),
-            ("jax.jit(jnp.copy) (memory copy)", dname, n_big, 2 * nbytes,
-             lambda d=dev: jax.block_until_ready(jcopy(d))),
-            ("encrypt_images, jitted", dname, n_big, 2 * nbytes,
-             lambda d=dev: jax.block_until_ready(enc(d, key))),
-            (f"vmap(encrypt_images), {n_keys} keys", dname, n_small, small_bytes * (1 + n_keys),
-             lambda d=dev_small: jax.block_until_ready(enc_many(d, keys))),
+            (
+                "np.copyto (memory copy)",
+                dname,
+                n_big,
+                2 * nbytes,
+                lambda h=host, d=dst: np.copyto(d, h),
+            ),
+            (
+                "jax.jit(x + 0) (memory copy)",
+                dname,
+                n_big,
+                2 * nbytes,
+                lambda d=dev: jax.block_until_ready(add0(d)),
+            ),
+            (
+                "jax.jit(jnp.copy) (memory copy)",
+                dname,
+                n_big,
+                2 * nbytes,
+                lambda d=dev: jax.block_until_ready(jcopy(d)),
+            ),
+            (
+                "encrypt_images, jitted",
+                dname,
+                n_big,
+                2 * nbytes,
+                lambda d=dev: jax.block_until_ready(enc(d, key)),
+            ),
+            (
+                f"vmap(encrypt_images), {n_keys} keys",
+                dname,
+                n_small,
+                small_bytes * (1 + n_keys),
+                lambda d=dev_small: jax.block_until_ready(enc_many(d, keys)),
+            ),
         ]
-    log(f"block-wise transform: {len(cases)} cases, {args.bw_rounds} rounds x {args.bw_reps} reps ...")
+    log(
+        f"block-wise transform: {len(cases)} cases, {args.bw_rounds} rounds x {args.bw_reps} reps ..."
+    )
     for *_, fn in cases:  # compile + warm up
         for _ in range(args.bw_warmup):
             fn()
@@ -667,144 +774,238 @@ def blockwise_benchmarks(args) -> dict:
     rows = []
     for i, (name, dname, n, moved, _) in enumerate(cases):
         s = median(times[i])
-        rows.append({"name": name, "dtype": dname, "images": n, "bytes_moved": moved,
-                     "median_s": s, "gb_per_s": moved / s / 1e9, "samples": len(times[i])})
+        rows.append(
+            {
+                "name": name,
+                "dtype": dname,
+                "images": n,
+                "bytes_moved": moved,
+                "median_s": s,
+                "gb_per_s": moved / s / 1e9,
+                "samples": len(times[i]),
+            }
+        )
     for row in rows:
-        base_np = next(r for r in rows if r["dtype"] == row["dtype"] and r["name"].startswith("np.copyto"))
-        base_jx = next(r for r in rows if r["dtype"] == row["dtype"] and r["name"].startswith("jax.jit(x + 0)"))
+        base_np = next(
+            r for r in rows if r["dtype"] == row["dtype"] and r["name"].startswith("np.copyto")
+        )
+        base_jx = next(
+            r for r in rows if r["dtype"] == row["dtype"] and r["name"].startswith("jax.jit(x + 0)")
+        )
         row["vs_np_copy"] = row["gb_per_s"] / base_np["gb_per_s"]
         row["vs_jax_copy"] = row["gb_per_s"] / base_jx["gb_per_s"]
-    return {"block_size": m, "image_shape": [hw, hw, c], "images": n_big, "vmap_images": n_small,
-            "vmap_keys": n_keys, "checks": checks, "rows": rows}
+    return {
+        "block_size": m,
+        "image_shape": [hw, hw, c],
+        "images": n_big,
+        "vmap_images": n_small,
+        "vmap_keys": n_keys,
+        "checks": checks,
+        "rows": rows,
+    }
 
 
 # --------------------------------------------------------------------------- report
 
 
-def markdown(info: dict, mres: dict | None, bres: dict | None, quick: bool, sres: dict | None = None) -> str:
+def markdown(
+    info: dict, mres: dict | None, bres: dict | None, quick: bool, sres: dict | None = None
+) -> str:
     L = []
     tag = " (quick smoke run: do not quote)" if quick or (mres or {}).get("tiny") else ""
     dev = info["jax_devices"][0] if info["jax_backend"] != "cpu" else "CPU"
-    L.append(f"## {info['date_utc']}: {info['cpu_model']}, {info['cores']} cores, JAX on {dev}{tag}\n")
+    L.append(
+        f"## {info['date_utc']}: {info['cpu_model']}, {info['cores']} cores, JAX on {dev}{tag}\n"
+    )
     v = info["versions"]
     ram = f"{info['ram_gib']:.1f} GiB" if info["ram_gib"] else "unknown"
     avx = ("yes (" + ", ".join(info["avx512_flags"]) + ")") if info["avx512"] else "no"
-    L.append(f"- Machine: {info['cpu_model']}, {info['cores']} cores, {ram} RAM, avx512: {avx}, "
-             f"avx2: {'yes' if info['avx2'] else 'no'}; host `{info['hostname']}`")
-    L.append(f"- JAX backend: {info['jax_backend']}, devices: {', '.join(info['jax_devices'])}; "
-             f"PyTorch device: {info['torch_device']}"
-             + (f" ({info['torch_cuda_device']})" if info.get("torch_cuda_device") else ""))
-    L.append(f"- Versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, "
-             f"optax {v['optax']}, numpy {v['numpy']}, torch {v['torch']}")
+    L.append(
+        f"- Machine: {info['cpu_model']}, {info['cores']} cores, {ram} RAM, avx512: {avx}, "
+        f"avx2: {'yes' if info['avx2'] else 'no'}; host `{info['hostname']}`"
+    )
+    L.append(
+        f"- JAX backend: {info['jax_backend']}, devices: {', '.join(info['jax_devices'])}; "
+        f"PyTorch device: {info['torch_device']}"
+        + (f" ({info['torch_cuda_device']})" if info.get("torch_cuda_device") else "")
+    )
+    L.append(
+        f"- Versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, "
+        f"optax {v['optax']}, numpy {v['numpy']}, torch {v['torch']}"
+    )
     if info["torch_num_threads"] is not None:
         L.append(f"- torch.get_num_threads(): {info['torch_num_threads']}")
-    L.append(f"- XLA_FLAGS in effect: `{info['xla_flags'] or '(none)'}`"
-             + ("" if info["xla_flags_before_import"] == info["xla_flags"]
-                else f" (before importing convmixer_jax: `{info['xla_flags_before_import'] or '(unset)'}`)"))
-    L.append(f"- Load average (1/5/15 min) at start: {info['loadavg_start']}, at end: {info.get('loadavg_end', 'n/a')}")
+    L.append(
+        f"- XLA_FLAGS in effect: `{info['xla_flags'] or '(none)'}`"
+        + (
+            ""
+            if info["xla_flags_before_import"] == info["xla_flags"]
+            else f" (before importing convmixer_jax: `{info['xla_flags_before_import'] or '(unset)'}`)"
+        )
+    )
+    L.append(
+        f"- Load average (1/5/15 min) at start: {info['loadavg_start']}, at end: {info.get('loadavg_end', 'n/a')}"
+    )
     L.append(f"- Wall time: {info.get('wall_s', 0):.0f} s")
     L.append(f"- Command: `{info['command']}`")
     L.append("")
     if mres:
         c = mres["config"]
         r = mres["results"]
-        L.append(f"### ConvMixer-{c['dim']}/{c['depth']} (k={c['kernel_size']}, p={c['patch_size']}, "
-                 f"{c['image_size']}x{c['image_size']}x{c['channels']}, {c['num_classes']} classes), "
-                 f"batch {mres['batch']}, float32\n")
+        L.append(
+            f"### ConvMixer-{c['dim']}/{c['depth']} (k={c['kernel_size']}, p={c['patch_size']}, "
+            f"{c['image_size']}x{c['image_size']}x{c['channels']}, {c['num_classes']} classes), "
+            f"batch {mres['batch']}, float32\n"
+        )
         ck = mres["check"]
-        L.append(f"JAX depthwise formulation: `depthwise_impl={mres['depthwise_impl_requested']!r}` -> "
-                 f"**{mres['depthwise_impl']}**. "
-                 + (f"Same-function check: the JAX parameters (with random "
-                    f"BatchNorm statistics) copied into the PyTorch model give eval logits that differ by at "
-                    f"most **{ck['max_abs_logit_diff']:.1e}** (tolerance {ck['tolerance']:g}; "
-                    f"largest logit {ck['max_abs_logit']:.3g}, relative difference "
-                    f"{ck['max_rel_logit_diff']:.1e}).\n" if ck else
-                    "PyTorch is not installed here: JAX rows only, no ratios.\n"))
-        L.append(f"{mres['rounds']} interleaved rounds per framework ({mres['train_steps_per_round']} training / "
-                 f"{mres['infer_steps_per_round']} inference steps each, after {_n(mres['warmup'], 'warm-up step')} "
-                 "and one more per round, the order of the cases reversed every round); images/s from the median "
-                 "over rounds of the per-step median time.\n")
-        L.append("| task | JAX img/s | PyTorch img/s | JAX / PyTorch | JAX ms/step | PyTorch ms/step | "
-                 "JAX img/s per round | PyTorch img/s per round |")
+        L.append(
+            f"JAX depthwise formulation: `depthwise_impl={mres['depthwise_impl_requested']!r}` -> "
+            f"**{mres['depthwise_impl']}**. "
+            + (
+                f"Same-function check: the JAX parameters (with random "
+                f"BatchNorm statistics) copied into the PyTorch model give eval logits that differ by at "
+                f"most **{ck['max_abs_logit_diff']:.1e}** (tolerance {ck['tolerance']:g}; "
+                f"largest logit {ck['max_abs_logit']:.3g}, relative difference "
+                f"{ck['max_rel_logit_diff']:.1e}).\n"
+                if ck
+                else "PyTorch is not installed here: JAX rows only, no ratios.\n"
+            )
+        )
+        L.append(
+            f"{mres['rounds']} interleaved rounds per framework ({mres['train_steps_per_round']} training / "
+            f"{mres['infer_steps_per_round']} inference steps each, after {_n(mres['warmup'], 'warm-up step')} "
+            "and one more per round, the order of the cases reversed every round); images/s from the median "
+            "over rounds of the per-step median time.\n"
+        )
+        L.append(
+            "| task | JAX img/s | PyTorch img/s | JAX / PyTorch | JAX ms/step | PyTorch ms/step | "
+            "JAX img/s per round | PyTorch img/s per round |"
+        )
         L.append("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
         for task, j, t, ratio, desc in (
-                ("training step", "jax_train", "torch_train", mres["train_ratio"],
-                 "train step"),
-                ("inference", "jax_infer", "torch_infer", mres["infer_ratio"], "inference"),
-                ("inference, matrices rebuilt every call", "jax_infer_plain", "torch_infer",
-                 mres.get("infer_plain_ratio"), "inference"),
-                ("training step vs torch.compile", "jax_train", "torch_compile_train",
-                 mres.get("train_ratio_compile"), "train step"),
-                ("inference vs torch.compile", "jax_infer", "torch_compile_infer",
-                 mres.get("infer_ratio_compile"), "inference")):
-            if j not in r or (t.startswith("torch_compile") and t not in r):  # rows this run did not measure
+            ("training step", "jax_train", "torch_train", mres["train_ratio"], "train step"),
+            ("inference", "jax_infer", "torch_infer", mres["infer_ratio"], "inference"),
+            (
+                "inference, matrices rebuilt every call",
+                "jax_infer_plain",
+                "torch_infer",
+                mres.get("infer_plain_ratio"),
+                "inference",
+            ),
+            (
+                "training step vs torch.compile",
+                "jax_train",
+                "torch_compile_train",
+                mres.get("train_ratio_compile"),
+                "train step",
+            ),
+            (
+                "inference vs torch.compile",
+                "jax_infer",
+                "torch_compile_infer",
+                mres.get("infer_ratio_compile"),
+                "inference",
+            ),
+        ):
+            if j not in r or (
+                t.startswith("torch_compile") and t not in r
+            ):  # rows this run did not measure
                 continue
             rj, rt = r[j], r.get(t)
             if rt is None:
-                L.append(f"| {task} | {rj['images_per_s']:.1f} | n/a | n/a | {1e3 * rj['median_step_s']:.1f} | n/a | "
-                         f"{', '.join(f'{x:.0f}' for x in rj['round_images_per_s'])} | n/a |")
+                L.append(
+                    f"| {task} | {rj['images_per_s']:.1f} | n/a | n/a | {1e3 * rj['median_step_s']:.1f} | n/a | "
+                    f"{', '.join(f'{x:.0f}' for x in rj['round_images_per_s'])} | n/a |"
+                )
                 continue
-            L.append(f"| {task} | {rj['images_per_s']:.1f} | {rt['images_per_s']:.1f} | {ratio:.2f} | "
-                     f"{1e3 * rj['median_step_s']:.1f} | {1e3 * rt['median_step_s']:.1f} | "
-                     f"{', '.join(f'{x:.0f}' for x in rj['round_images_per_s'])} | "
-                     f"{', '.join(f'{x:.0f}' for x in rt['round_images_per_s'])} |")
+            L.append(
+                f"| {task} | {rj['images_per_s']:.1f} | {rt['images_per_s']:.1f} | {ratio:.2f} | "
+                f"{1e3 * rj['median_step_s']:.1f} | {1e3 * rt['median_step_s']:.1f} | "
+                f"{', '.join(f'{x:.0f}' for x in rj['round_images_per_s'])} | "
+                f"{', '.join(f'{x:.0f}' for x in rt['round_images_per_s'])} |"
+            )
         L.append("")
-        L.append("- JAX training step: `convmixer_jax.training.loop._make_step` with `RECIPES['paper']` (Adam, lr 1e-3, "
-                 "no augmentation), uint8 batch in, single-device mesh shardings, state donated; "
-                 f"first call (compile + run) {r['jax_train']['first_call_s']:.1f} s.")
+        L.append(
+            "- JAX training step: `convmixer_jax.training.loop._make_step` with `RECIPES['paper']` (Adam, lr 1e-3, "
+            "no augmentation), uint8 batch in, single-device mesh shardings, state donated; "
+            f"first call (compile + run) {r['jax_train']['first_call_s']:.1f} s."
+        )
         if mres["check"]:
-            L.append("- PyTorch training step: eager, channels_last, uint8 batch -> float/255 -> (x-0.5)/0.5, "
-                     "forward, cross-entropy, backward, `torch.optim.Adam(lr=1e-3)` step.")
-        L.append("- Inference: jitted `ConvMixer.apply(train=False)` vs PyTorch `eval()` under "
-                 f"`torch.inference_mode()`, channels_last, float input in [0, 1]; JAX first call "
-                 f"{r['jax_infer']['first_call_s']:.1f} s.")
+            L.append(
+                "- PyTorch training step: eager, channels_last, uint8 batch -> float/255 -> (x-0.5)/0.5, "
+                "forward, cross-entropy, backward, `torch.optim.Adam(lr=1e-3)` step."
+            )
+        L.append(
+            "- Inference: jitted `ConvMixer.apply(train=False)` vs PyTorch `eval()` under "
+            f"`torch.inference_mode()`, channels_last, float input in [0, 1]; JAX first call "
+            f"{r['jax_infer']['first_call_s']:.1f} s."
+        )
         prep = mres.get("prepare")
         if prep:
-            L.append("- The JAX `inference` row runs on `prepare_inference(config, variables)`, as `predict`, "
-                     "`evaluate` and `attack` do: the dense depthwise matrices are built once per set of weights "
-                     f"({1e3 * prep['median_s']:.1f} ms, median of 5; first call with compilation "
-                     f"{prep['first_call_s']:.1f} s) instead of inside every call. The row \"matrices rebuilt every "
-                     "call\" is the same jitted apply on the plain variables, timed in the same interleaved rounds; "
-                     f"the two give logits that differ by {prep['max_abs_logit_diff']:.1e}.")
+            L.append(
+                "- The JAX `inference` row runs on `prepare_inference(config, variables)`, as `predict`, "
+                "`evaluate` and `attack` do: the dense depthwise matrices are built once per set of weights "
+                f"({1e3 * prep['median_s']:.1f} ms, median of 5; first call with compilation "
+                f'{prep["first_call_s"]:.1f} s) instead of inside every call. The row "matrices rebuilt every '
+                'call" is the same jitted apply on the plain variables, timed in the same interleaved rounds; '
+                f"the two give logits that differ by {prep['max_abs_logit_diff']:.1e}."
+            )
         fl = mres.get("flops_per_image_forward")
         if fl:
             peak = gpu_peak(info["jax_devices"][0]) if info["jax_backend"] == "gpu" else None
             parts = []
-            for task, name, mult in (("training step", "jax_train", 3.0), ("inference", "jax_infer", 1.0)):
+            for task, name, mult in (
+                ("training step", "jax_train", 3.0),
+                ("inference", "jax_infer", 1.0),
+            ):
                 achieved = r[name]["images_per_s"] * fl * mult / 1e9
                 txt = f"{task} {achieved:.1f} GFLOP/s"
                 if peak:
-                    txt += (f" ({100 * achieved / 1e3 / peak['fp32']:.1f} % of the {peak['name']}'s FP32 peak "
-                            f"{peak['fp32']:g} TFLOP/s, {100 * achieved / 1e3 / peak['tf32']:.1f} % of its "
-                            f"dense TF32 tensor peak {peak['tf32']:g})")
+                    txt += (
+                        f" ({100 * achieved / 1e3 / peak['fp32']:.1f} % of the {peak['name']}'s FP32 peak "
+                        f"{peak['fp32']:g} TFLOP/s, {100 * achieved / 1e3 / peak['tf32']:.1f} % of its "
+                        f"dense TF32 tensor peak {peak['tf32']:g})"
+                    )
                 parts.append(txt)
-            L.append(f"- Achieved model FLOP/s (JAX; {fl / 1e6:.1f} MFLOP per image forward by the conventional "
-                     "count of 2 x multiply-adds of the convolutions and the head, training step counted as 3x "
-                     "forward): " + "; ".join(parts) + ".")
+            L.append(
+                f"- Achieved model FLOP/s (JAX; {fl / 1e6:.1f} MFLOP per image forward by the conventional "
+                "count of 2 x multiply-adds of the convolutions and the head, training step counted as 3x "
+                "forward): " + "; ".join(parts) + "."
+            )
         alt = mres.get("alt")
         if alt:
-            L.append(f"- Other depthwise formulation, inference only ({_n(alt['steps_per_round'][0], 'step')}): "
-                     f"`depthwise_impl='{alt['depthwise_impl']}'` runs at **{alt['images_per_s']:.1f} img/s** "
-                     f"({1e3 * alt['median_step_s']:.0f} ms/step, "
-                     f"{alt['images_per_s'] / r['jax_infer']['images_per_s']:.3f}x the "
-                     f"'{mres['depthwise_impl']}' default; first call {alt['first_call_s']:.1f} s; logits agree "
-                     f"with the default to {alt['max_abs_logit_diff_vs_default']:.1e}).")
+            L.append(
+                f"- Other depthwise formulation, inference only ({_n(alt['steps_per_round'][0], 'step')}): "
+                f"`depthwise_impl='{alt['depthwise_impl']}'` runs at **{alt['images_per_s']:.1f} img/s** "
+                f"({1e3 * alt['median_step_s']:.0f} ms/step, "
+                f"{alt['images_per_s'] / r['jax_infer']['images_per_s']:.3f}x the "
+                f"'{mres['depthwise_impl']}' default; first call {alt['first_call_s']:.1f} s; logits agree "
+                f"with the default to {alt['max_abs_logit_diff_vs_default']:.1e})."
+            )
         L.append("")
     if bres:
-        L.append(f"### Block-wise image transform, M = {bres['block_size']}, "
-                 f"{bres['images']:,} x {' x '.join(map(str, bres['image_shape']))}\n")
-        L.append("GB/s = (bytes read + bytes written) / median time (10^9 bytes); the vmapped row reads "
-                 f"{bres['vmap_images']:,} images once and writes {bres['vmap_keys']} encrypted copies. "
-                 "`np.copyto` writes into a preallocated array; the jitted JAX functions (copies and "
-                 "transform) also allocate their output on every call, as a user's call does. Outputs "
-                 "checked against the NumPy reference transcription (16 images) and the vmapped keys "
-                 "against single keys.\n")
-        L.append("| transform | dtype | images | MB moved | median ms | GB/s | vs np.copyto | vs jax copy (x + 0) |")
+        L.append(
+            f"### Block-wise image transform, M = {bres['block_size']}, "
+            f"{bres['images']:,} x {' x '.join(map(str, bres['image_shape']))}\n"
+        )
+        L.append(
+            "GB/s = (bytes read + bytes written) / median time (10^9 bytes); the vmapped row reads "
+            f"{bres['vmap_images']:,} images once and writes {bres['vmap_keys']} encrypted copies. "
+            "`np.copyto` writes into a preallocated array; the jitted JAX functions (copies and "
+            "transform) also allocate their output on every call, as a user's call does. Outputs "
+            "checked against the NumPy reference transcription (16 images) and the vmapped keys "
+            "against single keys.\n"
+        )
+        L.append(
+            "| transform | dtype | images | MB moved | median ms | GB/s | vs np.copyto | vs jax copy (x + 0) |"
+        )
         L.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for row in sorted(bres["rows"], key=lambda r: (r["dtype"] != "uint8",)):
-            L.append(f"| {row['name']} | {row['dtype']} | {row['images']:,} | {row['bytes_moved'] / 1e6:.1f} | "
-                     f"{1e3 * row['median_s']:.2f} | {row['gb_per_s']:.2f} | {row['vs_np_copy']:.2f} | "
-                     f"{row['vs_jax_copy']:.2f} |")
+            L.append(
+                f"| {row['name']} | {row['dtype']} | {row['images']:,} | {row['bytes_moved'] / 1e6:.1f} | "
+                f"{1e3 * row['median_s']:.2f} | {row['gb_per_s']:.2f} | {row['vs_np_copy']:.2f} | "
+                f"{row['vs_jax_copy']:.2f} |"
+            )
         L.append("")
     if sres:
         import sweep
@@ -831,44 +1032,96 @@ def append_section(path: Path, section: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="few steps: a smoke run, not a measurement")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"), help="Markdown file to append to")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per framework (3; quick 2)")
-    p.add_argument("--train-steps", type=int, default=None, help="timed training steps per round (15; quick 2)")
-    p.add_argument("--infer-steps", type=int, default=None, help="timed inference steps per round (25; quick 3)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps before timing (3; quick 1)")
-    p.add_argument("--alt-steps", type=int, default=None,
-                   help="timed steps of the other depthwise formulation (3; quick 1)")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds per framework (3; quick 2)"
+    )
+    p.add_argument(
+        "--train-steps", type=int, default=None, help="timed training steps per round (15; quick 2)"
+    )
+    p.add_argument(
+        "--infer-steps",
+        type=int,
+        default=None,
+        help="timed inference steps per round (25; quick 3)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="warm-up steps before timing (3; quick 1)"
+    )
+    p.add_argument(
+        "--alt-steps",
+        type=int,
+        default=None,
+        help="timed steps of the other depthwise formulation (3; quick 1)",
+    )
     p.add_argument("--skip-alt", action="store_true", help="skip the other depthwise formulation")
-    p.add_argument("--torch-compile", action="store_true",
-                   help="also time the PyTorch models under torch.compile (TorchInductor; compiles on first call)")
-    p.add_argument("--tiny", action="store_true",
-                   help="smoke runs only: ConvMixer-16/1 at batch 8 instead of ConvMixer-256/8 at batch 128")
+    p.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="also time the PyTorch models under torch.compile (TorchInductor; compiles on first call)",
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="smoke runs only: ConvMixer-16/1 at batch 8 instead of ConvMixer-256/8 at batch 128",
+    )
     p.add_argument("--batch", type=int, default=None, help="model batch (128; tiny 8)")
     p.add_argument("--skip-model", action="store_true", help="skip the model benchmarks")
-    p.add_argument("--skip-blockwise", action="store_true", help="skip the block-wise transform benchmarks")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: cores)")
+    p.add_argument(
+        "--skip-blockwise", action="store_true", help="skip the block-wise transform benchmarks"
+    )
+    p.add_argument(
+        "--torch-threads", type=int, default=None, help="torch intra-op threads (default: cores)"
+    )
     p.add_argument("--skip-sweep", action="store_true", help="skip the wrong-key sweep")
-    p.add_argument("--sweep-images", type=int, default=None, help="test images of the sweep (10000; quick 200)")
-    p.add_argument("--sweep-keys", default=None,
-                   help="comma-separated N for the weights strategy (10,100; quick 2)")
-    p.add_argument("--sweep-images-keys", default=None,
-                   help="comma-separated N for the images strategy (10; quick 2)")
-    p.add_argument("--sweep-loop-keys", type=int, default=None, help="keys of the Python loop (4; quick 1)")
+    p.add_argument(
+        "--sweep-images", type=int, default=None, help="test images of the sweep (10000; quick 200)"
+    )
+    p.add_argument(
+        "--sweep-keys",
+        default=None,
+        help="comma-separated N for the weights strategy (10,100; quick 2)",
+    )
+    p.add_argument(
+        "--sweep-images-keys",
+        default=None,
+        help="comma-separated N for the images strategy (10; quick 2)",
+    )
+    p.add_argument(
+        "--sweep-loop-keys", type=int, default=None, help="keys of the Python loop (4; quick 1)"
+    )
     p.add_argument("--key-chunk", type=int, default=4, help="keys per sweep call (default 4)")
-    p.add_argument("--sweep-batch-size", type=int, default=125, help="images per sweep call (default 125)")
-    p.add_argument("--model", default=str(ROOT / "results/cifar10/plain-model"),
-                   help="model directory for the sweep (a random paper model if missing)")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10-jpeg"),
-                   help="CIFAR-10 for the sweep (random images if missing)")
+    p.add_argument(
+        "--sweep-batch-size", type=int, default=125, help="images per sweep call (default 125)"
+    )
+    p.add_argument(
+        "--model",
+        default=str(ROOT / "results/cifar10/plain-model"),
+        help="model directory for the sweep (a random paper model if missing)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=str(ROOT.parent / "shared/data/cifar10-jpeg"),
+        help="CIFAR-10 for the sweep (random images if missing)",
+    )
     args = p.parse_args(argv)
     q = args.quick
-    defaults = dict(rounds=(2, 3), train_steps=(2, 15), infer_steps=(3, 25), warmup=(1, 3), alt_steps=(1, 3),
-                    sweep_images=(200, 10_000), sweep_keys=("2", "10,100"), sweep_images_keys=("2", "10"),
-                    sweep_loop_keys=(1, 4))
+    defaults = dict(
+        rounds=(2, 3),
+        train_steps=(2, 15),
+        infer_steps=(3, 25),
+        warmup=(1, 3),
+        alt_steps=(1, 3),
+        sweep_images=(200, 10_000),
+        sweep_keys=("2", "10,100"),
+        sweep_images_keys=("2", "10"),
+        sweep_loop_keys=(1, 4),
+    )
     for name, (quick_v, full_v) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick_v if q else full_v)
@@ -897,8 +1150,10 @@ def main(argv=None) -> int:
     if torch is not None:
         torch.set_num_threads(args.torch_threads or _cores())
     info = machine_info(torch)
-    log(f"{info['cpu_model']}, {info['cores']} cores, avx512={info['avx512']}, JAX backend "
-        f"{info['jax_backend']}, torch threads {info['torch_num_threads']}, XLA_FLAGS={info['xla_flags']!r}")
+    log(
+        f"{info['cpu_model']}, {info['cores']} cores, avx512={info['avx512']}, JAX backend "
+        f"{info['jax_backend']}, torch threads {info['torch_num_threads']}, XLA_FLAGS={info['xla_flags']!r}"
+    )
     mres = None if args.skip_model else model_benchmarks(args, torch, info)
     bres = None if args.skip_blockwise else blockwise_benchmarks(args)
     sres = None
@@ -906,10 +1161,20 @@ def main(argv=None) -> int:
         import sweep
 
         ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
-        settings = {"images": args.sweep_images, "key_chunk": args.key_chunk,
-                    "batch_size": args.sweep_batch_size, "model": args.model, "data_dir": args.data_dir}
-        sres = sweep.run_sweep(settings, ints(args.sweep_keys), ints(args.sweep_images_keys),
-                               args.sweep_loop_keys, log=log)
+        settings = {
+            "images": args.sweep_images,
+            "key_chunk": args.key_chunk,
+            "batch_size": args.sweep_batch_size,
+            "model": args.model,
+            "data_dir": args.data_dir,
+        }
+        sres = sweep.run_sweep(
+            settings,
+            ints(args.sweep_keys),
+            ints(args.sweep_images_keys),
+            args.sweep_loop_keys,
+            log=log,
+        )
     info["loadavg_end"] = _loadavg()
     info["wall_s"] = time.perf_counter() - t_start
     section = markdown(info, mres, bres, args.quick, sres)
@@ -917,8 +1182,18 @@ def main(argv=None) -> int:
     append_section(out, section)
     log(f"appended a section to {out}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "quick": args.quick, "model": mres,
-                                               "blockwise": bres, "sweep": sres}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "quick": args.quick,
+                    "model": mres,
+                    "blockwise": bres,
+                    "sweep": sres,
+                },
+                indent=1,
+            )
+        )
         log(f"wrote {args.json}")
     sys.stdout.write(section)
     return 0

@@ -14,6 +14,7 @@ memory the prepared matrices of the whole model would take. The dense
 matrices of a g x g grid hold g^4 values per channel, so 'toeplitz' is timed
 only where one layer's matrices stay under ``--max-matrix-gib``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import convmixer_jax  # noqa: E402,F401  (XLA:CPU flags, as a user gets them)
-from convmixer_jax.model.convmixer import (PRESETS, depthwise, depthwise_with_matrices,  # noqa: E402
-                                           resolve_depthwise_impl, toeplitz_matrices)
-from convmixer_jax.files.provenance import device_description  # noqa: E402
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+import convmixer_jax  # noqa: E402,F401  (XLA:CPU flags, as a user gets them)
+from convmixer_jax.files.provenance import device_description  # noqa: E402
+from convmixer_jax.model.convmixer import (
+    PRESETS,
+    depthwise,
+    depthwise_with_matrices,  # noqa: E402
+    resolve_depthwise_impl,
+    toeplitz_matrices,
+)
 
 CASES = ("convmixer_1024_20_ks9_p14", "convmixer_768_32", "convmixer_1536_20")
 
@@ -45,11 +51,17 @@ def _time(fn, *args, calls: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=8, help="images per call (default 8)")
     p.add_argument("--calls", type=int, default=5, help="timed calls per formulation (default 5)")
-    p.add_argument("--max-matrix-gib", type=float, default=1.0,
-                   help="time 'toeplitz' only where one layer's matrices stay below this (default 1 GiB)")
+    p.add_argument(
+        "--max-matrix-gib",
+        type=float,
+        default=1.0,
+        help="time 'toeplitz' only where one layer's matrices stay below this (default 1 GiB)",
+    )
     p.add_argument("--cases", default=",".join(CASES), help="presets to time")
     p.add_argument("--json", help="also write all rows to this JSON file")
     args = p.parse_args(argv)
@@ -60,7 +72,7 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(0)
         x = jax.device_put(rng.standard_normal((d, g, g, args.batch), np.float32))
         kernel = jax.device_put(rng.standard_normal((k, k, 1, d), np.float32) / k)
-        matrix_gib = d * g ** 4 * 4 / 2 ** 30
+        matrix_gib = d * g**4 * 4 / 2**30
         ref = None
         for impl in ("shift", "conv", "toeplitz"):
             if impl == "toeplitz":
@@ -73,11 +85,20 @@ def main(argv=None) -> int:
             seconds = _time(fn, *fargs, calls=args.calls)
             out = np.asarray(fn(*fargs))
             ref = out if ref is None else ref
-            row = {"case": name, "grid": g, "dim": d, "kernel": k, "batch": args.batch, "impl": impl,
-                   "ms_per_call": 1e3 * seconds, "images_per_second": args.batch / seconds,
-                   "max_abs_diff_vs_shift": float(np.max(np.abs(out - ref))),
-                   "model_matrices_gib": matrix_gib * cfg.depth,
-                   "auto_picks": resolve_depthwise_impl("auto", (g, g)), "device": device_description()}
+            row = {
+                "case": name,
+                "grid": g,
+                "dim": d,
+                "kernel": k,
+                "batch": args.batch,
+                "impl": impl,
+                "ms_per_call": 1e3 * seconds,
+                "images_per_second": args.batch / seconds,
+                "max_abs_diff_vs_shift": float(np.max(np.abs(out - ref))),
+                "model_matrices_gib": matrix_gib * cfg.depth,
+                "auto_picks": resolve_depthwise_impl("auto", (g, g)),
+                "device": device_description(),
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:

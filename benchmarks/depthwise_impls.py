@@ -16,6 +16,7 @@ logits (max abs difference printed) and prints one JSON line per formulation,
 so that a run cut short still reports what it measured. ``resolve_depthwise_impl``
 says which formulation ``'auto'`` picks on this backend.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,19 +28,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import convmixer_jax  # noqa: E402,F401  (XLA:CPU flags, as a user gets them)
-from convmixer_jax.model.convmixer import PRESETS, ConvMixer, prepare_inference, resolve_depthwise_impl  # noqa: E402
-from convmixer_jax.training.loop import RECIPES, _make_step, init_variables, make_optimizer  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
+
+import convmixer_jax  # noqa: E402,F401  (XLA:CPU flags, as a user gets them)
+from convmixer_jax.model.convmixer import (
+    PRESETS,
+    ConvMixer,
+    prepare_inference,
+    resolve_depthwise_impl,
+)  # noqa: E402
+from convmixer_jax.training.loop import RECIPES, _make_step, init_variables, make_optimizer  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=256, help="training batch (default 256, the fast recipe's)")
+    p.add_argument(
+        "--batch", type=int, default=256, help="training batch (default 256, the fast recipe's)"
+    )
     p.add_argument("--steps", type=int, default=30, help="timed training steps (default 30)")
     p.add_argument("--infer-batch", type=int, default=1000, help="inference batch (default 1000)")
     p.add_argument("--infer-steps", type=int, default=20, help="timed inference calls (default 20)")
@@ -50,9 +59,15 @@ def main(argv=None) -> int:
     base = PRESETS["paper"]
     grid = (base.grid_size, base.grid_size)
     device = jax.devices()[0]
-    header = {"backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
-              "jax": jax.__version__, "auto_picks": resolve_depthwise_impl("auto", grid),
-              "batch": args.batch, "steps": args.steps, "infer_batch": args.infer_batch}
+    header = {
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "jax": jax.__version__,
+        "auto_picks": resolve_depthwise_impl("auto", grid),
+        "batch": args.batch,
+        "steps": args.steps,
+        "infer_batch": args.infer_batch,
+    }
     print(json.dumps(header), flush=True)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch, 32, 32, 3), dtype=np.uint8)
@@ -67,9 +82,15 @@ def main(argv=None) -> int:
         config = dataclasses.replace(base, depthwise_impl=impl)
         tx = make_optimizer(recipe, 50_000 // args.batch)
         step_fn = _make_step(config, recipe, tx, data_sh, repl)
-        state = jax.device_put({"params": variables["params"], "batch_stats": variables["batch_stats"],
-                                "opt_state": tx.init(variables["params"]),
-                                "step": jnp.zeros((), jnp.int32)}, repl)
+        state = jax.device_put(
+            {
+                "params": variables["params"],
+                "batch_stats": variables["batch_stats"],
+                "opt_state": tx.init(variables["params"]),
+                "step": jnp.zeros((), jnp.int32),
+            },
+            repl,
+        )
         xb, yb = jax.device_put(images, data_sh), jax.device_put(labels, data_sh)
         t0 = time.perf_counter()
         state, loss, _ = step_fn(state, xb, yb)
@@ -86,7 +107,11 @@ def main(argv=None) -> int:
 
         model = ConvMixer(config)
         infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
-        v = prepare_inference(config, variables) if impl == "toeplitz" else jax.device_put(variables)
+        v = (
+            prepare_inference(config, variables)
+            if impl == "toeplitz"
+            else jax.device_put(variables)
+        )
         logits = np.asarray(jax.block_until_ready(infer(v, x_infer)))
         t0 = time.perf_counter()
         for _ in range(args.infer_steps):
@@ -95,9 +120,14 @@ def main(argv=None) -> int:
         infer_s = (time.perf_counter() - t0) / args.infer_steps
         if ref_logits is None:
             ref_logits = logits
-        row = {"impl": impl, "train_compile_s": compile_s, "train_step_ms": 1e3 * step_s,
-               "train_images_per_s": args.batch / step_s, "infer_images_per_s": args.infer_batch / infer_s,
-               "max_abs_logit_diff_vs_first": float(np.max(np.abs(logits - ref_logits)))}
+        row = {
+            "impl": impl,
+            "train_compile_s": compile_s,
+            "train_step_ms": 1e3 * step_s,
+            "train_images_per_s": args.batch / step_s,
+            "infer_images_per_s": args.infer_batch / infer_s,
+            "max_abs_logit_diff_vs_first": float(np.max(np.abs(logits - ref_logits))),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.json:

@@ -17,6 +17,7 @@ the calibration of the attack's colour margin); and the 12-way accuracy after ea
 (quality 75, 4:2:0, as the data set's files), which shows how much of the channel
 order is read from the source's own JPEG chroma subsampling rather than the content.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,11 @@ def marginal_accuracies(lp: np.ndarray, variants) -> dict:
     p = np.exp(lp)
     p_neg = p[..., negs].sum(-1)
     p_order = np.stack([p[..., order_id == j].sum(-1) for j in range(len(orders))], -1)
-    return {"acc12": float(np.mean(lp.argmax(-1) == truth)),
-            "sign": float(np.mean((p_neg > 0.5) == negs[truth])),
-            "order": float(np.mean(p_order.argmax(-1) == order_id[truth]))}
+    return {
+        "acc12": float(np.mean(lp.argmax(-1) == truth)),
+        "sign": float(np.mean((p_neg > 0.5) == negs[truth])),
+        "order": float(np.mean(p_order.argmax(-1) == order_id[truth])),
+    }
 
 
 def summed_accuracy(lp: np.ndarray, k: int, seed: int = 0) -> float:
@@ -50,8 +53,9 @@ def summed_accuracy(lp: np.ndarray, k: int, seed: int = 0) -> float:
     return float(np.mean(hits))
 
 
-def sign_margin_calibration(lp: np.ndarray, variants, ks=(1, 2, 5), thresholds=(3.0, 5.0, 8.0),
-                            seed: int = 0) -> list[dict]:
+def sign_margin_calibration(
+    lp: np.ndarray, variants, ks=(1, 2, 5), thresholds=(3.0, 5.0, 8.0), seed: int = 0
+) -> list[dict]:
     """How often the prior's sign is wrong when it leads by a margin, as the attack decides it.
 
     With the channel order known (the JPEG trace gives it), the attack's colour margin is
@@ -70,9 +74,16 @@ def sign_margin_calibration(lp: np.ndarray, variants, ks=(1, 2, 5), thresholds=(
         groups = np.random.default_rng(seed).permutation(n)[: n // k * k].reshape(-1, k)
         m = np.concatenate([(lp[t][:, t] - lp[t][:, neg[t]])[groups].sum(1) for t in range(v)])
         for th in thresholds:
-            rows.append({"images": k, "sets": int(m.size), "threshold_nats": th,
-                         "decided": int(np.sum(np.abs(m) >= th)), "wrong": int(np.sum(m <= -th)),
-                         "right_sign": float(np.mean(m > 0))})
+            rows.append(
+                {
+                    "images": k,
+                    "sets": int(m.size),
+                    "threshold_nats": th,
+                    "decided": int(np.sum(np.abs(m) >= th)),
+                    "wrong": int(np.sum(m <= -th)),
+                    "right_sign": float(np.mean(m > 0)),
+                }
+            )
     return rows
 
 
@@ -91,15 +102,25 @@ def jpeg_roundtrip(images_u8: np.ndarray, quality: int = 75) -> np.ndarray:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the library's)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: the library's)"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--widths", default=None, help="conv stage widths, comma-separated (default: the library's)")
+    ap.add_argument(
+        "--widths", default=None, help="conv stage widths, comma-separated (default: the library's)"
+    )
     ap.add_argument("--convs-per-stage", type=int, default=None)
     ap.add_argument("--first-stride", type=int, default=None)
     ap.add_argument("--out", default=None, help="also write the numbers to this JSON file")
-    ap.add_argument("--save", default=None, metavar="DIR", help="also save the trained prior to DIR")
-    ap.add_argument("--prior", default=None, metavar="DIR",
-                    help="score this saved prior (trained on images 0..44,999) instead of training one")
+    ap.add_argument(
+        "--save", default=None, metavar="DIR", help="also save the trained prior to DIR"
+    )
+    ap.add_argument(
+        "--prior",
+        default=None,
+        metavar="DIR",
+        help="score this saved prior (trained on images 0..44,999) instead of training one",
+    )
     args = ap.parse_args(argv)
 
     import convmixer_jax  # noqa: F401  (XLA CPU flags)
@@ -108,10 +129,20 @@ def main(argv=None) -> dict:
 
     x, _, _ = load_split("train", data_dir=args.data_dir, progress=False)
     train, held = x[:45000], x[45000:50000]
-    kw = {} if args.steps is None else {"steps": args.steps or ip.train_image_prior.__kwdefaults__["steps"]}
-    arch = {k: v for k, v in (("widths", args.widths and tuple(int(w) for w in args.widths.split(","))),
-                              ("convs_per_stage", args.convs_per_stage), ("first_stride", args.first_stride))
-            if v is not None}
+    kw = (
+        {}
+        if args.steps is None
+        else {"steps": args.steps or ip.train_image_prior.__kwdefaults__["steps"]}
+    )
+    arch = {
+        k: v
+        for k, v in (
+            ("widths", args.widths and tuple(int(w) for w in args.widths.split(","))),
+            ("convs_per_stage", args.convs_per_stage),
+            ("first_stride", args.first_stride),
+        )
+        if v is not None
+    }
     if arch:
         kw["config"] = ip.PriorConfig(**arch)
     t0 = time.perf_counter()
@@ -125,25 +156,44 @@ def main(argv=None) -> dict:
 
     held_f = held.astype(np.float32) / 255.0
     t0 = time.perf_counter()
-    lp = np.stack([ip.variant_log_probs(prior, ip.apply_variant(held_f, v)) for v in prior.variants])
+    lp = np.stack(
+        [ip.variant_log_probs(prior, ip.apply_variant(held_f, v)) for v in prior.variants]
+    )
     score_s = time.perf_counter() - t0
-    res = {"train_images": int(train.shape[0]), "held_out_images": int(held.shape[0]),
-           "train_seconds": None if train_s is None else round(train_s, 1), "score_seconds_60k": round(score_s, 1),
-           **marginal_accuracies(lp, prior.variants),
-           "acc12_sum2": summed_accuracy(lp, 2), "acc12_sum5": summed_accuracy(lp, 5)}
+    res = {
+        "train_images": int(train.shape[0]),
+        "held_out_images": int(held.shape[0]),
+        "train_seconds": None if train_s is None else round(train_s, 1),
+        "score_seconds_60k": round(score_s, 1),
+        **marginal_accuracies(lp, prior.variants),
+        "acc12_sum2": summed_accuracy(lp, 2),
+        "acc12_sum5": summed_accuracy(lp, 5),
+    }
     # averaged over each image's 12 variants and their mirrors, as the attack scores
     glp = np.stack([ip.group_log_probs(prior, ip.apply_variant(held_f, v)) for v in prior.variants])
     res.update({f"group_{k}": v for k, v in marginal_accuracies(glp, prior.variants).items()})
     res.update(group_acc12_sum2=summed_accuracy(glp, 2), group_acc12_sum5=summed_accuracy(glp, 5))
     res["group_sign_margins"] = sign_margin_calibration(glp, prior.variants)
-    rej = np.stack([ip.variant_log_probs(prior, jpeg_roundtrip(ip.apply_variant(held, v)))
-                    for v in prior.variants])
+    rej = np.stack(
+        [
+            ip.variant_log_probs(prior, jpeg_roundtrip(ip.apply_variant(held, v)))
+            for v in prior.variants
+        ]
+    )
     res["acc12_rejpeg"] = marginal_accuracies(rej, prior.variants)["acc12"]
     res["order_rejpeg"] = marginal_accuracies(rej, prior.variants)["order"]
-    res["settings"] = {"config": prior.config.to_dict(), "input_size": prior.input_size, "seed": args.seed,
-                       "steps": args.steps or ip.train_image_prior.__kwdefaults__["steps"]}
+    res["settings"] = {
+        "config": prior.config.to_dict(),
+        "input_size": prior.input_size,
+        "seed": args.seed,
+        "steps": args.steps or ip.train_image_prior.__kwdefaults__["steps"],
+    }
     if args.prior:
-        res["settings"] = {"config": prior.config.to_dict(), "input_size": prior.input_size, "prior": args.prior}
+        res["settings"] = {
+            "config": prior.config.to_dict(),
+            "input_size": prior.input_size,
+            "prior": args.prior,
+        }
     print(json.dumps(res, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -13,6 +13,7 @@ antialiased filter), which wipes the trace; there the sum must equal the prior::
     python benchmarks/jpeg_trace_accuracy.py --data-dir ../shared/data/cifar10-jpeg \
         [--images 1000] [--out results/security/jpeg_trace.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,16 +30,24 @@ def score_sets(images: np.ndarray, truth: np.ndarray, k: int, prior) -> dict:
 
     lp = group_log_probs(prior, images).reshape(len(truth), k, -1).sum(1)
     t0 = time.perf_counter()
-    ev = np.stack([jpeg_log_evidence(images[s * k:(s + 1) * k], COLOUR_VARIANTS) for s in range(len(truth))])
+    ev = np.stack(
+        [jpeg_log_evidence(images[s * k : (s + 1) * k], COLOUR_VARIANTS) for s in range(len(truth))]
+    )
     seconds = (time.perf_counter() - t0) / len(truth)
-    orders = np.array([COLOUR_VARIANTS.index((False, o)) for _, o in COLOUR_VARIANTS])  # order id per variant
+    orders = np.array(
+        [COLOUR_VARIANTS.index((False, o)) for _, o in COLOUR_VARIANTS]
+    )  # order id per variant
     order_of = lambda j: orders[j]  # noqa: E731
     trace = np.ptp(ev, axis=1) > 1e-6
-    return {"sets": int(len(truth)), "images_per_set": k,
-            "prior_12way": float(np.mean(lp.argmax(1) == truth)),
-            "trace_order": float(np.mean(order_of(ev.argmax(1)) == order_of(truth))),
-            "with_trace_12way": float(np.mean((lp + ev).argmax(1) == truth)),
-            "trace_present": float(np.mean(trace)), "trace_seconds_per_set": seconds}
+    return {
+        "sets": int(len(truth)),
+        "images_per_set": k,
+        "prior_12way": float(np.mean(lp.argmax(1) == truth)),
+        "trace_order": float(np.mean(order_of(ev.argmax(1)) == order_of(truth))),
+        "with_trace_12way": float(np.mean((lp + ev).argmax(1) == truth)),
+        "trace_present": float(np.mean(trace)),
+        "trace_seconds_per_set": seconds,
+    }
 
 
 def resample(images: np.ndarray) -> np.ndarray:
@@ -52,7 +61,9 @@ def resample(images: np.ndarray) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default="../shared/data/cifar10-jpeg")
-    ap.add_argument("--images", type=int, default=1000, help="held-out images per set size (default 1000)")
+    ap.add_argument(
+        "--images", type=int, default=1000, help="held-out images per set size (default 1000)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the results here as JSON")
     args = ap.parse_args()
@@ -65,14 +76,22 @@ def main() -> None:
     held = np.asarray(train)[45000:]
     prior = default_prior(3)
     rng = np.random.default_rng(args.seed)
-    out = {"held_out": "CIFAR-10 (JPEG copy) training images 45,000..49,999", "seed": args.seed, "rows": []}
+    out = {
+        "held_out": "CIFAR-10 (JPEG copy) training images 45,000..49,999",
+        "seed": args.seed,
+        "rows": [],
+    }
     for k in (1, 2, 5):
         sets = args.images // k
         idx = rng.choice(len(held), sets * k, replace=False)
         truth = rng.integers(0, len(COLOUR_VARIANTS), sets)
         for source, imgs in (("as decoded", held[idx]), ("resampled", resample(held[idx]))):
-            x = np.concatenate([apply_variant(imgs[s * k:(s + 1) * k], COLOUR_VARIANTS[t])
-                                for s, t in enumerate(truth)])
+            x = np.concatenate(
+                [
+                    apply_variant(imgs[s * k : (s + 1) * k], COLOUR_VARIANTS[t])
+                    for s, t in enumerate(truth)
+                ]
+            )
             row = {"images": source, **score_sets(x, truth, k, prior)}
             print(json.dumps(row), flush=True)
             out["rows"].append(row)

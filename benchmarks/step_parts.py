@@ -19,6 +19,7 @@ absolute times depend on what else holds the CPU.
 Prints a Markdown section (and JSON with ``--json``); append it to
 ``benchmarks/RESULTS.md`` by hand or with ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,17 +34,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import convmixer_jax  # noqa: E402,F401  (XLA:CPU flags, as a user gets them)
-from convmixer_jax.files.provenance import device_description  # noqa: E402
-from bench import _cores, _cpu_model  # noqa: E402  (benchmarks/bench.py, beside this file)
-from convmixer_jax.model.convmixer import PRESETS  # noqa: E402
-from convmixer_jax.model.inference import accuracy  # noqa: E402
-from convmixer_jax.training.loop import (RECIPES, _initial_state, _make_step, augment_batch,  # noqa: E402
-                                         init_variables, make_optimizer)
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from bench import _cores, _cpu_model  # noqa: E402  (benchmarks/bench.py, beside this file)
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
+
+import convmixer_jax  # noqa: E402,F401  (XLA:CPU flags, as a user gets them)
+from convmixer_jax.files.provenance import device_description  # noqa: E402
+from convmixer_jax.model.convmixer import PRESETS  # noqa: E402
+from convmixer_jax.model.inference import accuracy  # noqa: E402
+from convmixer_jax.training.loop import (
+    RECIPES,
+    _initial_state,
+    _make_step,
+    augment_batch,  # noqa: E402
+    init_variables,
+    make_optimizer,
+)
 
 
 def variants(recipe) -> dict:
@@ -51,25 +59,39 @@ def variants(recipe) -> dict:
     out = {"recipe as trained": recipe}
     if "randaugment" in recipe.augment:
         out["without RandAugment"] = dataclasses.replace(
-            recipe, augment=tuple(a for a in recipe.augment if a != "randaugment"))
+            recipe, augment=tuple(a for a in recipe.augment if a != "randaugment")
+        )
     if recipe.augment:
         out["without augmentation"] = dataclasses.replace(recipe, augment=())
     if recipe.ema_decay:
         out["without EMA"] = dataclasses.replace(recipe, ema_decay=0.0)
     if recipe.optimizer != "adam" or recipe.grad_clip:
-        out["Adam, no clipping"] = dataclasses.replace(recipe, optimizer="adam", grad_clip=None,
-                                                       weight_decay=0.0)
+        out["Adam, no clipping"] = dataclasses.replace(
+            recipe, optimizer="adam", grad_clip=None, weight_decay=0.0
+        )
     if recipe.batch_size % 2 == 0:
-        out["half batch (per image)"] = dataclasses.replace(recipe, batch_size=recipe.batch_size // 2)
+        out["half batch (per image)"] = dataclasses.replace(
+            recipe, batch_size=recipe.batch_size // 2
+        )
     return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="strong", choices=sorted(RECIPES), help="recipe (default strong)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--recipe", default="strong", choices=sorted(RECIPES), help="recipe (default strong)"
+    )
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per case and round (default 5)")
-    p.add_argument("--tiny", action="store_true", help="a 16-wide, 1-deep model: a smoke run, not a measurement")
+    p.add_argument(
+        "--steps", type=int, default=5, help="timed steps per case and round (default 5)"
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a 16-wide, 1-deep model: a smoke run, not a measurement",
+    )
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.add_argument("--out", help="append the Markdown section to this file")
     args = p.parse_args(argv)
@@ -86,7 +108,9 @@ def main(argv=None) -> int:
     variables = init_variables(config, seed=0)
     rng = np.random.default_rng(0)
     full = recipe.batch_size
-    images = rng.integers(0, 256, (full, config.image_size, config.image_size, config.channels), dtype=np.uint8)
+    images = rng.integers(
+        0, 256, (full, config.image_size, config.image_size, config.channels), dtype=np.uint8
+    )
     labels = rng.integers(0, config.num_classes, full).astype(np.int32)
 
     steps_per_epoch = (50_000 - recipe.holdout) // full  # CIFAR-10's training split
@@ -95,8 +119,8 @@ def main(argv=None) -> int:
         tx = make_optimizer(cfg, steps_per_epoch)
         step = _make_step(config, cfg, tx, data_sh, repl)
         holder = {"state": jax.device_put(_initial_state(cfg, tx, variables), repl)}
-        xb = jax.device_put(images[:cfg.batch_size], data_sh)
-        yb = jax.device_put(labels[:cfg.batch_size], data_sh)
+        xb = jax.device_put(images[: cfg.batch_size], data_sh)
+        yb = jax.device_put(labels[: cfg.batch_size], data_sh)
 
         def run(step=step, holder=holder, xb=xb, yb=yb):
             st, loss, correct = step(holder["state"], xb, yb)
@@ -113,7 +137,10 @@ def main(argv=None) -> int:
         aug = jax.jit(lambda r, x: augment_batch(r, x, recipe))
         xa = jax.device_put(images)
         jax.block_until_ready(aug(jax.random.PRNGKey(0), xa))
-        runners["augment_batch alone"] = (lambda: jax.block_until_ready(aug(jax.random.PRNGKey(1), xa)), full)
+        runners["augment_batch alone"] = (
+            lambda: jax.block_until_ready(aug(jax.random.PRNGKey(1), xa)),
+            full,
+        )
 
     times = {name: [] for name in runners}
     for r in range(args.rounds):
@@ -131,8 +158,12 @@ def main(argv=None) -> int:
 
     val_rows = {}
     if recipe.holdout:
-        vx = rng.integers(0, 256, (recipe.holdout, config.image_size, config.image_size, config.channels),
-                          dtype=np.uint8)
+        vx = rng.integers(
+            0,
+            256,
+            (recipe.holdout, config.image_size, config.image_size, config.channels),
+            dtype=np.uint8,
+        )
         vy = rng.integers(0, config.num_classes, recipe.holdout)
         accuracy(config, variables, vx[:500], vy[:500])  # compile
         per = []
@@ -141,24 +172,44 @@ def main(argv=None) -> int:
             accuracy(config, variables, vx, vy)
             per.append(time.perf_counter() - t0)
         scored = 2 if recipe.ema_decay else 1
-        val_rows = {"images": recipe.holdout, "weight_sets": scored,
-                    "seconds_per_epoch": statistics.median(per) * scored}
+        val_rows = {
+            "images": recipe.holdout,
+            "weight_sets": scored,
+            "seconds_per_epoch": statistics.median(per) * scored,
+        }
 
     base = statistics.median(times["recipe as trained"])
     rows = []
     for name, (_, batch) in runners.items():
         t = statistics.median(times[name])
         per_image = t / batch
-        rows.append({"case": name, "batch": batch, "ms_per_call": 1e3 * t, "images_per_second": batch / t,
-                     "per_image_vs_recipe": per_image / (base / full),
-                     "rounds_ms": [round(1e3 * x, 1) for x in times[name]],
-                     "first_call_s": first_call.get(name)})
-    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": (device_description() if jax.default_backend() != "cpu"
-                                                                   else f"{_cpu_model()}, {_cores()} cores"),
-            "command": "python benchmarks/step_parts.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "recipe": args.recipe, "model": f"ConvMixer-{config.dim}/{config.depth}", "rows": rows,
-            "validation": val_rows, "train_seconds_per_epoch": steps_per_epoch * base,
-            "jax": jax.__version__}
+        rows.append(
+            {
+                "case": name,
+                "batch": batch,
+                "ms_per_call": 1e3 * t,
+                "images_per_second": batch / t,
+                "per_image_vs_recipe": per_image / (base / full),
+                "rounds_ms": [round(1e3 * x, 1) for x in times[name]],
+                "first_call_s": first_call.get(name),
+            }
+        )
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": (
+            device_description()
+            if jax.default_backend() != "cpu"
+            else f"{_cpu_model()}, {_cores()} cores"
+        ),
+        "command": "python benchmarks/step_parts.py "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "recipe": args.recipe,
+        "model": f"ConvMixer-{config.dim}/{config.depth}",
+        "rows": rows,
+        "validation": val_rows,
+        "train_seconds_per_epoch": steps_per_epoch * base,
+        "jax": jax.__version__,
+    }
     md = markdown(info, args)
     print(md)
     if args.json:
@@ -170,21 +221,30 @@ def main(argv=None) -> int:
 
 
 def markdown(info: dict, args) -> str:
-    lines = [f"## {info['date']}: the `{info['recipe']}` recipe's training step, part by part, {info['device']}",
-             "", f"`{info['command']}` ({info['model']}; {args.rounds} interleaved rounds of {args.steps} "
-             "timed steps per case, order reversed every round; median over rounds of the per-step median)."
-             + (" *Tiny model: a smoke run, not a measurement.*" if args.tiny else ""), "",
-             "| case | batch | ms per call | images/s | time per image vs the recipe | ms per round |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        f"## {info['date']}: the `{info['recipe']}` recipe's training step, part by part, {info['device']}",
+        "",
+        f"`{info['command']}` ({info['model']}; {args.rounds} interleaved rounds of {args.steps} "
+        "timed steps per case, order reversed every round; median over rounds of the per-step median)."
+        + (" *Tiny model: a smoke run, not a measurement.*" if args.tiny else ""),
+        "",
+        "| case | batch | ms per call | images/s | time per image vs the recipe | ms per round |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in info["rows"]:
-        lines.append(f"| {r['case']} | {r['batch']} | {r['ms_per_call']:.1f} | {r['images_per_second']:.1f} | "
-                     f"{r['per_image_vs_recipe']:.3f} | {', '.join(str(x) for x in r['rounds_ms'])} |")
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['ms_per_call']:.1f} | {r['images_per_second']:.1f} | "
+            f"{r['per_image_vs_recipe']:.3f} | {', '.join(str(x) for x in r['rounds_ms'])} |"
+        )
     v = info["validation"]
     if v:
-        lines += ["", f"Scoring the {v['images']:,} validation images with {v['weight_sets']} set(s) of "
-                      f"weights takes {v['seconds_per_epoch']:.1f} s per epoch, against "
-                      f"{info['train_seconds_per_epoch']:.0f} s of training steps "
-                      f"({100 * v['seconds_per_epoch'] / info['train_seconds_per_epoch']:.1f} %)."]
+        lines += [
+            "",
+            f"Scoring the {v['images']:,} validation images with {v['weight_sets']} set(s) of "
+            f"weights takes {v['seconds_per_epoch']:.1f} s per epoch, against "
+            f"{info['train_seconds_per_epoch']:.0f} s of training steps "
+            f"({100 * v['seconds_per_epoch'] / info['train_seconds_per_epoch']:.1f} %).",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,7 @@ Without ``--model`` (or when it does not exist) a randomly initialized paper
 model is timed (throughput does not depend on the weights); without the data
 directory, random uint8 images are used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,15 +70,19 @@ def _reset_peak() -> bool:
 def _case(args) -> dict:
     """Run one case in this process and return its numbers (called in a subprocess)."""
     sys.path.insert(0, str(ROOT))
-    import convmixer_jax  # noqa: F401
     import jax
     import numpy as np
 
-    from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies, wrong_key_accuracies_loop
-    from convmixer_jax.scheme.images import encrypt_images
-    from convmixer_jax.model.inference import accuracy
-    from convmixer_jax.scheme.keys import generate_key
+    import convmixer_jax  # noqa: F401
+    from convmixer_jax.attacks.wrong_keys import (
+        draw_attack_keys,
+        wrong_key_accuracies,
+        wrong_key_accuracies_loop,
+    )
     from convmixer_jax.model.convmixer import PRESETS
+    from convmixer_jax.model.inference import accuracy
+    from convmixer_jax.scheme.images import encrypt_images
+    from convmixer_jax.scheme.keys import generate_key
     from convmixer_jax.scheme.params import encrypt_params
     from convmixer_jax.training.loop import init_variables
 
@@ -94,8 +99,12 @@ def _case(args) -> dict:
         images, labels = subset(images, labels, args.images, 0)
     else:
         rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (args.images, config.image_size, config.image_size, config.channels),
-                              dtype=np.uint8)
+        images = rng.integers(
+            0,
+            256,
+            (args.images, config.image_size, config.image_size, config.channels),
+            dtype=np.uint8,
+        )
         labels = rng.integers(0, config.num_classes, args.images)
     secret = generate_key(config.patch_size, config.channels, seed=[1, 2])
     enc = encrypt_params(variables, secret, mean=config.mean, std=config.std)
@@ -114,56 +123,107 @@ def _case(args) -> dict:
             sec = time.perf_counter() - t0
             out[f"rate_batch_{bs}"] = n / sec
             if best is None or n / sec > out["rate"]:
-                best, out["rate"], out["seconds"], out["batch_size"], out["accuracy"] = bs, n / sec, sec, bs, acc
+                best, out["rate"], out["seconds"], out["batch_size"], out["accuracy"] = (
+                    bs,
+                    n / sec,
+                    sec,
+                    bs,
+                    acc,
+                )
     else:
         keys = draw_attack_keys(3, args.n, config.patch_size, config.channels)
         warm = draw_attack_keys(4, 1, config.patch_size, config.channels)
         if args.case == "loop":
-            wrong_key_accuracies_loop(config, enc, images[: args.batch_size], labels[: args.batch_size], warm,
-                                      batch_size=250)
+            wrong_key_accuracies_loop(
+                config,
+                enc,
+                images[: args.batch_size],
+                labels[: args.batch_size],
+                warm,
+                batch_size=250,
+            )
             t0 = time.perf_counter()
             acc = wrong_key_accuracies_loop(config, enc, images, labels, keys, batch_size=250)
             out["batch_size"] = 250
         else:
-            wrong_key_accuracies(config, enc, images[: args.batch_size], labels[: args.batch_size], warm,
-                                 strategy=args.case, key_chunk=args.key_chunk, batch_size=args.batch_size)
+            wrong_key_accuracies(
+                config,
+                enc,
+                images[: args.batch_size],
+                labels[: args.batch_size],
+                warm,
+                strategy=args.case,
+                key_chunk=args.key_chunk,
+                batch_size=args.batch_size,
+            )
             t0 = time.perf_counter()
-            acc = wrong_key_accuracies(config, enc, images, labels, keys, strategy=args.case,
-                                       key_chunk=args.key_chunk, batch_size=args.batch_size)
+            acc = wrong_key_accuracies(
+                config,
+                enc,
+                images,
+                labels,
+                keys,
+                strategy=args.case,
+                key_chunk=args.key_chunk,
+                batch_size=args.batch_size,
+            )
             out["batch_size"], out["key_chunk"] = args.batch_size, args.key_chunk
         out["seconds"] = time.perf_counter() - t0
         out["rate"] = n * args.n / out["seconds"]
         out["accuracy_median"] = float(np.median(acc))
         out["accuracy_max"] = float(np.max(acc))
     out["peak_rss_mib"] = _vm_mib("VmHWM") if out["phase_peak_reset"] else None
-    out["process_peak_rss_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                                   if not out["phase_peak_reset"] else None)
+    out["process_peak_rss_mib"] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if not out["phase_peak_reset"]
+        else None
+    )
     dev = jax.devices()[0]
     out["devices"] = [str(d) for d in jax.devices()]
     out["device_kind"] = getattr(dev, "device_kind", dev.platform)
     stats = dev.memory_stats() if dev.platform != "cpu" else None
-    out["peak_device_mib"] = stats["peak_bytes_in_use"] / 2 ** 20 if stats and "peak_bytes_in_use" in stats else None
+    out["peak_device_mib"] = (
+        stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
+    )
     return out
 
 
 def run_case(settings: dict, case: str, n: int, log=print) -> dict:
     """One case in a fresh subprocess; ``settings``: images, key_chunk, batch_size, model, data_dir."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_case", case, "--_n", str(n),
-           "--images", str(settings["images"]), "--key-chunk", str(settings["key_chunk"]),
-           "--batch-size", str(settings["batch_size"]),
-           "--model", settings.get("model") or "", "--data-dir", settings.get("data_dir") or ""]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_case",
+        case,
+        "--_n",
+        str(n),
+        "--images",
+        str(settings["images"]),
+        "--key-chunk",
+        str(settings["key_chunk"]),
+        "--batch-size",
+        str(settings["batch_size"]),
+        "--model",
+        settings.get("model") or "",
+        "--data-dir",
+        settings.get("data_dir") or "",
+    ]
     log(f"[sweep] {case} N={n} on {settings['images']:,} images ...")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"sweep case {case} N={n} failed:\n{proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    log(f"[sweep] {case} N={n}: {row['rate']:.1f}/s, peak RSS {_mib(row.get('peak_rss_mib'))} MiB "
-        f"({time.perf_counter() - t0:.0f} s)")
+    log(
+        f"[sweep] {case} N={n}: {row['rate']:.1f}/s, peak RSS {_mib(row.get('peak_rss_mib'))} MiB "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     return row
 
 
-def run_sweep(settings: dict, num_keys=(10, 100), images_keys=(10,), loop_keys: int = 4, log=print) -> dict:
+def run_sweep(
+    settings: dict, num_keys=(10, 100), images_keys=(10,), loop_keys: int = 4, log=print
+) -> dict:
     """All cases: single-key inference, weights for each N, images for each N, the loop."""
     rows = [run_case(settings, "single", 1, log)]
     rows += [run_case(settings, "weights", n, log) for n in num_keys]
@@ -174,8 +234,13 @@ def run_sweep(settings: dict, num_keys=(10, 100), images_keys=(10,), loop_keys: 
     for r in rows:
         r["vs_single"] = r["rate"] / single["rate"]
     model = settings.get("model")
-    return {"settings": {**settings, "model": model if model and Path(model).exists() else "random paper preset"},
-            "rows": rows}
+    return {
+        "settings": {
+            **settings,
+            "model": model if model and Path(model).exists() else "random paper preset",
+        },
+        "rows": rows,
+    }
 
 
 def _mib(v) -> str:
@@ -186,33 +251,47 @@ def markdown(res: dict, heading: str = "###") -> str:
     s, rows = res["settings"], res["rows"]
     single = rows[0]
     gpu = any(r.get("peak_device_mib") for r in rows)
-    L = [f"{heading} Wrong-key sweep, {s['images']:,} test images, model: {s['model']}\n",
-         "Key-image pairs/s of `convmixer_jax.attacks.wrong_keys.wrong_key_accuracies` (accuracy of the encrypted "
-         "model on images under each wrong key), keys folded into the batch, "
-         f"{s['key_chunk']} keys x {s['batch_size']} images per call; against the single-key inference "
-         f"throughput of the encrypted model on its own encrypted images (best of batch "
-         f"{', '.join(map(str, SINGLE_BATCHES))}: "
-         + ", ".join(f"{single[f'rate_batch_{b}']:.1f} at {b}" for b in SINGLE_BATCHES)
-         + " img/s). Each case runs in a fresh process. Memory: RSS after loading the model, the "
-         f"{s['images']:,} test images and the keys, and the peak RSS while the case ran (Linux VmHWM, "
-         "reset with /proc/self/clear_refs after loading)"
-         + ("; peak device memory is the GPU's `peak_bytes_in_use`" if gpu else "") + ".\n",
-         "| case | keys N | images | key-image pairs/s (img/s for one key) | vs single-key inference | "
-         "seconds | RSS before MiB | peak RSS MiB |" + (" peak device MiB |" if gpu else ""),
-         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "")]
-    names = {"single": "single key (inference)", "weights": "sweep, strategy weights",
-             "images": "sweep, strategy images", "loop": "Python loop of per-key jitted calls"}
+    L = [
+        f"{heading} Wrong-key sweep, {s['images']:,} test images, model: {s['model']}\n",
+        "Key-image pairs/s of `convmixer_jax.attacks.wrong_keys.wrong_key_accuracies` (accuracy of the encrypted "
+        "model on images under each wrong key), keys folded into the batch, "
+        f"{s['key_chunk']} keys x {s['batch_size']} images per call; against the single-key inference "
+        f"throughput of the encrypted model on its own encrypted images (best of batch "
+        f"{', '.join(map(str, SINGLE_BATCHES))}: "
+        + ", ".join(f"{single[f'rate_batch_{b}']:.1f} at {b}" for b in SINGLE_BATCHES)
+        + " img/s). Each case runs in a fresh process. Memory: RSS after loading the model, the "
+        f"{s['images']:,} test images and the keys, and the peak RSS while the case ran (Linux VmHWM, "
+        "reset with /proc/self/clear_refs after loading)"
+        + ("; peak device memory is the GPU's `peak_bytes_in_use`" if gpu else "")
+        + ".\n",
+        "| case | keys N | images | key-image pairs/s (img/s for one key) | vs single-key inference | "
+        "seconds | RSS before MiB | peak RSS MiB |" + (" peak device MiB |" if gpu else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else ""),
+    ]
+    names = {
+        "single": "single key (inference)",
+        "weights": "sweep, strategy weights",
+        "images": "sweep, strategy images",
+        "loop": "Python loop of per-key jitted calls",
+    }
     for r in rows:
-        line = (f"| {names[r['case']]} | {r['keys']} | {r['images']:,} | {r['rate']:.1f} | {r['vs_single']:.2f} | "
-                f"{r['seconds']:.0f} | {_mib(r.get('rss_before_mib'))} | {_mib(r.get('peak_rss_mib'))} |")
+        line = (
+            f"| {names[r['case']]} | {r['keys']} | {r['images']:,} | {r['rate']:.1f} | {r['vs_single']:.2f} | "
+            f"{r['seconds']:.0f} | {_mib(r.get('rss_before_mib'))} | {_mib(r.get('peak_rss_mib'))} |"
+        )
         if gpu:
             line += f" {r['peak_device_mib']:.0f} |" if r.get("peak_device_mib") else " n/a |"
         L.append(line)
     sweeps = [r for r in rows if r["case"] != "single"]
     L.append("")
-    L.append("Wrong-key accuracy medians (a check that the sweep computed something): "
-             + "; ".join(f"{r['case']} N={r['keys']}: median {r['accuracy_median']:.3f}, max {r['accuracy_max']:.3f}"
-                         for r in sweeps) + f"; the secret key: {single['accuracy']:.3f}.")
+    L.append(
+        "Wrong-key accuracy medians (a check that the sweep computed something): "
+        + "; ".join(
+            f"{r['case']} N={r['keys']}: median {r['accuracy_median']:.3f}, max {r['accuracy_max']:.3f}"
+            for r in sweeps
+        )
+        + f"; the secret key: {single['accuracy']:.3f}."
+    )
     return "\n".join(L) + "\n"
 
 
@@ -220,7 +299,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=10000)
     p.add_argument("--num-keys", default="10,100", help="N values for the weights strategy")
-    p.add_argument("--images-keys", default="10", help="N values for the images strategy ('' for none)")
+    p.add_argument(
+        "--images-keys", default="10", help="N values for the images strategy ('' for none)"
+    )
     p.add_argument("--loop-keys", type=int, default=4)
     p.add_argument("--key-chunk", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=125)
@@ -234,14 +315,26 @@ def main(argv=None) -> int:
         args.case, args.n = args._case, args._n
         print(json.dumps(_case(args)))
         return 0
-    settings = {"images": args.images, "key_chunk": args.key_chunk, "batch_size": args.batch_size,
-                "model": args.model, "data_dir": args.data_dir}
+    settings = {
+        "images": args.images,
+        "key_chunk": args.key_chunk,
+        "batch_size": args.batch_size,
+        "model": args.model,
+        "data_dir": args.data_dir,
+    }
     ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
-    res = run_sweep(settings, ints(args.num_keys), ints(args.images_keys), args.loop_keys,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
-    head = (f"## {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC: wrong-key sweep only, "
-            f"{platform.processor() or platform.machine()}, {res['rows'][0]['device_kind']}\n\n"
-            f"- Command: `{shlex.join([sys.executable] + sys.argv)}`\n\n")
+    res = run_sweep(
+        settings,
+        ints(args.num_keys),
+        ints(args.images_keys),
+        args.loop_keys,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    head = (
+        f"## {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC: wrong-key sweep only, "
+        f"{platform.processor() or platform.machine()}, {res['rows'][0]['device_kind']}\n\n"
+        f"- Command: `{shlex.join([sys.executable] + sys.argv)}`\n\n"
+    )
     text = head + markdown(res)
     with open(args.out, "a") as f:
         f.write("\n" + text)

@@ -3,9 +3,9 @@
 Same architecture as ``convmixer_jax.model.convmixer`` (locuslab definition), channels_last,
 float32. Benchmarks only: torch is never a runtime dependency of convmixer-jax.
 """
+
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
@@ -27,10 +27,13 @@ def torch_convmixer(dim=256, depth=8, kernel_size=9, patch_size=4, num_classes=1
     ]
     for _ in range(depth):
         layers += [
-            Residual(nn.Sequential(
-                nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"),
-                nn.GELU(),
-                nn.BatchNorm2d(dim))),
+            Residual(
+                nn.Sequential(
+                    nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"),
+                    nn.GELU(),
+                    nn.BatchNorm2d(dim),
+                )
+            ),
             nn.Conv2d(dim, dim, kernel_size=1),
             nn.GELU(),
             nn.BatchNorm2d(dim),

@@ -12,6 +12,7 @@ command line's ``--help``) does not import JAX. The subpackages hold the rest:
 ``data``, ``training``, ``attacks``, ``experiment`` and ``cli``
 (``docs/design.md`` has the map).
 """
+
 from convmixer_jax._xla_flags import apply_cpu_flags as _apply_cpu_flags
 
 _apply_cpu_flags()
@@ -20,20 +21,36 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     # the scheme
-    "Key": "scheme.keys", "generate_key": "scheme.keys", "load_key": "scheme.keys",
-    "fingerprint": "scheme.keys", "key_space": "scheme.keys", "InvalidKeyError": "scheme.keys",
-    "encrypt_images": "scheme.images", "decrypt_images": "scheme.images", "ImageError": "scheme.images",
-    "encrypt_params": "scheme.params", "decrypt_params": "scheme.params", "rekey_params": "scheme.params",
+    "Key": "scheme.keys",
+    "generate_key": "scheme.keys",
+    "load_key": "scheme.keys",
+    "fingerprint": "scheme.keys",
+    "key_space": "scheme.keys",
+    "InvalidKeyError": "scheme.keys",
+    "encrypt_images": "scheme.images",
+    "decrypt_images": "scheme.images",
+    "ImageError": "scheme.images",
+    "encrypt_params": "scheme.params",
+    "decrypt_params": "scheme.params",
+    "rekey_params": "scheme.params",
     "KeyModelMismatch": "scheme.params",
     # the model
-    "ConvMixer": "model.convmixer", "ConvMixerConfig": "model.convmixer", "PRESETS": "model.convmixer",
-    "predict_logits": "model.inference", "accuracy": "model.inference",
+    "ConvMixer": "model.convmixer",
+    "ConvMixerConfig": "model.convmixer",
+    "PRESETS": "model.convmixer",
+    "predict_logits": "model.inference",
+    "accuracy": "model.inference",
     # files
-    "save_model": "files.model_dir", "load_model": "files.model_dir", "ModelDirError": "files.model_dir",
+    "save_model": "files.model_dir",
+    "load_model": "files.model_dir",
+    "ModelDirError": "files.model_dir",
     "load_images": "files.arrays",
     # training and the experiment
-    "TrainConfig": "training.loop", "RECIPES": "training.loop", "train": "training.loop",
-    "init_variables": "training.loop", "wrong_key_accuracies": "attacks.wrong_keys",
+    "TrainConfig": "training.loop",
+    "RECIPES": "training.loop",
+    "train": "training.loop",
+    "init_variables": "training.loop",
+    "wrong_key_accuracies": "attacks.wrong_keys",
     "run_experiment": "experiment.paper",
 }
 

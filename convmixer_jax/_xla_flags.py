@@ -13,6 +13,7 @@ themselves, and never if ``CONVMIXER_JAX_KEEP_XLA_FLAGS=1``.  XLA reads
 ``XLA_FLAGS`` once, when the first computation starts the backend; importing
 convmixer_jax after that changes nothing.
 """
+
 from __future__ import annotations
 
 import os

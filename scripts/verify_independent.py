@@ -23,6 +23,7 @@ Prints (and with --out writes) the accuracies and, with --results, their
 differences from the committed ``results.json``. torch is a benchmark-only
 dependency: ``pip install torch==2.14.1``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,11 @@ def make_key(rng: np.random.Generator, m: int, c: int) -> tuple[np.ndarray, np.n
 
 def encrypt_images(x: np.ndarray, perm: np.ndarray, flip: np.ndarray, m: int) -> np.ndarray:
     n, h, w, c = x.shape
-    blocks = x.reshape(n, h // m, m, w // m, m, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // m, w // m, -1)
+    blocks = (
+        x.reshape(n, h // m, m, w // m, m, c)
+        .transpose(0, 1, 3, 2, 4, 5)
+        .reshape(n, h // m, w // m, -1)
+    )
     y = blocks[..., perm]
     y = np.where(flip.astype(bool), 255 - y, y).astype(np.uint8)
     return y.reshape(n, h // m, w // m, m, m, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, c)
@@ -80,8 +85,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(ROOT / "results/cifar10/plain-model"))
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10-jpeg"))
-    ap.add_argument("--results", default=str(ROOT / "results/cifar10/results.json"),
-                    help="results.json to compare with ('' to skip)")
+    ap.add_argument(
+        "--results",
+        default=str(ROOT / "results/cifar10/results.json"),
+        help="results.json to compare with ('' to skip)",
+    )
     ap.add_argument("--wrong-keys", type=int, default=10)
     ap.add_argument("--seed", type=int, default=None, help="key seed (default: from the OS)")
     ap.add_argument("--out", help="also write the report here")
@@ -99,8 +107,14 @@ def main(argv=None) -> int:
     m = config.patch_size
     images, labels, classes = load_test_images(Path(args.data_dir))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = torch_convmixer(config.dim, config.depth, config.kernel_size, config.patch_size,
-                            config.num_classes, config.channels).eval()
+    model = torch_convmixer(
+        config.dim,
+        config.depth,
+        config.kernel_size,
+        config.patch_size,
+        config.num_classes,
+        config.channels,
+    ).eval()
     copy_params_to_torch(variables, model, torch, config.depth)
     plain_stem = model[0].weight.detach().numpy().copy()
 
@@ -108,7 +122,7 @@ def main(argv=None) -> int:
         out = []
         with torch.inference_mode():
             for i in range(0, len(x_u8), 500):
-                xb = torch.from_numpy(x_u8[i:i + 500]).permute(0, 3, 1, 2).float().div(255.0)
+                xb = torch.from_numpy(x_u8[i : i + 500]).permute(0, 3, 1, 2).float().div(255.0)
                 out.append(model((xb - 0.5) / 0.5).argmax(1).numpy())
         return np.concatenate(out)
 
@@ -129,22 +143,34 @@ def main(argv=None) -> int:
         wp, wf = make_key(rng, m, config.channels)
         wrong.append(float(np.mean(predict(encrypt_images(images, wp, wf, m)) == labels)))
     report = {
-        "test_images": int(len(images)), "classes": classes, "key_seed": args.seed,
+        "test_images": int(len(images)),
+        "classes": classes,
+        "key_seed": args.seed,
         "baseline_plain": float(np.mean(pred_base == labels)),
         "encrypted_plain": float(np.mean(pred_enc_plain == labels)),
         "encrypted_encrypted": float(np.mean(pred_enc_enc == labels)),
         "identical_predictions": int(np.sum(pred_enc_enc == pred_base)),
-        "wrong_keys": wrong, "wrong_keys_median": float(np.median(wrong)) if wrong else None,
+        "wrong_keys": wrong,
+        "wrong_keys_median": float(np.median(wrong)) if wrong else None,
         "forward": f"torch {torch.__version__} (benchmarks/torch_reference.py), float32, CPU",
     }
     if args.results:
         committed = json.loads(Path(args.results).read_text())
-        report["committed"] = {k: committed[k] for k in ("test_images", "baseline_plain", "encrypted_plain",
-                                                         "encrypted_encrypted", "identical_predictions")}
+        report["committed"] = {
+            k: committed[k]
+            for k in (
+                "test_images",
+                "baseline_plain",
+                "encrypted_plain",
+                "encrypted_encrypted",
+                "identical_predictions",
+            )
+        }
         if committed.get("wrong_keys"):
             report["committed"]["wrong_keys_median"] = float(np.median(committed["wrong_keys"]))
-        report["baseline_difference_images"] = int(round(
-            abs(report["baseline_plain"] - committed["baseline_plain"]) * len(images)))
+        report["baseline_difference_images"] = int(
+            round(abs(report["baseline_plain"] - committed["baseline_plain"]) * len(images))
+        )
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

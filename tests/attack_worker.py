@@ -2,15 +2,16 @@
 
 usage: python tests/attack_worker.py  (device count from XLA_FLAGS)
 """
+
 import json
 
+import jax
 import numpy as np
 
 import convmixer_jax  # noqa: F401
-import jax
 from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies
-from convmixer_jax.scheme.keys import generate_key
 from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
+from convmixer_jax.scheme.keys import generate_key
 from convmixer_jax.scheme.params import encrypt_params
 from convmixer_jax.training.loop import init_variables
 
@@ -24,13 +25,19 @@ def main():
     labels = rng.integers(0, 4, 40)
     model = ConvMixer(CFG)
     variables = init_variables(CFG, 3)
-    step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"])
+    step = jax.jit(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+    )
     for _ in range(40):
         variables = {**variables, "batch_stats": step(variables, images / 255.0)}
     enc = encrypt_params(variables, generate_key(2, 3, seed=4))
     keys = draw_attack_keys(8, 10, 2, 3)
-    out = {s: wrong_key_accuracies(CFG, enc, images, labels, keys, strategy=s, key_chunk=4,
-                                   batch_size=16).tolist() for s in ("images", "weights")}
+    out = {
+        s: wrong_key_accuracies(
+            CFG, enc, images, labels, keys, strategy=s, key_chunk=4, batch_size=16
+        ).tolist()
+        for s in ("images", "weights")
+    }
     out["devices"] = jax.device_count()
     print(json.dumps(out))
 

@@ -1,4 +1,5 @@
 """Running the command line in-process from tests."""
+
 from __future__ import annotations
 
 from convmixer_jax import cli

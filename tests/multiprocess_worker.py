@@ -5,6 +5,7 @@ Runs, as this process of the group at 127.0.0.1:PORT, the commands of
 ``tests/test_multiprocess.py::commands`` with their outputs relative to the current
 folder (so what a process writes lands in its own folder) and inputs under ROOT.
 """
+
 import sys
 
 from convmixer_jax import cli
@@ -15,7 +16,14 @@ from test_multiprocess import commands  # noqa: E402
 
 def main():
     port, pid, n, root = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-    group = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", n, "--process-id", pid]
+    group = [
+        "--coordinator-address",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        n,
+        "--process-id",
+        pid,
+    ]
     for argv in commands(root, sys.argv[5] if len(sys.argv) > 5 else "two"):
         rc = cli.main(argv + group)
         if rc != 0:

@@ -1,4 +1,5 @@
 """Wrong-key attack: the images and weights strategies and a Python loop agree exactly."""
+
 import json
 import shutil
 
@@ -7,10 +8,14 @@ import numpy as np
 import pytest
 
 from convmixer_jax import cli
-from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies, wrong_key_accuracies_loop
+from convmixer_jax.attacks.wrong_keys import (
+    draw_attack_keys,
+    wrong_key_accuracies,
+    wrong_key_accuracies_loop,
+)
+from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
 from convmixer_jax.scheme.images import encrypt_images
 from convmixer_jax.scheme.keys import generate_key, stack_keys
-from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
 from convmixer_jax.scheme.params import decrypt_params, encrypt_params
 from convmixer_jax.training.loop import init_variables
 
@@ -28,7 +33,9 @@ def setup():
     # Calibrate BatchNorm statistics on the images so that the random model's
     # predictions depend on its input (otherwise every comparison is vacuous).
     model = ConvMixer(CFG)
-    step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"])
+    step = jax.jit(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+    )
     for _ in range(40):
         variables = {**variables, "batch_stats": step(variables, images / 255.0)}
     variables = jax.tree.map(np.asarray, variables)
@@ -43,8 +50,12 @@ def test_strategies_and_loop_agree(setup):
     _, secret, enc, images, labels = setup
     wrong = draw_attack_keys(5, 7, 2, 3)
     keys = stack_keys([secret] + [wrong[i] for i in range(7)])
-    a = wrong_key_accuracies(CFG, enc, images, labels, keys, strategy="images", key_chunk=3, batch_size=16)
-    b = wrong_key_accuracies(CFG, enc, images, labels, keys, strategy="weights", key_chunk=3, batch_size=16)
+    a = wrong_key_accuracies(
+        CFG, enc, images, labels, keys, strategy="images", key_chunk=3, batch_size=16
+    )
+    b = wrong_key_accuracies(
+        CFG, enc, images, labels, keys, strategy="weights", key_chunk=3, batch_size=16
+    )
     c = wrong_key_accuracies_loop(CFG, enc, images, labels, keys, batch_size=16)
     np.testing.assert_array_equal(a, c)
     np.testing.assert_array_equal(b, c)
@@ -80,68 +91,210 @@ def _png_tree(root, n_per_class=6, classes=3, size=8):
             d = root / split / f"class{c}"
             d.mkdir(parents=True)
             for i in range(n_per_class):
-                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                    d / f"{i}.png"
+                )
 
 
 def test_cli_attack_strategies_identical_and_reproduce(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CONVMIXER_JAX_CACHE", str(tmp_path / "cache"))
     _png_tree(tmp_path / "data")
     model = tmp_path / "m"
-    assert cli.main(["init-model", "--dim", "8", "--depth", "1", "--kernel-size", "3", "--patch-size", "2",
-                     "--num-classes", "3", "--image-size", "8", "--seed", "0", "--out", str(model)]) == 0
+    assert (
+        cli.main(
+            [
+                "init-model",
+                "--dim",
+                "8",
+                "--depth",
+                "1",
+                "--kernel-size",
+                "3",
+                "--patch-size",
+                "2",
+                "--num-classes",
+                "3",
+                "--image-size",
+                "8",
+                "--seed",
+                "0",
+                "--out",
+                str(model),
+            ]
+        )
+        == 0
+    )
     outs = {}
     for s in ("weights", "images"):
         out = tmp_path / f"{s}.json"
-        assert cli.main(["attack", str(model), "--data-dir", str(tmp_path / "data"), "--num-keys", "5",
-                         "--limit", "15", "--key-seed", "5", "--strategy", s, "--quiet", "--out", str(out)]) == 0
+        assert (
+            cli.main(
+                [
+                    "attack",
+                    str(model),
+                    "--data-dir",
+                    str(tmp_path / "data"),
+                    "--num-keys",
+                    "5",
+                    "--limit",
+                    "15",
+                    "--key-seed",
+                    "5",
+                    "--strategy",
+                    s,
+                    "--quiet",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         outs[s] = json.loads(out.read_text())
-        assert outs[s]["key_seed"] == 5 and outs[s]["seed"] == 0  # keys from --key-seed, subset from --seed
+        assert (
+            outs[s]["key_seed"] == 5 and outs[s]["seed"] == 0
+        )  # keys from --key-seed, subset from --seed
     assert outs["weights"]["accuracies"] == outs["images"]["accuracies"]
     assert len(outs["weights"]["accuracies"]) == 5 and outs["weights"]["test_images"] == 15
     assert "perm" not in json.dumps(outs["weights"])
     # existing output is refused and left untouched
     before = (tmp_path / "weights.json").read_text()
-    assert cli.main(["attack", str(model), "--data-dir", str(tmp_path / "data"), "--num-keys", "2",
-                     "--out", str(tmp_path / "weights.json"), "--quiet"]) != 0
+    assert (
+        cli.main(
+            [
+                "attack",
+                str(model),
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--num-keys",
+                "2",
+                "--out",
+                str(tmp_path / "weights.json"),
+                "--quiet",
+            ]
+        )
+        != 0
+    )
     assert (tmp_path / "weights.json").read_text() == before
 
     rep = tmp_path / "rep"
-    assert cli.main(["reproduce", "--checkpoint", str(model), "--data-dir", str(tmp_path / "data"),
-                     "--num-keys", "3", "--quiet", "--out", str(rep)]) == 0
+    assert (
+        cli.main(
+            [
+                "reproduce",
+                "--checkpoint",
+                str(model),
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--num-keys",
+                "3",
+                "--quiet",
+                "--out",
+                str(rep),
+            ]
+        )
+        == 0
+    )
     res = json.loads((rep / "results.json").read_text())
-    for field in ("test_images", "baseline_plain", "encrypted_plain", "encrypted_encrypted",
-                  "identical_predictions", "wrong_keys", "key_space_log2", "epochs", "train_seconds",
-                  "device", "key_fingerprint"):
+    for field in (
+        "test_images",
+        "baseline_plain",
+        "encrypted_plain",
+        "encrypted_encrypted",
+        "identical_predictions",
+        "wrong_keys",
+        "key_space_log2",
+        "epochs",
+        "train_seconds",
+        "device",
+        "key_fingerprint",
+    ):
         assert field in res, field
     assert res["test_images"] == 18 and res["identical_predictions"] == 18
-    assert res["identical_predictions_tta"] == 18 and res["encrypted_encrypted_tta"] == res["baseline_plain_tta"]
+    assert (
+        res["identical_predictions_tta"] == 18
+        and res["encrypted_encrypted_tta"] == res["baseline_plain_tta"]
+    )
     assert "mirror TTA" in (rep / "table1.md").read_text()
     assert res["encrypted_encrypted"] == res["baseline_plain"]
-    assert len(res["wrong_keys"]) == 3 and round(res["key_space_log2"], 2) == round(np.log2(
-        float(np.prod(np.arange(1, 13, dtype=np.float64))) * 924), 2)
+    assert len(res["wrong_keys"]) == 3 and round(res["key_space_log2"], 2) == round(
+        np.log2(float(np.prod(np.arange(1, 13, dtype=np.float64))) * 924), 2
+    )
     assert {p.name for p in rep.iterdir()} >= {"results.json", "table1.md", "fig4.png", "fig5.png"}
     assert "perm" not in (rep / "results.json").read_text()
     # training options with --checkpoint would be ignored: refused, nothing written
     capsys.readouterr()
-    assert cli.main(["reproduce", "--checkpoint", str(model), "--data-dir", str(tmp_path / "data"), "--epochs", "3",
-                     "--holdout", "2", "--quiet", "--out", str(tmp_path / "rep3")]) == 2
+    assert (
+        cli.main(
+            [
+                "reproduce",
+                "--checkpoint",
+                str(model),
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--epochs",
+                "3",
+                "--holdout",
+                "2",
+                "--quiet",
+                "--out",
+                str(tmp_path / "rep3"),
+            ]
+        )
+        == 2
+    )
     assert "--epochs, --holdout set how a model is trained" in capsys.readouterr().err
     assert not (tmp_path / "rep3").exists()
     # reproduce refuses an encrypted checkpoint
     key = tmp_path / "k.json"
-    assert cli.main(["keygen", "--block-size", "2", "--channels", "3", "--seed", "1", "--out", str(key)]) == 0
+    assert (
+        cli.main(
+            ["keygen", "--block-size", "2", "--channels", "3", "--seed", "1", "--out", str(key)]
+        )
+        == 0
+    )
     assert cli.main(["encrypt-model", "--key", str(key), str(model), str(tmp_path / "enc")]) == 0
     capsys.readouterr()
-    assert cli.main(["reproduce", "--checkpoint", str(tmp_path / "enc"), "--data-dir", str(tmp_path / "data"),
-                     "--num-keys", "1", "--quiet", "--out", str(tmp_path / "rep2")]) == 1
+    assert (
+        cli.main(
+            [
+                "reproduce",
+                "--checkpoint",
+                str(tmp_path / "enc"),
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--num-keys",
+                "1",
+                "--quiet",
+                "--out",
+                str(tmp_path / "rep2"),
+            ]
+        )
+        == 1
+    )
     assert "encrypted" in capsys.readouterr().err
     assert not (tmp_path / "rep2").exists()
     # --out holding the checkpoint is refused even with --force (it would be deleted)
     nest = tmp_path / "nest"
     shutil.copytree(model, nest / "plain-model")
     before = sorted(str(p.relative_to(nest)) for p in nest.rglob("*"))
-    assert cli.main(["reproduce", "--checkpoint", str(nest / "plain-model"), "--data-dir", str(tmp_path / "data"),
-                     "--num-keys", "1", "--quiet", "--force", "--out", str(nest)]) == 1
+    assert (
+        cli.main(
+            [
+                "reproduce",
+                "--checkpoint",
+                str(nest / "plain-model"),
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--num-keys",
+                "1",
+                "--quiet",
+                "--force",
+                "--out",
+                str(nest),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "contains --checkpoint" in err and "choose another output name" in err
     assert sorted(str(p.relative_to(nest)) for p in nest.rglob("*")) == before
@@ -156,9 +309,16 @@ def _run_attack_worker(n_devices):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).parents[1])
     if n_devices > 1:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}").strip()
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("attack_worker.py"))], env=env,
-                          capture_output=True, text=True, timeout=600)
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_devices}"
+        ).strip()
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("attack_worker.py"))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -179,19 +339,37 @@ def test_reproduce_from_scratch_trains_the_default_recipe(tmp_path, monkeypatch,
     is the same."""
     from convmixer_jax.model.convmixer import PRESETS
 
-    monkeypatch.setitem(PRESETS, "paper", ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=4,
-                                                          num_classes=10, image_size=32))
+    monkeypatch.setitem(
+        PRESETS,
+        "paper",
+        ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=4, num_classes=10, image_size=32),
+    )
     monkeypatch.setenv("CONVMIXER_JAX_CACHE", str(tmp_path / "cache"))
     _png_tree(tmp_path / "data", n_per_class=4, classes=3, size=32)
-    common = ["reproduce", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--train-batch-size", "3",
-              "--num-keys", "2", "--key-seed", "4", "--quiet"]
+    common = [
+        "reproduce",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--epochs",
+        "1",
+        "--train-batch-size",
+        "3",
+        "--num-keys",
+        "2",
+        "--key-seed",
+        "4",
+        "--quiet",
+    ]
     assert cli.main([*common, "--out", str(tmp_path / "too-small")]) == 2
     assert "--holdout N with N < 12" in capsys.readouterr().err
     assert not (tmp_path / "too-small").exists() and not (tmp_path / "too-small-work").exists()
     rep = tmp_path / "rep"
     assert cli.main([*common, "--holdout", "3", "--out", str(rep)]) == 0
     res = json.loads((rep / "results.json").read_text())
-    assert res["train_config"]["augment"] == ["crop", "flip", "randaugment"] and res["train_config"]["ema_decay"] > 0
+    assert (
+        res["train_config"]["augment"] == ["crop", "flip", "randaugment"]
+        and res["train_config"]["ema_decay"] > 0
+    )
     assert res["holdout"]["images"] == 3 and res["weights"] in ("ema", "raw") and res["epochs"] == 1
     assert "test_accuracy" not in res["train_log"][0] and "val_accuracy_ema" in res["train_log"][0]
     from convmixer_jax.files.model_dir import load_model
@@ -204,5 +382,7 @@ def test_reproduce_from_scratch_trains_the_default_recipe(tmp_path, monkeypatch,
     from convmixer_jax.model.inference import predict_logits
 
     test_x, test_y, _ = load_split("test", data_dir=str(tmp_path / "data"))
-    acc = float(np.mean(np.argmax(np.asarray(predict_logits(config, variables, test_x)), -1) == test_y))
+    acc = float(
+        np.mean(np.argmax(np.asarray(predict_logits(config, variables, test_x)), -1) == test_y)
+    )
     assert res["baseline_plain"] == pytest.approx(acc) and res["identical_predictions"] == 12

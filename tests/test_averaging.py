@@ -1,16 +1,20 @@
 """Weight averaging and BatchNorm re-estimation (convmixer_jax.training.averaging)."""
+
 from __future__ import annotations
 
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from convmixer_jax.training.averaging import average_variables, recalibrate_batch_stats
 from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
+from convmixer_jax.training.averaging import average_variables, recalibrate_batch_stats
 from convmixer_jax.training.loop import init_variables
 
-CFG = ConvMixerConfig(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=3, image_size=8, channels=3)
+CFG = ConvMixerConfig(
+    dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=3, image_size=8, channels=3
+)
 
 
 def images(n, seed=0):
@@ -25,7 +29,9 @@ def test_average_is_the_leafwise_weighted_mean_and_leaves_inputs_alone():
         np.testing.assert_allclose(m, (x + y) / 2, rtol=0, atol=1e-7)
         assert m.dtype == np.float32
     weighted = average_variables([a, b, c], [1, 1, 2])
-    for x, y, z, m in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(c), jax.tree.leaves(weighted)):
+    for x, y, z, m in zip(
+        jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(c), jax.tree.leaves(weighted)
+    ):
         np.testing.assert_allclose(m, 0.25 * x + 0.25 * y + 0.5 * z, rtol=0, atol=1e-7)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(a_before)):
         np.testing.assert_array_equal(x, y)
@@ -33,10 +39,18 @@ def test_average_is_the_leafwise_weighted_mean_and_leaves_inputs_alone():
 
 def test_average_refuses_bad_inputs_by_name():
     a, b = init_variables(CFG, 0), init_variables(CFG, 1)
-    wide = init_variables(ConvMixerConfig(dim=16, depth=2, kernel_size=3, patch_size=2, num_classes=3,
-                                          image_size=8, channels=3), 0)
-    deep = init_variables(ConvMixerConfig(dim=8, depth=3, kernel_size=3, patch_size=2, num_classes=3,
-                                          image_size=8, channels=3), 0)
+    wide = init_variables(
+        ConvMixerConfig(
+            dim=16, depth=2, kernel_size=3, patch_size=2, num_classes=3, image_size=8, channels=3
+        ),
+        0,
+    )
+    deep = init_variables(
+        ConvMixerConfig(
+            dim=8, depth=3, kernel_size=3, patch_size=2, num_classes=3, image_size=8, channels=3
+        ),
+        0,
+    )
     with pytest.raises(ValueError, match="at least two"):
         average_variables([a])
     with pytest.raises(ValueError, match="shape"):
@@ -59,7 +73,10 @@ def test_recalibrated_eval_mode_equals_the_train_mode_forward_of_the_same_batch(
     eval_logits = model.apply(r, xf, train=False)
     np.testing.assert_allclose(eval_logits, train_logits, rtol=0, atol=1e-5)
     # with the stale (averaged) statistics the eval forward is something else
-    assert np.max(np.abs(np.asarray(model.apply(v, xf, train=False)) - np.asarray(train_logits))) > 1e-3
+    assert (
+        np.max(np.abs(np.asarray(model.apply(v, xf, train=False)) - np.asarray(train_logits)))
+        > 1e-3
+    )
     for p, q in zip(jax.tree.leaves(r["params"]), jax.tree.leaves(v["params"])):
         np.testing.assert_array_equal(p, q)
 
@@ -103,11 +120,17 @@ def test_class_sorted_data_is_shuffled_before_batching():
     x = np.concatenate([dark, bright]).astype(np.uint8)
     v = init_variables(CFG, 0)
     full = recalibrate_batch_stats(CFG, v, x, batch_size=64)["batch_stats"]
-    halves = [recalibrate_batch_stats(CFG, v, h, batch_size=32)["batch_stats"] for h in (x[:32], x[32:])]
-    sorted_mean = (halves[0]["block_0"]["depthwise_bn"]["mean"] + halves[1]["block_0"]["depthwise_bn"]["mean"]) / 2
+    halves = [
+        recalibrate_batch_stats(CFG, v, h, batch_size=32)["batch_stats"] for h in (x[:32], x[32:])
+    ]
+    sorted_mean = (
+        halves[0]["block_0"]["depthwise_bn"]["mean"] + halves[1]["block_0"]["depthwise_bn"]["mean"]
+    ) / 2
     shuffled = recalibrate_batch_stats(CFG, v, x, batch_size=32)["batch_stats"]
     err_sorted = np.abs(sorted_mean - full["block_0"]["depthwise_bn"]["mean"]).mean()
-    err_shuffled = np.abs(shuffled["block_0"]["depthwise_bn"]["mean"] - full["block_0"]["depthwise_bn"]["mean"]).mean()
+    err_shuffled = np.abs(
+        shuffled["block_0"]["depthwise_bn"]["mean"] - full["block_0"]["depthwise_bn"]["mean"]
+    ).mean()
     assert err_shuffled < 0.5 * err_sorted
     # the order of the input does not matter once the data is in one batch
     flipped = recalibrate_batch_stats(CFG, v, x[::-1], batch_size=64)["batch_stats"]
@@ -124,8 +147,15 @@ def test_augmented_statistics_are_those_of_the_augmented_images():
     plain = recalibrate_batch_stats(CFG, v, x, batch_size=10)
     for a, b in zip(jax.tree.leaves(aug), jax.tree.leaves(direct)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert max(np.max(np.abs(a - b)) for a, b in
-               zip(jax.tree.leaves(aug["batch_stats"]), jax.tree.leaves(plain["batch_stats"]))) > 1e-4
+    assert (
+        max(
+            np.max(np.abs(a - b))
+            for a, b in zip(
+                jax.tree.leaves(aug["batch_stats"]), jax.tree.leaves(plain["batch_stats"])
+            )
+        )
+        > 1e-4
+    )
     # a deterministic augmentation pooled over two passes gives the one-pass values
     twice = recalibrate_batch_stats(CFG, v, x, batch_size=10, augment=mirror, passes=2)
     for a, b in zip(jax.tree.leaves(twice), jax.tree.leaves(aug)):
@@ -136,15 +166,22 @@ def test_each_augmented_batch_gets_its_own_random_key():
     seen = []
 
     def record(rng, batch):
-        seen.append(np.asarray(jax.random.key_data(rng)) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-                    else np.asarray(rng))
+        seen.append(
+            np.asarray(jax.random.key_data(rng))
+            if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+            else np.asarray(rng)
+        )
         return batch.astype(np.float32) / 255.0
 
-    recalibrate_batch_stats(CFG, init_variables(CFG, 0), images(9), batch_size=4, augment=record, passes=2, seed=3)
+    recalibrate_batch_stats(
+        CFG, init_variables(CFG, 0), images(9), batch_size=4, augment=record, passes=2, seed=3
+    )
     assert len(seen) == 6  # 3 batches x 2 passes
     assert len({s.tobytes() for s in seen}) == 6
     base = jax.random.PRNGKey(3)
-    np.testing.assert_array_equal(seen[4], np.asarray(jax.random.fold_in(jax.random.fold_in(base, 1), 1)))
+    np.testing.assert_array_equal(
+        seen[4], np.asarray(jax.random.fold_in(jax.random.fold_in(base, 1), 1))
+    )
     with pytest.raises(ValueError, match="passes"):
         recalibrate_batch_stats(CFG, init_variables(CFG, 0), images(4), passes=0)
     with pytest.raises(ValueError, match="seed must be >= 0"):

@@ -1,4 +1,5 @@
 """Block-wise image encryption: hand-computed answers, two independent references, inverses."""
+
 from __future__ import annotations
 
 import contextlib
@@ -92,8 +93,12 @@ def test_worked_example_float():
     assert z.dtype == np.float32 and z.shape == x.shape
     np.testing.assert_array_equal(z, expected)
     np.testing.assert_array_equal(encrypt_images_reference(x, key), expected)
-    np.testing.assert_array_equal(encrypt_by_hand(x, WORKED_KEY["perm"], WORKED_KEY["flip"], 2), expected)
-    np.testing.assert_array_equal(np.asarray(decrypt_images(z, key)), x)  # these values round-trip exactly
+    np.testing.assert_array_equal(
+        encrypt_by_hand(x, WORKED_KEY["perm"], WORKED_KEY["flip"], 2), expected
+    )
+    np.testing.assert_array_equal(
+        np.asarray(decrypt_images(z, key)), x
+    )  # these values round-trip exactly
 
 
 def test_worked_example_uint8_two_blocks():
@@ -101,8 +106,7 @@ def test_worked_example_uint8_two_blocks():
     # two blocks side by side: [[a, b | e, f], [c, d | g, h]]; the same key on each
     a, b, c, d, e, f, g, h = 10, 20, 30, 40, 0, 255, 7, 128
     x = np.array([[a, b, e, f], [c, d, g, h]], np.uint8)[:, :, None]  # (2, 4, 1)
-    expected = np.array([[255 - c, a, 255 - g, e],
-                         [d, 255 - b, h, 255 - f]], np.uint8)[:, :, None]
+    expected = np.array([[255 - c, a, 255 - g, e], [d, 255 - b, h, 255 - f]], np.uint8)[:, :, None]
     assert expected[:, :, 0].tolist() == [[225, 10, 248, 0], [40, 235, 128, 0]]
     z = np.asarray(encrypt_images(x, key))
     assert z.dtype == np.uint8
@@ -120,7 +124,7 @@ def test_uint8_known_answer_with_channels():
     for bx in (0, 2):
         expected[0, bx + 0, 1] = x[0, bx + 1, 0]
         expected[0, bx + 1, 0] = x[0, bx + 0, 1]
-        expected[1, bx:bx + 2, :] = 255 - x[1, bx:bx + 2, :]
+        expected[1, bx : bx + 2, :] = 255 - x[1, bx : bx + 2, :]
     np.testing.assert_array_equal(z, expected)
     assert z[1, 0, 0] == 255 - 3 - 7 * 8  # hand value: x[1,0,0] = 8*7 + 3 = 59 -> 196
     assert z[1, 0, 0] == 196
@@ -139,6 +143,7 @@ def test_uint8_flip_is_255_minus_v_for_all_values():
 
 
 # ---------------------------------------------------------------- properties
+
 
 @st.composite
 def image_cases(draw, dtypes=("uint8", "float32", "float64")):
@@ -232,21 +237,25 @@ def test_batched_key_without_vmap_is_refused():
 
 # ---------------------------------------------------------------- errors
 
-@pytest.mark.parametrize("shape,dtype", [
-    ((5, 4, 3), np.uint8),        # H not divisible by 4
-    ((4, 6, 3), np.uint8),        # W not divisible by 4
-    ((2, 4, 7, 3), np.float32),
-    ((4, 4, 1), np.uint8),        # wrong channels
-    ((4, 4, 4), np.float32),
-    ((4, 4), np.uint8),           # rank too low
-    ((16,), np.float32),
-    ((4, 4, 3), np.int32),        # bad dtypes
-    ((4, 4, 3), np.int64),
-    ((4, 4, 3), np.uint16),
-    ((4, 4, 3), np.int8),
-    ((4, 4, 3), np.bool_),
-    ((4, 4, 3), np.complex64),
-])
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [
+        ((5, 4, 3), np.uint8),  # H not divisible by 4
+        ((4, 6, 3), np.uint8),  # W not divisible by 4
+        ((2, 4, 7, 3), np.float32),
+        ((4, 4, 1), np.uint8),  # wrong channels
+        ((4, 4, 4), np.float32),
+        ((4, 4), np.uint8),  # rank too low
+        ((16,), np.float32),
+        ((4, 4, 3), np.int32),  # bad dtypes
+        ((4, 4, 3), np.int64),
+        ((4, 4, 3), np.uint16),
+        ((4, 4, 3), np.int8),
+        ((4, 4, 3), np.bool_),
+        ((4, 4, 3), np.complex64),
+    ],
+)
 def test_bad_images_raise_image_error(shape, dtype):
     key = generate_key(4, 3, seed=0)
     x = np.zeros(shape, dtype)

@@ -1,20 +1,27 @@
 """Ciphertext-only key recovery (attacks/ciphertext_only.py, attacks/layout_search.py) and
 recover-key without --plain, on smooth random fields (natural-like images made here)."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from cli_helpers import run
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from convmixer_jax.attacks import layout_search as ls
-from convmixer_jax.attacks.ciphertext_only import (block_grid, block_template, colour_key, grid_images,
-                                                   match_scale, recover_key_ciphertext_only)
+from convmixer_jax.attacks.ciphertext_only import (
+    block_grid,
+    block_template,
+    colour_key,
+    grid_images,
+    match_scale,
+    recover_key_ciphertext_only,
+)
 from convmixer_jax.scheme.images import encrypt_images_reference
 from convmixer_jax.scheme.keys import generate_key
-
-from cli_helpers import run
 
 
 def smooth_fields(n: int, size: int, channels: int, seed: int, scale: float = 3.0) -> np.ndarray:
@@ -23,7 +30,9 @@ def smooth_fields(n: int, size: int, channels: int, seed: int, scale: float = 3.
 
     rng = np.random.default_rng(seed)
     base = gaussian_filter(rng.normal(size=(n, size, size, 1)), (0, scale, scale, 0), mode="wrap")
-    chroma = gaussian_filter(rng.normal(size=(n, size, size, channels)), (0, scale, scale, 0), mode="wrap")
+    chroma = gaussian_filter(
+        rng.normal(size=(n, size, size, channels)), (0, scale, scale, 0), mode="wrap"
+    )
     x = base + 0.3 * chroma
     x = (x - x.mean()) / (x.std() * 4) + 0.5
     return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
@@ -51,7 +60,9 @@ def test_swap_gains_equal_the_change_of_the_objective(n, t, seed):
         for y in range(n):
             q = p.copy()
             q[x], q[y] = p[y], p[x]
-            assert gains[x, y] == pytest.approx(ls.objective(a, b, q) - f0, abs=1e-9 * max(1, abs(f0)))
+            assert gains[x, y] == pytest.approx(
+                ls.objective(a, b, q) - f0, abs=1e-9 * max(1, abs(f0))
+            )
 
 
 @settings(max_examples=25, deadline=None)
@@ -68,7 +79,9 @@ def test_gains_updated_after_exchanges_equal_recomputed_ones(n, t, seed):
         m[:, [x, y]] = m[:, [y, x]]
         m[:, :, [x, y]] = m[:, :, [y, x]]
         ls._update_gains(gains, a, m, x, y)
-        np.testing.assert_allclose(gains, ls.swap_gains(a, b, p), atol=1e-9 * max(1.0, np.abs(gains).max()))
+        np.testing.assert_allclose(
+            gains, ls.swap_gains(a, b, p), atol=1e-9 * max(1.0, np.abs(gains).max())
+        )
     q, v, g = ls.local_search(a, b, rng.permutation(n))
     assert v == pytest.approx(ls.objective(a, b, q)) and np.all(g <= 1e-9 * max(1.0, abs(v)))
 
@@ -99,7 +112,9 @@ def test_iterated_local_search_escapes_where_exchanges_stop(seed):
     assert w == pytest.approx(ls.objective(a, b, q))
 
 
-@pytest.mark.parametrize("m,c,size,seed", [(3, 1, 24, 0), (3, 1, 24, 1), (2, 3, 24, 2), (4, 3, 32, 3), (4, 3, 32, 4)])
+@pytest.mark.parametrize(
+    "m,c,size,seed", [(3, 1, 24, 0), (3, 1, 24, 1), (2, 3, 24, 2), (4, 3, 32, 3), (4, 3, 32, 4)]
+)
 def test_signature_layout_polished_by_exchanges_is_the_layout(m, c, size, seed):
     # the constructive start alone (sorted correlation profiles, one linear assignment),
     # then exchanges on every level, lands on the key's layout (up to its colour variants)
@@ -143,8 +158,9 @@ def test_one_start_is_searched_again():
     one = co._layout_search(levels[-1:], 1, 0, False, [])
     assert one[0][1] >= ls.search(levels[-1:], starts=1)[0][1]
     # with the signature start, one start and the constructive guess already agree
-    res = recover_key_ciphertext_only(encrypt_images_reference(smooth_fields(4, 24, 1, seed=5), key), 3, template,
-                                      starts=1)
+    res = recover_key_ciphertext_only(
+        encrypt_images_reference(smooth_fields(4, 24, 1, seed=5), key), 3, template, starts=1
+    )
     assert res.determined, res.reason
     assert np.array_equal(res.key.perm, key.perm) and np.array_equal(res.key.flip, key.flip)
 
@@ -191,9 +207,13 @@ def test_rgb_layout_without_a_prior_is_right_up_to_the_colour_variants():
     key = generate_key(2, 3, seed=11)
     enc = encrypt_images_reference(smooth_fields(4, 24, 3, seed=3), key)
     res = recover_key_ciphertext_only(enc, 2, template, starts=8)
-    assert not res.determined and "channel order" in res.reason  # no prior: the colour is not claimed
+    assert (
+        not res.determined and "channel order" in res.reason
+    )  # no prior: the colour is not claimed
     variants = [colour_key(res.best_guess, v) for v in colour_variants(3)]
-    assert any(np.array_equal(k.perm, key.perm) and np.array_equal(k.flip, key.flip) for k in variants)
+    assert any(
+        np.array_equal(k.perm, key.perm) and np.array_equal(k.flip, key.flip) for k in variants
+    )
 
 
 def test_noise_is_refused():
@@ -218,16 +238,38 @@ def test_cli_recovers_from_encrypted_images_and_refuses_noise(tmp_path, capsys):
     np.save(tmp_path / "public.npy", public)
     key = generate_key(3, 1, seed=[7, 0])
     np.save(tmp_path / "enc.npy", encrypt_images_reference(smooth_fields(4, 24, 1, seed=0), key))
-    rc, out, err = run(capsys, "recover-key", "--encrypted", str(tmp_path / "enc.npy"), "--block-size", "3",
-                       "--public", str(tmp_path / "public.npy"), "--quiet", "--out", str(tmp_path / "key.json"))
+    rc, out, err = run(
+        capsys,
+        "recover-key",
+        "--encrypted",
+        str(tmp_path / "enc.npy"),
+        "--block-size",
+        "3",
+        "--public",
+        str(tmp_path / "public.npy"),
+        "--quiet",
+        "--out",
+        str(tmp_path / "key.json"),
+    )
     assert rc == 0, err
     got = json.loads((tmp_path / "key.json").read_text())
     assert got["perm"] == [int(v) for v in key.perm] and got["flip"] == [int(v) for v in key.flip]
 
     noise = np.random.default_rng(1).integers(0, 256, (4, 24, 24, 1), dtype=np.uint8)
     np.save(tmp_path / "noise.npy", encrypt_images_reference(noise, key))
-    rc, out, err = run(capsys, "recover-key", "--encrypted", str(tmp_path / "noise.npy"), "--block-size", "3",
-                       "--public", str(tmp_path / "public.npy"), "--quiet", "--out", str(tmp_path / "noise-key.json"))
+    rc, out, err = run(
+        capsys,
+        "recover-key",
+        "--encrypted",
+        str(tmp_path / "noise.npy"),
+        "--block-size",
+        "3",
+        "--public",
+        str(tmp_path / "public.npy"),
+        "--quiet",
+        "--out",
+        str(tmp_path / "noise-key.json"),
+    )
     assert rc == 1 and "cannot determine the key" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "noise-key.json").exists()
@@ -236,6 +278,17 @@ def test_cli_recovers_from_encrypted_images_and_refuses_noise(tmp_path, capsys):
 def test_cli_known_plaintext_options_do_not_mix(tmp_path, capsys):
     x = smooth_fields(1, 8, 1, seed=0)
     np.save(tmp_path / "p.npy", x)
-    rc, out, err = run(capsys, "recover-key", "--plain", str(tmp_path / "p.npy"), "--encrypted",
-                       str(tmp_path / "p.npy"), "--block-size", "2", "--best-guess", "--out", str(tmp_path / "k.json"))
+    rc, out, err = run(
+        capsys,
+        "recover-key",
+        "--plain",
+        str(tmp_path / "p.npy"),
+        "--encrypted",
+        str(tmp_path / "p.npy"),
+        "--block-size",
+        "2",
+        "--best-guess",
+        "--out",
+        str(tmp_path / "k.json"),
+    )
     assert rc != 0 and "--best-guess" in err and not (tmp_path / "k.json").exists()

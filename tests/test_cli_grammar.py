@@ -1,5 +1,6 @@
 """One grammar for every subcommand: outputs are --out, shared options mean the same
 thing with the same default everywhere, usage errors point at the subcommand's help."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,14 +16,39 @@ from convmixer_jax.cli.app import build_parser
 NO_OUTPUT = {"keyspace"}
 OPTIONAL_OUTPUT = {"evaluate", "predict"}
 # Options that must read the same (default and help) wherever they appear.
-SHARED = ("--seed", "--key-seed", "--limit", "--batch-size", "--quiet", "--force", "--recipe",
-          "--epochs", "--train-batch-size", "--lr", "--holdout",
-          "--dataset", "--data-dir", "--download-url", "--download-sha256", "--tfds-data-dir",
-          "--coordinator-address", "--num-processes", "--process-id")
+SHARED = (
+    "--seed",
+    "--key-seed",
+    "--limit",
+    "--batch-size",
+    "--quiet",
+    "--force",
+    "--recipe",
+    "--epochs",
+    "--train-batch-size",
+    "--lr",
+    "--holdout",
+    "--dataset",
+    "--data-dir",
+    "--download-url",
+    "--download-sha256",
+    "--tfds-data-dir",
+    "--coordinator-address",
+    "--num-processes",
+    "--process-id",
+)
 # Each group of commands that must all have the option.
 MUST_HAVE = {
     "--holdout": {"train", "reproduce"},
-    "--quiet": {"train", "evaluate", "predict", "attack", "reproduce", "security-report", "average-models"},
+    "--quiet": {
+        "train",
+        "evaluate",
+        "predict",
+        "attack",
+        "reproduce",
+        "security-report",
+        "average-models",
+    },
     "--data-dir": {"train", "evaluate", "attack", "reproduce", "security-report", "average-models"},
     "--limit": {"evaluate", "attack", "reproduce"},
     "--batch-size": {"evaluate", "predict", "attack", "average-models"},
@@ -64,7 +90,10 @@ def test_every_output_is_out_and_shown_in_help():
         # no visible positional output any more
         for action in sub._actions:
             if not action.option_strings and action.help != argparse.SUPPRESS:
-                assert "OUT" not in str(action.metavar or action.dest).upper(), (name, action.metavar)
+                assert "OUT" not in str(action.metavar or action.dest).upper(), (
+                    name,
+                    action.metavar,
+                )
         if name not in OPTIONAL_OUTPUT and not opts["--out"].required:
             # an optional --out only where the older positional alias still supplies it
             assert any(a.dest == "output" for a in sub._actions), name
@@ -94,24 +123,81 @@ def test_shared_options_have_one_meaning_and_default():
 
 def test_old_positional_outputs_still_work(tmp_path, capsys):
     key = tmp_path / "k.json"
-    assert cli.main(["keygen", "--block-size", "2", "--channels", "3", "--key-seed", "5", "--out", str(key)]) == 0
-    assert cli.main(["init-model", "--dim", "8", "--depth", "1", "--kernel-size", "3", "--patch-size", "2",
-                     "--image-size", "4", "--out", str(tmp_path / "m")]) == 0
-    assert cli.main(["encrypt-model", "--key", str(key), str(tmp_path / "m"), str(tmp_path / "e1")]) == 0
-    assert cli.main(["encrypt-model", "--key", str(key), str(tmp_path / "m"), "--out", str(tmp_path / "e2")]) == 0
+    assert (
+        cli.main(
+            ["keygen", "--block-size", "2", "--channels", "3", "--key-seed", "5", "--out", str(key)]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "init-model",
+                "--dim",
+                "8",
+                "--depth",
+                "1",
+                "--kernel-size",
+                "3",
+                "--patch-size",
+                "2",
+                "--image-size",
+                "4",
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(["encrypt-model", "--key", str(key), str(tmp_path / "m"), str(tmp_path / "e1")])
+        == 0
+    )
+    assert (
+        cli.main(
+            ["encrypt-model", "--key", str(key), str(tmp_path / "m"), "--out", str(tmp_path / "e2")]
+        )
+        == 0
+    )
     assert (tmp_path / "e1" / "config.json").read_text().count("key_fingerprint") == 1
     capsys.readouterr()
     # both forms at once, or neither, is a usage error that names --out
-    assert cli.main(["encrypt-model", "--key", str(key), str(tmp_path / "m"), str(tmp_path / "e3"),
-                     "--out", str(tmp_path / "e4")]) == 2
+    assert (
+        cli.main(
+            [
+                "encrypt-model",
+                "--key",
+                str(key),
+                str(tmp_path / "m"),
+                str(tmp_path / "e3"),
+                "--out",
+                str(tmp_path / "e4"),
+            ]
+        )
+        == 2
+    )
     assert "--out" in capsys.readouterr().err
     assert cli.main(["decrypt-model", "--key", str(key), str(tmp_path / "e1")]) == 2
     err = capsys.readouterr().err
     assert "--out" in err and "decrypt-model --help" in err
     assert not any((tmp_path / n).exists() for n in ("e3", "e4"))
     # the former keygen --seed still makes the same key as --key-seed
-    assert cli.main(["keygen", "--block-size", "2", "--channels", "3", "--seed", "5", "--out",
-                     str(tmp_path / "k2.json")]) == 0
+    assert (
+        cli.main(
+            [
+                "keygen",
+                "--block-size",
+                "2",
+                "--channels",
+                "3",
+                "--seed",
+                "5",
+                "--out",
+                str(tmp_path / "k2.json"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "k2.json").read_text() == key.read_text()
 
 
@@ -119,7 +205,9 @@ def test_usage_errors_point_at_the_subcommand_help(capsys):
     assert cli.main(["encrypt-model", "--key", "k.json", "a", "--out", "b", "--bogus", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
-    assert "unrecognized arguments: --bogus 1" in err and "'convmixer-jax encrypt-model --help'" in err
+    assert (
+        "unrecognized arguments: --bogus 1" in err and "'convmixer-jax encrypt-model --help'" in err
+    )
     assert cli.main(["evaluate"]) == 2
     assert "'convmixer-jax evaluate --help'" in capsys.readouterr().err
 
@@ -127,7 +215,9 @@ def test_usage_errors_point_at_the_subcommand_help(capsys):
 def test_version():
     from importlib.metadata import version
 
-    r = subprocess.run([sys.executable, "-m", "convmixer_jax.cli", "--version"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "convmixer_jax.cli", "--version"], capture_output=True, text=True
+    )
     assert r.returncode == 0
     assert r.stdout.strip() == f"convmixer-jax {version('convmixer-jax')}"
 

@@ -1,4 +1,5 @@
 """Training curves: reading train_log.json and drawing it; CLI errors leave no file."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,26 @@ import numpy as np
 import pytest
 
 from convmixer_jax import cli
-from convmixer_jax.training.curves import TrainLogError, chain_train_logs, plot_training_curves, read_train_log
+from convmixer_jax.training.curves import (
+    TrainLogError,
+    chain_train_logs,
+    plot_training_curves,
+    read_train_log,
+)
 
 
 def make_log(path, n_epochs, test=True):
     rng = np.random.default_rng(n_epochs)
-    epochs = [{"epoch": i + 1, "train_loss": float(2.0 / (i + 1)), "train_accuracy": float(rng.uniform(0.1, 1)),
-               "train_seconds": 1.0, "images_per_second": 10.0} for i in range(n_epochs)]
+    epochs = [
+        {
+            "epoch": i + 1,
+            "train_loss": float(2.0 / (i + 1)),
+            "train_accuracy": float(rng.uniform(0.1, 1)),
+            "train_seconds": 1.0,
+            "images_per_second": 10.0,
+        }
+        for i in range(n_epochs)
+    ]
     if test:
         for e in epochs:
             e["test_accuracy"] = round(float(rng.uniform(0.1, 1)), 4)
@@ -37,12 +51,15 @@ def test_plot_without_test_accuracy(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 5000
 
 
-@pytest.mark.parametrize("content, words", [
-    (None, "does not exist"),
-    ("not json", "is not JSON"),
-    ('{"epochs": 3}', "no 'epochs' list"),
-    ('{"epochs": []}', "no finished epoch"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (None, "does not exist"),
+        ("not json", "is not JSON"),
+        ('{"epochs": 3}', "no 'epochs' list"),
+        ('{"epochs": []}', "no finished epoch"),
+    ],
+)
 def test_bad_logs_are_refused_by_name(tmp_path, content, words):
     path = tmp_path / "train_log.json"
     if content is not None:
@@ -54,7 +71,9 @@ def test_bad_logs_are_refused_by_name(tmp_path, content, words):
 def test_cli_errors_write_nothing(tmp_path, capsys):
     make_log(tmp_path / "train_log.json", 2)
     assert cli.main(["plot-training", str(tmp_path), "--out", str(tmp_path / "c.jpg")]) == 2
-    assert cli.main(["plot-training", str(tmp_path / "nope"), "--out", str(tmp_path / "c.png")]) == 1
+    assert (
+        cli.main(["plot-training", str(tmp_path / "nope"), "--out", str(tmp_path / "c.png")]) == 1
+    )
     assert cli.main(["plot-training", str(tmp_path), "--out", str(tmp_path / "no" / "c.png")]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train_log.json"]
     (tmp_path / "c.png").write_bytes(b"keep")
@@ -62,7 +81,9 @@ def test_cli_errors_write_nothing(tmp_path, capsys):
     assert (tmp_path / "c.png").read_bytes() == b"keep"
     err = capsys.readouterr().err
     assert "must end in .png" in err and "does not exist" in err and "--force" in err
-    assert cli.main(["plot-training", str(tmp_path), "--out", str(tmp_path / "c.png"), "--force"]) == 0
+    assert (
+        cli.main(["plot-training", str(tmp_path), "--out", str(tmp_path / "c.png"), "--force"]) == 0
+    )
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -73,10 +94,23 @@ def test_chained_stages_count_on(tmp_path, capsys):
     second = make_log(tmp_path / "b" / "train_log.json", 2)
     chained = chain_train_logs([read_train_log(tmp_path / "a"), read_train_log(tmp_path / "b")])
     assert [e["epoch"] for e in chained["epochs"]] == [1, 2, 3, 4, 5]
-    assert [e["test_accuracy"] for e in chained["epochs"]] == [e["test_accuracy"] for e in first + second]
+    assert [e["test_accuracy"] for e in chained["epochs"]] == [
+        e["test_accuracy"] for e in first + second
+    ]
     assert chained["stage_starts"] == [3] and chained["recipe"]["epochs"] == 14
     assert read_train_log(tmp_path / "a")["epochs"] == first  # the inputs are not changed
-    assert cli.main(["plot-training", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.png")]) == 0
+    assert (
+        cli.main(
+            [
+                "plot-training",
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                "--out",
+                str(tmp_path / "c.png"),
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["epochs"] == 5 and out["test_accuracy"] == second[-1]["test_accuracy"]
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
@@ -91,7 +125,9 @@ def test_validation_curves_are_drawn(tmp_path, monkeypatch):
     epochs = make_log(tmp_path / "train_log.json", 3, test=False)
     for i, e in enumerate(epochs):
         e["val_accuracy"], e["val_accuracy_ema"] = 0.5 + i / 10, 0.55 + i / 10
-    (tmp_path / "train_log.json").write_text(json.dumps({"recipe": {"epochs": 3}, "epochs": epochs}))
+    (tmp_path / "train_log.json").write_text(
+        json.dumps({"recipe": {"epochs": 3}, "epochs": epochs})
+    )
     seen = {}
 
     def capture(fig, path, dpi=130):

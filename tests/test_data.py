@@ -1,9 +1,11 @@
 """Local data sources: class-subfolder images and CIFAR-10 binaries, exact pixels, caching."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from convmixer_jax.data import (
@@ -193,12 +195,15 @@ def test_image_folder_errors(tmp_path):
 
 # ---------------------------------------------------------------- CIFAR-10 binaries
 
+
 def write_cifar_binaries(d, rng, per_batch=(2, 3, 1, 2, 2), n_test=3):
     """Write data_batch_1..5.bin and test_batch.bin; return the arrays in HWC order."""
     d.mkdir(parents=True, exist_ok=True)
     out = {}
-    for split, names, counts in (("train", [f"data_batch_{i}.bin" for i in range(1, 6)], per_batch),
-                                 ("test", ["test_batch.bin"], (n_test,))):
+    for split, names, counts in (
+        ("train", [f"data_batch_{i}.bin" for i in range(1, 6)], per_batch),
+        ("test", ["test_batch.bin"], (n_test,)),
+    ):
         imgs, labels = [], []
         for name, n in zip(names, counts):
             hwc = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
@@ -277,6 +282,7 @@ def test_cifar_binary_errors(tmp_path):
 
 # ---------------------------------------------------------------- tensorflow-datasets
 
+
 def test_tfds_source_with_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     from convmixer_jax.data.tfds_source import load_tfds
@@ -311,8 +317,11 @@ def test_tfds_missing_is_a_data_error(monkeypatch):
 
 
 @settings(max_examples=30, deadline=None)
-@given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=6), frac=st.floats(0.05, 0.9),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    counts=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    frac=st.floats(0.05, 0.9),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_stratified_holdout_partitions_and_keeps_class_shares(counts, frac, seed):
     from convmixer_jax.data import stratified_holdout
 

@@ -1,4 +1,5 @@
 """The API reference builds from the docstrings with the README's command, and a broken reference fails it."""
+
 import shutil
 import subprocess
 import sys
@@ -9,18 +10,24 @@ BUILD = [sys.executable, "-m", "sphinx", "-n", "-W", "--keep-going", "-q", "-b",
 
 
 def test_readme_states_the_build_command():
-    assert "python -m sphinx -n -W --keep-going -b html docs/api build/api" in (REPO / "README.md").read_text()
+    assert (
+        "python -m sphinx -n -W --keep-going -b html docs/api build/api"
+        in (REPO / "README.md").read_text()
+    )
 
 
 def _build(src: Path, out: Path):
-    return subprocess.run(BUILD + [str(src), str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        BUILD + [str(src), str(out)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_api_reference_builds_without_warnings(tmp_path):
     src = tmp_path / "api"
     shutil.copytree(REPO / "docs" / "api", src, ignore=shutil.ignore_patterns("generated"))
-    (src / "conf.py").write_text((src / "conf.py").read_text().replace(
-        'os.path.abspath("../..")', repr(str(REPO))))
+    (src / "conf.py").write_text(
+        (src / "conf.py").read_text().replace('os.path.abspath("../..")', repr(str(REPO)))
+    )
     r = _build(src, tmp_path / "html")
     assert r.returncode == 0, r.stderr[-3000:]
     page = (tmp_path / "html" / "generated" / "convmixer_jax.scheme.images.html").read_text()
@@ -30,9 +37,12 @@ def test_api_reference_builds_without_warnings(tmp_path):
 def test_a_broken_reference_fails_the_build(tmp_path):
     src = tmp_path / "api"
     shutil.copytree(REPO / "docs" / "api", src, ignore=shutil.ignore_patterns("generated"))
-    (src / "conf.py").write_text((src / "conf.py").read_text().replace(
-        'os.path.abspath("../..")', repr(str(REPO))))
-    (src / "index.rst").write_text("Broken\n======\n\nSee :func:`convmixer_jax.scheme.keys.no_such_function`.\n")
+    (src / "conf.py").write_text(
+        (src / "conf.py").read_text().replace('os.path.abspath("../..")', repr(str(REPO)))
+    )
+    (src / "index.rst").write_text(
+        "Broken\n======\n\nSee :func:`convmixer_jax.scheme.keys.no_such_function`.\n"
+    )
     r = _build(src, tmp_path / "html")
     assert r.returncode != 0
     assert "no_such_function" in r.stderr

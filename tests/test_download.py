@@ -8,6 +8,7 @@ DataError and leaves nothing in the cache (nor outside it), an unreachable
 server names --data-dir, the environment overrides, CIFAR-100 fine labels and
 names, and the CLI end to end.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,12 @@ C100 = "cifar-100-binary"
 def cache(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     monkeypatch.setenv("CONVMIXER_JAX_CACHE", str(d))
-    for var in ("CONVMIXER_JAX_CIFAR10_URL", "CONVMIXER_JAX_CIFAR10_SHA256",
-                "CONVMIXER_JAX_CIFAR100_URL", "CONVMIXER_JAX_CIFAR100_SHA256"):
+    for var in (
+        "CONVMIXER_JAX_CIFAR10_URL",
+        "CONVMIXER_JAX_CIFAR10_SHA256",
+        "CONVMIXER_JAX_CIFAR100_URL",
+        "CONVMIXER_JAX_CIFAR100_SHA256",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     return d
@@ -54,7 +59,9 @@ class Server:
         class Handler(http.server.SimpleHTTPRequestHandler):
             def do_GET(self):
                 log.append(self.path)
-                if self.path.startswith("/short/"):  # announces the whole file, sends half, hangs up
+                if self.path.startswith(
+                    "/short/"
+                ):  # announces the whole file, sends half, hangs up
                     data = (root / self.path.removeprefix("/short/")).read_bytes()
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(data)))
@@ -68,9 +75,12 @@ class Server:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+        self.httpd = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+        )
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def url(self, name: str) -> str:
@@ -117,13 +127,17 @@ def write_archive(path: Path, members: dict[str, bytes], extra=()) -> str:
 def cifar10_members(rng, counts=(2, 1, 3, 1, 2), n_test=4):
     """The official members, tiny; returns (members, {split: (images HWC, labels)})."""
     members, expected = {}, {}
-    for split, names, ns in (("train", [f"data_batch_{i}.bin" for i in range(1, 6)], counts),
-                             ("test", ["test_batch.bin"], (n_test,))):
+    for split, names, ns in (
+        ("train", [f"data_batch_{i}.bin" for i in range(1, 6)], counts),
+        ("test", ["test_batch.bin"], (n_test,)),
+    ):
         imgs, labs = [], []
         for name, n in zip(names, ns):
             hwc = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
             lab = rng.integers(0, 10, n, dtype=np.uint8)
-            members[f"{C10}/{name}"] = b"".join(bytes([lab[i]]) + hwc[i].transpose(2, 0, 1).tobytes() for i in range(n))
+            members[f"{C10}/{name}"] = b"".join(
+                bytes([lab[i]]) + hwc[i].transpose(2, 0, 1).tobytes() for i in range(n)
+            )
             imgs.append(hwc)
             labs.append(lab)
         expected[split] = (np.concatenate(imgs), np.concatenate(labs).astype(np.int32))
@@ -147,7 +161,9 @@ def cache_files(cache: Path) -> list[str]:
 def test_download_reads_the_records_and_the_second_load_makes_no_request(server, good, cache):
     url, sha, expected = good
     for split in ("test", "train"):
-        images, labels, classes = load_split(split, download_url=url, download_sha256=sha, progress=False)
+        images, labels, classes = load_split(
+            split, download_url=url, download_sha256=sha, progress=False
+        )
         assert images.dtype == np.uint8 and images.shape == expected[split][0].shape
         np.testing.assert_array_equal(images, expected[split][0])
         np.testing.assert_array_equal(labels, expected[split][1])
@@ -156,9 +172,13 @@ def test_download_reads_the_records_and_the_second_load_makes_no_request(server,
     folder = releases_dir() / C10
     assert (folder / MARKER).read_text().strip() == sha
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [MARKER, "batches.meta.txt", "readme.html", "test_batch.bin"] + [f"data_batch_{i}.bin" for i in range(1, 6)])
+        [MARKER, "batches.meta.txt", "readme.html", "test_batch.bin"]
+        + [f"data_batch_{i}.bin" for i in range(1, 6)]
+    )
     assert (releases_dir() / "cifar-10-binary.tar.gz").is_file()
-    assert not [p for p in releases_dir().iterdir() if p.name.startswith(".")]  # no temporaries left
+    assert not [
+        p for p in releases_dir().iterdir() if p.name.startswith(".")
+    ]  # no temporaries left
     # again, in the same and in a fresh call: no request
     assert fetch_release("cifar10", url=url, sha256=sha, progress=False) == folder
     images, _, _ = load_split("test", download_url=url, download_sha256=sha.upper())
@@ -185,7 +205,9 @@ def test_environment_is_honoured_and_arguments_come_first(server, good, monkeypa
     monkeypatch.delenv("CONVMIXER_JAX_CIFAR10_URL")
     monkeypatch.delenv("CONVMIXER_JAX_CIFAR10_SHA256")
     assert resolve_source("cifar10") == (RELEASES["cifar10"].url, RELEASES["cifar10"].sha256)
-    assert resolve_source("cifar100", url=RELEASES["cifar100"].url)[1] == RELEASES["cifar100"].sha256
+    assert (
+        resolve_source("cifar100", url=RELEASES["cifar100"].url)[1] == RELEASES["cifar100"].sha256
+    )
     with pytest.raises(DataError, match="--download-sha256"):
         load_split("test", download_url=url)
     monkeypatch.setenv("CONVMIXER_JAX_CIFAR10_URL", url)
@@ -215,17 +237,26 @@ def test_wrong_hash_is_refused_and_nothing_stays_in_the_cache(server, good, cach
     assert cache_files(cache) == ["releases"]
     # a connection that breaks off half way
     with pytest.raises(DataError, match="cannot download CIFAR-10"):
-        fetch_release("cifar10", url=server.url("short/cifar-10-binary.tar.gz"), sha256=sha, progress=False)
+        fetch_release(
+            "cifar10", url=server.url("short/cifar-10-binary.tar.gz"), sha256=sha, progress=False
+        )
     assert cache_files(cache) == ["releases"]
 
 
-def test_an_archive_that_passes_the_hash_but_is_not_a_tar_is_refused_and_deleted(server, good, cache):
+def test_an_archive_that_passes_the_hash_but_is_not_a_tar_is_refused_and_deleted(
+    server, good, cache
+):
     url, sha, _ = good
     data = (server.root / "cifar-10-binary.tar.gz").read_bytes()
-    for name, body in (("half.tar.gz", data[: len(data) // 2]), ("junk.tar.gz", b"not a tar at all" * 50)):
+    for name, body in (
+        ("half.tar.gz", data[: len(data) // 2]),
+        ("junk.tar.gz", b"not a tar at all" * 50),
+    ):
         (server.root / name).write_bytes(body)
         with pytest.raises(DataError, match="cannot be read as a tar.gz") as e:
-            fetch_release("cifar10", url=server.url(name), sha256=sha256(server.root / name), progress=False)
+            fetch_release(
+                "cifar10", url=server.url(name), sha256=sha256(server.root / name), progress=False
+            )
         assert "\n" not in str(e.value)
         assert cache_files(cache) == ["releases"]
 
@@ -238,8 +269,20 @@ def _info(name, kind, **kw):
     return info
 
 
-@pytest.mark.parametrize("bad", ["dotdot", "dotdot-inside", "absolute", "symlink", "hardlink", "device", "fifo",
-                                 "unexpected", "unexpected-folder"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "dotdot",
+        "dotdot-inside",
+        "absolute",
+        "symlink",
+        "hardlink",
+        "device",
+        "fifo",
+        "unexpected",
+        "unexpected-folder",
+    ],
+)
 def test_unsafe_members_are_refused_and_nothing_is_written(server, cache, tmp_path, bad):
     members, _ = cifar10_members(np.random.default_rng(1))
     outside = tmp_path / "evil"
@@ -290,7 +333,11 @@ def test_unreachable_server_and_http_errors_name_data_dir(server, good, cache):
     with pytest.raises(DataError) as e:
         load_split("test", download_url=url, download_sha256=good[1], progress=False)
     msg = str(e.value)
-    assert msg.startswith(f"cannot download CIFAR-10 from {url} (") and "--data-dir" in msg and "\n" not in msg
+    assert (
+        msg.startswith(f"cannot download CIFAR-10 from {url} (")
+        and "--data-dir" in msg
+        and "\n" not in msg
+    )
     assert "refused" in msg.lower(), msg
     with pytest.raises(DataError, match=r"\(HTTP 404 .*--data-dir"):
         load_split("test", download_url=server.url("missing.tar.gz"), download_sha256=good[1])
@@ -300,7 +347,9 @@ def test_unreachable_server_and_http_errors_name_data_dir(server, good, cache):
 def test_a_bad_archive_in_the_cache_is_downloaded_again(server, good):
     url, sha, expected = good
     releases_dir().mkdir(parents=True)
-    (releases_dir() / "cifar-10-binary.tar.gz").write_bytes(b"an interrupted download of other bytes")
+    (releases_dir() / "cifar-10-binary.tar.gz").write_bytes(
+        b"an interrupted download of other bytes"
+    )
     images, _, _ = load_split("test", download_url=url, download_sha256=sha)
     np.testing.assert_array_equal(images, expected["test"][0])
     assert len(server.requests) == 1 and sha256(releases_dir() / "cifar-10-binary.tar.gz") == sha
@@ -345,7 +394,8 @@ def test_cifar100_fine_labels_and_names(server, monkeypatch, cache):
         fine = rng.integers(0, 100, n, dtype=np.uint8)
         fine[0] = 99
         members[f"{C100}/{split}.bin"] = b"".join(
-            bytes([coarse[i], fine[i]]) + hwc[i].transpose(2, 0, 1).tobytes() for i in range(n))
+            bytes([coarse[i], fine[i]]) + hwc[i].transpose(2, 0, 1).tobytes() for i in range(n)
+        )
         expected[split] = (hwc, fine.astype(np.int32))
     members[f"{C100}/fine_label_names.txt"] = "\n".join(fine_names).encode()
     members[f"{C100}/coarse_label_names.txt"] = "\n".join(f"coarse{i}" for i in range(20)).encode()
@@ -369,14 +419,39 @@ def test_cifar100_fine_labels_and_names(server, monkeypatch, cache):
         load_split("test", download_url=server.url("cifar-100-binary.tar.gz"))
 
 
-def test_cli_evaluate_downloads_once_then_refuses_a_wrong_hash(server, good, monkeypatch, tmp_path, capsys):
+def test_cli_evaluate_downloads_once_then_refuses_a_wrong_hash(
+    server, good, monkeypatch, tmp_path, capsys
+):
     url, sha, _ = good
     monkeypatch.setenv("CONVMIXER_JAX_CIFAR10_URL", url)
     monkeypatch.setenv("CONVMIXER_JAX_CIFAR10_SHA256", sha)
     model = tmp_path / "M"
-    assert cli.main(["init-model", "--dim", "8", "--depth", "1", "--kernel-size", "3", "--patch-size", "4",
-                     "--num-classes", "10", "--image-size", "32", "--channels", "3", "--seed", "0",
-                     "--out", str(model)]) == 0
+    assert (
+        cli.main(
+            [
+                "init-model",
+                "--dim",
+                "8",
+                "--depth",
+                "1",
+                "--kernel-size",
+                "3",
+                "--patch-size",
+                "4",
+                "--num-classes",
+                "10",
+                "--image-size",
+                "32",
+                "--channels",
+                "3",
+                "--seed",
+                "0",
+                "--out",
+                str(model),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     for _ in range(2):
         rc = cli.main(["evaluate", str(model), "--limit", "10"])

@@ -1,5 +1,6 @@
 """The fine-tuning attack: which leaves each mode trains, BatchNorm modes, scratch
 independence, learning on a tiny task, the results dict, the plot, and input errors."""
+
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,6 @@ import numpy as np
 import optax
 import pytest
 
-from convmixer_jax.scheme.images import ImageError
-from convmixer_jax.model.inference import accuracy, predict_logits
 from convmixer_jax.attacks.finetune import (
     DEFAULT_LR,
     _batch_indices,
@@ -22,10 +21,12 @@ from convmixer_jax.attacks.finetune import (
     lr_schedule,
     plot_finetune,
 )
-from convmixer_jax.scheme.keys import generate_key
-from convmixer_jax.model.convmixer import ConvMixerConfig
-from convmixer_jax.scheme.params import encrypt_params
 from convmixer_jax.files.model_dir import abstract_variables
+from convmixer_jax.model.convmixer import ConvMixerConfig
+from convmixer_jax.model.inference import accuracy, predict_logits
+from convmixer_jax.scheme.images import ImageError
+from convmixer_jax.scheme.keys import generate_key
+from convmixer_jax.scheme.params import encrypt_params
 from convmixer_jax.training.loop import init_variables
 
 CFG = ConvMixerConfig(dim=16, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8)
@@ -77,7 +78,9 @@ def stem_run(start, data):
 def trained_and_encrypted():
     """A tiny model trained on the color task, and that model encrypted with a key."""
     x, y = color_task(256, 1)
-    plain, _ = finetune(CFG, None, x, y, mode="scratch", steps=60, batch_size=BATCH, lr=1e-2, seed=0)
+    plain, _ = finetune(
+        CFG, None, x, y, mode="scratch", steps=60, batch_size=BATCH, lr=1e-2, seed=0
+    )
     enc = encrypt_params(plain, generate_key(2, 3, seed=[5]))
     return plain, jax.tree.map(np.asarray, enc)
 
@@ -106,8 +109,12 @@ def test_stem_mode_runs_batchnorm_in_eval_mode(start, data):
 def test_stem_bn_option_trains_and_updates_only_the_stem_batchnorm(start, data):
     out, hist = finetune(CFG, start, *data, mode="stem", steps=2, batch_size=BATCH, stem_bn=True)
     diff = changed(start, out)
-    assert {"['params']['stem_bn']['scale']", "['batch_stats']['stem_bn']['mean']",
-            "['batch_stats']['stem_bn']['var']", "['params']['stem']['kernel']"} <= diff
+    assert {
+        "['params']['stem_bn']['scale']",
+        "['batch_stats']['stem_bn']['mean']",
+        "['batch_stats']['stem_bn']['var']",
+        "['params']['stem']['kernel']",
+    } <= diff
     assert all("stem" in k for k in diff), diff  # block_0, head and their BatchNorms untouched
     assert hist["batchnorm_train_mode"] == ["stem_bn"]
 
@@ -120,7 +127,9 @@ def test_all_mode_trains_every_layer(start, data):
 
 def test_scratch_does_not_depend_on_the_given_variables(start, data):
     a, _ = finetune(CFG, start, *data, mode="scratch", steps=2, batch_size=BATCH, seed=4)
-    b, _ = finetune(CFG, init_variables(CFG, 99), *data, mode="scratch", steps=2, batch_size=BATCH, seed=4)
+    b, _ = finetune(
+        CFG, init_variables(CFG, 99), *data, mode="scratch", steps=2, batch_size=BATCH, seed=4
+    )
     c, _ = finetune(CFG, None, *data, mode="scratch", steps=2, batch_size=BATCH, seed=4)
     assert not changed(a, b) and not changed(a, c)
     d, _ = finetune(CFG, None, *data, mode="scratch", steps=2, batch_size=BATCH, seed=5)
@@ -136,7 +145,9 @@ def test_same_seed_same_result(start, data, stem_run):
 def test_float_images_match_uint8(start, data):
     x, y = data
     a, ha = finetune(CFG, start, x, y, mode="stem", steps=2, batch_size=BATCH)
-    b, hb = finetune(CFG, start, x.astype(np.float32) / 255, y, mode="stem", steps=2, batch_size=BATCH)
+    b, hb = finetune(
+        CFG, start, x.astype(np.float32) / 255, y, mode="stem", steps=2, batch_size=BATCH
+    )
     np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)
     for k, v in leaves(a).items():
         np.testing.assert_allclose(v, leaves(b)[k], atol=1e-5)
@@ -168,8 +179,20 @@ def test_finetune_attack_results(trained_and_encrypted, tmp_path):
     _, enc = trained_and_encrypted
     x, y = color_task(64, 4)
     tx, ty = color_task(N_EVAL, 5)
-    res = finetune_attack(CFG, enc, x, y, tx, ty, sizes=(16, 8), steps={8: 2, 16: 3}, batch_size=BATCH,
-                          lr={"stem": 1e-2}, baseline_accuracy=0.95, progress=True)
+    res = finetune_attack(
+        CFG,
+        enc,
+        x,
+        y,
+        tx,
+        ty,
+        sizes=(16, 8),
+        steps={8: 2, 16: 3},
+        batch_size=BATCH,
+        lr={"stem": 1e-2},
+        baseline_accuracy=0.95,
+        progress=True,
+    )
     res = json.loads(json.dumps(res))  # JSON-serializable, and keys survive the round trip
     assert res["settings"]["sizes"] == [8, 16]
     assert set(res["accuracy"]) == {"stem", "all", "scratch"}
@@ -178,7 +201,12 @@ def test_finetune_attack_results(trained_and_encrypted, tmp_path):
     assert len(res["runs"]) == 6
     for run in res["runs"]:
         assert run["steps"] == {8: 2, 16: 3}[run["n"]] and run["seconds"] > 0
-        assert run["lr"] == {"stem": 1e-2, "all": DEFAULT_LR["all"], "scratch": DEFAULT_LR["scratch"]}[run["mode"]]
+        assert (
+            run["lr"]
+            == {"stem": 1e-2, "all": DEFAULT_LR["all"], "scratch": DEFAULT_LR["scratch"]}[
+                run["mode"]
+            ]
+        )
     assert res["encrypted_accuracy"] == accuracy(CFG, enc, tx, ty)
     assert res["chance"] == pytest.approx(1 / 3) and res["baseline_accuracy"] == 0.95
     out = plot_finetune(res, tmp_path / "finetune.png")
@@ -209,8 +237,14 @@ def test_errors(start, data):
         finetune(CFG, start, x, y[:-1], mode="stem")
     with pytest.raises(ValueError, match=r"labels must lie in 0\.\.2"):
         finetune(CFG, start, x, y + 1, mode="stem")
-    other = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_variables(
-        ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8)))
+    other = jax.tree.map(
+        lambda a: np.zeros(a.shape, a.dtype),
+        abstract_variables(
+            ConvMixerConfig(
+                dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8
+            )
+        ),
+    )
     with pytest.raises(ValueError, match="another model"):
         finetune(CFG, other, x, y, mode="all")
     with pytest.raises(ValueError, match="pass them"):

@@ -6,6 +6,7 @@ oracle says whether the edited input is still valid (an edit inside JSON whitesp
 if it is not, the run must exit non-zero with exactly one line on stderr, no traceback,
 and no file created or changed. Nothing else may ever happen.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,27 +18,58 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from convmixer_jax import cli
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                    derandomize=True)
-ARCH = ["--dim", "8", "--depth", "1", "--kernel-size", "3", "--patch-size", "4", "--image-size", "8"]
+SETTINGS = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+ARCH = [
+    "--dim",
+    "8",
+    "--depth",
+    "1",
+    "--kernel-size",
+    "3",
+    "--patch-size",
+    "4",
+    "--image-size",
+    "8",
+]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz-base")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert cli.main(["keygen", "--block-size", "4", "--channels", "3", "--seed", "9", "--out", str(d / "k.json")]) == 0
+        assert (
+            cli.main(
+                [
+                    "keygen",
+                    "--block-size",
+                    "4",
+                    "--channels",
+                    "3",
+                    "--seed",
+                    "9",
+                    "--out",
+                    str(d / "k.json"),
+                ]
+            )
+            == 0
+        )
         assert cli.main(["init-model", *ARCH, "--seed", "0", "--out", str(d / "m")]) == 0
     np.save(d / "x.npy", np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8))
     return d
 
 
 def snapshot(d: Path) -> dict:
-    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
+    return {
+        str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(d.rglob("*"))
+    }
 
 
 def run(argv, folder: Path) -> tuple[int, str]:
@@ -71,9 +103,18 @@ def edit(data: bytes, edits) -> bytes:
     return bytes(b)
 
 
-EDITS = st.lists(st.tuples(st.sampled_from(["set", "insert", "delete", "truncate"]), st.integers(0, 10 ** 6),
-                           st.integers(0, 255)), min_size=1, max_size=4)
-FILE = st.one_of(st.binary(max_size=400).map(lambda b: ("bytes", b)), EDITS.map(lambda e: ("edit", e)))
+EDITS = st.lists(
+    st.tuples(
+        st.sampled_from(["set", "insert", "delete", "truncate"]),
+        st.integers(0, 10**6),
+        st.integers(0, 255),
+    ),
+    min_size=1,
+    max_size=4,
+)
+FILE = st.one_of(
+    st.binary(max_size=400).map(lambda b: ("bytes", b)), EDITS.map(lambda e: ("edit", e))
+)
 
 
 def images_valid(path: Path) -> bool:
@@ -86,7 +127,12 @@ def images_valid(path: Path) -> bool:
         return False
     if x.dtype == np.uint8:
         return True
-    return bool(np.issubdtype(x.dtype, np.floating) and np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1)
+    return bool(
+        np.issubdtype(x.dtype, np.floating)
+        and np.isfinite(x).all()
+        and x.min() >= 0
+        and x.max() <= 1
+    )
 
 
 @SETTINGS
@@ -98,8 +144,10 @@ def test_fuzzed_images(base, case):
         data = val if kind == "bytes" else edit((base / "x.npy").read_bytes(), val)
         (t / "in.npy").write_bytes(data)
         valid = images_valid(t / "in.npy")
-        for argv in (["encrypt-images", "--key", base / "k.json", t / "in.npy", t / "out.npy"],
-                     ["predict", base / "m", t / "in.npy", "--out", t / "l.npy"]):
+        for argv in (
+            ["encrypt-images", "--key", base / "k.json", t / "in.npy", t / "out.npy"],
+            ["predict", base / "m", t / "in.npy", "--out", t / "l.npy"],
+        ):
             code, err = run(argv, t)
             assert (code == 0) == valid, (code, err)
 
@@ -114,7 +162,9 @@ def test_fuzzed_keys(base, case):
         data = val if kind == "bytes" else edit((base / "k.json").read_bytes(), val)
         (t / "k.json").write_bytes(data)
         try:
-            valid = json.loads(data) == original  # only an edit that leaves the JSON value as it was
+            valid = (
+                json.loads(data) == original
+            )  # only an edit that leaves the JSON value as it was
         except Exception:
             valid = False
         code, err = run(["encrypt-images", "--key", t / "k.json", base / "x.npy", t / "out.npy"], t)
@@ -123,7 +173,9 @@ def test_fuzzed_keys(base, case):
         assert (code == 0) == valid, (code, err)
 
 
-MODEL_EDIT = st.tuples(st.sampled_from(["config", "variables", "delete"]), st.integers(0, 10 ** 6), EDITS)
+MODEL_EDIT = st.tuples(
+    st.sampled_from(["config", "variables", "delete"]), st.integers(0, 10**6), EDITS
+)
 
 
 @SETTINGS

@@ -6,6 +6,7 @@ on fixed inputs; their files must equal (keys, images: byte for byte) or match
 made. Regenerate only on purpose: ``CONVMIXER_JAX_WRITE_GOLDEN=1 pytest
 tests/test_golden_cli.py`` (and say why in the commit).
 """
+
 import hashlib
 import json
 import os
@@ -16,7 +17,18 @@ import numpy as np
 from convmixer_jax import cli
 
 GOLDEN = Path(__file__).with_name("golden") / "cli_outputs.json"
-ARCH = ["--dim", "16", "--depth", "2", "--kernel-size", "3", "--patch-size", "4", "--image-size", "8"]
+ARCH = [
+    "--dim",
+    "16",
+    "--depth",
+    "2",
+    "--kernel-size",
+    "3",
+    "--patch-size",
+    "4",
+    "--image-size",
+    "8",
+]
 
 
 def _sha(path: Path) -> str:
@@ -39,7 +51,9 @@ def _run(tmp: Path, capsys) -> dict:
         return capsys.readouterr().out.strip()
 
     out = {}
-    out["keygen_stdout"] = call("keygen", "--block-size", 4, "--channels", 3, "--seed", 11, "--out", tmp / "k.json")
+    out["keygen_stdout"] = call(
+        "keygen", "--block-size", 4, "--channels", 3, "--seed", 11, "--out", tmp / "k.json"
+    )
     out["key_sha256"] = _sha(tmp / "k.json")
     images = np.random.default_rng(5).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     np.save(tmp / "x.npy", images)
@@ -65,11 +79,18 @@ def test_cli_outputs_match_golden(tmp_path, capsys):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
     want = json.loads(GOLDEN.read_text())
-    for name in ("keygen_stdout", "key_sha256", "encrypted_uint8_sha256", "encrypted_float32_sha256",
-                 "plain_config", "encrypted_config"):
+    for name in (
+        "keygen_stdout",
+        "key_sha256",
+        "encrypted_uint8_sha256",
+        "encrypted_float32_sha256",
+        "plain_config",
+        "encrypted_config",
+    ):
         assert got[name] == want[name], name
     for name in ("plain_logits", "encrypted_logits"):
-        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-5, atol=1e-5,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(got[name]), np.asarray(want[name]), rtol=1e-5, atol=1e-5, err_msg=name
+        )
     # the scheme's claim, on the pinned files too
     np.testing.assert_allclose(got["encrypted_logits"], got["plain_logits"], rtol=1e-4, atol=1e-4)

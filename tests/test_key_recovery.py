@@ -6,6 +6,7 @@ encrypt_images would show. The resolution logic is checked against exhaustive se
 over every key for small blocks, on images drawn from tiny alphabets (many ties,
 complements and, in float, self-complementary 0.5 columns).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -16,11 +17,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from convmixer_jax.attacks.known_plaintext import RecoveryResult, image_blocks, recover_key
 from convmixer_jax.scheme import keys
 from convmixer_jax.scheme.images import ImageError, decrypt_images, encrypt_images
-from convmixer_jax.attacks.known_plaintext import RecoveryResult, image_blocks, recover_key
 from tests.cli_helpers import run
-
 
 # ---------------------------------------------------------------- independent encryption (method.md)
 
@@ -45,7 +45,9 @@ def encrypt_loop(images: np.ndarray, perm, flip, m: int) -> np.ndarray:
 
 def random_key(rng: np.random.Generator, m: int, c: int) -> keys.Key:
     pb = m * m * c
-    return keys.make_key(rng.permutation(pb), rng.permutation([1] * (pb // 2) + [0] * (pb - pb // 2)), m, c)
+    return keys.make_key(
+        rng.permutation(pb), rng.permutation([1] * (pb // 2) + [0] * (pb - pb // 2)), m, c
+    )
 
 
 def assert_same_key(got: keys.Key | None, want: keys.Key):
@@ -64,7 +66,9 @@ def test_independent_encryption_matches_library():
     rng = np.random.default_rng(0)
     key = random_key(rng, 2, 3)
     x = rng.integers(0, 256, (2, 4, 6, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(encrypt_loop(x, key.perm, key.flip, 2), np.asarray(encrypt_images(x, key)))
+    np.testing.assert_array_equal(
+        encrypt_loop(x, key.perm, key.flip, 2), np.asarray(encrypt_images(x, key))
+    )
 
 
 def test_block_flattening_order():
@@ -117,8 +121,15 @@ def _complement_free_distinct_columns(blocks: np.ndarray) -> bool:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(m=st.integers(1, 4), c=st.integers(1, 4), hb=st.integers(1, 3), wb=st.integers(1, 3),
-       n=st.integers(1, 3), seed=st.integers(0, 2**32 - 1), levels=st.sampled_from([256, 4]))
+@given(
+    m=st.integers(1, 4),
+    c=st.integers(1, 4),
+    hb=st.integers(1, 3),
+    wb=st.integers(1, 3),
+    n=st.integers(1, 3),
+    seed=st.integers(0, 2**32 - 1),
+    levels=st.sampled_from([256, 4]),
+)
 def test_recovery_property(m, c, hb, wb, n, seed, levels):
     assume(m * m * c >= 2)  # odd pb too: floor(pb/2) flips
     rng = np.random.default_rng(seed)
@@ -140,7 +151,9 @@ def test_recovery_property(m, c, hb, wb, n, seed, levels):
 
 
 def all_keys(pb: int):
-    flips = np.array([f for f in itertools.product((0, 1), repeat=pb) if sum(f) == pb // 2], np.int64)
+    flips = np.array(
+        [f for f in itertools.product((0, 1), repeat=pb) if sum(f) == pb // 2], np.int64
+    )
     for perm in itertools.permutations(range(pb)):
         yield np.array(perm), flips
 
@@ -157,13 +170,21 @@ def brute_force(P: np.ndarray, E: np.ndarray, full) -> np.ndarray:
     return out
 
 
-ALPHABETS = {"uint8": (np.uint8, [0, 255, 100, 155, 7]), "float": (np.float64, [0.0, 1.0, 0.5, 0.25, 0.75])}
+ALPHABETS = {
+    "uint8": (np.uint8, [0, 255, 100, 155, 7]),
+    "float": (np.float64, [0.0, 1.0, 0.5, 0.25, 0.75]),
+}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shape=st.sampled_from([(1, 2), (1, 4), (2, 1), (1, 6)]), blocks=st.integers(1, 4),
-       alphabet=st.sampled_from(sorted(ALPHABETS)), size=st.integers(1, 5), mixed=st.booleans(),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    shape=st.sampled_from([(1, 2), (1, 4), (2, 1), (1, 6)]),
+    blocks=st.integers(1, 4),
+    alphabet=st.sampled_from(sorted(ALPHABETS)),
+    size=st.integers(1, 5),
+    mixed=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_matches_exhaustive_search(shape, blocks, alphabet, size, mixed, seed):
     m, c = shape
     dtype, values = ALPHABETS[alphabet]
@@ -259,7 +280,6 @@ def test_bad_inputs():
 # ---------------------------------------------------------------- command line
 
 
-
 def assert_one_error(rc, err, *words):
     assert rc == 1
     lines = err.strip().splitlines()
@@ -282,8 +302,18 @@ def pair(tmp_path):
 def test_cli_recovers_key_that_decrypts(capsys, pair):
     key, x, z, d = pair
     out = d / "key.json"
-    rc, stdout, err = run(capsys, "recover-key", "--plain", d / "p.npy", "--encrypted", d / "e.npy",
-                          "--block-size", 4, "--out", out)
+    rc, stdout, err = run(
+        capsys,
+        "recover-key",
+        "--plain",
+        d / "p.npy",
+        "--encrypted",
+        d / "e.npy",
+        "--block-size",
+        4,
+        "--out",
+        out,
+    )
     assert rc == 0, err
     got = keys.load_key(out)
     assert_same_key(got, key)
@@ -291,11 +321,32 @@ def test_cli_recovers_key_that_decrypts(capsys, pair):
     assert (out.stat().st_mode & 0o077) == 0  # a key file is private
     np.testing.assert_array_equal(np.asarray(decrypt_images(z, got)), x)
     # an existing output is refused without --force and replaced with it
-    rc, _, err = run(capsys, "recover-key", "--plain", d / "p.npy", "--encrypted", d / "e.npy",
-                     "--block-size", 4, "--out", out)
+    rc, _, err = run(
+        capsys,
+        "recover-key",
+        "--plain",
+        d / "p.npy",
+        "--encrypted",
+        d / "e.npy",
+        "--block-size",
+        4,
+        "--out",
+        out,
+    )
     assert_one_error(rc, err, "--force")
-    rc, _, err = run(capsys, "recover-key", "--plain", d / "p.npy", "--encrypted", d / "e.npy",
-                     "--block-size", 4, "--out", out, "--force")
+    rc, _, err = run(
+        capsys,
+        "recover-key",
+        "--plain",
+        d / "p.npy",
+        "--encrypted",
+        d / "e.npy",
+        "--block-size",
+        4,
+        "--out",
+        out,
+        "--force",
+    )
     assert rc == 0, err
     assert json.loads(out.read_text())["fingerprint"] == keys.fingerprint(key)
 
@@ -307,11 +358,24 @@ def test_cli_undetermined_writes_nothing(capsys, tmp_path):
     np.save(tmp_path / "p.npy", x)
     np.save(tmp_path / "e.npy", encrypt_loop(x, key.perm, key.flip, 4))
     out = tmp_path / "key.json"
-    rc, stdout, err = run(capsys, "recover-key", "--plain", tmp_path / "p.npy", "--encrypted",
-                          tmp_path / "e.npy", "--block-size", 4, "--out", out)
+    rc, stdout, err = run(
+        capsys,
+        "recover-key",
+        "--plain",
+        tmp_path / "p.npy",
+        "--encrypted",
+        tmp_path / "e.npy",
+        "--block-size",
+        4,
+        "--out",
+        out,
+    )
     assert_one_error(rc, err, "48 of the 48 positions", "undetermined", "more image pairs")
     assert not stdout and not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "p.npy"]  # no temporary left either
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "e.npy",
+        "p.npy",
+    ]  # no temporary left either
 
 
 def test_cli_inconsistent_and_bad_inputs(capsys, pair):
@@ -324,19 +388,26 @@ def test_cli_inconsistent_and_bad_inputs(capsys, pair):
     np.save(d / "f.npy", z.astype(np.float32) / 255)
     out = d / "key.json"
     cases = [
-        (["--encrypted", d / "e2.npy", "--block-size", 4],
-         ["not plain/encrypted images under one key of this block size"]),
+        (
+            ["--encrypted", d / "e2.npy", "--block-size", 4],
+            ["not plain/encrypted images under one key of this block size"],
+        ),
         (["--encrypted", d / "short.npy", "--block-size", 4], ["shape"]),
         (["--encrypted", d / "f.npy", "--block-size", 4], ["float32"]),
         (["--encrypted", d / "e.npy", "--block-size", 3], ["divisible"]),
         (["--encrypted", d / "missing.npy", "--block-size", 4], ["does not exist"]),
-        (["--encrypted", d / "e.npy", "--block-size", 2], ["not plain/encrypted"]),  # key mixes 2x2 blocks
+        (
+            ["--encrypted", d / "e.npy", "--block-size", 2],
+            ["not plain/encrypted"],
+        ),  # key mixes 2x2 blocks
     ]
     for extra, words in cases:
         rc, stdout, err = run(capsys, "recover-key", "--plain", d / "p.npy", *extra, "--out", out)
         assert_one_error(rc, err, *words)
         assert not stdout and not out.exists()
-    rc, _, err = run(capsys, "recover-key", "--plain", d / "p.npy", "--encrypted", d / "e.npy", "--out", out)
+    rc, _, err = run(
+        capsys, "recover-key", "--plain", d / "p.npy", "--encrypted", d / "e.npy", "--out", out
+    )
     assert rc == 2 and "--block-size" in err and not out.exists()
 
 

@@ -1,4 +1,5 @@
 """Keys: generation, batches under jit/vmap, the JSON file format and its validation."""
+
 from __future__ import annotations
 
 import copy
@@ -54,6 +55,7 @@ def valid_obj(m=2, c=1):
 
 
 # ---------------------------------------------------------------- generate_key
+
 
 @given(st.sampled_from(SHAPES))
 @FAST
@@ -225,6 +227,7 @@ def test_stack_keys_and_inverse_permutation():
 
 # ---------------------------------------------------------------- JSON and fingerprint
 
+
 @given(st.sampled_from(SHAPES), st.integers(0, 2**31))
 @FAST
 def test_json_round_trip(shape, seed):
@@ -270,8 +273,10 @@ def test_load_key_file(tmp_path):
 
 def test_fingerprint_known_answer_and_stability():
     key = make_key([2, 0, 3, 1], [1, 0, 0, 1], 2, 1)
-    canonical = ('{"block_size":2,"channels":1,"flip":[1,0,0,1],'
-                 '"format":"convmixer-jax-key","perm":[2,0,3,1],"version":1}')
+    canonical = (
+        '{"block_size":2,"channels":1,"flip":[1,0,0,1],'
+        '"format":"convmixer-jax-key","perm":[2,0,3,1],"version":1}'
+    )
     expected = hashlib.sha256(canonical.encode()).hexdigest()
     assert fingerprint(key) == expected
     # independent of the arrays' dtypes / containers
@@ -286,24 +291,29 @@ def test_fingerprint_known_answer_and_stability():
 
 def _mutations():
     """(name, function editing a valid key object in place) that must be refused."""
+
     def set_(field, value):
         def f(o):
             o[field] = value
+
         return f
 
     def delete(field):
         def f(o):
             del o[field]
+
         return f
 
     def perm_entry(i, value):
         def f(o):
             o["perm"][i] = value
+
         return f
 
     def flip_entry(i, value):
         def f(o):
             o["flip"][i] = value
+
         return f
 
     def flip_toggle_one(o):  # changes the number of ones
@@ -453,13 +463,16 @@ def test_make_key_and_validate_key_reject():
     with pytest.raises(InvalidKeyError):
         make_key([0, 1, 2, 3], [0.5, 0.5, 1, 0], 2, 1)
     with pytest.raises(InvalidKeyError):
-        validate_key(_random_keys_jit(jax.random.key(0), N_KEYS, 2, 2))  # a batch is not a single key
+        validate_key(
+            _random_keys_jit(jax.random.key(0), N_KEYS, 2, 2)
+        )  # a batch is not a single key
     k = make_key(np.array([3, 2, 1, 0], np.int64), np.array([True, False, True, False]), 2, 1)
     assert k.perm.dtype == np.int32 and k.flip.dtype == np.uint8
     np.testing.assert_array_equal(k.flip, [1, 0, 1, 0])
 
 
 # ---------------------------------------------------------------- key space
+
 
 def test_key_space_paper_value():
     pb = 48
@@ -494,6 +507,7 @@ def test_key_space_log2_matches_exact(m, c):
 
 
 # ---------------------------------------------------------------- no secret in repr
+
 
 def test_repr_does_not_reveal_the_key():
     key = generate_key(4, 3, seed=1)

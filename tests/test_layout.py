@@ -5,6 +5,7 @@ subpackage and from lower layers, never from a higher one. Every import is
 read from the source (also those inside functions), so a lazy import against
 the flow fails as well.
 """
+
 import ast
 import subprocess
 import sys
@@ -13,10 +14,30 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parents[1] / "convmixer_jax"
-LAYERS = ("parallel", "scheme", "model", "files", "data", "training", "attacks", "experiment", "cli")
+LAYERS = (
+    "parallel",
+    "scheme",
+    "model",
+    "files",
+    "data",
+    "training",
+    "attacks",
+    "experiment",
+    "cli",
+)
 BASE = {"_xla_flags"}  # imports nothing from the package; anyone may import it
-PUBLIC = ["generate_key", "load_key", "encrypt_images", "decrypt_images", "encrypt_params", "decrypt_params",
-          "rekey_params", "ConvMixer", "ConvMixerConfig", "PRESETS"]
+PUBLIC = [
+    "generate_key",
+    "load_key",
+    "encrypt_images",
+    "decrypt_images",
+    "encrypt_params",
+    "decrypt_params",
+    "rekey_params",
+    "ConvMixer",
+    "ConvMixerConfig",
+    "PRESETS",
+]
 
 
 def imported_packages(source: str, module: str) -> list[tuple[int, str]]:
@@ -82,32 +103,46 @@ def test_imports_flow_one_way():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("module, source", [
-    ("convmixer_jax.scheme.keys", "from convmixer_jax.training.loop import train\n"),
-    ("convmixer_jax.model.convmixer", "def f():\n    import convmixer_jax.files.model_dir\n"),
-    ("convmixer_jax.files.atomic", "from convmixer_jax import cli\n"),
-    ("convmixer_jax.training.loop", "from ..attacks import wrong_keys\n"),
-    ("convmixer_jax.attacks.report", "from convmixer_jax.experiment.paper import reproduce\n"),
-])
+@pytest.mark.parametrize(
+    "module, source",
+    [
+        ("convmixer_jax.scheme.keys", "from convmixer_jax.training.loop import train\n"),
+        ("convmixer_jax.model.convmixer", "def f():\n    import convmixer_jax.files.model_dir\n"),
+        ("convmixer_jax.files.atomic", "from convmixer_jax import cli\n"),
+        ("convmixer_jax.training.loop", "from ..attacks import wrong_keys\n"),
+        ("convmixer_jax.attacks.report", "from convmixer_jax.experiment.paper import reproduce\n"),
+    ],
+)
 def test_the_check_catches_an_import_against_the_flow(module, source):
     assert violations(source, module)
 
 
 def test_the_check_allows_the_flow():
-    assert not violations("from convmixer_jax.scheme.keys import Key\nfrom ..model import ConvMixer\n"
-                          "from convmixer_jax import _xla_flags\n", "convmixer_jax.training.loop")
+    assert not violations(
+        "from convmixer_jax.scheme.keys import Key\nfrom ..model import ConvMixer\n"
+        "from convmixer_jax import _xla_flags\n",
+        "convmixer_jax.training.loop",
+    )
 
 
 def test_file_sizes():
-    too_big = [f"{p.relative_to(PACKAGE)}: {n}" for p in PACKAGE.rglob("*.py")
-               if (n := len(p.read_text().splitlines())) > (300 if p.parent.name == "cli" else 700)]
+    too_big = [
+        f"{p.relative_to(PACKAGE)}: {n}"
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > (300 if p.parent.name == "cli" else 700)
+    ]
     assert not too_big, too_big
 
 
 def test_public_api_imports_in_a_fresh_interpreter():
     code = f"from convmixer_jax import {', '.join(PUBLIC)}; import convmixer_jax; print(sorted(convmixer_jax.__all__))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       cwd=PACKAGE.parent)
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=PACKAGE.parent,
+    )
     assert r.returncode == 0, r.stderr
     assert all(name in r.stdout for name in PUBLIC)
 

@@ -1,5 +1,6 @@
 """ConvMixer: the three depthwise formulations agree, and the model equals an independent
 NHWC reference built from flax.linen.Conv / BatchNorm with the same parameters."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,13 +13,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convmixer_jax.model.convmixer import (PRESETS, ConvMixer, ConvMixerConfig, depthwise, prepare_inference,
-                                 resolve_depthwise_impl, toeplitz_matrices)
+from convmixer_jax.model.convmixer import (
+    PRESETS,
+    ConvMixer,
+    ConvMixerConfig,
+    depthwise,
+    prepare_inference,
+    resolve_depthwise_impl,
+    toeplitz_matrices,
+)
 
 SETTINGS = settings(max_examples=8, deadline=None, database=None)
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def random_variables(model: nn.Module, images, seed: int):
     """Variables of ``model`` with random values (no compiled init: eval_shape only).
@@ -59,17 +68,30 @@ class RefConvMixer(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        act = (jax.nn.relu if self.activation == "relu" else  # noqa: E731
-               lambda v: jax.nn.gelu(v, approximate=self.approximate))
-        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,  # noqa: E731
-                                       epsilon=1e-5, name=name)
+        act = (
+            jax.nn.relu
+            if self.activation == "relu"
+            # noqa: E731
+            else lambda v: jax.nn.gelu(v, approximate=self.approximate)
+        )
+        bn = lambda name: nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,  # noqa: E731
+            epsilon=1e-5,
+            name=name,
+        )
         x = (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
         p = self.patch_size
         x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", name="stem")(x)
         x = bn("stem_bn")(act(x))
         for i in range(self.depth):
-            y = nn.Conv(self.dim, (self.kernel_size, self.kernel_size), padding="SAME",
-                        feature_group_count=self.dim, name=f"dw_{i}")(x)
+            y = nn.Conv(
+                self.dim,
+                (self.kernel_size, self.kernel_size),
+                padding="SAME",
+                feature_group_count=self.dim,
+                name=f"dw_{i}",
+            )(x)
             x = x + bn(f"dw_bn_{i}")(act(y))
             x = nn.Conv(self.dim, (1, 1), name=f"pw_{i}")(x)
             x = bn(f"pw_bn_{i}")(act(x))
@@ -78,8 +100,17 @@ class RefConvMixer(nn.Module):
 
 
 def ref_for(cfg: ConvMixerConfig) -> RefConvMixer:
-    return RefConvMixer(cfg.dim, cfg.depth, cfg.kernel_size, cfg.patch_size, cfg.num_classes,
-                        cfg.norm_mean, cfg.norm_std, cfg.gelu_approximate, cfg.activation)
+    return RefConvMixer(
+        cfg.dim,
+        cfg.depth,
+        cfg.kernel_size,
+        cfg.patch_size,
+        cfg.num_classes,
+        cfg.norm_mean,
+        cfg.norm_std,
+        cfg.gelu_approximate,
+        cfg.activation,
+    )
 
 
 def to_reference_tree(tree: dict, depth: int) -> dict:
@@ -87,8 +118,12 @@ def to_reference_tree(tree: dict, depth: int) -> dict:
     out = {k: tree[k] for k in ("stem", "stem_bn", "head") if k in tree}
     for i in range(depth):
         block = tree[f"block_{i}"]
-        for ours, ref in (("depthwise", "dw"), ("depthwise_bn", "dw_bn"),
-                          ("pointwise", "pw"), ("pointwise_bn", "pw_bn")):
+        for ours, ref in (
+            ("depthwise", "dw"),
+            ("depthwise_bn", "dw_bn"),
+            ("pointwise", "pw"),
+            ("pointwise_bn", "pw_bn"),
+        ):
             if ours in block:
                 out[f"{ref}_{i}"] = block[ours]
     return out
@@ -108,11 +143,17 @@ def configs(draw, impl="auto"):
     p = draw(st.integers(1, 3))
     grid = draw(st.integers(1, 4))
     cfg = ConvMixerConfig(
-        dim=draw(st.sampled_from([8, 12, 16])), depth=draw(st.integers(1, 2)),
-        kernel_size=draw(st.integers(1, 6)), patch_size=p,
-        num_classes=draw(st.integers(2, 5)), image_size=p * grid, channels=c,
-        gelu_approximate=draw(st.booleans()), depthwise_impl=impl,
-        activation=draw(st.sampled_from(["gelu", "relu"])))
+        dim=draw(st.sampled_from([8, 12, 16])),
+        depth=draw(st.integers(1, 2)),
+        kernel_size=draw(st.integers(1, 6)),
+        patch_size=p,
+        num_classes=draw(st.integers(2, 5)),
+        image_size=p * grid,
+        channels=c,
+        gelu_approximate=draw(st.booleans()),
+        depthwise_impl=impl,
+        activation=draw(st.sampled_from(["gelu", "relu"])),
+    )
     return cfg, draw(st.integers(1, 3)), draw(st.integers(0, 2**31))
 
 
@@ -122,6 +163,7 @@ def images_for(cfg, n, seed):
 
 
 # ---------------------------------------------------------------- depthwise formulations
+
 
 def depthwise_by_hand(x, kernel):
     """Stride-1 'same' cross-correlation, channel-major x (C, h, w, N); low padding (k-1)//2."""
@@ -139,7 +181,9 @@ def depthwise_by_hand(x, kernel):
     return y
 
 
-@pytest.mark.parametrize("k,h,w", [(1, 3, 2), (2, 1, 1), (2, 4, 5), (3, 4, 5), (4, 3, 2), (5, 2, 4)])
+@pytest.mark.parametrize(
+    "k,h,w", [(1, 3, 2), (2, 1, 1), (2, 4, 5), (3, 4, 5), (4, 3, 2), (5, 2, 4)]
+)
 def test_depthwise_impls_equal_hand_computation(k, h, w):
     rng = np.random.default_rng(k * 100 + h * 10 + w)
     x = rng.normal(size=(3, h, w, 2)).astype(np.float32)
@@ -184,8 +228,12 @@ def test_toeplitz_matrices_match_hand_built_and_conv_gradient(k, h, w, seed):
     # The kernel gradient through the dense form equals the grouped conv's.
     x = jnp.asarray(rng.normal(size=(2, h, w, 3)).astype(np.float32))
     cot = jnp.asarray(rng.normal(size=(2, h, w, 3)).astype(np.float32))
-    grads = {impl: np.asarray(jax.grad(lambda kk: jnp.sum(depthwise(x, kk, impl) * cot))(jnp.asarray(kernel)))
-             for impl in ("toeplitz", "conv")}
+    grads = {
+        impl: np.asarray(
+            jax.grad(lambda kk: jnp.sum(depthwise(x, kk, impl) * cot))(jnp.asarray(kernel))
+        )
+        for impl in ("toeplitz", "conv")
+    }
     np.testing.assert_allclose(grads["toeplitz"], grads["conv"], rtol=0, atol=1e-4)
 
 
@@ -194,8 +242,8 @@ def test_even_kernel_padding_is_asymmetric_like_lax_same():
     x = np.zeros((1, 3, 1, 1), np.float32)
     x[0, :, 0, 0] = [1.0, 10.0, 100.0]
     kernel = np.zeros((2, 2, 1, 1), np.float32)
-    kernel[0, 0, 0, 0] = 1.0   # tap (0, 0): the same position
-    kernel[1, 0, 0, 0] = 2.0   # tap (1, 0): one row below
+    kernel[0, 0, 0, 0] = 1.0  # tap (0, 0): the same position
+    kernel[1, 0, 0, 0] = 2.0  # tap (1, 0): one row below
     for impl in ("toeplitz", "shift", "conv"):
         y = np.asarray(depthwise(jnp.asarray(x), jnp.asarray(kernel), impl))[0, :, 0, 0]
         np.testing.assert_allclose(y, [1 + 20, 10 + 200, 100], err_msg=impl)
@@ -220,8 +268,10 @@ def random_stems(variables, k, seed):
     """K random stem kernels and biases shaped like ``variables``' stem: ((K, P, P, C, d), (K, d))."""
     rng = np.random.default_rng(seed)
     stem = variables["params"]["stem"]
-    return (rng.normal(size=(k,) + stem["kernel"].shape).astype(np.float32),
-            rng.normal(size=(k,) + stem["bias"].shape).astype(np.float32))
+    return (
+        rng.normal(size=(k,) + stem["kernel"].shape).astype(np.float32),
+        rng.normal(size=(k,) + stem["bias"].shape).astype(np.float32),
+    )
 
 
 @given(configs(), st.integers(1, 4))
@@ -233,12 +283,17 @@ def test_stems_equal_one_model_per_stem(case, k):
     model = ConvMixer(cfg)
     variables = random_variables(model, x, seed)
     kernels, biases = random_stems(variables, k, seed)
-    got = np.asarray(jax.jit(lambda v, x, s: model.apply(v, x, stems=s))(variables, x, (kernels, biases)))
+    got = np.asarray(
+        jax.jit(lambda v, x, s: model.apply(v, x, stems=s))(variables, x, (kernels, biases))
+    )
     assert got.shape == (k * n, cfg.num_classes)
     for i in range(k):
-        vi = {**variables, "params": {**variables["params"], "stem": {"kernel": kernels[i], "bias": biases[i]}}}
+        vi = {
+            **variables,
+            "params": {**variables["params"], "stem": {"kernel": kernels[i], "bias": biases[i]}},
+        }
         want = np.asarray(jax.jit(model.apply)(vi, x))
-        np.testing.assert_allclose(got[i * n:(i + 1) * n], want, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(got[i * n : (i + 1) * n], want, rtol=0, atol=1e-4)
 
 
 def test_stems_shape_is_checked():
@@ -247,10 +302,15 @@ def test_stems_shape_is_checked():
     x = images_for(cfg, 2, 0)
     variables = random_variables(model, x, 0)
     with pytest.raises(ValueError, match="stems must be"):
-        model.apply(variables, x, stems=(np.zeros((2, 2, 2, 3, 8), np.float32), np.zeros((3, 8), np.float32)))
+        model.apply(
+            variables,
+            x,
+            stems=(np.zeros((2, 2, 2, 3, 8), np.float32), np.zeros((3, 8), np.float32)),
+        )
 
 
 # ---------------------------------------------------------------- prepared inference
+
 
 @given(configs(impl="toeplitz"), st.integers(0, 3))
 @settings(max_examples=6, deadline=None, database=None)
@@ -266,24 +326,39 @@ def test_prepared_inference_equals_plain_and_uses_the_matrices(case, k):
         mat = prepared["prepared"][f"block_{i}"]["depthwise"]["matrix"]
         assert mat.shape == (cfg.dim, g * g, g * g)
     apply = jax.jit(model.apply)
-    np.testing.assert_allclose(np.asarray(apply(prepared, x)), np.asarray(apply(variables, x)), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(apply(prepared, x)), np.asarray(apply(variables, x)), rtol=0, atol=1e-5
+    )
     # the stems path too (the weight-space wrong-key sweep)
     if k:
         stems = random_stems(variables, k, seed)
         sweep = jax.jit(lambda v, x, s: model.apply(v, x, stems=s))
-        np.testing.assert_allclose(np.asarray(sweep(prepared, x, stems)), np.asarray(sweep(variables, x, stems)),
-                                   rtol=0, atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(sweep(prepared, x, stems)),
+            np.asarray(sweep(variables, x, stems)),
+            rtol=0,
+            atol=1e-4,
+        )
     # the prepared matrices are what runs: zeroing them changes the logits
     zeroed = {**prepared, "prepared": jax.tree.map(jnp.zeros_like, prepared["prepared"])}
     assert np.max(np.abs(np.asarray(apply(zeroed, x)) - np.asarray(apply(variables, x)))) > 1e-6
     # images of another size than the config's fall back to building the matrices
     x2 = images_for(dataclasses.replace(cfg, image_size=2 * cfg.image_size), n, seed)
-    np.testing.assert_allclose(np.asarray(apply(zeroed, x2)), np.asarray(apply(variables, x2)), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(apply(zeroed, x2)), np.asarray(apply(variables, x2)), rtol=0, atol=1e-5
+    )
 
 
 def test_prepared_variables_refused_for_training_and_skipped_for_other_impls():
-    cfg = ConvMixerConfig(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=3, image_size=4,
-                          depthwise_impl="toeplitz")
+    cfg = ConvMixerConfig(
+        dim=8,
+        depth=2,
+        kernel_size=3,
+        patch_size=2,
+        num_classes=3,
+        image_size=4,
+        depthwise_impl="toeplitz",
+    )
     model = ConvMixer(cfg)
     x = images_for(cfg, 2, 0)
     variables = random_variables(model, x, 0)
@@ -295,11 +370,14 @@ def test_prepared_variables_refused_for_training_and_skipped_for_other_impls():
         assert set(prepare_inference(other, variables)) == {"params", "batch_stats"}
     # preparing prepared variables recomputes from the current kernels
     again = prepare_inference(cfg, prepared)
-    np.testing.assert_array_equal(np.asarray(again["prepared"]["block_1"]["depthwise"]["matrix"]),
-                                  np.asarray(prepared["prepared"]["block_1"]["depthwise"]["matrix"]))
+    np.testing.assert_array_equal(
+        np.asarray(again["prepared"]["block_1"]["depthwise"]["matrix"]),
+        np.asarray(prepared["prepared"]["block_1"]["depthwise"]["matrix"]),
+    )
 
 
 # ---------------------------------------------------------------- independent reference
+
 
 @given(configs(), st.sampled_from(["toeplitz", "shift", "conv"]))
 @SETTINGS
@@ -319,8 +397,16 @@ def test_model_matches_nhwc_flax_reference(case, impl):
 
 
 def test_train_mode_matches_reference_and_updates_batch_stats():
-    cfg = ConvMixerConfig(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=4,
-                          image_size=8, channels=3, depthwise_impl="toeplitz")
+    cfg = ConvMixerConfig(
+        dim=8,
+        depth=2,
+        kernel_size=3,
+        patch_size=2,
+        num_classes=4,
+        image_size=8,
+        channels=3,
+        depthwise_impl="toeplitz",
+    )
     x = images_for(cfg, 3, 0)
     model, ref = ConvMixer(cfg), ref_for(cfg)
     variables = random_variables(model, x, 1)
@@ -336,8 +422,11 @@ def test_train_mode_matches_reference_and_updates_batch_stats():
     ref_logits, ref_updates = jax.jit(theirs)(ref_vars, x)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=0, atol=1e-4)
     new_stats = to_reference_tree(updates["batch_stats"], cfg.depth)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-                           new_stats, ref_updates["batch_stats"])
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+        new_stats,
+        ref_updates["batch_stats"],
+    )
     # the statistics moved away from the given values...
     old = variables["batch_stats"]
     for name in ("stem_bn",):
@@ -350,10 +439,18 @@ def test_train_mode_matches_reference_and_updates_batch_stats():
     stem = cols @ np.asarray(variables["params"]["stem"]["kernel"]).reshape(-1, cfg.dim)
     stem = np.asarray(jax.nn.gelu(stem + variables["params"]["stem"]["bias"], approximate=False))
     bm, bv = stem.mean(axis=0), stem.var(axis=0)
-    np.testing.assert_allclose(updates["batch_stats"]["stem_bn"]["mean"],
-                               0.9 * old["stem_bn"]["mean"] + 0.1 * bm, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(updates["batch_stats"]["stem_bn"]["var"],
-                               0.9 * old["stem_bn"]["var"] + 0.1 * bv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        updates["batch_stats"]["stem_bn"]["mean"],
+        0.9 * old["stem_bn"]["mean"] + 0.1 * bm,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        updates["batch_stats"]["stem_bn"]["var"],
+        0.9 * old["stem_bn"]["var"] + 0.1 * bv,
+        rtol=1e-5,
+        atol=1e-5,
+    )
     # train and eval differ (batch statistics vs running statistics); eval mutates nothing
     eval_logits = model.apply(variables, x, train=False)
     assert not np.allclose(np.asarray(eval_logits), np.asarray(logits), atol=1e-3)
@@ -361,8 +458,9 @@ def test_train_mode_matches_reference_and_updates_batch_stats():
 
 def test_init_gives_flax_layouts():
     # eval_shape only: compiling init (its many random draws) takes seconds on a busy CPU
-    cfg = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3,
-                          image_size=4, channels=3)
+    cfg = ConvMixerConfig(
+        dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=4, channels=3
+    )
     x = images_for(cfg, 2, 0)
     variables = jax.eval_shape(ConvMixer(cfg).init, jax.random.key(0), x)
     p = variables["params"]
@@ -377,6 +475,7 @@ def test_init_gives_flax_layouts():
 
 # ---------------------------------------------------------------- config
 
+
 def test_paper_preset():
     cfg = PRESETS["paper"]
     assert (cfg.dim, cfg.depth, cfg.kernel_size, cfg.patch_size) == (256, 8, 9, 4)
@@ -386,13 +485,28 @@ def test_paper_preset():
     assert cfg.grid_size == 8
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(dim=0), dict(depth=-1), dict(kernel_size=0), dict(patch_size=0), dict(num_classes=0),
-    dict(image_size=0), dict(channels=0), dict(dim=8.0), dict(dim=True), dict(depth="2"),
-    dict(image_size=30, patch_size=4), dict(image_size=32, patch_size=3),
-    dict(depthwise_impl="fft"), dict(mean=(0.5, 0.5)), dict(std=(0.5,) * 4),
-    dict(std=(0.5, 0.0, 0.5)), dict(std=(0.5, -1.0, 0.5)),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(dim=0),
+        dict(depth=-1),
+        dict(kernel_size=0),
+        dict(patch_size=0),
+        dict(num_classes=0),
+        dict(image_size=0),
+        dict(channels=0),
+        dict(dim=8.0),
+        dict(dim=True),
+        dict(depth="2"),
+        dict(image_size=30, patch_size=4),
+        dict(image_size=32, patch_size=3),
+        dict(depthwise_impl="fft"),
+        dict(mean=(0.5, 0.5)),
+        dict(std=(0.5,) * 4),
+        dict(std=(0.5, 0.0, 0.5)),
+        dict(std=(0.5, -1.0, 0.5)),
+    ],
+)
 def test_config_validation(kwargs):
     with pytest.raises(ValueError):
         ConvMixerConfig(**kwargs)
@@ -410,8 +524,9 @@ def test_config_dict_round_trip_and_unknown_fields():
 
 
 def test_model_rejects_images_that_do_not_fit():
-    cfg = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3,
-                          image_size=4, channels=3)
+    cfg = ConvMixerConfig(
+        dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=4, channels=3
+    )
     model = ConvMixer(cfg)
     variables = random_variables(model, images_for(cfg, 1, 0), 0)
     with pytest.raises(ValueError):
@@ -426,14 +541,24 @@ def test_timm_presets_and_activation_field():
     from convmixer_jax.model.convmixer import IMAGENET_MEAN, IMAGENET_STD, PRESETS
 
     assert PRESET_NAMES == list(PRESETS)  # the CLI spells them out to answer --help without JAX
-    shapes = {name: (c.dim, c.depth, c.kernel_size, c.patch_size, c.activation) for name, c in PRESETS.items()}
+    shapes = {
+        name: (c.dim, c.depth, c.kernel_size, c.patch_size, c.activation)
+        for name, c in PRESETS.items()
+    }
     assert shapes["convmixer_768_32"] == (768, 32, 7, 7, "relu")
     assert shapes["convmixer_1536_20"] == (1536, 20, 9, 7, "gelu")
     assert shapes["convmixer_1024_20_ks9_p14"] == (1024, 20, 9, 14, "gelu")
     for name in PRESET_NAMES[1:]:
         c = PRESETS[name]
-        assert (c.image_size, c.num_classes, c.mean, c.std) == (224, 1000, IMAGENET_MEAN, IMAGENET_STD)
-    relu = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, image_size=4, activation="relu")
+        assert (c.image_size, c.num_classes, c.mean, c.std) == (
+            224,
+            1000,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+        )
+    relu = ConvMixerConfig(
+        dim=8, depth=1, kernel_size=3, patch_size=2, image_size=4, activation="relu"
+    )
     assert ConvMixerConfig.from_dict(relu.to_dict()) == relu
     old = relu.to_dict()
     del old["activation"]  # config.json written before the field existed

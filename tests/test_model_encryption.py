@@ -1,5 +1,6 @@
 """Model encryption: the encrypted model on encrypted images computes the plain model on
 plain images; parameter transforms invert, rekey, vmap, and never touch their inputs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
 from convmixer_jax.scheme.images import encrypt_images
 from convmixer_jax.scheme.keys import InvalidKeyError, generate_key, stack_keys
-from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
 from convmixer_jax.scheme.params import (
     KeyModelMismatch,
     decrypt_params,
@@ -66,11 +67,16 @@ def jitted_apply(cfg: ConvMixerConfig):
 @st.composite
 def cases(draw):
     p, c = draw(st.sampled_from(PC))
-    cfg = ConvMixerConfig(dim=draw(st.sampled_from([8, 16])), depth=1,
-                          kernel_size=draw(st.integers(1, 4)), patch_size=p,
-                          num_classes=draw(st.integers(3, 5)),
-                          image_size=p * draw(st.integers(1, 3)), channels=c,
-                          activation=draw(st.sampled_from(["gelu", "relu"])))
+    cfg = ConvMixerConfig(
+        dim=draw(st.sampled_from([8, 16])),
+        depth=1,
+        kernel_size=draw(st.integers(1, 4)),
+        patch_size=p,
+        num_classes=draw(st.integers(3, 5)),
+        image_size=p * draw(st.integers(1, 3)),
+        channels=c,
+        activation=draw(st.sampled_from(["gelu", "relu"])),
+    )
     return cfg, draw(st.integers(0, 2**31))
 
 
@@ -105,6 +111,7 @@ def assert_same_prediction(plain, enc, tol):
 
 # ---------------------------------------------------------------- the paper's claim
 
+
 @given(cases())
 @SETTINGS
 def test_encrypted_model_on_encrypted_images_equals_plain(case):
@@ -122,16 +129,20 @@ def test_encrypted_model_on_encrypted_images_equals_plain(case):
     assert np.max(np.abs(plain - wrong)) > 1e-3
     # images encrypted with another key: different too
     # another key: pb = 3 has only 18, so seed + 1 can draw the same one; take the next that differs
-    other = next(k for k in (generate_key(cfg.patch_size, cfg.channels, seed=seed + i) for i in range(1, 100))
-                 if not (np.array_equal(k.perm, key.perm) and np.array_equal(k.flip, key.flip)))
-    if cfg.patch_size ** 2 * cfg.channels > 2:  # pb = 2 has only 4 keys
+    other = next(
+        k
+        for k in (generate_key(cfg.patch_size, cfg.channels, seed=seed + i) for i in range(1, 100))
+        if not (np.array_equal(k.perm, key.perm) and np.array_equal(k.flip, key.flip))
+    )
+    if cfg.patch_size**2 * cfg.channels > 2:  # pb = 2 has only 4 keys
         wrong_key = np.asarray(apply(enc_vars, encrypt_images(x, other)))
         assert np.max(np.abs(plain - wrong_key)) > 1e-3
 
 
 def test_paper_block_shape_equivalence():
-    cfg = ConvMixerConfig(dim=16, depth=2, kernel_size=5, patch_size=4, num_classes=10,
-                          image_size=16, channels=3)
+    cfg = ConvMixerConfig(
+        dim=16, depth=2, kernel_size=5, patch_size=4, num_classes=10, image_size=16, channels=3
+    )
     key = generate_key(4, 3, seed=123)
     variables = random_variables(cfg, 5)
     x = images(cfg, 5, n=4)
@@ -142,8 +153,12 @@ def test_paper_block_shape_equivalence():
     # uint8 images encrypted then scaled to [0, 1] give the same (255 - v)/255 = 1 - v/255
     x8 = np.random.default_rng(0).integers(0, 256, x.shape, dtype=np.uint8)
     plain8 = np.asarray(apply(variables, x8.astype(np.float32) / 255))
-    enc8 = np.asarray(apply(encrypt_params(variables, key),
-                            np.asarray(encrypt_images(x8, key)).astype(np.float32) / 255))
+    enc8 = np.asarray(
+        apply(
+            encrypt_params(variables, key),
+            np.asarray(encrypt_images(x8, key)).astype(np.float32) / 255,
+        )
+    )
     assert_same_prediction(plain8, enc8, 1e-4)
 
 
@@ -166,13 +181,16 @@ def test_equivalence_in_float64(case):
 
 # ---------------------------------------------------------------- general normalization
 
+
 @st.composite
 def norm_cases(draw):
     cfg, seed = draw(cases())
     rng = np.random.default_rng(seed + 7)
     # at least 0.1 from the paper's 0.5: with one channel the paper's transform is off only by
     # the bias that (1 - 2 * mean) / std leaves, too small to see for a mean near 0.5
-    mean = tuple((0.5 + rng.choice([-1.0, 1.0], cfg.channels) * rng.uniform(0.1, 0.3, cfg.channels)).tolist())
+    mean = tuple(
+        (0.5 + rng.choice([-1.0, 1.0], cfg.channels) * rng.uniform(0.1, 0.3, cfg.channels)).tolist()
+    )
     std = tuple(rng.uniform(0.1, 1.0, cfg.channels).tolist())
     return ConvMixerConfig(**{**cfg.to_dict(), "mean": mean, "std": std}), seed
 
@@ -196,28 +214,36 @@ def test_equivalence_with_general_normalization(case):
     back = decrypt_params(enc_vars, key, mean=cfg.mean, std=cfg.std)
     assert_trees_close(back, variables, rtol=1e-5, atol=1e-6)
     k2 = generate_key(cfg.patch_size, cfg.channels, seed=seed + 3)
-    assert_trees_close(rekey_params(enc_vars, key, k2, mean=cfg.mean, std=cfg.std),
-                       encrypt_params(variables, k2, mean=cfg.mean, std=cfg.std),
-                       rtol=1e-5, atol=1e-6)
+    assert_trees_close(
+        rekey_params(enc_vars, key, k2, mean=cfg.mean, std=cfg.std),
+        encrypt_params(variables, k2, mean=cfg.mean, std=cfg.std),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_general_normalization_with_paper_values_is_the_paper_transform():
-    cfg = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3,
-                          image_size=4, channels=3)
+    cfg = ConvMixerConfig(
+        dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=4, channels=3
+    )
     variables = random_variables(cfg, 0)
     key = generate_key(2, 3, seed=0)
-    assert_trees_equal(encrypt_params(variables, key, mean=(0.5,) * 3, std=(0.5,) * 3),
-                       encrypt_params(variables, key))
+    assert_trees_equal(
+        encrypt_params(variables, key, mean=(0.5,) * 3, std=(0.5,) * 3),
+        encrypt_params(variables, key),
+    )
 
 
 # ---------------------------------------------------------------- parameter transforms
+
 
 @given(st.sampled_from(PC), st.integers(0, 2**31))
 @settings(max_examples=15, deadline=None, database=None)
 def test_param_transforms_exact(pc, seed):
     p, c = pc
-    cfg = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=p, num_classes=3,
-                          image_size=p, channels=c)
+    cfg = ConvMixerConfig(
+        dim=8, depth=1, kernel_size=3, patch_size=p, num_classes=3, image_size=p, channels=c
+    )
     variables = random_variables(cfg, seed)
     params = variables["params"]
     k1 = generate_key(p, c, seed=seed)
@@ -246,8 +272,9 @@ def test_param_transforms_exact(pc, seed):
 
 
 def test_inputs_are_not_mutated():
-    cfg = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3,
-                          image_size=4, channels=3)
+    cfg = ConvMixerConfig(
+        dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=4, channels=3
+    )
     # numpy leaves: an in-place edit would show
     variables = jax.tree_util.tree_map(np.array, random_variables(cfg, 0))
     snapshot = jax.tree_util.tree_map(np.copy, variables)
@@ -275,16 +302,21 @@ def test_inputs_are_not_mutated():
 
 @pytest.mark.parametrize("m,c", [(4, 3), (1, 4), (2, 2), (2, 1), (6, 3)])
 def test_key_that_does_not_fit_the_model_is_refused(m, c):
-    cfg = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3,
-                          image_size=4, channels=3)
+    cfg = ConvMixerConfig(
+        dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=4, channels=3
+    )
     variables = random_variables(cfg, 0)
     bad = generate_key(m, c, seed=0)
     good = generate_key(2, 3, seed=0)
     enc = encrypt_params(variables, good)
-    calls = [lambda: encrypt_params(variables, bad), lambda: encrypt_params(variables["params"], bad),
-             lambda: decrypt_params(enc, bad), lambda: rekey_params(enc, bad, good),
-             lambda: rekey_params(enc, good, bad),
-             lambda: encrypt_params(variables, bad, mean=(0.4,) * 3, std=(0.3,) * 3)]
+    calls = [
+        lambda: encrypt_params(variables, bad),
+        lambda: encrypt_params(variables["params"], bad),
+        lambda: decrypt_params(enc, bad),
+        lambda: rekey_params(enc, bad, good),
+        lambda: rekey_params(enc, good, bad),
+        lambda: encrypt_params(variables, bad, mean=(0.4,) * 3, std=(0.3,) * 3),
+    ]
     for call in calls:
         with pytest.raises(KeyModelMismatch):
             call()
@@ -298,8 +330,9 @@ def test_tree_without_stem_is_refused():
 
 @pytest.mark.parametrize("norm", [None, ((0.3, 0.6, 0.45), (0.2, 0.7, 0.95))])
 def test_vmap_over_keys_equals_loop(norm):
-    cfg = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3,
-                          image_size=4, channels=3)
+    cfg = ConvMixerConfig(
+        dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=4, channels=3
+    )
     params = random_variables(cfg, 0)["params"]
     singles = [generate_key(2, 3, seed=s) for s in range(4)]
     keys = stack_keys(singles)
@@ -316,4 +349,6 @@ def test_vmap_over_keys_equals_loop(norm):
     # and the batch decrypts back, key by key
     back = jax.vmap(functools.partial(decrypt_params, **kw), in_axes=(0, 0))(batched, keys)
     for i in range(4):
-        assert_trees_close(jax.tree_util.tree_map(lambda a: a[i], back), params, rtol=1e-5, atol=1e-6)
+        assert_trees_close(
+            jax.tree_util.tree_map(lambda a: a[i], back), params, rtol=1e-5, atol=1e-6
+        )

@@ -1,19 +1,26 @@
 """Key recovery from an encrypted model: with the original weights, with an
 independently trained reference, and from the encrypted model alone."""
+
 import itertools
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from scipy.special import erf
 
+from convmixer_jax.attacks.from_model import evaluate_recovery, recover_key_from_encrypted_model
+from convmixer_jax.attacks.from_weights import (
+    ModelRecovery,
+    _qap,
+    recover_key_from_structure,
+    recover_key_with_independent_reference,
+    recover_key_with_reference,
+    symmetric_keys,
+)
+from convmixer_jax.attacks.stem_statistics import image_blocks, rank_keys_by_batch_stats
 from convmixer_jax.scheme.keys import Key, generate_key, make_key, validate_key
 from convmixer_jax.scheme.params import decrypt_kernel, encrypt_kernel
-from convmixer_jax.attacks.from_model import evaluate_recovery, recover_key_from_encrypted_model
-from convmixer_jax.attacks.stem_statistics import image_blocks, rank_keys_by_batch_stats
-from convmixer_jax.attacks.from_weights import (
-    ModelRecovery, _qap, recover_key_from_structure,
-    recover_key_with_independent_reference, recover_key_with_reference, symmetric_keys)
 
 
 def _encrypt(kernel, key):
@@ -31,7 +38,7 @@ def _smooth_kernel(seed, p=4, c=3, d=256, length=0.8, alpha=(1.0, 1.25, 0.7), be
     rng = np.random.default_rng(seed)
     ij = np.stack(np.divmod(np.arange(p * p), p), 1)
     dist2 = ((ij[:, None, :] - ij[None, :, :]) ** 2).sum(-1)
-    chol = np.linalg.cholesky(np.exp(-dist2 / (2 * length ** 2)) + 1e-9 * np.eye(p * p))
+    chol = np.linalg.cholesky(np.exp(-dist2 / (2 * length**2)) + 1e-9 * np.eye(p * p))
     shared = chol @ rng.normal(size=(p * p, d))  # (P*P, d)
     own = np.einsum("ab,bcd->acd", chol, rng.normal(size=(p * p, c, d)))  # (P*P, C, d)
     k = np.asarray(alpha)[None, :, None] * shared[:, None, :] + beta * own
@@ -43,6 +50,7 @@ def _same(a: Key, b: Key) -> bool:
 
 
 # ------------------------------------------------------------ original weights
+
 
 @settings(max_examples=15, deadline=None)
 @given(m=st.integers(1, 4), c=st.integers(1, 4), d=st.integers(4, 40), seed=st.integers(0, 10**6))
@@ -71,6 +79,7 @@ def test_unrelated_reference_recovers_little():
 
 
 # ---------------------------------------------------------------- the solver
+
 
 def test_qap_stops_at_a_pair_exchange_local_maximum():
     rng = np.random.default_rng(3)
@@ -106,6 +115,7 @@ def test_qap_finds_a_planted_isomorphism():
 
 
 # ---------------------------------------------------- independent reference
+
 
 @pytest.mark.parametrize("mixing", ["orthogonal", "permutation"])
 def test_independent_reference_with_mixed_output_channels(mixing):
@@ -152,6 +162,7 @@ def test_independent_reference_always_returns_a_valid_key():
 
 
 # ------------------------------------------------------ encrypted model only
+
 
 def test_symmetric_keys_are_the_block_symmetries():
     """Decrypting with each of the 96 symmetric keys gives the original
@@ -247,14 +258,18 @@ def test_batch_stats_pick_the_channel_order_and_global_sign():
     bn_mean, bn_var = g.mean(0), g.var(0)
     key = generate_key(4, 3, seed=23)
     enc = _encrypt(kernel, key)
-    rec = recover_key_from_structure(enc, stem_bias=bias, stem_bn_mean=bn_mean, stem_bn_var=bn_var,
-                                     public_images=_images(24, 32))  # other "public" images
+    rec = recover_key_from_structure(
+        enc, stem_bias=bias, stem_bn_mean=bn_mean, stem_bn_var=bn_var, public_images=_images(24, 32)
+    )  # other "public" images
     validate_key(rec.key)
     assert "BatchNorm" in rec.notes
     # images with dihedral-symmetric statistics cannot fix the grid orientation:
-    assert any(_same(k, key) for k in symmetric_keys(rec.key, channel_orders=False, global_sign=False))
-    scores = rank_keys_by_batch_stats(enc, bias, bn_mean, bn_var, [key, make_key(key.perm, 1 - key.flip, 4, 3)],
-                                      _images(24, 32))
+    assert any(
+        _same(k, key) for k in symmetric_keys(rec.key, channel_orders=False, global_sign=False)
+    )
+    scores = rank_keys_by_batch_stats(
+        enc, bias, bn_mean, bn_var, [key, make_key(key.perm, 1 - key.flip, 4, 3)], _images(24, 32)
+    )
     assert scores[0] < scores[1]
 
 
@@ -268,26 +283,40 @@ def test_batch_stats_of_a_relu_stem_need_the_relu():
     key = generate_key(4, 3, seed=33)
     enc = _encrypt(kernel, key)
     pair = [key, make_key(key.perm, 1 - key.flip, 4, 3)]
-    relu = rank_keys_by_batch_stats(enc, bias, bn_mean, bn_var, pair, _images(34, 32), activation="relu")
+    relu = rank_keys_by_batch_stats(
+        enc, bias, bn_mean, bn_var, pair, _images(34, 32), activation="relu"
+    )
     gelu = rank_keys_by_batch_stats(enc, bias, bn_mean, bn_var, pair, _images(34, 32))
     assert relu[0] < relu[1] and relu[0] < gelu[0]
     with pytest.raises(ValueError, match="activation"):
-        rank_keys_by_batch_stats(enc, bias, bn_mean, bn_var, pair, _images(34, 32), activation="silu")
+        rank_keys_by_batch_stats(
+            enc, bias, bn_mean, bn_var, pair, _images(34, 32), activation="silu"
+        )
 
 
 # -------------------------------------------------------------- measurement
+
 
 def test_evaluate_recovery_counts():
     key = generate_key(4, 3, seed=8)
     exact = ModelRecovery(key.perm, key.flip, np.ones(48), key, candidates=(key,))
     ev = evaluate_recovery(key, exact)
-    assert ev == {"fraction_both": 1.0, "fraction_perm": 1.0, "fraction_flip": 1.0, "exact": True,
-                  "exact_up_to_global_sign": True, "valid_key": True, "true_key_in_candidates": True,
-                  "candidates": 1}
+    assert ev == {
+        "fraction_both": 1.0,
+        "fraction_perm": 1.0,
+        "fraction_flip": 1.0,
+        "exact": True,
+        "exact_up_to_global_sign": True,
+        "valid_key": True,
+        "true_key_in_candidates": True,
+        "candidates": 1,
+    }
     neg = make_key(key.perm, 1 - key.flip, 4, 3)
     ev = evaluate_recovery(key, ModelRecovery(neg.perm, neg.flip, np.ones(48), neg))
     assert ev["fraction_flip"] == 0.0 and ev["fraction_both"] == 0.0 and ev["fraction_perm"] == 1.0
-    assert ev["exact_up_to_global_sign"] and not ev["exact"] and ev["true_key_in_candidates"] is None
+    assert (
+        ev["exact_up_to_global_sign"] and not ev["exact"] and ev["true_key_in_candidates"] is None
+    )
     perm = np.asarray(key.perm).copy()
     perm[[0, 1]] = perm[[1, 0]]
     ev = evaluate_recovery(key, ModelRecovery(perm, key.flip, np.ones(48), None))
@@ -303,13 +332,21 @@ def test_whole_model_attack_plumbing():
     from convmixer_jax.scheme.params import encrypt_params
     from convmixer_jax.training.loop import init_variables_abstract
 
-    config = ConvMixerConfig(dim=16, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8)
+    config = ConvMixerConfig(
+        dim=16, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8
+    )
     rng = np.random.default_rng(33)
     variables = jax.tree_util.tree_map_with_path(  # shapes only: a full init compiles for seconds
-        lambda path, s: (np.ones(s.shape, np.float32) if "var" in jax.tree_util.keystr(path)
-                         else (0.3 * rng.normal(size=s.shape)).astype(np.float32)),
-        jax.eval_shape(lambda: init_variables_abstract(config)))
-    stem = dict(variables["params"]["stem"], kernel=_smooth_kernel(30, p=2, d=16).astype(np.float32))
+        lambda path, s: (
+            np.ones(s.shape, np.float32)
+            if "var" in jax.tree_util.keystr(path)
+            else (0.3 * rng.normal(size=s.shape)).astype(np.float32)
+        ),
+        jax.eval_shape(lambda: init_variables_abstract(config)),
+    )
+    stem = dict(
+        variables["params"]["stem"], kernel=_smooth_kernel(30, p=2, d=16).astype(np.float32)
+    )
     variables = {**variables, "params": {**variables["params"], "stem": stem}}
     key = generate_key(2, 3, seed=31)
     enc = encrypt_params(variables, key)
@@ -325,17 +362,27 @@ def test_confidence_rerank_weighs_the_negative_of_each_leading_candidate():
     """The BatchNorm ranking can put a key's negative ahead of it; the re-rank scores both."""
     import jax
 
-    from convmixer_jax.attacks.from_model import negated_key, rank_keys_by_confidence, rerank_by_confidence
+    from convmixer_jax.attacks.from_model import (
+        negated_key,
+        rank_keys_by_confidence,
+        rerank_by_confidence,
+    )
     from convmixer_jax.model.convmixer import ConvMixerConfig
     from convmixer_jax.scheme.params import encrypt_params
     from convmixer_jax.training.loop import init_variables_abstract
 
-    config = ConvMixerConfig(dim=16, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8)
+    config = ConvMixerConfig(
+        dim=16, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8
+    )
     rng = np.random.default_rng(5)
     variables = jax.tree_util.tree_map_with_path(
-        lambda path, s: (np.ones(s.shape, np.float32) if "var" in jax.tree_util.keystr(path)
-                         else (0.5 * rng.normal(size=s.shape)).astype(np.float32)),
-        jax.eval_shape(lambda: init_variables_abstract(config)))
+        lambda path, s: (
+            np.ones(s.shape, np.float32)
+            if "var" in jax.tree_util.keystr(path)
+            else (0.5 * rng.normal(size=s.shape)).astype(np.float32)
+        ),
+        jax.eval_shape(lambda: init_variables_abstract(config)),
+    )
     key, other = generate_key(2, 3, seed=1), generate_key(2, 3, seed=2)
     enc = encrypt_params(variables, key)
     images = (rng.uniform(size=(16, 8, 8, 3)) * 255).astype(np.uint8)

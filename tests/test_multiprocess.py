@@ -2,6 +2,7 @@
 what one process gives: the wrong-key sweep of `attack` and of `reproduce` and the
 accuracy of `evaluate` exactly, two training steps up to the order of the cross-device
 sums; checkpoints move between one and two processes; only process 0 writes."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cli_helpers import ok, run
 
 HERE = Path(__file__).parent
@@ -27,21 +27,98 @@ def commands(root, tag: str) -> list[list[str]]:
     """The commands each process runs; outputs relative to the current folder, named by ``tag``."""
     root = Path(root)
     data = ["--data-dir", str(root / "data"), "--quiet"]
-    arch = ["--dim", "8", "--depth", "1", "--kernel-size", "3", "--patch-size", "2", "--num-classes", "3",
-            "--image-size", "8"]
+    arch = [
+        "--dim",
+        "8",
+        "--depth",
+        "1",
+        "--kernel-size",
+        "3",
+        "--patch-size",
+        "2",
+        "--num-classes",
+        "3",
+        "--image-size",
+        "8",
+    ]
     return [
-        ["attack", str(root / "model"), *data, "--num-keys", "6", "--key-seed", "3", "--key-chunk", "2",
-         "--batch-size", "16", "--out", f"attack-{tag}.json"],
-        ["evaluate", str(root / "model"), *data, "--batch-size", "10", "--out", f"evaluate-{tag}.json"],
+        [
+            "attack",
+            str(root / "model"),
+            *data,
+            "--num-keys",
+            "6",
+            "--key-seed",
+            "3",
+            "--key-chunk",
+            "2",
+            "--batch-size",
+            "16",
+            "--out",
+            f"attack-{tag}.json",
+        ],
+        [
+            "evaluate",
+            str(root / "model"),
+            *data,
+            "--batch-size",
+            "10",
+            "--out",
+            f"evaluate-{tag}.json",
+        ],
         # as many wrong keys as attack: drawing them reuses attack's compiled programs in this process
-        ["reproduce", "--checkpoint", str(root / "model"), *data, "--num-keys", "6", "--key-seed", "5",
-         "--out", f"reproduce-{tag}"],
-        ["train", *data, *arch, "--recipe", "fast", "--epochs", "1", "--train-batch-size", "16", "--limit-train", "32",
-         "--seed", "2", "--workdir", str(root / f"work-{tag}"), "--out", f"trained-{tag}"],
+        [
+            "reproduce",
+            "--checkpoint",
+            str(root / "model"),
+            *data,
+            "--num-keys",
+            "6",
+            "--key-seed",
+            "5",
+            "--out",
+            f"reproduce-{tag}",
+        ],
+        [
+            "train",
+            *data,
+            *arch,
+            "--recipe",
+            "fast",
+            "--epochs",
+            "1",
+            "--train-batch-size",
+            "16",
+            "--limit-train",
+            "32",
+            "--seed",
+            "2",
+            "--workdir",
+            str(root / f"work-{tag}"),
+            "--out",
+            f"trained-{tag}",
+        ],
         # resume a finished run's checkpoint: restores it (written by one process for "two") and saves it
-        ["train", *data, *arch, "--recipe", "fast", "--epochs", "1", "--train-batch-size", "16", "--limit-train", "32",
-         "--seed", "2", "--resume", "--workdir", str(root / ("work-one" if tag == "two" else f"work-{tag}")),
-         "--out", f"resumed-{tag}"],
+        [
+            "train",
+            *data,
+            *arch,
+            "--recipe",
+            "fast",
+            "--epochs",
+            "1",
+            "--train-batch-size",
+            "16",
+            "--limit-train",
+            "32",
+            "--seed",
+            "2",
+            "--resume",
+            "--workdir",
+            str(root / ("work-one" if tag == "two" else f"work-{tag}")),
+            "--out",
+            f"resumed-{tag}",
+        ],
     ]
 
 
@@ -59,9 +136,13 @@ def root(tmp_path_factory):
     rng = np.random.default_rng(0)
     base = rng.uniform(0, 1, (66, 1, 1, 3)) * np.linspace(0.2, 1.0, 8)[None, :, None, None]
     images = np.clip(255 * (base + rng.uniform(-0.1, 0.1, (66, 8, 8, 3))), 0, 255).astype(np.uint8)
-    config = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8)
+    config = ConvMixerConfig(
+        dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8
+    )
     model, variables = ConvMixer(config), init_variables(config, 4)
-    step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"])
+    step = jax.jit(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
+    )
     for _ in range(20):
         variables = {**variables, "batch_stats": step(variables, images / 255.0)}
     # the labels are the model's own classes, which differ between images (all three occur in each split)
@@ -87,7 +168,10 @@ def _params(model_dir):
     from convmixer_jax.files.model_dir import load_model
 
     _, variables, _ = load_model(model_dir)
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    return {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +194,23 @@ def runs(root):
     for pid in range(2):
         folders.append(root / f"process{pid}")
         folders[-1].mkdir()
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "multiprocess_worker.py"), str(port), str(pid), "2",
-                                       str(root)], cwd=folders[-1], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(HERE / "multiprocess_worker.py"),
+                    str(port),
+                    str(pid),
+                    "2",
+                    str(root),
+                ],
+                cwd=folders[-1],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = []
     try:
         for p in procs:
@@ -139,8 +237,15 @@ def test_sweeps_and_evaluation_equal_one_process(runs):
     r1 = json.loads((runs["one"] / "reproduce-one" / "results.json").read_text())
     r2 = json.loads((runs["two"] / "reproduce-two" / "results.json").read_text())
     assert len(r1["wrong_keys"]) == 6 and len(set(r1["wrong_keys"])) > 1
-    for field in ("wrong_keys", "baseline_plain", "encrypted_plain", "encrypted_encrypted",
-                  "identical_predictions", "key_fingerprint", "baseline_plain_tta"):
+    for field in (
+        "wrong_keys",
+        "baseline_plain",
+        "encrypted_plain",
+        "encrypted_encrypted",
+        "identical_predictions",
+        "key_fingerprint",
+        "baseline_plain_tta",
+    ):
         assert r2[field] == r1[field], field
 
 
@@ -156,9 +261,13 @@ def test_two_training_steps_equal_one_process_within_the_tolerance(root, runs):
         np.testing.assert_allclose(p2[k], p1[k], rtol=0, atol=PARAM_ATOL, err_msg=k)
     # not vacuous: the two steps moved the weights (train --seed 2 starts from init seed 2) far
     # more than the tolerance
-    config = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8)
-    start = {jax.tree_util.keystr(p): np.asarray(v)
-             for p, v in jax.tree_util.tree_flatten_with_path(init_variables(config, 2))[0]}
+    config = ConvMixerConfig(
+        dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8
+    )
+    start = {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_flatten_with_path(init_variables(config, 2))[0]
+    }
     assert max(float(np.max(np.abs(p1[k] - start[k]))) for k in p1) > 100 * PARAM_ATOL
     log1 = json.loads((root / "work-one" / "train_log.json").read_text())
     log2 = json.loads((root / "work-two" / "train_log.json").read_text())
@@ -181,22 +290,50 @@ def test_checkpoints_move_between_one_and_two_processes(capsys, root, runs):
 def test_only_process_zero_writes_and_reports(runs):
     assert sorted(p.name for p in runs["process1"].iterdir()) == []
     names = sorted(p.name.replace("-two", "-one") for p in runs["two"].iterdir())
-    assert names == sorted(p.name for p in runs["one"].iterdir())  # the same outputs, no temporaries
+    assert names == sorted(
+        p.name for p in runs["one"].iterdir()
+    )  # the same outputs, no temporaries
     # process 0 reports; process 1 prints nothing but gloo's own connection notice
     assert [line for line in runs["stdout"][1].splitlines() if not line.startswith("[Gloo]")] == []
     assert '"num_keys": 6' in runs["stdout"][0] and '"model": "trained-two"' in runs["stdout"][0]
 
 
-@pytest.mark.parametrize("options, says", [
-    (["--num-processes", "2"], "go together"),
-    (["--coordinator-address", "127.0.0.1:1234", "--num-processes", "2"], "go together"),
-    (["--coordinator-address", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], "0..1"),
-    (["--coordinator-address", "localhost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
-    (["--coordinator-address", "h:70000", "--num-processes", "2", "--process-id", "1"], "HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (["--num-processes", "2"], "go together"),
+        (["--coordinator-address", "127.0.0.1:1234", "--num-processes", "2"], "go together"),
+        (
+            [
+                "--coordinator-address",
+                "127.0.0.1:1234",
+                "--num-processes",
+                "2",
+                "--process-id",
+                "2",
+            ],
+            "0..1",
+        ),
+        (
+            ["--coordinator-address", "localhost", "--num-processes", "2", "--process-id", "0"],
+            "HOST:PORT",
+        ),
+        (
+            ["--coordinator-address", "h:70000", "--num-processes", "2", "--process-id", "1"],
+            "HOST:PORT",
+        ),
+    ],
+)
 def test_bad_process_options_one_line_nothing_written(capsys, root, tmp_path, options, says):
     for argv in (["attack", root / "model", "--num-keys", "2"], ["evaluate", root / "model"]):
         out = tmp_path / "out.json"
-        rc, _, err = run(capsys, *argv, "--data-dir", root / "data", "--quiet", "--out", out, *options)
-        assert rc == 2 and says in err and err.count("\n") == 1 and err.startswith("convmixer-jax: error:")
+        rc, _, err = run(
+            capsys, *argv, "--data-dir", root / "data", "--quiet", "--out", out, *options
+        )
+        assert (
+            rc == 2
+            and says in err
+            and err.count("\n") == 1
+            and err.startswith("convmixer-jax: error:")
+        )
         assert not out.exists()

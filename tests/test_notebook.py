@@ -7,6 +7,7 @@ directory placed first on ``JUPYTER_PATH``, so a ``python3`` kernel installed
 elsewhere on the machine cannot be picked up instead. The working directory
 of the kernel is ``notebooks/``, as under ``pytest --nbmake``.
 """
+
 import json
 import re
 import sys
@@ -36,21 +37,32 @@ def _outputs_text(nb) -> str:
 def test_explore_notebook_runs(tmp_path, monkeypatch):
     spec_dir = tmp_path / "jupyter" / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python (tests)",
-        "language": "python",
-    }))
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python (tests)",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
-        nb, kernel_name=KERNEL_NAME, timeout=600,
-        resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+        nb,
+        kernel_name=KERNEL_NAME,
+        timeout=600,
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
     client.execute()  # raises CellExecutionError on the first failing cell
 
-    errors = [out for cell in nb.cells for out in cell.get("outputs", [])
-              if out.get("output_type") == "error"]
+    errors = [
+        out
+        for cell in nb.cells
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "error"
+    ]
     assert not errors, errors
     text = _outputs_text(nb)
     m = re.search(r"identical predictions: (\d+) / (\d+)", text)
@@ -58,7 +70,8 @@ def test_explore_notebook_runs(tmp_path, monkeypatch):
     same, total = int(m.group(1)), int(m.group(2))
     assert total > 0 and same == total, m.group(0)
     assert "decrypt(encrypt(x)) == x on all" in text and "False" not in re.findall(
-        r"decrypt\(encrypt\(x\)\) == x on all \d+ images: (\w+)", text)
+        r"decrypt\(encrypt\(x\)\) == x on all \d+ images: (\w+)", text
+    )
     assert "E' == sign * E[perm] exactly: True" in text
     # section 7 (with the torch extra): an imported timm model, encrypted with a pb = 147 key
     if "section skipped" not in text:

@@ -1,29 +1,43 @@
 """The position-key countermeasure: a key per block position, a position-wise patch
 embedding that keeps the model's function, and the model-side attack that undoes it."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_model_encryption import random_variables
 
-from convmixer_jax.attacks.position_keys import (align_to_first, exact_positions_all, keys_from_first,
-                                                 relative_keys)
+from convmixer_jax.attacks.position_keys import (
+    align_to_first,
+    exact_positions_all,
+    keys_from_first,
+    relative_keys,
+)
 from convmixer_jax.model.convmixer import ConvMixerConfig
 from convmixer_jax.model.inference import predict_logits
 from convmixer_jax.model.position_wise import position_wise_logits
 from convmixer_jax.scheme.images import encrypt_images, encrypt_images_reference
 from convmixer_jax.scheme.keys import InvalidKeyError, Key
-from convmixer_jax.scheme.position_keys import (decrypt_images_by_position, encrypt_images_by_position,
-                                                encrypt_params_by_position, generate_position_keys)
-from test_model_encryption import random_variables
+from convmixer_jax.scheme.position_keys import (
+    decrypt_images_by_position,
+    encrypt_images_by_position,
+    encrypt_params_by_position,
+    generate_position_keys,
+)
 
 SETTINGS = settings(max_examples=12, deadline=None, database=None)
 
 
 @SETTINGS
-@given(m=st.integers(1, 4), c=st.integers(1, 3), gh=st.integers(1, 3), gw=st.integers(1, 3),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    m=st.integers(1, 4),
+    c=st.integers(1, 3),
+    gh=st.integers(1, 3),
+    gw=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_each_block_is_encrypted_with_its_own_key(m, c, gh, gw, seed):
     if m * m * c < 2:
         return
@@ -47,21 +61,37 @@ def test_position_keys_are_independent_and_checked():
     with pytest.raises(InvalidKeyError, match="one key per block position"):
         encrypt_images_by_position(np.zeros((1, 6, 4, 3), np.uint8), keys)
     with pytest.raises(InvalidKeyError, match="batch of keys"):
-        encrypt_images_by_position(np.zeros((1, 4, 4, 3), np.uint8), Key(keys.perm[0], keys.flip[0], 2, 3))
+        encrypt_images_by_position(
+            np.zeros((1, 4, 4, 3), np.uint8), Key(keys.perm[0], keys.flip[0], 2, 3)
+        )
 
 
-@pytest.mark.parametrize("mean, std", [(None, None), ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))])
+@pytest.mark.parametrize(
+    "mean, std", [(None, None), ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))]
+)
 def test_the_position_wise_model_on_its_images_is_the_plain_model(mean, std):
-    cfg = ConvMixerConfig(dim=16, depth=1, kernel_size=3, patch_size=2, num_classes=5, image_size=8,
-                          mean=mean, std=std)
+    cfg = ConvMixerConfig(
+        dim=16,
+        depth=1,
+        kernel_size=3,
+        patch_size=2,
+        num_classes=5,
+        image_size=8,
+        mean=mean,
+        std=std,
+    )
     variables = random_variables(cfg, seed=1)
     x = np.random.default_rng(2).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
     keys = generate_position_keys(2, 3, (4, 4), seed=3)
     enc_vars = encrypt_params_by_position(variables, keys, (4, 4), mean=mean, std=std)
     assert enc_vars["params"]["stem"]["kernel"].shape == (4, 4, 2, 2, 3, 16)
     plain = predict_logits(cfg, variables, x)
-    np.testing.assert_allclose(position_wise_logits(cfg, enc_vars, encrypt_images_by_position(x, keys)), plain,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        position_wise_logits(cfg, enc_vars, encrypt_images_by_position(x, keys)),
+        plain,
+        rtol=1e-4,
+        atol=1e-4,
+    )
     # one key for every block (the paper's scheme) does not fit this model
     one = Key(keys.perm[0], keys.flip[0], 2, 3)
     wrong = position_wise_logits(cfg, enc_vars, encrypt_images(x, one))
@@ -73,8 +103,9 @@ def test_the_position_wise_model_on_its_images_is_the_plain_model(mean, std):
 def test_relative_keys_from_the_model_align_every_block_to_the_first_key(seed, m, c):
     if m * m * c < 2:
         return
-    cfg = ConvMixerConfig(dim=12, depth=1, kernel_size=3, patch_size=m, num_classes=3, image_size=3 * m,
-                          channels=c)
+    cfg = ConvMixerConfig(
+        dim=12, depth=1, kernel_size=3, patch_size=m, num_classes=3, image_size=3 * m, channels=c
+    )
     variables = random_variables(cfg, seed=seed % 1000)
     keys = generate_position_keys(m, c, (3, 3), seed=seed)
     enc_vars = encrypt_params_by_position(variables, keys, (3, 3))
@@ -88,5 +119,7 @@ def test_relative_keys_from_the_model_align_every_block_to_the_first_key(seed, m
     # a wrong first key gives wrong keys everywhere
     other = generate_position_keys(m, c, (1, 1), seed=seed + 1)
     bad = keys_from_first(Key(other.perm[0], other.flip[0], m, c), src, negate)
-    same = bool(np.array_equal(other.perm[0], first.perm) and np.array_equal(other.flip[0], first.flip))
+    same = bool(
+        np.array_equal(other.perm[0], first.perm) and np.array_equal(other.flip[0], first.flip)
+    )
     assert exact_positions_all(bad, keys) == (9 if same else 0)

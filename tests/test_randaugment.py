@@ -1,9 +1,11 @@
 """RandAugment on device: each op against PIL's, and the batch function's shape/range/randomness."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageEnhance, ImageOps
 
 from convmixer_jax.training.randaugment import OPS, all_ops, rand_augment
@@ -13,24 +15,31 @@ def _pil_reference(img: np.ndarray, magnitude: int, sign: float) -> dict:
     pil = Image.fromarray(img)
     f = magnitude / 30
     enh = 1 + sign * 0.9 * f
-    return {"equalize": ImageOps.equalize(pil), "autocontrast": ImageOps.autocontrast(pil),
-            "posterize": ImageOps.posterize(pil, int(8 - round(magnitude / 7.5))),
-            "solarize": ImageOps.solarize(pil, 255 * (30 - magnitude) / 30),
-            "brightness": ImageEnhance.Brightness(pil).enhance(enh),
-            "color": ImageEnhance.Color(pil).enhance(enh),
-            "contrast": ImageEnhance.Contrast(pil).enhance(enh),
-            "sharpness": ImageEnhance.Sharpness(pil).enhance(enh)}
+    return {
+        "equalize": ImageOps.equalize(pil),
+        "autocontrast": ImageOps.autocontrast(pil),
+        "posterize": ImageOps.posterize(pil, int(8 - round(magnitude / 7.5))),
+        "solarize": ImageOps.solarize(pil, 255 * (30 - magnitude) / 30),
+        "brightness": ImageEnhance.Brightness(pil).enhance(enh),
+        "color": ImageEnhance.Color(pil).enhance(enh),
+        "contrast": ImageEnhance.Contrast(pil).enhance(enh),
+        "sharpness": ImageEnhance.Sharpness(pil).enhance(enh),
+    }
 
 
 @settings(max_examples=8, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), magnitude=st.integers(0, 30), sign=st.sampled_from([1.0, -1.0]))
+@given(
+    seed=st.integers(0, 2**31 - 1), magnitude=st.integers(0, 30), sign=st.sampled_from([1.0, -1.0])
+)
 def test_pixel_ops_match_pil(seed, magnitude, sign):
     rng = np.random.default_rng(seed)
     img = (rng.random((16, 12, 3)) ** 2 * 200 + 20).astype(np.uint8)
     outs = np.asarray(all_ops(jnp.asarray(img, jnp.float32) / 255, magnitude, sign)) * 255
     for name, ref in _pil_reference(img, magnitude, sign).items():
         # PIL rounds every enhance to uint8; we keep floats: at most one level apart
-        np.testing.assert_allclose(outs[OPS.index(name)], np.asarray(ref, np.float32), atol=1.5, err_msg=name)
+        np.testing.assert_allclose(
+            outs[OPS.index(name)], np.asarray(ref, np.float32), atol=1.5, err_msg=name
+        )
 
 
 def test_geometric_ops_move_pixels_as_stated():

@@ -1,4 +1,5 @@
 """The README's Python example runs and its assertion holds."""
+
 import re
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def test_readme_cli_session_runs_as_written(tmp_path, monkeypatch, capsys):
 
     root = Path(__file__).parents[1]
     (tmp_path / "results" / "cifar10").mkdir(parents=True)
-    (tmp_path / "results" / "cifar10" / "plain-model").symlink_to(root / "results" / "cifar10" / "plain-model")
+    (tmp_path / "results" / "cifar10" / "plain-model").symlink_to(
+        root / "results" / "cifar10" / "plain-model"
+    )
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "example-photos").symlink_to(root / "docs" / "example-photos")
     monkeypatch.chdir(tmp_path)
@@ -70,4 +73,6 @@ def test_readme_cli_session_runs_as_written(tmp_path, monkeypatch, capsys):
                 assert a.split(":")[0] == e.split(":")[0], (line, a)
             else:
                 assert _same_line(e, a, fingerprints), (line, e, a)
-    assert len(set(fingerprints.values())) == 2  # key.json and key2.json, each reported consistently
+    assert (
+        len(set(fingerprints.values())) == 2
+    )  # key.json and key2.json, each reported consistently

@@ -1,6 +1,7 @@
 """Nothing lost, nothing silently wrong (issue 14): each hostile case of the issue, run as
 written, gets one line on stderr and a non-zero exit and leaves every path as it was;
 model directories verify themselves; killed or terminated writes leave no debris."""
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,27 @@ from convmixer_jax import cli
 from convmixer_jax.files import atomic
 
 REPO = Path(__file__).parents[1]
-ARCH = ["--dim", "16", "--depth", "1", "--kernel-size", "3", "--patch-size", "4", "--image-size", "8"]
+ARCH = [
+    "--dim",
+    "16",
+    "--depth",
+    "1",
+    "--kernel-size",
+    "3",
+    "--patch-size",
+    "4",
+    "--image-size",
+    "8",
+]
 
 
 def tree(path: Path) -> dict:
     """Every entry under ``path`` (names, and bytes of files), to compare before/after."""
     out = {}
     for p in sorted(path.rglob("*")):
-        out[str(p.relative_to(path))] = p.read_bytes() if p.is_file() and not p.is_symlink() else p.is_dir()
+        out[str(p.relative_to(path))] = (
+            p.read_bytes() if p.is_file() and not p.is_symlink() else p.is_dir()
+        )
     return out
 
 
@@ -47,8 +61,25 @@ def refused(capsys, argv, *, where: Path, code: int = 1, words: tuple[str, ...] 
 @pytest.fixture()
 def work(tmp_path, capsys):
     """A folder with a key, images and a plain model made by the CLI."""
-    assert cli.main(["keygen", "--block-size", "4", "--channels", "3", "--seed", "3", "--out", str(tmp_path / "k.json")]) == 0
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8))
+    assert (
+        cli.main(
+            [
+                "keygen",
+                "--block-size",
+                "4",
+                "--channels",
+                "3",
+                "--seed",
+                "3",
+                "--out",
+                str(tmp_path / "k.json"),
+            ]
+        )
+        == 0
+    )
+    np.save(
+        tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    )
     assert cli.main(["init-model", *ARCH, "--seed", "0", "--out", str(tmp_path / "m")]) == 0
     capsys.readouterr()
     return tmp_path
@@ -63,54 +94,130 @@ def test_force_never_replaces_a_folder_holding_the_input_or_the_key(work, capsys
     os.rename(work / "m", p / "plain-model")
     os.rename(work / "k.json", p / "key.json")
     (p / "notes.txt").write_text("mine")
-    refused(capsys, ["encrypt-model", "--key", p / "key.json", "--force", p / "plain-model", p], where=work,
-            words=("contains",))
-    refused(capsys, ["encrypt-model", "--key", p / "key.json", "--force", p / "plain-model", p / "plain-model"],
-            where=work, words=("is IN_MODEL",))
+    refused(
+        capsys,
+        ["encrypt-model", "--key", p / "key.json", "--force", p / "plain-model", p],
+        where=work,
+        words=("contains",),
+    )
+    refused(
+        capsys,
+        ["encrypt-model", "--key", p / "key.json", "--force", p / "plain-model", p / "plain-model"],
+        where=work,
+        words=("is IN_MODEL",),
+    )
     # a folder that is not a model directory, or that holds more than one
     (work / "other").mkdir()
     (work / "other" / "a.txt").write_text("a")
-    refused(capsys, ["init-model", *ARCH, "--seed", "1", "--force", "--out", work / "other"], where=work,
-            words=("not a model directory",))
+    refused(
+        capsys,
+        ["init-model", *ARCH, "--seed", "1", "--force", "--out", work / "other"],
+        where=work,
+        words=("not a model directory",),
+    )
     assert cli.main(["init-model", *ARCH, "--seed", "1", "--out", str(work / "m2")]) == 0
     (work / "m2" / "notes.txt").write_text("mine")
-    refused(capsys, ["init-model", *ARCH, "--seed", "2", "--force", "--out", work / "m2"], where=work,
-            words=("notes.txt",))
+    refused(
+        capsys,
+        ["init-model", *ARCH, "--seed", "2", "--force", "--out", work / "m2"],
+        where=work,
+        words=("notes.txt",),
+    )
     # a results folder that no command wrote
-    refused(capsys, ["reproduce", "--checkpoint", p / "plain-model", "--data-dir", work / "nodata", "--force",
-                     "--out", work / "other"], where=work, words=("did not write",))
+    refused(
+        capsys,
+        [
+            "reproduce",
+            "--checkpoint",
+            p / "plain-model",
+            "--data-dir",
+            work / "nodata",
+            "--force",
+            "--out",
+            work / "other",
+        ],
+        where=work,
+        words=("did not write",),
+    )
 
 
 def test_force_replaces_what_the_command_made(work, capsys):
     key = work / "k.json"
-    assert cli.main(["encrypt-images", "--key", str(key), str(work / "x.npy"), str(work / "e.npy")]) == 0
+    assert (
+        cli.main(["encrypt-images", "--key", str(key), str(work / "x.npy"), str(work / "e.npy")])
+        == 0
+    )
     assert cli.main(["encrypt-model", "--key", str(key), str(work / "m"), str(work / "em")]) == 0
     first = tree(work / "em")
     assert cli.main(["init-model", *ARCH, "--seed", "5", "--out", str(work / "m5")]) == 0
-    assert cli.main(["encrypt-model", "--key", str(key), "--force", str(work / "m5"), str(work / "em")]) == 0
+    assert (
+        cli.main(
+            ["encrypt-model", "--key", str(key), "--force", str(work / "m5"), str(work / "em")]
+        )
+        == 0
+    )
     assert tree(work / "em") != first
-    assert cli.main(["encrypt-images", "--key", str(key), "--force", str(work / "x.npy"), str(work / "e.npy")]) == 0
+    assert (
+        cli.main(
+            [
+                "encrypt-images",
+                "--key",
+                str(key),
+                "--force",
+                str(work / "x.npy"),
+                str(work / "e.npy"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
 
 
 def test_force_never_replaces_special_files_or_directories(work, capsys):
     fifo = work / "fifo"
     os.mkfifo(fifo)
-    refused(capsys, ["encrypt-images", "--key", work / "k.json", "--force", work / "x.npy", fifo], where=work,
-            words=("named pipe",))
+    refused(
+        capsys,
+        ["encrypt-images", "--key", work / "k.json", "--force", work / "x.npy", fifo],
+        where=work,
+        words=("named pipe",),
+    )
     (work / "adir").mkdir()
-    refused(capsys, ["encrypt-images", "--key", work / "k.json", "--force", work / "x.npy", work / "adir"],
-            where=work, words=("a directory",))
+    refused(
+        capsys,
+        ["encrypt-images", "--key", work / "k.json", "--force", work / "x.npy", work / "adir"],
+        where=work,
+        words=("a directory",),
+    )
     (work / "target.npy").write_bytes(b"someone else's file")
     os.symlink(work / "target.npy", work / "link.npy")
-    refused(capsys, ["encrypt-images", "--key", work / "k.json", "--force", work / "x.npy", work / "link.npy"],
-            where=work, words=("symbolic link",))
+    refused(
+        capsys,
+        ["encrypt-images", "--key", work / "k.json", "--force", work / "x.npy", work / "link.npy"],
+        where=work,
+        words=("symbolic link",),
+    )
 
 
 def test_output_names_that_name_nothing_or_a_missing_folder(work, capsys):
-    refused(capsys, ["keygen", "--block-size", "4", "--channels", "3", "--out", ""], where=work, words=("names no file",))
-    refused(capsys, ["encrypt-images", "--key", work / "k.json", work / "x.npy", work / "no" / "such" / "e.npy"],
-            where=work, words=("does not exist", "mkdir -p"))
+    refused(
+        capsys,
+        ["keygen", "--block-size", "4", "--channels", "3", "--out", ""],
+        where=work,
+        words=("names no file",),
+    )
+    refused(
+        capsys,
+        [
+            "encrypt-images",
+            "--key",
+            work / "k.json",
+            work / "x.npy",
+            work / "no" / "such" / "e.npy",
+        ],
+        where=work,
+        words=("does not exist", "mkdir -p"),
+    )
     assert not (work / "no").exists()
 
 
@@ -118,7 +225,9 @@ def test_output_names_that_name_nothing_or_a_missing_folder(work, capsys):
 
 
 def _largest_variables_file(model: Path) -> Path:
-    return max((f for f in (model / "variables").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    return max(
+        (f for f in (model / "variables").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size
+    )
 
 
 def _flip_100_bytes(f: Path) -> None:
@@ -137,35 +246,92 @@ def test_every_damaged_variables_file_is_refused_by_name(work, capsys):
         subprocess.run(["cp", "-r", str(work / "m"), str(copy)], check=True)
         _flip_100_bytes(copy / f.relative_to(work / "m"))
         name = f.relative_to(work / "m" / "variables").as_posix()
-        refused(capsys, ["predict", copy, work / "x.npy", "--out", work / "l.npy"], where=work, words=(name,))
-        refused(capsys, ["encrypt-model", "--key", work / "k.json", copy, work / "em"], where=work, words=(name,))
+        refused(
+            capsys,
+            ["predict", copy, work / "x.npy", "--out", work / "l.npy"],
+            where=work,
+            words=(name,),
+        )
+        refused(
+            capsys,
+            ["encrypt-model", "--key", work / "k.json", copy, work / "em"],
+            where=work,
+            words=(name,),
+        )
         subprocess.run(["rm", "-r", str(copy)], check=True)
 
 
 def test_damaged_model_refused_by_every_loading_command(work, capsys, monkeypatch):
     from test_attack import _png_tree
 
-    monkeypatch.setenv("CONVMIXER_JAX_CACHE", str(work.parent / (work.name + "-cache")))  # not an output
+    monkeypatch.setenv(
+        "CONVMIXER_JAX_CACHE", str(work.parent / (work.name + "-cache"))
+    )  # not an output
     data = work / "data"
     _png_tree(data, size=8)
-    assert cli.main(["init-model", *ARCH, "--num-classes", "3", "--seed", "0", "--out", str(work / "m3")]) == 0
-    assert cli.main(["encrypt-model", "--key", str(work / "k.json"), str(work / "m3"), str(work / "em3")]) == 0
+    assert (
+        cli.main(
+            ["init-model", *ARCH, "--num-classes", "3", "--seed", "0", "--out", str(work / "m3")]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            ["encrypt-model", "--key", str(work / "k.json"), str(work / "m3"), str(work / "em3")]
+        )
+        == 0
+    )
     capsys.readouterr()
     for model in (work / "m3", work / "em3"):
         _flip_100_bytes(_largest_variables_file(model))
     big = _largest_variables_file(work / "m3").name
     m, em, d = work / "m3", work / "em3", data
-    for argv in (["predict", m, work / "x.npy", "--out", work / "l.npy"],
-                 ["evaluate", m, "--data-dir", d],
-                 ["attack", m, "--data-dir", d, "--num-keys", "2", "--quiet", "--out", work / "a.json"],
-                 ["encrypt-model", "--key", work / "k.json", m, work / "o1"],
-                 ["decrypt-model", "--key", work / "k.json", em, work / "o2"],
-                 ["rekey-model", "--old-key", work / "k.json", "--new-key", work / "k.json", em, work / "o3"],
-                 ["average-models", m, m, "--data-dir", d, "--quiet", "--out", work / "o4"],
-                 ["train", "--data-dir", d, "--init-from", m, "--epochs", "1", "--batch-size", "6",
-                  "--workdir", work / "w", "--quiet", "--out", work / "o5"],
-                 ["reproduce", "--checkpoint", m, "--data-dir", d, "--num-keys", "1", "--quiet", "--out", work / "o6"],
-                 ["security-report", m, "--data-dir", d, "--quiet", "--out", work / "o7"]):
+    for argv in (
+        ["predict", m, work / "x.npy", "--out", work / "l.npy"],
+        ["evaluate", m, "--data-dir", d],
+        ["attack", m, "--data-dir", d, "--num-keys", "2", "--quiet", "--out", work / "a.json"],
+        ["encrypt-model", "--key", work / "k.json", m, work / "o1"],
+        ["decrypt-model", "--key", work / "k.json", em, work / "o2"],
+        [
+            "rekey-model",
+            "--old-key",
+            work / "k.json",
+            "--new-key",
+            work / "k.json",
+            em,
+            work / "o3",
+        ],
+        ["average-models", m, m, "--data-dir", d, "--quiet", "--out", work / "o4"],
+        [
+            "train",
+            "--data-dir",
+            d,
+            "--init-from",
+            m,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "6",
+            "--workdir",
+            work / "w",
+            "--quiet",
+            "--out",
+            work / "o5",
+        ],
+        [
+            "reproduce",
+            "--checkpoint",
+            m,
+            "--data-dir",
+            d,
+            "--num-keys",
+            "1",
+            "--quiet",
+            "--out",
+            work / "o6",
+        ],
+        ["security-report", m, "--data-dir", d, "--quiet", "--out", work / "o7"],
+    ):
         refused(capsys, argv, where=work, words=("variables/",))
     assert big  # the damaged file is named in each message above ("variables/<name>")
 
@@ -188,9 +354,30 @@ def test_big_endian_images_are_read_as_their_values(work, capsys):
     np.save(work / "be.npy", x.astype(">f4"))
     np.save(work / "le.npy", x)
     for name in ("be", "le"):
-        assert cli.main(["encrypt-images", "--key", str(work / "k.json"), str(work / f"{name}.npy"),
-                         str(work / f"e{name}.npy")]) == 0
-        assert cli.main(["predict", str(work / "m"), str(work / f"{name}.npy"), "--out", str(work / f"l{name}.npy")]) == 0
+        assert (
+            cli.main(
+                [
+                    "encrypt-images",
+                    "--key",
+                    str(work / "k.json"),
+                    str(work / f"{name}.npy"),
+                    str(work / f"e{name}.npy"),
+                ]
+            )
+            == 0
+        )
+        assert (
+            cli.main(
+                [
+                    "predict",
+                    str(work / "m"),
+                    str(work / f"{name}.npy"),
+                    "--out",
+                    str(work / f"l{name}.npy"),
+                ]
+            )
+            == 0
+        )
     np.testing.assert_array_equal(np.load(work / "ebe.npy"), np.load(work / "ele.npy"))
     np.testing.assert_array_equal(np.load(work / "lbe.npy"), np.load(work / "lle.npy"))
     capsys.readouterr()
@@ -202,10 +389,16 @@ def _npy_with_header(path: Path, shape, descr="<f4", payload=b"\0" * 100):
     path.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(hdr)) + hdr.encode() + payload)
 
 
-@pytest.mark.parametrize("case, words", [
-    ("empty", ("no pixels",)), ("huge_header", ("truncated", "12,288,000,000")),
-    ("big_perm", ("outside 0..47",)), ("nested_key", ("nests JSON",)), ("huge_key", ("more than any key",)),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("empty", ("no pixels",)),
+        ("huge_header", ("truncated", "12,288,000,000")),
+        ("big_perm", ("outside 0..47",)),
+        ("nested_key", ("nests JSON",)),
+        ("huge_key", ("more than any key",)),
+    ],
+)
 def test_hostile_inputs_get_one_line(work, capsys, case, words):
     key, images = work / "k.json", work / "x.npy"
     if case == "empty":
@@ -217,16 +410,23 @@ def test_hostile_inputs_get_one_line(work, capsys, case, words):
     else:
         k = json.loads(key.read_text())
         if case == "big_perm":
-            k["perm"][0] = 10 ** 20
+            k["perm"][0] = 10**20
             (work / "bad.json").write_text(json.dumps(k))
         elif case == "nested_key":
             (work / "bad.json").write_text("[" * 100000 + "]" * 100000)
         else:
             (work / "bad.json").write_text(json.dumps(k) + " " * (2 << 20))
         key = work / "bad.json"
-    refused(capsys, ["encrypt-images", "--key", key, images, work / "out.npy"], where=work, words=words)
+    refused(
+        capsys, ["encrypt-images", "--key", key, images, work / "out.npy"], where=work, words=words
+    )
     if case in ("empty", "huge_header"):
-        refused(capsys, ["predict", work / "m", images, "--out", work / "l.npy"], where=work, words=words)
+        refused(
+            capsys,
+            ["predict", work / "m", images, "--out", work / "l.npy"],
+            where=work,
+            words=words,
+        )
 
 
 def test_keyspace_of_a_large_block_prints_the_exact_integer(capsys):
@@ -257,8 +457,14 @@ def test_float_round_trip_is_within_one_ulp_and_uint8_is_exact(work):
 
 def _cli(*argv, env=None, **kw):
     env = env or dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "convmixer_jax.cli", *map(str, argv)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "convmixer_jax.cli", *map(str, argv)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def _wait_for_temporary(folder: Path, proc, timeout=120) -> None:
@@ -328,20 +534,49 @@ def test_stale_temporaries_of_dead_processes_only_are_removed(tmp_path):
         mine = tmp_path / ".out.npy.mine.tmp"  # a user's file of a similar name
         mine.write_bytes(b"x")
         atomic.write_text_atomic(tmp_path / "new.txt", "hi")
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name, "new.txt"])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [live.name, mine.name, "new.txt"]
+        )
     finally:
         alive.kill()
         alive.wait()
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143)])  # SIGINT takes the same path (exit 130)
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGTERM, 143)]
+)  # SIGINT takes the same path (exit 130)
 def test_interrupted_training_leaves_complete_checkpoints_and_resumes(tmp_path, sig, code):
     from test_attack import _png_tree
 
     _png_tree(tmp_path / "data", n_per_class=40, size=8)
-    argv = ["train", "--data-dir", tmp_path / "data", "--dim", "16", "--depth", "1", "--kernel-size", "3",
-            "--patch-size", "4", "--image-size", "8", "--num-classes", "3", "--recipe", "fast", "--epochs", "40",
-            "--batch-size", "8", "--workdir", tmp_path / "w", "--out", tmp_path / "o", "--quiet"]
+    argv = [
+        "train",
+        "--data-dir",
+        tmp_path / "data",
+        "--dim",
+        "16",
+        "--depth",
+        "1",
+        "--kernel-size",
+        "3",
+        "--patch-size",
+        "4",
+        "--image-size",
+        "8",
+        "--num-classes",
+        "3",
+        "--recipe",
+        "fast",
+        "--epochs",
+        "40",
+        "--batch-size",
+        "8",
+        "--workdir",
+        tmp_path / "w",
+        "--out",
+        tmp_path / "o",
+        "--quiet",
+    ]
     env_cache = {"CONVMIXER_JAX_CACHE": str(tmp_path / "cache")}
     proc = _cli(*argv, env=dict(os.environ, PYTHONPATH=str(REPO), **env_cache))
     ckpt = tmp_path / "w" / "checkpoints"

@@ -1,12 +1,14 @@
 """timm's evaluation transform (shorter side to size / crop_pct, bicubic, centre crop) and
 the commands that take images of any size with --resize."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from convmixer_jax.files.resize import eval_resize, resized_shape
@@ -15,8 +17,14 @@ from tests.cli_helpers import ok, run
 
 
 @settings(max_examples=25, deadline=None)
-@given(h=st.integers(3, 60), w=st.integers(3, 60), size=st.integers(1, 40),
-       crop=st.sampled_from([0.875, 0.9, 0.96, 1.0]), c=st.sampled_from([1, 3, 4]), seed=st.integers(0, 2**31))
+@given(
+    h=st.integers(3, 60),
+    w=st.integers(3, 60),
+    size=st.integers(1, 40),
+    crop=st.sampled_from([0.875, 0.9, 0.96, 1.0]),
+    c=st.sampled_from([1, 3, 4]),
+    seed=st.integers(0, 2**31),
+)
 def test_eval_resize_shapes_and_a_flat_image_stays_flat(h, w, size, crop, c, seed):
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
@@ -36,8 +44,12 @@ def test_eval_resize_equals_torchvision_on_pil_images():
     rng = np.random.default_rng(0)
     for h, w, size in ((300, 451, 224), (64, 48, 28), (17, 17, 32), (224, 224, 224)):
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        ref = tv.Compose([tv.Resize(math.floor(size / 0.96), interpolation=tv.InterpolationMode.BICUBIC),
-                          tv.CenterCrop(size)])(Image.fromarray(image))
+        ref = tv.Compose(
+            [
+                tv.Resize(math.floor(size / 0.96), interpolation=tv.InterpolationMode.BICUBIC),
+                tv.CenterCrop(size),
+            ]
+        )(Image.fromarray(image))
         np.testing.assert_array_equal(eval_resize(image, size), np.asarray(ref))
 
 
@@ -51,10 +63,38 @@ def test_eval_resize_refuses_what_it_cannot_resize():
 def test_predict_and_encrypt_images_of_any_size(tmp_path, capsys):
     """predict --resize on photos of several sizes = predict on the photos resized first; a client
     that encrypts with --resize gets the same predictions from the encrypted model."""
-    ok(capsys, "init-model", "--dim", "8", "--depth", "1", "--kernel-size", "3", "--patch-size", "3",
-       "--num-classes", "4", "--image-size", "12", "--seed", "2", "--out", tmp_path / "m")
-    ok(capsys, "keygen", "--block-size", "3", "--channels", "3", "--out", tmp_path / "k.json")  # odd pb = 27
-    ok(capsys, "encrypt-model", "--key", tmp_path / "k.json", tmp_path / "m", "--out", tmp_path / "e")
+    ok(
+        capsys,
+        "init-model",
+        "--dim",
+        "8",
+        "--depth",
+        "1",
+        "--kernel-size",
+        "3",
+        "--patch-size",
+        "3",
+        "--num-classes",
+        "4",
+        "--image-size",
+        "12",
+        "--seed",
+        "2",
+        "--out",
+        tmp_path / "m",
+    )
+    ok(
+        capsys, "keygen", "--block-size", "3", "--channels", "3", "--out", tmp_path / "k.json"
+    )  # odd pb = 27
+    ok(
+        capsys,
+        "encrypt-model",
+        "--key",
+        tmp_path / "k.json",
+        tmp_path / "m",
+        "--out",
+        tmp_path / "e",
+    )
     rng = np.random.default_rng(1)
     photos, resized = tmp_path / "photos", tmp_path / "resized"
     photos.mkdir()
@@ -64,13 +104,36 @@ def test_predict_and_encrypt_images_of_any_size(tmp_path, capsys):
         Image.fromarray(im).save(photos / f"p{i}.png")
         Image.fromarray(eval_resize(im, 12)).save(resized / f"p{i}.png")
     rc, _, err = run(capsys, "predict", tmp_path / "m", photos, "--quiet")
-    assert rc == 1 and "--resize" in err  # different sizes without --resize: refused, naming the fix
-    ok(capsys, "predict", tmp_path / "m", photos, "--resize", "--quiet", "--out", tmp_path / "a.npy")
+    assert (
+        rc == 1 and "--resize" in err
+    )  # different sizes without --resize: refused, naming the fix
+    ok(
+        capsys,
+        "predict",
+        tmp_path / "m",
+        photos,
+        "--resize",
+        "--quiet",
+        "--out",
+        tmp_path / "a.npy",
+    )
     ok(capsys, "predict", tmp_path / "m", resized, "--quiet", "--out", tmp_path / "b.npy")
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
-    ok(capsys, "encrypt-images", "--key", tmp_path / "k.json", photos, "--resize", "12", "--out", tmp_path / "enc")
+    ok(
+        capsys,
+        "encrypt-images",
+        "--key",
+        tmp_path / "k.json",
+        photos,
+        "--resize",
+        "12",
+        "--out",
+        tmp_path / "enc",
+    )
     ok(capsys, "predict", tmp_path / "e", tmp_path / "enc", "--quiet", "--out", tmp_path / "c.npy")
-    np.testing.assert_allclose(np.load(tmp_path / "c.npy"), np.load(tmp_path / "a.npy"), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "c.npy"), np.load(tmp_path / "a.npy"), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_evaluate_a_class_tree_of_any_size(tmp_path, capsys, monkeypatch):
@@ -81,8 +144,26 @@ def test_evaluate_a_class_tree_of_any_size(tmp_path, capsys, monkeypatch):
     from convmixer_jax.model.inference import predict_logits
 
     monkeypatch.setenv("CONVMIXER_JAX_CACHE", str(tmp_path / "cache"))
-    ok(capsys, "init-model", "--dim", "8", "--depth", "1", "--kernel-size", "3", "--patch-size", "2",
-       "--num-classes", "2", "--image-size", "8", "--seed", "4", "--out", tmp_path / "m")
+    ok(
+        capsys,
+        "init-model",
+        "--dim",
+        "8",
+        "--depth",
+        "1",
+        "--kernel-size",
+        "3",
+        "--patch-size",
+        "2",
+        "--num-classes",
+        "2",
+        "--image-size",
+        "8",
+        "--seed",
+        "4",
+        "--out",
+        tmp_path / "m",
+    )
     rng = np.random.default_rng(5)
     resized, labels = [], []
     for label, cls in enumerate(("cat", "dog")):
@@ -94,8 +175,21 @@ def test_evaluate_a_class_tree_of_any_size(tmp_path, capsys, monkeypatch):
             labels.append(label)
     rc, _, err = run(capsys, "evaluate", tmp_path / "m", "--data-dir", tmp_path / "data")
     assert rc == 1 and "differ in size" in err and "--resize" in err
-    out = json.loads(ok(capsys, "evaluate", tmp_path / "m", "--data-dir", tmp_path / "data", "--resize",
-                        "--quiet").strip())
+    out = json.loads(
+        ok(
+            capsys,
+            "evaluate",
+            tmp_path / "m",
+            "--data-dir",
+            tmp_path / "data",
+            "--resize",
+            "--quiet",
+        ).strip()
+    )
     config, variables, _ = load_model(tmp_path / "m")
-    want = float(np.mean(np.argmax(predict_logits(config, variables, np.stack(resized)), 1) == np.array(labels)))
+    want = float(
+        np.mean(
+            np.argmax(predict_logits(config, variables, np.stack(resized)), 1) == np.array(labels)
+        )
+    )
     assert out["images"] == 6 and out["accuracy"] == want

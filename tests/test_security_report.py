@@ -1,4 +1,5 @@
 """security-report: every section measured, outputs written atomically, no key written."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,15 @@ import numpy as np
 import pytest
 
 from convmixer_jax import cli
-from convmixer_jax.scheme.keys import fingerprint, generate_key
-from convmixer_jax.model.convmixer import ConvMixerConfig
-from convmixer_jax.files.model_dir import save_model
 from convmixer_jax.attacks.report import known_plaintext_rate, model_recovery, run_security_report
+from convmixer_jax.files.model_dir import save_model
+from convmixer_jax.model.convmixer import ConvMixerConfig
+from convmixer_jax.scheme.keys import fingerprint, generate_key
 from convmixer_jax.training.loop import init_variables
 
-CFG = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8, channels=3)
+CFG = ConvMixerConfig(
+    dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8, channels=3
+)
 
 
 def _data(n, seed):
@@ -29,7 +32,11 @@ def test_known_plaintext_rate_on_random_images_is_exact():
     rows = known_plaintext_rate(x, 2, pairs=(1, 2), trials=5, seed=3)
     assert [r["pairs"] for r in rows] == [1, 2]
     for r in rows:
-        assert r["exact_key_rate"] == 1.0 and r["mean_undetermined"] == 0 and r["inconsistent_trials"] == 0
+        assert (
+            r["exact_key_rate"] == 1.0
+            and r["mean_undetermined"] == 0
+            and r["inconsistent_trials"] == 0
+        )
 
 
 def test_known_plaintext_rate_counts_gray_images_as_failures():
@@ -52,11 +59,23 @@ def test_model_recovery_with_original_weights_is_exact():
     for row in res["attacks"]["encrypted_model_only"]["keys"]:
         assert 0.0 <= row["fraction_both"] <= 1.0 and row["valid_key"]
         assert 0.0 <= row["accuracy_with_recovered_key"] <= 1.0
-    res = model_recovery(CFG, variables, x, y, reference_variables=init_variables(CFG, 1), public_images=x[:16],
-                         num_keys=1, seed=5)
-    assert set(res["attacks"]) == {"original_weights", "independent_reference",
-                                   "independent_reference_public_images", "encrypted_model_only",
-                                   "encrypted_model_public_images"}
+    res = model_recovery(
+        CFG,
+        variables,
+        x,
+        y,
+        reference_variables=init_variables(CFG, 1),
+        public_images=x[:16],
+        num_keys=1,
+        seed=5,
+    )
+    assert set(res["attacks"]) == {
+        "original_weights",
+        "independent_reference",
+        "independent_reference_public_images",
+        "encrypted_model_only",
+        "encrypted_model_public_images",
+    }
 
 
 def test_report_writes_everything_and_never_the_key(tmp_path):
@@ -64,26 +83,56 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
     train = _data(60, 3)
     test = _data(40, 4)
     out = tmp_path / "report"
-    rep = run_security_report(CFG, variables, train, test, out, kp_pairs=(1,), kp_trials=3, recovery_keys=1,
-                              eval_images=40, finetune_sizes=(10, 20), finetune_modes=("stem", "scratch"),
-                              finetune_steps=3, finetune_keys=2, ciphertext_ns=(1, 3), ciphertext_keys=2,
-                              recovery_ns=(1, 4), countermeasure_keys=1, seed=11, progress=False, log=lambda m: None)
+    rep = run_security_report(
+        CFG,
+        variables,
+        train,
+        test,
+        out,
+        kp_pairs=(1,),
+        kp_trials=3,
+        recovery_keys=1,
+        eval_images=40,
+        finetune_sizes=(10, 20),
+        finetune_modes=("stem", "scratch"),
+        finetune_steps=3,
+        finetune_keys=2,
+        ciphertext_ns=(1, 3),
+        ciphertext_keys=2,
+        recovery_ns=(1, 4),
+        countermeasure_keys=1,
+        seed=11,
+        progress=False,
+        log=lambda m: None,
+    )
     names = sorted(p.name for p in out.iterdir())
-    assert names == [".convmixer-jax-output", "ciphertext_only.png", "finetune.png", "known_plaintext.png",
-                     "model_recovery.png", "security.json", "summary.md"]
+    assert names == [
+        ".convmixer-jax-output",
+        "ciphertext_only.png",
+        "finetune.png",
+        "known_plaintext.png",
+        "model_recovery.png",
+        "security.json",
+        "summary.md",
+    ]
     data = json.loads((out / "security.json").read_text())
     assert data["known_plaintext"][0]["trials"] == 3
     assert set(data["finetune"]["accuracy"]) == {"stem", "scratch"}
     assert set(data["finetune"]["accuracy"]["stem"]) == {"10", "20"}
     # the stem is fine-tuned under a second key as well; the spread is over both keys' runs
     ft = data["finetune"]
-    assert [k["key_fingerprint"] for k in ft["stem_keys"]] == [fingerprint(generate_key(2, 3, seed=[11, i]))
-                                                             for i in range(2)]
+    assert [k["key_fingerprint"] for k in ft["stem_keys"]] == [
+        fingerprint(generate_key(2, 3, seed=[11, i])) for i in range(2)
+    ]
     assert ft["stem_keys"][0]["accuracy"] == ft["accuracy"]["stem"]
     for n in ("10", "20"):
         vals = [k["accuracy"][n] for k in ft["stem_keys"]]
-        assert ft["stem_across_keys"][n] == {"mean": pytest.approx(np.mean(vals)), "min": min(vals),
-                                             "max": max(vals), "values": vals}
+        assert ft["stem_across_keys"][n] == {
+            "mean": pytest.approx(np.mean(vals)),
+            "min": min(vals),
+            "max": max(vals),
+            "values": vals,
+        }
     assert "stem, 2 keys: mean (min-max)" in (out / "summary.md").read_text()
     # the seeded keys of the run: fingerprints are written, the keys themselves are not
     key = generate_key(2, 3, seed=[11, 0])
@@ -94,7 +143,11 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
     assert rep["model_recovery"]["attacks"]["original_weights"]["exact_keys"] == 1
     # noise images: the ciphertext-only attack never claims a key on them
     co = rep["ciphertext_only"]
-    assert [(r["images"], r["with_model"], r["keys"]) for r in co["rows"]] == [(1, False, 2), (3, False, 2), (1, True, 2)]
+    assert [(r["images"], r["with_model"], r["keys"]) for r in co["rows"]] == [
+        (1, False, 2),
+        (3, False, 2),
+        (1, True, 2),
+    ]
     assert all(r["claimed"] == 0 for r in co["rows"][:2])
     assert [r["images"] for r in co["image_recovery"]] == [1, 4]
     assert "Ciphertext-only" in (out / "summary.md").read_text()
@@ -105,7 +158,14 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
     row = cm["rows"][0]
     assert row["identical_predictions"] == row["images"] == 40
     assert row["relative_keys_exact"] == grid * grid
-    assert set(row["attacks"]) == {"raw_1", "raw_3", "aligned_1", "aligned_2", "aligned_5", "aligned_model_1"}
+    assert set(row["attacks"]) == {
+        "raw_1",
+        "raw_3",
+        "aligned_1",
+        "aligned_2",
+        "aligned_5",
+        "aligned_model_1",
+    }
     assert not row["attacks"]["raw_1"]["claimed"] and not row["attacks"]["raw_3"]["claimed"]
     from convmixer_jax.scheme.position_keys import generate_position_keys
 
@@ -114,9 +174,22 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
     assert "a key per block position" in (out / "summary.md").read_text()
     # an existing output is refused without force and left untouched
     with pytest.raises(Exception, match="exists"):
-        run_security_report(CFG, variables, train, test, out, kp_pairs=(1,), kp_trials=1, recovery_keys=1,
-                            finetune_sizes=(10,), finetune_modes=("stem",), finetune_steps=1, seed=1,
-                            progress=False, log=lambda m: None)
+        run_security_report(
+            CFG,
+            variables,
+            train,
+            test,
+            out,
+            kp_pairs=(1,),
+            kp_trials=1,
+            recovery_keys=1,
+            finetune_sizes=(10,),
+            finetune_modes=("stem",),
+            finetune_steps=1,
+            seed=1,
+            progress=False,
+            log=lambda m: None,
+        )
     assert (out / "security.json").read_text() == text
 
 
@@ -126,8 +199,16 @@ def test_cli_security_report_refuses_encrypted_model(tmp_path, capsys):
 
     save_model(tmp_path / "plain", CFG, variables)
     encrypt_model_dir(tmp_path / "plain", tmp_path / "enc", generate_key(2, 3, seed=[1]))
-    rc = cli.main(["security-report", str(tmp_path / "enc"), "--data-dir", str(tmp_path / "nodata"),
-                   "--out", str(tmp_path / "rep")])
+    rc = cli.main(
+        [
+            "security-report",
+            str(tmp_path / "enc"),
+            "--data-dir",
+            str(tmp_path / "nodata"),
+            "--out",
+            str(tmp_path / "rep"),
+        ]
+    )
     assert rc == 1
     assert "encrypted model" in capsys.readouterr().err
     assert not (tmp_path / "rep").exists()
@@ -136,8 +217,17 @@ def test_cli_security_report_refuses_encrypted_model(tmp_path, capsys):
 def test_cli_security_report_refuses_out_holding_its_model(tmp_path, capsys):
     save_model(tmp_path / "results" / "plain", CFG, init_variables(CFG, 0))
     before = sorted(p.name for p in (tmp_path / "results" / "plain").rglob("*"))
-    rc = cli.main(["security-report", str(tmp_path / "results" / "plain"), "--data-dir", str(tmp_path / "nodata"),
-                   "--force", "--out", str(tmp_path / "results")])
+    rc = cli.main(
+        [
+            "security-report",
+            str(tmp_path / "results" / "plain"),
+            "--data-dir",
+            str(tmp_path / "nodata"),
+            "--force",
+            "--out",
+            str(tmp_path / "results"),
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "contains MODEL_DIR" in err and "choose another output name" in err

@@ -1,7 +1,9 @@
 """Mirror test-time augmentation composes with the scheme: the encrypted model on the encrypted
 views gives the plain model's TTA logits on the plain views."""
+
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from convmixer_jax.experiment.paper import evaluate_tta, mirror_tta_logits
 from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
@@ -23,7 +25,9 @@ def test_tta_through_the_encryption(seed):
     enc_vars = encrypt_params(variables, key)
     model = ConvMixer(CONFIG)
     x = images.astype(np.float32) / 255
-    want = (np.asarray(model.apply(variables, x)) + np.asarray(model.apply(variables, x[:, :, ::-1]))) / 2
+    want = (
+        np.asarray(model.apply(variables, x)) + np.asarray(model.apply(variables, x[:, :, ::-1]))
+    ) / 2
     plain = mirror_tta_logits(CONFIG, variables, images, batch_size=4)
     enc = mirror_tta_logits(CONFIG, enc_vars, images, encrypt_with=key, batch_size=4)
     np.testing.assert_allclose(plain, want, rtol=1e-5, atol=1e-5)
@@ -33,7 +37,9 @@ def test_tta_through_the_encryption(seed):
     from convmixer_jax.scheme.images import encrypt_images
 
     e = np.asarray(encrypt_images(images, key))
-    wrong = (predict_logits(CONFIG, enc_vars, e) + predict_logits(CONFIG, enc_vars, e[:, :, ::-1])) / 2
+    wrong = (
+        predict_logits(CONFIG, enc_vars, e) + predict_logits(CONFIG, enc_vars, e[:, :, ::-1])
+    ) / 2
     assert not np.allclose(wrong, want, atol=1e-3)
     res = evaluate_tta(CONFIG, variables, enc_vars, key, images, labels, batch_size=4)
     assert res["identical_predictions_tta"] == 6

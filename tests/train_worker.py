@@ -4,13 +4,14 @@ usage: python tests/train_worker.py WORKDIR OUT.npz EPOCHS [--resume] [--slow]
 Writes the final flattened params (and the device count) to OUT.npz.
 ``--slow`` sleeps between epochs' checkpoints so a test can kill it mid-run.
 """
+
 import sys
 import time
 
+import jax
 import numpy as np
 
 import convmixer_jax  # noqa: F401
-import jax
 from convmixer_jax.model.convmixer import ConvMixerConfig
 from convmixer_jax.training.loop import TrainConfig, train
 
@@ -28,14 +29,32 @@ def main():
     workdir, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
     resume = "--resume" in sys.argv
     slow = "--slow" in sys.argv
-    recipe = TrainConfig(epochs=epochs, batch_size=16, optimizer="adamw", lr=3e-3, weight_decay=0.05,
-                         schedule="onecycle", augment=("crop", "flip", "cutout"), cutout=4,
-                         label_smoothing=0.1, grad_clip=1.0, seed=7)
-    log = (lambda msg: (print(msg, flush=True), time.sleep(1.5))) if slow else (lambda msg: print(msg, flush=True))
+    recipe = TrainConfig(
+        epochs=epochs,
+        batch_size=16,
+        optimizer="adamw",
+        lr=3e-3,
+        weight_decay=0.05,
+        schedule="onecycle",
+        augment=("crop", "flip", "cutout"),
+        cutout=4,
+        label_smoothing=0.1,
+        grad_clip=1.0,
+        seed=7,
+    )
+    log = (
+        (lambda msg: (print(msg, flush=True), time.sleep(1.5)))
+        if slow
+        else (lambda msg: print(msg, flush=True))
+    )
     train_data, test_data = data()
-    variables, _ = train(CONFIG, recipe, train_data, test_data, workdir, resume=resume, progress=False, log=log)
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-            for path, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+    variables, _ = train(
+        CONFIG, recipe, train_data, test_data, workdir, resume=resume, progress=False, log=log
+    )
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+        for path, v in jax.tree_util.tree_flatten_with_path(variables)[0]
+    }
     np.savez(out, n_devices=jax.device_count(), **flat)
 
 

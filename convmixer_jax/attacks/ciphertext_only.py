@@ -37,6 +37,7 @@ and the colour/sign decisions each clear a stated margin (:data:`SIGN_SIGMAS`,
 :data:`LAYOUT_MARGIN`, :data:`COLOUR_MARGIN`); otherwise ``key`` is None and
 ``best_guess`` holds the most likely key with the reason.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,8 +47,13 @@ import numpy as np
 
 from convmixer_jax.attacks.from_weights import _balanced_flip, _signs, symmetric_keys
 from convmixer_jax.attacks.image_prior import colour_variants, group_log_probs, invert_variant
-from convmixer_jax.attacks.layout_search import (iterated_local_search, local_search, merge_maxima, objective,
-                                                  search)
+from convmixer_jax.attacks.layout_search import (
+    iterated_local_search,
+    local_search,
+    merge_maxima,
+    objective,
+    search,
+)
 from convmixer_jax.scheme.images import ImageError
 from convmixer_jax.scheme.keys import Key, block_len, flip_ones, validate_key
 
@@ -80,8 +86,10 @@ def block_grid(images, block_size: int) -> np.ndarray:
     n, h, w, c = x.shape
     m = block_size
     if h % m or w % m:
-        raise ImageError(f"images of {h} x {w} do not split into {m} x {m} blocks; "
-                         f"pass images whose height and width are multiples of {m}")
+        raise ImageError(
+            f"images of {h} x {w} do not split into {m} x {m} blocks; "
+            f"pass images whose height and width are multiples of {m}"
+        )
     x = x.reshape(n, h // m, m, w // m, m, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(n, h // m, w // m, m * m * c) * 2.0 - 1.0
 
@@ -118,8 +126,9 @@ class BlockTemplate:
     windows: int
 
 
-def block_template(public_images, block_size: int, *, regs=TEMPLATE_REGS,
-                   max_windows: int = 400_000, seed: int = 0) -> BlockTemplate:
+def block_template(
+    public_images, block_size: int, *, regs=TEMPLATE_REGS, max_windows: int = 400_000, seed: int = 0
+) -> BlockTemplate:
     """Estimate the block-pair template from public natural images.
 
     Windows are taken at every offset 0..M-1 of the block grid (natural images are
@@ -146,15 +155,21 @@ def block_template(public_images, block_size: int, *, regs=TEMPLATE_REGS,
         hs.append(h[rng.permutation(len(h))[: max_windows // m]])
         vs.append(v[rng.permutation(len(v))[: max_windows // m]])
     if not hs or sum(len(h) for h in hs) < 4 * pb:
-        raise ImageError(f"{len(x)} public images of {x.shape[1]} x {x.shape[2]} give too few "
-                         f"{m} x {m} block pairs for a template; pass more (or larger) public images")
+        raise ImageError(
+            f"{len(x)} public images of {x.shape[1]} x {x.shape[2]} give too few "
+            f"{m} x {m} block pairs for a template; pass more (or larger) public images"
+        )
     covs = [np.cov(np.concatenate(d), rowvar=False) for d in (hs, vs)]
     eye = np.eye(2 * pb)
     precs = tuple(tuple(np.linalg.inv(cv + r * eye) for cv in covs) for r in regs)
-    return BlockTemplate(m, c, tuple(float(r) for r in regs), precs, int(len(x)), int(sum(len(h) for h in hs)))
+    return BlockTemplate(
+        m, c, tuple(float(r) for r in regs), precs, int(len(x)), int(sum(len(h) for h in hs))
+    )
 
 
-def _terms(prec_h: np.ndarray, prec_v: np.ndarray, signed_grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _terms(
+    prec_h: np.ndarray, prec_v: np.ndarray, signed_grid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Stacked (A, B), (8, pb, pb): f(p) = sum A[t,u,v] B[t,p u,p v] is the Gaussian log-likelihood
     (nats, up to a constant) of the centered encrypted windows under layout p."""
     pb = signed_grid.shape[-1]
@@ -183,7 +198,7 @@ def _signatures(window_covs, pb: int) -> np.ndarray:
     for cov in window_covs:
         c = _correlation(cov)
         for i, j in ((0, 0), (0, 1), (1, 0)):
-            out.append(np.sort(c[i * pb:(i + 1) * pb, j * pb:(j + 1) * pb], 1))
+            out.append(np.sort(c[i * pb : (i + 1) * pb, j * pb : (j + 1) * pb], 1))
     return np.concatenate(out, 1)
 
 
@@ -230,7 +245,9 @@ def _layout_of(key: Key) -> np.ndarray:
     return np.argsort(np.asarray(key.perm))
 
 
-def _key_from(p: np.ndarray, s: np.ndarray, m: int, c: int, support: np.ndarray | None = None) -> Key:
+def _key_from(
+    p: np.ndarray, s: np.ndarray, m: int, c: int, support: np.ndarray | None = None
+) -> Key:
     """The key of layout p with flips where s < 0 (the global sign flipped when that gives the
     right count; else the floor(pb/2) positions with the most evidence for a flip)."""
     flip = (s < 0).astype(np.uint8)
@@ -305,14 +322,20 @@ def _colour_choice(best: Key, grid: np.ndarray, prior, notes: list[str], jpeg_tr
         notes.append(f"global sign from the flip count (odd pb = {pb})")
     lp, ev, total = _colour_evidence(grid, best, prior, notes, jpeg_trace)
     if not len(lp):
-        notes.append("no colour prior for these images" + ("" if len(ev) else
-                                                           ": channel order and sign left as found"))
+        notes.append(
+            "no colour prior for these images"
+            + ("" if len(ev) else ": channel order and sign left as found")
+        )
 
     def pick(score):
         masked = np.where(valid, score, -np.inf)
         order = np.argsort(-masked, kind="stable")
         j = int(order[0])
-        margin = float(masked[j] - masked[order[1]]) if len(order) > 1 and np.isfinite(masked[order[1]]) else np.inf
+        margin = (
+            float(masked[j] - masked[order[1]])
+            if len(order) > 1 and np.isfinite(masked[order[1]])
+            else np.inf
+        )
         return validate_key(colour_key(best, invert_variant(variants[j]))), margin
 
     key, margin = pick(np.broadcast_to(np.asarray(total, np.float64), (len(variants),)))
@@ -340,14 +363,26 @@ def _jpeg_evidence(images: np.ndarray, variants, notes: list[str]) -> np.ndarray
     if np.ptp(ev) < 1e-9:
         return np.zeros(0)
     j = int(np.argmax(ev))
-    notes.append(f"JPEG trace: the luma of channel order {variants[j][1]} lies on a JPEG lattice "
-                 f"({ev[j] - np.median(ev):.0f} nats over the median variant)")
+    notes.append(
+        f"JPEG trace: the luma of channel order {variants[j][1]} lies on a JPEG lattice "
+        f"({ev[j] - np.median(ev):.0f} nats over the median variant)"
+    )
     return ev
 
 
-def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTemplate, *, prior=None,
-                                model=None, public_images=None, starts: int | None = None, seed: int = 0,
-                                jpeg_trace: bool = True, progress: bool = False) -> CiphertextRecovery:
+def recover_key_ciphertext_only(
+    encrypted,
+    block_size: int,
+    template: BlockTemplate,
+    *,
+    prior=None,
+    model=None,
+    public_images=None,
+    starts: int | None = None,
+    seed: int = 0,
+    jpeg_trace: bool = True,
+    progress: bool = False,
+) -> CiphertextRecovery:
     """Recover the key from encrypted images alone.
 
     Args:
@@ -373,14 +408,18 @@ def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTempl
         raise ImageError(f"encrypted images must be (N, H, W, C) or (H, W, C), got shape {e.shape}")
     m, c = block_size, e.shape[-1]
     if (template.block_size, template.channels) != (m, c):
-        raise ImageError(f"the template is for {template.block_size} x {template.block_size} blocks of "
-                         f"{template.channels} channels, the images have {c} channels and block size {m}; "
-                         "build the template from public images of the same kind")
+        raise ImageError(
+            f"the template is for {template.block_size} x {template.block_size} blocks of "
+            f"{template.channels} channels, the images have {c} channels and block size {m}; "
+            "build the template from public images of the same kind"
+        )
     grid = block_grid(e, m)
     n_img, gh, gw, pb = grid.shape
     if gh < 2 or gw < 2:
-        raise ImageError(f"images of {gh} x {gw} blocks lack horizontally or vertically adjacent blocks; "
-                         f"pass images of at least {2 * m} x {2 * m} pixels")
+        raise ImageError(
+            f"images of {gh} x {gw} blocks lack horizontally or vertically adjacent blocks; "
+            f"pass images of at least {2 * m} x {2 * m} pixels"
+        )
     flat = grid.reshape(-1, pb)
     n_blocks = len(flat)
     notes: list[str] = []
@@ -393,16 +432,26 @@ def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTempl
         # no flip is supported: the images carry no structure (noise); no layout search.
         # With only some weak (a flat image), the search still gives a best guess, never claimed.
         guess = validate_key(_key_from(np.arange(pb), s, m, c, support))
-        return _result(guess, grid, sign_support, np.inf, np.inf, np.zeros(0), "ciphertext", notes, t0)
+        return _result(
+            guess, grid, sign_support, np.inf, np.inf, np.zeros(0), "ciphertext", notes, t0
+        )
     signed = grid * s
     levels = [_terms(ph, pv, signed) for ph, pv in template.precisions]
     a, b = levels[-1]
 
     if model is not None and public_images is not None:
-        return _with_model(model, public_images, template, grid, sign_support, notes, t0, prior, jpeg_trace)
+        return _with_model(
+            model, public_images, template, grid, sign_support, notes, t0, prior, jpeg_trace
+        )
 
-    sols = _layout_search(levels, starts or (48 if pb <= 64 else 12), seed, progress, notes,
-                          initial=[signature_layout(template, signed)])
+    sols = _layout_search(
+        levels,
+        starts or (48 if pb <= 64 else 12),
+        seed,
+        progress,
+        notes,
+        initial=[signature_layout(template, signed)],
+    )
     # the block's dihedral symmetries of the best layouts, polished: the search can end in a
     # mirrored or rotated copy of the truth
     hits = {p.tobytes(): h for p, _, h in sols}
@@ -424,11 +473,25 @@ def recover_key_ciphertext_only(encrypted, block_size: int, template: BlockTempl
     if best_hits < MIN_HITS:
         notes.append(f"the best layout was reached from {best_hits} of the search's starts")
     key, colour_margin, lp, ev, prior_key = _colour_choice(best, grid, prior, notes, jpeg_trace)
-    return _result(key, grid, sign_support, layout_margin, colour_margin, lp, "ciphertext", notes, t0,
-                   hits=best_hits, ev=ev, prior_key=prior_key)
+    return _result(
+        key,
+        grid,
+        sign_support,
+        layout_margin,
+        colour_margin,
+        lp,
+        "ciphertext",
+        notes,
+        t0,
+        hits=best_hits,
+        ev=ev,
+        prior_key=prior_key,
+    )
 
 
-def _layout_search(levels, starts: int, seed: int, progress: bool, notes: list[str], initial=()) -> list:
+def _layout_search(
+    levels, starts: int, seed: int, progress: bool, notes: list[str], initial=()
+) -> list:
     """The layout search's distinct local maxima (p, f(p), hits), best first.
 
     When the best was reached from fewer than :data:`MIN_HITS` starts the landscape is
@@ -445,52 +508,91 @@ def _layout_search(levels, starts: int, seed: int, progress: bool, notes: list[s
     a, b = levels[-1]
     p, v = iterated_local_search(a, b, merge_maxima(found)[0][0], seed=seed)
     ranked = merge_maxima(found + [(p, v, 0)])
-    notes.append(f"the first search reached its best layout from {sols[0][2]} start(s); searched again "
-                 f"and kicked: the best layout now has {ranked[0][2]} hit(s)")
+    notes.append(
+        f"the first search reached its best layout from {sols[0][2]} start(s); searched again "
+        f"and kicked: the best layout now has {ranked[0][2]} hit(s)"
+    )
     return ranked
 
 
-def _result(key, grid, sign_support, layout_margin, colour_margin, lp, method, notes, t0,
-            hits: int = MIN_HITS, ev=None, prior_key=None) -> CiphertextRecovery:
+def _result(
+    key,
+    grid,
+    sign_support,
+    layout_margin,
+    colour_margin,
+    lp,
+    method,
+    notes,
+    t0,
+    hits: int = MIN_HITS,
+    ev=None,
+    prior_key=None,
+) -> CiphertextRecovery:
     reasons = []
     if hits < MIN_HITS:
-        reasons.append(f"only {hits} of the layout search's starts reached the best layout (needs {MIN_HITS}); "
-                       "a better one may exist")
+        reasons.append(
+            f"only {hits} of the layout search's starts reached the best layout (needs {MIN_HITS}); "
+            "a better one may exist"
+        )
     weak = int(np.sum(sign_support < SIGN_SIGMAS))
     if weak:
-        reasons.append(f"{weak} of {grid.shape[-1]} flips are not supported by the correlations "
-                       f"(below {SIGN_SIGMAS:g} noise standard deviations)")
+        reasons.append(
+            f"{weak} of {grid.shape[-1]} flips are not supported by the correlations "
+            f"(below {SIGN_SIGMAS:g} noise standard deviations)"
+        )
     if layout_margin < LAYOUT_MARGIN:
-        reasons.append(f"the layout is ahead of the next one by {layout_margin:.1f} nats "
-                       f"(needs {LAYOUT_MARGIN:g})")
+        reasons.append(
+            f"the layout is ahead of the next one by {layout_margin:.1f} nats "
+            f"(needs {LAYOUT_MARGIN:g})"
+        )
     if colour_margin < 0:
-        reasons.append(f"the encrypted images' colour evidence contradicts the model's channel order / sign "
-                       f"by {-colour_margin:.1f} nats")
+        reasons.append(
+            f"the encrypted images' colour evidence contradicts the model's channel order / sign "
+            f"by {-colour_margin:.1f} nats"
+        )
     elif colour_margin < COLOUR_MARGIN:
-        reasons.append(f"the channel order / sign is ahead of the next by {colour_margin:.1f} nats "
-                       f"(needs {COLOUR_MARGIN:g})")
+        reasons.append(
+            f"the channel order / sign is ahead of the next by {colour_margin:.1f} nats "
+            f"(needs {COLOUR_MARGIN:g})"
+        )
     return CiphertextRecovery(
-        key=None if reasons else key, best_guess=key, reason="; ".join(reasons),
-        num_images=int(grid.shape[0]), num_blocks=int(np.prod(grid.shape[:3])),
-        sign_support=np.asarray(sign_support), layout_margin=float(layout_margin),
-        colour_margin=float(colour_margin), colour_log_probs=np.asarray(lp), method=method,
-        seconds=time.perf_counter() - t0, notes="; ".join(notes),
-        jpeg_log_evidence=np.zeros(0) if ev is None else np.asarray(ev), colour_prior_guess=prior_key)
+        key=None if reasons else key,
+        best_guess=key,
+        reason="; ".join(reasons),
+        num_images=int(grid.shape[0]),
+        num_blocks=int(np.prod(grid.shape[:3])),
+        sign_support=np.asarray(sign_support),
+        layout_margin=float(layout_margin),
+        colour_margin=float(colour_margin),
+        colour_log_probs=np.asarray(lp),
+        method=method,
+        seconds=time.perf_counter() - t0,
+        notes="; ".join(notes),
+        jpeg_log_evidence=np.zeros(0) if ev is None else np.asarray(ev),
+        colour_prior_guess=prior_key,
+    )
 
 
-def _with_model(model, public_images, template, grid, sign_support, notes, t0, prior=None, jpeg_trace=True):
+def _with_model(
+    model, public_images, template, grid, sign_support, notes, t0, prior=None, jpeg_trace=True
+):
     """The kernel attack's key, its orientation chosen by the encrypted images."""
     from convmixer_jax.attacks.from_model import recover_key_from_encrypted_model
 
     config, enc_vars = model
     rec = recover_key_from_encrypted_model(config, enc_vars, public_images)
     if rec.key is None:
-        raise ValueError("the encrypted model's kernel gives no valid key; check that the model and "
-                         "the images were encrypted with the same block size")
+        raise ValueError(
+            "the encrypted model's kernel gives no valid key; check that the model and "
+            "the images were encrypted with the same block size"
+        )
     # the dihedral copies of the model's key share its flips, so one set of terms scores them all
     sgn = 1.0 - 2.0 * np.asarray(rec.key.flip, np.float64)
     a, b = _terms(*template.precisions[-1], grid * sgn)
-    scored = sorted(((objective(a, b, _layout_of(k)), k) for k in _dihedral_keys(rec.key)), key=lambda t: -t[0])
+    scored = sorted(
+        ((objective(a, b, _layout_of(k)), k) for k in _dihedral_keys(rec.key)), key=lambda t: -t[0]
+    )
     margin = scored[0][0] - scored[1][0] if len(scored) > 1 else np.inf
     notes.append(f"model: {rec.method}; {rec.notes}")
     best = scored[0][1]
@@ -503,14 +605,22 @@ def _with_model(model, public_images, template, grid, sign_support, notes, t0, p
         lead = float(np.max(total[1:]) - total[0])
         if lead >= CONTRADICTION_MARGIN:
             colour_margin = -lead
-            notes.append(f"the images' colour prior / JPEG trace prefer another channel order / sign by "
-                         f"{lead:.1f} nats")
-    return _result(best, grid, sign_support, margin, colour_margin, lp, "ciphertext+model", notes, t0, ev=ev)
+            notes.append(
+                f"the images' colour prior / JPEG trace prefer another channel order / sign by "
+                f"{lead:.1f} nats"
+            )
+    return _result(
+        best, grid, sign_support, margin, colour_margin, lp, "ciphertext+model", notes, t0, ev=ev
+    )
 
 
 def _prior_fits(prior, channels: int) -> bool:
     """Whether ``prior`` is a colour prior for images of ``channels`` channels."""
-    return prior is not None and getattr(prior, "config", None) is not None and prior.config.channels == channels
+    return (
+        prior is not None
+        and getattr(prior, "config", None) is not None
+        and prior.config.channels == channels
+    )
 
 
 def _decrypt_grid(grid: np.ndarray, key: Key) -> np.ndarray:
@@ -545,7 +655,11 @@ def match_scale(images, height: int, width: int, *, batch: int = 64) -> np.ndarr
 
     out = np.empty((len(x), height, width, x.shape[-1]), np.uint8)
     for i in range(0, len(x), batch):
-        part = jax.image.resize(x[i:i + batch].astype(np.float32), (len(x[i:i + batch]), height, width, x.shape[-1]),
-                                "cubic", antialias=True)
-        out[i:i + batch] = np.clip(np.rint(np.asarray(part)), 0, 255).astype(np.uint8)
+        part = jax.image.resize(
+            x[i : i + batch].astype(np.float32),
+            (len(x[i : i + batch]), height, width, x.shape[-1]),
+            "cubic",
+            antialias=True,
+        )
+        out[i : i + batch] = np.clip(np.rint(np.asarray(part)), 0, 255).astype(np.uint8)
     return out

@@ -44,6 +44,7 @@ images, 15 to 18 with all 10,000. Every time scales with the step time (measured
 2.3x slower with four jobs on the two cores). On a GPU, scale up with ``steps=``
 (an int, a mapping n -> steps, or a function of n).
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,9 +59,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from convmixer_jax.scheme.images import ImageError
-from convmixer_jax.model.inference import accuracy, check_model_images
 from convmixer_jax.model.convmixer import ChannelBatchNorm, ConvMixer, ConvMixerConfig
+from convmixer_jax.model.inference import accuracy, check_model_images
+from convmixer_jax.scheme.images import ImageError
 from convmixer_jax.training.loop import TrainConfig, augment_batch, init_variables
 
 PyTree = Any
@@ -112,17 +113,23 @@ def _check_positive_int(name: str, value) -> int:
 def _check_labels(config: ConvMixerConfig, images, labels) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) != len(images):
-        raise ValueError(f"labels must be a vector with one entry per image; got shape {labels.shape} "
-                         f"for {len(images)} images")
+        raise ValueError(
+            f"labels must be a vector with one entry per image; got shape {labels.shape} "
+            f"for {len(images)} images"
+        )
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     if len(labels) and (labels.min() < 0 or labels.max() >= config.num_classes):
-        raise ValueError(f"labels must lie in 0..{config.num_classes - 1} (the model has "
-                         f"{config.num_classes} classes); found {labels.min()}..{labels.max()}")
+        raise ValueError(
+            f"labels must lie in 0..{config.num_classes - 1} (the model has "
+            f"{config.num_classes} classes); found {labels.min()}..{labels.max()}"
+        )
     return labels.astype(np.int32)
 
 
-def _check_data(config: ConvMixerConfig, images, labels, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_data(
+    config: ConvMixerConfig, images, labels, what: str
+) -> tuple[np.ndarray, np.ndarray]:
     try:
         check_model_images(config, images)
     except ImageError as e:
@@ -137,21 +144,34 @@ def _check_variables(config: ConvMixerConfig, variables) -> None:
     if not isinstance(variables, Mapping) or set(variables) != {"params", "batch_stats"}:
         got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
         raise ValueError(f"variables must be {{'params', 'batch_stats'}}, got {got}")
-    dummy = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.channels), jnp.float32)
-    expected = jax.eval_shape(lambda x: ConvMixer(config).init(jax.random.PRNGKey(0), x, train=False), dummy)
-    exp = {jax.tree_util.keystr(p): leaf for p, leaf in
-           jax.tree_util.tree_flatten_with_path({"params": expected["params"],
-                                                 "batch_stats": expected["batch_stats"]})[0]}
-    got = {jax.tree_util.keystr(p): leaf for p, leaf in
-           jax.tree_util.tree_flatten_with_path(dict(variables))[0]}
+    dummy = jax.ShapeDtypeStruct(
+        (1, config.image_size, config.image_size, config.channels), jnp.float32
+    )
+    expected = jax.eval_shape(
+        lambda x: ConvMixer(config).init(jax.random.PRNGKey(0), x, train=False), dummy
+    )
+    exp = {
+        jax.tree_util.keystr(p): leaf
+        for p, leaf in jax.tree_util.tree_flatten_with_path(
+            {"params": expected["params"], "batch_stats": expected["batch_stats"]}
+        )[0]
+    }
+    got = {
+        jax.tree_util.keystr(p): leaf
+        for p, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]
+    }
     if set(exp) != set(got):
         missing, extra = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
-        raise ValueError(f"variables do not belong to this model config (missing {missing[:3]}, "
-                         f"unexpected {extra[:3]})")
+        raise ValueError(
+            f"variables do not belong to this model config (missing {missing[:3]}, "
+            f"unexpected {extra[:3]})"
+        )
     for name, leaf in exp.items():
         if tuple(np.shape(got[name])) != tuple(leaf.shape):
-            raise ValueError(f"variables{name} has shape {tuple(np.shape(got[name]))} but the model "
-                             f"config implies {tuple(leaf.shape)}; the variables belong to another model")
+            raise ValueError(
+                f"variables{name} has shape {tuple(np.shape(got[name]))} but the model "
+                f"config implies {tuple(leaf.shape)}; the variables belong to another model"
+            )
 
 
 def _augment_tuple(augment) -> tuple[str, ...]:
@@ -169,8 +189,10 @@ def _augment_tuple(augment) -> tuple[str, ...]:
 
 def _split(tree: Mapping, names) -> tuple[dict, dict]:
     """(entries named in ``names``, the rest) of a top-level module dict."""
-    return ({k: v for k, v in tree.items() if k in names},
-            {k: v for k, v in tree.items() if k not in names})
+    return (
+        {k: v for k, v in tree.items() if k in names},
+        {k: v for k, v in tree.items() if k not in names},
+    )
 
 
 def _bn_interceptor(train_names: frozenset):
@@ -190,8 +212,15 @@ def _bn_interceptor(train_names: frozenset):
 
 
 @functools.lru_cache(maxsize=32)
-def _step_fn(config: ConvMixerConfig, train_params: frozenset | None, train_bn: frozenset | None,
-             augment: tuple[str, ...], cutout: int, grad_clip: float | None, label_smoothing: float):
+def _step_fn(
+    config: ConvMixerConfig,
+    train_params: frozenset | None,
+    train_bn: frozenset | None,
+    augment: tuple[str, ...],
+    cutout: int,
+    grad_clip: float | None,
+    label_smoothing: float,
+):
     """A jit-compiled step and its gradient transformation.
 
     train_params: top-level parameter modules that are trained (None: all).
@@ -209,8 +238,10 @@ def _step_fn(config: ConvMixerConfig, train_params: frozenset | None, train_bn: 
     some_bn = not all_bn and bool(train_bn)
 
     def loss_fn(params, batch_stats, frozen, x, labels):
-        variables = {"params": {**frozen["params"], **params},
-                     "batch_stats": {**frozen["batch_stats"], **batch_stats}}
+        variables = {
+            "params": {**frozen["params"], **params},
+            "batch_stats": {**frozen["batch_stats"], **batch_stats},
+        }
         if all_bn:
             logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
             new_bs = upd["batch_stats"]
@@ -232,11 +263,17 @@ def _step_fn(config: ConvMixerConfig, train_params: frozenset | None, train_bn: 
         rng = jax.random.fold_in(state["rng"], state["step"])
         x = augment_batch(rng, images, aug_cfg)
         (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["batch_stats"], frozen, x, labels)
+            state["params"], state["batch_stats"], frozen, x, labels
+        )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: p - lr * u, state["params"], updates)
-        new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                   step=state["step"] + 1)
+        new = dict(
+            state,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            step=state["step"] + 1,
+        )
         return new, loss, correct
 
     return jax.jit(step, donate_argnums=(0,)), tx
@@ -262,11 +299,25 @@ def _trained_sets(mode: str, stem_bn: bool, param_names, bn_names):
 # --------------------------------------------------------------------------- public API
 
 
-def finetune(config: ConvMixerConfig, variables: PyTree | None, images, labels, *, mode: str,
-             steps: int = 100, batch_size: int = DEFAULT_BATCH_SIZE, lr: float | None = None,
-             seed: int = 0, augment: bool | Sequence[str] = True, stem_bn: bool = False,
-             cutout: int = 8, grad_clip: float | None = 1.0, warmup_fraction: float = 0.1,
-             label_smoothing: float = 0.0, progress=False) -> tuple[dict, dict]:
+def finetune(
+    config: ConvMixerConfig,
+    variables: PyTree | None,
+    images,
+    labels,
+    *,
+    mode: str,
+    steps: int = 100,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float | None = None,
+    seed: int = 0,
+    augment: bool | Sequence[str] = True,
+    stem_bn: bool = False,
+    cutout: int = 8,
+    grad_clip: float | None = 1.0,
+    warmup_fraction: float = 0.1,
+    label_smoothing: float = 0.0,
+    progress=False,
+) -> tuple[dict, dict]:
     """Fine-tune (or, ``mode='scratch'``, train afresh) a ConvMixer on labeled images.
 
     Args:
@@ -309,19 +360,32 @@ def finetune(config: ConvMixerConfig, variables: PyTree | None, images, labels, 
         variables = init_variables(config, seed)
     else:
         if variables is None:
-            raise ValueError(f"mode {mode!r} fine-tunes given variables; pass them (only 'scratch' "
-                             "starts without)")
+            raise ValueError(
+                f"mode {mode!r} fine-tunes given variables; pass them (only 'scratch' "
+                "starts without)"
+            )
         _check_variables(config, variables)
     params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
 
     train_params, train_bn = _trained_sets(mode, stem_bn, params, batch_stats)
-    step_fn, tx = _step_fn(config, train_params, train_bn, aug, int(cutout),
-                           float(grad_clip) if grad_clip else None, float(label_smoothing))
+    step_fn, tx = _step_fn(
+        config,
+        train_params,
+        train_bn,
+        aug,
+        int(cutout),
+        float(grad_clip) if grad_clip else None,
+        float(label_smoothing),
+    )
     p_train, p_frozen = _split(params, params if train_params is None else train_params)
     b_train, b_frozen = _split(batch_stats, batch_stats if train_bn is None else train_bn)
     copy = lambda t: jax.tree.map(lambda a: jnp.array(a, dtype=jnp.float32, copy=True), t)  # noqa: E731
-    state = {"params": copy(p_train), "batch_stats": copy(b_train), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.fold_in(jax.random.PRNGKey(seed), 1)}  # not the init key
+    state = {
+        "params": copy(p_train),
+        "batch_stats": copy(b_train),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.fold_in(jax.random.PRNGKey(seed), 1),
+    }  # not the init key
     state["opt_state"] = tx.init(state["params"])
     frozen = {"params": copy(p_frozen), "batch_stats": copy(b_frozen)}
 
@@ -340,8 +404,13 @@ def finetune(config: ConvMixerConfig, variables: PyTree | None, images, labels, 
     try:
         for s in range(steps):
             idx = order[s]
-            state, loss, correct = step_fn(state, frozen, images[idx], labels[idx],
-                                           jnp.float32(lr_schedule(s, steps, lr, warmup_fraction)))
+            state, loss, correct = step_fn(
+                state,
+                frozen,
+                images[idx],
+                labels[idx],
+                jnp.float32(lr_schedule(s, steps, lr, warmup_fraction)),
+            )
             losses.append(loss)
             corrects.append(correct)
             if s == 0:
@@ -359,10 +428,20 @@ def finetune(config: ConvMixerConfig, variables: PyTree | None, images, labels, 
 
     out_params = {**jax.tree.map(np.array, p_frozen), **jax.tree.map(np.array, state["params"])}
     out_bs = {**jax.tree.map(np.array, b_frozen), **jax.tree.map(np.array, state["batch_stats"])}
-    out = {"params": {k: out_params[k] for k in params}, "batch_stats": {k: out_bs[k] for k in batch_stats}}
+    out = {
+        "params": {k: out_params[k] for k in params},
+        "batch_stats": {k: out_bs[k] for k in batch_stats},
+    }
     history = {
-        "mode": mode, "n": n, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-        "augment": list(aug), "warmup_fraction": warmup_fraction, "grad_clip": grad_clip,
+        "mode": mode,
+        "n": n,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "augment": list(aug),
+        "warmup_fraction": warmup_fraction,
+        "grad_clip": grad_clip,
         "label_smoothing": label_smoothing,
         "trained": sorted(params if train_params is None else train_params),
         "batchnorm_train_mode": sorted(batch_stats if train_bn is None else train_bn),
@@ -400,14 +479,26 @@ def attack_subset(n_pool: int, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 5]).permutation(n_pool)[:n])
 
 
-def finetune_attack(config: ConvMixerConfig, encrypted_variables: PyTree, train_images, train_labels,
-                    test_images, test_labels, *, sizes: Sequence[int] = DEFAULT_SIZES,
-                    modes: Sequence[str] = MODES,
-                    steps: int | Mapping[int, int] | Callable[[int], int] | None = None,
-                    batch_size: int = DEFAULT_BATCH_SIZE, lr: float | Mapping[str, float] | None = None,
-                    seed: int = 0, augment: bool | Sequence[str] = True, stem_bn: bool = False,
-                    baseline_accuracy: float | None = None, eval_batch_size: int = 500,
-                    progress: bool = False) -> dict:
+def finetune_attack(
+    config: ConvMixerConfig,
+    encrypted_variables: PyTree,
+    train_images,
+    train_labels,
+    test_images,
+    test_labels,
+    *,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    modes: Sequence[str] = MODES,
+    steps: int | Mapping[int, int] | Callable[[int], int] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float | Mapping[str, float] | None = None,
+    seed: int = 0,
+    augment: bool | Sequence[str] = True,
+    stem_bn: bool = False,
+    baseline_accuracy: float | None = None,
+    eval_batch_size: int = 500,
+    progress: bool = False,
+) -> dict:
     """Fine-tune the encrypted model on n plain images per mode; test on plain images.
 
     Args:
@@ -451,12 +542,16 @@ def finetune_attack(config: ConvMixerConfig, encrypted_variables: PyTree, train_
         raise ValueError(f"sizes repeat: {sizes}")
     sizes = sorted(sizes)
     if sizes[-1] > len(train_images):
-        raise ValueError(f"n = {sizes[-1]} exceeds the {len(train_images)} training images available")
+        raise ValueError(
+            f"n = {sizes[-1]} exceeds the {len(train_images)} training images available"
+        )
     _check_variables(config, encrypted_variables)
     plan = [(m, n, _steps_for(steps, n), _lr_for(lr, m)) for m in modes for n in sizes]
 
     t0 = time.perf_counter()
-    before = accuracy(config, encrypted_variables, test_images, test_labels, batch_size=eval_batch_size)
+    before = accuracy(
+        config, encrypted_variables, test_images, test_labels, batch_size=eval_batch_size
+    )
     before_seconds = time.perf_counter() - t0
     bar = None
     if progress:
@@ -469,18 +564,38 @@ def finetune_attack(config: ConvMixerConfig, encrypted_variables: PyTree, train_
             idx = attack_subset(len(train_images), n, seed)
             if bar is not None:
                 bar.set_description(f"{mode} n={n}")
-            variables, hist = finetune(config, encrypted_variables, train_images[idx], train_labels[idx],
-                                       mode=mode, steps=n_steps, batch_size=batch_size, lr=mode_lr,
-                                       seed=seed, augment=augment, stem_bn=stem_bn and mode == "stem",
-                                       progress=bar if bar is not None else False)
+            variables, hist = finetune(
+                config,
+                encrypted_variables,
+                train_images[idx],
+                train_labels[idx],
+                mode=mode,
+                steps=n_steps,
+                batch_size=batch_size,
+                lr=mode_lr,
+                seed=seed,
+                augment=augment,
+                stem_bn=stem_bn and mode == "stem",
+                progress=bar if bar is not None else False,
+            )
             t0 = time.perf_counter()
             acc = accuracy(config, variables, test_images, test_labels, batch_size=eval_batch_size)
-            runs.append({"mode": mode, "n": n, "steps": n_steps, "batch_size": batch_size, "lr": mode_lr,
-                         "test_accuracy": acc, "seconds": hist["seconds"],
-                         "first_step_seconds": hist["first_step_seconds"],
-                         "eval_seconds": time.perf_counter() - t0,
-                         "final_train_loss": float(np.mean(hist["loss"][-max(1, n_steps // 10):])),
-                         "trained": hist["trained"], "batchnorm_train_mode": hist["batchnorm_train_mode"]})
+            runs.append(
+                {
+                    "mode": mode,
+                    "n": n,
+                    "steps": n_steps,
+                    "batch_size": batch_size,
+                    "lr": mode_lr,
+                    "test_accuracy": acc,
+                    "seconds": hist["seconds"],
+                    "first_step_seconds": hist["first_step_seconds"],
+                    "eval_seconds": time.perf_counter() - t0,
+                    "final_train_loss": float(np.mean(hist["loss"][-max(1, n_steps // 10) :])),
+                    "trained": hist["trained"],
+                    "batchnorm_train_mode": hist["batchnorm_train_mode"],
+                }
+            )
             if bar is not None:
                 bar.set_postfix(acc=f"{acc:.3f}")
     finally:
@@ -489,24 +604,38 @@ def finetune_attack(config: ConvMixerConfig, encrypted_variables: PyTree, train_
     return {
         "threat": "encrypted model + n labeled plain images, no key; accuracy on plain test images",
         "model": config.to_dict(),
-        "settings": {"sizes": sizes, "modes": list(modes), "batch_size": batch_size, "seed": seed,
-                     "augment": list(_augment_tuple(augment)), "stem_bn": bool(stem_bn),
-                     "optimizer": "clip_by_global_norm(1.0) + Adam, linear warm-up 10% then cosine to 0",
-                     "steps": "default_steps(n) = round(50 * (n/100)**0.3)" if steps is None else
-                     {str(n): _steps_for(steps, n) for n in sizes},
-                     "lr": {m: _lr_for(lr, m) for m in modes}},
-        "n_pool": int(len(train_images)), "n_test": int(len(test_images)),
+        "settings": {
+            "sizes": sizes,
+            "modes": list(modes),
+            "batch_size": batch_size,
+            "seed": seed,
+            "augment": list(_augment_tuple(augment)),
+            "stem_bn": bool(stem_bn),
+            "optimizer": "clip_by_global_norm(1.0) + Adam, linear warm-up 10% then cosine to 0",
+            "steps": "default_steps(n) = round(50 * (n/100)**0.3)"
+            if steps is None
+            else {str(n): _steps_for(steps, n) for n in sizes},
+            "lr": {m: _lr_for(lr, m) for m in modes},
+        },
+        "n_pool": int(len(train_images)),
+        "n_test": int(len(test_images)),
         "chance": 1.0 / config.num_classes,
         "baseline_accuracy": None if baseline_accuracy is None else float(baseline_accuracy),
-        "encrypted_accuracy": before, "encrypted_eval_seconds": before_seconds,
-        "accuracy": {m: {str(r["n"]): r["test_accuracy"] for r in runs if r["mode"] == m} for m in modes},
+        "encrypted_accuracy": before,
+        "encrypted_eval_seconds": before_seconds,
+        "accuracy": {
+            m: {str(r["n"]): r["test_accuracy"] for r in runs if r["mode"] == m} for m in modes
+        },
         "runs": runs,
         "seconds": time.perf_counter() - t_start,
     }
 
 
-MODE_LABELS = {"stem": "fine-tune patch embedding", "all": "fine-tune whole model",
-               "scratch": "train from scratch"}
+MODE_LABELS = {
+    "stem": "fine-tune patch embedding",
+    "all": "fine-tune whole model",
+    "scratch": "train from scratch",
+}
 
 
 def plot_finetune(results: dict, path, *, baseline_accuracy: float | None = None):
@@ -531,17 +660,31 @@ def plot_finetune(results: dict, path, *, baseline_accuracy: float | None = None
         label = MODE_LABELS.get(mode, mode)
         if mode == "stem" and spread:  # the line is the first key's, the band all keys'
             label += f", key 1 of {len(spread[str(ns[0])]['values'])}"
-        line, = ax.plot(ns, [accs[str(n)] for n in ns], marker=markers.get(mode, "o"), label=label)
+        (line,) = ax.plot(
+            ns, [accs[str(n)] for n in ns], marker=markers.get(mode, "o"), label=label
+        )
         if mode == "stem" and spread:
-            ax.fill_between(ns, [spread[str(n)]["min"] for n in ns], [spread[str(n)]["max"] for n in ns],
-                            color=line.get_color(), alpha=0.2,
-                            label=f"{MODE_LABELS['stem']}, range over {len(spread[str(ns[0])]['values'])} keys")
+            ax.fill_between(
+                ns,
+                [spread[str(n)]["min"] for n in ns],
+                [spread[str(n)]["max"] for n in ns],
+                color=line.get_color(),
+                alpha=0.2,
+                label=f"{MODE_LABELS['stem']}, range over {len(spread[str(ns[0])]['values'])} keys",
+            )
     if base is not None:
         ax.axhline(base, color="k", ls="--", lw=1, label=f"plain model ({base:.3f})")
     if results.get("encrypted_accuracy") is not None:
-        ax.axhline(results["encrypted_accuracy"], color="tab:red", ls="-.", lw=1,
-                   label=f"encrypted, no fine-tuning ({results['encrypted_accuracy']:.3f})")
-    ax.axhline(results["chance"], color="gray", ls=":", lw=1, label=f"chance ({results['chance']:.2f})")
+        ax.axhline(
+            results["encrypted_accuracy"],
+            color="tab:red",
+            ls="-.",
+            lw=1,
+            label=f"encrypted, no fine-tuning ({results['encrypted_accuracy']:.3f})",
+        )
+    ax.axhline(
+        results["chance"], color="gray", ls=":", lw=1, label=f"chance ({results['chance']:.2f})"
+    )
     ax.set_xscale("log")
     ax.set_xlabel("labeled plain images n")
     ax.set_ylabel("test accuracy (plain images)")
@@ -556,5 +699,15 @@ def plot_finetune(results: dict, path, *, baseline_accuracy: float | None = None
     return write_bytes_atomic(path, buf.getvalue(), force=True)
 
 
-__all__ = ["MODES", "DEFAULT_LR", "DEFAULT_SIZES", "DEFAULT_BATCH_SIZE", "default_steps", "lr_schedule",
-           "finetune", "finetune_attack", "attack_subset", "plot_finetune"]
+__all__ = [
+    "MODES",
+    "DEFAULT_LR",
+    "DEFAULT_SIZES",
+    "DEFAULT_BATCH_SIZE",
+    "default_steps",
+    "lr_schedule",
+    "finetune",
+    "finetune_attack",
+    "attack_subset",
+    "plot_finetune",
+]

@@ -4,6 +4,7 @@ images, and the measures of an attack (docs/security.md).
 
 Needs JAX (the model is run); the kernel-only attacks in :mod:`.from_weights` do not.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,8 @@ import numpy as np
 from convmixer_jax.attacks.from_weights import ModelRecovery, recover_key_from_structure
 from convmixer_jax.scheme.keys import Key
 
-
 # ------------------------------------------------------------- measurement
+
 
 def evaluate_recovery(true_key: Key, recovery: ModelRecovery) -> dict:
     """How much of ``true_key`` an attack recovered.
@@ -30,42 +31,64 @@ def evaluate_recovery(true_key: Key, recovery: ModelRecovery) -> dict:
     perm_ok, flip_ok = rp == tp, rf == tf
     inside = None
     if recovery.candidates:
-        inside = any(np.array_equal(k.perm, tp) and np.array_equal(k.flip, tf) for k in recovery.candidates)
-    return {"fraction_both": float(np.mean(perm_ok & flip_ok)), "fraction_perm": float(np.mean(perm_ok)),
-            "fraction_flip": float(np.mean(flip_ok)), "exact": bool(np.all(perm_ok & flip_ok)),
-            "exact_up_to_global_sign": bool(np.all(perm_ok) and (np.all(flip_ok) or not np.any(flip_ok))),
-            "valid_key": recovery.key is not None, "true_key_in_candidates": inside,
-            "candidates": len(recovery.candidates)}
+        inside = any(
+            np.array_equal(k.perm, tp) and np.array_equal(k.flip, tf) for k in recovery.candidates
+        )
+    return {
+        "fraction_both": float(np.mean(perm_ok & flip_ok)),
+        "fraction_perm": float(np.mean(perm_ok)),
+        "fraction_flip": float(np.mean(flip_ok)),
+        "exact": bool(np.all(perm_ok & flip_ok)),
+        "exact_up_to_global_sign": bool(
+            np.all(perm_ok) and (np.all(flip_ok) or not np.any(flip_ok))
+        ),
+        "valid_key": recovery.key is not None,
+        "true_key_in_candidates": inside,
+        "candidates": len(recovery.candidates),
+    }
 
 
-def accuracy_with_key(config, encrypted_variables, key: Key, images, labels, *, batch_size: int = 500) -> float:
+def accuracy_with_key(
+    config, encrypted_variables, key: Key, images, labels, *, batch_size: int = 500
+) -> float:
     """Accuracy of the encrypted model on ``images`` (N, H, W, C) uint8 or float
     in [0, 1] encrypted with ``key`` (e.g. a recovered one), labels (N,).
     With the true key this is the plain model's accuracy."""
-    from convmixer_jax.scheme.images import encrypt_images
     from convmixer_jax.model.inference import accuracy
+    from convmixer_jax.scheme.images import encrypt_images
 
-    return accuracy(config, encrypted_variables, np.asarray(encrypt_images(images, key)), labels,
-                    batch_size=batch_size)
+    return accuracy(
+        config,
+        encrypted_variables,
+        np.asarray(encrypt_images(images, key)),
+        labels,
+        batch_size=batch_size,
+    )
 
 
 # ------------------------------------------- the whole encrypted model (JAX)
 
-def rank_keys_by_confidence(config, encrypted_variables, keys, public_images, *,
-                            batch_size: int = 256) -> np.ndarray:
+
+def rank_keys_by_confidence(
+    config, encrypted_variables, keys, public_images, *, batch_size: int = 256
+) -> np.ndarray:
     """Mean prediction entropy (nats, lower = more confident) of the encrypted
     model on ``public_images`` (N, H, W, C) uint8 or float in [0, 1], unlabeled,
     encrypted with each candidate key. The model sees the images it was
     trained on only under the right key; a key off by a block symmetry gives
     less confident predictions. Returns (len(keys),). Runs the whole model
     once per key (about 0.5 s per key for 256 CIFAR-10 images on a CPU)."""
-    from convmixer_jax.scheme.images import encrypt_images
     from convmixer_jax.model.inference import predict_logits
+    from convmixer_jax.scheme.images import encrypt_images
 
     out = np.empty(len(keys))
     for i, k in enumerate(keys):
-        lg = predict_logits(config, encrypted_variables, np.asarray(encrypt_images(public_images, k)),
-                            batch_size=batch_size).astype(np.float64)
+        lg = predict_logits(
+            config,
+            encrypted_variables,
+            np.asarray(encrypt_images(public_images, k)),
+            batch_size=batch_size,
+        ).astype(np.float64)
         lg -= lg.max(1, keepdims=True)
         logp = lg - np.log(np.exp(lg).sum(1, keepdims=True))
         out[i] = float(-(np.exp(logp) * logp).sum(1).mean())
@@ -81,15 +104,23 @@ def negated_key(key: Key) -> Key | None:
     return Key(perm, (1 - flip).astype(flip.dtype), key.block_size, key.channels)
 
 
-def rerank_by_confidence(recovery: ModelRecovery, config, encrypted_variables, public_images, *,
-                         top: int = 8, n_images: int = 256) -> ModelRecovery:
+def rerank_by_confidence(
+    recovery: ModelRecovery,
+    config,
+    encrypted_variables,
+    public_images,
+    *,
+    top: int = 8,
+    n_images: int = 256,
+) -> ModelRecovery:
     """Re-rank the first ``top`` candidates of an attack, and their negatives
     (:func:`negated_key`), by :func:`rank_keys_by_confidence` on the first ``n_images``
     unlabeled ``public_images`` and return the recovery with the most confident one as
     ``key`` (the other candidates keep their order after them)."""
     if not recovery.candidates:
         raise ValueError("the recovery has no candidates to re-rank")
-    head = list(recovery.candidates[:max(1, top)])
+    head = list(recovery.candidates[: max(1, top)])
+
     # The BatchNorm ranking barely sees the global sign (a stem GELU of -x has similar
     # statistics), but the model's confidence does: the negative of each leading
     # candidate is re-ranked too (even pb only; for odd pb the flip count fixes the sign).
@@ -101,21 +132,39 @@ def rerank_by_confidence(recovery: ModelRecovery, config, encrypted_variables, p
         if ident(neg) not in seen:
             seen.add(ident(neg))
             head.append(neg)
-    rest = tuple(k for k in recovery.candidates[max(1, top):] if ident(k) not in seen)
-    ent = rank_keys_by_confidence(config, encrypted_variables, head, np.asarray(public_images)[:n_images])
+    rest = tuple(k for k in recovery.candidates[max(1, top) :] if ident(k) not in seen)
+    ent = rank_keys_by_confidence(
+        config, encrypted_variables, head, np.asarray(public_images)[:n_images]
+    )
     order = np.argsort(ent, kind="stable")
     cands = tuple(head[i] for i in order) + rest
     key = cands[0]
     nxt = f", next {ent[order[1]]:.4f}" if len(head) > 1 else ""
-    notes = (recovery.notes + f"; best {len(head)} candidates re-ranked by prediction entropy on "
-             f"{min(n_images, len(public_images))} unlabeled public images ({ent[order[0]]:.4f} nats{nxt})")
-    return dataclasses.replace(recovery, perm=key.perm, flip=key.flip, key=key, candidates=cands,
-                               method=recovery.method + "+confidence", notes=notes)
+    notes = (
+        recovery.notes + f"; best {len(head)} candidates re-ranked by prediction entropy on "
+        f"{min(n_images, len(public_images))} unlabeled public images ({ent[order[0]]:.4f} nats{nxt})"
+    )
+    return dataclasses.replace(
+        recovery,
+        perm=key.perm,
+        flip=key.flip,
+        key=key,
+        candidates=cands,
+        method=recovery.method + "+confidence",
+        notes=notes,
+    )
 
 
-def recover_key_from_encrypted_model(config, encrypted_variables, public_images=None, *, seed: int = 0,
-                                     top: int = 8, n_images: int = 64,
-                                     n_confidence_images: int = 256) -> ModelRecovery:
+def recover_key_from_encrypted_model(
+    config,
+    encrypted_variables,
+    public_images=None,
+    *,
+    seed: int = 0,
+    top: int = 8,
+    n_images: int = 64,
+    n_confidence_images: int = 256,
+) -> ModelRecovery:
     """The strongest attack here that needs neither the key, nor plain
     weights, nor labels.
 
@@ -136,13 +185,25 @@ def recover_key_from_encrypted_model(config, encrypted_variables, public_images=
     for name in ("mean", "std"):
         val = getattr(config, name, None)
         if val is not None and not np.allclose(val, 0.5):
-            raise ValueError(f"model normalization {name}={val}; these attacks assume the paper's 0.5/0.5")
+            raise ValueError(
+                f"model normalization {name}={val}; these attacks assume the paper's 0.5/0.5"
+            )
     stem, bn = encrypted_variables["params"]["stem"], encrypted_variables["batch_stats"]["stem_bn"]
     if public_images is None:
-        return recover_key_from_structure(stem["kernel"], seed=seed, stem_bias=stem["bias"],
-                                          stem_bn_mean=bn["mean"])
-    rec = recover_key_from_structure(stem["kernel"], seed=seed, stem_bias=stem["bias"], stem_bn_mean=bn["mean"],
-                                     stem_bn_var=bn["var"], public_images=public_images, n_images=n_images,
-                                     activation=config.activation, gelu_approximate=config.gelu_approximate)
-    return rerank_by_confidence(rec, config, encrypted_variables, public_images, top=top,
-                                n_images=n_confidence_images)
+        return recover_key_from_structure(
+            stem["kernel"], seed=seed, stem_bias=stem["bias"], stem_bn_mean=bn["mean"]
+        )
+    rec = recover_key_from_structure(
+        stem["kernel"],
+        seed=seed,
+        stem_bias=stem["bias"],
+        stem_bn_mean=bn["mean"],
+        stem_bn_var=bn["var"],
+        public_images=public_images,
+        n_images=n_images,
+        activation=config.activation,
+        gelu_approximate=config.gelu_approximate,
+    )
+    return rerank_by_confidence(
+        rec, config, encrypted_variables, public_images, top=top, n_images=n_confidence_images
+    )

@@ -45,6 +45,7 @@ ranking 96 keys by BatchNorm statistics on 64 images takes a few seconds,
 and the confidence re-ranking about 0.5 s per key for 256 CIFAR-10 images.
 :func:`~convmixer_jax.attacks.from_model.evaluate_recovery` and :func:`~convmixer_jax.attacks.from_model.accuracy_with_key` measure an attack.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -94,6 +95,7 @@ class ModelRecovery:
 
 # ---------------------------------------------------------------- helpers
 
+
 def _kernel_rows(kernel, name: str = "kernel") -> tuple[np.ndarray, int, int]:
     k = np.asarray(kernel, np.float64)
     if k.ndim != 4 or k.shape[0] != k.shape[1]:
@@ -106,7 +108,9 @@ def _sign_by_count(s: np.ndarray, notes: list[str]) -> np.ndarray:
     """Odd pb: of the signs s (pb,) and -s only the one with floor(pb/2) negatives is a key's."""
     n = len(s)
     if n % 2 and int(np.sum(s < 0)) == n - n // 2:
-        notes.append(f"global sign from the flip count (odd pb = {n}: {n // 2} flips, not {n - n // 2})")
+        notes.append(
+            f"global sign from the flip count (odd pb = {n}: {n // 2} flips, not {n - n // 2})"
+        )
         return -s
     return s
 
@@ -143,8 +147,13 @@ def _balanced_flip(evidence: np.ndarray) -> np.ndarray:
     return flip
 
 
-def _qap(a: np.ndarray, b: np.ndarray, perm: np.ndarray, unary: np.ndarray | None = None,
-         max_iter: int = 200) -> tuple[np.ndarray, float]:
+def _qap(
+    a: np.ndarray,
+    b: np.ndarray,
+    perm: np.ndarray,
+    unary: np.ndarray | None = None,
+    max_iter: int = 200,
+) -> tuple[np.ndarray, float]:
     """A local maximum of ``f(p) = sum_{u,v} a[u,v] b[p[u],p[v]] + sum_u unary[u,p[u]]``
     over permutations p, starting from ``perm``.
 
@@ -233,7 +242,9 @@ def symmetric_keys(key: Key, *, channel_orders: bool = True, global_sign: bool =
     key = validate_key(key)
     p, c = key.block_size, key.channels
     i, j, ch = _decode(key.perm, p, c)
-    orders = list(itertools.permutations(range(c))) if channel_orders and c <= 4 else [tuple(range(c))]
+    orders = (
+        list(itertools.permutations(range(c))) if channel_orders and c <= 4 else [tuple(range(c))]
+    )
     signs = (0, 1) if global_sign and (p * p * c) % 2 == 0 else (0,)
     out, seen = [], set()
     for g in signs:
@@ -250,6 +261,7 @@ def symmetric_keys(key: Key, *, channel_orders: bool = True, global_sign: bool =
 
 # ------------------------------------------------- (a) independent reference
 
+
 def recover_key_with_reference(encrypted_kernel, reference_kernel) -> ModelRecovery:
     """Estimate the key from an encrypted stem kernel and the ORIGINAL plain kernel.
 
@@ -261,7 +273,9 @@ def recover_key_with_reference(encrypted_kernel, reference_kernel) -> ModelRecov
     enc = np.asarray(encrypted_kernel, np.float64)
     ref = np.asarray(reference_kernel, np.float64)
     if enc.shape != ref.shape or enc.ndim != 4:
-        raise ValueError(f"kernels must both be (P, P, C, dim) of one shape; got {enc.shape} and {ref.shape}")
+        raise ValueError(
+            f"kernels must both be (P, P, C, dim) of one shape; got {enc.shape} and {ref.shape}"
+        )
     p, _, c, d = enc.shape
     e = enc.reshape(-1, d)
     r = ref.reshape(-1, d)
@@ -272,8 +286,14 @@ def recover_key_with_reference(encrypted_kernel, reference_kernel) -> ModelRecov
     sim = cos[np.arange(len(perm)), perm]
     flip = (sim < 0).astype(np.uint8)
     key = _as_key(perm, flip, p, c)
-    return ModelRecovery(perm=perm, flip=flip, similarity=np.abs(sim), key=key, method="reference",
-                         notes="row matching against the original weights")
+    return ModelRecovery(
+        perm=perm,
+        flip=flip,
+        similarity=np.abs(sim),
+        key=key,
+        method="reference",
+        notes="row matching against the original weights",
+    )
 
 
 def _row_signature(a: np.ndarray, norms: np.ndarray) -> np.ndarray:
@@ -296,10 +316,16 @@ def _global_sign_from_columns(dec_rows: np.ndarray, ref_rows: np.ndarray) -> flo
     return float(np.sum(cos[r, c]))
 
 
-def recover_key_with_independent_reference(encrypted_kernel, reference_kernel, *, seed: int = 0,
-                                           n_starts: int = 8, use_structure: bool = True,
-                                           global_sign: str = "columns",
-                                           norm_weight: float = 1.0) -> ModelRecovery:
+def recover_key_with_independent_reference(
+    encrypted_kernel,
+    reference_kernel,
+    *,
+    seed: int = 0,
+    n_starts: int = 8,
+    use_structure: bool = True,
+    global_sign: str = "columns",
+    norm_weight: float = 1.0,
+) -> ModelRecovery:
     """Estimate the key with an independently trained reference model's stem kernel.
 
     encrypted_kernel, reference_kernel: (P, P, C, dim) and (P, P, C, dim_ref)
@@ -346,8 +372,10 @@ def recover_key_with_independent_reference(encrypted_kernel, reference_kernel, *
     ce, cr = _correlation(e), _correlation(r)
     ae, ar = _abs_offdiag(ce), _abs_offdiag(cr)
     ne, nr = np.linalg.norm(e, axis=1), np.linalg.norm(r, axis=1)
-    le = np.log(np.maximum(ne, 1e-30)); le -= le.mean()
-    lr = np.log(np.maximum(nr, 1e-30)); lr -= lr.mean()
+    le = np.log(np.maximum(ne, 1e-30))
+    le -= le.mean()
+    lr = np.log(np.maximum(nr, 1e-30))
+    lr -= lr.mean()
     unary = -norm_weight * (le[:, None] - lr[None, :]) ** 2 * (ae.sum() / n)
 
     se, sr = _row_signature(ae, ne), _row_signature(ar, nr)
@@ -385,7 +413,9 @@ def recover_key_with_independent_reference(encrypted_kernel, reference_kernel, *
         orient = _global_sign_from_columns(dec, r)
         if orient < 0:
             s, support = -s, support
-        notes.append(f"global sign from output-channel orientation (matched signed-cosine sum {orient:+.3f})")
+        notes.append(
+            f"global sign from output-channel orientation (matched signed-cosine sum {orient:+.3f})"
+        )
     else:
         notes.append("global sign arbitrary (not observable from correlations)")
     s = _sign_by_count(s, notes)
@@ -393,8 +423,9 @@ def recover_key_with_independent_reference(encrypted_kernel, reference_kernel, *
     if int(np.sum(s < 0)) != n // 2:
         notes.append(f"sign estimate had {int(np.sum(s < 0))} flips; balanced to pb/2 = {n // 2}")
 
-    prof = np.array([np.corrcoef(ae[k], ar[perm[k]][perm])[0, 1] if ae[k].std() > 0 else 0.0
-                     for k in range(n)])
+    prof = np.array(
+        [np.corrcoef(ae[k], ar[perm[k]][perm])[0, 1] if ae[k].std() > 0 else 0.0 for k in range(n)]
+    )
     key = validate_key(Key(perm.astype(np.int32), flip, p, c))
     # The block symmetries of this key, ranked by the objective (the chosen
     # global sign first: the objective cannot see it). The reference may not
@@ -407,28 +438,45 @@ def recover_key_with_independent_reference(encrypted_kernel, reference_kernel, *
     def objective(k):
         q = np.asarray(k.perm)
         sg = 1.0 - 2.0 * np.asarray(k.flip, np.float64)
-        return float(np.sum(ae * ar[np.ix_(q, q)]) + unary[np.arange(n), q].sum()
-                     + np.sum(ce * np.outer(sg, sg) * cr0[np.ix_(q, q)]))
+        return float(
+            np.sum(ae * ar[np.ix_(q, q)])
+            + unary[np.arange(n), q].sum()
+            + np.sum(ce * np.outer(sg, sg) * cr0[np.ix_(q, q)])
+        )
 
     score = np.array([objective(k) for k in cands])
     # by decreasing objective, each layout followed by its global-sign twin (even pb; the sign
     # is the least reliable part: re-rankers should see both)
     half = len(cands) // 2
-    order = (list(np.argsort(-score, kind="stable")) if n % 2 else
-             [j for i in np.argsort(-score[:half], kind="stable") for j in (i, i + half)])
+    order = (
+        list(np.argsort(-score, kind="stable"))
+        if n % 2
+        else [j for i in np.argsort(-score[:half], kind="stable") for j in (i, i + half)]
+    )
     cands = tuple(cands[i] for i in order)
     if not _same_key(cands[0], key):
         notes.append("a block symmetry of the matching scored higher and was taken")
         key = cands[0]
         perm = np.asarray(key.perm)
-        prof = np.array([np.corrcoef(ae[k], ar[perm[k]][perm])[0, 1] if ae[k].std() > 0 else 0.0
-                         for k in range(n)])
-    return ModelRecovery(perm=key.perm, flip=key.flip, similarity=np.clip(np.nan_to_num(prof), 0, 1),
-                         key=key, method="independent-reference", notes="; ".join(notes),
-                         candidates=cands)
+        prof = np.array(
+            [
+                np.corrcoef(ae[k], ar[perm[k]][perm])[0, 1] if ae[k].std() > 0 else 0.0
+                for k in range(n)
+            ]
+        )
+    return ModelRecovery(
+        perm=key.perm,
+        flip=key.flip,
+        similarity=np.clip(np.nan_to_num(prof), 0, 1),
+        key=key,
+        method="independent-reference",
+        notes="; ".join(notes),
+        candidates=cands,
+    )
 
 
 # --------------------------------------------------- (b) encrypted model only
+
 
 def _group_rows(a: np.ndarray, size: int) -> np.ndarray:
     """Partition n rows into n/size groups of ``size`` maximizing the summed
@@ -523,8 +571,9 @@ def _label_channels(a: np.ndarray, members: np.ndarray, adj: np.ndarray) -> np.n
     return out
 
 
-def _channel_order_heuristic(c_signed: np.ndarray, norms: np.ndarray, layout: np.ndarray, c: int
-                             ) -> tuple[np.ndarray, str]:
+def _channel_order_heuristic(
+    c_signed: np.ndarray, norms: np.ndarray, layout: np.ndarray, c: int
+) -> tuple[np.ndarray, str]:
     """Map labels to physical channels. layout: (n_pix, C) row indices by label.
     For C = 3: the two labels whose rows are most correlated within a pixel are
     taken to be R and G (observed in trained CIFAR-10 stems: R-G filters are
@@ -533,7 +582,9 @@ def _channel_order_heuristic(c_signed: np.ndarray, norms: np.ndarray, layout: np
     labels in order of decreasing mean row norm."""
     lab_norm = norms[layout].mean(0)
     if c != 3:
-        return np.argsort(np.argsort(-lab_norm, kind="stable"), kind="stable"), "channels ordered by row norm"
+        return np.argsort(
+            np.argsort(-lab_norm, kind="stable"), kind="stable"
+        ), "channels ordered by row norm"
     pair = {}
     for x, y in ((0, 1), (0, 2), (1, 2)):
         pair[(x, y)] = float(np.mean(np.abs(c_signed[layout[:, x], layout[:, y]])))
@@ -542,14 +593,25 @@ def _channel_order_heuristic(c_signed: np.ndarray, norms: np.ndarray, layout: np
     g, rr = (x, y) if lab_norm[x] >= lab_norm[y] else (y, x)
     phys = np.empty(3, np.int64)
     phys[rr], phys[g], phys[b] = 0, 1, 2
-    return phys, ("channel order: most correlated label pair = {R, G}, larger norm = G "
-                  f"(pair correlations {pair[(0, 1)]:.3f}/{pair[(0, 2)]:.3f}/{pair[(1, 2)]:.3f})")
+    return phys, (
+        "channel order: most correlated label pair = {R, G}, larger norm = G "
+        f"(pair correlations {pair[(0, 1)]:.3f}/{pair[(0, 2)]:.3f}/{pair[(1, 2)]:.3f})"
+    )
 
 
-def recover_key_from_structure(encrypted_kernel, *, seed: int = 0, n_starts: int = 200,
-                               stem_bias=None, stem_bn_mean=None, stem_bn_var=None,
-                               public_images=None, n_images: int = 64, activation: str = "gelu",
-                               gelu_approximate: bool = False) -> ModelRecovery:
+def recover_key_from_structure(
+    encrypted_kernel,
+    *,
+    seed: int = 0,
+    n_starts: int = 200,
+    stem_bias=None,
+    stem_bn_mean=None,
+    stem_bn_var=None,
+    public_images=None,
+    n_images: int = 64,
+    activation: str = "gelu",
+    gelu_approximate: bool = False,
+) -> ModelRecovery:
     """Estimate the key from the encrypted stem kernel alone.
 
     encrypted_kernel: (P, P, C, dim). Assumed: the plain stem is a trained
@@ -629,10 +691,14 @@ def recover_key_from_structure(encrypted_kernel, *, seed: int = 0, n_starts: int
         # Empirical, not derived: in the trained CIFAR-10 stems measured, output
         # channels with a larger DC gain (true sign) have a smaller BatchNorm
         # running mean. A weak statistic (|corr| ~ 0.1-0.2); see docs/security.md.
-        orient = float(np.corrcoef(dc, bn_mean)[0, 1]) if dc.std() > 0 and bn_mean.std() > 0 else 0.0
+        orient = (
+            float(np.corrcoef(dc, bn_mean)[0, 1]) if dc.std() > 0 and bn_mean.std() > 0 else 0.0
+        )
         if orient > 0:
             s = -s
-        notes.append(f"global sign from corr(DC gain, BN mean) = {orient:+.3f} (empirical prior: < 0)")
+        notes.append(
+            f"global sign from corr(DC gain, BN mean) = {orient:+.3f} (empirical prior: < 0)"
+        )
     else:
         notes.append("global sign arbitrary")
     s = _sign_by_count(s, notes)
@@ -640,20 +706,43 @@ def recover_key_from_structure(encrypted_kernel, *, seed: int = 0, n_starts: int
     key = validate_key(Key(perm.astype(np.int32), flip, p, c))
     cands = symmetric_keys(key)
 
-    if public_images is not None and stem_bias is not None and stem_bn_mean is not None \
-            and stem_bn_var is not None:
-        from convmixer_jax.attacks.stem_statistics import rank_keys_by_batch_stats  # (it imports this module)
+    if (
+        public_images is not None
+        and stem_bias is not None
+        and stem_bn_mean is not None
+        and stem_bn_var is not None
+    ):
+        from convmixer_jax.attacks.stem_statistics import (
+            rank_keys_by_batch_stats,
+        )  # (it imports this module)
 
-        scores = rank_keys_by_batch_stats(encrypted_kernel, stem_bias, stem_bn_mean, stem_bn_var,
-                                          cands, public_images, n_images=n_images, activation=activation,
-                                          gelu_approximate=gelu_approximate)
+        scores = rank_keys_by_batch_stats(
+            encrypted_kernel,
+            stem_bias,
+            stem_bn_mean,
+            stem_bn_var,
+            cands,
+            public_images,
+            n_images=n_images,
+            activation=activation,
+            gelu_approximate=gelu_approximate,
+        )
         order = np.argsort(scores, kind="stable")
         cands = [cands[i] for i in order]
         key = cands[0]
-        notes.append(f"chosen among {len(cands)} symmetric keys by stem BatchNorm statistics on "
-                     f"public images (mismatch {scores[order[0]]:.4g}, next {scores[order[1]]:.4g})")
+        notes.append(
+            f"chosen among {len(cands)} symmetric keys by stem BatchNorm statistics on "
+            f"public images (mismatch {scores[order[0]]:.4g}, next {scores[order[1]]:.4g})"
+        )
     else:
         notes.append("dihedral orientation arbitrary")
     sim = np.clip(np.abs(support) / max(np.abs(support).max(), 1e-30), 0, 1)
-    return ModelRecovery(perm=key.perm, flip=key.flip, similarity=sim, key=key, method="structure",
-                         notes="; ".join(notes), candidates=tuple(cands))
+    return ModelRecovery(
+        perm=key.perm,
+        flip=key.flip,
+        similarity=sim,
+        key=key,
+        method="structure",
+        notes="; ".join(notes),
+        candidates=tuple(cands),
+    )

@@ -31,6 +31,7 @@ scored on images 45,000..49,999): 12-way 63.3 %, the sign alone 92.5 %, the chan
 alone 65.8 %; the log-probs of 2 / 5 images under one variant summed: 81.2 % / 95.5 %;
 after JPEG re-encoding 62.7 %.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,8 +47,12 @@ from typing import Any
 import numpy as np
 
 from convmixer_jax.data.local import cache_dir
-from convmixer_jax.files.atomic import (RESULTS_MARKER, remove_stale_temporaries, swap_into_place,
-                                        temporary_name)
+from convmixer_jax.files.atomic import (
+    RESULTS_MARKER,
+    remove_stale_temporaries,
+    swap_into_place,
+    temporary_name,
+)
 
 PRIOR_FORMAT = "convmixer-jax-image-prior"
 PRIOR_VERSION = 1
@@ -93,7 +98,9 @@ def _check_variant(v: Variant, channels: int | None = None) -> tuple[bool, tuple
     if sorted(order) != list(range(len(order))):
         raise ValueError(f"a variant's order must be a permutation of 0..C-1, got {order}")
     if channels is not None and len(order) != channels:
-        raise ValueError(f"the variant {v!r} is for {len(order)} channels, the images have {channels}")
+        raise ValueError(
+            f"the variant {v!r} is for {len(order)} channels, the images have {channels}"
+        )
     return bool(neg), order
 
 
@@ -191,9 +198,15 @@ def _module(config: PriorConfig):
             for s, width in enumerate(self.cfg.widths):
                 for j in range(self.cfg.convs_per_stage):
                     stride = (2 if s > 0 else self.cfg.first_stride) if j == 0 else 1
-                    x = nn.Conv(width, (3, 3), strides=stride, padding="SAME", name=f"conv{s}_{j}")(x)
+                    x = nn.Conv(width, (3, 3), strides=stride, padding="SAME", name=f"conv{s}_{j}")(
+                        x
+                    )
                     x = nn.gelu(nn.LayerNorm(name=f"norm{s}_{j}")(x))
-            x = x.reshape(x.shape[0], -1) if self.cfg.head == "flatten" else jnp.mean(x, axis=(1, 2))
+            x = (
+                x.reshape(x.shape[0], -1)
+                if self.cfg.head == "flatten"
+                else jnp.mean(x, axis=(1, 2))
+            )
             return nn.Dense(self.cfg.num_variants, name="head")(x)
 
     return VariantNet(config)
@@ -224,11 +237,15 @@ class ImagePrior:
         variants = tuple(_check_variant(v, self.config.channels) for v in variants)
         object.__setattr__(self, "variants", variants)
         if len(variants) != self.config.num_variants:
-            raise ValueError(f"{len(variants)} variants for a classifier of {self.config.num_variants} outputs")
+            raise ValueError(
+                f"{len(variants)} variants for a classifier of {self.config.num_variants} outputs"
+            )
         smallest = self.config.first_stride * 2 ** (len(self.config.widths) - 1)
         if not isinstance(self.input_size, (int, np.integer)) or self.input_size < smallest:
-            raise ValueError(f"input_size {self.input_size!r} is too small for this architecture "
-                             f"(at least {smallest}); use fewer stages or a larger input_size")
+            raise ValueError(
+                f"input_size {self.input_size!r} is too small for this architecture "
+                f"(at least {smallest}); use fewer stages or a larger input_size"
+            )
 
 
 def as_unit_float(images) -> np.ndarray:
@@ -263,11 +280,18 @@ def resize_images(images, size: int) -> np.ndarray:
 
         out = np.asarray(jax.image.resize(x, (n, size, size, c), "linear", antialias=True))
     out = np.clip(out, 0.0, 1.0)
-    return np.round(out * 255).astype(np.uint8) if images.dtype == np.uint8 else out.astype(images.dtype)
+    return (
+        np.round(out * 255).astype(np.uint8)
+        if images.dtype == np.uint8
+        else out.astype(images.dtype)
+    )
 
 
 def _variant_tables(variants) -> tuple[np.ndarray, np.ndarray]:
-    return (np.array([v[0] for v in variants], np.bool_), np.array([v[1] for v in variants], np.int32))
+    return (
+        np.array([v[0] for v in variants], np.bool_),
+        np.array([v[1] for v in variants], np.int32),
+    )
 
 
 def _optimizer(weight_decay: float):
@@ -298,7 +322,9 @@ def _train_step(config: PriorConfig, batch_size: int, crop_pad: int, variants, w
         flip = jax.random.bernoulli(k_flip, 0.5, (batch_size,))
         x = jnp.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
         if crop_pad:
-            x = jnp.pad(x, ((0, 0), (crop_pad, crop_pad), (crop_pad, crop_pad), (0, 0)), mode="reflect")
+            x = jnp.pad(
+                x, ((0, 0), (crop_pad, crop_pad), (crop_pad, crop_pad), (0, 0)), mode="reflect"
+            )
             dy = jax.random.randint(k_dy, (batch_size,), 0, 2 * crop_pad + 1)
             dx = jax.random.randint(k_dx, (batch_size,), 0, 2 * crop_pad + 1)
             rows = dy[:, None] + jnp.arange(s)[None, :]
@@ -324,9 +350,19 @@ def _train_step(config: PriorConfig, batch_size: int, crop_pad: int, variants, w
     return jax.jit(step, donate_argnums=0)
 
 
-def train_image_prior(public_images, *, steps: int = 1500, batch_size: int = 128, seed: int = 0,
-                      input_size: int = 32, progress: bool = True, config: PriorConfig | None = None,
-                      learning_rate: float = 3e-3, weight_decay: float = 0.05, crop_pad: int = 2) -> ImagePrior:
+def train_image_prior(
+    public_images,
+    *,
+    steps: int = 1500,
+    batch_size: int = 128,
+    seed: int = 0,
+    input_size: int = 32,
+    progress: bool = True,
+    config: PriorConfig | None = None,
+    learning_rate: float = 3e-3,
+    weight_decay: float = 0.05,
+    crop_pad: int = 2,
+) -> ImagePrior:
     """Train the variant classifier on public natural images.
 
     Each example is a random public image, randomly flipped left-right and shifted by
@@ -354,18 +390,24 @@ def train_image_prior(public_images, *, steps: int = 1500, batch_size: int = 128
     variants = colour_variants(c)
     config = config or PriorConfig(channels=c, num_variants=len(variants))
     if (config.channels, config.num_variants) != (c, len(variants)):
-        raise ValueError(f"the config is for {config.channels} channels and {config.num_variants} variants; "
-                         f"the images have {c} channels and {len(variants)} variants")
+        raise ValueError(
+            f"the config is for {config.channels} channels and {config.num_variants} variants; "
+            f"the images have {c} channels and {len(variants)} variants"
+        )
     ImagePrior(config, None, input_size, variants)  # checks the input size before any work
     if not 0 <= crop_pad < input_size:
         raise ValueError(f"crop_pad must lie in [0, {input_size}), got {crop_pad}")
     module = _module(config)
     k_init, k_data = jax.random.split(jax.random.PRNGKey(seed))
     params = module.init(k_init, np.zeros((1, input_size, input_size, c), np.float32))["params"]
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 20), max(steps, 2))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, max(1, steps // 20), max(steps, 2)
+    )
     state = {"params": params, "opt": _optimizer(weight_decay).init(params)}
     step = _train_step(config, int(batch_size), int(crop_pad), variants, float(weight_decay))
-    device_images = jax.device_put(images if images.dtype == np.uint8 else images.astype(np.float32))
+    device_images = jax.device_put(
+        images if images.dtype == np.uint8 else images.astype(np.float32)
+    )
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -373,8 +415,9 @@ def train_image_prior(public_images, *, steps: int = 1500, batch_size: int = 128
         bar = tqdm(total=steps, desc="image prior", unit="step")
     try:
         for i in range(steps):
-            state, loss, acc = step(state, device_images, jax.random.fold_in(k_data, i),
-                                    np.float32(schedule(i)))
+            state, loss, acc = step(
+                state, device_images, jax.random.fold_in(k_data, i), np.float32(schedule(i))
+            )
             if bar is not None:
                 bar.update(1)
                 if i % 50 == 0 or i == steps - 1:
@@ -392,7 +435,9 @@ def _forward(config: PriorConfig):
     import jax
 
     module = _module(config)
-    return jax.jit(lambda params, x: jax.nn.log_softmax(module.apply({"params": params}, x), axis=-1))
+    return jax.jit(
+        lambda params, x: jax.nn.log_softmax(module.apply({"params": params}, x), axis=-1)
+    )
 
 
 def variant_log_probs(prior: ImagePrior, images, *, batch_size: int = 500) -> np.ndarray:
@@ -403,18 +448,20 @@ def variant_log_probs(prior: ImagePrior, images, *, batch_size: int = 500) -> np
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != prior.config.channels:
-        raise ValueError(f"images must be (N, H, W, {prior.config.channels}), got shape {images.shape}")
+        raise ValueError(
+            f"images must be (N, H, W, {prior.config.channels}), got shape {images.shape}"
+        )
     x = as_unit_float(resize_images(images, prior.input_size))
     fwd = _forward(prior.config)
     n = x.shape[0]
     out = np.empty((n, prior.config.num_variants), np.float64)
     bs = max(1, min(int(batch_size), n)) if n else 1
     for lo in range(0, n, bs):
-        chunk = x[lo:lo + bs]
+        chunk = x[lo : lo + bs]
         m = chunk.shape[0]
         if m < bs:  # one compiled shape
             chunk = np.concatenate([chunk, np.zeros((bs - m,) + chunk.shape[1:], chunk.dtype)])
-        out[lo:lo + m] = np.asarray(fwd(prior.params, chunk), np.float64)[:m]
+        out[lo : lo + m] = np.asarray(fwd(prior.params, chunk), np.float64)[:m]
     return out
 
 
@@ -427,7 +474,9 @@ def compose_variants(first: Variant, then: Variant) -> Variant:
     return bool(n1) ^ bool(n2), tuple(int(o1[j]) for j in o2)
 
 
-def group_log_probs(prior: ImagePrior, images, *, mirror: bool = True, batch_size: int = 500) -> np.ndarray:
+def group_log_probs(
+    prior: ImagePrior, images, *, mirror: bool = True, batch_size: int = 500
+) -> np.ndarray:
     """:func:`variant_log_probs` averaged over the views of each image that the task
     predicts consistently: every variant ``g`` applied to the image (and to its
     left-right mirror when ``mirror``).
@@ -443,13 +492,15 @@ def group_log_probs(prior: ImagePrior, images, *, mirror: bool = True, batch_siz
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != prior.config.channels:
-        raise ValueError(f"images must be (N, H, W, {prior.config.channels}), got shape {images.shape}")
+        raise ValueError(
+            f"images must be (N, H, W, {prior.config.channels}), got shape {images.shape}"
+        )
     x = as_unit_float(resize_images(images, prior.input_size))  # once; the views commute with it
     variants = [tuple(v) for v in prior.variants]
     index = {v: i for i, v in enumerate(variants)}
     total = np.zeros((x.shape[0], len(variants)), np.float64)
     views = 0
-    for view in ((x, x[:, :, ::-1]) if mirror else (x,)):
+    for view in (x, x[:, :, ::-1]) if mirror else (x,):
         for g in variants:
             lp = variant_log_probs(prior, apply_variant(view, g), batch_size=batch_size)
             total += lp[:, [index[compose_variants(v, g)] for v in variants]]
@@ -467,8 +518,11 @@ def _params_template(config: PriorConfig, input_size: int):
     import jax
 
     module = _module(config)
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct((1, input_size, input_size, config.channels), np.float32))
+    shapes = jax.eval_shape(
+        module.init,
+        jax.random.PRNGKey(0),
+        jax.ShapeDtypeStruct((1, input_size, input_size, config.channels), np.float32),
+    )
     return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])
 
 
@@ -479,8 +533,9 @@ def _is_prior_dir(path: Path) -> bool:
         return False
 
 
-def save_image_prior(prior: ImagePrior, path: str | os.PathLike, *, force: bool = False,
-                     extra: dict | None = None) -> Path:
+def save_image_prior(
+    prior: ImagePrior, path: str | os.PathLike, *, force: bool = False, extra: dict | None = None
+) -> Path:
     """Write ``prior`` as a directory: ``config.json`` (format, architecture, input size,
     variants, SHA-256 of the parameters, ``extra``) and ``params.msgpack``
     (``flax.serialization.to_bytes``). Written beside ``path`` and renamed into place;
@@ -492,12 +547,20 @@ def save_image_prior(prior: ImagePrior, path: str | os.PathLike, *, force: bool 
         if not force:
             raise FileExistsError(f"{path} already exists; pass force=True to replace it")
         if path.is_symlink() or not path.is_dir() or not _is_prior_dir(path):
-            raise FileExistsError(f"{path} is not an image prior directory; force replaces only one: "
-                                  "choose another output name")
+            raise FileExistsError(
+                f"{path} is not an image prior directory; force replaces only one: "
+                "choose another output name"
+            )
     blob = serialization.to_bytes(prior.params)
-    doc = {"format": PRIOR_FORMAT, "version": PRIOR_VERSION, "config": prior.config.to_dict(),
-           "input_size": int(prior.input_size), "variants": [[bool(n), list(o)] for n, o in prior.variants],
-           "params_sha256": hashlib.sha256(blob).hexdigest(), **(extra or {})}
+    doc = {
+        "format": PRIOR_FORMAT,
+        "version": PRIOR_VERSION,
+        "config": prior.config.to_dict(),
+        "input_size": int(prior.input_size),
+        "variants": [[bool(n), list(o)] for n, o in prior.variants],
+        "params_sha256": hashlib.sha256(blob).hexdigest(),
+        **(extra or {}),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
     tmp = temporary_name(path)
@@ -525,32 +588,46 @@ def load_image_prior(path: str | os.PathLike) -> ImagePrior:
     try:
         doc = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ImagePriorError(f"{path / CONFIG_FILE} cannot be read as JSON ({e}); the prior is damaged: {fix}") from None
+        raise ImagePriorError(
+            f"{path / CONFIG_FILE} cannot be read as JSON ({e}); the prior is damaged: {fix}"
+        ) from None
     if not isinstance(doc, dict) or doc.get("format") != PRIOR_FORMAT:
-        raise ImagePriorError(f"{path / CONFIG_FILE} is not an image prior (format "
-                              f"{doc.get('format') if isinstance(doc, dict) else None!r}, expected {PRIOR_FORMAT!r}); {fix}")
+        raise ImagePriorError(
+            f"{path / CONFIG_FILE} is not an image prior (format "
+            f"{doc.get('format') if isinstance(doc, dict) else None!r}, expected {PRIOR_FORMAT!r}); {fix}"
+        )
     if doc.get("version") != PRIOR_VERSION:
-        raise ImagePriorError(f"{path}: unsupported image prior version {doc.get('version')!r}; this release "
-                              f"reads version {PRIOR_VERSION}: {fix}")
+        raise ImagePriorError(
+            f"{path}: unsupported image prior version {doc.get('version')!r}; this release "
+            f"reads version {PRIOR_VERSION}: {fix}"
+        )
     try:
         config = PriorConfig.from_dict(doc["config"])
         input_size = int(doc["input_size"])
         variants = tuple((bool(n), tuple(o)) for n, o in doc["variants"])
         recorded = str(doc["params_sha256"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ImagePriorError(f"{path / CONFIG_FILE} has an invalid or missing field ({e}); {fix}") from None
+        raise ImagePriorError(
+            f"{path / CONFIG_FILE} has an invalid or missing field ({e}); {fix}"
+        ) from None
     try:
         blob = (path / PARAMS_FILE).read_bytes()
     except OSError as e:
-        raise ImagePriorError(f"{path}: cannot read {PARAMS_FILE} ({e.strerror or e}); {fix}") from None
+        raise ImagePriorError(
+            f"{path}: cannot read {PARAMS_FILE} ({e.strerror or e}); {fix}"
+        ) from None
     if hashlib.sha256(blob).hexdigest() != recorded:
-        raise ImagePriorError(f"{path / PARAMS_FILE} differs from what was saved (SHA-256 mismatch): damaged, "
-                              f"corrupt or edited; {fix}")
+        raise ImagePriorError(
+            f"{path / PARAMS_FILE} differs from what was saved (SHA-256 mismatch): damaged, "
+            f"corrupt or edited; {fix}"
+        )
     try:
         params = serialization.from_bytes(_params_template(config, input_size), blob)
         prior = ImagePrior(config, params, input_size, variants)
     except Exception as e:  # msgpack, shape or variant errors all mean the same to the caller
-        raise ImagePriorError(f"{path}: the parameters do not fit the recorded architecture ({e}); {fix}") from None
+        raise ImagePriorError(
+            f"{path}: the parameters do not fit the recorded architecture ({e}); {fix}"
+        ) from None
     if not all(np.isfinite(np.asarray(a)).all() for a in _leaves(params)):
         raise ImagePriorError(f"{path}: the parameters hold NaN or infinite values; {fix}")
     return prior
@@ -569,18 +646,36 @@ def prior_cache_key(public_images, settings: dict) -> str:
     """SHA-256 hex of the images' shape, dtype and bytes and of the training ``settings``."""
     images = np.ascontiguousarray(public_images)
     h = hashlib.sha256()
-    h.update(json.dumps({"format": PRIOR_FORMAT, "version": PRIOR_VERSION, "shape": list(images.shape),
-                         "dtype": images.dtype.str, "settings": settings}, sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            {
+                "format": PRIOR_FORMAT,
+                "version": PRIOR_VERSION,
+                "shape": list(images.shape),
+                "dtype": images.dtype.str,
+                "settings": settings,
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     h.update(memoryview(images).cast("B"))
     return h.hexdigest()
 
 
-def cached_image_prior(public_images, *, seed: int = 0, progress: bool = True, **train_kwargs) -> ImagePrior:
+def cached_image_prior(
+    public_images, *, seed: int = 0, progress: bool = True, **train_kwargs
+) -> ImagePrior:
     """:func:`train_image_prior` once per (images, settings): the result is kept under
     ``cache_dir()/image-prior/<SHA-256>`` and loaded from there on later calls. A damaged
     cache entry is retrained and replaced; an unwritable cache only costs the training."""
-    settings = {"seed": seed, **{k: (v.to_dict() if isinstance(v, PriorConfig) else v)
-                                 for k, v in sorted(train_kwargs.items())}}
+    settings = {
+        "seed": seed,
+        **{
+            k: (v.to_dict() if isinstance(v, PriorConfig) else v)
+            for k, v in sorted(train_kwargs.items())
+        },
+    }
     entry = cache_dir() / "image-prior" / prior_cache_key(public_images, settings)
     if entry.is_dir():
         try:
@@ -595,7 +690,22 @@ def cached_image_prior(public_images, *, seed: int = 0, progress: bool = True, *
     return prior
 
 
-__all__ = ["COLOUR_VARIANTS", "colour_variants", "apply_variant", "invert_variant", "variant_index",
-           "PriorConfig", "ImagePrior", "ImagePriorError", "train_image_prior", "variant_log_probs",
-           "compose_variants", "group_log_probs",
-           "save_image_prior", "load_image_prior", "cached_image_prior", "prior_cache_key", "resize_images"]
+__all__ = [
+    "COLOUR_VARIANTS",
+    "colour_variants",
+    "apply_variant",
+    "invert_variant",
+    "variant_index",
+    "PriorConfig",
+    "ImagePrior",
+    "ImagePriorError",
+    "train_image_prior",
+    "variant_log_probs",
+    "compose_variants",
+    "group_log_probs",
+    "save_image_prior",
+    "load_image_prior",
+    "cached_image_prior",
+    "prior_cache_key",
+    "resize_images",
+]

@@ -42,6 +42,7 @@ the prior.
 Tables other than libjpeg's scaled ones (some cameras, MozJPEG's), other grid offsets and
 chroma are not modelled; on such images the trace is absent and the result is the prior's.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,16 +50,80 @@ import functools
 import numpy as np
 
 #: Annex K's luminance table (natural order), which libjpeg scales by quality.
-STANDARD_LUMA = np.array([
-    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
-    14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
-    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], np.float64).reshape(8, 8)
+STANDARD_LUMA = np.array(
+    [
+        16,
+        11,
+        10,
+        16,
+        24,
+        40,
+        51,
+        61,
+        12,
+        12,
+        14,
+        19,
+        26,
+        58,
+        60,
+        55,
+        14,
+        13,
+        16,
+        24,
+        40,
+        57,
+        69,
+        56,
+        14,
+        17,
+        22,
+        29,
+        51,
+        87,
+        80,
+        62,
+        18,
+        22,
+        37,
+        56,
+        68,
+        109,
+        103,
+        77,
+        24,
+        35,
+        55,
+        64,
+        81,
+        104,
+        113,
+        92,
+        49,
+        64,
+        78,
+        87,
+        103,
+        121,
+        120,
+        101,
+        72,
+        92,
+        95,
+        98,
+        112,
+        100,
+        103,
+        99,
+    ],
+    np.float64,
+).reshape(8, 8)
 #: ITU-R BT.601 luma weights, as JPEG (JFIF) uses them.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
 QUALITIES = tuple(range(1, 101))
-SIGMA = 0.6       # the coefficients' residual around the lattice (decode rounding)
-OUTLIERS = 0.05   # coefficients off the lattice in a JPEG (clipping)
+SIGMA = 0.6  # the coefficients' residual around the lattice (decode rounding)
+OUTLIERS = 0.05  # coefficients off the lattice in a JPEG (clipping)
 NO_TRACE_PRIOR = 0.5
 MAX_BLOCKS = 128
 
@@ -95,7 +160,7 @@ def luma_blocks(images) -> np.ndarray:
     y = (x[..., 0] if x.shape[-1] == 1 else x @ LUMA_WEIGHTS) - 128.0
     n, h, w = y.shape
     gh, gw = h // 8, w // 8
-    b = y[:, :gh * 8, :gw * 8].reshape(n, gh, 8, gw, 8).transpose(0, 1, 3, 2, 4)
+    b = y[:, : gh * 8, : gw * 8].reshape(n, gh, 8, gw, 8).transpose(0, 1, 3, 2, 4)
     return dctn(b, axes=(-2, -1), norm="ortho").reshape(-1, 64)
 
 
@@ -106,7 +171,9 @@ def _log_laplace_mass(lo, hi, b):
     same_side = (lo >= 0) | (hi <= 0)
     near = jnp.where(lo >= 0, lo, -hi)  # the end nearer zero, on the interval's side
     tail = jnp.log(0.5) - near / b + jnp.log(-jnp.expm1(-(hi - lo) / b))
-    mid = jnp.log(jnp.maximum(1.0 - 0.5 * jnp.exp(-jnp.abs(hi) / b) - 0.5 * jnp.exp(-jnp.abs(lo) / b), 1e-30))
+    mid = jnp.log(
+        jnp.maximum(1.0 - 0.5 * jnp.exp(-jnp.abs(hi) / b) - 0.5 * jnp.exp(-jnp.abs(lo) / b), 1e-30)
+    )
     return jnp.where(same_side, tail, mid)
 
 
@@ -115,22 +182,31 @@ def _bayes_factors_fn():
     import jax
     import jax.numpy as jnp
 
-    tables = jnp.asarray(TABLES, jnp.float32)[None, :, None, :]           # (1, Q, 1, 64)
+    tables = jnp.asarray(TABLES, jnp.float32)[None, :, None, :]  # (1, Q, 1, 64)
     no_evidence = jnp.asarray(np.all(TABLES <= 1, axis=1))
 
     def fn(c, mask):
         # c: (V, B, 64) coefficients, mask: (B,) 1 for real blocks, 0 for padding
         w = mask[None, :, None]
-        b = jnp.maximum(jnp.sum(jnp.abs(c) * w, axis=1, keepdims=True) / jnp.maximum(jnp.sum(w), 1.0), 1e-3)
-        log_null = -jnp.log(2.0 * b) - jnp.abs(c) / b                     # (V, B, 64)
-        c4, b4, t = c[:, None], b[:, None], tables                        # (V, 1, B, 64), (V, 1, 1, 64)
+        b = jnp.maximum(
+            jnp.sum(jnp.abs(c) * w, axis=1, keepdims=True) / jnp.maximum(jnp.sum(w), 1.0), 1e-3
+        )
+        log_null = -jnp.log(2.0 * b) - jnp.abs(c) / b  # (V, B, 64)
+        c4, b4, t = c[:, None], b[:, None], tables  # (V, 1, B, 64), (V, 1, 1, 64)
         j0 = jnp.round(c4 / t)
         terms = []
         for dj in (-1.0, 0.0, 1.0):  # the lattice points around c; farther ones are negligible
             centre = (j0 + dj) * t
-            terms.append(_log_laplace_mass(centre - t / 2, centre + t / 2, b4) - 0.5 * ((c4 - centre) / SIGMA) ** 2)
-        log_lattice = jax.nn.logsumexp(jnp.stack(terms), axis=0) - np.log(np.sqrt(2.0 * np.pi) * SIGMA)
-        mixed = jnp.logaddexp(np.log1p(-OUTLIERS) + log_lattice, np.log(OUTLIERS) + log_null[:, None])
+            terms.append(
+                _log_laplace_mass(centre - t / 2, centre + t / 2, b4)
+                - 0.5 * ((c4 - centre) / SIGMA) ** 2
+            )
+        log_lattice = jax.nn.logsumexp(jnp.stack(terms), axis=0) - np.log(
+            np.sqrt(2.0 * np.pi) * SIGMA
+        )
+        mixed = jnp.logaddexp(
+            np.log1p(-OUTLIERS) + log_lattice, np.log(OUTLIERS) + log_null[:, None]
+        )
         out = jnp.sum((mixed - log_null[:, None]) * w[:, None], axis=(2, 3))  # (V, Q)
         # a table of ones puts every rounded value on the lattice: no evidence either way
         return jnp.where(no_evidence[None], 0.0, out)
@@ -162,8 +238,9 @@ def _evidence(bf: np.ndarray) -> np.ndarray:
     """(..., Q) log Bayes factors -> (...) log(P(no trace) + P(JPEG) mean_Q BF_Q)."""
     from scipy.special import logsumexp
 
-    return np.logaddexp(np.log(NO_TRACE_PRIOR),
-                        np.log((1 - NO_TRACE_PRIOR) / bf.shape[-1]) + logsumexp(bf, axis=-1))
+    return np.logaddexp(
+        np.log(NO_TRACE_PRIOR), np.log((1 - NO_TRACE_PRIOR) / bf.shape[-1]) + logsumexp(bf, axis=-1)
+    )
 
 
 def jpeg_log_evidence(images, variants, *, max_blocks: int = MAX_BLOCKS) -> np.ndarray:
@@ -187,7 +264,7 @@ def jpeg_log_evidence(images, variants, *, max_blocks: int = MAX_BLOCKS) -> np.n
         return np.zeros(len(variants))
     per_image = (x.shape[1] // 8) * (x.shape[2] // 8)
     max_blocks = min(int(max_blocks), MAX_BLOCKS)
-    x = _as_uint8(x[:max(1, -(-max_blocks // per_image))])
+    x = _as_uint8(x[: max(1, -(-max_blocks // per_image))])
     c = np.stack([luma_blocks(apply_variant(x, invert_variant(v)))[:max_blocks] for v in variants])
     return _evidence(_batched_bayes_factors(c))
 

@@ -35,6 +35,7 @@ is for uint8 and, for float, unless distinct columns differ by less than the tol
 In that last case a component that is not complete bipartite is reported as wholly
 undetermined (never as a wrong key).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -110,15 +111,25 @@ class RecoveryResult:
 def _check_pair(plain, encrypted, block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     plain, encrypted = np.asarray(plain), np.asarray(encrypted)
     if plain.shape != encrypted.shape:
-        raise ImageError(f"the plain images have shape {plain.shape} but the encrypted images have shape "
-                         f"{encrypted.shape}; pass each plain image with its own encrypted version")
+        raise ImageError(
+            f"the plain images have shape {plain.shape} but the encrypted images have shape "
+            f"{encrypted.shape}; pass each plain image with its own encrypted version"
+        )
     if plain.dtype != encrypted.dtype:
-        raise ImageError(f"the plain images are {plain.dtype} but the encrypted images are {encrypted.dtype}; "
-                         "pass both in the same dtype (uint8, or float in [0, 1])")
+        raise ImageError(
+            f"the plain images are {plain.dtype} but the encrypted images are {encrypted.dtype}; "
+            "pass both in the same dtype (uint8, or float in [0, 1])"
+        )
     if plain.ndim not in (3, 4):
-        raise ImageError(f"images must be (N, H, W, C) or (H, W, C) arrays; got shape {plain.shape}")
+        raise ImageError(
+            f"images must be (N, H, W, C) or (H, W, C) arrays; got shape {plain.shape}"
+        )
     h, w, c = plain.shape[-3:]
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, (int, np.integer))
+        or block_size < 1
+    ):
         raise InvalidKeyError(f"block size must be a positive integer, got {block_size!r}")
     if h % block_size or w % block_size:
         raise ImageError(f"image size {h}x{w} is not divisible by the block size {block_size}")
@@ -145,7 +156,10 @@ def raw_candidates(P: np.ndarray, E: np.ndarray, tol: float | None = None) -> np
     """(pb, pb, 2) bool: ``[k, j, f]`` when ``E[:, k]`` equals ``P[:, j]`` (f = 0) or
     its complement (f = 1) in every block. ``tol`` None means exact (uint8)."""
     nb, pb = P.shape
-    ek, ej, ef = (a.reshape(-1) for a in np.meshgrid(np.arange(pb), np.arange(pb), np.arange(2), indexing="ij"))
+    ek, ej, ef = (
+        a.reshape(-1)
+        for a in np.meshgrid(np.arange(pb), np.arange(pb), np.arange(2), indexing="ij")
+    )
     one = np.uint8(255) if tol is None else 1.0
     start = 0
     while start < nb and ek.size:
@@ -154,7 +168,11 @@ def raw_candidates(P: np.ndarray, E: np.ndarray, tol: float | None = None) -> np
         target = p[:, ej]
         target = np.where(ef.astype(bool), one - target, target)
         got = e[:, ek]
-        ok = (got == target).all(axis=0) if tol is None else (np.abs(got - target) <= tol).all(axis=0)
+        ok = (
+            (got == target).all(axis=0)
+            if tol is None
+            else (np.abs(got - target) <= tol).all(axis=0)
+        )
         ek, ej, ef = ek[ok], ej[ok], ef[ok]
         start = stop
     cand = np.zeros((pb, pb, 2), bool)
@@ -234,7 +252,9 @@ def _has_perfect_matching(adj: np.ndarray) -> bool:
 class _Component:
     ks: np.ndarray
     js: np.ndarray
-    kind: str  # "signed": f = tau[k] ^ sigma[j]; "self": either flip; "loose": not complete bipartite
+    kind: (
+        str  # "signed": f = tau[k] ^ sigma[j]; "self": either flip; "loose": not complete bipartite
+    )
     tau: np.ndarray | None = None
     sigma: np.ndarray | None = None
 
@@ -245,7 +265,11 @@ class _Component:
         if self.kind != "signed":
             out[:] = True  # exact for "self"; a superset for "loose"
             return out
-        a0, b0, b1 = int((self.tau == 0).sum()), int((self.sigma == 0).sum()), int((self.sigma == 1).sum())
+        a0, b0, b1 = (
+            int((self.tau == 0).sum()),
+            int((self.sigma == 0).sum()),
+            int((self.sigma == 1).sum()),
+        )
         for x in range(max(0, a0 - b0), min(a0, b1) + 1):
             out[2 * x + b0 - a0] = True
         return out
@@ -268,8 +292,10 @@ class _Component:
         xs = (counts - b0 + a0) // 2  # x = how many type-0 positions go to side 1
         k1_to_j0 = b0 - a0 + xs
         moves = {  # (tau, sigma) -> whether some allowed bijection maps a tau-k to a sigma-j
-            (0, 1): (xs >= 1).any(), (0, 0): (a0 - xs >= 1).any(),
-            (1, 0): (k1_to_j0 >= 1).any(), (1, 1): (a1 - k1_to_j0 >= 1).any(),
+            (0, 1): (xs >= 1).any(),
+            (0, 0): (a0 - xs >= 1).any(),
+            (1, 0): (k1_to_j0 >= 1).any(),
+            (1, 1): (a1 - k1_to_j0 >= 1).any(),
         }
         for (t, s), possible in moves.items():
             if possible:
@@ -294,7 +320,7 @@ def _classify(ks: np.ndarray, js: np.ndarray, raw: np.ndarray) -> _Component:
 
 def _sums(a: np.ndarray, b: np.ndarray, cap: int) -> np.ndarray:
     """Bool vector over 0..cap: the sums s + t with a[s] and b[t]."""
-    return np.convolve(a.astype(np.int64), b.astype(np.int64))[:cap + 1] > 0
+    return np.convolve(a.astype(np.int64), b.astype(np.int64))[: cap + 1] > 0
 
 
 def _allowed_counts(comps: list[_Component], target: int) -> list[np.ndarray] | None:
@@ -330,20 +356,29 @@ def _resolve(raw: np.ndarray) -> tuple[np.ndarray | None, str | None]:
     adj = raw.any(axis=2)
     lost = np.flatnonzero(~adj.any(axis=1))
     if lost.size:
-        return None, (f"encrypted position {int(lost[0])} of the block matches no plain position "
-                      "(or its complement) in every block")
+        return None, (
+            f"encrypted position {int(lost[0])} of the block matches no plain position "
+            "(or its complement) in every block"
+        )
     unused = np.flatnonzero(~adj.any(axis=0))
     if unused.size:
-        return None, f"plain position {int(unused[0])} of the block matches no encrypted position in every block"
+        return (
+            None,
+            f"plain position {int(unused[0])} of the block matches no encrypted position in every block",
+        )
     comps = []
     for ks, js in _components(adj):
         if len(ks) != len(js):
-            return None, (f"{len(ks)} encrypted positions (first {int(ks[0]) if len(ks) else '-'}) match "
-                          f"{len(js)} plain positions (first {int(js[0])}) and cannot be paired one to one")
+            return None, (
+                f"{len(ks)} encrypted positions (first {int(ks[0]) if len(ks) else '-'}) match "
+                f"{len(js)} plain positions (first {int(js[0])}) and cannot be paired one to one"
+            )
         comp = _classify(ks, js, raw)
         if comp.kind == "loose" and not _has_perfect_matching(adj[np.ix_(ks, js)]):
-            return None, (f"{len(ks)} encrypted positions (first {int(ks[0])}) cannot be paired one to one "
-                          "with the plain positions they match")
+            return None, (
+                f"{len(ks)} encrypted positions (first {int(ks[0])}) cannot be paired one to one "
+                "with the plain positions they match"
+            )
         comps.append(comp)
     allowed = _allowed_counts(comps, pb // 2)
     if allowed is None:
@@ -390,6 +425,16 @@ def recover_key(plain, encrypted, block_size: int) -> RecoveryResult:
     key = None
     if consistent and undetermined == 0:
         key = make_key(perm, flip, block_size, c)
-    return RecoveryResult(block_size=int(block_size), channels=int(c), num_blocks=int(P.shape[0]), key=key,
-                          consistent=consistent, reason=reason, undetermined=undetermined, perm=perm,
-                          flip=flip, candidates=options, raw_candidates=raw)
+    return RecoveryResult(
+        block_size=int(block_size),
+        channels=int(c),
+        num_blocks=int(P.shape[0]),
+        key=key,
+        consistent=consistent,
+        reason=reason,
+        undetermined=undetermined,
+        perm=perm,
+        flip=flip,
+        candidates=options,
+        raw_candidates=raw,
+    )

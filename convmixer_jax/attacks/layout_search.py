@@ -14,6 +14,7 @@ n x n exchanges (numpy; n = 48 for 4 x 4 RGB blocks, 147 for 7 x 7); and an iter
 local search that kicks a local maximum out of its basin (a random cycle of a few
 assignments) and keeps the result when the exchanges then climb higher.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,14 +41,28 @@ def swap_gains(a: np.ndarray, b: np.ndarray, p: np.ndarray) -> np.ndarray:
     # The sums above run over every v, so the four entries where v is x or y were counted
     # with the wrong new values; take their contribution out and put the true one in.
     e = lambda spec, x, y: np.einsum(spec, x, y)  # noqa: E731  (sums over t)
-    x_x = np.sum(da * dm, 0)                      # A[x,x] M[x,x]
-    am = np.sum(a * m, 0)                         # A[x,y] M[x,y]
-    counted = (e("tx,tyx->xy", da, m) - x_x[:, None] + e("txy,ty->xy", a, dm) - am       # row x
-               + e("tyx,tx->xy", a, dm) - am.T + e("ty,txy->xy", da, m) - x_x[None, :]   # row y
-               + e("tx,txy->xy", da, m) - x_x[:, None] + e("tyx,ty->xy", a, dm) - am.T   # column x
-               + e("txy,tx->xy", a, dm) - am + e("ty,tyx->xy", da, m) - x_x[None, :])    # column y
-    amt = np.sum(a * m.transpose(0, 2, 1), 0)     # A[x,y] M[y,x]
-    dd = da.T @ dm                                # A[x,x] M[y,y]
+    x_x = np.sum(da * dm, 0)  # A[x,x] M[x,x]
+    am = np.sum(a * m, 0)  # A[x,y] M[x,y]
+    counted = (
+        e("tx,tyx->xy", da, m)
+        - x_x[:, None]
+        + e("txy,ty->xy", a, dm)
+        - am  # row x
+        + e("tyx,tx->xy", a, dm)
+        - am.T
+        + e("ty,txy->xy", da, m)
+        - x_x[None, :]  # row y
+        + e("tx,txy->xy", da, m)
+        - x_x[:, None]
+        + e("tyx,ty->xy", a, dm)
+        - am.T  # column x
+        + e("txy,tx->xy", a, dm)
+        - am
+        + e("ty,tyx->xy", da, m)
+        - x_x[None, :]
+    )  # column y
+    amt = np.sum(a * m.transpose(0, 2, 1), 0)  # A[x,y] M[y,x]
+    dd = da.T @ dm  # A[x,x] M[y,y]
     true = dd - x_x[:, None] + dd.T - x_x[None, :] + amt - am + amt.T - am.T
     out = out - counted + true
     np.fill_diagonal(out, 0.0)
@@ -57,19 +72,31 @@ def swap_gains(a: np.ndarray, b: np.ndarray, p: np.ndarray) -> np.ndarray:
 def _gain_row(a: np.ndarray, m: np.ndarray, x: int, am: np.ndarray | None = None) -> np.ndarray:
     """(n,): row x of :func:`swap_gains`, ``g[y] = f(exchange x, y) - f``, from a: (T, n, n)
     and m = b[:, p][:, :, p] (T, n, n), in O(T n^2) (``am``: a * m, if already at hand)."""
-    ax, mx = a[:, x, :], m[:, x, :]      # row x       (T, n)
-    acx, mcx = a[:, :, x], m[:, :, x]    # column x    (T, n)
+    ax, mx = a[:, x, :], m[:, x, :]  # row x       (T, n)
+    acx, mcx = a[:, :, x], m[:, :, x]  # column x    (T, n)
     am = a * m if am is None else am
-    rowdot = np.sum(am, 2)               # sum_j A[y,j] M[y,j]   (T, n)
-    coldot = np.sum(am, 1)               # sum_i A[i,y] M[i,y]
+    rowdot = np.sum(am, 2)  # sum_j A[y,j] M[y,j]   (T, n)
+    coldot = np.sum(am, 1)  # sum_i A[i,y] M[i,y]
     da, dm = np.diagonal(a, axis1=1, axis2=2), np.diagonal(m, axis1=1, axis2=2)
     axx, mxx = a[:, x, x][:, None], m[:, x, x][:, None]
     # rows x and y over the columns j not in {x, y}: sum_j (A[x,j] - A[y,j]) (M[y,j] - M[x,j])
-    r = (np.einsum("tyj,tj->ty", m, ax) - np.sum(ax * mx, 1)[:, None] - rowdot + np.einsum("tyj,tj->ty", a, mx)
-         - (axx - acx) * (mcx - mxx) - (ax - da) * (dm - mx))
+    r = (
+        np.einsum("tyj,tj->ty", m, ax)
+        - np.sum(ax * mx, 1)[:, None]
+        - rowdot
+        + np.einsum("tyj,tj->ty", a, mx)
+        - (axx - acx) * (mcx - mxx)
+        - (ax - da) * (dm - mx)
+    )
     # columns x and y over the rows i not in {x, y}: sum_i (A[i,x] - A[i,y]) (M[i,y] - M[i,x])
-    c = (np.einsum("ti,tiy->ty", acx, m) - np.sum(acx * mcx, 1)[:, None] - coldot + np.einsum("ti,tiy->ty", mcx, a)
-         - (axx - ax) * (mx - mxx) - (acx - da) * (dm - mcx))
+    c = (
+        np.einsum("ti,tiy->ty", acx, m)
+        - np.sum(acx * mcx, 1)[:, None]
+        - coldot
+        + np.einsum("ti,tiy->ty", mcx, a)
+        - (axx - ax) * (mx - mxx)
+        - (acx - da) * (dm - mcx)
+    )
     # the 2 x 2 block of rows and columns x, y
     d = axx * (dm - mxx) + da * (mxx - dm) + ax * (mcx - mx) + acx * (mx - mcx)
     g = np.sum(r + c + d, 0)
@@ -97,8 +124,9 @@ def _update_gains(gains: np.ndarray, a: np.ndarray, m: np.ndarray, r: int, s: in
         gains[:, x] = row
 
 
-def local_search(a: np.ndarray, b: np.ndarray, p: np.ndarray, max_iter: int | None = None
-                 ) -> tuple[np.ndarray, float, np.ndarray]:
+def local_search(
+    a: np.ndarray, b: np.ndarray, p: np.ndarray, max_iter: int | None = None
+) -> tuple[np.ndarray, float, np.ndarray]:
     """Best-improvement exchanges from ``p`` until none improves f.
 
     The gains of all exchanges are computed once and then updated after each exchange in
@@ -123,8 +151,9 @@ def local_search(a: np.ndarray, b: np.ndarray, p: np.ndarray, max_iter: int | No
     return p, objective(a, b, p), swap_gains(a, b, p)
 
 
-def iterated_local_search(a: np.ndarray, b: np.ndarray, p: np.ndarray, *, kicks: int = 100,
-                          size: int = 6, seed: int = 0) -> tuple[np.ndarray, float]:
+def iterated_local_search(
+    a: np.ndarray, b: np.ndarray, p: np.ndarray, *, kicks: int = 100, size: int = 6, seed: int = 0
+) -> tuple[np.ndarray, float]:
     """Escape the local maximum ``p`` (n,) by ``kicks`` random re-assignments of ``size``
     slots among themselves, each climbed by :func:`local_search`; an improvement is kept
     and kicked next. Returns the best p and f(p) (never worse than the start).
@@ -170,8 +199,15 @@ def frank_wolfe(a: np.ndarray, b: np.ndarray, start: np.ndarray, iters: int = 50
     return linear_sum_assignment(-q)[1]
 
 
-def search(levels: list[tuple[np.ndarray, np.ndarray]], *, starts: int = 24, keep: int = 6,
-           seed: int = 0, initial=(), progress: bool = False) -> list[tuple[np.ndarray, float, int]]:
+def search(
+    levels: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    starts: int = 24,
+    keep: int = 6,
+    seed: int = 0,
+    initial=(),
+    progress: bool = False,
+) -> list[tuple[np.ndarray, float, int]]:
     """Maximize the last level's f over permutations, by continuation over ``levels``.
 
     ``starts`` Frank-Wolfe runs on the first level (the first from the uniform matrix,

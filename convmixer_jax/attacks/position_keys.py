@@ -11,6 +11,7 @@ the provider rewrites every block of a query as if it were encrypted with ``keys
 kernel attack) apply unchanged; their key for position 0 gives every other position's
 (:func:`keys_from_first`).
 """
+
 from __future__ import annotations
 
 import time
@@ -35,7 +36,9 @@ def relative_keys(kernels) -> tuple[np.ndarray, np.ndarray, float]:
     if k.ndim == 6:
         k = k.reshape(k.shape[0] * k.shape[1], -1, k.shape[-1])
     if k.ndim != 3:
-        raise ValueError(f"kernels must be (gh, gw, P, P, C, dim) or (G, pb, dim), got shape {k.shape}")
+        raise ValueError(
+            f"kernels must be (gh, gw, P, P, C, dim) or (G, pb, dim), got shape {k.shape}"
+        )
     unit = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), 1e-30)
     g_count, pb, _ = unit.shape
     src = np.empty((g_count, pb), np.int64)
@@ -79,10 +82,21 @@ def keys_from_first(key0: Key, src: np.ndarray, negate: np.ndarray) -> Key:
     return stack_keys(keys)
 
 
-def countermeasure_study(config, variables, eval_data, query_images: np.ndarray, template, prior, *,
-                         num_keys: int = 5, ns: Sequence[int] = (1, 2, 5, 10, 100),
-                         aligned_ns: Sequence[int] = (1, 2, 5), public_images=None,
-                         seed: int | None = None, log: Callable[[str], None] = print) -> dict:
+def countermeasure_study(
+    config,
+    variables,
+    eval_data,
+    query_images: np.ndarray,
+    template,
+    prior,
+    *,
+    num_keys: int = 5,
+    ns: Sequence[int] = (1, 2, 5, 10, 100),
+    aligned_ns: Sequence[int] = (1, 2, 5),
+    public_images=None,
+    seed: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Accuracy of the position-key model and the attacks on it.
 
     For each of ``num_keys`` fresh sets of position keys: the position-wise encrypted model's
@@ -99,8 +113,11 @@ def countermeasure_study(config, variables, eval_data, query_images: np.ndarray,
     from convmixer_jax.model.inference import predict_logits
     from convmixer_jax.model.position_wise import position_wise_logits
     from convmixer_jax.scheme.params import _stem, _with_stem
-    from convmixer_jax.scheme.position_keys import (encrypt_images_by_position, encrypt_params_by_position,
-                                                    generate_position_keys)
+    from convmixer_jax.scheme.position_keys import (
+        encrypt_images_by_position,
+        encrypt_params_by_position,
+        generate_position_keys,
+    )
 
     m, c = config.patch_size, config.channels
     test_images = np.asarray(query_images)
@@ -115,52 +132,106 @@ def countermeasure_study(config, variables, eval_data, query_images: np.ndarray,
     for t in range(num_keys):
         t0 = time.perf_counter()
         keys = generate_position_keys(m, c, grid, None if seed is None else seed + 100 + t)
-        enc_vars = encrypt_params_by_position(variables, keys, grid, mean=config.mean, std=config.std)
+        enc_vars = encrypt_params_by_position(
+            variables, keys, grid, mean=config.mean, std=config.std
+        )
         enc_x = np.asarray(encrypt_images_by_position(ev_x, keys))
         enc_pred = position_wise_logits(config, enc_vars, enc_x).argmax(-1)
-        row = {"plain_accuracy": float(np.mean(plain_pred == ev_y)),
-               "encrypted_accuracy": float(np.mean(enc_pred == ev_y)),
-               "identical_predictions": int(np.sum(enc_pred == plain_pred)), "images": int(len(ev_y)),
-               "plain_images_accuracy": float(np.mean(position_wise_logits(config, enc_vars, ev_x).argmax(-1) == ev_y))}
+        row = {
+            "plain_accuracy": float(np.mean(plain_pred == ev_y)),
+            "encrypted_accuracy": float(np.mean(enc_pred == ev_y)),
+            "identical_predictions": int(np.sum(enc_pred == plain_pred)),
+            "images": int(len(ev_y)),
+            "plain_images_accuracy": float(
+                np.mean(position_wise_logits(config, enc_vars, ev_x).argmax(-1) == ev_y)
+            ),
+        }
         stem, _ = _stem(enc_vars)
         src, negate, margin = relative_keys(stem["kernel"])
         rebuilt = keys_from_first(Key(keys.perm[0], keys.flip[0], m, c), src, negate)
         row["relative_keys_exact"] = exact_positions_all(rebuilt, keys)
         row["relative_margin"] = margin
+
         def queries(n: int, aligned: bool) -> np.ndarray:
-            q = np.asarray(encrypt_images_by_position(test_images[rng.choice(len(test_images), n, replace=False)], keys))
+            q = np.asarray(
+                encrypt_images_by_position(
+                    test_images[rng.choice(len(test_images), n, replace=False)], keys
+                )
+            )
             return align_to_first(q, src, negate, m) if aligned else q
 
         def outcome(res, aligned: bool) -> dict:
             found = keys_from_first(res.best_guess, src, negate) if aligned else res.best_guess
             return {"claimed": res.determined, "positions_exact": exact_positions_all(found, keys)}
 
-        attacks = {f"raw_{n}": outcome(recover_key_ciphertext_only(queries(n, False), m, template, prior=prior), False)
-                   for n in ns}
-        attacks.update({f"aligned_{n}": outcome(recover_key_ciphertext_only(queries(n, True), m, template,
-                                                                            prior=prior), True)
-                        for n in aligned_ns})
+        attacks = {
+            f"raw_{n}": outcome(
+                recover_key_ciphertext_only(queries(n, False), m, template, prior=prior), False
+            )
+            for n in ns
+        }
+        attacks.update(
+            {
+                f"aligned_{n}": outcome(
+                    recover_key_ciphertext_only(queries(n, True), m, template, prior=prior), True
+                )
+                for n in aligned_ns
+            }
+        )
         if public_images is not None:
             # position 0's slice of the stem is a one-key encrypted model under keys[0]
-            first = _with_stem(enc_vars, {**stem, "kernel": np.asarray(stem["kernel"])[0, 0],
-                                          "bias": np.asarray(stem["bias"])[0, 0]}, True)
-            attacks["aligned_model_1"] = outcome(recover_key_ciphertext_only(
-                queries(1, True), m, template, prior=prior, model=(config, first), public_images=public_images), True)
+            first = _with_stem(
+                enc_vars,
+                {
+                    **stem,
+                    "kernel": np.asarray(stem["kernel"])[0, 0],
+                    "bias": np.asarray(stem["bias"])[0, 0],
+                },
+                True,
+            )
+            attacks["aligned_model_1"] = outcome(
+                recover_key_ciphertext_only(
+                    queries(1, True),
+                    m,
+                    template,
+                    prior=prior,
+                    model=(config, first),
+                    public_images=public_images,
+                ),
+                True,
+            )
         row["attacks"] = attacks
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
-        log(f"  position keys {t + 1}/{num_keys}: identical {row['identical_predictions']}/{row['images']}, "
+        log(
+            f"  position keys {t + 1}/{num_keys}: identical {row['identical_predictions']}/{row['images']}, "
             f"relative keys {row['relative_keys_exact']}/{g_count}, "
-            + ", ".join(f"{k} {v['positions_exact']}" for k, v in attacks.items()))
-    return {"positions": g_count, "grid": list(grid), "num_keys": num_keys, "rows": rows,
-            "key_source": "os-csprng" if seed is None else "seed"}
+            + ", ".join(f"{k} {v['positions_exact']}" for k, v in attacks.items())
+        )
+    return {
+        "positions": g_count,
+        "grid": list(grid),
+        "num_keys": num_keys,
+        "rows": rows,
+        "key_source": "os-csprng" if seed is None else "seed",
+    }
 
 
 def exact_positions_all(found: Key, keys: Key) -> int:
     """Positions g where ``found[g]`` equals ``keys[g]``: keys perm/flip (G, pb), found the same
     or a single key (pb,) compared with every position's."""
-    return int(np.sum(np.all(np.asarray(found.perm) == np.asarray(keys.perm), -1)
-                      & np.all(np.asarray(found.flip) == np.asarray(keys.flip), -1)))
+    return int(
+        np.sum(
+            np.all(np.asarray(found.perm) == np.asarray(keys.perm), -1)
+            & np.all(np.asarray(found.flip) == np.asarray(keys.flip), -1)
+        )
+    )
 
 
-__all__ = ["relative_keys", "align_to_first", "keys_from_first", "countermeasure_study", "exact_positions_all"]
+__all__ = [
+    "relative_keys",
+    "align_to_first",
+    "keys_from_first",
+    "countermeasure_study",
+    "exact_positions_all",
+]

@@ -8,6 +8,7 @@ and the training set, a wrong orientation, channel order or sign does not. The
 structure attack (:func:`~convmixer_jax.attacks.from_weights.recover_key_from_structure`)
 ranks its symmetric candidates this way.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -25,9 +26,18 @@ def image_blocks(images, block_size: int) -> np.ndarray:
     return g.reshape(-1, g.shape[-1])
 
 
-def rank_keys_by_batch_stats(encrypted_kernel, stem_bias, stem_bn_mean, stem_bn_var, keys,
-                             public_images, *, n_images: int = 64, activation: str = "gelu",
-                             gelu_approximate: bool = False) -> np.ndarray:
+def rank_keys_by_batch_stats(
+    encrypted_kernel,
+    stem_bias,
+    stem_bn_mean,
+    stem_bn_var,
+    keys,
+    public_images,
+    *,
+    n_images: int = 64,
+    activation: str = "gelu",
+    gelu_approximate: bool = False,
+) -> np.ndarray:
     """Mismatch (lower = better) between the encrypted model's stem BatchNorm
     running statistics and the statistics each candidate key predicts on
     public natural images.

@@ -22,6 +22,7 @@ devices of all processes (a one-axis global ``Mesh``): in a multi-process run
 images and model are replicated, and every process receives all the counts, so the
 accuracies equal a one-process run's for the same keys.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,12 +32,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from convmixer_jax.scheme.images import encrypt_images
-from convmixer_jax.model.inference import iterate_batches
-from convmixer_jax.scheme.keys import Key, random_keys
 from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig, prepare_inference
-from convmixer_jax.parallel.global_arrays import (by_rows, global_mesh, pad_to_multiple, replicate, replicated,
-                                                  shard_rows, to_host)
+from convmixer_jax.model.inference import iterate_batches
+from convmixer_jax.parallel.global_arrays import (
+    by_rows,
+    global_mesh,
+    pad_to_multiple,
+    replicate,
+    replicated,
+    shard_rows,
+    to_host,
+)
+from convmixer_jax.scheme.images import encrypt_images
+from convmixer_jax.scheme.keys import Key, random_keys
 from convmixer_jax.scheme.params import decrypt_params
 
 STRATEGIES = ("images", "weights")
@@ -82,10 +90,14 @@ def _correct_fn(config: ConvMixerConfig, strategy: str, mesh: Mesh):
         n_keys = keys.perm.shape[0]
         stem = variables["params"]["stem"]
         tree = {"params": {"stem": stem}}
-        attacked = jax.vmap(lambda k: decrypt_params(tree, k, mean=mean, std=std))(keys)["params"]["stem"]
+        attacked = jax.vmap(lambda k: decrypt_params(tree, k, mean=mean, std=std))(keys)["params"][
+            "stem"
+        ]
         kernels = jnp.broadcast_to(attacked["kernel"], (n_keys,) + stem["kernel"].shape)
         biases = jnp.broadcast_to(attacked["bias"], (n_keys,) + stem["bias"].shape)
-        logits = model.apply(variables, _to_unit_float(images), train=False, stems=(kernels, biases))
+        logits = model.apply(
+            variables, _to_unit_float(images), train=False, stems=(kernels, biases)
+        )
         return count(logits, labels, n_keys)
 
     fn = correct_images if strategy == "images" else correct_weights
@@ -93,9 +105,18 @@ def _correct_fn(config: ConvMixerConfig, strategy: str, mesh: Mesh):
     return jax.jit(fn, in_shardings=(repl, repl, repl, by_key), out_shardings=repl)
 
 
-def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, keys: Key, *,
-                         strategy: str = "weights", key_chunk: int = 4, batch_size: int = 125,
-                         progress: bool = False) -> np.ndarray:
+def wrong_key_accuracies(
+    config: ConvMixerConfig,
+    variables,
+    images,
+    labels,
+    keys: Key,
+    *,
+    strategy: str = "weights",
+    key_chunk: int = 4,
+    batch_size: int = 125,
+    progress: bool = False,
+) -> np.ndarray:
     """Accuracy in [0, 1] of ``variables`` (an encrypted model) for each key of a batch.
 
     images: (N, H, W, C) uint8 or float in [0, 1]; labels: (N,) int;
@@ -110,7 +131,9 @@ def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, key
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not keys.batch_shape:
-        raise ValueError("keys must be a batch (perm of shape (K, pb)); use random_keys or stack_keys")
+        raise ValueError(
+            "keys must be a batch (perm of shape (K, pb)); use random_keys or stack_keys"
+        )
     n_keys = keys.batch_shape[0]
     n = len(images)
     if n == 0 or n_keys == 0:
@@ -119,7 +142,9 @@ def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, key
     n_dev = mesh.devices.size
     key_chunk = pad_to_multiple(key_chunk, n_dev)
     fn = _correct_fn(config, strategy, mesh)
-    variables = replicate(prepare_inference(config, variables), mesh)  # depthwise matrices once, not per call
+    variables = replicate(
+        prepare_inference(config, variables), mesh
+    )  # depthwise matrices once, not per call
     labels = np.asarray(labels, np.int32)
     perm, flip = np.asarray(keys.perm), np.asarray(keys.flip)
     correct = np.zeros(n_keys, np.int64)
@@ -135,7 +160,12 @@ def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, key
         # The last chunk is padded only up to a multiple of the device count
         # (a second, smaller program is compiled for it rather than wasting work).
         rows = np.minimum(np.arange(k0, k0 + pad_to_multiple(k1 - k0, n_dev)), k1 - 1)
-        chunk_keys = Key(shard_rows(perm, mesh, rows), shard_rows(flip, mesh, rows), keys.block_size, keys.channels)
+        chunk_keys = Key(
+            shard_rows(perm, mesh, rows),
+            shard_rows(flip, mesh, rows),
+            keys.block_size,
+            keys.channels,
+        )
         for b0, b1 in batches:
             xb = np.asarray(images[b0:b1])
             yb = labels[b0:b1]
@@ -152,8 +182,9 @@ def wrong_key_accuracies(config: ConvMixerConfig, variables, images, labels, key
     return correct / n
 
 
-def wrong_key_accuracies_loop(config: ConvMixerConfig, variables, images, labels, keys: Key, *,
-                              batch_size: int = 250) -> np.ndarray:
+def wrong_key_accuracies_loop(
+    config: ConvMixerConfig, variables, images, labels, keys: Key, *, batch_size: int = 250
+) -> np.ndarray:
     """The same attack as a plain Python loop over keys (reference for tests and benchmarks)."""
     from convmixer_jax.model.inference import accuracy
 

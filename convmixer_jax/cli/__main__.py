@@ -1,4 +1,5 @@
 """``python -m convmixer_jax.cli``: the same as the ``convmixer-jax`` command."""
+
 from convmixer_jax.cli.app import main
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ with 1 (2 for a malformed command line) and leaves every output path as it
 was. Every file is written under a temporary name beside its destination and
 renamed into place when complete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,12 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog=PROG, description=_DESCRIPTION, epilog=_EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog=PROG,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parser.subcommands = {}
@@ -99,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except Terminated:
-        print(f"{PROG}: error: terminated (SIGTERM); nothing was left half-written", file=sys.stderr)
+        print(
+            f"{PROG}: error: terminated (SIGTERM); nothing was left half-written", file=sys.stderr
+        )
         return 143
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
@@ -110,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except MemoryError:
-        print(f"{PROG}: error: out of memory; use fewer images per file or a smaller --batch-size", file=sys.stderr)
+        print(
+            f"{PROG}: error: out of memory; use fewer images per file or a smaller --batch-size",
+            file=sys.stderr,
+        )
         return 1
     finally:
         if previous is not None:

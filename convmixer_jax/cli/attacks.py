@@ -1,30 +1,51 @@
 """Attacks: the wrong-key sweep, key recovery from pairs, the security report."""
+
 from __future__ import annotations
 
 import json
 import sys
 
-from convmixer_jax.cli.options import (add_batch_size, add_data_options, add_distributed_options, add_force,
-                                       add_key_seed, add_limit, add_quiet, add_seed, data_label, int_arg, load_split,
-                                       positive_int, seed_arg, start_processes, subset)
+from convmixer_jax.cli.options import (
+    add_batch_size,
+    add_data_options,
+    add_distributed_options,
+    add_force,
+    add_key_seed,
+    add_limit,
+    add_quiet,
+    add_seed,
+    data_label,
+    int_arg,
+    load_split,
+    positive_int,
+    seed_arg,
+    start_processes,
+    subset,
+)
 
 
 def _attack_model(args, config, variables, meta):
     """The encrypted variables to attack and a note on where they came from."""
+    from convmixer_jax.files.model_dir import is_encrypted
     from convmixer_jax.scheme.keys import fingerprint, generate_key
     from convmixer_jax.scheme.params import encrypt_params
-    from convmixer_jax.files.model_dir import is_encrypted
 
     if is_encrypted(meta):
-        return variables, {"model_key_fingerprint": meta["encryption"]["key_fingerprint"],
-                           "model_encrypted_by": "given"}
+        return variables, {
+            "model_key_fingerprint": meta["encryption"]["key_fingerprint"],
+            "model_encrypted_by": "given",
+        }
     # A plain model: encrypt it first with a secret key (from --key-seed if given, for a
     # repeatable run; else the OS CSPRNG). Wrong keys are independent of it.
     seed = None if args.key_seed is None else [args.key_seed, 0x5EC2E7]
     key = generate_key(config.patch_size, config.channels, seed=seed)
     enc = encrypt_params(variables, key, mean=config.mean, std=config.std)
-    return enc, {"model_key_fingerprint": fingerprint(key),
-                 "model_encrypted_by": "attack (secret key from --key-seed)" if seed else "attack (OS CSPRNG key)"}
+    return enc, {
+        "model_key_fingerprint": fingerprint(key),
+        "model_encrypted_by": "attack (secret key from --key-seed)"
+        if seed
+        else "attack (OS CSPRNG key)",
+    }
 
 
 def cmd_attack(args) -> int:
@@ -34,14 +55,16 @@ def cmd_attack(args) -> int:
     import numpy as np
 
     from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies
-    from convmixer_jax.model.inference import check_model_images
     from convmixer_jax.files.atomic import check_output, write_text_atomic
     from convmixer_jax.files.model_dir import check_data_classes, load_model
     from convmixer_jax.files.provenance import device_description
+    from convmixer_jax.model.inference import check_model_images
     from convmixer_jax.parallel.runtime import from_process_zero, is_writer
 
     start_processes(args)
-    check_output(args.out, args.force, inputs={"MODEL_DIR": args.model, "--data-dir": args.data_dir})
+    check_output(
+        args.out, args.force, inputs={"MODEL_DIR": args.model, "--data-dir": args.data_dir}
+    )
     config, variables, meta = load_model(args.model)
     images, labels, classes = load_split(args, "test")
     check_data_classes(config, meta, classes, where=f"the test data ({data_label(args)})")
@@ -52,26 +75,56 @@ def cmd_attack(args) -> int:
     # OS CSPRNG) with process 0's key seed; the encryption changes the patch embedding only
     stem = from_process_zero(enc_vars["params"]["stem"])
     enc_vars = {**enc_vars, "params": {**enc_vars["params"], "stem": stem}}
-    seed = args.key_seed if args.key_seed is not None else int(from_process_zero(np.int64(secrets.randbits(31))))
+    seed = (
+        args.key_seed
+        if args.key_seed is not None
+        else int(from_process_zero(np.int64(secrets.randbits(31))))
+    )
     keys = draw_attack_keys(seed, args.num_keys, config.patch_size, config.channels)
     t0 = time.perf_counter()
     # --batch-size counts model inputs per call, as everywhere: key_chunk keys x images
     per_call_images = max(1, args.batch_size // args.key_chunk)
-    acc = wrong_key_accuracies(config, enc_vars, images, labels, keys, strategy=args.strategy,
-                               key_chunk=args.key_chunk, batch_size=per_call_images,
-                               progress=not args.quiet)
+    acc = wrong_key_accuracies(
+        config,
+        enc_vars,
+        images,
+        labels,
+        keys,
+        strategy=args.strategy,
+        key_chunk=args.key_chunk,
+        batch_size=per_call_images,
+        progress=not args.quiet,
+    )
     seconds = time.perf_counter() - t0
-    result = {"model": str(args.model), **origin, "test_images": int(len(images)),
-              "num_keys": int(args.num_keys), "key_seed": int(seed),
-              "key_seed_source": "--key-seed" if args.key_seed is not None else "os-csprng (recorded)",
-              "seed": args.seed, "limit": args.limit, "data": data_label(args), "strategy": args.strategy,
-              "accuracies": [float(a) for a in acc], "median": float(np.median(acc)),
-              "min": float(np.min(acc)), "max": float(np.max(acc)), "seconds": seconds,
-              "key_image_pairs_per_second": len(images) * args.num_keys / seconds,
-              "device": device_description()}
+    result = {
+        "model": str(args.model),
+        **origin,
+        "test_images": int(len(images)),
+        "num_keys": int(args.num_keys),
+        "key_seed": int(seed),
+        "key_seed_source": "--key-seed" if args.key_seed is not None else "os-csprng (recorded)",
+        "seed": args.seed,
+        "limit": args.limit,
+        "data": data_label(args),
+        "strategy": args.strategy,
+        "accuracies": [float(a) for a in acc],
+        "median": float(np.median(acc)),
+        "min": float(np.min(acc)),
+        "max": float(np.max(acc)),
+        "seconds": seconds,
+        "key_image_pairs_per_second": len(images) * args.num_keys / seconds,
+        "device": device_description(),
+    }
     if is_writer():  # one process writes and reports; the others computed the same accuracies
         write_text_atomic(args.out, json.dumps(result, indent=1) + "\n", force=args.force)
-        print(json.dumps({k: result[k] for k in ("num_keys", "test_images", "strategy", "median", "min", "max")}))
+        print(
+            json.dumps(
+                {
+                    k: result[k]
+                    for k in ("num_keys", "test_images", "strategy", "median", "min", "max")
+                }
+            )
+        )
     return 0
 
 
@@ -80,103 +133,241 @@ def cmd_security_report(args) -> int:
 
     from convmixer_jax.attacks.report import reference_model, run_security_report
     from convmixer_jax.files.atomic import check_output
-    from convmixer_jax.files.model_dir import ModelDirError, check_data_classes, is_encrypted, load_model
+    from convmixer_jax.files.model_dir import (
+        ModelDirError,
+        check_data_classes,
+        is_encrypted,
+        load_model,
+    )
     from convmixer_jax.model.inference import check_model_images
 
-    out = check_output(args.out, args.force, kind="results_dir", inputs={"MODEL_DIR": args.model_dir,
-                                                        "--reference-model": args.reference_model,
-                                                        "--data-dir": args.data_dir})
+    out = check_output(
+        args.out,
+        args.force,
+        kind="results_dir",
+        inputs={
+            "MODEL_DIR": args.model_dir,
+            "--reference-model": args.reference_model,
+            "--data-dir": args.data_dir,
+        },
+    )
     config, variables, meta = load_model(args.model_dir)
     if is_encrypted(meta):
-        raise ModelDirError(f"{args.model_dir} is an encrypted model; the report needs the plain model "
-                            "(it encrypts it with fresh keys itself)")
+        raise ModelDirError(
+            f"{args.model_dir} is an encrypted model; the report needs the plain model "
+            "(it encrypts it with fresh keys itself)"
+        )
     train_x, train_y, _ = load_split(args, "train")
     test_x, test_y, classes = load_split(args, "test")
     check_data_classes(config, meta, classes, where=f"the test data ({data_label(args)})")
     check_model_images(config, test_x[:1])
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
-    reference, ref_note = reference_model(config, (train_x, train_y), model_dir=args.reference_model,
-                                          epochs=args.reference_epochs, train_images=args.reference_train_images,
-                                          seed=args.reference_seed, progress=not args.quiet, log=say)
+    reference, ref_note = reference_model(
+        config,
+        (train_x, train_y),
+        model_dir=args.reference_model,
+        epochs=args.reference_epochs,
+        train_images=args.reference_train_images,
+        seed=args.reference_seed,
+        progress=not args.quiet,
+        log=say,
+    )
     run_security_report(
-        config, variables, (train_x, train_y), (test_x, test_y), out, model_dir=args.model_dir,
+        config,
+        variables,
+        (train_x, train_y),
+        (test_x, test_y),
+        out,
+        model_dir=args.model_dir,
         model_note=f"epochs {meta.get('epochs')} of {meta.get('epochs_planned', meta.get('epochs'))}, "
-                   f"test accuracy {meta.get('test_accuracy')}",
-        data_label=data_label(args), reference_variables=reference, reference_note=ref_note,
-        kp_pairs=args.pairs, kp_trials=args.trials, recovery_keys=args.recovery_keys,
-        eval_images=args.eval_images, public_images=args.public_images, finetune_sizes=args.finetune_sizes, finetune_modes=args.finetune_modes,
-        finetune_steps=args.finetune_steps, finetune_keys=args.finetune_keys, ciphertext_ns=args.ciphertext_images, ciphertext_keys=args.ciphertext_keys,
-        countermeasure_keys=args.countermeasure_keys, seed=args.key_seed, force=args.force, progress=not args.quiet, log=say)
+        f"test accuracy {meta.get('test_accuracy')}",
+        data_label=data_label(args),
+        reference_variables=reference,
+        reference_note=ref_note,
+        kp_pairs=args.pairs,
+        kp_trials=args.trials,
+        recovery_keys=args.recovery_keys,
+        eval_images=args.eval_images,
+        public_images=args.public_images,
+        finetune_sizes=args.finetune_sizes,
+        finetune_modes=args.finetune_modes,
+        finetune_steps=args.finetune_steps,
+        finetune_keys=args.finetune_keys,
+        ciphertext_ns=args.ciphertext_images,
+        ciphertext_keys=args.ciphertext_keys,
+        countermeasure_keys=args.countermeasure_keys,
+        seed=args.key_seed,
+        force=args.force,
+        progress=not args.quiet,
+        log=say,
+    )
     print(Path(out, "summary.md").read_text())
     return 0
 
 
 def register(add) -> None:
     """Add this group's subcommands with ``add(name, func, help, description)``."""
-    p = add("attack", cmd_attack, "accuracy of an encrypted model under random wrong keys",
-            "Evaluate an encrypted model on test images encrypted with N random wrong keys, drawn "
-            "as a batch with jax.random and evaluated under vmap in chunks (memory stays bounded). "
-            "A plain model is first encrypted with a secret key (from --key-seed if given). Writes JSON. "
-            "Runs over several processes too: the keys are split over all their devices, process 0 writes.")
+    p = add(
+        "attack",
+        cmd_attack,
+        "accuracy of an encrypted model under random wrong keys",
+        "Evaluate an encrypted model on test images encrypted with N random wrong keys, drawn "
+        "as a batch with jax.random and evaluated under vmap in chunks (memory stays bounded). "
+        "A plain model is first encrypted with a secret key (from --key-seed if given). Writes JSON. "
+        "Runs over several processes too: the keys are split over all their devices, process 0 writes.",
+    )
     p.add_argument("model", metavar="MODEL_DIR", help="model directory (encrypted, or plain)")
     add_data_options(p)
-    p.add_argument("--num-keys", type=positive_int, required=True, metavar="N", help="number of wrong keys")
+    p.add_argument(
+        "--num-keys", type=positive_int, required=True, metavar="N", help="number of wrong keys"
+    )
     add_limit(p)
     add_seed(p)
     add_key_seed(p)
-    p.add_argument("--strategy", choices=["images", "weights"], default="weights",
-                   help="encrypt the images with each key, or fold each key into the patch embedding "
-                        "(same accuracies; default weights)")
-    p.add_argument("--key-chunk", type=positive_int, default=4, metavar="K",
-                   help="keys per call, folded into the batch with the images: a call runs K keys x "
-                        "(B / K) images (default 4)")
+    p.add_argument(
+        "--strategy",
+        choices=["images", "weights"],
+        default="weights",
+        help="encrypt the images with each key, or fold each key into the patch embedding "
+        "(same accuracies; default weights)",
+    )
+    p.add_argument(
+        "--key-chunk",
+        type=positive_int,
+        default=4,
+        metavar="K",
+        help="keys per call, folded into the batch with the images: a call runs K keys x "
+        "(B / K) images (default 4)",
+    )
     add_batch_size(p)
     add_quiet(p)
     p.add_argument("--out", required=True, metavar="FILE.json", help="results to write")
     add_force(p)
     add_distributed_options(p)
 
-    p = add("security-report", cmd_security_report, "attacks beyond the paper, measured on a trained model",
-            "Known-plaintext key recovery rate, key recovery from the encrypted model (with the original "
-            "weights, with an independently trained reference, from the encrypted model alone), the "
-            "fine-tuning attack, the ciphertext-only attack and the position-key countermeasure; writes "
-            "security.json, summary.md and PNG plots to --out. The run in docs/security.md took 54 minutes "
-            "on a 2-core CPU. Secret keys come from the OS CSPRNG unless --key-seed is given; only "
-            "fingerprints are written.")
+    p = add(
+        "security-report",
+        cmd_security_report,
+        "attacks beyond the paper, measured on a trained model",
+        "Known-plaintext key recovery rate, key recovery from the encrypted model (with the original "
+        "weights, with an independently trained reference, from the encrypted model alone), the "
+        "fine-tuning attack, the ciphertext-only attack and the position-key countermeasure; writes "
+        "security.json, summary.md and PNG plots to --out. The run in docs/security.md took 54 minutes "
+        "on a 2-core CPU. Secret keys come from the OS CSPRNG unless --key-seed is given; only "
+        "fingerprints are written.",
+    )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="the plain trained model")
     add_data_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--reference-model", metavar="DIR",
-                   help="an independently trained plain model of the same architecture (default: train one)")
-    p.add_argument("--reference-epochs", type=int_arg, default=2, metavar="E",
-                   help="epochs of the reference trained when --reference-model is not given (0: skip; default 2)")
-    p.add_argument("--reference-train-images", type=positive_int, default=10000, metavar="N",
-                   help="training images of that reference (default 10000)")
-    p.add_argument("--reference-seed", type=seed_arg, default=1, metavar="N", help="its seed (default 1)")
-    p.add_argument("--pairs", type=positive_int, nargs="+", default=[1, 2, 4], metavar="N",
-                   help="known-plaintext pair counts (default 1 2 4)")
-    p.add_argument("--trials", type=positive_int, default=200, metavar="T", help="trials per pair count (default 200)")
-    p.add_argument("--recovery-keys", type=positive_int, default=3, metavar="K",
-                   help="secret keys per model-recovery attack (default 3)")
-    p.add_argument("--eval-images", type=positive_int, default=2000, metavar="N",
-                   help="test images for the accuracies (default 2000)")
-    p.add_argument("--public-images", type=int_arg, default=256, metavar="N",
-                   help="unlabeled training images the model-recovery adversary may use (0: none; default 256)")
-    p.add_argument("--finetune-sizes", type=positive_int, nargs="+", default=[100, 500, 1000, 5000], metavar="N",
-                   help="labeled plain images of the fine-tuning adversary (default 100 500 1000 5000)")
-    p.add_argument("--finetune-modes", nargs="+", choices=["stem", "all", "scratch"],
-                   default=["stem", "all", "scratch"], help="what is trained (default: all three)")
-    p.add_argument("--finetune-steps", type=positive_int, metavar="S",
-                   help="steps per fine-tuning run (default: grows with n, see finetune_attack.default_steps)")
-    p.add_argument("--finetune-keys", type=positive_int, default=3, metavar="K",
-                   help="secret keys the patch-embedding fine-tuning runs under; the first also runs the "
-                        "other modes (default 3)")
-    p.add_argument("--ciphertext-images", type=positive_int, nargs="+", default=[1, 2, 5, 10, 100], metavar="N",
-                   help="encrypted images the ciphertext-only attack sees (default 1 2 5 10 100)")
-    p.add_argument("--ciphertext-keys", type=int_arg, default=10, metavar="K",
-                   help="secret keys per ciphertext-only row (0: skip that attack; default 10)")
-    p.add_argument("--countermeasure-keys", type=int_arg, default=3, metavar="K",
-                   help="sets of position keys for the countermeasure section (0: skip it; default 3)")
+    p.add_argument(
+        "--reference-model",
+        metavar="DIR",
+        help="an independently trained plain model of the same architecture (default: train one)",
+    )
+    p.add_argument(
+        "--reference-epochs",
+        type=int_arg,
+        default=2,
+        metavar="E",
+        help="epochs of the reference trained when --reference-model is not given (0: skip; default 2)",
+    )
+    p.add_argument(
+        "--reference-train-images",
+        type=positive_int,
+        default=10000,
+        metavar="N",
+        help="training images of that reference (default 10000)",
+    )
+    p.add_argument(
+        "--reference-seed", type=seed_arg, default=1, metavar="N", help="its seed (default 1)"
+    )
+    p.add_argument(
+        "--pairs",
+        type=positive_int,
+        nargs="+",
+        default=[1, 2, 4],
+        metavar="N",
+        help="known-plaintext pair counts (default 1 2 4)",
+    )
+    p.add_argument(
+        "--trials",
+        type=positive_int,
+        default=200,
+        metavar="T",
+        help="trials per pair count (default 200)",
+    )
+    p.add_argument(
+        "--recovery-keys",
+        type=positive_int,
+        default=3,
+        metavar="K",
+        help="secret keys per model-recovery attack (default 3)",
+    )
+    p.add_argument(
+        "--eval-images",
+        type=positive_int,
+        default=2000,
+        metavar="N",
+        help="test images for the accuracies (default 2000)",
+    )
+    p.add_argument(
+        "--public-images",
+        type=int_arg,
+        default=256,
+        metavar="N",
+        help="unlabeled training images the model-recovery adversary may use (0: none; default 256)",
+    )
+    p.add_argument(
+        "--finetune-sizes",
+        type=positive_int,
+        nargs="+",
+        default=[100, 500, 1000, 5000],
+        metavar="N",
+        help="labeled plain images of the fine-tuning adversary (default 100 500 1000 5000)",
+    )
+    p.add_argument(
+        "--finetune-modes",
+        nargs="+",
+        choices=["stem", "all", "scratch"],
+        default=["stem", "all", "scratch"],
+        help="what is trained (default: all three)",
+    )
+    p.add_argument(
+        "--finetune-steps",
+        type=positive_int,
+        metavar="S",
+        help="steps per fine-tuning run (default: grows with n, see finetune_attack.default_steps)",
+    )
+    p.add_argument(
+        "--finetune-keys",
+        type=positive_int,
+        default=3,
+        metavar="K",
+        help="secret keys the patch-embedding fine-tuning runs under; the first also runs the "
+        "other modes (default 3)",
+    )
+    p.add_argument(
+        "--ciphertext-images",
+        type=positive_int,
+        nargs="+",
+        default=[1, 2, 5, 10, 100],
+        metavar="N",
+        help="encrypted images the ciphertext-only attack sees (default 1 2 5 10 100)",
+    )
+    p.add_argument(
+        "--ciphertext-keys",
+        type=int_arg,
+        default=10,
+        metavar="K",
+        help="secret keys per ciphertext-only row (0: skip that attack; default 10)",
+    )
+    p.add_argument(
+        "--countermeasure-keys",
+        type=int_arg,
+        default=3,
+        metavar="K",
+        help="sets of position keys for the countermeasure section (0: skip it; default 3)",
+    )
     add_key_seed(p, old_seed_alias=True)
     add_quiet(p)
     add_force(p)

@@ -1,12 +1,29 @@
 """The paper's experiment."""
+
 from __future__ import annotations
 
 import json
 import sys
 
-from convmixer_jax.cli.options import (RECIPE_OVERRIDES, UsageError, add_data_options, add_distributed_options,
-                                       add_force, add_key_seed, add_limit, add_quiet, add_recipe, add_seed, data_label,
-                                       int_arg, load_split, recipe_from_args, seed_arg, start_processes, subset)
+from convmixer_jax.cli.options import (
+    RECIPE_OVERRIDES,
+    UsageError,
+    add_data_options,
+    add_distributed_options,
+    add_force,
+    add_key_seed,
+    add_limit,
+    add_quiet,
+    add_recipe,
+    add_seed,
+    data_label,
+    int_arg,
+    load_split,
+    recipe_from_args,
+    seed_arg,
+    start_processes,
+    subset,
+)
 
 
 def cmd_reproduce(args) -> int:
@@ -16,13 +33,25 @@ def cmd_reproduce(args) -> int:
 
     if args.checkpoint:
         training = (*RECIPE_OVERRIDES, "workdir", "resume")
-        given = [f"--{n.replace('_', '-')}" for n in training if getattr(args, n) not in (None, False)]
+        given = [
+            f"--{n.replace('_', '-')}" for n in training if getattr(args, n) not in (None, False)
+        ]
         if given:
-            raise UsageError(f"reproduce: {', '.join(given)} set how a model is trained, and --checkpoint "
-                             "trains none; leave them out, or leave out --checkpoint to train one")
+            raise UsageError(
+                f"reproduce: {', '.join(given)} set how a model is trained, and --checkpoint "
+                "trains none; leave them out, or leave out --checkpoint to train one"
+            )
     start_processes(args)
-    out = check_output(args.out, args.force, kind="results_dir", inputs={"--checkpoint": args.checkpoint, "--workdir": args.workdir,
-                                                        "--data-dir": args.data_dir})
+    out = check_output(
+        args.out,
+        args.force,
+        kind="results_dir",
+        inputs={
+            "--checkpoint": args.checkpoint,
+            "--workdir": args.workdir,
+            "--data-dir": args.data_dir,
+        },
+    )
     test_x, test_y, classes = load_split(args, "test")
     if args.checkpoint:
         from convmixer_jax.files.model_dir import check_data_classes, load_model_meta
@@ -35,14 +64,35 @@ def cmd_reproduce(args) -> int:
         train_x, train_y, _ = load_split(args, "train")
         recipe = recipe_from_args(args, len(train_x))
         train_data = (train_x, train_y)
-    results = reproduce(out, (test_x, test_y), checkpoint=args.checkpoint, train_data=train_data, recipe=recipe,
-                        workdir=args.workdir, resume=args.resume, num_keys=args.num_keys,
-                        attack_seed=args.attack_seed if args.attack_seed is not None else args.key_seed,
-                        key_seed=args.key_seed, strategy=args.strategy,
-                        data_label=data_label(args), classes=classes, progress=not args.quiet,
-                        log=lambda m: print(m, file=sys.stderr))
-    summary = {k: results[k] for k in ("test_images", "baseline_plain", "encrypted_plain", "encrypted_encrypted",
-                                       "identical_predictions", "wrong_keys_median", "key_space_log2")}
+    results = reproduce(
+        out,
+        (test_x, test_y),
+        checkpoint=args.checkpoint,
+        train_data=train_data,
+        recipe=recipe,
+        workdir=args.workdir,
+        resume=args.resume,
+        num_keys=args.num_keys,
+        attack_seed=args.attack_seed if args.attack_seed is not None else args.key_seed,
+        key_seed=args.key_seed,
+        strategy=args.strategy,
+        data_label=data_label(args),
+        classes=classes,
+        progress=not args.quiet,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    summary = {
+        k: results[k]
+        for k in (
+            "test_images",
+            "baseline_plain",
+            "encrypted_plain",
+            "encrypted_encrypted",
+            "identical_predictions",
+            "wrong_keys_median",
+            "key_space_log2",
+        )
+    }
     if is_writer():
         print(json.dumps(summary))
     return 0
@@ -50,23 +100,40 @@ def cmd_reproduce(args) -> int:
 
 def register(add) -> None:
     """Add this group's subcommands with ``add(name, func, help, description)``."""
-    p = add("reproduce", cmd_reproduce, "the paper's experiment: Table 1, Fig. 4, Fig. 5, key space",
-            "Train (or load with --checkpoint) the plain ConvMixer-256/8, draw a fresh secret key from the "
-            "OS CSPRNG, encrypt the model and write results.json, table1.md, fig4.png and fig5.png to --out. "
-            "The key is never written; results.json holds its fingerprint. Runs over several processes "
-            "too: the sweep's keys (and any training's batches) are split over all their devices, process 0 writes.")
+    p = add(
+        "reproduce",
+        cmd_reproduce,
+        "the paper's experiment: Table 1, Fig. 4, Fig. 5, key space",
+        "Train (or load with --checkpoint) the plain ConvMixer-256/8, draw a fresh secret key from the "
+        "OS CSPRNG, encrypt the model and write results.json, table1.md, fig4.png and fig5.png to --out. "
+        "The key is never written; results.json holds its fingerprint. Runs over several processes "
+        "too: the sweep's keys (and any training's batches) are split over all their devices, process 0 writes.",
+    )
     add_data_options(p)
-    p.add_argument("--checkpoint", metavar="MODEL_DIR", help="a trained plain model (skip training)")
+    p.add_argument(
+        "--checkpoint", metavar="MODEL_DIR", help="a trained plain model (skip training)"
+    )
     add_recipe(p)
     p.add_argument("--workdir", metavar="DIR", help="training checkpoints (default OUT-work)")
     p.add_argument("--resume", action="store_true", help="continue training from --workdir")
-    p.add_argument("--num-keys", type=int_arg, default=100, metavar="N", help="random wrong keys (default 100)")
+    p.add_argument(
+        "--num-keys", type=int_arg, default=100, metavar="N", help="random wrong keys (default 100)"
+    )
     add_limit(p)
     add_seed(p)
     add_key_seed(p)
-    p.add_argument("--attack-seed", type=seed_arg, metavar="N",
-                   help="a separate seed for the wrong keys only (default: --key-seed, else random; recorded)")
-    p.add_argument("--strategy", choices=["images", "weights"], default="weights", help="wrong-key sweep strategy")
+    p.add_argument(
+        "--attack-seed",
+        type=seed_arg,
+        metavar="N",
+        help="a separate seed for the wrong keys only (default: --key-seed, else random; recorded)",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=["images", "weights"],
+        default="weights",
+        help="wrong-key sweep strategy",
+    )
     add_quiet(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     add_force(p)

@@ -1,4 +1,5 @@
 """Images: block-wise encryption and decryption of image files (.npy arrays, PNG and JPEG)."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,12 @@ def _split_output(args) -> list[str]:
 def _transform_images(args, encrypt: bool) -> int:
     import numpy as np
 
-    from convmixer_jax.files.image_files import (check_image_output, load_image_inputs, output_format,
-                                                 write_image_outputs)
+    from convmixer_jax.files.image_files import (
+        check_image_output,
+        load_image_inputs,
+        output_format,
+        write_image_outputs,
+    )
     from convmixer_jax.scheme import images as blockwise
     from convmixer_jax.scheme.keys import load_key
 
@@ -36,8 +41,15 @@ def _transform_images(args, encrypt: bool) -> int:
     images, names = load_image_inputs(inputs, resize=args.resize, crop_pct=args.crop_pct)
     blockwise.check_images(images, key)
     n = len(names) if names is not None else int(np.prod(images.shape[:-3]))
-    check_image_output(out, n_inputs=n, from_files=names is not None, force=args.force,
-                       inputs={"IN": inputs, "--key": args.key}, names=names, images=images)
+    check_image_output(
+        out,
+        n_inputs=n,
+        from_files=names is not None,
+        force=args.force,
+        inputs={"IN": inputs, "--key": args.key},
+        names=names,
+        images=images,
+    )
     fn = blockwise.encrypt_images if encrypt else blockwise.decrypt_images
     result = np.asarray(fn(images, key)).astype(images.dtype, copy=False)
     write_image_outputs(out, result, names, force=args.force)
@@ -59,26 +71,41 @@ def cmd_decrypt_images(args) -> int:
 
 def register(add) -> None:
     """Add this group's subcommands with ``add(name, func, help, description)``."""
-    for name, func, verb in (("encrypt-images", cmd_encrypt_images, "Encrypt"),
-                             ("decrypt-images", cmd_decrypt_images, "Decrypt")):
-        p = add(name, func, f"{verb.lower()} images block by block with a key",
-                f"{verb} images block by block with a key. The input is one .npy file, (N, H, W, C) or one "
-                "(H, W, C) image, uint8 (0..255) or float in [0, 1]; or PNG/JPEG files and folders of them "
-                "(8-bit; all of one size and channel count). H and W must be divisible by the key's block size "
-                "and C equal its channels. The output format follows its name: OUT.npy one array (the input's "
-                "shape and dtype), OUT.png one image (uint8 only), a folder (a name without a suffix, or an "
-                "existing folder) one PNG per input file, names kept (cat.jpg -> cat.png). JPEG and other lossy "
-                "outputs are refused: they would change the encrypted pixels, and the model would no longer "
-                "compute the plain model's function. The older form IN.npy OUT is deprecated but still accepted.")
+    for name, func, verb in (
+        ("encrypt-images", cmd_encrypt_images, "Encrypt"),
+        ("decrypt-images", cmd_decrypt_images, "Decrypt"),
+    ):
+        p = add(
+            name,
+            func,
+            f"{verb.lower()} images block by block with a key",
+            f"{verb} images block by block with a key. The input is one .npy file, (N, H, W, C) or one "
+            "(H, W, C) image, uint8 (0..255) or float in [0, 1]; or PNG/JPEG files and folders of them "
+            "(8-bit; all of one size and channel count). H and W must be divisible by the key's block size "
+            "and C equal its channels. The output format follows its name: OUT.npy one array (the input's "
+            "shape and dtype), OUT.png one image (uint8 only), a folder (a name without a suffix, or an "
+            "existing folder) one PNG per input file, names kept (cat.jpg -> cat.png). JPEG and other lossy "
+            "outputs are refused: they would change the encrypted pixels, and the model would no longer "
+            "compute the plain model's function. The older form IN.npy OUT is deprecated but still accepted.",
+        )
         p.add_argument("--key", required=True, metavar="KEY.json", help="key file from keygen")
-        p.add_argument("inputs", nargs="+", metavar="IN",
-                       help="one .npy file, or PNG/JPEG files and/or folders (a folder: its *.png, *.jpg, "
-                            "*.jpeg files, sorted by name, not recursive)")
+        p.add_argument(
+            "inputs",
+            nargs="+",
+            metavar="IN",
+            help="one .npy file, or PNG/JPEG files and/or folders (a folder: its *.png, *.jpg, "
+            "*.jpeg files, sorted by name, not recursive)",
+        )
         # the grammar's hidden positional alias; argparse never fills it after IN [IN ...], so
         # _split_output takes the older form's OUT from the inputs
         p.add_argument("output", metavar="OUT", nargs="?", help=argparse.SUPPRESS)
-        add_out(p, "OUT", "OUT.npy (one array), OUT.png (one image) or a folder (one PNG per input image). "
-                "Deprecated alias, after a single IN.npy only", positional_alias=True)
+        add_out(
+            p,
+            "OUT",
+            "OUT.npy (one array), OUT.png (one image) or a folder (one PNG per input image). "
+            "Deprecated alias, after a single IN.npy only",
+            positional_alias=True,
+        )
         if name == "encrypt-images":  # a client resizes first, then encrypts on the model's grid
             add_resize(p, to_model=False)
         else:

@@ -1,4 +1,5 @@
 """Argument types and the options that several commands share."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,9 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line instead of exiting."""
 
     def error(self, message):  # noqa: D102 - argparse API
-        raise UsageError(f"{self.prog.removeprefix(PROG + ' ')}: {message} (see '{self.prog} --help')")
+        raise UsageError(
+            f"{self.prog.removeprefix(PROG + ' ')}: {message} (see '{self.prog} --help')"
+        )
 
 
 def positive_int(text: str) -> int:
@@ -37,7 +40,9 @@ def int_arg(text: str) -> int:
 def seed_arg(text: str) -> int:
     value = int_arg(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer (seeds are >= 0), got {value}")
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer (seeds are >= 0), got {value}"
+        )
     return value
 
 
@@ -58,28 +63,42 @@ def add_force(p: argparse.ArgumentParser) -> None:
 # The options below mean the same thing, with the same default, in every command
 # that has them (tests/test_cli_grammar.py checks every subcommand's --help).
 
-def add_out(p: argparse.ArgumentParser, metavar: str, help_: str, *, positional_alias: bool = False) -> None:
+
+def add_out(
+    p: argparse.ArgumentParser, metavar: str, help_: str, *, positional_alias: bool = False
+) -> None:
     """``--out`` for the command's output; with ``positional_alias`` an older last
     positional OUT is still accepted (see :func:`resolve_out`)."""
-    p.add_argument("--out", metavar=metavar, required=not positional_alias,
-                   help=help_ + (" (a last positional OUT is still accepted, as before)" if positional_alias else ""))
+    p.add_argument(
+        "--out",
+        metavar=metavar,
+        required=not positional_alias,
+        help=help_
+        + (" (a last positional OUT is still accepted, as before)" if positional_alias else ""),
+    )
 
 
 def resolve_out(args, positional: str | None) -> None:
     """Set ``args.out`` from ``--out`` or the older positional form; exactly one must be given."""
     if positional is not None and args.out is not None:
-        raise UsageError(f"{args.command}: the output is given twice ({positional!r} and --out {args.out!r}); "
-                         f"give it once, with --out (see '{PROG} {args.command} --help')")
+        raise UsageError(
+            f"{args.command}: the output is given twice ({positional!r} and --out {args.out!r}); "
+            f"give it once, with --out (see '{PROG} {args.command} --help')"
+        )
     if positional is None and args.out is None:
-        raise UsageError(f"{args.command}: the output is missing; give it with --out "
-                         f"(see '{PROG} {args.command} --help')")
+        raise UsageError(
+            f"{args.command}: the output is missing; give it with --out "
+            f"(see '{PROG} {args.command} --help')"
+        )
     if args.out is None:
         args.out = positional
 
 
 SEED_HELP = "seed of this command's non-secret randomness: --limit subsets, initialization, data order, augmentation (default 0)"
-KEY_SEED_HELP = ("seed of the keys this command draws, for repeatable experiments "
-                 "(default: the OS CSPRNG; the seed used is recorded)")
+KEY_SEED_HELP = (
+    "seed of the keys this command draws, for repeatable experiments "
+    "(default: the OS CSPRNG; the seed used is recorded)"
+)
 
 
 def add_seed(p: argparse.ArgumentParser) -> None:
@@ -93,13 +112,22 @@ def add_key_seed(p: argparse.ArgumentParser, *, old_seed_alias: bool = False) ->
 
 
 def add_limit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", type=positive_int, metavar="K",
-                   help="a random subset of K test images, drawn with --seed (default: all)")
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        metavar="K",
+        help="a random subset of K test images, drawn with --seed (default: all)",
+    )
 
 
 def add_batch_size(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=positive_int, default=500, metavar="B",
-                   help="images per forward pass of the model (default 500)")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=500,
+        metavar="B",
+        help="images per forward pass of the model (default 500)",
+    )
 
 
 def add_resize(p: argparse.ArgumentParser, *, to_model: bool) -> None:
@@ -107,33 +135,65 @@ def add_resize(p: argparse.ArgumentParser, *, to_model: bool) -> None:
     size may be left out and is then the model's input size."""
     what = "images of any size: resize the shorter side to SIZE / crop-pct (bicubic) and crop the centre"
     if to_model:
-        p.add_argument("--resize", type=positive_int, nargs="?", const=0, metavar="SIZE",
-                       help=f"{what} SIZE x SIZE, as timm evaluates (SIZE left out: the model's input size)")
+        p.add_argument(
+            "--resize",
+            type=positive_int,
+            nargs="?",
+            const=0,
+            metavar="SIZE",
+            help=f"{what} SIZE x SIZE, as timm evaluates (SIZE left out: the model's input size)",
+        )
     else:
-        p.add_argument("--resize", type=positive_int, metavar="SIZE",
-                       help=f"{what} SIZE x SIZE, as timm evaluates; encryption happens after it, on that grid")
-    p.add_argument("--crop-pct", type=positive_float, default=0.96, metavar="F",
-                   help="the centre crop's share of the resized shorter side (default 0.96, timm's ConvMixers)")
+        p.add_argument(
+            "--resize",
+            type=positive_int,
+            metavar="SIZE",
+            help=f"{what} SIZE x SIZE, as timm evaluates; encryption happens after it, on that grid",
+        )
+    p.add_argument(
+        "--crop-pct",
+        type=positive_float,
+        default=0.96,
+        metavar="F",
+        help="the centre crop's share of the resized shorter side (default 0.96, timm's ConvMixers)",
+    )
 
 
 def add_recipe(p: argparse.ArgumentParser) -> None:
     """--recipe and the overrides every training command takes."""
-    p.add_argument("--recipe", choices=["paper", "fast", "strong"], default="strong",
-                   help="training recipe (default strong, the committed model's: AdamW one-cycle with "
-                        "RandAugment and an EMA of the weights, 100 epochs, 5,000 training images held out to "
-                        "choose EMA or raw weights by; fast: AdamW one-cycle with cutout, 40 epochs, no hold-out; "
-                        "paper: Adam 1e-3, 200 epochs)")
+    p.add_argument(
+        "--recipe",
+        choices=["paper", "fast", "strong"],
+        default="strong",
+        help="training recipe (default strong, the committed model's: AdamW one-cycle with "
+        "RandAugment and an EMA of the weights, 100 epochs, 5,000 training images held out to "
+        "choose EMA or raw weights by; fast: AdamW one-cycle with cutout, 40 epochs, no hold-out; "
+        "paper: Adam 1e-3, 200 epochs)",
+    )
     p.add_argument("--epochs", type=positive_int, metavar="E", help="override the recipe's epochs")
-    p.add_argument("--train-batch-size", type=positive_int, metavar="B",
-                   help="override the recipe's training batch size")
+    p.add_argument(
+        "--train-batch-size",
+        type=positive_int,
+        metavar="B",
+        help="override the recipe's training batch size",
+    )
     p.add_argument("--lr", type=positive_float, help="override the recipe's (peak) learning rate")
-    p.add_argument("--holdout", type=seed_arg, metavar="N",
-                   help="override the recipe's validation hold-out: N training images, stratified, "
-                        "not trained on (0: none)")
+    p.add_argument(
+        "--holdout",
+        type=seed_arg,
+        metavar="N",
+        help="override the recipe's validation hold-out: N training images, stratified, "
+        "not trained on (0: none)",
+    )
 
 
 # the command-line overrides of a recipe: argparse name -> TrainConfig field
-RECIPE_OVERRIDES = {"epochs": "epochs", "train_batch_size": "batch_size", "lr": "lr", "holdout": "holdout"}
+RECIPE_OVERRIDES = {
+    "epochs": "epochs",
+    "train_batch_size": "batch_size",
+    "lr": "lr",
+    "holdout": "holdout",
+}
 
 
 def recipe_from_args(args, train_images: int):
@@ -146,12 +206,15 @@ def recipe_from_args(args, train_images: int):
     from convmixer_jax.training.loop import RECIPES
 
     given = {field: getattr(args, name) for name, field in RECIPE_OVERRIDES.items()}
-    recipe = dataclasses.replace(RECIPES[args.recipe], seed=args.seed,
-                                 **{k: v for k, v in given.items() if v is not None})
+    recipe = dataclasses.replace(
+        RECIPES[args.recipe], seed=args.seed, **{k: v for k, v in given.items() if v is not None}
+    )
     if recipe.holdout >= train_images:
-        raise UsageError(f"{args.command}: the {args.recipe} recipe holds {recipe.holdout} training images out "
-                         f"for validation, but there are only {train_images}; pass --holdout N with "
-                         f"N < {train_images} (0: none)")
+        raise UsageError(
+            f"{args.command}: the {args.recipe} recipe holds {recipe.holdout} training images out "
+            f"for validation, but there are only {train_images}; pass --holdout N with "
+            f"N < {train_images} (0: none)"
+        )
     return recipe
 
 
@@ -160,24 +223,45 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model architecture (explicit options override --preset; "
-                             "the defaults are the paper's ConvMixer-256/8)")
-    g.add_argument("--preset", choices=PRESET_NAMES,
-                   help="start from a named architecture: the paper's, or one of timm's ImageNet ConvMixers")
+    g = p.add_argument_group(
+        "model architecture (explicit options override --preset; "
+        "the defaults are the paper's ConvMixer-256/8)"
+    )
+    g.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        help="start from a named architecture: the paper's, or one of timm's ImageNet ConvMixers",
+    )
     g.add_argument("--dim", type=positive_int, help="embedding width d (paper: 256)")
     g.add_argument("--depth", type=positive_int, help="number of mixer blocks L (paper: 8)")
     g.add_argument("--kernel-size", type=positive_int, help="depthwise kernel size k (paper: 9)")
-    g.add_argument("--patch-size", type=positive_int,
-                   help="patch size P = encryption block size M (paper: 4)")
+    g.add_argument(
+        "--patch-size", type=positive_int, help="patch size P = encryption block size M (paper: 4)"
+    )
     g.add_argument("--num-classes", type=positive_int, help="classifier outputs (paper: 10)")
-    g.add_argument("--image-size", type=positive_int,
-                   help="input height = width, a multiple of the patch size (paper: 32)")
+    g.add_argument(
+        "--image-size",
+        type=positive_int,
+        help="input height = width, a multiple of the patch size (paper: 32)",
+    )
     g.add_argument("--channels", type=positive_int, help="input channels C (paper: 3)")
-    g.add_argument("--activation", choices=["gelu", "relu"],
-                   help="activation after every convolution (paper: gelu, exact; timm's convmixer_768_32: relu)")
+    g.add_argument(
+        "--activation",
+        choices=["gelu", "relu"],
+        help="activation after every convolution (paper: gelu, exact; timm's convmixer_768_32: relu)",
+    )
 
 
-ARCH_OPTIONS = ("dim", "depth", "kernel_size", "patch_size", "num_classes", "image_size", "channels", "activation")
+ARCH_OPTIONS = (
+    "dim",
+    "depth",
+    "kernel_size",
+    "patch_size",
+    "num_classes",
+    "image_size",
+    "channels",
+    "activation",
+)
 # the keys of convmixer_jax.model.convmixer.PRESETS, spelled out so that --help needs no JAX (tested)
 PRESET_NAMES = ["paper", "convmixer_768_32", "convmixer_1536_20", "convmixer_1024_20_ks9_p14"]
 
@@ -194,11 +278,21 @@ def model_config(args):
 
 def add_distributed_options(p: argparse.ArgumentParser) -> None:
     """The options of a multi-process run (one group, the same on every command that has it)."""
-    g = p.add_argument_group("several processes (jax.distributed; automatic on SLURM, Open MPI, Cloud TPU "
-                             "and Kubernetes clusters JAX detects, otherwise these three on every process)")
-    g.add_argument("--coordinator-address", metavar="HOST:PORT",
-                   help="process 0's host and a free port, the same on every process")
-    g.add_argument("--num-processes", type=positive_int, metavar="N", help="how many processes run this command")
+    g = p.add_argument_group(
+        "several processes (jax.distributed; automatic on SLURM, Open MPI, Cloud TPU "
+        "and Kubernetes clusters JAX detects, otherwise these three on every process)"
+    )
+    g.add_argument(
+        "--coordinator-address",
+        metavar="HOST:PORT",
+        help="process 0's host and a free port, the same on every process",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=positive_int,
+        metavar="N",
+        help="how many processes run this command",
+    )
     g.add_argument("--process-id", type=seed_arg, metavar="I", help="this process's number, 0..N-1")
 
 
@@ -220,21 +314,39 @@ def start_processes(args):
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data (default: the official CIFAR binary release, downloaded once "
-                             "into the cache and checked against its SHA-256)")
-    g.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10",
-                   help="which data set to download or open from tfds (default cifar10; "
-                        "cifar100 uses the fine labels)")
-    g.add_argument("--data-dir", metavar="DIR",
-                   help="a local copy instead: DIR/{train,test}/<class>/*.png|jpg or the CIFAR "
-                        "binary batches (for offline machines)")
-    g.add_argument("--download-url", metavar="URL",
-                   help="a mirror of the binary release (env CONVMIXER_JAX_CIFAR10_URL / _CIFAR100_URL)")
-    g.add_argument("--download-sha256", metavar="HEX",
-                   help="the mirror's archive SHA-256 (env CONVMIXER_JAX_CIFAR10_SHA256 / _CIFAR100_SHA256)")
-    g.add_argument("--tfds-data-dir", metavar="DIR",
-                   help="read a data set prepared by tensorflow-datasets in DIR instead "
-                        "(needs the tfds extra)")
+    g = p.add_argument_group(
+        "data (default: the official CIFAR binary release, downloaded once "
+        "into the cache and checked against its SHA-256)"
+    )
+    g.add_argument(
+        "--dataset",
+        choices=["cifar10", "cifar100"],
+        default="cifar10",
+        help="which data set to download or open from tfds (default cifar10; "
+        "cifar100 uses the fine labels)",
+    )
+    g.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="a local copy instead: DIR/{train,test}/<class>/*.png|jpg or the CIFAR "
+        "binary batches (for offline machines)",
+    )
+    g.add_argument(
+        "--download-url",
+        metavar="URL",
+        help="a mirror of the binary release (env CONVMIXER_JAX_CIFAR10_URL / _CIFAR100_URL)",
+    )
+    g.add_argument(
+        "--download-sha256",
+        metavar="HEX",
+        help="the mirror's archive SHA-256 (env CONVMIXER_JAX_CIFAR10_SHA256 / _CIFAR100_SHA256)",
+    )
+    g.add_argument(
+        "--tfds-data-dir",
+        metavar="DIR",
+        help="read a data set prepared by tensorflow-datasets in DIR instead "
+        "(needs the tfds extra)",
+    )
 
 
 def load_split(args, split: str, *, resize: int | None = None):
@@ -242,13 +354,24 @@ def load_split(args, split: str, *, resize: int | None = None):
     ``resize``: timm's evaluation transform to that size, with ``args.crop_pct``."""
     from convmixer_jax.data import load_split
 
-    if args.data_dir is not None and (args.download_url or args.download_sha256 or args.tfds_data_dir):
-        raise UsageError("--data-dir reads a local copy; it cannot be combined with --download-url, "
-                         "--download-sha256 or --tfds-data-dir")
-    return load_split(split, data_dir=args.data_dir, dataset=args.dataset,
-                      download_url=args.download_url, download_sha256=args.download_sha256,
-                      tfds_data_dir=args.tfds_data_dir, progress=not getattr(args, "quiet", False),
-                      resize=resize, **({"crop_pct": args.crop_pct} if resize is not None else {}))
+    if args.data_dir is not None and (
+        args.download_url or args.download_sha256 or args.tfds_data_dir
+    ):
+        raise UsageError(
+            "--data-dir reads a local copy; it cannot be combined with --download-url, "
+            "--download-sha256 or --tfds-data-dir"
+        )
+    return load_split(
+        split,
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        download_url=args.download_url,
+        download_sha256=args.download_sha256,
+        tfds_data_dir=args.tfds_data_dir,
+        progress=not getattr(args, "quiet", False),
+        resize=resize,
+        **({"crop_pct": args.crop_pct} if resize is not None else {}),
+    )
 
 
 def data_label(args) -> str:
@@ -257,7 +380,9 @@ def data_label(args) -> str:
         return args.data_dir
     if args.tfds_data_dir:
         return f"tfds:{args.dataset}"
-    return f"{args.dataset} binary release" + (f" from {args.download_url}" if args.download_url else "")
+    return f"{args.dataset} binary release" + (
+        f" from {args.download_url}" if args.download_url else ""
+    )
 
 
 def subset(images, labels, n: int | None, seed: int):

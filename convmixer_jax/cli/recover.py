@@ -1,19 +1,31 @@
 """recover-key: the key from encrypted images alone, or from plain/encrypted pairs."""
+
 from __future__ import annotations
 
 import json
 import sys
 
-from convmixer_jax.cli.options import (UsageError, add_data_options, add_force, add_quiet, add_seed, data_label,
-                                       load_split, positive_int)
+from convmixer_jax.cli.options import (
+    UsageError,
+    add_data_options,
+    add_force,
+    add_quiet,
+    add_seed,
+    data_label,
+    load_split,
+    positive_int,
+)
 
 
 def cmd_recover_key(args) -> int:
-    from convmixer_jax.scheme.keys import fingerprint, key_file_text
     from convmixer_jax.files.atomic import check_output, write_text_atomic
+    from convmixer_jax.scheme.keys import fingerprint, key_file_text
 
-    check_output(args.out, args.force, inputs={"--plain": args.plain, "--encrypted": args.encrypted[0],
-                                                "--model": args.model})
+    check_output(
+        args.out,
+        args.force,
+        inputs={"--plain": args.plain, "--encrypted": args.encrypted[0], "--model": args.model},
+    )
     if args.plain is None:
         key = _recover_ciphertext_only(args)
     else:
@@ -30,30 +42,43 @@ def _recover_known_plaintext(args):
 
     for name in ("model", "public", "best_guess", "no_jpeg_trace"):
         if getattr(args, name):
-            raise UsageError(f"--{name.replace('_', '-')} is for the ciphertext-only attack; drop it or drop --plain")
+            raise UsageError(
+                f"--{name.replace('_', '-')} is for the ciphertext-only attack; drop it or drop --plain"
+            )
     if len(args.encrypted) != 1:
         raise UsageError("with --plain, pass the encrypted images as one .npy, as the plain ones")
     plain = load_images(args.plain)
     encrypted = load_images(args.encrypted[0])
     if plain.shape != encrypted.shape:
-        raise ImageError(f"{args.plain} holds shape {plain.shape} but {args.encrypted[0]} holds shape "
-                         f"{encrypted.shape}; pass each plain image with its own encrypted version")
+        raise ImageError(
+            f"{args.plain} holds shape {plain.shape} but {args.encrypted[0]} holds shape "
+            f"{encrypted.shape}; pass each plain image with its own encrypted version"
+        )
     result = recover_key(plain, encrypted, args.block_size)
     if not result.consistent:
-        raise ValueError("the pairs are not plain/encrypted images under one key of this block size "
-                         f"({result.reason})")
+        raise ValueError(
+            "the pairs are not plain/encrypted images under one key of this block size "
+            f"({result.reason})"
+        )
     if result.key is None:
-        raise ValueError(f"{result.undetermined} of the {result.block_len} positions of a block are "
-                         f"undetermined by these pairs ({result.num_blocks} blocks); use more image pairs, "
-                         "or less uniform ones (flat, repeated or gray regions leave positions ambiguous)")
+        raise ValueError(
+            f"{result.undetermined} of the {result.block_len} positions of a block are "
+            f"undetermined by these pairs ({result.num_blocks} blocks); use more image pairs, "
+            "or less uniform ones (flat, repeated or gray regions leave positions ambiguous)"
+        )
     return result.key
 
 
 def _recover_ciphertext_only(args):
     import numpy as np
 
-    from convmixer_jax.attacks.ciphertext_only import (SIGN_SIGMAS, block_template, default_prior,
-                                                       match_scale, recover_key_ciphertext_only)
+    from convmixer_jax.attacks.ciphertext_only import (
+        SIGN_SIGMAS,
+        block_template,
+        default_prior,
+        match_scale,
+        recover_key_ciphertext_only,
+    )
     from convmixer_jax.attacks.image_prior import load_image_prior
     from convmixer_jax.files.image_files import load_image_inputs
     from convmixer_jax.scheme.images import check_pixel_values
@@ -71,8 +96,10 @@ def _recover_ciphertext_only(args):
         public, _, _ = load_split(args, "train")
         where = f"the training split of {data_label(args)}"
     if public.shape[-1] != c:
-        raise UsageError(f"the public images have {public.shape[-1]} channels, the encrypted ones {c}; "
-                         "pass public images of the same kind with --public")
+        raise UsageError(
+            f"the public images have {public.shape[-1]} channels, the encrypted ones {c}; "
+            "pass public images of the same kind with --public"
+        )
     take = max(8, int(args.public_images * 1024 / (h * w)))
     public = match_scale(public[:take], h, w)
     say(f"template from {len(public)} public images ({where}), {h} x {w}")
@@ -84,17 +111,36 @@ def _recover_ciphertext_only(args):
 
         config, variables, meta = load_model(args.model)
         if not is_encrypted(meta):
-            raise UsageError(f"{args.model} is a plain model; --model takes the encrypted model the provider holds")
+            raise UsageError(
+                f"{args.model} is a plain model; --model takes the encrypted model the provider holds"
+            )
         if config.patch_size != args.block_size:
-            raise UsageError(f"{args.model} has patch size {config.patch_size}, not --block-size {args.block_size}")
+            raise UsageError(
+                f"{args.model} has patch size {config.patch_size}, not --block-size {args.block_size}"
+            )
         model = (config, variables)
-    res = recover_key_ciphertext_only(encrypted, args.block_size, template, prior=prior, model=model,
-                                      public_images=public if model else None, seed=args.seed,
-                                      jpeg_trace=not args.no_jpeg_trace, progress=not args.quiet)
-    summary = {"images": res.num_images, "blocks": res.num_blocks, "method": res.method,
-               "determined": res.determined, "min_flip_support_sigmas": round(float(res.sign_support.min()), 2),
-               "layout_margin_nats": round(res.layout_margin, 2), "colour_margin_nats": round(res.colour_margin, 2),
-               "jpeg_trace": bool(len(res.jpeg_log_evidence)), "seconds": round(res.seconds, 1)}
+    res = recover_key_ciphertext_only(
+        encrypted,
+        args.block_size,
+        template,
+        prior=prior,
+        model=model,
+        public_images=public if model else None,
+        seed=args.seed,
+        jpeg_trace=not args.no_jpeg_trace,
+        progress=not args.quiet,
+    )
+    summary = {
+        "images": res.num_images,
+        "blocks": res.num_blocks,
+        "method": res.method,
+        "determined": res.determined,
+        "min_flip_support_sigmas": round(float(res.sign_support.min()), 2),
+        "layout_margin_nats": round(res.layout_margin, 2),
+        "colour_margin_nats": round(res.colour_margin, 2),
+        "jpeg_trace": bool(len(res.jpeg_log_evidence)),
+        "seconds": round(res.seconds, 1),
+    }
     say(json.dumps(summary))
     if res.determined:
         return res.key
@@ -102,42 +148,79 @@ def _recover_ciphertext_only(args):
     if args.best_guess and not flips_weak:
         say(f"not determined ({res.reason}); writing the most likely key as asked (--best-guess)")
         return res.best_guess
-    hint = ("these do not look like encrypted natural images" if flips_weak
-            else "pass more encrypted images" + ("" if args.model else ", or the encrypted model with --model")
-            + ", or --best-guess for the most likely key")
+    hint = (
+        "these do not look like encrypted natural images"
+        if flips_weak
+        else "pass more encrypted images"
+        + ("" if args.model else ", or the encrypted model with --model")
+        + ", or --best-guess for the most likely key"
+    )
     raise ValueError(f"cannot determine the key from {n} encrypted image(s): {res.reason}; {hint}")
 
 
 def register(add) -> None:
     """Add this group's subcommands with ``add(name, func, help, description)``."""
-    p = add("recover-key", cmd_recover_key, "recover a key from encrypted images (and plain ones, if known)",
-            "Without --plain (ciphertext-only): recover the key from encrypted images alone, by the "
-            "statistics natural images keep under the cipher (flips from correlation signs, the layout from "
-            "block-pair statistics of public images, channel order and sign from a learned colour prior and, "
-            "for images decoded from JPEGs, from the JPEG quantization lattice of their luma); "
-            "with --model ENC_MODEL also from the encrypted model. Writes the key only when every decision "
-            "clears its margin (or with --best-guess), else says what is missing and exits non-zero. With "
-            "--plain (known plaintext): the key from plain/encrypted pairs (.npy, (N, H, W, C) or (H, W, C), "
-            "uint8 or float in [0, 1]), written only if the pairs determine every position. Prints the "
-            "key's fingerprint.")
-    p.add_argument("--encrypted", required=True, nargs="+", metavar="E",
-                   help="encrypted images: one .npy, or PNG/JPEG files or folders of them")
-    p.add_argument("--plain", metavar="P.npy", help="the same images, plain (known-plaintext attack)")
-    p.add_argument("--block-size", type=positive_int, required=True, metavar="M", help="block size M")
-    p.add_argument("--model", metavar="ENC_MODEL_DIR", help="the encrypted model (ciphertext-only attack)")
-    p.add_argument("--public", nargs="+", metavar="IMG",
-                   help="public natural images for the template (.npy, files or folders; default: the "
-                        "training split of the data options, rescaled to the encrypted images' size)")
-    p.add_argument("--public-images", type=positive_int, default=2000, metavar="N",
-                   help="public images used at 32 x 32, fewer for larger images (default 2000)")
-    p.add_argument("--prior", metavar="DIR",
-                   help="colour prior (default: the one shipped for RGB, trained on CIFAR-10 training images)")
-    p.add_argument("--no-jpeg-trace", action="store_true",
-                   help="decide the channel order and sign by the colour prior alone, ignoring the JPEG "
-                        "quantization trace of JPEG-decoded images")
-    p.add_argument("--best-guess", action="store_true",
-                   help="write the most likely key even when it is not determined (never for images "
-                        "whose flips are undetermined)")
+    p = add(
+        "recover-key",
+        cmd_recover_key,
+        "recover a key from encrypted images (and plain ones, if known)",
+        "Without --plain (ciphertext-only): recover the key from encrypted images alone, by the "
+        "statistics natural images keep under the cipher (flips from correlation signs, the layout from "
+        "block-pair statistics of public images, channel order and sign from a learned colour prior and, "
+        "for images decoded from JPEGs, from the JPEG quantization lattice of their luma); "
+        "with --model ENC_MODEL also from the encrypted model. Writes the key only when every decision "
+        "clears its margin (or with --best-guess), else says what is missing and exits non-zero. With "
+        "--plain (known plaintext): the key from plain/encrypted pairs (.npy, (N, H, W, C) or (H, W, C), "
+        "uint8 or float in [0, 1]), written only if the pairs determine every position. Prints the "
+        "key's fingerprint.",
+    )
+    p.add_argument(
+        "--encrypted",
+        required=True,
+        nargs="+",
+        metavar="E",
+        help="encrypted images: one .npy, or PNG/JPEG files or folders of them",
+    )
+    p.add_argument(
+        "--plain", metavar="P.npy", help="the same images, plain (known-plaintext attack)"
+    )
+    p.add_argument(
+        "--block-size", type=positive_int, required=True, metavar="M", help="block size M"
+    )
+    p.add_argument(
+        "--model", metavar="ENC_MODEL_DIR", help="the encrypted model (ciphertext-only attack)"
+    )
+    p.add_argument(
+        "--public",
+        nargs="+",
+        metavar="IMG",
+        help="public natural images for the template (.npy, files or folders; default: the "
+        "training split of the data options, rescaled to the encrypted images' size)",
+    )
+    p.add_argument(
+        "--public-images",
+        type=positive_int,
+        default=2000,
+        metavar="N",
+        help="public images used at 32 x 32, fewer for larger images (default 2000)",
+    )
+    p.add_argument(
+        "--prior",
+        metavar="DIR",
+        help="colour prior (default: the one shipped for RGB, trained on CIFAR-10 training images)",
+    )
+    p.add_argument(
+        "--no-jpeg-trace",
+        action="store_true",
+        help="decide the channel order and sign by the colour prior alone, ignoring the JPEG "
+        "quantization trace of JPEG-decoded images",
+    )
+    p.add_argument(
+        "--best-guess",
+        action="store_true",
+        help="write the most likely key even when it is not determined (never for images "
+        "whose flips are undetermined)",
+    )
     add_data_options(p)
     add_seed(p)
     add_quiet(p)

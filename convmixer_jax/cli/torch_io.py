@@ -1,7 +1,15 @@
 """PyTorch weights: import a timm or locuslab ConvMixer, export a model as timm safetensors."""
+
 from __future__ import annotations
 
-from convmixer_jax.cli.options import PRESET_NAMES, UsageError, add_force, add_out, positive_float, positive_int
+from convmixer_jax.cli.options import (
+    PRESET_NAMES,
+    UsageError,
+    add_force,
+    add_out,
+    positive_float,
+    positive_int,
+)
 
 TIMM_NAMES = [n for n in PRESET_NAMES if n != "paper"]
 _ARCH = ("dim", "depth", "kernel_size", "patch_size", "channels")
@@ -30,8 +38,10 @@ def _read_class_names(path: str, classes: int) -> list[str]:
         raise ValueError(f"cannot read the class names file {path}: {e}") from None
     names = [line.strip() for line in lines if line.strip()]
     if len(names) != classes:
-        raise ValueError(f"{path} names {len(names)} classes but the weights have {classes} outputs; "
-                         "give one class name per line, in the order of the outputs")
+        raise ValueError(
+            f"{path} names {len(names)} classes but the weights have {classes} outputs; "
+            "give one class name per line, in the order of the outputs"
+        )
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ValueError(f"{path} names the class {dup!r} twice; class names must be distinct")
@@ -45,24 +55,40 @@ def cmd_import_torch(args) -> int:
 
     from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import save_model
-    from convmixer_jax.files.torch_weights import (config_from_state_dict, read_state_dict,
-                                                   variables_from_state_dict)
+    from convmixer_jax.files.torch_weights import (
+        config_from_state_dict,
+        read_state_dict,
+        variables_from_state_dict,
+    )
     from convmixer_jax.model.convmixer import IMAGENET_MEAN, IMAGENET_STD, PRESETS
 
     if (args.mean is None) != (args.std is None):
-        raise UsageError("import-torch: give --mean and --std together (one value per channel each)")
-    check_output(args.out, args.force, kind="model_dir", inputs={"WEIGHTS": args.weights,
-                                                                 "--class-names": args.class_names})
+        raise UsageError(
+            "import-torch: give --mean and --std together (one value per channel each)"
+        )
+    check_output(
+        args.out,
+        args.force,
+        kind="model_dir",
+        inputs={"WEIGHTS": args.weights, "--class-names": args.class_names},
+    )
     sd = read_state_dict(args.weights)
     preset = PRESETS[args.timm_name] if args.timm_name else None
     # First the shapes alone (normalization and image size do not affect them) ...
-    config, layout = config_from_state_dict(sd, activation="gelu", image_size=None, layout=args.layout)
+    config, layout = config_from_state_dict(
+        sd, activation="gelu", image_size=None, layout=args.layout
+    )
     if preset is not None:
-        diff = [f"{n} {getattr(config, n)} (timm: {getattr(preset, n)})" for n in _ARCH
-                if getattr(config, n) != getattr(preset, n)]
+        diff = [
+            f"{n} {getattr(config, n)} (timm: {getattr(preset, n)})"
+            for n in _ARCH
+            if getattr(config, n) != getattr(preset, n)
+        ]
         if diff:
-            raise ValueError(f"the weights are not timm's {args.timm_name}: {', '.join(diff)}; "
-                             "drop --timm-name and give --activation, --mean/--std and --image-size")
+            raise ValueError(
+                f"the weights are not timm's {args.timm_name}: {', '.join(diff)}; "
+                "drop --timm-name and give --activation, --mean/--std and --image-size"
+            )
     # ... then the settings the weights do not hold: options, else --timm-name, else the layout's default.
     activation = args.activation or (preset.activation if preset else "gelu")
     if args.mean is not None:
@@ -76,27 +102,41 @@ def cmd_import_torch(args) -> int:
     image_size = args.image_size or (preset.image_size if preset else None)
     if image_size is None:
         if layout != "timm":
-            raise UsageError("import-torch: the locuslab layout does not say the image size it was trained "
-                             "at (32 for CIFAR, 224 for ImageNet); give --image-size")
+            raise UsageError(
+                "import-torch: the locuslab layout does not say the image size it was trained "
+                "at (32 for CIFAR, 224 for ImageNet); give --image-size"
+            )
         image_size = 224
     if image_size % config.patch_size:
-        raise UsageError(f"import-torch: --image-size {image_size} is not a multiple of the weights' patch "
-                         f"size {config.patch_size}")
+        raise UsageError(
+            f"import-torch: --image-size {image_size} is not a multiple of the weights' patch "
+            f"size {config.patch_size}"
+        )
     try:
-        config = dataclasses.replace(config, activation=activation, mean=mean, std=std, image_size=image_size)
+        config = dataclasses.replace(
+            config, activation=activation, mean=mean, std=std, image_size=image_size
+        )
     except ValueError as e:
-        raise ValueError(f"the options do not fit the weights ({config.channels} channels): {e}") from None
+        raise ValueError(
+            f"the options do not fit the weights ({config.channels} channels): {e}"
+        ) from None
     variables = variables_from_state_dict(sd, config, layout)
-    extra = {"created_by": "import-torch", "source": Path(args.weights).name, "source_layout": layout}
+    extra = {
+        "created_by": "import-torch",
+        "source": Path(args.weights).name,
+        "source_layout": layout,
+    }
     if args.timm_name:
         extra["timm_name"] = args.timm_name
     if args.class_names:
         extra["classes"] = _read_class_names(args.class_names, config.num_classes)
     save_model(args.out, config, variables, force=args.force, extra=extra)
-    print(f"plain model from {layout} weights (dim {config.dim}, depth {config.depth}, kernel "
-          f"{config.kernel_size}, patch {config.patch_size}, {config.num_classes} classes, {activation}, "
-          f"mean {_fmt(config.norm_mean)}, std {_fmt(config.norm_std)}, {image_size} x {image_size}) "
-          f"-> {args.out}")
+    print(
+        f"plain model from {layout} weights (dim {config.dim}, depth {config.depth}, kernel "
+        f"{config.kernel_size}, patch {config.patch_size}, {config.num_classes} classes, {activation}, "
+        f"mean {_fmt(config.norm_mean)}, std {_fmt(config.norm_std)}, {image_size} x {image_size}) "
+        f"-> {args.out}"
+    )
     return 0
 
 
@@ -115,20 +155,32 @@ def cmd_export_torch(args) -> int:
         raise UsageError(f"export-torch: --out {out} must end in .safetensors")
     config, variables, meta = load_model(args.model)
     sd = state_dict_from_variables(config, variables)
-    info = {"format": "pt", "convmixer_jax": "timm ConvMixer", "activation": config.activation,
-            "mean": ",".join(f"{v!r}" for v in config.norm_mean), "std": ",".join(f"{v!r}" for v in config.norm_std),
-            "image_size": str(config.image_size), "encrypted": str(is_encrypted(meta)).lower()}
+    info = {
+        "format": "pt",
+        "convmixer_jax": "timm ConvMixer",
+        "activation": config.activation,
+        "mean": ",".join(f"{v!r}" for v in config.norm_mean),
+        "std": ",".join(f"{v!r}" for v in config.norm_std),
+        "image_size": str(config.image_size),
+        "encrypted": str(is_encrypted(meta)).lower(),
+    }
     if is_encrypted(meta):
         info["key_fingerprint"] = meta["encryption"]["key_fingerprint"]
     write_bytes_atomic(out, safetensors_bytes(sd, metadata=info), force=args.force)
     act = "torch.nn.ReLU" if config.activation == "relu" else "torch.nn.GELU"
     print(f"timm ConvMixer weights -> {out}")
-    print(f"use: timm.models.convmixer.ConvMixer(dim={config.dim}, depth={config.depth}, "
-          f"kernel_size={config.kernel_size}, patch_size={config.patch_size}, in_chans={config.channels}, "
-          f"num_classes={config.num_classes}, act_layer={act}) on {config.image_size} x {config.image_size} "
-          f"inputs normalized with mean {_fmt(config.norm_mean)}, std {_fmt(config.norm_std)}"
-          + (f"; the weights are encrypted (key fingerprint {meta['encryption']['key_fingerprint']}): "
-             "feed images encrypted with that key" if is_encrypted(meta) else ""))
+    print(
+        f"use: timm.models.convmixer.ConvMixer(dim={config.dim}, depth={config.depth}, "
+        f"kernel_size={config.kernel_size}, patch_size={config.patch_size}, in_chans={config.channels}, "
+        f"num_classes={config.num_classes}, act_layer={act}) on {config.image_size} x {config.image_size} "
+        f"inputs normalized with mean {_fmt(config.norm_mean)}, std {_fmt(config.norm_std)}"
+        + (
+            f"; the weights are encrypted (key fingerprint {meta['encryption']['key_fingerprint']}): "
+            "feed images encrypted with that key"
+            if is_encrypted(meta)
+            else ""
+        )
+    )
     return 0
 
 
@@ -138,37 +190,61 @@ def _floats(n: str):
 
 def register(add) -> None:
     """Add this group's subcommands with ``add(name, func, help, description)``."""
-    p = add("import-torch", cmd_import_torch, "make a model directory from PyTorch ConvMixer weights",
-            "Read a timm (timm.models.convmixer.ConvMixer) or locuslab (the paper's nn.Sequential) ConvMixer "
-            "state dict, from .safetensors or a PyTorch file loaded weights-only, and write a plain model "
-            "directory. The architecture comes from the tensor shapes; what the weights do not hold is given: "
-            "--timm-name fills it for timm's ImageNet models (and checks the shapes are that model's); "
-            "otherwise the activation defaults to gelu, the normalization to ImageNet's mean/std for the timm "
-            "layout on RGB and 0.5/0.5 otherwise (the locuslab reference's), and the image size to 224 for "
-            "the timm layout (locuslab weights need --image-size). Needs the torch extra: "
-            "pip install 'convmixer-jax[torch]'.")
-    p.add_argument("weights", metavar="WEIGHTS", help="state dict: .safetensors, or .pth/.pt/.bin/.ckpt")
+    p = add(
+        "import-torch",
+        cmd_import_torch,
+        "make a model directory from PyTorch ConvMixer weights",
+        "Read a timm (timm.models.convmixer.ConvMixer) or locuslab (the paper's nn.Sequential) ConvMixer "
+        "state dict, from .safetensors or a PyTorch file loaded weights-only, and write a plain model "
+        "directory. The architecture comes from the tensor shapes; what the weights do not hold is given: "
+        "--timm-name fills it for timm's ImageNet models (and checks the shapes are that model's); "
+        "otherwise the activation defaults to gelu, the normalization to ImageNet's mean/std for the timm "
+        "layout on RGB and 0.5/0.5 otherwise (the locuslab reference's), and the image size to 224 for "
+        "the timm layout (locuslab weights need --image-size). Needs the torch extra: "
+        "pip install 'convmixer-jax[torch]'.",
+    )
+    p.add_argument(
+        "weights", metavar="WEIGHTS", help="state dict: .safetensors, or .pth/.pt/.bin/.ckpt"
+    )
     add_out(p, "MODEL_DIR", "model directory to write")
-    p.add_argument("--timm-name", choices=TIMM_NAMES,
-                   help="the timm model the weights are: sets activation, mean/std and image size")
-    p.add_argument("--layout", choices=["timm", "locuslab"], help="the state dict's names (default: detected)")
-    p.add_argument("--activation", choices=["gelu", "relu"],
-                   help="the activation the weights were trained with (default gelu, or --timm-name's)")
+    p.add_argument(
+        "--timm-name",
+        choices=TIMM_NAMES,
+        help="the timm model the weights are: sets activation, mean/std and image size",
+    )
+    p.add_argument(
+        "--layout", choices=["timm", "locuslab"], help="the state dict's names (default: detected)"
+    )
+    p.add_argument(
+        "--activation",
+        choices=["gelu", "relu"],
+        help="the activation the weights were trained with (default gelu, or --timm-name's)",
+    )
     p.add_argument("--mean", **_floats("mean"), help="input normalization mean, one per channel")
     p.add_argument("--std", **_floats("std"), help="input normalization std, one per channel")
-    p.add_argument("--image-size", type=positive_int, metavar="N",
-                   help="input height = width, a multiple of the patch size (default 224 for the timm layout)")
-    p.add_argument("--class-names", metavar="FILE.txt",
-                   help="class names, one per line in output order (recorded as the model's classes)")
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        metavar="N",
+        help="input height = width, a multiple of the patch size (default 224 for the timm layout)",
+    )
+    p.add_argument(
+        "--class-names",
+        metavar="FILE.txt",
+        help="class names, one per line in output order (recorded as the model's classes)",
+    )
     add_force(p)
 
-    p = add("export-torch", cmd_export_torch, "write a model's weights as a timm ConvMixer state dict",
-            "Write the model's weights as timm's ConvMixer state dict in .safetensors (load_state_dict("
-            "strict=True) accepts it). An encrypted model exports its encrypted weights, which is how a "
-            "provider deploys it: the PyTorch model then expects images encrypted with the key. The file "
-            "holds weights only: the command prints the activation and input normalization the PyTorch side "
-            "must use (also stored in the file's metadata). Needs the torch extra.")
+    p = add(
+        "export-torch",
+        cmd_export_torch,
+        "write a model's weights as a timm ConvMixer state dict",
+        "Write the model's weights as timm's ConvMixer state dict in .safetensors (load_state_dict("
+        "strict=True) accepts it). An encrypted model exports its encrypted weights, which is how a "
+        "provider deploys it: the PyTorch model then expects images encrypted with the key. The file "
+        "holds weights only: the command prints the activation and input normalization the PyTorch side "
+        "must use (also stored in the file's metadata). Needs the torch extra.",
+    )
     p.add_argument("model", metavar="MODEL_DIR", help="model directory (plain or encrypted)")
     add_out(p, "WEIGHTS.safetensors", "safetensors file to write")
     add_force(p)
-

@@ -11,6 +11,9 @@ images (N, H, W, C) uint8, labels (N,) int32. Its sources:
 - :mod:`.tfds_source`: a data set already prepared by tensorflow-datasets
   (``tfds_data_dir``; needs the ``tfds`` extra, downloads nothing).
 """
+
+from convmixer_jax.data.download import fetch_release
+from convmixer_jax.data.loader import load_split, stratified_holdout, subset
 from convmixer_jax.data.local import (
     BINARY_LAYOUTS,
     CIFAR10_CLASSES,
@@ -21,8 +24,18 @@ from convmixer_jax.data.local import (
     load_image_folder,
     load_local,
 )
-from convmixer_jax.data.download import fetch_release
-from convmixer_jax.data.loader import load_split, stratified_holdout, subset
 
-__all__ = ["BINARY_LAYOUTS", "CIFAR10_CLASSES", "DataError", "cache_dir", "fetch_release", "load_cifar10_binary",
-           "load_cifar100_binary", "load_image_folder", "load_local", "load_split", "stratified_holdout", "subset"]
+__all__ = [
+    "BINARY_LAYOUTS",
+    "CIFAR10_CLASSES",
+    "DataError",
+    "cache_dir",
+    "fetch_release",
+    "load_cifar10_binary",
+    "load_cifar100_binary",
+    "load_image_folder",
+    "load_local",
+    "load_split",
+    "stratified_holdout",
+    "subset",
+]

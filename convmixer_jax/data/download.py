@@ -21,6 +21,7 @@ The source is, in this order: the ``url`` / ``sha256`` arguments, the
 environment (``CONVMIXER_JAX_CIFAR10_URL`` / ``CONVMIXER_JAX_CIFAR10_SHA256``;
 ``..._CIFAR100_...``), the official release. A mirror needs its SHA-256.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -35,7 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from convmixer_jax.data.local import BINARY_LAYOUTS, BinaryLayout, DataError, cache_dir
-from convmixer_jax.files.atomic import remove_stale_temporaries, temporary_name, write_bytes_atomic, write_text_atomic
+from convmixer_jax.files.atomic import (
+    remove_stale_temporaries,
+    temporary_name,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 
 MARKER = ".convmixer-jax-extracted"
 _TIMEOUT_S = 60  # per connection attempt and between received chunks
@@ -66,12 +72,20 @@ class Release:
 
 
 RELEASES = {
-    "cifar10": Release(BINARY_LAYOUTS["cifar10"], "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
-                       "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd", 170052171,
-                       "CONVMIXER_JAX_CIFAR10"),
-    "cifar100": Release(BINARY_LAYOUTS["cifar100"], "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
-                        "58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec", 168513733,
-                        "CONVMIXER_JAX_CIFAR100"),
+    "cifar10": Release(
+        BINARY_LAYOUTS["cifar10"],
+        "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+        "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+        170052171,
+        "CONVMIXER_JAX_CIFAR10",
+    ),
+    "cifar100": Release(
+        BINARY_LAYOUTS["cifar100"],
+        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+        "58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec",
+        168513733,
+        "CONVMIXER_JAX_CIFAR100",
+    ),
 }
 
 
@@ -87,7 +101,9 @@ def _release(dataset: str) -> Release:
         raise DataError(f"unknown dataset {dataset!r}; use one of {', '.join(RELEASES)}") from None
 
 
-def resolve_source(dataset: str, url: str | None = None, sha256: str | None = None) -> tuple[str, str]:
+def resolve_source(
+    dataset: str, url: str | None = None, sha256: str | None = None
+) -> tuple[str, str]:
     """(url, lowercase hex SHA-256) to download ``dataset`` from: arguments, then environment, then official.
 
     A URL other than the official one needs a SHA-256 (argument or environment).
@@ -97,13 +113,17 @@ def resolve_source(dataset: str, url: str | None = None, sha256: str | None = No
     sha256 = sha256 or os.environ.get(f"{release.env}_SHA256")
     if sha256 is None:
         if url != release.url:
-            raise DataError(f"the {release.layout.name} mirror {url} needs the SHA-256 of its archive: pass "
-                            f"--download-sha256 (or set {release.env}_SHA256)")
+            raise DataError(
+                f"the {release.layout.name} mirror {url} needs the SHA-256 of its archive: pass "
+                f"--download-sha256 (or set {release.env}_SHA256)"
+            )
         sha256 = release.sha256
     digest = sha256.strip().lower().removeprefix("sha256:")
     if not re.fullmatch(r"[0-9a-f]{64}", digest):
-        raise DataError(f"the SHA-256 {sha256!r} for {release.layout.name} is not 64 hexadecimal digits "
-                        "(--download-sha256)")
+        raise DataError(
+            f"the SHA-256 {sha256!r} for {release.layout.name} is not 64 hexadecimal digits "
+            "(--download-sha256)"
+        )
     return url, digest
 
 
@@ -116,8 +136,9 @@ def _is_complete(folder: Path, release: Release, sha256: str) -> bool:
     return all((folder.parent / m).is_file() for m in release.required)
 
 
-def fetch_release(dataset: str, *, url: str | None = None, sha256: str | None = None,
-                  progress: bool = True) -> Path:
+def fetch_release(
+    dataset: str, *, url: str | None = None, sha256: str | None = None, progress: bool = True
+) -> Path:
     """Download (once), verify and extract the binary release of ``dataset`` ("cifar10", "cifar100").
 
     Returns the folder holding its batch files, ``cache_dir()/releases/<release folder>``.
@@ -176,22 +197,35 @@ def _download(release: Release, url: str, sha256: str, root: Path, progress: boo
         try:
             downloader = pooch.downloaders.choose_downloader(url, progressbar=bar)
         except ValueError:
-            raise DataError(f"cannot download {release.layout.name} from {url!r}: not an http(s) or ftp URL")
+            raise DataError(
+                f"cannot download {release.layout.name} from {url!r}: not an http(s) or ftp URL"
+            )
     name = release.layout.name
     try:
-        path = pooch.retrieve(url, known_hash=f"sha256:{sha256}", fname=release.archive, path=root,
-                              downloader=downloader)
+        path = pooch.retrieve(
+            url,
+            known_hash=f"sha256:{sha256}",
+            fname=release.archive,
+            path=root,
+            downloader=downloader,
+        )
     except ValueError as e:  # pooch: hash mismatch (it deleted the download)
         archive.unlink(missing_ok=True)  # an older archive pooch could not replace
         got = re.search(r"but got ([0-9a-fA-F]+)", str(e))
-        raise DataError(f"the {name} archive downloaded from {url} has SHA-256 "
-                        f"{got.group(1) if got else 'of other bytes'}, expected {sha256}: a corrupt or "
-                        "truncated download or a mirror of other bytes; it was deleted (try again, or pass the "
-                        "mirror's --download-sha256)") from None
-    except requests.RequestException as e:  # (an OSError too; a local file error is not caught here)
+        raise DataError(
+            f"the {name} archive downloaded from {url} has SHA-256 "
+            f"{got.group(1) if got else 'of other bytes'}, expected {sha256}: a corrupt or "
+            "truncated download or a mirror of other bytes; it was deleted (try again, or pass the "
+            "mirror's --download-sha256)"
+        ) from None
+    except (
+        requests.RequestException
+    ) as e:  # (an OSError too; a local file error is not caught here)
         archive.unlink(missing_ok=True)  # anything there failed the hash; pooch tried to replace it
-        raise DataError(f"cannot download {name} from {url} ({_reason(e)}); on an offline machine pass "
-                        "--data-dir with a local copy") from None
+        raise DataError(
+            f"cannot download {name} from {url} ({_reason(e)}); on an offline machine pass "
+            "--data-dir with a local copy"
+        ) from None
     return Path(path)
 
 
@@ -226,26 +260,34 @@ def _extract(archive: Path, release: Release, url: str, sha256: str, folder: Pat
                 for m in tar:
                     problem = _member_problem(m, release)
                     if problem:
-                        raise DataError(f"the {name} archive from {url} holds {m.name!r}, {problem}; nothing was "
-                                        f"extracted and the archive was deleted (expected only "
-                                        f"{release.layout.folder}/{{{','.join(release.layout.files)}}})")
+                        raise DataError(
+                            f"the {name} archive from {url} holds {m.name!r}, {problem}; nothing was "
+                            f"extracted and the archive was deleted (expected only "
+                            f"{release.layout.folder}/{{{','.join(release.layout.files)}}})"
+                        )
                     if m.isdir():
                         continue
                     member = m.name.removeprefix("./")
                     if member in seen:
-                        raise DataError(f"the {name} archive from {url} holds {m.name!r} twice; nothing was "
-                                        "extracted and the archive was deleted")
+                        raise DataError(
+                            f"the {name} archive from {url} holds {m.name!r} twice; nothing was "
+                            "extracted and the archive was deleted"
+                        )
                     seen.add(member)
                     data = tar.extractfile(m).read()
                     write_bytes_atomic(tmp / PurePosixPath(member).name, data)
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise DataError(f"the {name} archive from {url} cannot be read as a tar.gz "
-                            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); it was deleted: "
-                            "download again or check the mirror") from None
+            raise DataError(
+                f"the {name} archive from {url} cannot be read as a tar.gz "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); it was deleted: "
+                "download again or check the mirror"
+            ) from None
         missing = sorted(release.required - seen)
         if missing:
-            raise DataError(f"the {name} archive from {url} lacks {', '.join(missing)}; it was deleted: "
-                            "check the mirror")
+            raise DataError(
+                f"the {name} archive from {url} lacks {', '.join(missing)}; it was deleted: "
+                "check the mirror"
+            )
         write_text_atomic(tmp / MARKER, sha256 + "\n")
         _swap_in(tmp, folder, release, sha256)
     finally:

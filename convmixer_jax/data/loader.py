@@ -1,16 +1,25 @@
 """One entry point over every data source: a local copy, tensorflow-datasets, or the downloaded release."""
+
 from __future__ import annotations
 
 import numpy as np
 
-from convmixer_jax.files.resize import DEFAULT_CROP_PCT, eval_resize_batch
 from convmixer_jax.data.local import BINARY_LAYOUTS, DataError, load_cifar_binary, load_local
+from convmixer_jax.files.resize import DEFAULT_CROP_PCT, eval_resize_batch
 
 
-def load_split(split: str, *, data_dir: str | None = None, dataset: str = "cifar10",
-               download_url: str | None = None, download_sha256: str | None = None,
-               tfds_data_dir: str | None = None, progress: bool = True, resize: int | None = None,
-               crop_pct: float = DEFAULT_CROP_PCT) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_split(
+    split: str,
+    *,
+    data_dir: str | None = None,
+    dataset: str = "cifar10",
+    download_url: str | None = None,
+    download_sha256: str | None = None,
+    tfds_data_dir: str | None = None,
+    progress: bool = True,
+    resize: int | None = None,
+    crop_pct: float = DEFAULT_CROP_PCT,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Load a split ("train" or "test") as (images (N,H,W,C) uint8, labels (N,) int32, class names).
 
     The source, first match wins:
@@ -31,7 +40,9 @@ def load_split(split: str, *, data_dir: str | None = None, dataset: str = "cifar
     """
     if data_dir is not None:
         return load_local(data_dir, split, progress=progress, resize=resize, crop_pct=crop_pct)
-    images, labels, classes = _load_source(split, dataset, download_url, download_sha256, tfds_data_dir, progress)
+    images, labels, classes = _load_source(
+        split, dataset, download_url, download_sha256, tfds_data_dir, progress
+    )
     if resize is not None:
         images = eval_resize_batch(images, resize, crop_pct)
     return images, labels, classes
@@ -70,15 +81,18 @@ def stratified_holdout(labels: np.ndarray, n: int, seed: int) -> tuple[np.ndarra
     """
     labels = np.asarray(labels)
     if not 0 < n < len(labels):
-        raise ValueError(f"a hold-out of {n} needs more than {n} training images, got {len(labels)}")
+        raise ValueError(
+            f"a hold-out of {n} needs more than {n} training images, got {len(labels)}"
+        )
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * n / len(labels)
     take = np.floor(exact).astype(int)
     order = np.lexsort((classes, -(exact - take)))
     take[order[: n - take.sum()]] += 1
     rng = np.random.default_rng(seed)
-    held = np.concatenate([rng.choice(np.flatnonzero(labels == c), k, replace=False)
-                           for c, k in zip(classes, take)])
+    held = np.concatenate(
+        [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]
+    )
     mask = np.zeros(len(labels), bool)
     mask[held] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)

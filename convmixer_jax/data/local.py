@@ -20,6 +20,7 @@ SHA-256 of the source files' names and bytes, so a changed file gives a new
 cache entry and the second load of the same data takes well under a second;
 the binaries are read directly (they are fast to read).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,18 @@ import numpy as np
 from convmixer_jax.files.atomic import save_npz_atomic
 from convmixer_jax.files.resize import DEFAULT_CROP_PCT, eval_resize, eval_resize_batch
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _SPLITS = ("train", "test")
 
@@ -69,8 +80,10 @@ def _split_dir(root: Path, split: str) -> Path:
         raise DataError(f"unknown split {split!r}; use one of {_SPLITS}")
     d = root / split
     if not d.is_dir():
-        raise DataError(f"{root} has no '{split}' folder; expected {root}/{split}/<class>/*.jpg "
-                        "or CIFAR-10/CIFAR-100 binary batches")
+        raise DataError(
+            f"{root} has no '{split}' folder; expected {root}/{split}/<class>/*.jpg "
+            "or CIFAR-10/CIFAR-100 binary batches"
+        )
     return d
 
 
@@ -89,9 +102,14 @@ def _list_image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[Pa
     return classes, files
 
 
-def load_image_folder(root: str | os.PathLike, split: str, *, progress: bool = False,
-                      resize: int | None = None, crop_pct: float = DEFAULT_CROP_PCT
-                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_image_folder(
+    root: str | os.PathLike,
+    split: str,
+    *,
+    progress: bool = False,
+    resize: int | None = None,
+    crop_pct: float = DEFAULT_CROP_PCT,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read ``root/split/<class>/*`` images.
 
     Returns images (N, H, W, 3) uint8 (RGB), labels (N,) int32 in file order
@@ -122,8 +140,14 @@ def load_image_folder(root: str | os.PathLike, split: str, *, progress: bool = F
         if progress:  # the first decode of 60,000 JPEGs takes a while; later loads hit the cache
             from tqdm.auto import tqdm
 
-            pairs = tqdm(pairs, total=len(files), desc=f"decode {split} images", unit="img", leave=False,
-                         disable=None)  # on a terminal only: logs and error output stay clean
+            pairs = tqdm(
+                pairs,
+                total=len(files),
+                desc=f"decode {split} images",
+                unit="img",
+                leave=False,
+                disable=None,
+            )  # on a terminal only: logs and error output stay clean
         for (f, _), data in pairs:
             try:
                 with Image.open(BytesIO(data)) as im:
@@ -133,8 +157,10 @@ def load_image_folder(root: str | os.PathLike, split: str, *, progress: bool = F
                 raise DataError(f"cannot decode image {f}: {e}") from e
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
-            raise DataError(f"images under {root / split} differ in size: {sorted(shapes)[:3]}; "
-                            "evaluate --resize maps them onto the model's input size")
+            raise DataError(
+                f"images under {root / split} differ in size: {sorted(shapes)[:3]}; "
+                "evaluate --resize maps them onto the model's input size"
+            )
         return np.stack(arrays), np.asarray([lab for _, lab in files], np.int32)
 
     images, labels = _cached(h.hexdigest(), build)
@@ -175,20 +201,34 @@ class BinaryLayout:
 
 _PIXELS = 32 * 32 * 3
 CIFAR10_BINARY = BinaryLayout(
-    "CIFAR-10", "cifar-10-batches-bin",
+    "CIFAR-10",
+    "cifar-10-batches-bin",
     {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)},
-    label_bytes=1, label_index=0, num_classes=10, names_file="batches.meta.txt",
-    other_files=("readme.html",), default_names=CIFAR10_CLASSES)
+    label_bytes=1,
+    label_index=0,
+    num_classes=10,
+    names_file="batches.meta.txt",
+    other_files=("readme.html",),
+    default_names=CIFAR10_CLASSES,
+)
 CIFAR100_BINARY = BinaryLayout(
-    "CIFAR-100", "cifar-100-binary", {"train": ("train.bin",), "test": ("test.bin",)},
-    label_bytes=2, label_index=1, num_classes=100, names_file="fine_label_names.txt",
-    other_files=("coarse_label_names.txt",))
+    "CIFAR-100",
+    "cifar-100-binary",
+    {"train": ("train.bin",), "test": ("test.bin",)},
+    label_bytes=2,
+    label_index=1,
+    num_classes=100,
+    names_file="fine_label_names.txt",
+    other_files=("coarse_label_names.txt",),
+)
 #: The binary releases by data set name (cifar100: the fine labels; the coarse byte is checked, not used).
 BINARY_LAYOUTS = {"cifar10": CIFAR10_BINARY, "cifar100": CIFAR100_BINARY}
 _COARSE_CLASSES = 20
 
 
-def _find_cifar_binaries(root: Path, layouts=tuple(BINARY_LAYOUTS.values())) -> tuple[BinaryLayout, Path] | None:
+def _find_cifar_binaries(
+    root: Path, layouts=tuple(BINARY_LAYOUTS.values())
+) -> tuple[BinaryLayout, Path] | None:
     """The first layout with a batch file in ``root`` or ``root/<release folder>``."""
     for layout in layouts:
         for d in (root, root / layout.folder):
@@ -207,8 +247,9 @@ def _class_names(d: Path, layout: BinaryLayout) -> list[str]:
     return names
 
 
-def load_cifar_binary(root: str | os.PathLike, split: str, layout: BinaryLayout
-                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_cifar_binary(
+    root: str | os.PathLike, split: str, layout: BinaryLayout
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read the batches of a CIFAR binary release (no pickle) in ``root`` or ``root/<release folder>``.
 
     Returns images (N, 32, 32, 3) uint8 (CHW records turned HWC), labels (N,)
@@ -220,29 +261,41 @@ def load_cifar_binary(root: str | os.PathLike, split: str, layout: BinaryLayout
         raise DataError(f"unknown split {split!r}; use one of {_SPLITS}")
     found = _find_cifar_binaries(root, (layout,))
     if found is None:
-        raise DataError(f"no {layout.name} binary batches ({', '.join(layout.batch_files)}) under {root}")
+        raise DataError(
+            f"no {layout.name} binary batches ({', '.join(layout.batch_files)}) under {root}"
+        )
     d = found[1]
     raw = []
     for name in layout.batches[split]:
         p = d / name
         if not p.exists():
-            raise DataError(f"missing {p}; the {layout.name} binary release has {', '.join(layout.batches[split])}")
+            raise DataError(
+                f"missing {p}; the {layout.name} binary release has {', '.join(layout.batches[split])}"
+            )
         data = p.read_bytes()
         if len(data) % layout.record:
-            raise DataError(f"{p} is not a {layout.name} binary batch: size {len(data)} is not a multiple "
-                            f"of {layout.record}")
+            raise DataError(
+                f"{p} is not a {layout.name} binary batch: size {len(data)} is not a multiple "
+                f"of {layout.record}"
+            )
         raw.append(np.frombuffer(data, np.uint8).reshape(-1, layout.record))
     records = np.concatenate(raw)
     labels = records[:, layout.label_index].astype(np.int32)
     if labels.max(initial=0) >= layout.num_classes:
-        raise DataError(f"labels above {layout.num_classes - 1} in {d}: not {layout.name} binary batches")
+        raise DataError(
+            f"labels above {layout.num_classes - 1} in {d}: not {layout.name} binary batches"
+        )
     if layout.label_bytes == 2 and records[:, 0].max(initial=0) >= _COARSE_CLASSES:
-        raise DataError(f"coarse labels above {_COARSE_CLASSES - 1} in {d}: not {layout.name} binary batches")
-    images = records[:, layout.label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+        raise DataError(
+            f"coarse labels above {_COARSE_CLASSES - 1} in {d}: not {layout.name} binary batches"
+        )
+    images = records[:, layout.label_bytes :].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
     return images, labels, _class_names(d, layout)
 
 
-def load_cifar10_binary(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_cifar10_binary(
+    root: str | os.PathLike, split: str
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read the official CIFAR-10 binary batches (records: 1 label byte + 3072 pixel bytes).
 
     Returns images (N, 32, 32, 3) uint8, labels (N,) int32 in [0, 10), class names.
@@ -250,7 +303,9 @@ def load_cifar10_binary(root: str | os.PathLike, split: str) -> tuple[np.ndarray
     return load_cifar_binary(root, split, CIFAR10_BINARY)
 
 
-def load_cifar100_binary(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_cifar100_binary(
+    root: str | os.PathLike, split: str
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read the official CIFAR-100 binary batches ``train.bin`` / ``test.bin``
     (records: 1 coarse + 1 fine label byte + 3072 pixel bytes).
 
@@ -260,8 +315,14 @@ def load_cifar100_binary(root: str | os.PathLike, split: str) -> tuple[np.ndarra
     return load_cifar_binary(root, split, CIFAR100_BINARY)
 
 
-def load_local(root: str | os.PathLike, split: str, *, progress: bool = False, resize: int | None = None,
-               crop_pct: float = DEFAULT_CROP_PCT) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_local(
+    root: str | os.PathLike,
+    split: str,
+    *,
+    progress: bool = False,
+    resize: int | None = None,
+    crop_pct: float = DEFAULT_CROP_PCT,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Load ``split`` from a local directory in any supported layout (CIFAR-10 / CIFAR-100
     binaries in ``root`` or its release subfolder, else a class-subfolder image tree);
     ``progress`` shows a bar while images are decoded; ``resize`` maps every image

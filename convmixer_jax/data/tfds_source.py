@@ -9,6 +9,7 @@ TensorFlow and internet). Without a tfds folder the CIFAR binary release is
 downloaded instead (:mod:`.download`), or ``--data-dir`` reads a local copy.
 The label is the data set's ``label`` feature (CIFAR-100: the fine label).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,18 +17,24 @@ import numpy as np
 from convmixer_jax.data.local import DataError
 
 
-def load_tfds(name: str, split: str, *, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_tfds(
+    name: str, split: str, *, data_dir: str | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Returns images (N, H, W, C) uint8, labels (N,) int32, class names."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise DataError("tensorflow-datasets is not installed: `pip install 'convmixer-jax[tfds]'`, "
-                        "or pass --data-dir with a local copy of the data") from e
+        raise DataError(
+            "tensorflow-datasets is not installed: `pip install 'convmixer-jax[tfds]'`, "
+            "or pass --data-dir with a local copy of the data"
+        ) from e
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises several types for a missing data set
-        raise DataError(f"tensorflow-datasets could not open {name}/{split} ({type(e).__name__}: {e}); "
-                        "prepare it first or pass --data-dir with a local copy") from e
+        raise DataError(
+            f"tensorflow-datasets could not open {name}/{split} ({type(e).__name__}: {e}); "
+            "prepare it first or pass --data-dir with a local copy"
+        ) from e
     n = len(source)
     if n == 0:
         raise DataError(f"tfds {name}/{split} is empty")

@@ -15,6 +15,7 @@ and writes ``results.json``, ``table1.md``, ``fig4.png`` and ``fig5.png`` into
 the output directory. The secret key itself is never written: only its
 fingerprint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,12 +27,18 @@ from pathlib import Path
 import numpy as np
 
 from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies
-from convmixer_jax.scheme.images import encrypt_images
 from convmixer_jax.files.atomic import save_figure_atomic, write_text_atomic
 from convmixer_jax.files.provenance import device_description
 from convmixer_jax.model.inference import predict_logits
 from convmixer_jax.parallel.runtime import from_process_zero
-from convmixer_jax.scheme.keys import fingerprint, generate_key, key_space_log2, key_space_text, make_key
+from convmixer_jax.scheme.images import encrypt_images
+from convmixer_jax.scheme.keys import (
+    fingerprint,
+    generate_key,
+    key_space_log2,
+    key_space_text,
+    make_key,
+)
 from convmixer_jax.scheme.params import encrypt_params
 
 # Iijima & Kiya (2022), Table 1 and Fig. 5 (CIFAR-10, official data, 200 epochs).
@@ -43,8 +50,9 @@ PAPER = {
 }
 
 
-def evaluate_encryption(config, variables, key, images, labels, *, batch_size: int = 500,
-                        progress: bool = False) -> dict:
+def evaluate_encryption(
+    config, variables, key, images, labels, *, batch_size: int = 500, progress: bool = False
+) -> dict:
     """Table 1's three accuracies and the identical-prediction count.
 
     images: (N, H, W, C) uint8; labels: (N,). Returns (accuracies dict, encrypted variables).
@@ -53,19 +61,36 @@ def evaluate_encryption(config, variables, key, images, labels, *, batch_size: i
     enc_images = np.asarray(encrypt_images(images, key))
     labels = np.asarray(labels)
     pred = {}
-    for name, v, x in (("baseline_plain", variables, images),
-                       ("encrypted_plain", enc_vars, images),
-                       ("encrypted_encrypted", enc_vars, enc_images)):
-        pred[name] = np.argmax(predict_logits(config, v, x, batch_size=batch_size, progress=progress), 1)
+    for name, v, x in (
+        ("baseline_plain", variables, images),
+        ("encrypted_plain", enc_vars, images),
+        ("encrypted_encrypted", enc_vars, enc_images),
+    ):
+        pred[name] = np.argmax(
+            predict_logits(config, v, x, batch_size=batch_size, progress=progress), 1
+        )
     out = {name: float(np.mean(p == labels)) for name, p in pred.items()}
-    out["identical_predictions"] = int(np.sum(pred["baseline_plain"] == pred["encrypted_encrypted"]))
-    out.update(evaluate_tta(config, variables, enc_vars, key, images, labels, batch_size=batch_size,
-                            progress=progress))
+    out["identical_predictions"] = int(
+        np.sum(pred["baseline_plain"] == pred["encrypted_encrypted"])
+    )
+    out.update(
+        evaluate_tta(
+            config,
+            variables,
+            enc_vars,
+            key,
+            images,
+            labels,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    )
     return out, enc_vars
 
 
-def mirror_tta_logits(config, variables, images, *, encrypt_with=None, batch_size: int = 500,
-                      progress: bool = False) -> np.ndarray:
+def mirror_tta_logits(
+    config, variables, images, *, encrypt_with=None, batch_size: int = 500, progress: bool = False
+) -> np.ndarray:
     """Mean logits over each image and its horizontal mirror: (N, H, W, C) -> (N, classes).
 
     The mirror is taken of the plain image; with ``encrypt_with`` (a key) both views
@@ -75,25 +100,45 @@ def mirror_tta_logits(config, variables, images, *, encrypt_with=None, batch_siz
     views = [np.asarray(images), np.asarray(images)[:, :, ::-1, :]]
     if encrypt_with is not None:
         views = [np.asarray(encrypt_images(v, encrypt_with)) for v in views]
-    return sum(predict_logits(config, variables, v, batch_size=batch_size, progress=progress)
-               for v in views) / len(views)
+    return sum(
+        predict_logits(config, variables, v, batch_size=batch_size, progress=progress)
+        for v in views
+    ) / len(views)
 
 
-def evaluate_tta(config, variables, enc_vars, key, images, labels, *, batch_size: int = 500,
-                 progress: bool = False) -> dict:
+def evaluate_tta(
+    config,
+    variables,
+    enc_vars,
+    key,
+    images,
+    labels,
+    *,
+    batch_size: int = 500,
+    progress: bool = False,
+) -> dict:
     """Mirror test-time augmentation through the scheme: the plain model on plain views and the
     encrypted model on encrypted views (accuracies and the identical-prediction count)."""
     labels = np.asarray(labels)
-    plain = np.argmax(mirror_tta_logits(config, variables, images, batch_size=batch_size, progress=progress), 1)
-    enc = np.argmax(mirror_tta_logits(config, enc_vars, images, encrypt_with=key, batch_size=batch_size,
-                                      progress=progress), 1)
-    return {"baseline_plain_tta": float(np.mean(plain == labels)),
-            "encrypted_encrypted_tta": float(np.mean(enc == labels)),
-            "identical_predictions_tta": int(np.sum(plain == enc))}
+    plain = np.argmax(
+        mirror_tta_logits(config, variables, images, batch_size=batch_size, progress=progress), 1
+    )
+    enc = np.argmax(
+        mirror_tta_logits(
+            config, enc_vars, images, encrypt_with=key, batch_size=batch_size, progress=progress
+        ),
+        1,
+    )
+    return {
+        "baseline_plain_tta": float(np.mean(plain == labels)),
+        "encrypted_encrypted_tta": float(np.mean(enc == labels)),
+        "identical_predictions_tta": int(np.sum(plain == enc)),
+    }
 
 
 def table1_markdown(results: dict) -> str:
     """Table 1 in the paper's form with the paper's numbers beside ours."""
+
     def pct(v):
         return f"{100 * v:.2f} %"
 
@@ -134,8 +179,11 @@ def table1_markdown(results: dict) -> str:
             f"{PAPER['wrong_keys_range'][0]:.2f} to {PAPER['wrong_keys_range'][1]:.2f}).",
             "",
         ]
-    lines += [f"Key space: pb! * C(pb, pb/2) = 2^{results['key_space_log2']:.2f} "
-              f"(pb = {results['block_len']}).", ""]
+    lines += [
+        f"Key space: pb! * C(pb, pb/2) = 2^{results['key_space_log2']:.2f} "
+        f"(pb = {results['block_len']}).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -150,7 +198,10 @@ def plot_fig4(images: np.ndarray, enc_images: np.ndarray, path: Path, block_size
     fig, axes = plt.subplots(2, k, figsize=(1.6 * k, 3.6))
     axes = np.asarray(axes).reshape(2, k)
     for i in range(k):
-        for row, arr, title in ((0, images, "original"), (1, enc_images, f"encrypted (M={block_size})")):
+        for row, arr, title in (
+            (0, images, "original"),
+            (1, enc_images, f"encrypted (M={block_size})"),
+        ):
             ax = axes[row, i]
             ax.imshow(arr[i], interpolation="nearest")
             ax.set_xticks([])
@@ -173,10 +224,20 @@ def plot_fig5(wrong_keys, results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     ax.boxplot([np.asarray(wrong_keys)], widths=0.5)
     ax.set_xticks([1], [f"{len(wrong_keys)} wrong keys"])
-    ax.axhline(results["encrypted_encrypted"], color="tab:green", ls="--", lw=1,
-               label=f"right key ({results['encrypted_encrypted']:.3f})")
-    ax.axhline(results["encrypted_plain"], color="tab:red", ls=":", lw=1,
-               label=f"plain images ({results['encrypted_plain']:.3f})")
+    ax.axhline(
+        results["encrypted_encrypted"],
+        color="tab:green",
+        ls="--",
+        lw=1,
+        label=f"right key ({results['encrypted_encrypted']:.3f})",
+    )
+    ax.axhline(
+        results["encrypted_plain"],
+        color="tab:red",
+        ls=":",
+        lw=1,
+        label=f"plain images ({results['encrypted_plain']:.3f})",
+    )
     lo, hi = PAPER["wrong_keys_range"]
     ax.axhspan(lo, hi, color="0.85", zorder=0, label=f"paper, Fig. 5 ({lo:.2f}-{hi:.2f})")
     ax.set_ylim(0, 1)
@@ -188,10 +249,20 @@ def plot_fig5(wrong_keys, results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_experiment(config, variables, test_data, out_dir, *, num_keys: int = 100,
-                   attack_seed: int | None = None, key_seed: int | None = None,
-                   strategy: str = "weights", provenance: dict | None = None,
-                   progress: bool = True, log=print) -> dict:
+def run_experiment(
+    config,
+    variables,
+    test_data,
+    out_dir,
+    *,
+    num_keys: int = 100,
+    attack_seed: int | None = None,
+    key_seed: int | None = None,
+    strategy: str = "weights",
+    provenance: dict | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Encrypt ``variables`` with a fresh key, measure everything, write the outputs.
 
     test_data: (images (N, H, W, C) uint8, labels (N,)). ``out_dir`` must exist; None
@@ -206,16 +277,19 @@ def run_experiment(config, variables, test_data, out_dir, *, num_keys: int = 100
     key = make_key(perm, flip, m, c)
     if attack_seed is None:
         attack_seed = int(from_process_zero(np.int64(secrets.randbits(31))))
-    log(f"secret key drawn ({'seed ' + str(key_seed) if key_seed is not None else 'OS CSPRNG'}); "
-        f"fingerprint {fingerprint(key)}")
+    log(
+        f"secret key drawn ({'seed ' + str(key_seed) if key_seed is not None else 'OS CSPRNG'}); "
+        f"fingerprint {fingerprint(key)}"
+    )
     t0 = time.perf_counter()
     acc, enc_vars = evaluate_encryption(config, variables, key, images, labels, progress=progress)
     log(json.dumps(acc))
     wrong = []
     if num_keys > 0:
         keys = draw_attack_keys(attack_seed, num_keys, m, c)
-        wrong = wrong_key_accuracies(config, enc_vars, images, labels, keys, strategy=strategy,
-                                     progress=progress).tolist()
+        wrong = wrong_key_accuracies(
+            config, enc_vars, images, labels, keys, strategy=strategy, progress=progress
+        ).tolist()
     results = {
         "test_images": int(len(images)),
         **acc,
@@ -245,8 +319,12 @@ def run_experiment(config, variables, test_data, out_dir, *, num_keys: int = 100
     # one example from each of the first six classes present (the test set is often class-sorted)
     _, first = np.unique(np.asarray(labels), return_index=True)
     idx = np.sort(first)[:6] if len(first) >= 2 else np.arange(min(6, len(images)))
-    plot_fig4(np.asarray(images)[idx], np.asarray(encrypt_images(np.asarray(images)[idx], key)),
-              out_dir / "fig4.png", m)
+    plot_fig4(
+        np.asarray(images)[idx],
+        np.asarray(encrypt_images(np.asarray(images)[idx], key)),
+        out_dir / "fig4.png",
+        m,
+    )
     if wrong:
         plot_fig5(wrong, results, out_dir / "fig5.png")
     return results
@@ -254,15 +332,38 @@ def run_experiment(config, variables, test_data, out_dir, *, num_keys: int = 100
 
 def checkpoint_provenance(model_dir, meta: dict) -> dict:
     """What ``results.json`` records about a trained model loaded from ``model_dir`` (its config.json ``meta``)."""
-    return {"checkpoint": str(model_dir), "epochs": meta.get("epochs"), "train_seconds": meta.get("train_seconds"),
-            "train_config": meta.get("train_config"), "data": meta.get("data"),
-            **{k: meta[k] for k in ("stage_epochs", "init_from", "averaged", "recalibration") if k in meta}}
+    return {
+        "checkpoint": str(model_dir),
+        "epochs": meta.get("epochs"),
+        "train_seconds": meta.get("train_seconds"),
+        "train_config": meta.get("train_config"),
+        "data": meta.get("data"),
+        **{
+            k: meta[k]
+            for k in ("stage_epochs", "init_from", "averaged", "recalibration")
+            if k in meta
+        },
+    }
 
 
-def reproduce(out, test_data, *, checkpoint=None, train_data=None, recipe=None, workdir=None,
-              resume: bool = False, num_keys: int = 100, attack_seed: int | None = None,
-              key_seed: int | None = None, strategy: str = "weights", data_label: str | None = None,
-              classes=None, progress: bool = True, log=print) -> dict:
+def reproduce(
+    out,
+    test_data,
+    *,
+    checkpoint=None,
+    train_data=None,
+    recipe=None,
+    workdir=None,
+    resume: bool = False,
+    num_keys: int = 100,
+    attack_seed: int | None = None,
+    key_seed: int | None = None,
+    strategy: str = "weights",
+    data_label: str | None = None,
+    classes=None,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """The whole experiment into the directory ``out`` (replaced as a whole, only once complete).
 
     Either ``checkpoint`` (a plain model directory) or ``train_data`` and ``recipe``
@@ -289,37 +390,77 @@ def reproduce(out, test_data, *, checkpoint=None, train_data=None, recipe=None, 
     if checkpoint is not None:
         config, variables, meta = load_model(checkpoint)
         if is_encrypted(meta):
-            raise ModelDirError(f"{checkpoint} is an encrypted model; reproduce needs the plain "
-                                "model (decrypt-model it first)")
+            raise ModelDirError(
+                f"{checkpoint} is an encrypted model; reproduce needs the plain "
+                "model (decrypt-model it first)"
+            )
         check_model_images(config, test_x)
         provenance, trained = checkpoint_provenance(checkpoint, meta), False
     else:
         if train_data is None or recipe is None:
-            raise ValueError("reproduce needs a checkpoint, or train_data and a recipe to train one")
+            raise ValueError(
+                "reproduce needs a checkpoint, or train_data and a recipe to train one"
+            )
         # the paper's architecture with one output per class of these data
-        num_classes = len(classes) if classes is not None else int(max(train_data[1].max(), test_y.max())) + 1
+        num_classes = (
+            len(classes) if classes is not None else int(max(train_data[1].max(), test_y.max())) + 1
+        )
         config = dataclasses.replace(PRESETS["paper"], num_classes=num_classes)
         check_model_images(config, train_data[0])
         check_model_images(config, test_x)  # before training, not after it
         workdir = Path(workdir) if workdir else out.with_name(out.name + "-work")
         per_epoch_test = None if recipe.holdout else test_data
-        variables, history = train(config, recipe, train_data, per_epoch_test, workdir, resume=resume,
-                                   progress=progress)
-        provenance = {"checkpoint": None, "epochs": recipe.epochs, "train_seconds": total_train_seconds(history),
-                      "train_config": recipe.to_dict(), "weights": history.get("weights"),
-                      "holdout": history.get("holdout"), "train_log": history["epochs"]}
+        variables, history = train(
+            config, recipe, train_data, per_epoch_test, workdir, resume=resume, progress=progress
+        )
+        provenance = {
+            "checkpoint": None,
+            "epochs": recipe.epochs,
+            "train_seconds": total_train_seconds(history),
+            "train_config": recipe.to_dict(),
+            "weights": history.get("weights"),
+            "holdout": history.get("holdout"),
+            "train_log": history["epochs"],
+        }
         trained = True
     provenance["data"] = data_label
     if trained and classes is not None:
         provenance["classes"] = list(classes)
     if not is_writer():
-        return run_experiment(config, variables, (test_x, test_y), None, num_keys=num_keys,
-                              attack_seed=attack_seed, key_seed=key_seed, strategy=strategy,
-                              provenance=provenance, progress=progress, log=log)
+        return run_experiment(
+            config,
+            variables,
+            (test_x, test_y),
+            None,
+            num_keys=num_keys,
+            attack_seed=attack_seed,
+            key_seed=key_seed,
+            strategy=strategy,
+            provenance=provenance,
+            progress=progress,
+            log=log,
+        )
     with staged_output_dir(out) as tmp:
         if trained:
-            save_model(tmp / "plain-model", config, variables,
-                       extra={"created_by": "reproduce", **{k: v for k, v in provenance.items() if k != "train_log"}})
-        return run_experiment(config, variables, (test_x, test_y), tmp, num_keys=num_keys,
-                              attack_seed=attack_seed, key_seed=key_seed, strategy=strategy,
-                              provenance=provenance, progress=progress, log=log)
+            save_model(
+                tmp / "plain-model",
+                config,
+                variables,
+                extra={
+                    "created_by": "reproduce",
+                    **{k: v for k, v in provenance.items() if k != "train_log"},
+                },
+            )
+        return run_experiment(
+            config,
+            variables,
+            (test_x, test_y),
+            tmp,
+            num_keys=num_keys,
+            attack_seed=attack_seed,
+            key_seed=key_seed,
+            strategy=strategy,
+            provenance=provenance,
+            progress=progress,
+            log=log,
+        )

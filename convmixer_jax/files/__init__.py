@@ -1,4 +1,5 @@
 """Files on disk: atomic writes, image arrays and image files, model directories, run provenance."""
+
 from convmixer_jax.files.arrays import load_images  # noqa: F401
 from convmixer_jax.files.atomic import (  # noqa: F401
     check_output_path,

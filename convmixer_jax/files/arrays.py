@@ -1,4 +1,5 @@
 """Image arrays from files: ``.npy`` read without ever unpickling."""
+
 from __future__ import annotations
 
 import os
@@ -27,21 +28,27 @@ def load_images(path: str | os.PathLike) -> np.ndarray:
     except OSError as e:
         raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
     if magic[:4] == b"PK\x03\x04":
-        raise ImageError(f"{path} is an .npz archive; pass a single array saved with numpy.save (.npy)")
+        raise ImageError(
+            f"{path} is an .npz archive; pass a single array saved with numpy.save (.npy)"
+        )
     if magic != b"\x93NUMPY":
         raise ImageError(f"{path} is not a .npy file; save the images with numpy.save")
     shape, dtype, offset = _read_header(path)
     need = int(np.prod(shape, dtype=object)) * dtype.itemsize
     have = path.stat().st_size - offset
     if have < need:
-        raise ImageError(f"cannot read {path}: it is truncated or damaged; its header promises {need:,} bytes of data "
-                         f"(shape {shape}, {dtype}) but the file holds {max(have, 0):,}; write it again "
-                         "with numpy.save")
+        raise ImageError(
+            f"cannot read {path}: it is truncated or damaged; its header promises {need:,} bytes of data "
+            f"(shape {shape}, {dtype}) but the file holds {max(have, 0):,}; write it again "
+            "with numpy.save"
+        )
     try:
         array = np.load(path, allow_pickle=False, mmap_mode=None)
     except (ValueError, EOFError, OSError, MemoryError) as e:
-        raise ImageError(f"cannot read {path} as a .npy array ({e}); "
-                         "save the images with numpy.save (object arrays are not accepted)") from None
+        raise ImageError(
+            f"cannot read {path} as a .npy array ({e}); "
+            "save the images with numpy.save (object arrays are not accepted)"
+        ) from None
     if not array.dtype.isnative:  # big-endian (or other) byte order: the same values, native order
         array = array.astype(array.dtype.newbyteorder("="))
     return array
@@ -59,12 +66,18 @@ def _read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
             else:
                 raise ValueError(f"unsupported .npy version {version}")
             offset = f.tell()
-    except Exception as e:  # numpy parses the header with ast/tokenize: any of their errors means damaged
-        raise ImageError(f"{path} has a damaged .npy header ({' '.join(str(e).split())[:200]}); "
-                         "write it again with numpy.save") from None
+    except (
+        Exception
+    ) as e:  # numpy parses the header with ast/tokenize: any of their errors means damaged
+        raise ImageError(
+            f"{path} has a damaged .npy header ({' '.join(str(e).split())[:200]}); "
+            "write it again with numpy.save"
+        ) from None
     if dtype.hasobject:
-        raise ImageError(f"{path} holds Python objects (dtype {dtype}; object arrays are not accepted); images must be uint8 or float arrays "
-                         "saved with numpy.save")
+        raise ImageError(
+            f"{path} holds Python objects (dtype {dtype}; object arrays are not accepted); images must be uint8 or float arrays "
+            "saved with numpy.save"
+        )
     return tuple(int(n) for n in shape), dtype, offset
 
 

@@ -4,21 +4,21 @@ Files are written to a temporary sibling (``.NAME.*.tmp``) and renamed into
 place; directories are built beside their destination and swapped in. An
 existing output is refused unless the caller passes ``force``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import re
-import stat
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import uuid
 from pathlib import Path
 
 import numpy as np
-
 
 OUTPUT_KINDS = ("file", "model_dir", "results_dir")
 #: The file every results directory (reproduce, security-report) holds, naming the command that wrote it.
@@ -29,9 +29,15 @@ _TEMP = re.compile(r"^\..+\.cmj-(\d+)-[A-Za-z0-9_]+\.(tmp|old)$")
 
 def _what_is(path: Path) -> str:
     st = os.lstat(path)
-    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file")):
+    for test, name in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISREG, "a file"),
+    ):
         if test(st.st_mode):
             return name
     return "a special file"
@@ -47,8 +53,9 @@ def _is_model_dir(path: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == "convmixer-jax-model"
 
 
-def check_output_path(path: str | os.PathLike, force: bool = False, *, kind: str = "file",
-                      inputs=()) -> Path:
+def check_output_path(
+    path: str | os.PathLike, force: bool = False, *, kind: str = "file", inputs=()
+) -> Path:
     """Refuse an output ``path`` that must not be written; return it as a Path.
 
     An existing ``path`` is refused unless ``force``, and even then replaced only if it
@@ -63,51 +70,71 @@ def check_output_path(path: str | os.PathLike, force: bool = False, *, kind: str
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"kind must be one of {OUTPUT_KINDS}, got {kind!r}")
     if str(path) in ("", "."):
-        raise FileExistsError(f"the output path {str(path)!r} names no file; give the name of the output to write")
+        raise FileExistsError(
+            f"the output path {str(path)!r} names no file; give the name of the output to write"
+        )
     path = Path(path)
     root = path.resolve()
     named = inputs.items() if isinstance(inputs, dict) else (("the input", i) for i in inputs)
     for label, inp in named:
         if inp is None:
             continue
-        for one in ([inp] if isinstance(inp, (str, os.PathLike)) else inp):
+        for one in [inp] if isinstance(inp, (str, os.PathLike)) else inp:
             p = Path(one).resolve()
             if p == root or root in p.parents:
                 what = "is" if p == root else "contains"
-                raise FileExistsError(f"the output {path} {what} {label} {one}; writing it would destroy that "
-                                      "input: choose another output name")
+                raise FileExistsError(
+                    f"the output {path} {what} {label} {one}; writing it would destroy that "
+                    "input: choose another output name"
+                )
     if not (path.exists() or path.is_symlink()):
         return path
     if not force:
         raise FileExistsError(f"{path} already exists; pass --force to replace it")
     what = _what_is(path)
     if kind == "file" and what != "a file":
-        raise FileExistsError(f"{path} is {what}, not a file this command writes; --force replaces only "
-                              "regular files: choose another output name")
+        raise FileExistsError(
+            f"{path} is {what}, not a file this command writes; --force replaces only "
+            "regular files: choose another output name"
+        )
     if kind in ("model_dir", "results_dir") and what != "a directory":
-        raise FileExistsError(f"{path} is {what}, not a directory this command writes; --force replaces only "
-                              f"{'a model directory' if kind == 'model_dir' else 'a results directory'}: "
-                              "choose another output name")
+        raise FileExistsError(
+            f"{path} is {what}, not a directory this command writes; --force replaces only "
+            f"{'a model directory' if kind == 'model_dir' else 'a results directory'}: "
+            "choose another output name"
+        )
     if kind == "model_dir":
-        others = sorted(e.name for e in path.iterdir() if e.name not in ("config.json", "variables"))
+        others = sorted(
+            e.name for e in path.iterdir() if e.name not in ("config.json", "variables")
+        )
         if not _is_model_dir(path) or others:
-            detail = f"it holds {', '.join(others[:3])}" if others else "it has no model config.json"
-            raise FileExistsError(f"{path} is not a model directory ({detail}); --force replaces only a model "
-                                  "directory, so nothing else is lost: choose another output name")
+            detail = (
+                f"it holds {', '.join(others[:3])}" if others else "it has no model config.json"
+            )
+            raise FileExistsError(
+                f"{path} is not a model directory ({detail}); --force replaces only a model "
+                "directory, so nothing else is lost: choose another output name"
+            )
     if kind == "results_dir" and any(path.iterdir()) and not (path / RESULTS_MARKER).is_file():
-        raise FileExistsError(f"{path} is a folder this package did not write (no {RESULTS_MARKER}); --force "
-                              "replaces only an earlier output of the command: choose another output name")
+        raise FileExistsError(
+            f"{path} is a folder this package did not write (no {RESULTS_MARKER}); --force "
+            "replaces only an earlier output of the command: choose another output name"
+        )
     return path
 
 
-def check_output(path: str | os.PathLike, force: bool = False, *, kind: str = "file", inputs=()) -> Path:
+def check_output(
+    path: str | os.PathLike, force: bool = False, *, kind: str = "file", inputs=()
+) -> Path:
     """:func:`check_output_path` for a command's output, which must also have an existing folder
     (a missing folder is refused, not created: a typo would otherwise scatter outputs)."""
     path = check_output_path(path, force, kind=kind, inputs=inputs)
     parent = path.parent
     if not parent.is_dir():
-        raise FileNotFoundError(f"the folder {parent} of the output {path} does not exist; create it first "
-                                f"(mkdir -p {parent})")
+        raise FileNotFoundError(
+            f"the folder {parent} of the output {path} does not exist; create it first "
+            f"(mkdir -p {parent})"
+        )
     return path
 
 
@@ -152,12 +179,15 @@ def temporary_name(path: Path, suffix: str = "tmp") -> Path:
 def _mkstemp_beside(path: Path) -> tuple[int, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.cmj-{os.getpid()}-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.cmj-{os.getpid()}-", suffix=".tmp"
+    )
     return fd, Path(tmp)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, force: bool = False,
-                       private: bool = False) -> Path:
+def write_bytes_atomic(
+    path: str | os.PathLike, data: bytes, *, force: bool = False, private: bool = False
+) -> Path:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place.
 
     An existing ``path`` is refused unless ``force``. ``private`` keeps the file
@@ -182,7 +212,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, force: bool = Fa
         os.replace(tmp, path)
     except OSError as e:
         if tmp is None:
-            raise OSError(f"cannot write {path}: {e.strerror or e} (check the folder's permissions)") from None
+            raise OSError(
+                f"cannot write {path}: {e.strerror or e} (check the folder's permissions)"
+            ) from None
         tmp.unlink(missing_ok=True)
         raise OSError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
@@ -192,8 +224,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, force: bool = Fa
     return path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, *, force: bool = False,
-                      private: bool = False) -> Path:
+def write_text_atomic(
+    path: str | os.PathLike, text: str, *, force: bool = False, private: bool = False
+) -> Path:
     """:func:`write_bytes_atomic` for UTF-8 text."""
     return write_bytes_atomic(path, text.encode(), force=force, private=private)
 
@@ -224,7 +257,9 @@ def staged_output_dir(out: str | os.PathLike):
     tmp = temporary_name(out)
     tmp.mkdir()
     try:
-        (tmp / RESULTS_MARKER).write_text("written by convmixer-jax; --force may replace this folder\n")
+        (tmp / RESULTS_MARKER).write_text(
+            "written by convmixer-jax; --force may replace this folder\n"
+        )
         yield tmp
         swap_into_place(tmp, out, force=True, kind="results_dir")
     except BaseException:
@@ -274,9 +309,9 @@ def swap_into_place(tmp: Path, path: Path, force: bool, *, kind: str = "model_di
         old.unlink(missing_ok=True)
 
 
-
-
-def write_json_atomic(path: str | os.PathLike, obj, *, force: bool = True, indent: int | None = 1) -> Path:
+def write_json_atomic(
+    path: str | os.PathLike, obj, *, force: bool = True, indent: int | None = 1
+) -> Path:
     """Write ``obj`` as JSON atomically (replacing ``path`` by default: for logs that grow)."""
     import json
 
@@ -301,6 +336,18 @@ def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
     return write_bytes_atomic(path, buf.getvalue(), force=True)
 
 
-__all__ = ["check_output_path", "check_output", "remove_stale_temporaries", "temporary_name", "RESULTS_MARKER", "write_bytes_atomic", "write_text_atomic",
-           "write_json_atomic", "save_array", "save_npz_atomic", "save_figure_atomic", "staged_output_dir",
-           "swap_into_place"]
+__all__ = [
+    "check_output_path",
+    "check_output",
+    "remove_stale_temporaries",
+    "temporary_name",
+    "RESULTS_MARKER",
+    "write_bytes_atomic",
+    "write_text_atomic",
+    "write_json_atomic",
+    "save_array",
+    "save_npz_atomic",
+    "save_figure_atomic",
+    "staged_output_dir",
+    "swap_into_place",
+]

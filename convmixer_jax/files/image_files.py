@@ -13,6 +13,7 @@ Check the output first (:func:`~convmixer_jax.files.image_files.check_image_outp
 (:func:`~convmixer_jax.files.image_files.write_image_outputs`): every file appears complete under its name, or
 nothing at all (:mod:`convmixer_jax.files.atomic`).
 """
+
 from __future__ import annotations
 
 import io
@@ -38,9 +39,21 @@ from convmixer_jax.scheme.images import ImageError
 
 #: Suffixes of the image files read from folders and named as inputs (any case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_LOSSY = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".webp": "WebP",
-          ".gif": "GIF (at most 256 colours)", ".avif": "AVIF", ".heic": "HEIC", ".heif": "HEIF",
-          ".jp2": "JPEG 2000", ".j2k": "JPEG 2000", ".jpx": "JPEG 2000", ".jxl": "JPEG XL"}
+_LOSSY = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".jpe": "JPEG",
+    ".jfif": "JPEG",
+    ".webp": "WebP",
+    ".gif": "GIF (at most 256 colours)",
+    ".avif": "AVIF",
+    ".heic": "HEIC",
+    ".heif": "HEIF",
+    ".jp2": "JPEG 2000",
+    ".j2k": "JPEG 2000",
+    ".jpx": "JPEG 2000",
+    ".jxl": "JPEG XL",
+}
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {1: "grayscale", 3: "RGB", 4: "RGBA"}
 
@@ -76,12 +89,22 @@ def _folder_images(folder: Path) -> list[Path]:
         entries = list(folder.iterdir())
     except OSError as e:
         raise ImageError(f"cannot read the folder {folder}: {e.strerror or e}") from None
-    return sorted((e for e in entries if e.suffix.lower() in IMAGE_SUFFIXES and not e.name.startswith(".")
-                   and e.is_file()), key=lambda e: e.name)
+    return sorted(
+        (
+            e
+            for e in entries
+            if e.suffix.lower() in IMAGE_SUFFIXES and not e.name.startswith(".") and e.is_file()
+        ),
+        key=lambda e: e.name,
+    )
 
 
-def load_image_inputs(paths: Sequence[str | os.PathLike], *, resize: int | None = None,
-                      crop_pct: float = DEFAULT_CROP_PCT) -> tuple[np.ndarray, list[str] | None]:
+def load_image_inputs(
+    paths: Sequence[str | os.PathLike],
+    *,
+    resize: int | None = None,
+    crop_pct: float = DEFAULT_CROP_PCT,
+) -> tuple[np.ndarray, list[str] | None]:
     """Read the images of a command's inputs; return (images, names).
 
     ``paths`` is either exactly one ``.npy`` file, read by
@@ -107,39 +130,52 @@ def load_image_inputs(paths: Sequence[str | os.PathLike], *, resize: int | None 
     """
     paths = [Path(p) for p in paths]
     if not paths:
-        raise ImageError("no input images given; pass one .npy file, or PNG/JPEG files or folders of them")
+        raise ImageError(
+            "no input images given; pass one .npy file, or PNG/JPEG files or folders of them"
+        )
     kinds = [image_input_kind(p) for p in paths]
     npys = [p for p, k in zip(paths, kinds) if k == "npy"]
     if npys:
         if len(npys) < len(paths):
             other = next(p for p, k in zip(paths, kinds) if k != "npy")
             what = "folder" if other.is_dir() else "file"
-            raise ImageError(f"{npys[0]} is an array file and {other} an image {what}; "
-                             "they cannot be mixed: pass the .npy alone, or only PNG/JPEG files and folders")
+            raise ImageError(
+                f"{npys[0]} is an array file and {other} an image {what}; "
+                "they cannot be mixed: pass the .npy alone, or only PNG/JPEG files and folders"
+            )
         if len(npys) > 1:
             more = ", ..." if len(npys) > 2 else ""
-            raise ImageError(f"pass one .npy file, not {len(npys)} ({npys[0]}, {npys[1]}{more}); "
-                             "stack the images into one array saved with numpy.save")
+            raise ImageError(
+                f"pass one .npy file, not {len(npys)} ({npys[0]}, {npys[1]}{more}); "
+                "stack the images into one array saved with numpy.save"
+            )
         images = load_images(npys[0])
         if resize is not None:
-            images = eval_resize_batch(images if images.ndim == 4 else images[None], resize, crop_pct)
+            images = eval_resize_batch(
+                images if images.ndim == 4 else images[None], resize, crop_pct
+            )
         return images, None
     files: list[Path] = []
     for p, k in zip(paths, kinds):
         if k == "folder":
             found = _folder_images(p)
             if not found:
-                raise ImageError(f"the folder {p} holds no .png, .jpg or .jpeg files (subfolders are not read); "
-                                 "put the images in it, or name the image files")
+                raise ImageError(
+                    f"the folder {p} holds no .png, .jpg or .jpeg files (subfolders are not read); "
+                    "put the images in it, or name the image files"
+                )
             files.extend(found)
         else:
             files.append(p)
     seen: dict[str, Path] = {}
     for f in files:
         if f.name in seen:
-            raise ImageError(f"two inputs are named {f.name} ({seen[f.name]} and {f}); the outputs keep the "
-                             "input names: rename one of them (or pass a file only once)")
+            raise ImageError(
+                f"two inputs are named {f.name} ({seen[f.name]} and {f}); the outputs keep the "
+                "input names: rename one of them (or pass a file only once)"
+            )
         seen[f.name] = f
+
     def decode(f):
         img = _decode(f)
         return img if resize is None else eval_resize(img, resize, crop_pct)
@@ -150,9 +186,11 @@ def load_image_inputs(paths: Sequence[str | os.PathLike], *, resize: int | None 
     for i, f in enumerate(files[1:], 1):
         img = decode(f)
         if img.shape != first.shape:
-            raise ImageError(f"{files[0]} is {_describe(first.shape)} but {f} is {_describe(img.shape)}; all images "
-                             "must have the same size and channels: resize or convert them "
-                             "(--resize does timm's evaluation resize)")
+            raise ImageError(
+                f"{files[0]} is {_describe(first.shape)} but {f} is {_describe(img.shape)}; all images "
+                "must have the same size and channels: resize or convert them "
+                "(--resize does timm's evaluation resize)"
+            )
         images[i] = img
     return images, [f.name for f in files]
 
@@ -179,15 +217,21 @@ def _decode(path: Path) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as im:
                 if getattr(im, "n_frames", 1) > 1:
-                    raise ImageError(f"{path} is an animated image of {im.n_frames} frames; pass single-frame images")
+                    raise ImageError(
+                        f"{path} is an animated image of {im.n_frames} frames; pass single-frame images"
+                    )
                 if im.format == "PNG" and len(data) > 24 and data[24] > 8:
-                    raise ImageError(f"{path} is a {data[24]}-bit PNG; only 8-bit images are encrypted as they are: "
-                                     "convert it to 8 bits per channel, or save it as a float .npy in [0, 1]")
+                    raise ImageError(
+                        f"{path} is a {data[24]}-bit PNG; only 8-bit images are encrypted as they are: "
+                        "convert it to 8 bits per channel, or save it as a float .npy in [0, 1]"
+                    )
                 mode = im.mode
                 if mode in ("I", "F") or mode.startswith(("I;", "F;")):
-                    raise ImageError(f"{path} has {'float' if mode.startswith('F') else 'integer (16/32-bit)'} "
-                                     f"pixels (Pillow mode {mode}); only 8-bit images are encrypted as they are: "
-                                     "convert it to 8 bits per channel, or save it as a float .npy in [0, 1]")
+                    raise ImageError(
+                        f"{path} has {'float' if mode.startswith('F') else 'integer (16/32-bit)'} "
+                        f"pixels (Pillow mode {mode}); only 8-bit images are encrypted as they are: "
+                        "convert it to 8 bits per channel, or save it as a float .npy in [0, 1]"
+                    )
                 if mode == "1":
                     im = im.convert("L")
                 elif mode not in ("L", "RGB", "RGBA"):
@@ -196,17 +240,25 @@ def _decode(path: Path) -> np.ndarray:
         except ImageError:
             raise
         except UnidentifiedImageError:
-            raise ImageError(f"{path} is not a PNG or JPEG image; convert it to PNG, or save the images "
-                             "as a .npy array with numpy.save") from None
+            raise ImageError(
+                f"{path} is not a PNG or JPEG image; convert it to PNG, or save the images "
+                "as a .npy array with numpy.save"
+            ) from None
         except Image.DecompressionBombError as e:
-            raise ImageError(f"{path} is too large to decode safely ({e}); split or shrink it") from None
+            raise ImageError(
+                f"{path} is too large to decode safely ({e}); split or shrink it"
+            ) from None
         except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise ImageError(f"cannot decode {path}: {' '.join(str(e).split())[:200] or type(e).__name__}; the file "
-                             "is damaged or truncated: write it again") from None
+            raise ImageError(
+                f"cannot decode {path}: {' '.join(str(e).split())[:200] or type(e).__name__}; the file "
+                "is damaged or truncated: write it again"
+            ) from None
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or 0 in array.shape:
-        raise ImageError(f"{path} holds no pixels (shape {array.shape}); pass images of at least one pixel")
+        raise ImageError(
+            f"{path} holds no pixels (shape {array.shape}); pass images of at least one pixel"
+        )
     return np.ascontiguousarray(array)
 
 
@@ -231,10 +283,14 @@ def output_format(out: str | os.PathLike) -> str:
     if suffix == "":
         return "folder"
     if suffix in _LOSSY:
-        raise ImageError(f"cannot write {out}: {_LOSSY[suffix]} is lossy: it would change the encrypted pixels and "
-                         "the model would no longer compute the plain model's function; use .png or .npy")
-    raise ImageError(f"cannot write {out}: {p.suffix} is not a format this command writes; name the output .npy "
-                     "(one array), .png (one image) or a folder without a suffix (one PNG per input image)")
+        raise ImageError(
+            f"cannot write {out}: {_LOSSY[suffix]} is lossy: it would change the encrypted pixels and "
+            "the model would no longer compute the plain model's function; use .png or .npy"
+        )
+    raise ImageError(
+        f"cannot write {out}: {p.suffix} is not a format this command writes; name the output .npy "
+        "(one array), .png (one image) or a folder without a suffix (one PNG per input image)"
+    )
 
 
 def png_names(names: Sequence[str]) -> list[str]:
@@ -245,7 +301,9 @@ def png_names(names: Sequence[str]) -> list[str]:
     for name in names:
         png = Path(name).stem + ".png"
         if png in seen:
-            raise ImageError(f"the inputs {seen[png]} and {name} would both be written as {png}; rename one")
+            raise ImageError(
+                f"the inputs {seen[png]} and {name} would both be written as {png}; rename one"
+            )
         seen[png] = name
         out.append(png)
     return out
@@ -254,30 +312,49 @@ def png_names(names: Sequence[str]) -> list[str]:
 def _check_png_images(out, images, fmt: str) -> None:
     dtype, shape = np.dtype(images.dtype), tuple(np.shape(images))
     if dtype != np.uint8:
-        raise ImageError(f"cannot write {out}: PNG holds 8-bit pixels but the images are {dtype}, and converting "
-                         "them would change the values; write a .npy instead, or use uint8 images")
+        raise ImageError(
+            f"cannot write {out}: PNG holds 8-bit pixels but the images are {dtype}, and converting "
+            "them would change the values; write a .npy instead, or use uint8 images"
+        )
     if len(shape) < 3 or shape[-1] not in _CHANNELS:
-        raise ImageError(f"cannot write {out}: PNG holds images of 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, "
-                         f"not arrays of shape {shape}; write a .npy instead")
+        raise ImageError(
+            f"cannot write {out}: PNG holds images of 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, "
+            f"not arrays of shape {shape}; write a .npy instead"
+        )
     if fmt == "png" and int(np.prod(shape[:-3])) != 1:
-        raise ImageError(f"cannot write {out}: a .png holds one image but there are {int(np.prod(shape[:-3]))}; "
-                         "name a folder (without a suffix) for one PNG per image, or a .npy for one array")
+        raise ImageError(
+            f"cannot write {out}: a .png holds one image but there are {int(np.prod(shape[:-3]))}; "
+            "name a folder (without a suffix) for one PNG per image, or a .npy for one array"
+        )
 
 
 def _check_folder_contents(out: Path) -> None:
     """--force replaces a folder output only if it holds nothing but this command's PNGs and marker."""
     if out.is_dir() and not out.is_symlink():
-        others = sorted(e.name for e in out.iterdir()
-                        if e.name != RESULTS_MARKER and not (e.suffix.lower() == ".png" and e.is_file()
-                                                             and not e.is_symlink()))
+        others = sorted(
+            e.name
+            for e in out.iterdir()
+            if e.name != RESULTS_MARKER
+            and not (e.suffix.lower() == ".png" and e.is_file() and not e.is_symlink())
+        )
         if others:
-            raise FileExistsError(f"{out} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, which "
-                                  "this command does not write; --force replaces only a folder of PNG images it "
-                                  "wrote, so nothing else is lost: choose another output name")
+            raise FileExistsError(
+                f"{out} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, which "
+                "this command does not write; --force replaces only a folder of PNG images it "
+                "wrote, so nothing else is lost: choose another output name"
+            )
 
 
-def check_image_output(out: str | os.PathLike, *, n_inputs: int, from_files: bool, force: bool, inputs: dict,
-                       names: Sequence[str] | None = None, images=None) -> Path:
+def check_image_output(
+    out: str | os.PathLike,
+    *,
+    n_inputs: int,
+    from_files: bool,
+    force: bool,
+    inputs: dict,
+    names: Sequence[str] | None = None,
+    images=None,
+) -> Path:
     """Refuse an output that must not be written, before any work; return it as a Path.
 
     The format follows the name (:func:`~convmixer_jax.files.image_files.output_format`). ``.npy``: one array, any
@@ -297,18 +374,32 @@ def check_image_output(out: str | os.PathLike, *, n_inputs: int, from_files: boo
     fmt = output_format(out)
     out = Path(out)
     if fmt == "png" and n_inputs != 1:
-        raise ImageError(f"cannot write {out}: a .png holds one image but there are {n_inputs}; name a folder "
-                         "(without a suffix) for one PNG per image, or a .npy for one array")
+        raise ImageError(
+            f"cannot write {out}: a .png holds one image but there are {n_inputs}; name a folder "
+            "(without a suffix) for one PNG per image, or a .npy for one array"
+        )
     if fmt == "folder" and not from_files:
-        what = f"is {_what_is(out)}" if (out.exists() or out.is_symlink()) else "has no suffix, so it names a folder"
-        raise ImageError(f"the output {out} {what}; a folder output holds one PNG per input image file, but the "
-                         "input is one .npy array: name the output .npy (or .png for a single image)")
+        what = (
+            f"is {_what_is(out)}"
+            if (out.exists() or out.is_symlink())
+            else "has no suffix, so it names a folder"
+        )
+        raise ImageError(
+            f"the output {out} {what}; a folder output holds one PNG per input image file, but the "
+            "input is one .npy array: name the output .npy (or .png for a single image)"
+        )
     expanded = {}
     for label, value in (inputs or {}).items():
         many = [value] if value is None or isinstance(value, (str, os.PathLike)) else list(value)
-        expanded[label] = [q for v in many if v is not None
-                           for q in ([v] + (_folder_images(Path(v)) if Path(v).is_dir() else []))]
-    path = check_output(out, force, kind="results_dir" if fmt == "folder" else "file", inputs=expanded)
+        expanded[label] = [
+            q
+            for v in many
+            if v is not None
+            for q in ([v] + (_folder_images(Path(v)) if Path(v).is_dir() else []))
+        ]
+    path = check_output(
+        out, force, kind="results_dir" if fmt == "folder" else "file", inputs=expanded
+    )
     if fmt == "folder":
         _check_folder_contents(path)
         if names is not None:
@@ -328,7 +419,9 @@ def encode_png(image) -> bytes:
     return buf.getvalue()
 
 
-def write_image_outputs(out: str | os.PathLike, images, names: Sequence[str] | None, *, force: bool) -> Path:
+def write_image_outputs(
+    out: str | os.PathLike, images, names: Sequence[str] | None, *, force: bool
+) -> Path:
     """Write ``images`` to ``out`` in the format its name asks for; return ``out`` as a Path.
 
     ``.npy``: one array (shape and dtype kept). ``.png``: the single image. A folder:
@@ -345,8 +438,10 @@ def write_image_outputs(out: str | os.PathLike, images, names: Sequence[str] | N
     if fmt == "png":
         return write_bytes_atomic(out, encode_png(images.reshape(images.shape[-3:])), force=force)
     if names is None or len(names) != len(images) or images.ndim != 4:
-        raise ImageError(f"cannot write {out}: a folder output needs one file name per image "
-                         f"(got {None if names is None else len(names)} names for images of shape {images.shape})")
+        raise ImageError(
+            f"cannot write {out}: a folder output needs one file name per image "
+            f"(got {None if names is None else len(names)} names for images of shape {images.shape})"
+        )
     files = png_names(names)
     out = check_output(out, force, kind="results_dir")
     _check_folder_contents(out)
@@ -356,5 +451,13 @@ def write_image_outputs(out: str | os.PathLike, images, names: Sequence[str] | N
     return out
 
 
-__all__ = ["IMAGE_SUFFIXES", "image_input_kind", "load_image_inputs", "output_format", "png_names",
-           "check_image_output", "encode_png", "write_image_outputs"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "image_input_kind",
+    "load_image_inputs",
+    "output_format",
+    "png_names",
+    "check_image_output",
+    "encode_png",
+    "write_image_outputs",
+]

@@ -17,6 +17,7 @@ file under the requested name.
 
 JAX, Flax and Orbax are imported inside the functions that need them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,10 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from convmixer_jax.files.atomic import (check_output_path, remove_stale_temporaries, swap_into_place,
-                                        temporary_name)
-from convmixer_jax.scheme.keys import Key, fingerprint
+from convmixer_jax.files.atomic import (
+    check_output_path,
+    remove_stale_temporaries,
+    swap_into_place,
+    temporary_name,
+)
 from convmixer_jax.model.convmixer import ConvMixerConfig
+from convmixer_jax.scheme.keys import Key, fingerprint
 
 MODEL_FORMAT = "convmixer-jax-model"
 MODEL_VERSION = 1
@@ -56,8 +61,11 @@ class ModelDirError(ValueError):
 
 def encryption_record(key: Key) -> dict:
     """What a model directory records about its key: fingerprint, block size, channels."""
-    return {"key_fingerprint": fingerprint(key), "block_size": int(key.block_size),
-            "channels": int(key.channels)}
+    return {
+        "key_fingerprint": fingerprint(key),
+        "block_size": int(key.block_size),
+        "channels": int(key.channels),
+    }
 
 
 def _check_encryption_record(enc, config: ConvMixerConfig, where: str) -> dict | None:
@@ -66,7 +74,9 @@ def _check_encryption_record(enc, config: ConvMixerConfig, where: str) -> dict |
     if isinstance(enc, Key):
         enc = encryption_record(enc)
     if not isinstance(enc, dict):
-        raise ModelDirError(f"{where}: 'encryption' must be null or an object, got {type(enc).__name__}")
+        raise ModelDirError(
+            f"{where}: 'encryption' must be null or an object, got {type(enc).__name__}"
+        )
     fp = enc.get("key_fingerprint")
     if not isinstance(fp, str) or not _HEX64.fullmatch(fp):
         raise ModelDirError(f"{where}: 'encryption.key_fingerprint' must be a SHA-256 hex digest")
@@ -75,13 +85,17 @@ def _check_encryption_record(enc, config: ConvMixerConfig, where: str) -> dict |
         if isinstance(v, bool) or not isinstance(v, int):
             raise ModelDirError(f"{where}: 'encryption.{name}' must be an integer, got {v!r}")
     if enc["block_size"] != config.patch_size or enc["channels"] != config.channels:
-        raise ModelDirError(f"{where}: the recorded key (block size {enc['block_size']}, "
-                            f"{enc['channels']} channels) does not fit the model (patch size "
-                            f"{config.patch_size}, {config.channels} channels)")
+        raise ModelDirError(
+            f"{where}: the recorded key (block size {enc['block_size']}, "
+            f"{enc['channels']} channels) does not fit the model (patch size "
+            f"{config.patch_size}, {config.channels} channels)"
+        )
     unknown = set(enc) - {"key_fingerprint", "block_size", "channels"}
     if unknown:
-        raise ModelDirError(f"{where}: unknown 'encryption' fields {sorted(unknown)} "
-                            "(a model directory never stores the key itself)")
+        raise ModelDirError(
+            f"{where}: unknown 'encryption' fields {sorted(unknown)} "
+            "(a model directory never stores the key itself)"
+        )
     return {"key_fingerprint": fp, "block_size": enc["block_size"], "channels": enc["channels"]}
 
 
@@ -95,8 +109,12 @@ def abstract_variables(config: ConvMixerConfig) -> PyTree:
 
     from convmixer_jax.model.convmixer import ConvMixer
 
-    dummy = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.channels), jnp.float32)
-    tree = jax.eval_shape(lambda x: ConvMixer(config).init(jax.random.PRNGKey(0), x, train=False), dummy)
+    dummy = jax.ShapeDtypeStruct(
+        (1, config.image_size, config.image_size, config.channels), jnp.float32
+    )
+    tree = jax.eval_shape(
+        lambda x: ConvMixer(config).init(jax.random.PRNGKey(0), x, train=False), dummy
+    )
     return {"params": tree["params"], "batch_stats": tree["batch_stats"]}
 
 
@@ -107,7 +125,9 @@ def _leaves_by_path(tree) -> dict[str, Any]:
     return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
 
 
-def check_variables(config: ConvMixerConfig, variables: PyTree, *, where: str = "variables") -> None:
+def check_variables(
+    config: ConvMixerConfig, variables: PyTree, *, where: str = "variables"
+) -> None:
     """Raise :class:`ModelDirError` unless ``variables`` (arrays or array metadata)
     have exactly the tree, shapes and dtypes that ``config`` defines."""
     if not isinstance(variables, dict) or set(variables) != {"params", "batch_stats"}:
@@ -118,16 +138,22 @@ def check_variables(config: ConvMixerConfig, variables: PyTree, *, where: str = 
     missing = sorted(set(expected) - set(actual))
     extra = sorted(set(actual) - set(expected))
     if missing or extra:
-        parts = ([f"missing {missing[:3]}"] if missing else []) + ([f"unexpected {extra[:3]}"] if extra else [])
+        parts = ([f"missing {missing[:3]}"] if missing else []) + (
+            [f"unexpected {extra[:3]}"] if extra else []
+        )
         raise ModelDirError(f"{where} do not match the model in config.json ({'; '.join(parts)})")
     for name, exp in expected.items():
         got = actual[name]
         shape, dtype = tuple(getattr(got, "shape", ())), getattr(got, "dtype", None)
         if shape != tuple(exp.shape):
-            raise ModelDirError(f"{where}: {name} has shape {shape} but config.json implies "
-                                f"{tuple(exp.shape)}; the variables belong to another model")
+            raise ModelDirError(
+                f"{where}: {name} has shape {shape} but config.json implies "
+                f"{tuple(exp.shape)}; the variables belong to another model"
+            )
         if dtype is not None and np.dtype(dtype) != np.dtype(exp.dtype):
-            raise ModelDirError(f"{where}: {name} has dtype {np.dtype(dtype)}, expected {np.dtype(exp.dtype)}")
+            raise ModelDirError(
+                f"{where}: {name} has dtype {np.dtype(dtype)}, expected {np.dtype(exp.dtype)}"
+            )
 
 
 def _drop_closed_loop_noise(previous):
@@ -141,7 +167,11 @@ def _drop_closed_loop_noise(previous):
 
     def hook(unraisable):
         exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and unraisable.object is None:
+        if (
+            isinstance(exc, RuntimeError)
+            and str(exc) == "Event loop is closed"
+            and unraisable.object is None
+        ):
             return
         previous(unraisable)
 
@@ -172,8 +202,13 @@ def _checkpointer():
     import orbax.checkpoint as ocp
 
     me = jax.process_index()
-    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
-        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"model-dir-process-{me}"))
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me,
+            active_processes={me},
+            barrier_sync_key_prefix=f"model-dir-process-{me}",
+        )
+    )
 
 
 def _save_variables(directory: Path, variables: PyTree) -> None:
@@ -191,8 +226,10 @@ def _restore_variables(directory: Path, config: ConvMixerConfig) -> PyTree:
     where = f"{directory}"
 
     def corrupt(detail: str) -> ModelDirError:
-        return ModelDirError(f"the variables in {where} are unreadable or corrupt ({detail}); "
-                             "re-create or re-copy the model directory")
+        return ModelDirError(
+            f"the variables in {where} are unreadable or corrupt ({detail}); "
+            "re-create or re-copy the model directory"
+        )
 
     with _quiet_orbax():
         ckptr = _checkpointer()
@@ -205,7 +242,9 @@ def _restore_variables(directory: Path, config: ConvMixerConfig) -> PyTree:
             if stored is None:
                 raise corrupt("no readable checkpoint metadata")
             # Orbax restores the stored shapes whatever the target says: compare first.
-            check_variables(config, dict(stored) if isinstance(stored, dict) else stored, where=where)
+            check_variables(
+                config, dict(stored) if isinstance(stored, dict) else stored, where=where
+            )
             try:
                 restored = ckptr.restore(directory.absolute(), abstract_variables(config))
             except Exception as e:
@@ -220,9 +259,15 @@ def _restore_variables(directory: Path, config: ConvMixerConfig) -> PyTree:
 # --------------------------------------------------------------------------- model directories
 
 
-def save_model(path: str | os.PathLike, config: ConvMixerConfig, variables: PyTree, *,
-               encryption: Key | dict | None = None, extra: dict | None = None,
-               force: bool = False) -> Path:
+def save_model(
+    path: str | os.PathLike,
+    config: ConvMixerConfig,
+    variables: PyTree,
+    *,
+    encryption: Key | dict | None = None,
+    extra: dict | None = None,
+    force: bool = False,
+) -> Path:
     """Write a model directory atomically; return its path.
 
     variables: ``{'params', 'batch_stats'}`` matching ``config`` (checked).
@@ -244,14 +289,20 @@ def save_model(path: str | os.PathLike, config: ConvMixerConfig, variables: PyTr
     clash = sorted(set(extra) & set(_RESERVED))
     if clash:
         raise ValueError(f"extra fields {clash} are reserved in config.json")
-    doc = {"format": MODEL_FORMAT, "version": MODEL_VERSION, "model": config.to_dict(), "encryption": enc,
-           **extra}
+    doc = {
+        "format": MODEL_FORMAT,
+        "version": MODEL_VERSION,
+        "model": config.to_dict(),
+        "encryption": enc,
+        **extra,
+    }
     try:
         json.dumps(doc, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.json fields must be JSON-serializable: {e}") from None
-    variables = jax.tree.map(np.asarray, {"params": variables["params"],
-                                          "batch_stats": variables["batch_stats"]})
+    variables = jax.tree.map(
+        np.asarray, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    )
     check_variables(config, variables)
     check_finite(variables, where="the variables to save")
 
@@ -283,23 +334,31 @@ def load_model_meta(path: str | os.PathLike) -> tuple[ConvMixerConfig, dict]:
         raise ModelDirError(f"{path} is not a model directory (it is a file)")
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
-        raise ModelDirError(f"{path} has no {CONFIG_FILE}: not a convmixer-jax model directory "
-                            "(make one with init-model or train)")
+        raise ModelDirError(
+            f"{path} has no {CONFIG_FILE}: not a convmixer-jax model directory "
+            "(make one with init-model or train)"
+        )
     try:
         meta = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise ModelDirError(f"cannot read {cfg_path}: {e}") from None
     except json.JSONDecodeError as e:
-        raise ModelDirError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}); "
-                            "the model directory is damaged") from None
+        raise ModelDirError(
+            f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}); "
+            "the model directory is damaged"
+        ) from None
     if not isinstance(meta, dict):
         raise ModelDirError(f"{cfg_path} must hold a JSON object")
     if meta.get("format") != MODEL_FORMAT:
-        raise ModelDirError(f"{cfg_path}: 'format' is {meta.get('format')!r}, expected {MODEL_FORMAT!r}; "
-                            "not a convmixer-jax model directory")
+        raise ModelDirError(
+            f"{cfg_path}: 'format' is {meta.get('format')!r}, expected {MODEL_FORMAT!r}; "
+            "not a convmixer-jax model directory"
+        )
     if meta.get("version") != MODEL_VERSION:
-        raise ModelDirError(f"{cfg_path}: unsupported model version {meta.get('version')!r}; "
-                            f"this release reads version {MODEL_VERSION}")
+        raise ModelDirError(
+            f"{cfg_path}: unsupported model version {meta.get('version')!r}; "
+            f"this release reads version {MODEL_VERSION}"
+        )
     if not isinstance(meta.get("model"), dict):
         raise ModelDirError(f"{cfg_path} has no 'model' object describing the architecture")
     try:
@@ -332,17 +391,25 @@ def verify_variables(path: Path, meta: dict) -> None:
     recorded = meta.get("variables_sha256")
     if recorded is None:
         return  # written before files were recorded (see docs/design.md)
-    if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)
-                                                 for k, v in recorded.items()):
-        raise ModelDirError(f"{path / CONFIG_FILE}: 'variables_sha256' must map file names to SHA-256 digests")
+    if not isinstance(recorded, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)
+        for k, v in recorded.items()
+    ):
+        raise ModelDirError(
+            f"{path / CONFIG_FILE}: 'variables_sha256' must map file names to SHA-256 digests"
+        )
     actual = variables_digests(path / VARIABLES_DIR)
     for name, digest in sorted(recorded.items()):
         if name not in actual:
-            raise ModelDirError(f"{path}: the file variables/{name} is missing; the model directory is damaged "
-                                "or corrupt (re-create or re-copy it)")
+            raise ModelDirError(
+                f"{path}: the file variables/{name} is missing; the model directory is damaged "
+                "or corrupt (re-create or re-copy it)"
+            )
         if actual[name] != digest:
-            raise ModelDirError(f"{path}: the file variables/{name} differs from what was saved (SHA-256 "
-                                "mismatch); the model directory is damaged, corrupt or was edited (re-create or re-copy it)")
+            raise ModelDirError(
+                f"{path}: the file variables/{name} differs from what was saved (SHA-256 "
+                "mismatch); the model directory is damaged, corrupt or was edited (re-create or re-copy it)"
+            )
 
 
 def check_finite(variables: PyTree, *, where: str = "variables") -> None:
@@ -350,8 +417,10 @@ def check_finite(variables: PyTree, *, where: str = "variables") -> None:
     for name, leaf in _leaves_by_path(variables).items():
         arr = np.asarray(leaf)
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            raise ModelDirError(f"{where}: {name} holds NaN or infinite values; the model is unusable "
-                                "(re-create or re-train it)")
+            raise ModelDirError(
+                f"{where}: {name} holds NaN or infinite values; the model is unusable "
+                "(re-create or re-train it)"
+            )
 
 
 def load_model(path: str | os.PathLike) -> tuple[ConvMixerConfig, PyTree, dict]:
@@ -365,7 +434,9 @@ def load_model(path: str | os.PathLike) -> tuple[ConvMixerConfig, PyTree, dict]:
     config, meta = load_model_meta(path)
     var_dir = path / VARIABLES_DIR
     if not var_dir.is_dir():
-        raise ModelDirError(f"{path} has no {VARIABLES_DIR}/ directory: the model's weights are missing")
+        raise ModelDirError(
+            f"{path} has no {VARIABLES_DIR}/ directory: the model's weights are missing"
+        )
     verify_variables(path, meta)
     variables = _restore_variables(var_dir, config)
     check_finite(variables, where=str(path))
@@ -386,7 +457,9 @@ def model_classes(meta: dict) -> list[str] | None:
     return None
 
 
-def check_data_classes(config: ConvMixerConfig, meta: dict, classes, *, where: str = "the data") -> None:
+def check_data_classes(
+    config: ConvMixerConfig, meta: dict, classes, *, where: str = "the data"
+) -> None:
     """Raise :class:`ModelDirError` unless a data set's class names ``classes``
     (a sequence of str, or None when unknown) match the model: the same count as
     ``config.num_classes``, and the same names in the same order when the model
@@ -395,14 +468,18 @@ def check_data_classes(config: ConvMixerConfig, meta: dict, classes, *, where: s
         return
     classes = [str(c) for c in classes]
     if len(classes) != config.num_classes:
-        raise ModelDirError(f"{where} has {len(classes)} classes but the model has {config.num_classes}; "
-                            "scores against it would be meaningless; use the data set the model was trained on")
+        raise ModelDirError(
+            f"{where} has {len(classes)} classes but the model has {config.num_classes}; "
+            "scores against it would be meaningless; use the data set the model was trained on"
+        )
     own = model_classes(meta)
     if own is not None and own != classes:
         diff = next(i for i, (a, b) in enumerate(zip(own, classes)) if a != b)
-        raise ModelDirError(f"{where} names its classes differently from the model: class {diff} is "
-                            f"{classes[diff]!r} in the data but {own[diff]!r} in the model; use the data "
-                            "set the model was trained on (same class folders)")
+        raise ModelDirError(
+            f"{where} names its classes differently from the model: class {diff} is "
+            f"{classes[diff]!r} in the data but {own[diff]!r} in the model; use the data "
+            "set the model was trained on (same class folders)"
+        )
 
 
 def _extra(meta: dict) -> dict:
@@ -411,22 +488,28 @@ def _extra(meta: dict) -> dict:
 
 def _require_plain(path: Path, meta: dict) -> None:
     if is_encrypted(meta):
-        raise ModelDirError(f"{path} is already encrypted (key fingerprint "
-                            f"{meta['encryption']['key_fingerprint']}); use rekey-model to move it "
-                            "to another key")
+        raise ModelDirError(
+            f"{path} is already encrypted (key fingerprint "
+            f"{meta['encryption']['key_fingerprint']}); use rekey-model to move it "
+            "to another key"
+        )
 
 
 def _require_encrypted_with(path: Path, meta: dict, key: Key) -> None:
     from convmixer_jax.scheme.params import KeyModelMismatch
 
     if not is_encrypted(meta):
-        raise ModelDirError(f"{path} is a plain model, not encrypted; there is nothing to decrypt "
-                            "(use encrypt-model to encrypt it)")
+        raise ModelDirError(
+            f"{path} is a plain model, not encrypted; there is nothing to decrypt "
+            "(use encrypt-model to encrypt it)"
+        )
     recorded, given = meta["encryption"]["key_fingerprint"], fingerprint(key)
     if given != recorded:
-        raise KeyModelMismatch(f"{path} was encrypted with the key of fingerprint {recorded}, "
-                               f"but the key given has fingerprint {given}; pass the key used "
-                               "to encrypt this model")
+        raise KeyModelMismatch(
+            f"{path} was encrypted with the key of fingerprint {recorded}, "
+            f"but the key given has fingerprint {given}; pass the key used "
+            "to encrypt this model"
+        )
 
 
 def check_key_fits_model(config: ConvMixerConfig, key: Key) -> None:
@@ -441,8 +524,9 @@ def _norm(config: ConvMixerConfig) -> dict:
     return {"mean": config.mean, "std": config.std}
 
 
-def encrypt_model_dir(src: str | os.PathLike, dst: str | os.PathLike, key: Key, *,
-                      force: bool = False) -> Path:
+def encrypt_model_dir(
+    src: str | os.PathLike, dst: str | os.PathLike, key: Key, *, force: bool = False
+) -> Path:
     """Encrypt the plain model in ``src`` with ``key`` into a new directory ``dst``.
 
     Refuses an already-encrypted model and a key whose block size or channels
@@ -460,8 +544,9 @@ def encrypt_model_dir(src: str | os.PathLike, dst: str | os.PathLike, key: Key, 
     return save_model(dst, config, encrypted, encryption=key, extra=_extra(meta), force=force)
 
 
-def decrypt_model_dir(src: str | os.PathLike, dst: str | os.PathLike, key: Key, *,
-                      force: bool = False) -> Path:
+def decrypt_model_dir(
+    src: str | os.PathLike, dst: str | os.PathLike, key: Key, *, force: bool = False
+) -> Path:
     """Decrypt the model in ``src`` into a plain model directory ``dst``.
 
     Refuses a plain model and a key whose fingerprint differs from the recorded one.
@@ -478,8 +563,14 @@ def decrypt_model_dir(src: str | os.PathLike, dst: str | os.PathLike, key: Key, 
     return save_model(dst, config, plain, encryption=None, extra=_extra(meta), force=force)
 
 
-def rekey_model_dir(src: str | os.PathLike, dst: str | os.PathLike, old_key: Key, new_key: Key, *,
-                    force: bool = False) -> Path:
+def rekey_model_dir(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    old_key: Key,
+    new_key: Key,
+    *,
+    force: bool = False,
+) -> Path:
     """Move the model in ``src``, encrypted with ``old_key``, to ``new_key`` (into ``dst``)."""
     from convmixer_jax.scheme.params import rekey_params
 
@@ -487,7 +578,9 @@ def rekey_model_dir(src: str | os.PathLike, dst: str | os.PathLike, old_key: Key
     check_output_path(dst, force, kind="model_dir", inputs=[src])
     config, meta = load_model_meta(src)
     if not is_encrypted(meta):
-        raise ModelDirError(f"{src} is a plain model, not encrypted; use encrypt-model instead of rekey-model")
+        raise ModelDirError(
+            f"{src} is a plain model, not encrypted; use encrypt-model instead of rekey-model"
+        )
     _require_encrypted_with(src, meta, old_key)
     check_key_fits_model(config, old_key)
     check_key_fits_model(config, new_key)
@@ -496,7 +589,22 @@ def rekey_model_dir(src: str | os.PathLike, dst: str | os.PathLike, old_key: Key
     return save_model(dst, config, moved, encryption=new_key, extra=_extra(meta), force=force)
 
 
-__all__ = ["MODEL_FORMAT", "MODEL_VERSION", "ModelDirError", "save_model", "load_model", "load_model_meta",
-           "is_encrypted", "encryption_record", "check_key_fits_model", "abstract_variables", "check_variables",
-           "encrypt_model_dir", "decrypt_model_dir", "rekey_model_dir", "variables_digests", "verify_variables",
-           "check_finite"]
+__all__ = [
+    "MODEL_FORMAT",
+    "MODEL_VERSION",
+    "ModelDirError",
+    "save_model",
+    "load_model",
+    "load_model_meta",
+    "is_encrypted",
+    "encryption_record",
+    "check_key_fits_model",
+    "abstract_variables",
+    "check_variables",
+    "encrypt_model_dir",
+    "decrypt_model_dir",
+    "rekey_model_dir",
+    "variables_digests",
+    "verify_variables",
+    "check_finite",
+]

@@ -1,4 +1,5 @@
 """Run provenance: what a results file records about where and with what it was made."""
+
 from __future__ import annotations
 
 import platform

@@ -26,6 +26,7 @@ PyTorch and safetensors are optional (``pip install 'convmixer-jax[torch]'``) an
 imported inside the functions that need them; files are never unpickled beyond
 PyTorch's ``weights_only`` loader.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,8 +40,12 @@ from convmixer_jax.model.convmixer import ConvMixerConfig
 LAYOUTS = ("timm", "locuslab")
 INSTALL_HINT = "pip install 'convmixer-jax[torch]'"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-_BN_STATS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-             "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_BN_STATS = {
+    "weight": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
 _UNWRAP = ("state_dict", "model", "model_state_dict")
 
 StateDict = dict[str, np.ndarray]
@@ -59,8 +64,10 @@ def _need(module: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"reading and writing PyTorch weights needs {module.split('.')[0]}; "
-                          f"install it with {INSTALL_HINT}") from None
+        raise ImportError(
+            f"reading and writing PyTorch weights needs {module.split('.')[0]}; "
+            f"install it with {INSTALL_HINT}"
+        ) from None
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -70,7 +77,9 @@ def _is_safetensors(path: Path) -> bool:
             head = f.read(9)
     except OSError:
         return False
-    return len(head) == 9 and head[8:9] == b"{" and 1 < int.from_bytes(head[:8], "little") < (1 << 27)
+    return (
+        len(head) == 9 and head[8:9] == b"{" and 1 < int.from_bytes(head[:8], "little") < (1 << 27)
+    )
 
 
 def _is_torch_file(path: Path) -> bool:
@@ -85,10 +94,16 @@ def _is_torch_file(path: Path) -> bool:
 def _to_numpy(name: str, value) -> np.ndarray:
     torch = _need("torch")
     if not isinstance(value, torch.Tensor):
-        raise NotAConvMixer(f"the entry {name!r} is a {type(value).__name__}, not a tensor; "
-                            "not a state dict of weights")
+        raise NotAConvMixer(
+            f"the entry {name!r} is a {type(value).__name__}, not a tensor; "
+            "not a state dict of weights"
+        )
     value = value.detach().cpu()
-    if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64, torch.float16):
+    if value.is_floating_point() and value.dtype not in (
+        torch.float32,
+        torch.float64,
+        torch.float16,
+    ):
         value = value.float()  # bfloat16 and the like have no NumPy dtype
     return value.numpy().copy()
 
@@ -102,19 +117,25 @@ def _read_torch(path: Path) -> StateDict:
     except pickle.UnpicklingError as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # PyTorch bolds part of its message
         first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
-        raise ValueError(f"{path} is not a weights-only PyTorch file (loading it would run arbitrary "
-                         f"pickled code: {first[:160]}); save the weights with "
-                         "torch.save(model.state_dict(), ...) or as .safetensors") from None
+        raise ValueError(
+            f"{path} is not a weights-only PyTorch file (loading it would run arbitrary "
+            f"pickled code: {first[:160]}); save the weights with "
+            "torch.save(model.state_dict(), ...) or as .safetensors"
+        ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        raise ValueError(
+            f"{path} is not a readable PyTorch file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160] if str(e) else ''})"
+        ) from None
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for name in _UNWRAP:  # a training checkpoint {"state_dict": ..., "epoch": ...}
             if isinstance(obj.get(name), dict):
                 obj = obj[name]
                 break
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
+        raise ValueError(
+            f"{path} holds a {type(obj).__name__}, not a state dict (a dict of tensors)"
+        )
     return {str(k): _to_numpy(str(k), v) for k, v in obj.items()}
 
 
@@ -129,7 +150,9 @@ def read_state_dict(path) -> StateDict:
     path = Path(path)
     if not path.is_file():
         if path.exists():
-            raise ValueError(f"{path} is not a file; give the weights file (.safetensors, .pth, ...)")
+            raise ValueError(
+                f"{path} is not a file; give the weights file (.safetensors, .pth, ...)"
+            )
         raise FileNotFoundError(f"weights file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".safetensors" or (suffix not in TORCH_SUFFIXES and _is_safetensors(path)):
@@ -140,12 +163,16 @@ def read_state_dict(path) -> StateDict:
             if "bf16" in str(e).lower() or "bfloat16" in str(e).lower():
                 sd = _need("safetensors.torch").load_file(str(path))
                 return {k: _to_numpy(k, v) for k, v in sd.items()}
-            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:160] if str(e) else ''})"
+            ) from None
     if suffix in TORCH_SUFFIXES or _is_torch_file(path):
         return _read_torch(path)
-    raise ValueError(f"{path} is neither a .safetensors file nor a PyTorch weights file "
-                     f"({', '.join(TORCH_SUFFIXES)}); give the weights in one of those formats")
+    raise ValueError(
+        f"{path} is neither a .safetensors file nor a PyTorch weights file "
+        f"({', '.join(TORCH_SUFFIXES)}); give the weights in one of those formats"
+    )
 
 
 # --------------------------------------------------------------------------- names and shapes
@@ -153,7 +180,7 @@ def read_state_dict(path) -> StateDict:
 
 def _strip_prefix(sd: StateDict) -> StateDict:
     if sd and all(k.startswith("module.") for k in sd):
-        return {k[len("module."):]: v for k, v in sd.items()}
+        return {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -171,8 +198,14 @@ def _names(layout: str, depth: int) -> dict[str, str]:
         block = lambda i: f"{3 + i}"  # noqa: E731
     for i in range(depth):
         b = block(i)
-        out.update({f"block_{i}/depthwise": f"{b}.0.fn.0", f"block_{i}/depthwise_bn": f"{b}.0.fn.2",
-                    f"block_{i}/pointwise": f"{b}.1", f"block_{i}/pointwise_bn": f"{b}.3"})
+        out.update(
+            {
+                f"block_{i}/depthwise": f"{b}.0.fn.0",
+                f"block_{i}/depthwise_bn": f"{b}.0.fn.2",
+                f"block_{i}/pointwise": f"{b}.1",
+                f"block_{i}/pointwise_bn": f"{b}.3",
+            }
+        )
     return out
 
 
@@ -206,9 +239,11 @@ def detect_layout(sd: StateDict) -> str:
         raise NotAConvMixer("the state dict is empty; not a ConvMixer")
     # name the tensor that would have to be the stem: the first convolution weight, else the first tensor
     first = next((k for k, v in sd.items() if np.ndim(v) == 4), next(iter(sd)))
-    raise NotAConvMixer(f"not a ConvMixer state dict: its first convolution {first!r} (shape "
-                        f"{tuple(np.shape(sd[first]))}) is neither timm's stem 'stem.0.weight' nor the "
-                        "locuslab reference's '0.weight', and neither is present")
+    raise NotAConvMixer(
+        f"not a ConvMixer state dict: its first convolution {first!r} (shape "
+        f"{tuple(np.shape(sd[first]))}) is neither timm's stem 'stem.0.weight' nor the "
+        "locuslab reference's '0.weight', and neither is present"
+    )
 
 
 def _shape(sd: StateDict, name: str, ndim: int) -> tuple:
@@ -216,8 +251,10 @@ def _shape(sd: StateDict, name: str, ndim: int) -> tuple:
         raise NotAConvMixer(f"not a ConvMixer state dict: the tensor {name!r} is missing")
     shape = tuple(np.shape(sd[name]))
     if len(shape) != ndim:
-        raise NotAConvMixer(f"not a ConvMixer state dict: the tensor {name!r} has shape {shape}, "
-                            f"expected {ndim} dimensions")
+        raise NotAConvMixer(
+            f"not a ConvMixer state dict: the tensor {name!r} has shape {shape}, "
+            f"expected {ndim} dimensions"
+        )
     return shape
 
 
@@ -236,13 +273,22 @@ def _infer_depth(sd: StateDict, layout: str) -> int:
             depth += 1
     if depth == 0:
         name = "blocks.0.0.fn.0.weight" if layout == "timm" else "3.0.fn.0.weight"
-        raise NotAConvMixer(f"not a ConvMixer state dict: the tensor {name!r} (the first mixer block's "
-                            "depthwise convolution) is missing")
+        raise NotAConvMixer(
+            f"not a ConvMixer state dict: the tensor {name!r} (the first mixer block's "
+            "depthwise convolution) is missing"
+        )
     return depth
 
 
-def config_from_state_dict(sd: StateDict, *, activation: str = "gelu", mean=None, std=None,
-                           image_size: int | None = 224, layout: str | None = None) -> tuple[ConvMixerConfig, str]:
+def config_from_state_dict(
+    sd: StateDict,
+    *,
+    activation: str = "gelu",
+    mean=None,
+    std=None,
+    image_size: int | None = 224,
+    layout: str | None = None,
+) -> tuple[ConvMixerConfig, str]:
     """The architecture of a PyTorch ConvMixer state dict: ``(config, layout)``.
 
     dim, depth, kernel size, patch size, channels and classes come from the
@@ -263,16 +309,28 @@ def config_from_state_dict(sd: StateDict, *, activation: str = "gelu", mean=None
     head = "head" if layout == "timm" else f"{3 + depth + 2}"
     classes = _shape(sd, f"{head}.weight", 2)[0]
     if p != p2:
-        raise NotAConvMixer(f"not a ConvMixer state dict: the stem {stem}.weight has a non-square kernel "
-                            f"{(p, p2)}")
+        raise NotAConvMixer(
+            f"not a ConvMixer state dict: the stem {stem}.weight has a non-square kernel {(p, p2)}"
+        )
     image_size = p if image_size is None else image_size
     try:
-        config = ConvMixerConfig(dim=dim, depth=depth, kernel_size=k, patch_size=p, num_classes=classes,
-                                 image_size=image_size, channels=channels, mean=mean, std=std,
-                                 activation=activation)
+        config = ConvMixerConfig(
+            dim=dim,
+            depth=depth,
+            kernel_size=k,
+            patch_size=p,
+            num_classes=classes,
+            image_size=image_size,
+            channels=channels,
+            mean=mean,
+            std=std,
+            activation=activation,
+        )
     except ValueError as e:
-        raise ValueError(f"the weights (dim {dim}, depth {depth}, kernel {k}, patch {p}, {channels} channels, "
-                         f"{classes} classes) do not fit the options: {e}") from None
+        raise ValueError(
+            f"the weights (dim {dim}, depth {depth}, kernel {k}, patch {p}, {channels} channels, "
+            f"{classes} classes) do not fit the options: {e}"
+        ) from None
     check_state_dict(sd, config, layout)
     return config, layout
 
@@ -285,20 +343,31 @@ def check_state_dict(sd: StateDict, config: ConvMixerConfig, layout: str) -> Non
     what = f"a {layout} ConvMixer (dim {config.dim}, depth {config.depth})"
     for name, value in sd.items():
         shape = tuple(np.shape(value))
-        if name.endswith(".num_batches_tracked") and f"{name.rsplit('.', 1)[0]}.running_mean" in expected:
+        if (
+            name.endswith(".num_batches_tracked")
+            and f"{name.rsplit('.', 1)[0]}.running_mean" in expected
+        ):
             if shape != ():
                 raise NotAConvMixer(f"the tensor {name!r} has shape {shape}, expected a scalar")
             continue
         if name not in expected:
             raise NotAConvMixer(f"the tensor {name!r} (shape {shape}) is not part of {what}")
         if shape != expected[name]:
-            raise NotAConvMixer(f"the tensor {name!r} has shape {shape} but {what} has {expected[name]}")
-        if np.asarray(value).dtype.kind in "biucOSUM":  # bfloat16 (ml_dtypes) is floating but not np.floating
-            raise NotAConvMixer(f"the tensor {name!r} has dtype {np.asarray(value).dtype}, expected floating point")
+            raise NotAConvMixer(
+                f"the tensor {name!r} has shape {shape} but {what} has {expected[name]}"
+            )
+        if (
+            np.asarray(value).dtype.kind in "biucOSUM"
+        ):  # bfloat16 (ml_dtypes) is floating but not np.floating
+            raise NotAConvMixer(
+                f"the tensor {name!r} has dtype {np.asarray(value).dtype}, expected floating point"
+            )
     missing = [n for n in expected if n not in sd]
     if missing:
-        raise NotAConvMixer(f"the tensor {missing[0]!r} of {what} is missing"
-                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise NotAConvMixer(
+            f"the tensor {missing[0]!r} of {what} is missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
 
 
 # --------------------------------------------------------------------------- conversion
@@ -316,7 +385,9 @@ def _get(tree: dict, path: str, name: str):
     return np.asarray(tree[name])
 
 
-def variables_from_state_dict(sd: StateDict, config: ConvMixerConfig, layout: str) -> dict[str, Any]:
+def variables_from_state_dict(
+    sd: StateDict, config: ConvMixerConfig, layout: str
+) -> dict[str, Any]:
     """``{'params', 'batch_stats'}`` (float32 NumPy) of our ConvMixer from a PyTorch state dict.
 
     Conv weights (out, in, kh, kw) become HWIO kernels, the Linear weight
@@ -349,7 +420,9 @@ def state_dict_from_variables(config: ConvMixerConfig, variables) -> StateDict:
         if ours.endswith("_bn"):
             for torch_name, (collection, name) in _BN_STATS.items():
                 tree = params if collection == "params" else stats
-                sd[f"{theirs}.{torch_name}"] = np.ascontiguousarray(_get(tree, ours, name), np.float32)
+                sd[f"{theirs}.{torch_name}"] = np.ascontiguousarray(
+                    _get(tree, ours, name), np.float32
+                )
             sd[f"{theirs}.num_batches_tracked"] = np.zeros((), np.int64)
             continue
         kernel = _get(params, ours, "kernel").astype(np.float32)
@@ -366,6 +439,15 @@ def safetensors_bytes(sd: StateDict, metadata: dict[str, str] | None = None) -> 
     return st.save({k: np.ascontiguousarray(v) for k, v in sd.items()}, metadata=metadata)
 
 
-__all__ = ["LAYOUTS", "NotAConvMixer", "read_state_dict", "detect_layout", "expected_shapes",
-           "config_from_state_dict", "check_state_dict", "variables_from_state_dict",
-           "state_dict_from_variables", "safetensors_bytes"]
+__all__ = [
+    "LAYOUTS",
+    "NotAConvMixer",
+    "read_state_dict",
+    "detect_layout",
+    "expected_shapes",
+    "config_from_state_dict",
+    "check_state_dict",
+    "variables_from_state_dict",
+    "state_dict_from_variables",
+    "safetensors_bytes",
+]

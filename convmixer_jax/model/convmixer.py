@@ -31,6 +31,7 @@ convolution made the training step 44x slower, while a per-channel dense
 (Toeplitz) matrix built from the same k x k kernel runs at matrix-product
 speed while the grid is small.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,26 +83,40 @@ class ConvMixerConfig:
     activation: str = "gelu"
 
     def __post_init__(self):
-        for name in ("dim", "depth", "kernel_size", "patch_size", "num_classes",
-                     "image_size", "channels"):
+        for name in (
+            "dim",
+            "depth",
+            "kernel_size",
+            "patch_size",
+            "num_classes",
+            "image_size",
+            "channels",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ConvMixerConfig.{name} must be a positive integer, got {value!r}")
+                raise ValueError(
+                    f"ConvMixerConfig.{name} must be a positive integer, got {value!r}"
+                )
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
-                "choose an image size that is a multiple of the patch size")
+                "choose an image size that is a multiple of the patch size"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.depthwise_impl not in DEPTHWISE_IMPLS:
-            raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {self.depthwise_impl!r}")
+            raise ValueError(
+                f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {self.depthwise_impl!r}"
+            )
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:
                 value = tuple(float(v) for v in value)
                 object.__setattr__(self, name, value)
                 if len(value) != self.channels:
-                    raise ValueError(f"{name} has {len(value)} entries but the model has {self.channels} channels")
+                    raise ValueError(
+                        f"{name} has {len(value)} entries but the model has {self.channels} channels"
+                    )
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std}")
 
@@ -136,18 +151,45 @@ class ConvMixerConfig:
 
 PRESETS = {
     # Iijima & Kiya (2022), section 4: ConvMixer-256/8, k = 9, p = 4 on CIFAR-10.
-    "paper": ConvMixerConfig(dim=256, depth=8, kernel_size=9, patch_size=4,
-                             num_classes=10, image_size=32, channels=3),
+    "paper": ConvMixerConfig(
+        dim=256, depth=8, kernel_size=9, patch_size=4, num_classes=10, image_size=32, channels=3
+    ),
     # timm 1.0's ImageNet ConvMixers (timm/models/convmixer.py): 224 x 224 RGB, 1000 classes,
     # ImageNet mean/std. Patch 7 on RGB gives the odd pb = 147.
-    "convmixer_768_32": ConvMixerConfig(dim=768, depth=32, kernel_size=7, patch_size=7, num_classes=1000,
-                                        image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                        activation="relu"),
-    "convmixer_1536_20": ConvMixerConfig(dim=1536, depth=20, kernel_size=9, patch_size=7, num_classes=1000,
-                                         image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    "convmixer_1024_20_ks9_p14": ConvMixerConfig(dim=1024, depth=20, kernel_size=9, patch_size=14,
-                                                 num_classes=1000, image_size=224, channels=3,
-                                                 mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "convmixer_768_32": ConvMixerConfig(
+        dim=768,
+        depth=32,
+        kernel_size=7,
+        patch_size=7,
+        num_classes=1000,
+        image_size=224,
+        channels=3,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        activation="relu",
+    ),
+    "convmixer_1536_20": ConvMixerConfig(
+        dim=1536,
+        depth=20,
+        kernel_size=9,
+        patch_size=7,
+        num_classes=1000,
+        image_size=224,
+        channels=3,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ),
+    "convmixer_1024_20_ks9_p14": ConvMixerConfig(
+        dim=1024,
+        depth=20,
+        kernel_size=9,
+        patch_size=14,
+        num_classes=1000,
+        image_size=224,
+        channels=3,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ),
 }
 
 
@@ -182,9 +224,13 @@ def toeplitz_matrices(kernel: jax.Array, h: int, w: int) -> jax.Array:
     pad_w = (max(0, w - 1 - lo), max(0, lo + w - k))
     kp = jnp.pad(jnp.moveaxis(kernel[:, :, 0, :], -1, 0), ((0, 0), pad_h, pad_w))  # (C, kh', kw')
     # Rows: r[c, ho, hi, :] = kp[c, lo + pad - ho + hi, :].
-    rows = jnp.stack([kp[:, lo + pad_h[0] - ho: lo + pad_h[0] - ho + h, :] for ho in range(h)], axis=1)
+    rows = jnp.stack(
+        [kp[:, lo + pad_h[0] - ho : lo + pad_h[0] - ho + h, :] for ho in range(h)], axis=1
+    )
     # Columns: m[c, ho, hi, wo, wi] = rows[c, ho, hi, lo + pad - wo + wi].
-    mat = jnp.stack([rows[..., lo + pad_w[0] - wo: lo + pad_w[0] - wo + w] for wo in range(w)], axis=3)
+    mat = jnp.stack(
+        [rows[..., lo + pad_w[0] - wo : lo + pad_w[0] - wo + w] for wo in range(w)], axis=3
+    )
     return mat.transpose(0, 1, 3, 2, 4).reshape(c, h * w, h * w)
 
 
@@ -230,12 +276,17 @@ def depthwise(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
         y = jnp.zeros_like(x)
         for di in range(k):
             for dj in range(k):
-                y = y + xp[:, di:di + h, dj:dj + w, :] * taps[di * k + dj][:, None, None, None]
+                y = y + xp[:, di : di + h, dj : dj + w, :] * taps[di * k + dj][:, None, None, None]
         return y
     if impl == "conv":
         return jax.lax.conv_general_dilated(
-            x, kernel, window_strides=(1, 1), padding="SAME",
-            dimension_numbers=("CHWN", "HWIO", "CHWN"), feature_group_count=c)
+            x,
+            kernel,
+            window_strides=(1, 1),
+            padding="SAME",
+            dimension_numbers=("CHWN", "HWIO", "CHWN"),
+            feature_group_count=c,
+        )
     raise ValueError(f"unknown depthwise implementation {impl!r}; use one of {DEPTHWISE_IMPLS}")
 
 
@@ -343,7 +394,9 @@ class PatchEmbed(nn.Module):
             return add_channel_bias(y, bias)
         kernels, biases = stems  # (K, P, P, C, dim), (K, dim)
         k = kernels.shape[0]
-        e_t = jax.lax.optimization_barrier(jnp.swapaxes(kernels.reshape(k, pb, self.dim), 1, 2))  # (K, dim, pb)
+        e_t = jax.lax.optimization_barrier(
+            jnp.swapaxes(kernels.reshape(k, pb, self.dim), 1, 2)
+        )  # (K, dim, pb)
         y = jnp.einsum("kdp,pm->kdm", e_t, cols)  # one product for all K kernels
         y = jax.lax.optimization_barrier(y.reshape(k, self.dim, gh * gw, n))
         y = y + biases.reshape(k, self.dim, 1, 1)
@@ -402,7 +455,8 @@ class DepthwiseConv(nn.Module):
             if train:
                 raise ValueError(
                     "variables from prepare_inference() hold precomputed depthwise matrices that "
-                    "would not follow the kernel during training; train with the plain variables")
+                    "would not follow the kernel during training; train with the plain variables"
+                )
             mat = self.get_variable(PREPARED, "matrix")
             if self.impl == "toeplitz" and mat.shape == (d, h * w, h * w):
                 return add_channel_bias(depthwise_with_matrices(x, mat), bias)
@@ -445,10 +499,14 @@ class ConvMixer(nn.Module):
 
     config: ConvMixerConfig
 
-
     @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool = False,
-                 stems: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    def __call__(
+        self,
+        images: jax.Array,
+        *,
+        train: bool = False,
+        stems: tuple[jax.Array, jax.Array] | None = None,
+    ) -> jax.Array:
         cfg = self.config
         x = normalize_input(cfg, images)
         _, h, w, c = images.shape
@@ -461,8 +519,10 @@ class ConvMixer(nn.Module):
             kernels, biases = stems
             kk = kernels.shape[0]
             if kernels.shape != (kk, p, p, c, d) or biases.shape != (kk, d):
-                raise ValueError(f"stems must be kernels (K, {p}, {p}, {c}, {d}) and biases (K, {d}); "
-                                 f"got {kernels.shape} and {biases.shape}")
+                raise ValueError(
+                    f"stems must be kernels (K, {p}, {p}, {c}, {d}) and biases (K, {d}); "
+                    f"got {kernels.shape} and {biases.shape}"
+                )
         x = PatchEmbed(p, d, name="stem")(x, stems)  # (d, gh, gw, N), or (d, gh, gw, K * N)
         return after_stem(cfg, x, impl, train)
 
@@ -475,7 +535,8 @@ def normalize_input(cfg: ConvMixerConfig, images: jax.Array) -> jax.Array:
     if c != cfg.channels or h % p or w % p:
         raise ValueError(
             f"images of shape {images.shape} do not fit this model (channels {cfg.channels}, "
-            f"height and width divisible by patch size {p})")
+            f"height and width divisible by patch size {p})"
+        )
     mean = jnp.asarray(cfg.norm_mean, jnp.float32)
     std = jnp.asarray(cfg.norm_std, jnp.float32)
     return (images.astype(jnp.float32) - mean) / std
@@ -491,12 +552,17 @@ def after_stem(cfg: ConvMixerConfig, x: jax.Array, impl: str, train: bool) -> ja
     x = activation_fn(cfg.activation, cfg.gelu_approximate)(x)
     x = ChannelBatchNorm(name="stem_bn")(x, train)
     for i in range(cfg.depth):
-        x = MixerBlock(cfg.kernel_size, impl, cfg.gelu_approximate, cfg.activation, name=f"block_{i}")(x, train)
+        x = MixerBlock(
+            cfg.kernel_size, impl, cfg.gelu_approximate, cfg.activation, name=f"block_{i}"
+        )(x, train)
     pooled = jnp.mean(x, axis=(1, 2))  # (d, N)
-    head = nn.Dense(cfg.num_classes, name="head",
-                    kernel_init=_torch_like_conv_init(d), bias_init=_torch_like_conv_init(d))
+    head = nn.Dense(
+        cfg.num_classes,
+        name="head",
+        kernel_init=_torch_like_conv_init(d),
+        bias_init=_torch_like_conv_init(d),
+    )
     return head(pooled.T)
-
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -4,6 +4,7 @@ Each batch is split over every device of every process (the global mesh of
 :mod:`convmixer_jax.parallel`); in a multi-process run each process feeds only its
 own images of the batch and every process receives all the logits.
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,10 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.scheme.images import ImageError, check_not_empty, check_pixel_values
 from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig, prepare_inference
-from convmixer_jax.parallel.global_arrays import (by_rows, global_mesh, pad_to_multiple, replicate, replicated,
-                                                  shard_rows, to_host)
+from convmixer_jax.parallel.global_arrays import (
+    by_rows,
+    global_mesh,
+    pad_to_multiple,
+    replicate,
+    replicated,
+    shard_rows,
+    to_host,
+)
+from convmixer_jax.scheme.images import ImageError, check_not_empty, check_pixel_values
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,7 +37,9 @@ def _logits_fn(config: ConvMixerConfig, mesh) -> Callable:
             x = x / 255.0
         return model.apply(variables, x, train=False)
 
-    return jax.jit(logits, in_shardings=(replicated(mesh), by_rows(mesh)), out_shardings=replicated(mesh))
+    return jax.jit(
+        logits, in_shardings=(replicated(mesh), by_rows(mesh)), out_shardings=replicated(mesh)
+    )
 
 
 def check_model_images(config: ConvMixerConfig, images) -> None:
@@ -40,11 +50,15 @@ def check_model_images(config: ConvMixerConfig, images) -> None:
     s, c = config.image_size, config.channels
     check_not_empty(shape)
     if len(shape) != 4:
-        raise ImageError(f"images must be a batch of shape (N, H, W, C); got shape {shape} "
-                         "(for a single image add a leading axis: image[None])")
+        raise ImageError(
+            f"images must be a batch of shape (N, H, W, C); got shape {shape} "
+            "(for a single image add a leading axis: image[None])"
+        )
     if shape[1:3] != (s, s):
-        raise ImageError(f"images are {shape[1]}x{shape[2]} but the model takes {s}x{s} images; "
-                         f"resize or crop them to {s}x{s}")
+        raise ImageError(
+            f"images are {shape[1]}x{shape[2]} but the model takes {s}x{s} images; "
+            f"resize or crop them to {s}x{s}"
+        )
     if shape[3] != c:
         raise ImageError(f"images have {shape[3]} channels but the model takes {c}")
     check_pixel_values(images)
@@ -56,8 +70,9 @@ def iterate_batches(n: int, batch_size: int):
         yield start, min(start + batch_size, n)
 
 
-def predict_logits(config: ConvMixerConfig, variables, images, *, batch_size: int = 500,
-                   progress: bool = False) -> np.ndarray:
+def predict_logits(
+    config: ConvMixerConfig, variables, images, *, batch_size: int = 500, progress: bool = False
+) -> np.ndarray:
     """Logits of ``images`` (N, H, W, C) uint8 or float in [0, 1] -> (N, classes) float32.
 
     Every batch has one size, ``batch_size`` (or N if smaller) rounded up to a
@@ -84,8 +99,15 @@ def predict_logits(config: ConvMixerConfig, variables, images, *, batch_size: in
     return out
 
 
-def accuracy(config: ConvMixerConfig, variables, images, labels, *, batch_size: int = 500,
-             progress: bool = False) -> float:
+def accuracy(
+    config: ConvMixerConfig,
+    variables,
+    images,
+    labels,
+    *,
+    batch_size: int = 500,
+    progress: bool = False,
+) -> float:
     """Top-1 accuracy in [0, 1] of the model on ``images`` with integer ``labels`` (N,)."""
     logits = predict_logits(config, variables, images, batch_size=batch_size, progress=progress)
     return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))

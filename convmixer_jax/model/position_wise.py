@@ -5,6 +5,7 @@ kernel is (gh, gw, P, P, C, dim) and its bias (gh, gw, dim); everything after th
 (and every parameter name) is the :class:`~convmixer_jax.model.convmixer.ConvMixer`'s,
 so a plain model's variables run here once their stem is replaced.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,8 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.model.convmixer import (ConvMixerConfig, _torch_like_conv_init, after_stem, normalize_input,
-                                           resolve_depthwise_impl)
+from convmixer_jax.model.convmixer import (
+    ConvMixerConfig,
+    _torch_like_conv_init,
+    after_stem,
+    normalize_input,
+    resolve_depthwise_impl,
+)
 
 
 class PositionWisePatchEmbed(nn.Module):
@@ -30,7 +36,9 @@ class PositionWisePatchEmbed(nn.Module):
         n, h, w, c = x.shape
         p, (gh, gw) = self.patch_size, self.grid
         pb = p * p * c
-        kernel = self.param("kernel", _torch_like_conv_init(pb), (gh, gw, p, p, c, self.dim), jnp.float32)
+        kernel = self.param(
+            "kernel", _torch_like_conv_init(pb), (gh, gw, p, p, c, self.dim), jnp.float32
+        )
         bias = self.param("bias", _torch_like_conv_init(pb), (gh, gw, self.dim), jnp.float32)
         cols = x.reshape(n, gh, p, gw, p, c).transpose(1, 3, 2, 4, 5, 0).reshape(gh, gw, pb, n)
         y = jnp.einsum("ghpd,ghpn->dghn", kernel.reshape(gh, gw, pb, self.dim), cols)
@@ -58,13 +66,17 @@ def _apply_fn(config: ConvMixerConfig):
     return jax.jit(lambda variables, x: module.apply(variables, x))
 
 
-def position_wise_logits(config: ConvMixerConfig, variables: dict, images, *, batch_size: int = 500) -> np.ndarray:
+def position_wise_logits(
+    config: ConvMixerConfig, variables: dict, images, *, batch_size: int = 500
+) -> np.ndarray:
     """Logits (N, classes) of the position-wise model ``variables`` on images (N, H, W, C)
     uint8 or float in [0, 1], in batches of ``batch_size``."""
     images = np.asarray(images)
     x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
     fn = _apply_fn(config)
-    out = [np.asarray(fn(variables, x[lo:lo + batch_size])) for lo in range(0, len(x), batch_size)]
+    out = [
+        np.asarray(fn(variables, x[lo : lo + batch_size])) for lo in range(0, len(x), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, config.num_classes), np.float32)
 
 

@@ -8,11 +8,13 @@ of a training batch). Replicated values (weights, the images every key is tried 
 are put on each process's devices from that process's identical copy. With one
 process all of this is ordinary single-host sharding.
 """
+
 from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def global_mesh(axis: str) -> Mesh:
@@ -35,7 +37,9 @@ def replicate(tree, mesh: Mesh):
     Every process must pass the same values; each supplies its own devices' copies.
     """
     sharding = replicated(mesh)
-    if jax.process_count() == 1:  # every device is this process's: a plain transfer (no copy if already there)
+    if (
+        jax.process_count() == 1
+    ):  # every device is this process's: a plain transfer (no copy if already there)
         return jax.device_put(tree, sharding)
 
     def put(leaf):
@@ -73,4 +77,12 @@ def pad_to_multiple(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-__all__ = ["global_mesh", "replicated", "by_rows", "replicate", "shard_rows", "to_host", "pad_to_multiple"]
+__all__ = [
+    "global_mesh",
+    "replicated",
+    "by_rows",
+    "replicate",
+    "shard_rows",
+    "to_host",
+    "pad_to_multiple",
+]

@@ -9,6 +9,7 @@ implementation switched on: :func:`start` selects gloo. Results are written by
 process 0 alone (:func:`is_writer`); the others compute the same values and write
 nothing.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,10 @@ def parse_address(text: str) -> tuple[str, int]:
     """``'HOST:PORT'`` -> (host, port); :class:`DistributedError` unless the port is 1..65535."""
     host, sep, port = str(text).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise DistributedError(f"--coordinator-address {text!r} is not HOST:PORT with a port in 1..65535; "
-                               "give process 0's host and a free port, e.g. 10.0.0.1:12345")
+        raise DistributedError(
+            f"--coordinator-address {text!r} is not HOST:PORT with a port in 1..65535; "
+            "give process 0's host and a free port, e.g. 10.0.0.1:12345"
+        )
     return host, int(port)
 
 
@@ -60,25 +63,36 @@ def detect_cluster() -> tuple[str, int] | None:
     return None
 
 
-def check_options(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+def check_options(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
     """Raise :class:`DistributedError` unless the three options are all given and consistent,
     or all left out (``num_processes=1`` alone, or with process 0, is a one-process run)."""
     given = [v is not None for v in (coordinator_address, num_processes, process_id)]
     if num_processes == 1 and coordinator_address is None and process_id in (None, 0):
         return
     if any(given) and not all(given):
-        raise DistributedError("--coordinator-address, --num-processes and --process-id go together: give all "
-                               "three on every process (or none, on a cluster JAX detects)")
+        raise DistributedError(
+            "--coordinator-address, --num-processes and --process-id go together: give all "
+            "three on every process (or none, on a cluster JAX detects)"
+        )
     if not any(given):
         return
     if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise DistributedError(f"--process-id {process_id} is not in 0..{num_processes - 1}; number the "
-                               f"{num_processes} processes 0 to {num_processes - 1}, one id each")
+        raise DistributedError(
+            f"--process-id {process_id} is not in 0..{num_processes - 1}; number the "
+            f"{num_processes} processes 0 to {num_processes - 1}, one id each"
+        )
     parse_address(coordinator_address)
 
 
-def start(coordinator_address: str | None = None, num_processes: int | None = None,
-          process_id: int | None = None, *, timeout_s: int = 300) -> Group:
+def start(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout_s: int = 300,
+) -> Group:
     """Join (or form) the process group; call before anything else runs JAX.
 
     With no arguments: a detected cluster of several processes is joined, otherwise
@@ -97,11 +111,15 @@ def start(coordinator_address: str | None = None, num_processes: int | None = No
     else:
         want = Group("single", 1, 0)
     if _started is not None:
-        same = ((want.via, want.num_processes, want.coordinator_address)
-                == (_started.via, _started.num_processes, _started.coordinator_address)
-                and want.process_id in (-1, _started.process_id))
+        same = (want.via, want.num_processes, want.coordinator_address) == (
+            _started.via,
+            _started.num_processes,
+            _started.coordinator_address,
+        ) and want.process_id in (-1, _started.process_id)
         if not same:
-            raise DistributedError(f"this process already runs as {_started}; it cannot join {want} as well")
+            raise DistributedError(
+                f"this process already runs as {_started}; it cannot join {want} as well"
+            )
         return _started
     if want.via == "single":
         _started = want
@@ -111,17 +129,22 @@ def start(coordinator_address: str | None = None, num_processes: int | None = No
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         if explicit:
-            jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                                       initialization_timeout=timeout_s)
+            jax.distributed.initialize(
+                coordinator_address, num_processes, process_id, initialization_timeout=timeout_s
+            )
         else:
             jax.distributed.initialize(initialization_timeout=timeout_s)
     except RuntimeError as e:
         if any(word in str(e).lower() for word in ("before", "already", "once")):
-            raise DistributedError("jax.distributed must start before JAX computes anything in this process; "
-                                   "start the process group first (a fresh process)") from None
-        raise DistributedError(f"could not join the process group at {coordinator_address or want.via}: "
-                               f"{' '.join(str(e).split())[:300]}; check that every process got the same "
-                               "address and that process 0 is running") from None
+            raise DistributedError(
+                "jax.distributed must start before JAX computes anything in this process; "
+                "start the process group first (a fresh process)"
+            ) from None
+        raise DistributedError(
+            f"could not join the process group at {coordinator_address or want.via}: "
+            f"{' '.join(str(e).split())[:300]}; check that every process got the same "
+            "address and that process 0 is running"
+        ) from None
     _started = Group(want.via, jax.process_count(), jax.process_index(), coordinator_address)
     return _started
 
@@ -137,7 +160,9 @@ def from_process_zero(tree):
     import numpy as np
     from jax.experimental import multihost_utils
 
-    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(jax.tree.map(np.asarray, tree)))
+    return jax.tree.map(
+        np.asarray, multihost_utils.broadcast_one_to_all(jax.tree.map(np.asarray, tree))
+    )
 
 
 def process_index() -> int:
@@ -154,5 +179,15 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-__all__ = ["DistributedError", "Group", "start", "check_options", "parse_address", "detect_cluster",
-           "from_process_zero", "process_index", "process_count", "is_writer"]
+__all__ = [
+    "DistributedError",
+    "Group",
+    "start",
+    "check_options",
+    "parse_address",
+    "detect_cluster",
+    "from_process_zero",
+    "process_index",
+    "process_count",
+    "is_writer",
+]

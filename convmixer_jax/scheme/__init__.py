@@ -3,6 +3,7 @@
 Imports nothing else from the package: everything here follows from
 ``docs/method.md`` alone.
 """
+
 from convmixer_jax.scheme.images import ImageError, check_images, decrypt_images, encrypt_images  # noqa: F401
 from convmixer_jax.scheme.keys import (  # noqa: F401
     InvalidKeyError,
@@ -15,4 +16,9 @@ from convmixer_jax.scheme.keys import (  # noqa: F401
     load_key,
     random_keys,
 )
-from convmixer_jax.scheme.params import KeyModelMismatch, decrypt_params, encrypt_params, rekey_params  # noqa: F401
+from convmixer_jax.scheme.params import (  # noqa: F401
+    KeyModelMismatch,
+    decrypt_params,
+    encrypt_params,
+    rekey_params,
+)

@@ -10,6 +10,7 @@ The whole transform is one gather through a precomputed index of the image
 from ``perm`` inside the computation, so the functions ``vmap`` over a batch
 of keys (``Key`` leaves with a leading axis).
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,11 @@ def _block_layout(h: int, w: int, c: int, m: int) -> tuple[np.ndarray, np.ndarra
     within = (i * m + j) * c + ch
     ii, jj, cc = np.meshgrid(np.arange(m), np.arange(m), np.arange(c), indexing="ij")
     offset = (ii * w + jj) * c + cc
-    return (base.reshape(-1).astype(np.int32), within.reshape(-1).astype(np.int32),
-            offset.reshape(-1).astype(np.int32))
+    return (
+        base.reshape(-1).astype(np.int32),
+        within.reshape(-1).astype(np.int32),
+        offset.reshape(-1).astype(np.int32),
+    )
 
 
 def check_images(images, key: Key, *, check_values: bool = True) -> None:
@@ -58,11 +62,15 @@ def check_images(images, key: Key, *, check_values: bool = True) -> None:
     h, w, c = shape[-3:]
     m = key.block_size
     if h % m or w % m:
-        raise ImageError(f"image size {h}x{w} is not divisible by the block size {m}; "
-                         f"crop or pad the images to a multiple of {m}")
+        raise ImageError(
+            f"image size {h}x{w} is not divisible by the block size {m}; "
+            f"crop or pad the images to a multiple of {m}"
+        )
     if c != key.channels:
-        raise ImageError(f"images have {c} channels but the key is for {key.channels}; "
-                         "use a key made with --channels equal to the images' channels")
+        raise ImageError(
+            f"images have {c} channels but the key is for {key.channels}; "
+            "use a key made with --channels equal to the images' channels"
+        )
     check_pixel_values(images, check_values=check_values)
 
 
@@ -70,8 +78,10 @@ def check_not_empty(shape) -> None:
     """Raise :class:`ImageError` if the images of an array of ``shape`` (..., H, W, C) have no pixels
     (an empty batch, N = 0, is allowed: it encrypts to an empty batch)."""
     if len(shape) >= 3 and any(int(n) == 0 for n in shape[-3:]):
-        raise ImageError(f"the image array has shape {tuple(shape)}, which holds no pixels; "
-                         "pass at least one image of at least one pixel")
+        raise ImageError(
+            f"the image array has shape {tuple(shape)}, which holds no pixels; "
+            "pass at least one image of at least one pixel"
+        )
 
 
 def check_pixel_values(images, *, check_values: bool = True) -> None:
@@ -80,15 +90,21 @@ def check_pixel_values(images, *, check_values: bool = True) -> None:
     dtype = np.dtype(images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype)
     if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
         raise ImageError(f"images must be uint8 (0..255) or float in [0, 1]; got dtype {dtype}")
-    if check_values and np.issubdtype(dtype, np.floating) and not isinstance(images, jax.core.Tracer):
+    if (
+        check_values
+        and np.issubdtype(dtype, np.floating)
+        and not isinstance(images, jax.core.Tracer)
+    ):
         arr = np.asarray(images)
         if arr.size:
             if not np.isfinite(arr).all():
                 raise ImageError("images contain NaN or infinite values")
             lo, hi = float(arr.min()), float(arr.max())
             if lo < 0.0 or hi > 1.0:
-                raise ImageError(f"float images must lie in [0, 1]; found values in [{lo:g}, {hi:g}] "
-                                 "(divide 8-bit data by 255, or pass uint8 arrays)")
+                raise ImageError(
+                    f"float images must lie in [0, 1]; found values in [{lo:g}, {hi:g}] "
+                    "(divide 8-bit data by 255, or pass uint8 arrays)"
+                )
 
 
 def _check_key(key: Key) -> None:
@@ -179,12 +195,12 @@ def encrypt_images_reference(images: np.ndarray, key: Key) -> np.ndarray:
     h, w = out.shape[-3:-1]
     for by in range(0, h, m):
         for bx in range(0, w, m):
-            block = np.asarray(images)[..., by:by + m, bx:bx + m, :]
+            block = np.asarray(images)[..., by : by + m, bx : bx + m, :]
             flat = block.reshape(block.shape[:-3] + (m * m * c,))
             y = flat[..., perm]
             if y.dtype == np.uint8:
                 z = np.where(flip == 1, 255 - y, y).astype(np.uint8)
             else:
                 z = np.where(flip == 1, 1 - y, y).astype(y.dtype)
-            out[..., by:by + m, bx:bx + m, :] = z.reshape(block.shape)
+            out[..., by : by + m, bx : bx + m, :] = z.reshape(block.shape)
     return out

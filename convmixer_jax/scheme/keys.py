@@ -20,14 +20,15 @@ attacks and sweeps. Saved keys are JSON::
 and :func:`fingerprint` (SHA-256 of the canonical form) names a key without
 revealing it.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 import math
-import sys
 import secrets
+import sys
 from pathlib import Path
 
 import jax
@@ -43,8 +44,6 @@ MAX_CHANNELS = 64
 
 class InvalidKeyError(ValueError):
     """A key is malformed, tampered with, or does not fit the data or model."""
-
-
 
 
 @jax.tree_util.register_dataclass
@@ -97,12 +96,16 @@ def block_len(block_size: int, channels: int) -> int:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise InvalidKeyError(f"{name} must be a positive integer, got {v!r}")
     if block_size > MAX_BLOCK_SIZE or channels > MAX_CHANNELS:
-        raise InvalidKeyError(f"block size {block_size} with {channels} channels is beyond this release's "
-                              f"limits (block size <= {MAX_BLOCK_SIZE}, channels <= {MAX_CHANNELS})")
+        raise InvalidKeyError(
+            f"block size {block_size} with {channels} channels is beyond this release's "
+            f"limits (block size <= {MAX_BLOCK_SIZE}, channels <= {MAX_CHANNELS})"
+        )
     pb = int(block_size) ** 2 * int(channels)
     if pb < 2:
-        raise InvalidKeyError(f"block size {block_size} with {channels} channel gives 1 value per block: its only "
-                              "key is the identity, which encrypts nothing; use a block size of 2 or more")
+        raise InvalidKeyError(
+            f"block size {block_size} with {channels} channel gives 1 value per block: its only "
+            "key is the identity, which encrypts nothing; use a block size of 2 or more"
+        )
     return pb
 
 
@@ -117,17 +120,26 @@ def validate_key(key: Key) -> Key:
     perm = np.asarray(key.perm)
     flip = np.asarray(key.flip)
     if perm.shape != (pb,):
-        raise InvalidKeyError(f"perm has shape {perm.shape}, expected ({pb},) for block size {key.block_size} "
-                        f"and {key.channels} channels")
+        raise InvalidKeyError(
+            f"perm has shape {perm.shape}, expected ({pb},) for block size {key.block_size} "
+            f"and {key.channels} channels"
+        )
     if flip.shape != (pb,):
         raise InvalidKeyError(f"flip has shape {flip.shape}, expected ({pb},)")
-    if not np.issubdtype(perm.dtype, np.integer) or not np.array_equal(np.sort(perm), np.arange(pb)):
+    if not np.issubdtype(perm.dtype, np.integer) or not np.array_equal(
+        np.sort(perm), np.arange(pb)
+    ):
         raise InvalidKeyError(f"perm is not a permutation of 0..{pb - 1}")
-    if not (np.issubdtype(flip.dtype, np.integer) or flip.dtype == bool) or not np.isin(flip, (0, 1)).all():
+    if (
+        not (np.issubdtype(flip.dtype, np.integer) or flip.dtype == bool)
+        or not np.isin(flip, (0, 1)).all()
+    ):
         raise InvalidKeyError("flip must hold only 0 and 1")
     ones = int(np.sum(flip))
     if ones != flip_ones(pb):
-        raise InvalidKeyError(f"flip has {ones} ones, expected exactly floor(pb/2) = {flip_ones(pb)}")
+        raise InvalidKeyError(
+            f"flip has {ones} ones, expected exactly floor(pb/2) = {flip_ones(pb)}"
+        )
     return Key(perm.astype(np.int32), flip.astype(np.uint8), int(key.block_size), int(key.channels))
 
 
@@ -149,7 +161,9 @@ def generate_key(block_size: int, channels: int, seed: int | None = None) -> Key
         return make_key(perm, flip, block_size, channels)
     g = np.random.default_rng(seed)
     perm = g.permutation(pb)
-    flip = g.permutation(np.concatenate([np.ones(flip_ones(pb), np.uint8), np.zeros(pb - flip_ones(pb), np.uint8)]))
+    flip = g.permutation(
+        np.concatenate([np.ones(flip_ones(pb), np.uint8), np.zeros(pb - flip_ones(pb), np.uint8)])
+    )
     return make_key(perm, flip, block_size, channels)
 
 
@@ -160,7 +174,9 @@ def random_keys(rng: jax.Array, n: int, block_size: int, channels: int) -> Key:
     Returns a Key with perm (n, pb) int32 and flip (n, pb) uint8.
     """
     pb = block_len(block_size, channels)
-    half = jnp.concatenate([jnp.ones(flip_ones(pb), jnp.uint8), jnp.zeros(pb - flip_ones(pb), jnp.uint8)])
+    half = jnp.concatenate(
+        [jnp.ones(flip_ones(pb), jnp.uint8), jnp.zeros(pb - flip_ones(pb), jnp.uint8)]
+    )
 
     def one(k):
         kp, kf = jax.random.split(k)
@@ -183,15 +199,25 @@ def stack_keys(keys: list[Key]) -> Key:
     m, c = keys[0].block_size, keys[0].channels
     if any((k.block_size, k.channels) != (m, c) for k in keys):
         raise InvalidKeyError("keys to stack must share block size and channels")
-    return Key(np.stack([np.asarray(k.perm) for k in keys]), np.stack([np.asarray(k.flip) for k in keys]), m, c)
+    return Key(
+        np.stack([np.asarray(k.perm) for k in keys]),
+        np.stack([np.asarray(k.flip) for k in keys]),
+        m,
+        c,
+    )
 
 
 def key_to_json(key: Key) -> dict:
     """The JSON object of a single key (the project's file format)."""
     key = validate_key(key)
-    return {"format": KEY_FORMAT, "version": KEY_VERSION, "block_size": key.block_size,
-            "channels": key.channels, "perm": [int(v) for v in key.perm],
-            "flip": [int(v) for v in key.flip]}
+    return {
+        "format": KEY_FORMAT,
+        "version": KEY_VERSION,
+        "block_size": key.block_size,
+        "channels": key.channels,
+        "perm": [int(v) for v in key.perm],
+        "flip": [int(v) for v in key.flip],
+    }
 
 
 def _canonical(key: Key) -> bytes:
@@ -209,9 +235,13 @@ def key_from_json(obj) -> Key:
     if not isinstance(obj, dict):
         raise InvalidKeyError("a key file must hold a JSON object")
     if obj.get("format") != KEY_FORMAT:
-        raise InvalidKeyError(f"not a convmixer-jax key: 'format' is {obj.get('format')!r}, expected {KEY_FORMAT!r}")
+        raise InvalidKeyError(
+            f"not a convmixer-jax key: 'format' is {obj.get('format')!r}, expected {KEY_FORMAT!r}"
+        )
     if obj.get("version") != KEY_VERSION:
-        raise InvalidKeyError(f"unsupported key version {obj.get('version')!r}; this release reads version {KEY_VERSION}")
+        raise InvalidKeyError(
+            f"unsupported key version {obj.get('version')!r}; this release reads version {KEY_VERSION}"
+        )
     for field in ("block_size", "channels", "perm", "flip"):
         if field not in obj:
             raise InvalidKeyError(f"key is missing the field {field!r}")
@@ -222,16 +252,22 @@ def key_from_json(obj) -> Key:
         raise InvalidKeyError(f"key file: {e}") from None
     for name in ("perm", "flip"):
         v = obj[name]
-        if not isinstance(v, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+        if not isinstance(v, list) or not all(
+            isinstance(e, int) and not isinstance(e, bool) for e in v
+        ):
             raise InvalidKeyError(f"key field {name!r} must be a list of integers")
         if len(v) != pb:
-            raise InvalidKeyError(f"key field {name!r} has shape ({len(v)},), expected ({pb},) (pb = {pb} for "
-                                  f"block size {m} and {c} channels)")
+            raise InvalidKeyError(
+                f"key field {name!r} has shape ({len(v)},), expected ({pb},) (pb = {pb} for "
+                f"block size {m} and {c} channels)"
+            )
         if not all(0 <= e < pb for e in v):
             raise InvalidKeyError(f"key field {name!r} holds values outside 0..{pb - 1}")
     key = make_key(np.asarray(obj["perm"], np.int64), np.asarray(obj["flip"], np.int64), m, c)
     if "fingerprint" in obj and obj["fingerprint"] != fingerprint(key):
-        raise InvalidKeyError("the key's recorded fingerprint does not match its contents: the file was altered")
+        raise InvalidKeyError(
+            "the key's recorded fingerprint does not match its contents: the file was altered"
+        )
     return key
 
 
@@ -243,8 +279,10 @@ def load_key(path: str | Path) -> Key:
             raise InvalidKeyError(f"key file {path} is a directory; pass the key's .json file")
         size = path.stat().st_size
         if size > MAX_KEY_FILE_BYTES:
-            raise InvalidKeyError(f"key file {path} holds {size:,} bytes, more than any key "
-                                  f"({MAX_KEY_FILE_BYTES:,} at most); it is not a key file")
+            raise InvalidKeyError(
+                f"key file {path} holds {size:,} bytes, more than any key "
+                f"({MAX_KEY_FILE_BYTES:,} at most); it is not a key file"
+            )
         with open(path, "rb") as f:
             text = f.read(MAX_KEY_FILE_BYTES + 1).decode()
     except FileNotFoundError:
@@ -253,11 +291,17 @@ def load_key(path: str | Path) -> Key:
         raise InvalidKeyError(f"cannot read key file {path}: {e}") from None
     depth = _nesting_depth(text)
     if depth > 4:
-        raise InvalidKeyError(f"key file {path} nests JSON {depth} levels deep; a key file is one flat object")
+        raise InvalidKeyError(
+            f"key file {path} nests JSON {depth} levels deep; a key file is one flat object"
+        )
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, RecursionError, ValueError) as e:
-        msg = f"{e.msg} at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        msg = (
+            f"{e.msg} at line {e.lineno}"
+            if isinstance(e, json.JSONDecodeError)
+            else type(e).__name__
+        )
         raise InvalidKeyError(f"key file {path} is not valid JSON ({msg})") from None
     try:
         return key_from_json(obj)

@@ -22,6 +22,7 @@ of keys: ``jax.vmap(encrypt_params, in_axes=(None, 0))(params, keys)``.
 They accept either a params tree (``{'stem': {'kernel', 'bias'}, ...}``) or a
 variables tree (``{'params': ..., 'batch_stats': ...}``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -43,8 +44,10 @@ def _stem(tree: PyTree) -> tuple[dict, bool]:
         return tree["params"]["stem"], True
     if "stem" in tree:
         return tree["stem"], False
-    raise ValueError("parameter tree has no patch embedding ('stem' with 'kernel' and 'bias'); "
-                     "pass ConvMixer params or variables")
+    raise ValueError(
+        "parameter tree has no patch embedding ('stem' with 'kernel' and 'bias'); "
+        "pass ConvMixer params or variables"
+    )
 
 
 def _with_stem(tree: PyTree, stem: dict, nested: bool) -> PyTree:
@@ -57,11 +60,15 @@ def check_key_fits(kernel_shape: Sequence[int], key: Key) -> None:
     """Refuse a key whose block size / channels differ from a (P, P, C, dim) kernel."""
     p, p2, c, _ = kernel_shape
     if key.block_size != p:
-        raise KeyModelMismatch(f"key block size {key.block_size} differs from the model's patch size {p}; "
-                               f"make a key with --block-size {p}")
+        raise KeyModelMismatch(
+            f"key block size {key.block_size} differs from the model's patch size {p}; "
+            f"make a key with --block-size {p}"
+        )
     if key.channels != c:
-        raise KeyModelMismatch(f"key has {key.channels} channels but the model takes {c}; "
-                               f"make a key with --channels {c}")
+        raise KeyModelMismatch(
+            f"key has {key.channels} channels but the model takes {c}; "
+            f"make a key with --channels {c}"
+        )
 
 
 def _norm(mean, std, c):
@@ -141,4 +148,6 @@ def decrypt_params(params: PyTree, key: Key, *, mean=None, std=None) -> PyTree:
 
 def rekey_params(params: PyTree, old_key: Key, new_key: Key, *, mean=None, std=None) -> PyTree:
     """Move a model encrypted with ``old_key`` to ``new_key`` (the paper's key update)."""
-    return encrypt_params(decrypt_params(params, old_key, mean=mean, std=std), new_key, mean=mean, std=std)
+    return encrypt_params(
+        decrypt_params(params, old_key, mean=mean, std=std), new_key, mean=mean, std=std
+    )

@@ -14,6 +14,7 @@ runs it.
 Shapes: ``keys`` is a :class:`~convmixer_jax.scheme.keys.Key` batch with perm and flip
 (G, pb), G = gh * gw, in row-major grid order.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,14 +30,21 @@ from convmixer_jax.scheme.params import _stem, _with_stem, encrypt_kernel
 PyTree = Any
 
 
-def generate_position_keys(block_size: int, channels: int, grid: tuple[int, int],
-                           seed: int | None = None) -> Key:
+def generate_position_keys(
+    block_size: int, channels: int, grid: tuple[int, int], seed: int | None = None
+) -> Key:
     """``gh * gw`` independent keys (OS CSPRNG, or seeded for experiments): perm/flip (G, pb)."""
     gh, gw = (int(g) for g in grid)
     if gh < 1 or gw < 1:
         raise ValueError(f"the block grid must be at least 1 x 1, got {grid}")
-    seeds = [None] * (gh * gw) if seed is None else list(np.random.SeedSequence(seed).generate_state(gh * gw))
-    return stack_keys([generate_key(block_size, channels, None if s is None else int(s)) for s in seeds])
+    seeds = (
+        [None] * (gh * gw)
+        if seed is None
+        else list(np.random.SeedSequence(seed).generate_state(gh * gw))
+    )
+    return stack_keys(
+        [generate_key(block_size, channels, None if s is None else int(s)) for s in seeds]
+    )
 
 
 def _grid_of(images, keys: Key) -> tuple[int, int]:
@@ -45,12 +53,16 @@ def _grid_of(images, keys: Key) -> tuple[int, int]:
     h, w = images.shape[-3:-1]
     m = keys.block_size
     if h % m or w % m:
-        raise ImageError(f"images of {h} x {w} do not split into {m} x {m} blocks; "
-                         f"pass images whose height and width are multiples of {m}")
+        raise ImageError(
+            f"images of {h} x {w} do not split into {m} x {m} blocks; "
+            f"pass images whose height and width are multiples of {m}"
+        )
     gh, gw = h // m, w // m
     if gh * gw != keys.perm.shape[0]:
-        raise InvalidKeyError(f"{keys.perm.shape[0]} position keys for a grid of {gh} x {gw} = {gh * gw} blocks; "
-                              "make one key per block position")
+        raise InvalidKeyError(
+            f"{keys.perm.shape[0]} position keys for a grid of {gh} x {gw} = {gh * gw} blocks; "
+            "make one key per block position"
+        )
     return gh, gw
 
 
@@ -75,8 +87,9 @@ def decrypt_images_by_position(images, keys: Key) -> jax.Array:
     return _by_position(decrypt_images, images, keys)
 
 
-def encrypt_params_by_position(params: PyTree, keys: Key, grid: tuple[int, int], *, mean=None,
-                               std=None) -> PyTree:
+def encrypt_params_by_position(
+    params: PyTree, keys: Key, grid: tuple[int, int], *, mean=None, std=None
+) -> PyTree:
     """The position-wise encrypted model: the stem kernel (P, P, C, dim) becomes
     (gh, gw, P, P, C, dim), position g's slice encrypted with ``keys[g]``, and the bias
     (dim,) becomes (gh, gw, dim). Nothing else changes. ``params``: a params or
@@ -85,10 +98,23 @@ def encrypt_params_by_position(params: PyTree, keys: Key, grid: tuple[int, int],
     gh, gw = (int(g) for g in grid)
     if np.ndim(keys.perm) != 2 or keys.perm.shape[0] != gh * gw:
         raise InvalidKeyError(f"need {gh * gw} position keys (perm (G, pb)) for a {gh} x {gw} grid")
-    kernels, biases = jax.vmap(lambda k: encrypt_kernel(stem["kernel"], stem["bias"], k, mean, std))(keys)
-    return _with_stem(params, {**stem, "kernel": kernels.reshape((gh, gw) + kernels.shape[1:]),
-                               "bias": biases.reshape(gh, gw, -1)}, nested)
+    kernels, biases = jax.vmap(
+        lambda k: encrypt_kernel(stem["kernel"], stem["bias"], k, mean, std)
+    )(keys)
+    return _with_stem(
+        params,
+        {
+            **stem,
+            "kernel": kernels.reshape((gh, gw) + kernels.shape[1:]),
+            "bias": biases.reshape(gh, gw, -1),
+        },
+        nested,
+    )
 
 
-__all__ = ["generate_position_keys", "encrypt_images_by_position", "decrypt_images_by_position",
-           "encrypt_params_by_position"]
+__all__ = [
+    "generate_position_keys",
+    "encrypt_images_by_position",
+    "decrypt_images_by_position",
+    "encrypt_params_by_position",
+]

@@ -11,6 +11,7 @@ evaluated like any other plain model. How the statistics are measured matters
 by class gives one-class batches), and statistics measured under the training
 augmentation are closer to the ones the weights were trained with.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.model.inference import iterate_batches
 from convmixer_jax.model.convmixer import ChannelBatchNorm, ConvMixer, ConvMixerConfig
+from convmixer_jax.model.inference import iterate_batches
 
 
 def average_variables(variables: Sequence[dict], weights: Sequence[float] | None = None) -> dict:
@@ -45,11 +46,15 @@ def average_variables(variables: Sequence[dict], weights: Sequence[float] | None
     structure = jax.tree.structure(trees[0])
     for i, t in enumerate(trees[1:], start=2):
         if jax.tree.structure(t) != structure:
-            raise ValueError(f"model {i} has another parameter tree than model 1 (another architecture?)")
+            raise ValueError(
+                f"model {i} has another parameter tree than model 1 (another architecture?)"
+            )
         for a, b in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(t)):
             if np.shape(a) != np.shape(b):
-                raise ValueError(f"model {i} has a leaf of shape {np.shape(b)} where model 1 has "
-                                 f"{np.shape(a)} (another architecture?)")
+                raise ValueError(
+                    f"model {i} has a leaf of shape {np.shape(b)} where model 1 has "
+                    f"{np.shape(a)} (another architecture?)"
+                )
 
     def mean(*leaves):
         acc = sum(wi * np.asarray(leaf, np.float64) for wi, leaf in zip(w, leaves))
@@ -75,20 +80,37 @@ def _batch_moments_fn(config: ConvMixerConfig) -> Callable:
         if images.dtype == jnp.uint8:
             x = x / 255.0
         zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
-        _, upd = model.apply({"params": variables["params"], "batch_stats": zeros}, x, train=True,
-                             mutable=["batch_stats"])
+        _, upd = model.apply(
+            {"params": variables["params"], "batch_stats": zeros},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
         stats = upd["batch_stats"]
         is_bn = lambda t: isinstance(t, dict) and set(t) == {"mean", "var"}  # noqa: E731
-        return jax.tree.map(lambda s: {"mean": s["mean"] / keep,
-                                       "sq": s["var"] / keep + jnp.square(s["mean"] / keep)},
-                            stats, is_leaf=is_bn)
+        return jax.tree.map(
+            lambda s: {
+                "mean": s["mean"] / keep,
+                "sq": s["var"] / keep + jnp.square(s["mean"] / keep),
+            },
+            stats,
+            is_leaf=is_bn,
+        )
 
     return moments
 
 
-def recalibrate_batch_stats(config: ConvMixerConfig, variables: dict, images, *, batch_size: int = 500,
-                            augment: Callable | None = None, passes: int = 1, seed: int = 0,
-                            progress: bool = False) -> dict:
+def recalibrate_batch_stats(
+    config: ConvMixerConfig,
+    variables: dict,
+    images,
+    *,
+    batch_size: int = 500,
+    augment: Callable | None = None,
+    passes: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     """``variables`` with every BatchNorm's running mean and variance measured on ``images``.
 
     images: (N, H, W, C) uint8 or float in [0, 1], typically the training images.
@@ -119,8 +141,11 @@ def recalibrate_batch_stats(config: ConvMixerConfig, variables: dict, images, *,
     if n == 0:
         raise ValueError("recalibration needs at least one image")
     fn = _batch_moments_fn(config)
-    it = [(p, i, start, stop) for p in range(passes)
-          for i, (start, stop) in enumerate(iterate_batches(n, batch_size))]
+    it = [
+        (p, i, start, stop)
+        for p in range(passes)
+        for i, (start, stop) in enumerate(iterate_batches(n, batch_size))
+    ]
     if progress:
         from tqdm.auto import tqdm
 
@@ -138,10 +163,16 @@ def recalibrate_batch_stats(config: ConvMixerConfig, variables: dict, images, *,
         total = m if total is None else jax.tree.map(np.add, total, m)
     count = n * passes
     is_m = lambda t: isinstance(t, dict) and set(t) == {"mean", "sq"}  # noqa: E731
-    stats = jax.tree.map(lambda t: {"mean": (t["mean"] / count).astype(np.float32),
-                                    "var": np.maximum(t["sq"] / count - np.square(t["mean"] / count),
-                                                      0.0).astype(np.float32)},
-                         total, is_leaf=is_m)
+    stats = jax.tree.map(
+        lambda t: {
+            "mean": (t["mean"] / count).astype(np.float32),
+            "var": np.maximum(t["sq"] / count - np.square(t["mean"] / count), 0.0).astype(
+                np.float32
+            ),
+        },
+        total,
+        is_leaf=is_m,
+    )
     return {"params": variables["params"], "batch_stats": stats}
 
 

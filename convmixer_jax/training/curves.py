@@ -5,6 +5,7 @@ images/s); :func:`plot_training_curves` draws loss and accuracy against the
 epoch, with the paper's reported accuracy as a reference line;
 :func:`chain_train_logs` joins the logs of a run trained in stages.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,13 +26,19 @@ def read_train_log(path) -> dict:
     if path.is_dir():
         path = path / "train_log.json"
     if not path.is_file():
-        raise TrainLogError(f"{path} does not exist; pass a training --workdir or its train_log.json")
+        raise TrainLogError(
+            f"{path} does not exist; pass a training --workdir or its train_log.json"
+        )
     try:
         history = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise TrainLogError(f"{path} is not JSON ({e}); pass the train_log.json that `train` wrote") from None
+        raise TrainLogError(
+            f"{path} is not JSON ({e}); pass the train_log.json that `train` wrote"
+        ) from None
     if not isinstance(history, dict) or not isinstance(history.get("epochs"), list):
-        raise TrainLogError(f"{path} has no 'epochs' list; pass the train_log.json that `train` wrote")
+        raise TrainLogError(
+            f"{path} has no 'epochs' list; pass the train_log.json that `train` wrote"
+        )
     if not history["epochs"]:
         raise TrainLogError(f"{path} holds no finished epoch yet; plot it after the first epoch")
     return history
@@ -56,8 +63,12 @@ def chain_train_logs(histories: list[dict]) -> dict:
         offset += h["epochs"][-1]["epoch"]
         planned += int((h.get("recipe") or {}).get("epochs") or h["epochs"][-1]["epoch"])
     last = histories[-1]
-    return dict(last, epochs=epochs, stage_starts=starts,
-                recipe=dict(last.get("recipe") or {}, epochs=planned))
+    return dict(
+        last,
+        epochs=epochs,
+        stage_starts=starts,
+        recipe=dict(last.get("recipe") or {}, epochs=planned),
+    )
 
 
 def plot_training_curves(history: dict, path, title: str | None = None) -> None:
@@ -78,20 +89,31 @@ def plot_training_curves(history: dict, path, title: str | None = None) -> None:
     ax_l.plot(ep, [e["train_loss"] for e in epochs], color="tab:blue")
     ax_l.set_xlabel("epoch")
     ax_l.set_ylabel("training loss")
-    ax_a.plot(ep, [e["train_accuracy"] for e in epochs], color="tab:blue", label="train (augmented)")
+    ax_a.plot(
+        ep, [e["train_accuracy"] for e in epochs], color="tab:blue", label="train (augmented)"
+    )
     test = [(e["epoch"], e["test_accuracy"]) for e in epochs if e.get("test_accuracy") is not None]
     if test:
         ax_a.plot(*zip(*test), color="tab:orange", label=f"test (last {test[-1][1]:.4f})")
-    for key, color, name in (("val_accuracy", "tab:purple", "validation"),
-                             ("val_accuracy_ema", "tab:red", "validation, EMA weights")):
+    for key, color, name in (
+        ("val_accuracy", "tab:purple", "validation"),
+        ("val_accuracy_ema", "tab:red", "validation, EMA weights"),
+    ):
         val = [(e["epoch"], e[key]) for e in epochs if e.get(key) is not None]
         if val:
             ax_a.plot(*zip(*val), color=color, label=f"{name} (last {val[-1][1]:.4f})")
-    ax_a.axhline(PAPER_BASELINE, color="0.5", ls="--", lw=1, label=f"paper, 200 epochs ({PAPER_BASELINE})")
+    ax_a.axhline(
+        PAPER_BASELINE, color="0.5", ls="--", lw=1, label=f"paper, 200 epochs ({PAPER_BASELINE})"
+    )
     for i, start in enumerate(history.get("stage_starts") or []):
         for ax in (ax_l, ax_a):
-            ax.axvline(start + 0.5, color="tab:green", ls=":", lw=1,
-                       label="warm start of a new stage" if ax is ax_a and i == 0 else None)
+            ax.axvline(
+                start + 0.5,
+                color="tab:green",
+                ls=":",
+                lw=1,
+                label="warm start of a new stage" if ax is ax_a and i == 0 else None,
+            )
     ax_a.set_xlabel("epoch")
     ax_a.set_ylabel("accuracy")
     ax_a.set_ylim(0, 1)
@@ -110,4 +132,10 @@ def plot_training_curves(history: dict, path, title: str | None = None) -> None:
         plt.close(fig)
 
 
-__all__ = ["read_train_log", "chain_train_logs", "plot_training_curves", "TrainLogError", "PAPER_BASELINE"]
+__all__ = [
+    "read_train_log",
+    "chain_train_logs",
+    "plot_training_curves",
+    "TrainLogError",
+    "PAPER_BASELINE",
+]

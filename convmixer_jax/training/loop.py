@@ -13,6 +13,7 @@ writes the log; every process takes part in Orbax's checkpoint saves (the
 ``workdir`` must be one shared folder), and a checkpoint restores on any number
 of processes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,9 +29,16 @@ import numpy as np
 import optax
 
 from convmixer_jax.files.atomic import deferred_interrupts, write_json_atomic
-from convmixer_jax.model.inference import accuracy
 from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
-from convmixer_jax.parallel.global_arrays import by_rows, global_mesh, replicate, replicated, shard_rows, to_host
+from convmixer_jax.model.inference import accuracy
+from convmixer_jax.parallel.global_arrays import (
+    by_rows,
+    global_mesh,
+    replicate,
+    replicated,
+    shard_rows,
+    to_host,
+)
 from convmixer_jax.parallel.runtime import is_writer
 from convmixer_jax.training.randaugment import rand_augment
 
@@ -106,25 +114,47 @@ RECIPES = {
     "paper": TrainConfig(epochs=200, batch_size=128, optimizer="adam", lr=1e-3),
     # A shorter schedule for CPUs: AdamW one-cycle with on-device crop, flip and
     # cutout and label smoothing.
-    "fast": TrainConfig(epochs=40, batch_size=256, optimizer="adamw", lr=0.01, weight_decay=0.05,
-                        schedule="onecycle", augment=("crop", "flip", "cutout"), cutout=8,
-                        label_smoothing=0.1, grad_clip=1.0),
+    "fast": TrainConfig(
+        epochs=40,
+        batch_size=256,
+        optimizer="adamw",
+        lr=0.01,
+        weight_decay=0.05,
+        schedule="onecycle",
+        augment=("crop", "flip", "cutout"),
+        cutout=8,
+        label_smoothing=0.1,
+        grad_clip=1.0,
+    ),
     # The fast recipe made stronger against over-fitting (train 0.98 vs test 0.87
     # with it): RandAugment (2 ops, magnitude 12, as locuslab's CIFAR-10 ConvMixer
     # script) in place of cutout, 100 epochs, an EMA of the weights, and 5,000
     # training images held out to choose by (results/cifar10/README.md).
-    "strong": TrainConfig(epochs=100, batch_size=256, optimizer="adamw", lr=0.01, weight_decay=0.05,
-                          schedule="onecycle", augment=("crop", "flip", "randaugment"), ra_ops=2,
-                          ra_magnitude=12, label_smoothing=0.1, grad_clip=1.0, ema_decay=0.999,
-                          holdout=5000, holdout_seed=0),
+    "strong": TrainConfig(
+        epochs=100,
+        batch_size=256,
+        optimizer="adamw",
+        lr=0.01,
+        weight_decay=0.05,
+        schedule="onecycle",
+        augment=("crop", "flip", "randaugment"),
+        ra_ops=2,
+        ra_magnitude=12,
+        label_smoothing=0.1,
+        grad_clip=1.0,
+        ema_decay=0.999,
+        holdout=5000,
+        holdout_seed=0,
+    ),
 }
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
-        lr = optax.cosine_onecycle_schedule(total, cfg.lr, pct_start=cfg.warmup_fraction,
-                                            div_factor=25.0, final_div_factor=1e3)
+        lr = optax.cosine_onecycle_schedule(
+            total, cfg.lr, pct_start=cfg.warmup_fraction, div_factor=25.0, final_div_factor=1e3
+        )
     else:
         lr = cfg.lr
     if cfg.optimizer == "adamw":
@@ -148,7 +178,9 @@ def augment_batch(rng: jax.Array, images: jax.Array, cfg: TrainConfig) -> jax.Ar
         pad = 4
         xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
         offs = jax.random.randint(k_crop, (n, 2), 0, 2 * pad + 1)
-        x = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(xp, offs)
+        x = jax.vmap(
+            lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1]))
+        )(xp, offs)
     if "flip" in cfg.augment:
         do = jax.random.bernoulli(k_flip, 0.5, (n,))
         x = jnp.where(do[:, None, None, None], x[:, :, ::-1, :], x)
@@ -160,7 +192,9 @@ def augment_batch(rng: jax.Array, images: jax.Array, cfg: TrainConfig) -> jax.Ar
         cols = jnp.arange(w)[None, None, :]
         half = cfg.cutout // 2
         cy, cx = centers[:, 0, None, None], centers[:, 1, None, None]
-        mask = (jnp.abs(rows - cy) < half + (cfg.cutout % 2)) & (jnp.abs(cols - cx) < half + (cfg.cutout % 2))
+        mask = (jnp.abs(rows - cy) < half + (cfg.cutout % 2)) & (
+            jnp.abs(cols - cx) < half + (cfg.cutout % 2)
+        )
         x = jnp.where(mask[..., None], 0.5, x)
     return x
 
@@ -177,8 +211,9 @@ def _make_step(config: ConvMixerConfig, cfg: TrainConfig, tx, data_sharding, rep
     model = ConvMixer(config)
 
     def loss_fn(params, batch_stats, x, labels):
-        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                      mutable=["batch_stats"])
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
         onehot = jax.nn.one_hot(labels, config.num_classes)
         if cfg.label_smoothing:
             onehot = optax.smooth_labels(onehot, cfg.label_smoothing)
@@ -190,21 +225,33 @@ def _make_step(config: ConvMixerConfig, cfg: TrainConfig, tx, data_sharding, rep
         rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), state["step"])
         x = augment_batch(rng, images, cfg)
         (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["batch_stats"], x, labels)
+            state["params"], state["batch_stats"], x, labels
+        )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                   step=state["step"] + 1)
+        new = dict(
+            state,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            step=state["step"] + 1,
+        )
         if "ema" in state:
             t = state["step"].astype(jnp.float32)
             decay = jnp.minimum(cfg.ema_decay, (1.0 + t) / (10.0 + t))
-            new["ema"] = jax.tree.map(lambda e, v: decay * e + (1.0 - decay) * v, state["ema"],
-                                      {"params": params, "batch_stats": batch_stats})
+            new["ema"] = jax.tree.map(
+                lambda e, v: decay * e + (1.0 - decay) * v,
+                state["ema"],
+                {"params": params, "batch_stats": batch_stats},
+            )
         return new, loss, correct
 
-    return jax.jit(step, donate_argnums=(0,),
-                   in_shardings=(repl_sharding, data_sharding, data_sharding),
-                   out_shardings=(repl_sharding, repl_sharding, repl_sharding))
+    return jax.jit(
+        step,
+        donate_argnums=(0,),
+        in_shardings=(repl_sharding, data_sharding, data_sharding),
+        out_shardings=(repl_sharding, repl_sharding, repl_sharding),
+    )
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -219,14 +266,29 @@ def _checkpoint_manager(workdir: Path):
         (workdir / "checkpoints").absolute(),
         # Synchronous saves (a signal never meets a half-finished background write), and
         # the temporary folder of a save that was interrupted is removed at the next start.
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, cleanup_tmp_directories=True,
-                                             enable_async_checkpointing=False))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=2,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=False,
+        ),
+    )
 
 
-def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, workdir, *,
-          resume: bool = False, progress: bool = True, init_variables_: dict | None = None,
-          init_from: dict | None = None, max_epochs_this_run: int | None = None,
-          log=print) -> tuple[dict, dict]:
+def train(
+    config: ConvMixerConfig,
+    cfg: TrainConfig,
+    train_data,
+    test_data,
+    workdir,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    init_variables_: dict | None = None,
+    init_from: dict | None = None,
+    max_epochs_this_run: int | None = None,
+    log=print,
+) -> tuple[dict, dict]:
     """Train ``config`` with recipe ``cfg``; checkpoint and log into ``workdir``.
 
     train_data / test_data: (images (N, H, W, C) uint8, labels (N,) int).
@@ -259,8 +321,10 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
     n = len(images)
     devices = jax.devices()
     if cfg.batch_size % len(devices):
-        raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {len(devices)} devices "
-                         f"of this run; choose a multiple of {len(devices)}")
+        raise ValueError(
+            f"batch size {cfg.batch_size} is not divisible by the {len(devices)} devices "
+            f"of this run; choose a multiple of {len(devices)}"
+        )
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{n} training images are fewer than one batch of {cfg.batch_size}")
@@ -272,19 +336,30 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
     variables = init_variables_ if init_variables_ is not None else init_variables(config, cfg.seed)
     state = _initial_state(cfg, tx, variables)
     log_path = workdir / "train_log.json"
-    history = {"model": config.to_dict(), "recipe": cfg.to_dict(), "epochs": [],
-               "devices": [str(d) for d in devices], "train_images": n}
+    history = {
+        "model": config.to_dict(),
+        "recipe": cfg.to_dict(),
+        "epochs": [],
+        "devices": [str(d) for d in devices],
+        "train_images": n,
+    }
     if val_data is not None:
-        history["holdout"] = {"images": int(len(val_data[0])), "seed": cfg.holdout_seed,
-                              "per_class": {int(c): int(k) for c, k in
-                                            zip(*np.unique(val_data[1], return_counts=True))}}
+        history["holdout"] = {
+            "images": int(len(val_data[0])),
+            "seed": cfg.holdout_seed,
+            "per_class": {
+                int(c): int(k) for c, k in zip(*np.unique(val_data[1], return_counts=True))
+            },
+        }
     if init_from is not None:
         history["init_from"] = init_from
     mngr = _checkpoint_manager(workdir)
     start_epoch = 0
     if resume and mngr.latest_step() is not None:
         latest = mngr.latest_step()
-        abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=repl), state)
+        abstract = jax.tree.map(
+            lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=repl), state
+        )
         state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
         start_epoch = latest
         if log_path.exists():
@@ -294,22 +369,33 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
                 saved["recipe"] = TrainConfig.from_dict(saved["recipe"]).to_dict()
             if saved.get("model") is not None:
                 saved["model"] = type(config).from_dict(saved["model"]).to_dict()
-            for what, now in (("model", config.to_dict()), ("recipe", cfg.to_dict()),
-                              ("init_from", init_from)):
+            for what, now in (
+                ("model", config.to_dict()),
+                ("recipe", cfg.to_dict()),
+                ("init_from", init_from),
+            ):
                 if json.loads(json.dumps(now)) != json.loads(json.dumps(saved.get(what))):
-                    raise ValueError(f"--resume with a different {what} than the run in {workdir} "
-                                     f"(saved {saved.get(what)}, now {now}); use the same options "
-                                     "or another --workdir")
+                    raise ValueError(
+                        f"--resume with a different {what} than the run in {workdir} "
+                        f"(saved {saved.get(what)}, now {now}); use the same options "
+                        "or another --workdir"
+                    )
             history = dict(saved, devices=history["devices"])
             history["epochs"] = [e for e in history["epochs"] if e["epoch"] <= latest]
         log(f"resumed from epoch {latest} checkpoint in {workdir}")
     elif mngr.latest_step() is not None and not resume:
-        raise FileExistsError(f"{workdir} already holds checkpoints; pass --resume to continue "
-                              "or choose another directory")
+        raise FileExistsError(
+            f"{workdir} already holds checkpoints; pass --resume to continue "
+            "or choose another directory"
+        )
     else:
         state = replicate(state, mesh)
 
-    stop_epoch = cfg.epochs if max_epochs_this_run is None else min(cfg.epochs, start_epoch + max_epochs_this_run)
+    stop_epoch = (
+        cfg.epochs
+        if max_epochs_this_run is None
+        else min(cfg.epochs, start_epoch + max_epochs_this_run)
+    )
     try:
         for epoch in range(start_epoch, stop_epoch):
             order = epoch_order(cfg.seed, epoch, n)
@@ -319,10 +405,12 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
             if progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step")
+                bar = tqdm(
+                    total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step"
+                )
             pending = []
             for s in range(steps_per_epoch):
-                idx = np.sort(order[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+                idx = np.sort(order[s * cfg.batch_size : (s + 1) * cfg.batch_size])
                 # each process reads only its own rows of the batch
                 xb, yb = shard_rows(images, mesh, idx), shard_rows(labels, mesh, idx)
                 state, loss, correct = step_fn(state, xb, yb)
@@ -336,20 +424,30 @@ def train(config: ConvMixerConfig, cfg: TrainConfig, train_data, test_data, work
                     if bar is not None:
                         dt = time.perf_counter() - t0
                         bar.n = s + 1
-                        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct_sum / seen:.3f}",
-                                        img_s=f"{seen / dt:.0f}")
+                        bar.set_postfix(
+                            loss=f"{loss_sum / seen:.3f}",
+                            acc=f"{correct_sum / seen:.3f}",
+                            img_s=f"{seen / dt:.0f}",
+                        )
                         bar.refresh()
             if bar is not None:
                 bar.close()
             train_seconds = time.perf_counter() - t0
-            entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct_sum / seen,
-                     "train_seconds": train_seconds, "images_per_second": seen / train_seconds}
+            entry = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / seen,
+                "train_accuracy": correct_sum / seen,
+                "train_seconds": train_seconds,
+                "images_per_second": seen / train_seconds,
+            }
             variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
             for name, data in (("val", val_data), ("test", test_data)):
                 if data is not None:
                     entry[f"{name}_accuracy"] = accuracy(config, variables, data[0], data[1])
                     if "ema" in state:
-                        entry[f"{name}_accuracy_ema"] = accuracy(config, state["ema"], data[0], data[1])
+                        entry[f"{name}_accuracy_ema"] = accuracy(
+                            config, state["ema"], data[0], data[1]
+                        )
             history["epochs"].append(entry)
             with deferred_interrupts():  # a signal waits for the save: no half-written checkpoint
                 mngr.save(epoch + 1, args=ocp.args.StandardSave(state))  # every process takes part
@@ -393,11 +491,16 @@ def _drop_unfinished_saves(ckpt_dir: Path, settle_seconds: float = 2.0) -> None:
 
 
 def _initial_state(cfg: TrainConfig, tx, variables: dict) -> dict:
-    state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-             "opt_state": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32)}
+    state = {
+        "params": variables["params"],
+        "batch_stats": variables["batch_stats"],
+        "opt_state": tx.init(variables["params"]),
+        "step": jnp.zeros((), jnp.int32),
+    }
     if cfg.ema_decay:
-        state["ema"] = jax.tree.map(jnp.array, {"params": variables["params"],
-                                                "batch_stats": variables["batch_stats"]})
+        state["ema"] = jax.tree.map(
+            jnp.array, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+        )
     return state
 
 
@@ -446,12 +549,21 @@ def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
     chosen = restored["ema"] if weights == "ema" else restored
     variables = to_host({"params": chosen["params"], "batch_stats": chosen["batch_stats"]})
     this_run = sum(e["train_seconds"] for e in history["epochs"] if e["epoch"] <= latest)
-    return config, variables, {"epoch": latest, "epochs_planned": cfg.epochs, "recipe": cfg.to_dict(),
-                               "log": entry, "train_seconds": this_run, "weights": weights,
-                               "holdout": history.get("holdout"), "train_images": history.get("train_images"),
-                               "init_from": history.get("init_from")}
-
-
+    return (
+        config,
+        variables,
+        {
+            "epoch": latest,
+            "epochs_planned": cfg.epochs,
+            "recipe": cfg.to_dict(),
+            "log": entry,
+            "train_seconds": this_run,
+            "weights": weights,
+            "holdout": history.get("holdout"),
+            "train_images": history.get("train_images"),
+            "init_from": history.get("init_from"),
+        },
+    )
 
 
 def init_variables_abstract(config: ConvMixerConfig):
@@ -465,5 +577,15 @@ def total_train_seconds(history: dict) -> float:
     return float(sum(e["train_seconds"] for e in history["epochs"]))
 
 
-__all__ = ["TrainConfig", "RECIPES", "AUGMENTATIONS", "choose_weights", "train", "init_variables", "augment_batch", "make_optimizer",
-           "epoch_order", "total_train_seconds"]
+__all__ = [
+    "TrainConfig",
+    "RECIPES",
+    "AUGMENTATIONS",
+    "choose_weights",
+    "train",
+    "init_variables",
+    "augment_batch",
+    "make_optimizer",
+    "epoch_order",
+    "total_train_seconds",
+]

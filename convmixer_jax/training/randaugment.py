@@ -9,6 +9,7 @@ Every image draws ``num_ops`` ops independently (an op may repeat).
 All functions take float images in [0, 1] of shape (H, W, C); the batch
 version is a ``vmap`` over them. Every op returns values in [0, 1].
 """
+
 from __future__ import annotations
 
 import jax
@@ -17,8 +18,22 @@ import jax.numpy as jnp
 MAX_MAGNITUDE = 30  # torchvision's num_magnitude_bins - 1
 
 #: The op names, in the order of :func:`all_ops`'s output.
-OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness",
-       "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+OPS = (
+    "identity",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+    "rotate",
+    "brightness",
+    "color",
+    "contrast",
+    "sharpness",
+    "posterize",
+    "solarize",
+    "autocontrast",
+    "equalize",
+)
 
 
 def _gray(x: jax.Array) -> jax.Array:
@@ -37,8 +52,9 @@ def affine_nearest(x: jax.Array, matrix: jax.Array) -> jax.Array:
     """Warp (H, W, C) by the 2x3 ``matrix`` mapping output (col, row, 1) to input
     (col, row), both about the image centre; nearest pixel, black outside."""
     h, w, _ = x.shape
-    rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
-                              indexing="ij")
+    rows, cols = jnp.meshgrid(
+        jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij"
+    )
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
     src = matrix @ jnp.stack([(cols - cx).ravel(), (rows - cy).ravel(), jnp.ones(h * w)])
     sc = jnp.round(src[0] + cx).astype(jnp.int32)
@@ -67,7 +83,7 @@ def _sharpen_degenerate(x: jax.Array) -> jax.Array:
     """PIL's SMOOTH filter (3x3, centre weight 5, total 13) inside, the border kept."""
     h, w, _ = x.shape
     p = jnp.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
-    s = sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3)) + 4.0 * x
+    s = sum(p[i : i + h, j : j + w] for i in range(3) for j in range(3)) + 4.0 * x
     smooth = s / 13.0
     inner = jnp.zeros((h, w, 1), bool).at[1:-1, 1:-1].set(True)
     return jnp.where(inner, smooth, x)
@@ -126,7 +142,9 @@ def rand_augment_image(rng: jax.Array, x: jax.Array, num_ops: int, magnitude: fl
     return x
 
 
-def rand_augment(rng: jax.Array, images: jax.Array, num_ops: int = 2, magnitude: float = 9) -> jax.Array:
+def rand_augment(
+    rng: jax.Array, images: jax.Array, num_ops: int = 2, magnitude: float = 9
+) -> jax.Array:
     """RandAugment of a batch: (N, H, W, C) float in [0, 1] -> the same shape, every image its own ops."""
     if not 0 <= magnitude <= MAX_MAGNITUDE:
         raise ValueError(f"magnitude must be in 0..{MAX_MAGNITUDE}, got {magnitude}")
@@ -134,5 +152,12 @@ def rand_augment(rng: jax.Array, images: jax.Array, num_ops: int = 2, magnitude:
     return jax.vmap(lambda k, im: rand_augment_image(k, im, num_ops, magnitude))(keys, images)
 
 
-__all__ = ["OPS", "MAX_MAGNITUDE", "rand_augment", "rand_augment_image", "all_ops", "equalize",
-           "affine_nearest"]
+__all__ = [
+    "OPS",
+    "MAX_MAGNITUDE",
+    "rand_augment",
+    "rand_augment_image",
+    "all_ops",
+    "equalize",
+    "affine_nearest",
+]

@@ -5,6 +5,7 @@ besides parsing: each returns the variables and the provenance fields that go
 into the model directory's ``config.json`` (see :func:`~convmixer_jax.files.model_dir.save_model`),
 so a notebook gets the same records as the command line.
 """
+
 from __future__ import annotations
 
 import time
@@ -12,12 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from convmixer_jax.files.model_dir import ModelDirError, check_data_classes, is_encrypted, load_model, model_classes
+from convmixer_jax.files.model_dir import (
+    ModelDirError,
+    check_data_classes,
+    is_encrypted,
+    load_model,
+    model_classes,
+)
 from convmixer_jax.model.convmixer import ConvMixerConfig
 from convmixer_jax.model.inference import accuracy, check_model_images
 from convmixer_jax.parallel.runtime import is_writer
 from convmixer_jax.scheme.images import ImageError
 from convmixer_jax.training.loop import TrainConfig, load_checkpoint, total_train_seconds, train
+
 
 def warm_start(model_dir, asked: dict | None = None) -> tuple[ConvMixerConfig, dict, dict]:
     """Begin training from the plain model in ``model_dir``: ``(config, variables, init_from)``.
@@ -29,23 +37,39 @@ def warm_start(model_dir, asked: dict | None = None) -> tuple[ConvMixerConfig, d
     """
     start_config, variables, meta = load_model(model_dir)
     if is_encrypted(meta):
-        raise ModelDirError(f"--init-from {model_dir} is an encrypted model (key fingerprint "
-                            f"{meta['encryption']['key_fingerprint']}); training uses plain images, "
-                            "so start from the plain model")
-    differ = {n: (v, getattr(start_config, n)) for n, v in (asked or {}).items() if getattr(start_config, n) != v}
+        raise ModelDirError(
+            f"--init-from {model_dir} is an encrypted model (key fingerprint "
+            f"{meta['encryption']['key_fingerprint']}); training uses plain images, "
+            "so start from the plain model"
+        )
+    differ = {
+        n: (v, getattr(start_config, n))
+        for n, v in (asked or {}).items()
+        if getattr(start_config, n) != v
+    }
     if differ:
-        what = ", ".join(f"--{n.replace('_', '-')} {v} (model has {m})" for n, (v, m) in differ.items())
-        raise ModelDirError(f"--init-from {model_dir} has another architecture than asked: {what}; "
-                            "drop the architecture options (the starting model's are used)")
-    init_from = {"model": str(model_dir), "epochs": meta.get("epochs"),
-                 "train_seconds": meta.get("train_seconds"), "test_accuracy": meta.get("test_accuracy"),
-                 "train_config": meta.get("train_config")}
+        what = ", ".join(
+            f"--{n.replace('_', '-')} {v} (model has {m})" for n, (v, m) in differ.items()
+        )
+        raise ModelDirError(
+            f"--init-from {model_dir} has another architecture than asked: {what}; "
+            "drop the architecture options (the starting model's are used)"
+        )
+    init_from = {
+        "model": str(model_dir),
+        "epochs": meta.get("epochs"),
+        "train_seconds": meta.get("train_seconds"),
+        "test_accuracy": meta.get("test_accuracy"),
+        "train_config": meta.get("train_config"),
+    }
     if meta.get("stage_epochs"):
         init_from["stage_epochs"] = meta["stage_epochs"]
     return start_config, variables, init_from
 
 
-def warm_start_totals(init_from: dict | None, epochs: int, train_seconds: float, *, planned: int) -> dict:
+def warm_start_totals(
+    init_from: dict | None, epochs: int, train_seconds: float, *, planned: int
+) -> dict:
     """Provenance of a model trained in stages: total epochs and seconds.
 
     init_from: a run's ``init_from`` (None for a run from scratch), holding the
@@ -57,8 +81,11 @@ def warm_start_totals(init_from: dict | None, epochs: int, train_seconds: float,
     """
     prior_epochs = int((init_from or {}).get("epochs") or 0)
     prior_seconds = float((init_from or {}).get("train_seconds") or 0.0)
-    totals = {"epochs": prior_epochs + epochs, "epochs_planned": prior_epochs + planned,
-              "train_seconds": prior_seconds + train_seconds}
+    totals = {
+        "epochs": prior_epochs + epochs,
+        "epochs_planned": prior_epochs + planned,
+        "train_seconds": prior_seconds + train_seconds,
+    }
     if not init_from:
         return totals
     prior_stages = [int(e) for e in init_from.get("stage_epochs") or [prior_epochs]]
@@ -75,8 +102,11 @@ def lineage_train_seconds(metas: list[dict]) -> float:
     """
     keys = ("epochs", "train_seconds", "test_accuracy", "train_config")
     starts = [m["init_from"] for m in metas if m.get("init_from")]
-    return sum(float(m.get("train_seconds") or 0.0) for m in metas
-               if not any(all(s.get(k) == m.get(k) for k in keys) for s in starts))
+    return sum(
+        float(m.get("train_seconds") or 0.0)
+        for m in metas
+        if not any(all(s.get(k) == m.get(k) for k in keys) for s in starts)
+    )
 
 
 def check_training_data(config: ConvMixerConfig, train_data, test_data) -> None:
@@ -87,17 +117,32 @@ def check_training_data(config: ConvMixerConfig, train_data, test_data) -> None:
         try:
             check_model_images(config, x)
         except ImageError as e:
-            raise ImageError(f"{name} images do not fit the model: {e} "
-                             "(set --image-size / --channels to match the data)") from None
+            raise ImageError(
+                f"{name} images do not fit the model: {e} "
+                "(set --image-size / --channels to match the data)"
+            ) from None
     top = int(max(np.max(train_data[1], initial=0), np.max(test_data[1], initial=0)))
     if top >= config.num_classes:
-        raise DataError(f"the data have labels up to {top} but the model has {config.num_classes} classes; "
-                        f"pass --num-classes {top + 1}")
+        raise DataError(
+            f"the data have labels up to {top} but the model has {config.num_classes} classes; "
+            f"pass --num-classes {top + 1}"
+        )
 
 
-def train_model(config: ConvMixerConfig, recipe: TrainConfig, train_data, test_data, workdir, *,
-                recipe_name: str | None = None, resume: bool = False, warm: tuple[dict, dict] | None = None,
-                data_label: str | None = None, classes=None, progress: bool = True) -> tuple[dict, dict]:
+def train_model(
+    config: ConvMixerConfig,
+    recipe: TrainConfig,
+    train_data,
+    test_data,
+    workdir,
+    *,
+    recipe_name: str | None = None,
+    resume: bool = False,
+    warm: tuple[dict, dict] | None = None,
+    data_label: str | None = None,
+    classes=None,
+    progress: bool = True,
+) -> tuple[dict, dict]:
     """Train, draw the curves into ``workdir/curves.png``, score the test split; ``(variables, meta)``.
 
     train_data / test_data: (images (N, H, W, C) uint8, labels (N,)). warm: the
@@ -110,8 +155,17 @@ def train_model(config: ConvMixerConfig, recipe: TrainConfig, train_data, test_d
     check_training_data(config, train_data, test_data)
     init_variables_, init_from = warm if warm is not None else (None, None)
     per_epoch_test = None if recipe.holdout else test_data
-    variables, history = train(config, recipe, train_data, per_epoch_test, workdir, resume=resume,
-                               progress=progress, init_variables_=init_variables_, init_from=init_from)
+    variables, history = train(
+        config,
+        recipe,
+        train_data,
+        per_epoch_test,
+        workdir,
+        resume=resume,
+        progress=progress,
+        init_variables_=init_variables_,
+        init_from=init_from,
+    )
     if history.get("epochs") and is_writer():
         from convmixer_jax.training.curves import plot_training_curves
 
@@ -120,37 +174,70 @@ def train_model(config: ConvMixerConfig, recipe: TrainConfig, train_data, test_d
     acc = last.get("test_accuracy")
     if acc is None:
         acc = accuracy(config, variables, test_data[0], test_data[1])
-    meta = {"created_by": "train", "recipe": recipe_name, "train_config": recipe.to_dict(),
-            "test_accuracy": acc, "train_images": history.get("train_images", len(train_data[0])),
-            "test_images": len(test_data[0]), "weights": history.get("weights", "raw"),
-            "holdout": history.get("holdout"), "val_accuracy": last.get("val_accuracy"),
-            "val_accuracy_ema": last.get("val_accuracy_ema"),
-            "data": data_label, "classes": list(classes) if classes is not None else None,
-            "workdir": str(workdir),
-            **warm_start_totals(init_from, len(history["epochs"]), total_train_seconds(history),
-                                planned=recipe.epochs)}
+    meta = {
+        "created_by": "train",
+        "recipe": recipe_name,
+        "train_config": recipe.to_dict(),
+        "test_accuracy": acc,
+        "train_images": history.get("train_images", len(train_data[0])),
+        "test_images": len(test_data[0]),
+        "weights": history.get("weights", "raw"),
+        "holdout": history.get("holdout"),
+        "val_accuracy": last.get("val_accuracy"),
+        "val_accuracy_ema": last.get("val_accuracy_ema"),
+        "data": data_label,
+        "classes": list(classes) if classes is not None else None,
+        "workdir": str(workdir),
+        **warm_start_totals(
+            init_from, len(history["epochs"]), total_train_seconds(history), planned=recipe.epochs
+        ),
+    }
     return variables, meta
 
 
-def export_checkpoint(workdir, *, data_label: str | None = None) -> tuple[ConvMixerConfig, dict, dict]:
+def export_checkpoint(
+    workdir, *, data_label: str | None = None
+) -> tuple[ConvMixerConfig, dict, dict]:
     """The newest epoch checkpoint of a training ``workdir`` as ``(config, variables, meta)``
     (the weights its validation split prefers, see :func:`~convmixer_jax.training.loop.choose_weights`)."""
     config, variables, info = load_checkpoint(workdir)
     log = info["log"] or {}
-    totals = warm_start_totals(info["init_from"], info["epoch"], info["train_seconds"],
-                               planned=info["epochs_planned"])
-    meta = {"created_by": "export-model", "workdir": str(workdir), **totals,
-            "train_config": info["recipe"],
-            "test_accuracy": log.get("test_accuracy_ema" if info["weights"] == "ema" else "test_accuracy"),
-            "train_accuracy": log.get("train_accuracy"), "data": data_label,
-            "weights": info["weights"], "holdout": info["holdout"], "train_images": info["train_images"],
-            "val_accuracy": log.get("val_accuracy"), "val_accuracy_ema": log.get("val_accuracy_ema")}
+    totals = warm_start_totals(
+        info["init_from"], info["epoch"], info["train_seconds"], planned=info["epochs_planned"]
+    )
+    meta = {
+        "created_by": "export-model",
+        "workdir": str(workdir),
+        **totals,
+        "train_config": info["recipe"],
+        "test_accuracy": log.get(
+            "test_accuracy_ema" if info["weights"] == "ema" else "test_accuracy"
+        ),
+        "train_accuracy": log.get("train_accuracy"),
+        "data": data_label,
+        "weights": info["weights"],
+        "holdout": info["holdout"],
+        "train_images": info["train_images"],
+        "val_accuracy": log.get("val_accuracy"),
+        "val_accuracy_ema": log.get("val_accuracy_ema"),
+    }
     return config, variables, meta
 
 
-def average_models(model_dirs, train_images, test_data, *, weights=None, bn_images: str = "augmented",
-                   bn_passes: int = 1, seed: int = 0, batch_size: int = 500, data_label: str | None = None,
-                   classes=None, progress: bool = True) -> tuple[ConvMixerConfig, dict, dict]:
+def average_models(
+    model_dirs,
+    train_images,
+    test_data,
+    *,
+    weights=None,
+    bn_images: str = "augmented",
+    bn_passes: int = 1,
+    seed: int = 0,
+    batch_size: int = 500,
+    data_label: str | None = None,
+    classes=None,
+    progress: bool = True,
+) -> tuple[ConvMixerConfig, dict, dict]:
     """Average plain models of one architecture and re-measure BatchNorm: ``(config, variables, meta)``.
 
     train_images: (N, H, W, C) uint8 for the statistics, measured in batches of the
@@ -165,16 +252,22 @@ def average_models(model_dirs, train_images, test_data, *, weights=None, bn_imag
     if len(model_dirs) < 2:
         raise ValueError(f"average-models needs at least two models, got {len(model_dirs)}")
     if weights is not None and len(weights) != len(model_dirs):
-        raise ValueError(f"--weights gives {len(weights)} numbers for {len(model_dirs)} models; give one per model")
+        raise ValueError(
+            f"--weights gives {len(weights)} numbers for {len(model_dirs)} models; give one per model"
+        )
     loaded = [load_model(m) for m in model_dirs]
     for path, (config, _, meta) in zip(model_dirs, loaded):
         if is_encrypted(meta):
-            raise ModelDirError(f"{path} is an encrypted model; average the plain models, then encrypt the "
-                                "result (its BatchNorm statistics are measured on plain training images)")
+            raise ModelDirError(
+                f"{path} is an encrypted model; average the plain models, then encrypt the "
+                "result (its BatchNorm statistics are measured on plain training images)"
+            )
         if config != loaded[0][0]:
-            raise ModelDirError(f"{path} has another architecture than {model_dirs[0]} "
-                                f"({config.to_dict()} vs {loaded[0][0].to_dict()}); only models of one "
-                                "architecture can be averaged")
+            raise ModelDirError(
+                f"{path} has another architecture than {model_dirs[0]} "
+                f"({config.to_dict()} vs {loaded[0][0].to_dict()}); only models of one "
+                "architecture can be averaged"
+            )
         check_data_classes(config, meta, classes, where=f"the data ({data_label})")
     config = loaded[0][0]
     test_x, test_y = test_data
@@ -193,24 +286,57 @@ def average_models(model_dirs, train_images, test_data, *, weights=None, bn_imag
         augment = jax.jit(functools.partial(augment_batch, cfg=TrainConfig.from_dict(train_config)))
     t0 = time.perf_counter()
     averaged = average_variables([v for _, v, _ in loaded], weights)
-    averaged = recalibrate_batch_stats(config, averaged, train_images, batch_size=bn_batch, augment=augment,
-                                       passes=bn_passes, seed=seed, progress=progress)
+    averaged = recalibrate_batch_stats(
+        config,
+        averaged,
+        train_images,
+        batch_size=bn_batch,
+        augment=augment,
+        passes=bn_passes,
+        seed=seed,
+        progress=progress,
+    )
     seconds = time.perf_counter() - t0
     acc = accuracy(config, averaged, test_x, test_y, batch_size=batch_size, progress=progress)
-    inputs = [{"model": str(m), "epochs": meta.get("epochs"), "test_accuracy": meta.get("test_accuracy"),
-               "train_seconds": meta.get("train_seconds")} for m, (_, _, meta) in zip(model_dirs, loaded)]
+    inputs = [
+        {
+            "model": str(m),
+            "epochs": meta.get("epochs"),
+            "test_accuracy": meta.get("test_accuracy"),
+            "train_seconds": meta.get("train_seconds"),
+        }
+        for m, (_, _, meta) in zip(model_dirs, loaded)
+    ]
     w = weights or [1.0] * len(model_dirs)
-    meta = {"created_by": "average-models", "averaged": inputs, "weights": [x / sum(w) for x in w],
-            "epochs": max(int(m.get("epochs") or 0) for _, _, m in loaded),
-            "train_seconds": lineage_train_seconds([m for _, _, m in loaded]) + seconds,
-            "recalibration": {"train_images": int(len(train_images)), "seconds": seconds, "batch_size": bn_batch,
-                              "augment": list(train_config.get("augment") or []) if augment else [],
-                              "passes": bn_passes, "seed": seed},
-            "test_accuracy": acc, "test_images": int(len(test_x)),
-            "train_config": train_config or None, "data": data_label,
-            "classes": list(classes) if classes is not None else model_classes(loaded[-1][2])}
+    meta = {
+        "created_by": "average-models",
+        "averaged": inputs,
+        "weights": [x / sum(w) for x in w],
+        "epochs": max(int(m.get("epochs") or 0) for _, _, m in loaded),
+        "train_seconds": lineage_train_seconds([m for _, _, m in loaded]) + seconds,
+        "recalibration": {
+            "train_images": int(len(train_images)),
+            "seconds": seconds,
+            "batch_size": bn_batch,
+            "augment": list(train_config.get("augment") or []) if augment else [],
+            "passes": bn_passes,
+            "seed": seed,
+        },
+        "test_accuracy": acc,
+        "test_images": int(len(test_x)),
+        "train_config": train_config or None,
+        "data": data_label,
+        "classes": list(classes) if classes is not None else model_classes(loaded[-1][2]),
+    }
     return config, averaged, meta
 
 
-__all__ = ["warm_start", "warm_start_totals", "lineage_train_seconds", "check_training_data", "train_model",
-           "export_checkpoint", "average_models"]
+__all__ = [
+    "warm_start",
+    "warm_start_totals",
+    "lineage_train_seconds",
+    "check_training_data",
+    "train_model",
+    "export_checkpoint",
+    "average_models",
+]

@@ -3,6 +3,7 @@
 Build: ``python -m sphinx -n -W --keep-going -b html docs/api build/api`` (the README says so;
 CI runs it). ``-n -W`` turns every reference that does not resolve into an error.
 """
+
 import os
 import sys
 
@@ -28,4 +29,6 @@ nitpick_ignore_regex = [
     (r"py:class", r"(?!convmixer_jax\b).*"),
     (r"py:.*", _EXTERNAL + r"(\..*)?"),
 ]
-suppress_warnings = ["ref.python"]  # several modules re-export a name: pick the defining one silently
+suppress_warnings = [
+    "ref.python"
+]  # several modules re-export a name: pick the defining one silently
