@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Train the paper's ConvMixer on CIFAR-10 on one accelerator with the `fast`
 # recipe, export the newest epoch checkpoint, and time the 100-key wrong-key sweep
-# there.  Run once on an H200 lease (2026-11-27) while `depthwise_impl='auto'`
+# there.  Run once on an NVIDIA H200 (2026-11-27) while `depthwise_impl='auto'`
 # still picked XLA's grouped convolution on GPU: 21 s per epoch, cut by DEADLINE
 # after 15 epochs (benchmarks/h200/). With the dense depthwise matrices the step
 # measured 44x faster there (2.2 ms at batch 256, about 0.4 s of steps per
 # epoch), so the defaults now ask for 200 epochs within 480 s; not yet tried.
-# Superseded for new leases by `python benchmarks/accelerator_check.py run`, which
+# Superseded by `python benchmarks/accelerator_check.py run`, which
 # trains the `strong` recipe (the committed model's) and runs the bench and the sweep
 # in one budget (benchmarks/README.md); this script is kept as the record of that run.
 #

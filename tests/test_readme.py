@@ -29,7 +29,7 @@ def _same_line(expected: str, actual: str, fingerprints: dict) -> bool:
     e, a = expected.replace(",", " ").split(), actual.replace(",", " ").split()
     if len(e) != len(a):
         return False
-    for x, y in zip(e, a):
+    for x, y in zip(e, a, strict=True):
         if re.fullmatch(r"[0-9a-f]{64}\)?", x) and re.fullmatch(r"[0-9a-f]{64}\)?", y):
             if x[64:] != y[64:] or fingerprints.setdefault(x[:64], y[:64]) != y[:64]:
                 return False
@@ -68,7 +68,7 @@ def test_readme_cli_session_runs_as_written(tmp_path, monkeypatch, capsys):
         assert cli.main(argv[1:]) == 0, line
         actual = capsys.readouterr().out.strip().splitlines()
         assert len(actual) == len(expected), (line, actual)
-        for e, a in zip(expected, actual):
+        for e, a in zip(expected, actual, strict=True):
             if "varies with the key" in comment:  # only the layout: the image names
                 assert a.split(":")[0] == e.split(":")[0], (line, a)
             else:
