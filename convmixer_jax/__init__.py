@@ -7,19 +7,21 @@ The short list a user needs is importable from here::
                                ConvMixer, ConvMixerConfig, PRESETS)
 
 The names are resolved on first use, so ``import convmixer_jax`` (and the
-command line's ``--help``) does not import JAX. The subpackages hold the rest:
+command line's ``--help``) does not import JAX, and importing it changes nothing
+else either. ``convmixer_jax.apply_cpu_flags()``, called before the first JAX
+computation, adds the XLA:CPU flag the package recommends to ``XLA_FLAGS`` (the
+command line does it itself; see :mod:`convmixer_jax._xla_flags`). The
+subpackages hold the rest:
 ``scheme`` (keys, image and parameter transforms), ``model``, ``files``,
 ``data``, ``training``, ``attacks``, ``experiment`` and ``cli``
 (``docs/design.md`` has the map).
 """
 
-from convmixer_jax._xla_flags import apply_cpu_flags as _apply_cpu_flags
-
-_apply_cpu_flags()
-
 __version__ = "0.1.0"
 
 _PUBLIC = {
+    # the XLA:CPU flag, for entry points
+    "apply_cpu_flags": "_xla_flags",
     # the scheme
     "Key": "scheme.keys",
     "generate_key": "scheme.keys",
@@ -36,8 +38,8 @@ _PUBLIC = {
     "KeyModelMismatch": "scheme.params",
     # the model
     "ConvMixer": "model.convmixer",
-    "ConvMixerConfig": "model.convmixer",
-    "PRESETS": "model.convmixer",
+    "ConvMixerConfig": "model.config",
+    "PRESETS": "model.config",
     "predict_logits": "model.inference",
     "accuracy": "model.inference",
     # files
@@ -46,8 +48,8 @@ _PUBLIC = {
     "ModelDirError": "files.model_dir",
     "load_images": "files.arrays",
     # training and the experiment
-    "TrainConfig": "training.loop",
-    "RECIPES": "training.loop",
+    "TrainConfig": "training.recipes",
+    "RECIPES": "training.recipes",
     "train": "training.loop",
     "init_variables": "training.loop",
     "wrong_key_accuracies": "attacks.wrong_keys",

@@ -227,3 +227,47 @@ def test_help_lists_shared_options(name, capsys):
     assert cli.main([name, "--help"]) == 0
     text = capsys.readouterr().out
     assert "--out" in text and "--quiet" in text
+
+
+def test_help_needs_no_jax():
+    """``--help`` answers without importing JAX: the parser and the registries it reads
+    (model presets, training recipes) are JAX-free."""
+    code = (
+        "import sys\n"
+        "from convmixer_jax.cli.app import build_parser\n"
+        "parser = build_parser()\n"
+        "for name in ('train', 'init-model', 'import-torch'):\n"
+        "    parser.subcommands[name].format_help()\n"
+        "import convmixer_jax.model.config, convmixer_jax.training.recipes\n"
+        "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_choices_are_the_registries():
+    """--preset, --timm-name, --recipe and --activation list what the registries hold,
+    in every command that has them."""
+    from convmixer_jax.model.config import ACTIVATIONS, PRESETS, TIMM_NAMES
+    from convmixer_jax.training.recipes import RECIPES
+
+    want = {
+        "--preset": list(PRESETS),
+        "--timm-name": list(TIMM_NAMES),
+        "--recipe": list(RECIPES),
+        "--activation": list(ACTIVATIONS),
+    }
+    _, subs = _subcommands()
+    found = {opt: [] for opt in want}
+    for name, sub in subs.items():
+        opts = _options(sub)
+        for opt, choices in want.items():
+            if opt in opts:
+                assert list(opts[opt].choices) == choices, (name, opt)
+                found[opt].append(name)
+    assert all(found.values()), found
+    assert {"train", "reproduce"} <= set(found["--recipe"])
+    assert {"init-model", "train"} <= set(found["--preset"])
+    for name in RECIPES:  # every recipe is described in the help
+        assert f"{name}: " in subs["train"].format_help().replace("\n", " ")

@@ -71,15 +71,14 @@ class RefConvMixer(nn.Module):
         act = (
             jax.nn.relu
             if self.activation == "relu"
-            # noqa: E731
             else lambda v: jax.nn.gelu(v, approximate=self.approximate)
         )
-        bn = lambda name: nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,  # noqa: E731
-            epsilon=1e-5,
-            name=name,
-        )
+
+        def bn(name):
+            return nn.BatchNorm(
+                use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name
+            )
+
         x = (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
         p = self.patch_size
         x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", name="stem")(x)
@@ -230,7 +229,9 @@ def test_toeplitz_matrices_match_hand_built_and_conv_gradient(k, h, w, seed):
     cot = jnp.asarray(rng.normal(size=(2, h, w, 3)).astype(np.float32))
     grads = {
         impl: np.asarray(
-            jax.grad(lambda kk: jnp.sum(depthwise(x, kk, impl) * cot))(jnp.asarray(kernel))
+            jax.grad(lambda kk, impl=impl: jnp.sum(depthwise(x, kk, impl) * cot))(
+                jnp.asarray(kernel)
+            )
         )
         for impl in ("toeplitz", "conv")
     }
@@ -265,7 +266,8 @@ def test_three_depthwise_impls_give_same_logits(case):
 
 
 def random_stems(variables, k, seed):
-    """K random stem kernels and biases shaped like ``variables``' stem: ((K, P, P, C, d), (K, d))."""
+    """K random stem kernels and biases shaped like ``variables``' stem:
+    ((K, P, P, C, d), (K, d))."""
     rng = np.random.default_rng(seed)
     stem = variables["params"]["stem"]
     return (
@@ -538,9 +540,11 @@ def test_model_rejects_images_that_do_not_fit():
 def test_timm_presets_and_activation_field():
     """The timm ImageNet presets (timm 1.0 convmixer.py) and the activation in config.json."""
     from convmixer_jax.cli.options import PRESET_NAMES
+    from convmixer_jax.model.config import TIMM_NAMES
     from convmixer_jax.model.convmixer import IMAGENET_MEAN, IMAGENET_STD, PRESETS
 
-    assert PRESET_NAMES == list(PRESETS)  # the CLI spells them out to answer --help without JAX
+    assert PRESET_NAMES == list(PRESETS)  # the CLI reads them from the JAX-free registry
+    assert TIMM_NAMES == ("convmixer_768_32", "convmixer_1536_20", "convmixer_1024_20_ks9_p14")
     shapes = {
         name: (c.dim, c.depth, c.kernel_size, c.patch_size, c.activation)
         for name, c in PRESETS.items()

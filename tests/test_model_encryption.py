@@ -90,7 +90,7 @@ def images(cfg, seed, n=3, grid=False):
 
 def assert_trees_equal(a, b):
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         x, y = np.asarray(x), np.asarray(y)
         assert x.shape == y.shape and x.dtype == y.dtype
         np.testing.assert_array_equal(x, y)
@@ -98,7 +98,7 @@ def assert_trees_equal(a, b):
 
 def assert_trees_close(a, b, rtol=1e-6, atol=1e-6):
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
@@ -340,7 +340,7 @@ def test_vmap_over_keys_equals_loop(norm):
     fn = functools.partial(encrypt_params, **kw)
     batched = jax.vmap(fn, in_axes=(None, 0))(params, keys)
     for i, k in enumerate(singles):
-        one = jax.tree_util.tree_map(lambda a: a[i], batched)
+        one = jax.tree_util.tree_map(lambda a, i=i: a[i], batched)
         want = encrypt_params(params, k, **kw)
         if norm is None:
             assert_trees_equal(one, want)
@@ -350,5 +350,5 @@ def test_vmap_over_keys_equals_loop(norm):
     back = jax.vmap(functools.partial(decrypt_params, **kw), in_axes=(0, 0))(batched, keys)
     for i in range(4):
         assert_trees_close(
-            jax.tree_util.tree_map(lambda a: a[i], back), params, rtol=1e-5, atol=1e-6
+            jax.tree_util.tree_map(lambda a, i=i: a[i], back), params, rtol=1e-5, atol=1e-6
         )

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 
+from convmixer_jax._xla_flags import apply_cpu_flags
 from convmixer_jax.cli import attacks, experiment, images, keys, models, recover, torch_io, training
 from convmixer_jax.cli.options import PROG, Parser, UsageError, one_line
 
@@ -88,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
     0 on success, 1 for bad input (one line on stderr, nothing written), 2 for a
     malformed command line, 130 on SIGINT and 143 on SIGTERM (temporaries removed).
+    First adds the package's XLA:CPU flag to ``XLA_FLAGS``
+    (:func:`~convmixer_jax._xla_flags.apply_cpu_flags`), before any command imports JAX.
     """
+    apply_cpu_flags()
     parser = build_parser()
     previous = None
     if threading.current_thread() is threading.main_thread():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from convmixer_jax.model.config import ACTIVATIONS, PAPER_SOURCE, PRESETS, REGISTRY, TIMM_NAMES
+from convmixer_jax.training.recipes import RECIPES, TrainConfig
+
 PROG = "convmixer-jax"
 
 
@@ -94,7 +97,10 @@ def resolve_out(args, positional: str | None) -> None:
         args.out = positional
 
 
-SEED_HELP = "seed of this command's non-secret randomness: --limit subsets, initialization, data order, augmentation (default 0)"
+SEED_HELP = (
+    "seed of this command's non-secret randomness: --limit subsets, initialization, "
+    "data order, augmentation (default 0)"
+)
 KEY_SEED_HELP = (
     "seed of the keys this command draws, for repeatable experiments "
     "(default: the OS CSPRNG; the seed used is recorded)"
@@ -133,7 +139,10 @@ def add_batch_size(p: argparse.ArgumentParser) -> None:
 def add_resize(p: argparse.ArgumentParser, *, to_model: bool) -> None:
     """``--resize`` (timm's evaluation transform) and ``--crop-pct``; with ``to_model`` the
     size may be left out and is then the model's input size."""
-    what = "images of any size: resize the shorter side to SIZE / crop-pct (bicubic) and crop the centre"
+    what = (
+        "images of any size: resize the shorter side to SIZE / crop-pct (bicubic) "
+        "and crop the centre"
+    )
     if to_model:
         p.add_argument(
             "--resize",
@@ -148,27 +157,44 @@ def add_resize(p: argparse.ArgumentParser, *, to_model: bool) -> None:
             "--resize",
             type=positive_int,
             metavar="SIZE",
-            help=f"{what} SIZE x SIZE, as timm evaluates; encryption happens after it, on that grid",
+            help=f"{what} SIZE x SIZE, as timm evaluates; encryption happens after it, "
+            "on that grid",
         )
     p.add_argument(
         "--crop-pct",
         type=positive_float,
         default=0.96,
         metavar="F",
-        help="the centre crop's share of the resized shorter side (default 0.96, timm's ConvMixers)",
+        help="the centre crop's share of the resized shorter side "
+        "(default 0.96, timm's ConvMixers)",
     )
 
 
+DEFAULT_RECIPE = "strong"  # the committed model's
+
+
+def describe_recipe(recipe: TrainConfig) -> str:
+    """One line of ``--recipe``'s help: the optimizer, schedule, length and augmentation."""
+    schedule = "one-cycle, peak " if recipe.schedule == "onecycle" else ""
+    parts = [f"{recipe.optimizer} {schedule}lr {recipe.lr:g}", f"{recipe.epochs} epochs"]
+    if recipe.augment:
+        parts.append("+".join(recipe.augment))
+    if recipe.ema_decay:
+        parts.append("an EMA of the weights")
+    if recipe.holdout:
+        parts.append(f"{recipe.holdout:,} training images held out to choose by")
+    return ", ".join(parts)
+
+
 def add_recipe(p: argparse.ArgumentParser) -> None:
-    """--recipe and the overrides every training command takes."""
+    """--recipe (one of :data:`~convmixer_jax.training.recipes.RECIPES`) and the overrides
+    every training command takes."""
     p.add_argument(
         "--recipe",
-        choices=["paper", "fast", "strong"],
-        default="strong",
-        help="training recipe (default strong, the committed model's: AdamW one-cycle with "
-        "RandAugment and an EMA of the weights, 100 epochs, 5,000 training images held out to "
-        "choose EMA or raw weights by; fast: AdamW one-cycle with cutout, 40 epochs, no hold-out; "
-        "paper: Adam 1e-3, 200 epochs)",
+        choices=list(RECIPES),
+        default=DEFAULT_RECIPE,
+        help=f"training recipe (default {DEFAULT_RECIPE}, the committed model's): "
+        + "; ".join(f"{name}: {describe_recipe(r)}" for name, r in RECIPES.items()),
     )
     p.add_argument("--epochs", type=positive_int, metavar="E", help="override the recipe's epochs")
     p.add_argument(
@@ -203,8 +229,6 @@ def recipe_from_args(args, train_images: int):
     """
     import dataclasses
 
-    from convmixer_jax.training.loop import RECIPES
-
     given = {field: getattr(args, name) for name, field in RECIPE_OVERRIDES.items()}
     recipe = dataclasses.replace(
         RECIPES[args.recipe], seed=args.seed, **{k: v for k, v in given.items() if v is not None}
@@ -230,7 +254,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--preset",
         choices=PRESET_NAMES,
-        help="start from a named architecture: the paper's, or one of timm's ImageNet ConvMixers",
+        help="start from a named architecture: the paper's ("
+        + ", ".join(n for n, preset in REGISTRY.items() if preset.source == PAPER_SOURCE)
+        + ") or one of timm's ImageNet ConvMixers ("
+        + ", ".join(TIMM_NAMES)
+        + ")",
     )
     g.add_argument("--dim", type=positive_int, help="embedding width d (paper: 256)")
     g.add_argument("--depth", type=positive_int, help="number of mixer blocks L (paper: 8)")
@@ -247,8 +275,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels", type=positive_int, help="input channels C (paper: 3)")
     g.add_argument(
         "--activation",
-        choices=["gelu", "relu"],
-        help="activation after every convolution (paper: gelu, exact; timm's convmixer_768_32: relu)",
+        choices=list(ACTIVATIONS),
+        help="activation after every convolution "
+        "(paper: gelu, exact; timm's convmixer_768_32: relu)",
     )
 
 
@@ -262,14 +291,16 @@ ARCH_OPTIONS = (
     "channels",
     "activation",
 )
-# the keys of convmixer_jax.model.convmixer.PRESETS, spelled out so that --help needs no JAX (tested)
-PRESET_NAMES = ["paper", "convmixer_768_32", "convmixer_1536_20", "convmixer_1024_20_ks9_p14"]
+# --preset's choices: the registry's names (convmixer_jax.model.config imports no JAX)
+PRESET_NAMES = list(PRESETS)
 
 
 def model_config(args):
+    """The :class:`~convmixer_jax.model.config.ConvMixerConfig` of ``--preset`` (default: the
+    paper's) with the architecture options given on the command line."""
     import dataclasses
 
-    from convmixer_jax.model.convmixer import PRESETS, ConvMixerConfig
+    from convmixer_jax.model.config import ConvMixerConfig
 
     base = PRESETS[args.preset] if args.preset else ConvMixerConfig()
     overrides = {n: getattr(args, n) for n in ARCH_OPTIONS if getattr(args, n) is not None}

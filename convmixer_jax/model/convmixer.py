@@ -24,173 +24,37 @@ encrypted or converted:
 Internally activations are kept channel-major with the batch fastest, shape
 (dim, h, w, N), so the 1x1 convolutions and the dense depthwise form are
 plain (batched) matrix products with no activation transposes.  The depthwise
-convolution has three exact formulations (see :func:`depthwise`), chosen per
-backend and grid size by ``depthwise_impl='auto'``: XLA's CPU grouped
-convolution is about 30x slower than PyTorch's, and on an H200 XLA's grouped
-convolution made the training step 44x slower, while a per-channel dense
-(Toeplitz) matrix built from the same k x k kernel runs at matrix-product
-speed while the grid is small.
+convolution has three exact formulations (see :func:`depthwise`), chosen by grid
+size by ``depthwise_impl='auto'``: XLA's grouped convolution is many times slower
+than PyTorch's, on CPU and on GPU, while a per-channel dense (Toeplitz) matrix built
+from the same k x k kernel runs at matrix-product speed while the grid is small.
+The measurements behind these choices, and behind the XLA:CPU details noted in the
+code below, are in ``docs/design.md`` ("Speed") and ``benchmarks/README.md``.
+
+The architecture's data (:class:`ConvMixerConfig`, :data:`PRESETS` and the constants)
+live in :mod:`convmixer_jax.model.config`, which imports no JAX; they are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-DEPTHWISE_IMPLS = ("auto", "toeplitz", "shift", "conv")
-ACTIVATIONS = ("gelu", "relu")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's ImageNet normalization
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from convmixer_jax.model.config import (
+    ACTIVATIONS,
+    DEPTHWISE_IMPLS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PRESETS,
+    ConvMixerConfig,
+)
+from convmixer_jax.scheme.blocks import to_blocks
+
 PREPARED = "prepared"  # variable collection of prepare_inference()
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvMixerConfig:
-    """Architecture of a ConvMixer.
-
-    Attributes:
-      dim: embedding width d.
-      depth: number of mixer blocks L.
-      kernel_size: depthwise kernel size k.
-      patch_size: patch size P (= the encryption block size M).
-      num_classes: classifier outputs.
-      image_size: input height and width (square); must be divisible by P.
-      channels: input channels C.
-      mean, std: per-channel input normalization, length C (None: 0.5 / 0.5).
-      activation: 'gelu' (exact erf GELU, the paper's and most timm models') or 'relu'
-        (timm's ``convmixer_768_32``).
-      gelu_approximate: tanh GELU instead of exact erf GELU.
-      depthwise_impl: 'auto' | 'toeplitz' | 'shift' | 'conv' (all exact).
-    """
-
-    dim: int = 256
-    depth: int = 8
-    kernel_size: int = 9
-    patch_size: int = 4
-    num_classes: int = 10
-    image_size: int = 32
-    channels: int = 3
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    gelu_approximate: bool = False
-    depthwise_impl: str = "auto"
-    activation: str = "gelu"
-
-    def __post_init__(self):
-        for name in (
-            "dim",
-            "depth",
-            "kernel_size",
-            "patch_size",
-            "num_classes",
-            "image_size",
-            "channels",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(
-                    f"ConvMixerConfig.{name} must be a positive integer, got {value!r}"
-                )
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
-                "choose an image size that is a multiple of the patch size"
-            )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.depthwise_impl not in DEPTHWISE_IMPLS:
-            raise ValueError(
-                f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {self.depthwise_impl!r}"
-            )
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if value is not None:
-                value = tuple(float(v) for v in value)
-                object.__setattr__(self, name, value)
-                if len(value) != self.channels:
-                    raise ValueError(
-                        f"{name} has {len(value)} entries but the model has {self.channels} channels"
-                    )
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
-
-    @property
-    def grid_size(self) -> int:
-        """Side of the patch grid, image_size // patch_size."""
-        return self.image_size // self.patch_size
-
-    @property
-    def norm_mean(self) -> tuple[float, ...]:
-        return self.mean if self.mean is not None else (0.5,) * self.channels
-
-    @property
-    def norm_std(self) -> tuple[float, ...]:
-        return self.std if self.std is not None else (0.5,) * self.channels
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ConvMixerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ConvMixer config fields: {sorted(unknown)}")
-        d = dict(d)
-        for name in ("mean", "std"):
-            if d.get(name) is not None:
-                d[name] = tuple(d[name])
-        return cls(**d)
-
-
-PRESETS = {
-    # Iijima & Kiya (2022), section 4: ConvMixer-256/8, k = 9, p = 4 on CIFAR-10.
-    "paper": ConvMixerConfig(
-        dim=256, depth=8, kernel_size=9, patch_size=4, num_classes=10, image_size=32, channels=3
-    ),
-    # timm 1.0's ImageNet ConvMixers (timm/models/convmixer.py): 224 x 224 RGB, 1000 classes,
-    # ImageNet mean/std. Patch 7 on RGB gives the odd pb = 147.
-    "convmixer_768_32": ConvMixerConfig(
-        dim=768,
-        depth=32,
-        kernel_size=7,
-        patch_size=7,
-        num_classes=1000,
-        image_size=224,
-        channels=3,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        activation="relu",
-    ),
-    "convmixer_1536_20": ConvMixerConfig(
-        dim=1536,
-        depth=20,
-        kernel_size=9,
-        patch_size=7,
-        num_classes=1000,
-        image_size=224,
-        channels=3,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-    ),
-    "convmixer_1024_20_ks9_p14": ConvMixerConfig(
-        dim=1024,
-        depth=20,
-        kernel_size=9,
-        patch_size=14,
-        num_classes=1000,
-        image_size=224,
-        channels=3,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-    ),
-}
 
 
 def same_padding(kernel_size: int) -> tuple[int, int]:
@@ -213,8 +77,9 @@ def toeplitz_matrices(kernel: jax.Array, h: int, w: int) -> jax.Array:
 
     The matrix is assembled from static slices of the zero-padded kernel (one
     window of the kernel per output row and column), pure data movement whose
-    gradient is a sum of the same windows: about 8x cheaper on XLA:CPU than
-    a product with a one-hot (k*k, hw, hw) tensor, forward and backward.
+    gradient is a sum of the same windows: several times cheaper on XLA:CPU than
+    a product with a one-hot (k*k, hw, hw) tensor, forward and backward
+    (``docs/design.md``, "Speed").
     """
     k, _, _, c = kernel.shape
     lo, _ = same_padding(k)
@@ -238,16 +103,11 @@ def resolve_depthwise_impl(impl: str, grid: tuple[int, int], backend: str | None
     """Pick the depthwise formulation: dense per-channel matrices for grids of at
     most 8 x 8 = 64 positions, shifted multiply-adds for larger ones, on every backend.
 
-    Measured (``benchmarks/depthwise_impls.py``, ``benchmarks/depthwise_grids.py``):
-    on the paper's 8 x 8 grid the grouped convolution is ~30x slower than the
-    matrices on the 2-core development CPU, and on an NVIDIA H200 (jax 0.11.2)
-    the training step took 2.2 ms with the matrices, 8.7 ms with shifts and
-    97.6 ms with the grouped convolution (batch 256). On timm's 16 x 16 grid
-    (dim 1024, k 9) the development CPU ran one layer 2.2x faster with shifts
-    than with the matrices (which would also take 5 GiB for the 20 blocks) and
-    24x faster than the grouped convolution; on the 32 x 32 grids the matrices
-    would take 96-120 GiB and shifts beat the convolution 14-19x. Larger grids
-    on GPU were not measured; shifts also won there at 8 x 8."""
+    The rule follows the measurements of ``benchmarks/depthwise_impls.py`` and
+    ``benchmarks/depthwise_grids.py`` on CPU and on an NVIDIA H200 (tables in
+    ``docs/design.md``, "Speed"): on small grids the matrices are the fastest
+    formulation and the grouped convolution the slowest; on timm's 16 x 16 and
+    32 x 32 grids the matrices cost more time and far more memory than shifts."""
     if impl != "auto":
         return impl
     if grid[0] * grid[1] <= 64:
@@ -321,8 +181,8 @@ class ChannelBatchNorm(nn.Module):
         if train:
             # Statistics as matrix-vector products with a constant 1/M vector:
             # XLA:CPU splits a plain mean over (h, w, N) into a slow
-            # reduce-window pass (about 10 % of a training step of the paper
-            # model on the development CPU); the product runs at memory speed.
+            # reduce-window pass (a measurable share of a training step,
+            # docs/design.md "Speed"); the product runs at memory speed.
             xf = x.reshape(c, -1)  # (C, M)
             inv_m = jnp.full((xf.shape[1],), 1.0 / xf.shape[1], x.dtype)
             mean = xf @ inv_m
@@ -357,7 +217,7 @@ def add_channel_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     return y + bias.reshape((-1,) + (1,) * (y.ndim - 1))
 
 
-def _torch_like_conv_init(fan_in: int):
+def torch_like_conv_init(fan_in: int):
     """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / np.sqrt(fan_in)
 
@@ -383,11 +243,11 @@ class PatchEmbed(nn.Module):
         n, h, w, c = x.shape
         p = self.patch_size
         pb = p * p * c
-        kernel = self.param("kernel", _torch_like_conv_init(pb), (p, p, c, self.dim), jnp.float32)
-        bias = self.param("bias", _torch_like_conv_init(pb), (self.dim,), jnp.float32)
+        kernel = self.param("kernel", torch_like_conv_init(pb), (p, p, c, self.dim), jnp.float32)
+        bias = self.param("bias", torch_like_conv_init(pb), (self.dim,), jnp.float32)
         gh, gw = h // p, w // p
-        # (i, j, c, gh, gw, N): one column per block, rows in (i, j, c) order.
-        cols = x.reshape(n, gh, p, gw, p, c).transpose(2, 4, 5, 1, 3, 0).reshape(pb, -1)
+        # (pb, gh * gw * N): one column per block, rows in block order k = (i*P + j)*C + c.
+        cols = to_blocks(x, p).transpose(3, 1, 2, 0).reshape(pb, -1)
         if stems is None:
             e_t = jax.lax.optimization_barrier(kernel.reshape(pb, self.dim).T)  # (dim, pb)
             y = (e_t @ cols).reshape(self.dim, gh, gw, n)
@@ -449,8 +309,8 @@ class DepthwiseConv(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         d, h, w, _ = x.shape
         k = self.kernel_size
-        kernel = self.param("kernel", _torch_like_conv_init(k * k), (k, k, 1, d), jnp.float32)
-        bias = self.param("bias", _torch_like_conv_init(k * k), (d,), jnp.float32)
+        kernel = self.param("kernel", torch_like_conv_init(k * k), (k, k, 1, d), jnp.float32)
+        bias = self.param("bias", torch_like_conv_init(k * k), (d,), jnp.float32)
         if self.has_variable(PREPARED, "matrix"):
             if train:
                 raise ValueError(
@@ -469,16 +329,16 @@ class PointwiseConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[0]
-        kernel = self.param("kernel", _torch_like_conv_init(d), (1, 1, d, d), jnp.float32)
-        bias = self.param("bias", _torch_like_conv_init(d), (d,), jnp.float32)
+        kernel = self.param("kernel", torch_like_conv_init(d), (1, 1, d, d), jnp.float32)
+        bias = self.param("bias", torch_like_conv_init(d), (d,), jnp.float32)
         # XLA:CPU runs a dot whose left operand is contracted on its first axis
-        # about 2x slower; materialize the (tiny) transposed weight instead of
+        # markedly slower; materialize the (tiny) transposed weight instead of
         # letting the transpose fold back into the dot.
         w_t = jax.lax.optimization_barrier(kernel[0, 0].T)  # (out, in)
         # A 2-D product over the flattened (h, w, N) axis: its weight gradient
         # then needs a 2-D transpose of the activations, which XLA:CPU does
-        # far faster than the 4-D one of an einsum over 'ihwn' (training step
-        # of the paper model about 17 % faster on the development CPU).
+        # far faster than the 4-D one of an einsum over 'ihwn' (a faster
+        # training step, docs/design.md "Speed").
         y = (w_t @ x.reshape(d, -1)).reshape(x.shape)
         return add_channel_bias(y, bias)
 
@@ -559,8 +419,8 @@ def after_stem(cfg: ConvMixerConfig, x: jax.Array, impl: str, train: bool) -> ja
     head = nn.Dense(
         cfg.num_classes,
         name="head",
-        kernel_init=_torch_like_conv_init(d),
-        bias_init=_torch_like_conv_init(d),
+        kernel_init=torch_like_conv_init(d),
+        bias_init=torch_like_conv_init(d),
     )
     return head(pooled.T)
 
@@ -574,8 +434,8 @@ def prepare_inference(config: ConvMixerConfig, variables: dict) -> dict:
     """Variables for repeated inference: the dense depthwise matrices computed once.
 
     With the 'toeplitz' depthwise formulation every call would otherwise
-    rebuild a (dim, h*w, h*w) matrix per block from its k x k kernel (on this
-    project's 2-core CPU about a tenth of an inference step at batch 128).
+    rebuild a (dim, h*w, h*w) matrix per block from its k x k kernel (on CPU a
+    noticeable share of an inference step: ``docs/design.md``, "Prepared inference").
     Returns a new dict: ``variables`` plus a ``"prepared"`` collection with one
     ``matrix`` per block, used by ``apply(..., train=False)`` for images of
     ``config.image_size``; other sizes and other formulations build as usual,
@@ -598,5 +458,38 @@ def prepare_inference(config: ConvMixerConfig, variables: dict) -> dict:
     names = [f"block_{i}" for i in range(config.depth)]
     kernels = tuple(jnp.asarray(params[name]["depthwise"]["kernel"], jnp.float32) for name in names)
     mats = _depthwise_matrices(kernels, g, g)
-    out[PREPARED] = {name: {"depthwise": {"matrix": m}} for name, m in zip(names, mats)}
+    out[PREPARED] = {
+        name: {"depthwise": {"matrix": m}} for name, m in zip(names, mats, strict=True)
+    }
     return out
+
+
+__all__ = [
+    # the architecture's data, from convmixer_jax.model.config
+    "ACTIVATIONS",
+    "DEPTHWISE_IMPLS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PRESETS",
+    "ConvMixerConfig",
+    # the model
+    "PREPARED",
+    "ConvMixer",
+    "PatchEmbed",
+    "MixerBlock",
+    "DepthwiseConv",
+    "PointwiseConv",
+    "ChannelBatchNorm",
+    "after_stem",
+    "normalize_input",
+    "activation_fn",
+    "gelu",
+    "add_channel_bias",
+    "torch_like_conv_init",
+    "same_padding",
+    "toeplitz_matrices",
+    "depthwise",
+    "depthwise_with_matrices",
+    "resolve_depthwise_impl",
+    "prepare_inference",
+]

@@ -15,17 +15,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convmixer_jax.model.config import ConvMixerConfig
 from convmixer_jax.model.convmixer import (
-    ConvMixerConfig,
-    _torch_like_conv_init,
     after_stem,
     normalize_input,
     resolve_depthwise_impl,
+    torch_like_conv_init,
 )
+from convmixer_jax.scheme.blocks import to_blocks
 
 
 class PositionWisePatchEmbed(nn.Module):
-    """``x``: (N, H, W, C) normalized images -> (dim, H/P, W/P, N); block (i, j) times kernel[i, j]."""
+    """``x``: (N, H, W, C) normalized images -> (dim, H/P, W/P, N); block (i, j) times
+    kernel[i, j]."""
 
     patch_size: int
     dim: int
@@ -33,20 +35,21 @@ class PositionWisePatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        n, h, w, c = x.shape
+        c = x.shape[-1]
         p, (gh, gw) = self.patch_size, self.grid
         pb = p * p * c
         kernel = self.param(
-            "kernel", _torch_like_conv_init(pb), (gh, gw, p, p, c, self.dim), jnp.float32
+            "kernel", torch_like_conv_init(pb), (gh, gw, p, p, c, self.dim), jnp.float32
         )
-        bias = self.param("bias", _torch_like_conv_init(pb), (gh, gw, self.dim), jnp.float32)
-        cols = x.reshape(n, gh, p, gw, p, c).transpose(1, 3, 2, 4, 5, 0).reshape(gh, gw, pb, n)
+        bias = self.param("bias", torch_like_conv_init(pb), (gh, gw, self.dim), jnp.float32)
+        cols = to_blocks(x, p).transpose(1, 2, 3, 0)  # (gh, gw, pb, N)
         y = jnp.einsum("ghpd,ghpn->dghn", kernel.reshape(gh, gw, pb, self.dim), cols)
         return y + jnp.transpose(bias, (2, 0, 1))[..., None]
 
 
 class PositionWiseConvMixer(nn.Module):
-    """images (N, H, W, C) in [0, 1], H and W those of ``config.image_size`` -> logits (N, classes)."""
+    """images (N, H, W, C) in [0, 1], H and W those of ``config.image_size`` -> logits
+    (N, classes)."""
 
     config: ConvMixerConfig
 

@@ -1,9 +1,17 @@
-"""The scheme itself: secret keys, the block-wise image transform, the patch-embedding transform.
+"""The scheme itself: the block contract, secret keys, the block-wise image transform, the
+patch-embedding transform.
 
 Imports nothing else from the package: everything here follows from
-``docs/method.md`` alone.
+``docs/method.md`` alone. :mod:`~convmixer_jax.scheme.blocks` is the one place that cuts
+images into blocks and puts them back.
 """
 
+from convmixer_jax.scheme.blocks import (  # noqa: F401
+    BlockSizeError,
+    from_blocks,
+    grid_shape,
+    to_blocks,
+)
 from convmixer_jax.scheme.images import ImageError, check_images, decrypt_images, encrypt_images  # noqa: F401
 from convmixer_jax.scheme.keys import (  # noqa: F401
     InvalidKeyError,

@@ -5,10 +5,11 @@ channel fastest (``k = (i*M + j)*C + c``), shuffled with ``y[k] = x[perm[k]]``,
 bit-flipped where ``flip[k] == 1`` (``255 - v`` for uint8, ``1 - x`` for
 float), and put back in place.
 
-The whole transform is one gather through a precomputed index of the image
-(plus one select for the flip), compiled with ``jax.jit``; the index is built
-from ``perm`` inside the computation, so the functions ``vmap`` over a batch
-of keys (``Key`` leaves with a leading axis).
+The blocks are those of the block contract (:mod:`convmixer_jax.scheme.blocks`).
+The whole transform is one gather through an index of the image (plus one select
+for the flip), compiled with ``jax.jit``: the index maps read off the contract are
+static, and the index is built from them and ``perm`` inside the computation, so
+the functions ``vmap`` over a batch of keys (``Key`` leaves with a leading axis).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convmixer_jax.scheme.blocks import from_blocks, to_blocks
 from convmixer_jax.scheme.keys import InvalidKeyError, Key, inverse_permutation
 
 
@@ -28,23 +30,25 @@ class ImageError(ValueError):
 
 @functools.lru_cache(maxsize=None)
 def _block_layout(h: int, w: int, c: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Static index maps of an (h, w, c) image cut into m x m blocks.
+    """Static index maps of an (h, w, c) image cut into m x m blocks, read off the block
+    contract (:mod:`convmixer_jax.scheme.blocks`) applied to the flat image positions
+    o = (y*w + x)*c + ch.
 
-    Returns, over the flattened image positions o = (y*w + x)*c + ch:
-      base (h*w*c,) int32: flat position of the top-left of o's block;
-      within (h*w*c,) int32: o's index k inside its flattened block;
-      offset (pb,) int32: flat offset from a block's top-left of block index k.
+    Returns, over the flat image positions o:
+      base (h*w*c,) int32: the flat position of the first element of o's block;
+      within (h*w*c,) int32: o's index k inside its block;
+      offset (pb,) int32: the flat offset of element k of a block from its first element.
+    Element k of the block holding o is at ``base[o] + offset[k]``: a block's elements lie
+    at the same offsets from its first element wherever the block is.
     """
-    y, x, ch = np.meshgrid(np.arange(h), np.arange(w), np.arange(c), indexing="ij")
-    i, j = y % m, x % m
-    base = ((y - i) * w + (x - j)) * c
-    within = (i * m + j) * c + ch
-    ii, jj, cc = np.meshgrid(np.arange(m), np.arange(m), np.arange(c), indexing="ij")
-    offset = (ii * w + jj) * c + cc
+    position = to_blocks(np.arange(h * w * c, dtype=np.int32).reshape(h, w, c), m)  # (gh, gw, pb)
+    offset = position[0, 0] - position[0, 0, 0]
+    first = np.broadcast_to(position[..., :1], position.shape)
+    k = np.broadcast_to(np.arange(position.shape[-1], dtype=np.int32), position.shape)
     return (
-        base.reshape(-1).astype(np.int32),
-        within.reshape(-1).astype(np.int32),
-        offset.reshape(-1).astype(np.int32),
+        from_blocks(first, m, c).reshape(-1),
+        from_blocks(k, m, c).reshape(-1),
+        offset,
     )
 
 
@@ -75,8 +79,8 @@ def check_images(images, key: Key, *, check_values: bool = True) -> None:
 
 
 def check_not_empty(shape) -> None:
-    """Raise :class:`ImageError` if the images of an array of ``shape`` (..., H, W, C) have no pixels
-    (an empty batch, N = 0, is allowed: it encrypts to an empty batch)."""
+    """Raise :class:`ImageError` if the images of an array of ``shape`` (..., H, W, C) have no
+    pixels (an empty batch, N = 0, is allowed: it encrypts to an empty batch)."""
     if len(shape) >= 3 and any(int(n) == 0 for n in shape[-3:]):
         raise ImageError(
             f"the image array has shape {tuple(shape)}, which holds no pixels; "
@@ -120,7 +124,7 @@ def _flip_values(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _gather_blocks(flat: jax.Array, perm: jax.Array, layout) -> jax.Array:
-    """y[k] = x[perm[k]] in every block; flat: (N, h*w*c)."""
+    """y[k] = x[perm[k]] in every block; flat: (N, h*w*c) -> (N, h*w*c), one gather."""
     base, within, offset = layout
     src = jnp.asarray(base) + jnp.take(jnp.asarray(offset), perm)[jnp.asarray(within)]
     return jnp.take(flat, src, axis=1)
@@ -188,19 +192,19 @@ def decrypt_images(images, key: Key) -> jax.Array:
 
 
 def encrypt_images_reference(images: np.ndarray, key: Key) -> np.ndarray:
-    """Plain NumPy transcription of method.md, block by block (slow; for tests)."""
+    """Plain NumPy transcription of method.md, for checks and small batches.
+
+    images: (..., H, W, C) uint8 or float in [0, 1] -> a NumPy array of the same shape
+    and dtype: the blocks of :func:`~convmixer_jax.scheme.blocks.to_blocks`, each
+    shuffled (``y = x[perm]``) and flipped (``255 - v`` or ``1 - x`` where ``flip``),
+    put back with :func:`~convmixer_jax.scheme.blocks.from_blocks`. It checks nothing
+    and runs eagerly; :func:`encrypt_images` computes the same.
+    """
     m, c = key.block_size, key.channels
-    out = np.array(images, copy=True)
     perm, flip = np.asarray(key.perm), np.asarray(key.flip)
-    h, w = out.shape[-3:-1]
-    for by in range(0, h, m):
-        for bx in range(0, w, m):
-            block = np.asarray(images)[..., by : by + m, bx : bx + m, :]
-            flat = block.reshape(block.shape[:-3] + (m * m * c,))
-            y = flat[..., perm]
-            if y.dtype == np.uint8:
-                z = np.where(flip == 1, 255 - y, y).astype(np.uint8)
-            else:
-                z = np.where(flip == 1, 1 - y, y).astype(y.dtype)
-            out[..., by : by + m, bx : bx + m, :] = z.reshape(block.shape)
-    return out
+    y = to_blocks(np.asarray(images), m)[..., perm]
+    if y.dtype == np.uint8:
+        z = np.where(flip == 1, 255 - y, y).astype(np.uint8)
+    else:
+        z = np.where(flip == 1, 1 - y, y).astype(y.dtype)
+    return from_blocks(z, m, c)

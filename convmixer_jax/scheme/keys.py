@@ -76,7 +76,10 @@ class Key:
 
     def __repr__(self) -> str:  # never print the secret itself
         if self.batch_shape:
-            return f"Key(batch={self.batch_shape}, block_size={self.block_size}, channels={self.channels})"
+            return (
+                f"Key(batch={self.batch_shape}, block_size={self.block_size}, "
+                f"channels={self.channels})"
+            )
         try:
             fp = fingerprint(self)[:16]
         except Exception:
@@ -115,7 +118,8 @@ def flip_ones(pb: int) -> int:
 
 
 def validate_key(key: Key) -> Key:
-    """Check a single concrete key; return it with canonical dtypes or raise :class:`InvalidKeyError`."""
+    """Check a single concrete key; return it with canonical dtypes or raise
+    :class:`InvalidKeyError`."""
     pb = block_len(key.block_size, key.channels)
     perm = np.asarray(key.perm)
     flip = np.asarray(key.flip)
@@ -240,7 +244,8 @@ def key_from_json(obj) -> Key:
         )
     if obj.get("version") != KEY_VERSION:
         raise InvalidKeyError(
-            f"unsupported key version {obj.get('version')!r}; this release reads version {KEY_VERSION}"
+            f"unsupported key version {obj.get('version')!r}; "
+            f"this release reads version {KEY_VERSION}"
         )
     for field in ("block_size", "channels", "perm", "flip"):
         if field not in obj:
@@ -310,7 +315,8 @@ def load_key(path: str | Path) -> Key:
 
 
 def _nesting_depth(text: str) -> int:
-    """Deepest bracket nesting of JSON ``text`` (brackets inside strings ignored), without parsing it."""
+    """Deepest bracket nesting of JSON ``text`` (brackets inside strings ignored), without
+    parsing it."""
     depth = deepest = 0
     in_string = escaped = False
     for ch in text:
@@ -357,7 +363,8 @@ def key_space_text(block_size: int, channels: int) -> str:
 
 
 def key_space_log2(block_size: int, channels: int) -> float:
-    """log2 of :func:`key_space` (about 247.8 for pb = 48), from log-gamma: no huge integer is formed."""
+    """log2 of :func:`key_space` (about 247.8 for pb = 48), from log-gamma: no huge integer
+    is formed."""
     pb = block_len(block_size, channels)
     h = flip_ones(pb)
     ln = 2 * math.lgamma(pb + 1) - math.lgamma(h + 1) - math.lgamma(pb - h + 1)

@@ -39,7 +39,14 @@ class KeyModelMismatch(InvalidKeyError):
     """The key's block size or channels differ from the model's patch embedding."""
 
 
-def _stem(tree: PyTree) -> tuple[dict, bool]:
+def stem_of(tree: PyTree) -> tuple[dict, bool]:
+    """The patch embedding of a ConvMixer tree: ``(stem, nested)``.
+
+    ``tree``: a params tree (``{'stem': ...}``, then ``nested`` is False) or a variables
+    tree (``{'params': {'stem': ...}, ...}``, ``nested`` True); ``stem`` is the
+    ``{'kernel': (P, P, C, dim), 'bias': (dim,)}`` dict (or any leaves stored under
+    ``'stem'``). Raises ValueError for a tree without a stem.
+    """
     if "params" in tree and isinstance(tree["params"], dict) and "stem" in tree["params"]:
         return tree["params"]["stem"], True
     if "stem" in tree:
@@ -50,7 +57,9 @@ def _stem(tree: PyTree) -> tuple[dict, bool]:
     )
 
 
-def _with_stem(tree: PyTree, stem: dict, nested: bool) -> PyTree:
+def with_stem(tree: PyTree, stem: dict, nested: bool) -> PyTree:
+    """A new tree equal to ``tree`` but for its patch embedding, replaced by ``stem``;
+    ``nested`` as :func:`stem_of` returned it. ``tree`` is not modified."""
     if nested:
         return {**tree, "params": {**tree["params"], "stem": stem}}
     return {**tree, "stem": stem}
@@ -134,16 +143,16 @@ def encrypt_params(params: PyTree, key: Key, *, mean=None, std=None) -> PyTree:
 
     ``mean``/``std``: the model's input normalization (default 0.5/0.5, the paper's).
     """
-    stem, nested = _stem(params)
+    stem, nested = stem_of(params)
     k, b = encrypt_kernel(stem["kernel"], stem["bias"], key, mean, std)
-    return _with_stem(params, {**stem, "kernel": k, "bias": b}, nested)
+    return with_stem(params, {**stem, "kernel": k, "bias": b}, nested)
 
 
 def decrypt_params(params: PyTree, key: Key, *, mean=None, std=None) -> PyTree:
     """Inverse of :func:`encrypt_params`."""
-    stem, nested = _stem(params)
+    stem, nested = stem_of(params)
     k, b = decrypt_kernel(stem["kernel"], stem["bias"], key, mean, std)
-    return _with_stem(params, {**stem, "kernel": k, "bias": b}, nested)
+    return with_stem(params, {**stem, "kernel": k, "bias": b}, nested)
 
 
 def rekey_params(params: PyTree, old_key: Key, new_key: Key, *, mean=None, std=None) -> PyTree:

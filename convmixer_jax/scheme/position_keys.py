@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from convmixer_jax.scheme.blocks import BlockSizeError, from_blocks, grid_shape, to_blocks
 from convmixer_jax.scheme.images import ImageError, decrypt_images, encrypt_images
 from convmixer_jax.scheme.keys import InvalidKeyError, Key, generate_key, stack_keys
-from convmixer_jax.scheme.params import _stem, _with_stem, encrypt_kernel
+from convmixer_jax.scheme.params import encrypt_kernel, stem_of, with_stem
 
 PyTree = Any
 
@@ -51,13 +52,10 @@ def _grid_of(images, keys: Key) -> tuple[int, int]:
     if np.ndim(keys.perm) != 2:
         raise InvalidKeyError("position keys are a batch of keys, perm of shape (G, pb)")
     h, w = images.shape[-3:-1]
-    m = keys.block_size
-    if h % m or w % m:
-        raise ImageError(
-            f"images of {h} x {w} do not split into {m} x {m} blocks; "
-            f"pass images whose height and width are multiples of {m}"
-        )
-    gh, gw = h // m, w // m
+    try:
+        gh, gw = grid_shape(h, w, keys.block_size)
+    except BlockSizeError as e:
+        raise ImageError(str(e)) from None
     if gh * gw != keys.perm.shape[0]:
         raise InvalidKeyError(
             f"{keys.perm.shape[0]} position keys for a grid of {gh} x {gw} = {gh * gw} blocks; "
@@ -67,18 +65,23 @@ def _grid_of(images, keys: Key) -> tuple[int, int]:
 
 
 def _by_position(fn, images, keys: Key):
-    """Apply ``fn(block_images, key)`` to each position's blocks, (G, N, M, M, C) at once."""
+    """Apply ``fn(block_images, key)`` to each position's blocks, (G, N, M, M, C) at once.
+
+    ``images``: (N, H, W, C); returns the same shape, the blocks put back in place.
+    """
     x = jnp.asarray(images)
-    n, h, w, c = x.shape
+    n, _, _, c = x.shape
     gh, gw = _grid_of(x, keys)
     m = keys.block_size
-    blocks = x.reshape(n, gh, m, gw, m, c).transpose(1, 3, 0, 2, 4, 5).reshape(gh * gw, n, m, m, c)
-    out = jax.vmap(fn)(blocks, keys)
-    return out.reshape(gh, gw, n, m, m, c).transpose(2, 0, 3, 1, 4, 5).reshape(n, h, w, c)
+    rows = to_blocks(x, m).reshape(n, gh * gw, m * m * c)  # (N, G, pb)
+    blocks = rows.transpose(1, 0, 2).reshape(gh * gw, n, m, m, c)
+    out = jax.vmap(fn)(blocks, keys).reshape(gh * gw, n, m * m * c)
+    return from_blocks(out.transpose(1, 0, 2).reshape(n, gh, gw, m * m * c), m, c)
 
 
 def encrypt_images_by_position(images, keys: Key) -> jax.Array:
-    """(N, H, W, C) uint8 or float in [0, 1] -> the same, block (i, j) encrypted with keys[i * gw + j]."""
+    """(N, H, W, C) uint8 or float in [0, 1] -> the same, block (i, j) encrypted with
+    keys[i * gw + j]."""
     return _by_position(encrypt_images, images, keys)
 
 
@@ -94,14 +97,14 @@ def encrypt_params_by_position(
     (gh, gw, P, P, C, dim), position g's slice encrypted with ``keys[g]``, and the bias
     (dim,) becomes (gh, gw, dim). Nothing else changes. ``params``: a params or
     variables tree of a ConvMixer."""
-    stem, nested = _stem(params)
+    stem, nested = stem_of(params)
     gh, gw = (int(g) for g in grid)
     if np.ndim(keys.perm) != 2 or keys.perm.shape[0] != gh * gw:
         raise InvalidKeyError(f"need {gh * gw} position keys (perm (G, pb)) for a {gh} x {gw} grid")
     kernels, biases = jax.vmap(
         lambda k: encrypt_kernel(stem["kernel"], stem["bias"], k, mean, std)
     )(keys)
-    return _with_stem(
+    return with_stem(
         params,
         {
             **stem,
