@@ -1,5 +1,6 @@
 """Ciphertext-only key recovery (attacks/ciphertext_only.py, attacks/layout_search.py) and
-recover-key without --plain, on smooth random fields (natural-like images made here)."""
+recover-key without --plain, on smooth random fields (natural-like images,
+tests/attack_helpers.py)."""
 
 from __future__ import annotations
 
@@ -7,35 +8,22 @@ import json
 
 import numpy as np
 import pytest
+from attack_helpers import smooth_fields
 from cli_helpers import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convmixer_jax.attacks import layout_search as ls
 from convmixer_jax.attacks.ciphertext_only import (
-    block_grid,
     block_template,
     colour_key,
-    grid_images,
     match_scale,
     recover_key_ciphertext_only,
 )
-from convmixer_jax.scheme.images import encrypt_images_reference
+from convmixer_jax.attacks.kernel_algebra import correlation_signs
+from convmixer_jax.scheme.blocks import normalized_blocks, normalized_images
+from convmixer_jax.scheme.images import ImageError, encrypt_images_reference
 from convmixer_jax.scheme.keys import generate_key
-
-
-def smooth_fields(n: int, size: int, channels: int, seed: int, scale: float = 3.0) -> np.ndarray:
-    """(n, size, size, channels) uint8: Gaussian-blurred noise with correlated channels."""
-    from scipy.ndimage import gaussian_filter
-
-    rng = np.random.default_rng(seed)
-    base = gaussian_filter(rng.normal(size=(n, size, size, 1)), (0, scale, scale, 0), mode="wrap")
-    chroma = gaussian_filter(
-        rng.normal(size=(n, size, size, channels)), (0, scale, scale, 0), mode="wrap"
-    )
-    x = base + 0.3 * chroma
-    x = (x - x.mean()) / (x.std() * 4) + 0.5
-    return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
 
 
 def planted(rng, n: int, t: int = 2):
@@ -119,14 +107,13 @@ def test_signature_layout_polished_by_exchanges_is_the_layout(m, c, size, seed):
     # the constructive start alone (sorted correlation profiles, one linear assignment),
     # then exchanges on every level, lands on the key's layout (up to its colour variants)
     from convmixer_jax.attacks import ciphertext_only as co
-    from convmixer_jax.attacks.from_weights import _signs
     from convmixer_jax.attacks.image_prior import colour_variants
 
     template = block_template(smooth_fields(80, size, c, seed=200), m)
     key = generate_key(m, c, seed=[3, seed])
-    grid = block_grid(encrypt_images_reference(smooth_fields(4, size, c, seed=seed), key), m)
+    grid = normalized_blocks(encrypt_images_reference(smooth_fields(4, size, c, seed=seed), key), m)
     pb = grid.shape[-1]
-    s, _ = _signs(np.nan_to_num(np.corrcoef(grid.reshape(-1, pb), rowvar=False)))
+    s, _ = correlation_signs(np.nan_to_num(np.corrcoef(grid.reshape(-1, pb), rowvar=False)))
     p = co.signature_layout(template, grid * s)
     assert sorted(p.tolist()) == list(range(pb))
     for ph, pv in template.precisions:
@@ -139,12 +126,11 @@ def test_one_start_is_searched_again():
     # a single start cannot give the MIN_HITS a claim needs: the layout search runs again
     # (two more searches, then kicks) and the hits of all three add up
     from convmixer_jax.attacks import ciphertext_only as co
-    from convmixer_jax.attacks.from_weights import _signs
 
     template = block_template(smooth_fields(60, 24, 1, seed=100), 3)
     key = generate_key(3, 1, seed=[7, 5])
-    grid = block_grid(encrypt_images_reference(smooth_fields(4, 24, 1, seed=5), key), 3)
-    s, _ = _signs(np.nan_to_num(np.corrcoef(grid.reshape(-1, 9), rowvar=False)))
+    grid = normalized_blocks(encrypt_images_reference(smooth_fields(4, 24, 1, seed=5), key), 3)
+    s, _ = correlation_signs(np.nan_to_num(np.corrcoef(grid.reshape(-1, 9), rowvar=False)))
     levels = [co._terms(ph, pv, grid * s) for ph, pv in template.precisions]
     notes: list[str] = []
     once = ls.search(levels, starts=1)
@@ -165,11 +151,17 @@ def test_one_start_is_searched_again():
     assert np.array_equal(res.key.perm, key.perm) and np.array_equal(res.key.flip, key.flip)
 
 
-def test_block_grid_round_trip():
+def test_normalized_blocks_round_trip():
     x = smooth_fields(2, 12, 3, seed=1)
-    g = block_grid(x, 3)
+    g = normalized_blocks(x, 3)
     assert g.shape == (2, 4, 4, 27)
-    assert np.array_equal(np.rint(grid_images(g, 3, 3) * 255).astype(np.uint8), x)
+    assert np.array_equal(np.rint(normalized_images(g, 3, 3) * 255).astype(np.uint8), x)
+
+
+def test_images_that_do_not_split_into_blocks_are_refused():
+    template = block_template(smooth_fields(60, 24, 1, seed=100), 3)
+    with pytest.raises(ImageError, match="do not split into 3 x 3 blocks"):
+        recover_key_ciphertext_only(smooth_fields(2, 20, 1, seed=0), 3, template)
 
 
 def test_colour_key_applies_the_variant():

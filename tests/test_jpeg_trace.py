@@ -1,5 +1,6 @@
 """The JPEG trace (attacks/jpeg_trace.py): real JPEGs written and decoded by Pillow, of
-smooth random fields (natural-like images made here), against never-compressed ones."""
+smooth random fields (natural-like images, tests/attack_helpers.py), against never-compressed
+ones."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import io
 
 import numpy as np
 import pytest
+from attack_helpers import smooth_fields
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_ciphertext_only import smooth_fields
 
 from convmixer_jax.attacks.image_prior import COLOUR_VARIANTS, apply_variant, colour_variants
 from convmixer_jax.attacks.jpeg_trace import (
@@ -47,7 +48,8 @@ def test_tables_are_the_ones_pillow_writes(quality):
 
 
 def test_luma_blocks_are_jpegs_coefficients():
-    # a constant block of value v has DC 8 (v - 128) and no AC; floats in [0, 1] round to the same bytes
+    # a constant block of value v has DC 8 (v - 128) and no AC; floats in [0, 1] round to
+    # the same bytes
     x = np.full((1, 16, 8, 3), 200, np.uint8)
     c = luma_blocks(x)
     assert c.shape == (2, 64)
@@ -66,12 +68,13 @@ def test_the_channel_order_that_undoes_a_variant_decodes_as_a_jpeg(quality, v, s
     ev = jpeg_log_evidence(apply_variant(jpeg, variant), COLOUR_VARIANTS)
     orders = [o for _, o in COLOUR_VARIANTS]
     best = {}  # per channel order, the better of its two signs
-    for e, o in zip(ev, orders):
+    for e, o in zip(ev, orders, strict=True):
         best[o] = max(best.get(o, -np.inf), e)
     ranked = sorted(best, key=lambda o: -best[o])
     assert ranked[0] == variant[1]
     assert best[ranked[0]] - best[ranked[1]] > 20
-    # neighbouring qualities' tables differ in a few high-frequency steps that smooth images leave at 0
+    # neighbouring qualities' tables differ in a few high-frequency steps that smooth images
+    # leave at 0
     assert abs(jpeg_quality(jpeg) - quality) <= 2
 
 

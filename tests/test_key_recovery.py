@@ -1,4 +1,5 @@
-"""Known-plaintext key recovery (convmixer_jax.attacks.known_plaintext, ``convmixer-jax recover-key``).
+"""Known-plaintext key recovery (convmixer_jax.attacks.known_plaintext,
+``convmixer-jax recover-key``).
 
 The encrypted images here come from an independent transcription of method.md written
 below (one block and one position at a time), so a shared mistake with the library's
@@ -17,12 +18,13 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from convmixer_jax.attacks.known_plaintext import RecoveryResult, image_blocks, recover_key
+from convmixer_jax.attacks.known_plaintext import RecoveryResult, recover_key
 from convmixer_jax.scheme import keys
+from convmixer_jax.scheme.blocks import block_rows
 from convmixer_jax.scheme.images import ImageError, decrypt_images, encrypt_images
 from tests.cli_helpers import run
 
-# ---------------------------------------------------------------- independent encryption (method.md)
+# ------------------------------------------------------- independent encryption (method.md)
 
 
 def encrypt_loop(images: np.ndarray, perm, flip, m: int) -> np.ndarray:
@@ -74,7 +76,7 @@ def test_independent_encryption_matches_library():
 def test_block_flattening_order():
     # M = 2, C = 2, one block: value = 10*i + 5*j + c at row i, column j, channel c
     x = np.array([[[0, 1], [5, 6]], [[10, 11], [15, 16]]], np.uint8)
-    np.testing.assert_array_equal(image_blocks(x, 2), [[0, 1, 5, 6, 10, 11, 15, 16]])
+    np.testing.assert_array_equal(block_rows(x, 2), [[0, 1, 5, 6, 10, 11, 15, 16]])
 
 
 # ---------------------------------------------------------------- exact recovery
@@ -142,7 +144,7 @@ def test_recovery_property(m, c, hb, wb, n, seed, levels):
         assert_same_key(r.key, key)
     else:
         assert r.undetermined > 0
-    if _complement_free_distinct_columns(image_blocks(x, m)):
+    if _complement_free_distinct_columns(block_rows(x, m)):
         assert r.undetermined == 0
         assert_same_key(r.key, key)
 
@@ -196,7 +198,7 @@ def test_matches_exhaustive_search(shape, blocks, alphabet, size, mixed, seed):
         other = random_key(rng, m, c)
         z[-1] = encrypt_loop(x[-1], other.perm, other.flip, m)
     r = recover_key(x, z, m)
-    P, E = image_blocks(x, m), image_blocks(z, m)
+    P, E = block_rows(x, m), block_rows(z, m)
     expected = brute_force(P, E, dtype(255) if dtype == np.uint8 else 1.0)
     assert r.consistent == expected.any()
     if r.consistent:

@@ -12,13 +12,14 @@ from scipy.special import erf
 from convmixer_jax.attacks.from_model import evaluate_recovery, recover_key_from_encrypted_model
 from convmixer_jax.attacks.from_weights import (
     ModelRecovery,
-    _qap,
     recover_key_from_structure,
     recover_key_with_independent_reference,
     recover_key_with_reference,
-    symmetric_keys,
 )
-from convmixer_jax.attacks.stem_statistics import image_blocks, rank_keys_by_batch_stats
+from convmixer_jax.attacks.kernel_algebra import symmetric_keys
+from convmixer_jax.attacks.layout_search import qap_local_maximum
+from convmixer_jax.attacks.stem_statistics import rank_keys_by_batch_stats
+from convmixer_jax.scheme.blocks import normalized_blocks
 from convmixer_jax.scheme.keys import Key, generate_key, make_key, validate_key
 from convmixer_jax.scheme.params import decrypt_kernel, encrypt_kernel
 
@@ -93,7 +94,7 @@ def test_qap_stops_at_a_pair_exchange_local_maximum():
     def f(q):
         return np.sum(a * b[np.ix_(q, q)]) + unary[np.arange(n), q].sum()
 
-    perm, val = _qap(a, b, rng.permutation(n), unary)
+    perm, val = qap_local_maximum(a, b, rng.permutation(n), unary)
     assert sorted(perm) == list(range(n))
     assert val == pytest.approx(f(perm))
     for x, y in itertools.combinations(range(n), 2):
@@ -110,7 +111,9 @@ def test_qap_finds_a_planted_isomorphism():
     true = rng.permutation(12)
     b = np.empty_like(a)
     b[np.ix_(true, true)] = a  # b[true[u], true[v]] = a[u, v]
-    best = max((_qap(a, b, rng.permutation(12)) for _ in range(20)), key=lambda t: t[1])
+    best = max(
+        (qap_local_maximum(a, b, rng.permutation(12)) for _ in range(20)), key=lambda t: t[1]
+    )
     np.testing.assert_array_equal(best[0], true)
 
 
@@ -240,6 +243,12 @@ def _gelu(h):
     return 0.5 * h * (1 + erf(h / np.sqrt(2)))
 
 
+def _normalized_rows(images, m):
+    """(N, H, W, C) in [0, 1] -> (N*H/M*W/M, M*M*C) blocks in [-1, 1], the stem's input."""
+    blocks = normalized_blocks(images, m)
+    return blocks.reshape(-1, blocks.shape[-1])
+
+
 def _images(seed, n, p=4):
     """Random colour images in [0, 1] with skewed brightness (dark with a few
     bright regions, so x and 1 - x differ in distribution) and unequal
@@ -253,7 +262,7 @@ def _images(seed, n, p=4):
 def test_batch_stats_pick_the_channel_order_and_global_sign():
     kernel = _smooth_kernel(20, d=64)
     bias = np.random.default_rng(21).normal(size=64) * 0.3
-    blocks = image_blocks(_images(22, 64), 4)  # "training" images
+    blocks = _normalized_rows(_images(22, 64), 4)  # "training" images
     g = _gelu(blocks @ kernel.reshape(48, 64) + bias)
     bn_mean, bn_var = g.mean(0), g.var(0)
     key = generate_key(4, 3, seed=23)
@@ -278,7 +287,7 @@ def test_batch_stats_of_a_relu_stem_need_the_relu():
     key ahead of its negative; the ranking follows the activation it is given."""
     kernel = _smooth_kernel(30, d=64)
     bias = np.random.default_rng(31).normal(size=64) * 0.3
-    g = np.maximum(image_blocks(_images(32, 64), 4) @ kernel.reshape(48, 64) + bias, 0.0)
+    g = np.maximum(_normalized_rows(_images(32, 64), 4) @ kernel.reshape(48, 64) + bias, 0.0)
     bn_mean, bn_var = g.mean(0), g.var(0)
     key = generate_key(4, 3, seed=33)
     enc = _encrypt(kernel, key)

@@ -6,7 +6,8 @@ pb = M*M*C values. Natural images leave three kinds of evidence in the ciphertex
 1. **Flips.** Values of one block are positively correlated in natural images, and a
    flip (``1 - x``; in the normalized values ``-x``) changes the sign of the correlations
    of its position. The signs of the correlation matrix of the pb encrypted positions
-   over all blocks give the flips up to one global sign (``from_weights._signs``).
+   over all blocks give the flips up to one global sign
+   (:func:`~convmixer_jax.attacks.kernel_algebra.correlation_signs`).
 2. **Layout.** After undoing the flips, the positions still have to be put back in
    their (row, column, channel) slots. Two horizontally (vertically) adjacent blocks
    form a window of 2*pb values whose covariance in natural images is a property of
@@ -14,9 +15,10 @@ pb = M*M*C values. Natural images leave three kinds of evidence in the ciphertex
    images. The Gaussian log-likelihood of the encrypted windows under a candidate layout
    is a sum of quadratic-assignment terms (``layout_search``), maximized over
    permutations from Frank-Wolfe starts and one constructive guess
-   (:func:`signature_layout`), searched again when the best is reached only once. The window across a block border is what breaks the symmetries of the
-   block (mirrors and rotations leave the correlations inside a block unchanged, but not
-   the continuation of the right column into the next block's left column).
+   (:func:`signature_layout`), searched again when the best is reached only once. The
+   window across a block border is what breaks the symmetries of the block (mirrors and
+   rotations leave the correlations inside a block unchanged, but not the continuation of
+   the right column into the next block's left column).
 3. **Colour and sign.** What the second-order statistics cannot see is the order of
    the channels and the global sign (the whole image negated). A learned prior
    (:mod:`convmixer_jax.attacks.image_prior`) scores the 12 colour variants of the
@@ -42,11 +44,25 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from importlib.resources import files
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
-from convmixer_jax.attacks.from_weights import _balanced_flip, _signs, symmetric_keys
-from convmixer_jax.attacks.image_prior import colour_variants, group_log_probs, invert_variant
+from convmixer_jax.attacks import from_model
+from convmixer_jax.attacks.image_prior import (
+    colour_variants,
+    group_log_probs,
+    invert_variant,
+    load_image_prior,
+)
+from convmixer_jax.attacks.jpeg_trace import jpeg_log_evidence
+from convmixer_jax.attacks.kernel_algebra import (
+    balanced_flip,
+    correlation_signs,
+    decrypt_positions,
+    dihedral_keys,
+)
 from convmixer_jax.attacks.layout_search import (
     iterated_local_search,
     local_search,
@@ -54,8 +70,9 @@ from convmixer_jax.attacks.layout_search import (
     objective,
     search,
 )
+from convmixer_jax.scheme.blocks import normalized_blocks, normalized_images
 from convmixer_jax.scheme.images import ImageError
-from convmixer_jax.scheme.keys import Key, block_len, flip_ones, validate_key
+from convmixer_jax.scheme.keys import InvalidKeyError, Key, block_len, flip_ones, validate_key
 
 #: A flip is decided when its support in the correlation signs exceeds this many
 #: standard deviations of what uncorrelated values (noise) would give.
@@ -76,30 +93,6 @@ CONTRADICTION_MARGIN = 3.0
 #: covariance regularizations of the template, from the smooth objective the search
 #: starts on to the one it ends on (values are normalized to [-1, 1]).
 TEMPLATE_REGS = (1.0, 0.1, 0.01)
-
-
-def block_grid(images, block_size: int) -> np.ndarray:
-    """(N, H, W, C) uint8 or float in [0, 1] -> (N, H/M, W/M, M*M*C) float64 blocks in
-    (row, column, channel) order, normalized to ``2x - 1``."""
-    x = np.asarray(images)
-    x = x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
-    n, h, w, c = x.shape
-    m = block_size
-    if h % m or w % m:
-        raise ImageError(
-            f"images of {h} x {w} do not split into {m} x {m} blocks; "
-            f"pass images whose height and width are multiples of {m}"
-        )
-    x = x.reshape(n, h // m, m, w // m, m, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, h // m, w // m, m * m * c) * 2.0 - 1.0
-
-
-def grid_images(grid: np.ndarray, block_size: int, channels: int) -> np.ndarray:
-    """Inverse of :func:`block_grid`: (N, gh, gw, pb) normalized -> (N, H, W, C) in [0, 1]."""
-    n, gh, gw, _ = grid.shape
-    m = block_size
-    x = grid.reshape(n, gh, gw, m, m, channels).transpose(0, 1, 3, 2, 4, 5)
-    return np.clip((x.reshape(n, gh * m, gw * m, channels) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def _pairs(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +144,7 @@ def block_template(
         hh, ww = (sub.shape[1] // m) * m, (sub.shape[2] // m) * m
         if hh < 2 * m or ww < 2 * m:
             continue
-        h, v = _pairs(block_grid(sub[:, :hh, :ww], m))
+        h, v = _pairs(normalized_blocks(sub[:, :hh, :ww], m))
         hs.append(h[rng.permutation(len(h))[: max_windows // m]])
         vs.append(v[rng.permutation(len(v))[: max_windows // m]])
     if not hs or sum(len(h) for h in hs) < 4 * pb:
@@ -170,11 +163,14 @@ def block_template(
 def _terms(
     prec_h: np.ndarray, prec_v: np.ndarray, signed_grid: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stacked (A, B), (8, pb, pb): f(p) = sum A[t,u,v] B[t,p u,p v] is the Gaussian log-likelihood
-    (nats, up to a constant) of the centered encrypted windows under layout p."""
+    """Stacked (A, B), (8, pb, pb): f(p) = sum A[t,u,v] B[t,p u,p v] is the Gaussian
+    log-likelihood (nats, up to a constant) of the centered encrypted windows under layout p.
+
+    prec_h, prec_v: (2*pb, 2*pb) template precisions; signed_grid: (N, gh, gw, pb)
+    normalized encrypted blocks with the flips undone (up to the global sign)."""
     pb = signed_grid.shape[-1]
     a_list, b_list = [], []
-    for prec, d in zip((prec_h, prec_v), _pairs(signed_grid)):
+    for prec, d in zip((prec_h, prec_v), _pairs(signed_grid), strict=True):
         d = d - d.mean(0)
         s = d.T @ d
         for i in range(2):
@@ -186,6 +182,7 @@ def _terms(
 
 
 def _correlation(cov: np.ndarray) -> np.ndarray:
+    """(n, n) covariance -> (n, n) correlation matrix."""
     d = np.sqrt(np.maximum(np.diag(cov), 1e-12))
     return cov / d[:, None] / d[None, :]
 
@@ -212,8 +209,6 @@ def signature_layout(template: BlockTemplate, signed_grid: np.ndarray) -> np.nda
     apart and, through the next block, which side a slot faces. Slots the block's
     symmetries exchange get equal profiles: the search's exchanges settle them.
     """
-    from scipy.optimize import linear_sum_assignment
-
     pb = signed_grid.shape[-1]
     reg = template.regs[-1]
     covs = [np.linalg.inv(prec) - reg * np.eye(2 * pb) for prec in template.precisions[-1]]
@@ -236,10 +231,6 @@ def colour_key(key: Key, variant) -> Key:
     return Key(new_perm, np.asarray(key.flip) ^ np.uint8(bool(neg)), key.block_size, c)
 
 
-def _dihedral_keys(key: Key) -> list[Key]:
-    return symmetric_keys(key, channel_orders=False, global_sign=False)
-
-
 def _layout_of(key: Key) -> np.ndarray:
     """p[u] = the encrypted position that holds plain slot u."""
     return np.argsort(np.asarray(key.perm))
@@ -255,7 +246,7 @@ def _key_from(
         flip = 1 - flip
     if int(flip.sum()) != flip_ones(len(s)):
         w = np.abs(support) if support is not None else np.ones(len(s))
-        flip = _balanced_flip(np.where(flip == 1, 1.0, -1.0) * w)
+        flip = balanced_flip(np.where(flip == 1, 1.0, -1.0) * w)
     return Key(np.argsort(p), flip, m, c)
 
 
@@ -306,8 +297,6 @@ def _colour_choice(best: Key, grid: np.ndarray, prior, notes: list[str], jpeg_tr
     Returns (key, margin, prior log-probs (V,) or (0,), JPEG evidence (V,) or (0,), the
     key the prior alone picks or None).
     """
-    from convmixer_jax.scheme.keys import InvalidKeyError
-
     c = best.channels
     pb = grid.shape[-1]
     variants = colour_variants(c)
@@ -318,7 +307,7 @@ def _colour_choice(best: Key, grid: np.ndarray, prior, notes: list[str], jpeg_tr
             valid.append(True)
         except InvalidKeyError:
             valid.append(False)  # odd pb: the negated key has the wrong flip count
-    if not any(v[0] for v, ok in zip(variants, valid) if ok) and len(variants) > 1:
+    if not any(v[0] for v, ok in zip(variants, valid, strict=True) if ok) and len(variants) > 1:
         notes.append(f"global sign from the flip count (odd pb = {pb})")
     lp, ev, total = _colour_evidence(grid, best, prior, notes, jpeg_trace)
     if not len(lp):
@@ -348,7 +337,7 @@ def _colour_evidence(grid: np.ndarray, key: Key, prior, notes: list[str], jpeg_t
     log-probs (V,) or (0,), the JPEG trace's evidence (V,) or (0,), and their sum
     (0.0 when neither applies)."""
     m, c = key.block_size, key.channels
-    images = grid_images(_decrypt_grid(grid, key), m, c)
+    images = normalized_images(decrypt_positions(grid, key), m, c)
     ev = _jpeg_evidence(images, colour_variants(c), notes) if jpeg_trace else np.zeros(0)
     lp = group_log_probs(prior, images).sum(0) if _prior_fits(prior, c) else np.zeros(0)
     return lp, ev, (lp if len(lp) else 0.0) + (ev if len(ev) else 0.0)
@@ -357,8 +346,6 @@ def _colour_evidence(grid: np.ndarray, key: Key, prior, notes: list[str], jpeg_t
 def _jpeg_evidence(images: np.ndarray, variants, notes: list[str]) -> np.ndarray:
     """The JPEG trace's log evidence of each variant (:mod:`~convmixer_jax.attacks.jpeg_trace`),
     or (0,) when the images show none."""
-    from convmixer_jax.attacks.jpeg_trace import jpeg_log_evidence
-
     ev = jpeg_log_evidence(images, variants)
     if np.ptp(ev) < 1e-9:
         return np.zeros(0)
@@ -413,7 +400,13 @@ def recover_key_ciphertext_only(
             f"{template.channels} channels, the images have {c} channels and block size {m}; "
             "build the template from public images of the same kind"
         )
-    grid = block_grid(e, m)
+    h, w = e.shape[1:3]
+    if h % m or w % m:
+        raise ImageError(
+            f"images of {h} x {w} do not split into {m} x {m} blocks; "
+            f"pass images whose height and width are multiples of {m}"
+        )
+    grid = normalized_blocks(e, m)
     n_img, gh, gw, pb = grid.shape
     if gh < 2 or gw < 2:
         raise ImageError(
@@ -425,7 +418,7 @@ def recover_key_ciphertext_only(
     notes: list[str] = []
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = np.nan_to_num(np.corrcoef(flat, rowvar=False))
-    s, support = _signs(corr)
+    s, support = correlation_signs(corr)
     noise = np.sqrt((pb - 1) / max(n_blocks, 1))
     sign_support = support / noise
     if np.all(sign_support < SIGN_SIGMAS):
@@ -457,7 +450,7 @@ def recover_key_ciphertext_only(
     hits = {p.tobytes(): h for p, _, h in sols}
     found = {p.tobytes(): (p, v) for p, v, _ in sols}
     for p0, _, _ in sols[:2]:
-        for k in _dihedral_keys(_key_from(p0, s, m, c, support)):
+        for k in dihedral_keys(_key_from(p0, s, m, c, support)):
             p, v, _ = local_search(a, b, _layout_of(k))
             found.setdefault(p.tobytes(), (p, v))
     ranked = sorted(found.values(), key=lambda t: -t[1])
@@ -532,8 +525,8 @@ def _result(
     reasons = []
     if hits < MIN_HITS:
         reasons.append(
-            f"only {hits} of the layout search's starts reached the best layout (needs {MIN_HITS}); "
-            "a better one may exist"
+            f"only {hits} of the layout search's starts reached the best layout "
+            f"(needs {MIN_HITS}); a better one may exist"
         )
     weak = int(np.sum(sign_support < SIGN_SIGMAS))
     if weak:
@@ -578,10 +571,8 @@ def _with_model(
     model, public_images, template, grid, sign_support, notes, t0, prior=None, jpeg_trace=True
 ):
     """The kernel attack's key, its orientation chosen by the encrypted images."""
-    from convmixer_jax.attacks.from_model import recover_key_from_encrypted_model
-
     config, enc_vars = model
-    rec = recover_key_from_encrypted_model(config, enc_vars, public_images)
+    rec = from_model.recover_key_from_encrypted_model(config, enc_vars, public_images)
     if rec.key is None:
         raise ValueError(
             "the encrypted model's kernel gives no valid key; check that the model and "
@@ -591,7 +582,7 @@ def _with_model(
     sgn = 1.0 - 2.0 * np.asarray(rec.key.flip, np.float64)
     a, b = _terms(*template.precisions[-1], grid * sgn)
     scored = sorted(
-        ((objective(a, b, _layout_of(k)), k) for k in _dihedral_keys(rec.key)), key=lambda t: -t[0]
+        ((objective(a, b, _layout_of(k)), k) for k in dihedral_keys(rec.key)), key=lambda t: -t[0]
     )
     margin = scored[0][0] - scored[1][0] if len(scored) > 1 else np.inf
     notes.append(f"model: {rec.method}; {rec.notes}")
@@ -623,23 +614,11 @@ def _prior_fits(prior, channels: int) -> bool:
     )
 
 
-def _decrypt_grid(grid: np.ndarray, key: Key) -> np.ndarray:
-    """Normalized encrypted blocks (N, gh, gw, pb) -> the blocks decrypted with ``key``."""
-    sgn = 1.0 - 2.0 * np.asarray(key.flip, np.float64)
-    plain = np.empty_like(grid)
-    plain[..., np.asarray(key.perm)] = grid * sgn
-    return plain
-
-
 def default_prior(channels: int):
     """The colour prior shipped with the package for RGB (trained on CIFAR-10 training images
     0..44,999; its held-out accuracy is in ``priors/cifar10-rgb-accuracy.json``), else None."""
     if channels != 3:
         return None
-    from importlib.resources import files
-
-    from convmixer_jax.attacks.image_prior import load_image_prior
-
     return load_image_prior(files("convmixer_jax.attacks") / "priors" / "cifar10-rgb")
 
 

@@ -77,7 +77,7 @@ def rank_keys_by_confidence(
     encrypted with each candidate key. The model sees the images it was
     trained on only under the right key; a key off by a block symmetry gives
     less confident predictions. Returns (len(keys),). Runs the whole model
-    once per key (about 0.5 s per key for 256 CIFAR-10 images on a CPU)."""
+    once per key, so its cost is that of ``len(keys)`` predictions on the images."""
     from convmixer_jax.model.inference import predict_logits
     from convmixer_jax.scheme.images import encrypt_images
 
@@ -142,7 +142,8 @@ def rerank_by_confidence(
     nxt = f", next {ent[order[1]]:.4f}" if len(head) > 1 else ""
     notes = (
         recovery.notes + f"; best {len(head)} candidates re-ranked by prediction entropy on "
-        f"{min(n_images, len(public_images))} unlabeled public images ({ent[order[0]]:.4f} nats{nxt})"
+        f"{min(n_images, len(public_images))} unlabeled public images "
+        f"({ent[order[0]]:.4f} nats{nxt})"
     )
     return dataclasses.replace(
         recovery,
@@ -173,13 +174,13 @@ def recover_key_from_encrypted_model(
     public_images: optional (N, H, W, C) uint8 or float in [0, 1], unlabeled
       natural images of the task's kind (any public ones, not the client's).
 
-    :func:`~convmixer_jax.attacks.from_weights.recover_key_from_structure` on the stem kernel; with images, its
-    96 symmetric candidates are ranked by stem BatchNorm statistics
-    (:func:`~convmixer_jax.attacks.stem_statistics.rank_keys_by_batch_stats`, first ``n_images``) and the best
-    ``top`` re-ranked by prediction confidence (:func:`rerank_by_confidence`,
-    first ``n_confidence_images``). Without images: the structure attack
-    with the bias / BatchNorm-mean sign heuristic. The statistics follow the
-    model's activation (GELU or ReLU); the normalization must be the paper's
+    :func:`~convmixer_jax.attacks.from_weights.recover_key_from_structure` on the stem
+    kernel; with images, its 96 symmetric candidates are ranked by stem BatchNorm
+    statistics (:func:`~convmixer_jax.attacks.stem_statistics.rank_keys_by_batch_stats`,
+    first ``n_images``) and the best ``top`` re-ranked by prediction confidence
+    (:func:`rerank_by_confidence`, first ``n_confidence_images``). Without images: the
+    structure attack with the bias / BatchNorm-mean sign heuristic. The statistics follow
+    the model's activation (GELU or ReLU); the normalization must be the paper's
     (mean = std = 0.5), else ValueError.
     """
     for name in ("mean", "std"):

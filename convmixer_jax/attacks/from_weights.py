@@ -1,4 +1,4 @@
-"""Key recovery from an encrypted model (docs/security.md, issue 5).
+"""Key recovery from an encrypted model's patch-embedding kernel (docs/security.md).
 
 The encrypted patch embedding is ``E'[k] = s_k * E[perm[k]]``: the rows of the
 (pb, dim) kernel matrix (pb = P*P*C, rows in (row, column, channel) order,
@@ -25,36 +25,48 @@ unchanged). Three adversaries, from strongest to weakest knowledge:
   the flips) reveals the P x P x C layout up to its symmetries.
 
 What no Gram/correlation-based attack can see: a global sign (``S -> -S``
-leaves ``C'`` unchanged, and ``flip -> 1 - flip`` keeps pb/2 ones; an odd pb has no such twin), and,
-without a reference, the symmetries of the block that map the correlation
-graph to itself (the 8 dihedral symmetries of the P x P grid, the C! channel
-orders; :func:`symmetric_keys`). Even a reference or image statistics
-cannot separate some of them: the second-order statistics of a stationary
-image ensemble are unchanged by the 180-degree rotation of the block, and,
-when training used horizontal-flip augmentation, by the horizontal mirror.
-The attacks choose among the symmetric keys by stated heuristics, by the
+leaves ``C'`` unchanged, and ``flip -> 1 - flip`` keeps pb/2 ones; an odd pb has
+no such twin), and, without a reference, the symmetries of the block that map the
+correlation graph to itself (the 8 dihedral symmetries of the P x P grid, the C!
+channel orders; :func:`~convmixer_jax.attacks.kernel_algebra.symmetric_keys`). Even a
+reference or image statistics cannot separate some of them: the second-order
+statistics of a stationary image ensemble are unchanged by the 180-degree rotation of
+the block, and, when training used horizontal-flip augmentation, by the horizontal
+mirror. The attacks choose among the symmetric keys by stated heuristics, by the
 model's own stem BatchNorm statistics on public images
-(:func:`~convmixer_jax.attacks.stem_statistics.rank_keys_by_batch_stats`), and finally by the whole encrypted
-model's confidence on unlabeled public images (:func:`~convmixer_jax.attacks.from_model.rerank_by_confidence`,
-which needs JAX); the alternatives are returned in
-``ModelRecovery.candidates`` so that they can be scored.
+(:func:`~convmixer_jax.attacks.stem_statistics.rank_keys_by_batch_stats`), and finally
+by the whole encrypted model's confidence on unlabeled public images
+(:func:`~convmixer_jax.attacks.from_model.rerank_by_confidence`, which needs JAX); the
+alternatives are returned in ``ModelRecovery.candidates`` so that they can be scored.
 
-The kernel-only attacks are numpy/scipy, deterministic given their inputs
-and ``seed``, and take about 0.5 s for pb = 48, dim = 256 on one CPU core;
-ranking 96 keys by BatchNorm statistics on 64 images takes a few seconds,
-and the confidence re-ranking about 0.5 s per key for 256 CIFAR-10 images.
-:func:`~convmixer_jax.attacks.from_model.evaluate_recovery` and :func:`~convmixer_jax.attacks.from_model.accuracy_with_key` measure an attack.
+The kernel-only attacks are numpy/scipy and deterministic given their inputs and
+``seed``; their cost grows with pb (quadratic assignments over the pb rows, from
+several starts). Ranking by BatchNorm statistics runs the stem on the public images
+once per candidate key, and the confidence re-ranking the whole model once per
+candidate. :func:`~convmixer_jax.attacks.from_model.evaluate_recovery` and
+:func:`~convmixer_jax.attacks.from_model.accuracy_with_key` measure an attack.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from convmixer_jax.scheme.keys import InvalidKeyError, Key, validate_key
+from convmixer_jax.attacks.kernel_algebra import (
+    balanced_flip,
+    correlation_signs,
+    decode_positions,
+    kernel_rows,
+    key_or_none,
+    same_key,
+    sign_by_flip_count,
+    symmetric_keys,
+)
+from convmixer_jax.attacks.layout_search import qap_local_maximum
+from convmixer_jax.attacks.stem_statistics import rank_keys_by_batch_stats
+from convmixer_jax.scheme.keys import Key, validate_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,25 +108,6 @@ class ModelRecovery:
 # ---------------------------------------------------------------- helpers
 
 
-def _kernel_rows(kernel, name: str = "kernel") -> tuple[np.ndarray, int, int]:
-    k = np.asarray(kernel, np.float64)
-    if k.ndim != 4 or k.shape[0] != k.shape[1]:
-        raise ValueError(f"{name} must be a (P, P, C, dim) stem kernel; got shape {k.shape}")
-    p, _, c, d = k.shape
-    return k.reshape(p * p * c, d), p, c
-
-
-def _sign_by_count(s: np.ndarray, notes: list[str]) -> np.ndarray:
-    """Odd pb: of the signs s (pb,) and -s only the one with floor(pb/2) negatives is a key's."""
-    n = len(s)
-    if n % 2 and int(np.sum(s < 0)) == n - n // 2:
-        notes.append(
-            f"global sign from the flip count (odd pb = {n}: {n // 2} flips, not {n - n // 2})"
-        )
-        return -s
-    return s
-
-
 def _correlation(rows: np.ndarray) -> np.ndarray:
     """(n, d) -> (n, n) cosine similarities of the rows."""
     u = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
@@ -122,144 +115,13 @@ def _correlation(rows: np.ndarray) -> np.ndarray:
 
 
 def _abs_offdiag(c: np.ndarray) -> np.ndarray:
+    """|c| with a zero diagonal."""
     a = np.abs(c)
     np.fill_diagonal(a, 0.0)
     return a
 
 
-def _as_key(perm, flip, p: int, c: int) -> Key | None:
-    try:
-        return validate_key(Key(np.asarray(perm), np.asarray(flip), p, c))
-    except InvalidKeyError:
-        return None
-
-
-def _same_key(a: Key, b: Key) -> bool:
-    return bool(np.array_equal(a.perm, b.perm) and np.array_equal(a.flip, b.flip))
-
-
-def _balanced_flip(evidence: np.ndarray) -> np.ndarray:
-    """Exactly pb/2 ones, at the positions with the largest ``evidence`` for a
-    flip (stable: ties go to the lower index)."""
-    n = len(evidence)
-    flip = np.zeros(n, np.uint8)
-    flip[np.argsort(-np.asarray(evidence, np.float64), kind="stable")[: n // 2]] = 1
-    return flip
-
-
-def _qap(
-    a: np.ndarray,
-    b: np.ndarray,
-    perm: np.ndarray,
-    unary: np.ndarray | None = None,
-    max_iter: int = 200,
-) -> tuple[np.ndarray, float]:
-    """A local maximum of ``f(p) = sum_{u,v} a[u,v] b[p[u],p[v]] + sum_u unary[u,p[u]]``
-    over permutations p, starting from ``perm``.
-
-    a, b: (n, n) symmetric with zero diagonal. Iterated linear assignment on
-    the gradient (Frank-Wolfe steps, kept while they improve f), then
-    best-improvement exchanges of two assignments until none improves f.
-    """
-    n = len(perm)
-    perm = np.array(perm, np.int64)
-    u = np.zeros((n, n)) if unary is None else np.asarray(unary, np.float64)
-    rows = np.arange(n)
-
-    def value(q):
-        return float(np.sum(a * b[np.ix_(q, q)]) + u[rows, q].sum())
-
-    cur = value(perm)
-    for _ in range(max_iter):
-        grad = 2.0 * a @ b[perm] + u  # grad[x, m] = 2 sum_v a[x, v] b[p(v), m] + u[x, m]
-        _, new = linear_sum_assignment(-grad)
-        val = value(new)
-        if val > cur + 1e-12 * max(1.0, abs(cur)):
-            perm, cur = new.astype(np.int64), val
-        else:
-            break
-    for _ in range(50 * n):
-        m = b[np.ix_(perm, perm)]
-        h = a @ m
-        hd = np.diag(h)
-        delta = 2.0 * (h + h.T - hd[:, None] - hd[None, :] + 2.0 * a * m)
-        up = u[:, perm]  # up[x, y] = u[x, p(y)]
-        ud = np.diag(up)
-        delta += up + up.T - ud[:, None] - ud[None, :]
-        np.fill_diagonal(delta, -np.inf)
-        x, y = np.unravel_index(int(np.argmax(delta)), delta.shape)
-        if delta[x, y] <= 1e-12 * max(1.0, abs(cur)):
-            break
-        perm[x], perm[y] = perm[y], perm[x]
-        cur += float(delta[x, y])
-    return perm, value(perm)
-
-
-def _signs(c: np.ndarray, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Signs s (+1/-1) maximizing ``s^T W s`` with W = c * weight (zero
-    diagonal): leading eigenvector, then single flips while they improve.
-    Returns s and a per-row support ``s_k (W s)_k`` (> 0 when row k agrees).
-    The global sign is arbitrary (fixed so that s[0] = +1)."""
-    w = c * (1.0 if weight is None else weight)
-    w = (w + w.T) / 2
-    np.fill_diagonal(w, 0.0)
-    _, vecs = np.linalg.eigh(w)
-    s = np.where(vecs[:, -1] >= 0, 1.0, -1.0)
-    for _ in range(4 * len(s)):
-        g = s * (w @ s)
-        k = int(np.argmin(g))
-        if g[k] >= 0:
-            break
-        s[k] = -s[k]
-    if s[0] < 0:
-        s = -s
-    return s, s * (w @ s)
-
-
-def _decode(pos: np.ndarray, p: int, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    pos = np.asarray(pos)
-    return pos // (p * c), (pos // c) % p, pos % c
-
-
-def _dihedral(i, j, p: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The 8 images of grid coordinates (i, j) under the symmetries of the square
-    (identity first)."""
-    out = []
-    for t in range(2):
-        a, b = (i, j) if t == 0 else (j, i)
-        for r in range(4):
-            out.append((a, b))
-            a, b = b, p - 1 - a  # rotate by 90 degrees
-    return out
-
-
-def symmetric_keys(key: Key, *, channel_orders: bool = True, global_sign: bool = True) -> list[Key]:
-    """Keys that differ from ``key`` by a symmetry of the block that correlation
-    structure alone cannot resolve: the 8 dihedral symmetries of the P x P grid,
-    the C! channel orders (only for C <= 4 and ``channel_orders``), and the
-    global sign (``flip -> 1 - flip``, with ``global_sign``; even pb only). ``key`` is first,
-    no duplicates (96 keys for P = 4, C = 3, the first half of ``key``'s sign; 48 for P = 7, C = 3)."""
-    key = validate_key(key)
-    p, c = key.block_size, key.channels
-    i, j, ch = _decode(key.perm, p, c)
-    orders = (
-        list(itertools.permutations(range(c))) if channel_orders and c <= 4 else [tuple(range(c))]
-    )
-    signs = (0, 1) if global_sign and (p * p * c) % 2 == 0 else (0,)
-    out, seen = [], set()
-    for g in signs:
-        for sigma in orders:
-            for a, b in _dihedral(i, j, p):
-                perm = (a * p + b) * c + np.asarray(sigma)[ch]
-                flip = key.flip ^ np.uint8(g)
-                tag = perm.tobytes() + flip.tobytes()
-                if tag not in seen:
-                    seen.add(tag)
-                    out.append(validate_key(Key(perm, flip, p, c)))
-    return out
-
-
-# ------------------------------------------------- (a) independent reference
+# ------------------------------------------------------ (a) a reference kernel
 
 
 def recover_key_with_reference(encrypted_kernel, reference_kernel) -> ModelRecovery:
@@ -285,7 +147,7 @@ def recover_key_with_reference(encrypted_kernel, reference_kernel) -> ModelRecov
     perm = np.argmax(np.abs(cos), axis=1).astype(np.int32)
     sim = cos[np.arange(len(perm)), perm]
     flip = (sim < 0).astype(np.uint8)
-    key = _as_key(perm, flip, p, c)
+    key = key_or_none(perm, flip, p, c)
     return ModelRecovery(
         perm=perm,
         flip=flip,
@@ -314,6 +176,18 @@ def _global_sign_from_columns(dec_rows: np.ndarray, ref_rows: np.ndarray) -> flo
     cos = x.T @ y
     r, c = linear_sum_assignment(-np.abs(cos))
     return float(np.sum(cos[r, c]))
+
+
+def _profile_agreement(enc_abs: np.ndarray, ref_abs: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """(pb,): for each encrypted row k, the correlation between its absolute-correlation
+    profile ``enc_abs[k]`` (pb,) and that of its matched reference row, read in the same
+    order (``ref_abs[perm[k]][perm]``); 0 for a constant profile."""
+    return np.array(
+        [
+            np.corrcoef(enc_abs[k], ref_abs[perm[k]][perm])[0, 1] if enc_abs[k].std() > 0 else 0.0
+            for k in range(len(perm))
+        ]
+    )
 
 
 def recover_key_with_independent_reference(
@@ -352,7 +226,8 @@ def recover_key_with_independent_reference(
     channels, matched between the decrypted and the reference kernel by
     linear assignment; ``'keep'`` leaves the arbitrary one. (4) exactly pb/2
     flips: the pb/2 rows with the strongest evidence for a flip are flipped.
-    (5) the 96 block symmetries of the result (:func:`symmetric_keys`) are
+    (5) the 96 block symmetries of the result
+    (:func:`~convmixer_jax.attacks.kernel_algebra.symmetric_keys`) are
     scored with the objective (plus the signed term ``sum s_k s_l C_enc[k,l]
     C_ref[p(k),p(l)]``) and the best with the chosen global sign is returned.
 
@@ -362,70 +237,74 @@ def recover_key_with_independent_reference(
     decreasing objective, each followed by its global-sign complement (for
     :func:`~convmixer_jax.attacks.from_model.rerank_by_confidence`).
     """
-    e, p, c = _kernel_rows(encrypted_kernel, "encrypted_kernel")
-    r, p2, c2 = _kernel_rows(reference_kernel, "reference_kernel")
-    if (p, c) != (p2, c2):
-        raise ValueError(f"kernels must share P and C; got {(p, c)} and {(p2, c2)}")
+    enc_rows, p, c = kernel_rows(encrypted_kernel, "encrypted_kernel")
+    ref_rows, ref_p, ref_c = kernel_rows(reference_kernel, "reference_kernel")
+    if (p, c) != (ref_p, ref_c):
+        raise ValueError(f"kernels must share P and C; got {(p, c)} and {(ref_p, ref_c)}")
     if global_sign not in ("columns", "keep"):
         raise ValueError(f"global_sign must be 'columns' or 'keep', got {global_sign!r}")
-    n = len(e)
-    ce, cr = _correlation(e), _correlation(r)
-    ae, ar = _abs_offdiag(ce), _abs_offdiag(cr)
-    ne, nr = np.linalg.norm(e, axis=1), np.linalg.norm(r, axis=1)
-    le = np.log(np.maximum(ne, 1e-30))
-    le -= le.mean()
-    lr = np.log(np.maximum(nr, 1e-30))
-    lr -= lr.mean()
-    unary = -norm_weight * (le[:, None] - lr[None, :]) ** 2 * (ae.sum() / n)
+    n = len(enc_rows)
+    # row correlations (signed, and absolute with a zero diagonal), row norms, and the
+    # centred log norms of both kernels
+    enc_corr, ref_corr = _correlation(enc_rows), _correlation(ref_rows)
+    enc_abs, ref_abs = _abs_offdiag(enc_corr), _abs_offdiag(ref_corr)
+    enc_norms, ref_norms = np.linalg.norm(enc_rows, axis=1), np.linalg.norm(ref_rows, axis=1)
+    enc_log_norms = np.log(np.maximum(enc_norms, 1e-30))
+    enc_log_norms -= enc_log_norms.mean()
+    ref_log_norms = np.log(np.maximum(ref_norms, 1e-30))
+    ref_log_norms -= ref_log_norms.mean()
+    unary = (
+        -norm_weight * (enc_log_norms[:, None] - ref_log_norms[None, :]) ** 2 * (enc_abs.sum() / n)
+    )
 
-    se, sr = _row_signature(ae, ne), _row_signature(ar, nr)
-    cost = ((se[:, None, :] - sr[None, :, :]) ** 2).sum(-1)
+    enc_signature = _row_signature(enc_abs, enc_norms)
+    ref_signature = _row_signature(ref_abs, ref_norms)
+    cost = ((enc_signature[:, None, :] - ref_signature[None, :, :]) ** 2).sum(-1)
     starts = [linear_sum_assignment(cost)[1]]
     if use_structure:
-        st = recover_key_from_structure(encrypted_kernel, seed=seed)
-        starts += [np.asarray(k.perm) for k in st.candidates if np.all(k.flip == st.key.flip)]
+        structure = recover_key_from_structure(encrypted_kernel, seed=seed)
+        starts += [
+            np.asarray(k.perm) for k in structure.candidates if np.all(k.flip == structure.key.flip)
+        ]
     rng = np.random.default_rng(seed)
     starts += [rng.permutation(n) for _ in range(n_starts)]
     best, best_val = None, -np.inf
-    for s0 in starts:
-        perm, val = _qap(ae, ar, s0, unary)
+    for start in starts:
+        perm, val = qap_local_maximum(enc_abs, ref_abs, start, unary)
         if val > best_val + 1e-9:
             best, best_val = perm, val
 
     perm = best
-    cr_p = cr[np.ix_(perm, perm)]
-    s, support = _signs(ce * cr_p)
+    signs, support = correlation_signs(enc_corr * ref_corr[np.ix_(perm, perm)])
     # signed refinement: with the signs known, match signed correlations.
-    sce = ce * np.outer(s, s)
-    np.fill_diagonal(sce, 0.0)
-    cr0 = cr.copy()
-    np.fill_diagonal(cr0, 0.0)
-    perm2, _ = _qap(sce, cr0, perm, unary)
-    if not np.array_equal(perm2, perm):
-        perm = perm2
-        cr_p = cr[np.ix_(perm, perm)]
-        s, support = _signs(ce * cr_p)
+    enc_signed = enc_corr * np.outer(signs, signs)
+    np.fill_diagonal(enc_signed, 0.0)
+    ref_offdiag = ref_corr.copy()
+    np.fill_diagonal(ref_offdiag, 0.0)
+    refined, _ = qap_local_maximum(enc_signed, ref_offdiag, perm, unary)
+    if not np.array_equal(refined, perm):
+        perm = refined
+        signs, support = correlation_signs(enc_corr * ref_corr[np.ix_(perm, perm)])
 
     notes = ["permutation and relative signs from basis-invariant row correlations"]
-    dec = np.zeros_like(e)
-    dec[perm] = e * s[:, None]
+    decrypted = np.zeros_like(enc_rows)
+    decrypted[perm] = enc_rows * signs[:, None]
     if global_sign == "columns":
-        orient = _global_sign_from_columns(dec, r)
+        orient = _global_sign_from_columns(decrypted, ref_rows)
         if orient < 0:
-            s, support = -s, support
+            signs = -signs  # the support s_k (W s)_k does not change with the global sign
         notes.append(
             f"global sign from output-channel orientation (matched signed-cosine sum {orient:+.3f})"
         )
     else:
         notes.append("global sign arbitrary (not observable from correlations)")
-    s = _sign_by_count(s, notes)
-    flip = _balanced_flip(-s * (np.abs(support) + 1e-12))
-    if int(np.sum(s < 0)) != n // 2:
-        notes.append(f"sign estimate had {int(np.sum(s < 0))} flips; balanced to pb/2 = {n // 2}")
+    signs = sign_by_flip_count(signs, notes)
+    flip = balanced_flip(-signs * (np.abs(support) + 1e-12))
+    if int(np.sum(signs < 0)) != n // 2:
+        notes.append(
+            f"sign estimate had {int(np.sum(signs < 0))} flips; balanced to pb/2 = {n // 2}"
+        )
 
-    prof = np.array(
-        [np.corrcoef(ae[k], ar[perm[k]][perm])[0, 1] if ae[k].std() > 0 else 0.0 for k in range(n)]
-    )
     key = validate_key(Key(perm.astype(np.int32), flip, p, c))
     # The block symmetries of this key, ranked by the objective (the chosen
     # global sign first: the objective cannot see it). The reference may not
@@ -433,15 +312,14 @@ def recover_key_with_independent_reference(
     # rotation leaves every second-order statistic unchanged, and with
     # horizontal-flip augmentation so does the mirror.
     cands = symmetric_keys(key)  # the first half keeps key's global sign
-    cr0 = np.where(np.eye(n, dtype=bool), 0.0, cr)
 
     def objective(k):
         q = np.asarray(k.perm)
         sg = 1.0 - 2.0 * np.asarray(k.flip, np.float64)
         return float(
-            np.sum(ae * ar[np.ix_(q, q)])
+            np.sum(enc_abs * ref_abs[np.ix_(q, q)])
             + unary[np.arange(n), q].sum()
-            + np.sum(ce * np.outer(sg, sg) * cr0[np.ix_(q, q)])
+            + np.sum(enc_corr * np.outer(sg, sg) * ref_offdiag[np.ix_(q, q)])
         )
 
     score = np.array([objective(k) for k in cands])
@@ -454,20 +332,15 @@ def recover_key_with_independent_reference(
         else [j for i in np.argsort(-score[:half], kind="stable") for j in (i, i + half)]
     )
     cands = tuple(cands[i] for i in order)
-    if not _same_key(cands[0], key):
+    if not same_key(cands[0], key):
         notes.append("a block symmetry of the matching scored higher and was taken")
         key = cands[0]
-        perm = np.asarray(key.perm)
-        prof = np.array(
-            [
-                np.corrcoef(ae[k], ar[perm[k]][perm])[0, 1] if ae[k].std() > 0 else 0.0
-                for k in range(n)
-            ]
-        )
     return ModelRecovery(
         perm=key.perm,
         flip=key.flip,
-        similarity=np.clip(np.nan_to_num(prof), 0, 1),
+        similarity=np.clip(
+            np.nan_to_num(_profile_agreement(enc_abs, ref_abs, np.asarray(key.perm))), 0, 1
+        ),
         key=key,
         method="independent-reference",
         notes="; ".join(notes),
@@ -639,8 +512,9 @@ def recover_key_from_structure(
       ``public_images`` (N, H, W, C) natural images in [0, 1] or uint8 (any
       public images, not the client's) are given: the candidate whose stem
       statistics on the public images best match the model's BatchNorm
-      running statistics (:func:`~convmixer_jax.attacks.stem_statistics.rank_keys_by_batch_stats`, with the model's
-      ``activation``: 'gelu', exact or with ``gelu_approximate`` tanh, or 'relu').
+      running statistics
+      (:func:`~convmixer_jax.attacks.stem_statistics.rank_keys_by_batch_stats`, with the
+      model's ``activation``: 'gelu', exact or with ``gelu_approximate`` tanh, or 'relu').
     - Otherwise by heuristics: channel order by
       ``_channel_order_heuristic``; with ``stem_bias`` and
       ``stem_bn_mean`` the global sign that makes the output channels' DC
@@ -650,43 +524,43 @@ def recover_key_from_structure(
       arbitrary (the grid solution's own). So without images expect the
       layout right only up to the grid symmetry (1 chance in 8).
     """
-    e, p, c = _kernel_rows(encrypted_kernel, "encrypted_kernel")
-    n = len(e)
-    ce = _correlation(e)
-    a = _abs_offdiag(ce)
-    norms = np.linalg.norm(e, axis=1)
+    rows, p, c = kernel_rows(encrypted_kernel, "encrypted_kernel")
+    n = len(rows)
+    corr = _correlation(rows)
+    abs_corr = _abs_offdiag(corr)
+    norms = np.linalg.norm(rows, axis=1)
     notes = []
 
-    label = _group_rows(a, c)
+    label = _group_rows(abs_corr, c)
     n_pix = p * p
     members = np.stack([np.flatnonzero(label == g) for g in range(n_pix)])  # (n_pix, C)
-    w = _pixel_affinity(a, members)
-    t = _grid_adjacency(p)
+    affinity = _pixel_affinity(abs_corr, members)
+    grid_adj = _grid_adjacency(p)
     rng = np.random.default_rng(seed)
     best, best_val = None, -np.inf
     for i in range(max(1, n_starts)):
-        s0 = np.arange(n_pix) if i == 0 else rng.permutation(n_pix)
-        pos, val = _qap(w, t, s0)
+        start = np.arange(n_pix) if i == 0 else rng.permutation(n_pix)
+        pos, val = qap_local_maximum(affinity, grid_adj, start)
         if val > best_val + 1e-9:
             best, best_val = pos, val
     pos = best  # group g sits at grid position pos[g]
-    adj = t[np.ix_(pos, pos)]
-    layout = _label_channels(a, members, adj)  # (n_pix, C): row of group g with label l
+    adj = grid_adj[np.ix_(pos, pos)]
+    layout = _label_channels(abs_corr, members, adj)  # (n_pix, C): row of group g with label l
 
-    phys, note = _channel_order_heuristic(ce, norms, layout, c)
+    phys, note = _channel_order_heuristic(corr, norms, layout, c)
     notes.append(note)
     perm = np.empty(n, np.int64)
     for g in range(n_pix):
         perm[layout[g]] = pos[g] * c + phys
     # signs: within-pixel and same-channel neighbour pairs should be positive.
-    ii, jj, ch = _decode(perm, p, c)
-    d = np.abs(ii[:, None] - ii[None, :]) + np.abs(jj[:, None] - jj[None, :])
-    mask = ((d == 0) | ((d == 1) & (ch[:, None] == ch[None, :]))).astype(np.float64)
-    s, support = _signs(ce, mask)
+    ii, jj, ch = decode_positions(perm, p, c)
+    dist = np.abs(ii[:, None] - ii[None, :]) + np.abs(jj[:, None] - jj[None, :])
+    mask = ((dist == 0) | ((dist == 1) & (ch[:, None] == ch[None, :]))).astype(np.float64)
+    signs, support = correlation_signs(corr, mask)
 
     # global sign heuristic from the bias and BatchNorm mean (images not needed)
     if stem_bias is not None and stem_bn_mean is not None:
-        dc = (e * s[:, None]).sum(0)  # DC gain of each output channel with signs s
+        dc = (rows * signs[:, None]).sum(0)  # DC gain of each output channel with these signs
         bn_mean = np.asarray(stem_bn_mean, np.float64)
         # Empirical, not derived: in the trained CIFAR-10 stems measured, output
         # channels with a larger DC gain (true sign) have a smaller BatchNorm
@@ -695,14 +569,14 @@ def recover_key_from_structure(
             float(np.corrcoef(dc, bn_mean)[0, 1]) if dc.std() > 0 and bn_mean.std() > 0 else 0.0
         )
         if orient > 0:
-            s = -s
+            signs = -signs
         notes.append(
             f"global sign from corr(DC gain, BN mean) = {orient:+.3f} (empirical prior: < 0)"
         )
     else:
         notes.append("global sign arbitrary")
-    s = _sign_by_count(s, notes)
-    flip = _balanced_flip(-s * (np.abs(support) + 1e-12))
+    signs = sign_by_flip_count(signs, notes)
+    flip = balanced_flip(-signs * (np.abs(support) + 1e-12))
     key = validate_key(Key(perm.astype(np.int32), flip, p, c))
     cands = symmetric_keys(key)
 
@@ -712,10 +586,6 @@ def recover_key_from_structure(
         and stem_bn_mean is not None
         and stem_bn_var is not None
     ):
-        from convmixer_jax.attacks.stem_statistics import (
-            rank_keys_by_batch_stats,
-        )  # (it imports this module)
-
         scores = rank_keys_by_batch_stats(
             encrypted_kernel,
             stem_bias,

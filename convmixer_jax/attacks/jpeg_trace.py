@@ -3,8 +3,9 @@
 A baseline JPEG codes the luma ``Y = 0.299 R + 0.587 G + 0.114 B - 128`` of each 8 x 8
 block (aligned at the image's top-left corner) as DCT coefficients rounded to multiples
 of a quantization table. The decoded pixels keep the luma's coefficients close to those
-multiples: on the CIFAR-10 JPEG copy (quality 75) the residual has a standard deviation
-of about 0.65, against steps of 5 to 61. The luma of a variant with another channel order
+multiples: the residual is the decoder's rounding, a small fraction of the table's steps
+(measured on the CIFAR-10 JPEG copy in ``docs/security.md``). The luma of a variant with
+another channel order
 mixes in chroma, which the coder quantized on another grid (and, with 4:2:0 subsampling,
 at half the resolution), so its coefficients leave the lattice.
 
@@ -32,12 +33,11 @@ the choice to the prior, and hundreds of nats apart between the variants of a JP
 The Laplace law is the null of each variant separately: how natural a variant's
 coefficients look is the image prior's question, not this module's.
 
-Measured with ``python benchmarks/jpeg_trace_accuracy.py --images 1000 --out
-results/security/jpeg_trace.json`` on held-out CIFAR-10 training images (JPEG copy), each
-set given a random variant: the trace alone gets the channel order of 97.6 % of single
-images and 99.8 % of pairs; added to the colour prior, the 12-way variant of 93.7 % / 99.0 %
-(the prior alone: 74.8 % / 88.6 %). After a resampling that wipes the trace the sum equals
-the prior.
+How often the trace alone, the colour prior alone and their sum get the variant of
+held-out CIFAR-10 training images (JPEG copy), and what is left after a resampling that
+wipes the trace (the sum then equals the prior), is measured by
+``python benchmarks/jpeg_trace_accuracy.py --images 1000 --out
+results/security/jpeg_trace.json``; ``docs/security.md`` (section 5) has the table.
 
 Tables other than libjpeg's scaled ones (some cameras, MozJPEG's), other grid offsets and
 chroma are not modelled; on such images the trace is absent and the result is the prior's.
@@ -48,6 +48,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+
+from convmixer_jax.scheme.blocks import to_blocks
 
 #: Annex K's luminance table (natural order), which libjpeg scales by quality.
 STANDARD_LUMA = np.array(
@@ -151,7 +153,9 @@ def _as_uint8(images) -> np.ndarray:
 def luma_blocks(images) -> np.ndarray:
     """(N, H, W, C) uint8, or float in [0, 1] (rounded to 8 bits), C = 1 or 3 ->
     (B, 64) DCT-II (orthonormal, JPEG's scale) coefficients of the level-shifted luma of
-    every whole 8 x 8 block, blocks in image then raster order."""
+    every whole 8 x 8 block (a partial block at the right or bottom edge is left out),
+    blocks in image then raster order; coefficient ``u*8 + v`` is row frequency u,
+    column frequency v."""
     from scipy.fft import dctn
 
     x = _as_uint8(images).astype(np.float64)
@@ -160,7 +164,8 @@ def luma_blocks(images) -> np.ndarray:
     y = (x[..., 0] if x.shape[-1] == 1 else x @ LUMA_WEIGHTS) - 128.0
     n, h, w = y.shape
     gh, gw = h // 8, w // 8
-    b = y[:, : gh * 8, : gw * 8].reshape(n, gh, 8, gw, 8).transpose(0, 1, 3, 2, 4)
+    # the luma as a one-channel image: its 8 x 8 blocks hold pixel (i, j) at i*8 + j
+    b = to_blocks(y[:, : gh * 8, : gw * 8, None], 8).reshape(n, gh, gw, 8, 8)
     return dctn(b, axes=(-2, -1), norm="ortho").reshape(-1, 64)
 
 
@@ -250,9 +255,10 @@ def jpeg_log_evidence(images, variants, *, max_blocks: int = MAX_BLOCKS) -> np.n
     order)`` as in :mod:`~convmixer_jax.attacks.image_prior`. Entry ``v`` scores the
     hypothesis that the images are ``apply_variant(jpeg_images, v)``, the indexing of
     :func:`~convmixer_jax.attacks.image_prior.variant_log_probs`, so the two add up.
-    Only the first ``max_blocks`` (at most MAX_BLOCKS) 8 x 8 blocks are used. Returns (V,) float64: the log of
-    ``1/2 + mean_Q BF_Q / 2`` (module docstring); all ``log 1/2`` without a trace, and
-    zeros for other channel counts or images smaller than one 8 x 8 block.
+    Only the first ``max_blocks`` (at most MAX_BLOCKS) 8 x 8 blocks are used. Returns (V,)
+    float64: the log of ``1/2 + mean_Q BF_Q / 2`` (module docstring); all ``log 1/2``
+    without a trace, and zeros for other channel counts or images smaller than one 8 x 8
+    block.
     """
     from convmixer_jax.attacks.image_prior import apply_variant, invert_variant
 

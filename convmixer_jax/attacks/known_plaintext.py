@@ -9,8 +9,9 @@ one that explains the pairs.
 
 How it works
 ------------
-1. Both arrays are cut into blocks (flattened as ``k = (i*M + j)*C + c``), giving
-   ``P`` and ``E`` of shape (num_blocks, pb).
+1. Both arrays are cut into blocks (flattened as ``k = (i*M + j)*C + c``,
+   :func:`~convmixer_jax.scheme.blocks.block_rows`), giving ``P`` and ``E`` of shape
+   (num_blocks, pb), raw values.
 2. ``(k, j, f)`` is a *raw candidate* when ``E[:, k] == P[:, j]`` (f = 0) or
    ``E[:, k] == 1 - P[:, j]`` (f = 1) in every block: exact equality for uint8, a
    tolerance (:data:`FLOAT_TOLERANCE`, or 2 ulps of the dtype if larger) for float.
@@ -42,6 +43,7 @@ import dataclasses
 
 import numpy as np
 
+from convmixer_jax.scheme.blocks import block_rows
 from convmixer_jax.scheme.images import ImageError, check_pixel_values
 from convmixer_jax.scheme.keys import InvalidKeyError, Key, block_len, make_key
 
@@ -105,7 +107,7 @@ class RecoveryResult:
         return self.key is not None
 
 
-# --------------------------------------------------------------------------- blocks
+# --------------------------------------------------------------------------- checks
 
 
 def _check_pair(plain, encrypted, block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -137,16 +139,6 @@ def _check_pair(plain, encrypted, block_size: int) -> tuple[np.ndarray, np.ndarr
     check_pixel_values(plain)
     check_pixel_values(encrypted)
     return plain, encrypted, pb
-
-
-def image_blocks(images: np.ndarray, block_size: int) -> np.ndarray:
-    """(N, H, W, C) or (H, W, C) -> (num_blocks, M*M*C), each block flattened as
-    ``k = (i*M + j)*C + c`` (method.md), blocks in image, row, column order."""
-    x = np.asarray(images)
-    h, w, c = x.shape[-3:]
-    m = block_size
-    x = x.reshape(-1, h // m, m, w // m, m, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, m * m * c)
 
 
 # --------------------------------------------------------------------------- evidence
@@ -362,9 +354,9 @@ def _resolve(raw: np.ndarray) -> tuple[np.ndarray | None, str | None]:
         )
     unused = np.flatnonzero(~adj.any(axis=0))
     if unused.size:
-        return (
-            None,
-            f"plain position {int(unused[0])} of the block matches no encrypted position in every block",
+        return None, (
+            f"plain position {int(unused[0])} of the block matches no encrypted position "
+            "in every block"
         )
     comps = []
     for ks, js in _components(adj):
@@ -384,7 +376,7 @@ def _resolve(raw: np.ndarray) -> tuple[np.ndarray | None, str | None]:
     if allowed is None:
         return None, f"no pairing of the positions flips exactly pb/2 = {pb // 2} of them"
     out = np.zeros_like(raw)
-    for comp, a in zip(comps, allowed):
+    for comp, a in zip(comps, allowed, strict=True):
         comp.options(a, raw, out)
     return out, None
 
@@ -403,7 +395,7 @@ def recover_key(plain, encrypted, block_size: int) -> RecoveryResult:
     """
     plain, encrypted, pb = _check_pair(plain, encrypted, block_size)
     c = plain.shape[-1]
-    P, E = image_blocks(plain, block_size), image_blocks(encrypted, block_size)
+    P, E = block_rows(plain, block_size), block_rows(encrypted, block_size)
     if plain.dtype == np.uint8:
         tol = None
     else:

@@ -1,4 +1,4 @@
-"""Quadratic assignment over block positions: the search behind the ciphertext-only attack.
+"""Quadratic assignment over block positions: the searches behind the key-recovery attacks.
 
 The ciphertext-only attack (:mod:`convmixer_jax.attacks.ciphertext_only`) scores a
 candidate layout ``p`` (``p[u]`` = the encrypted position that holds plain slot ``u``)
@@ -13,6 +13,9 @@ starts, then best-improvement exchanges of two assignments, all vectorized over 
 n x n exchanges (numpy; n = 48 for 4 x 4 RGB blocks, 147 for 7 x 7); and an iterated
 local search that kicks a local maximum out of its basin (a random cycle of a few
 assignments) and keeps the result when the exchanges then climb higher.
+
+The kernel attacks (:mod:`convmixer_jax.attacks.from_weights`) match one symmetric pair
+of correlation matrices, with a per-assignment term: :func:`qap_local_maximum`.
 """
 
 from __future__ import annotations
@@ -241,14 +244,14 @@ def search(
     for level, (a, b) in enumerate(levels):
         if level:
             sols = [local_search(a, b, p)[:2] for p, _ in sols]
-        ranked = merge_maxima([(p, v, h) for (p, v), h in zip(sols, hits)])[:keep]
+        ranked = merge_maxima([(p, v, h) for (p, v), h in zip(sols, hits, strict=True)])[:keep]
         sols, hits = [(p, v) for p, v, _ in ranked], [h for _, _, h in ranked]
     polished = []
     for p in initial:
         for a, b in levels:
             p, v, _ = local_search(a, b, p)
         polished.append((p, v, 1))
-    return merge_maxima([(p, v, h) for (p, v), h in zip(sols, hits)] + polished)
+    return merge_maxima([(p, v, h) for (p, v), h in zip(sols, hits, strict=True)] + polished)
 
 
 def merge_maxima(maxima) -> list[tuple[np.ndarray, float, int]]:
@@ -258,3 +261,51 @@ def merge_maxima(maxima) -> list[tuple[np.ndarray, float, int]]:
     for p, v, h in maxima:
         distinct.setdefault(p.tobytes(), [p, v, 0])[2] += h
     return [tuple(t) for t in sorted(distinct.values(), key=lambda t: -t[1])]
+
+
+def qap_local_maximum(
+    a: np.ndarray,
+    b: np.ndarray,
+    perm: np.ndarray,
+    unary: np.ndarray | None = None,
+    max_iter: int = 200,
+) -> tuple[np.ndarray, float]:
+    """A local maximum of ``f(p) = sum_{u,v} a[u,v] b[p[u],p[v]] + sum_u unary[u,p[u]]``
+    over permutations p, starting from ``perm``; returns (p (n,) int64, f(p)).
+
+    a, b: (n, n) symmetric with zero diagonal; unary: (n, n) or None (zero). Iterated
+    linear assignment on the gradient (Frank-Wolfe steps, kept while they improve f),
+    then best-improvement exchanges of two assignments until none improves f.
+    """
+    n = len(perm)
+    perm = np.array(perm, np.int64)
+    u = np.zeros((n, n)) if unary is None else np.asarray(unary, np.float64)
+    rows = np.arange(n)
+
+    def value(q):
+        return float(np.sum(a * b[np.ix_(q, q)]) + u[rows, q].sum())
+
+    cur = value(perm)
+    for _ in range(max_iter):
+        grad = 2.0 * a @ b[perm] + u  # grad[x, m] = 2 sum_v a[x, v] b[p(v), m] + u[x, m]
+        _, new = linear_sum_assignment(-grad)
+        val = value(new)
+        if val > cur + 1e-12 * max(1.0, abs(cur)):
+            perm, cur = new.astype(np.int64), val
+        else:
+            break
+    for _ in range(50 * n):
+        m = b[np.ix_(perm, perm)]
+        h = a @ m
+        hd = np.diag(h)
+        delta = 2.0 * (h + h.T - hd[:, None] - hd[None, :] + 2.0 * a * m)
+        up = u[:, perm]  # up[x, y] = u[x, p(y)]
+        ud = np.diag(up)
+        delta += up + up.T - ud[:, None] - ud[None, :]
+        np.fill_diagonal(delta, -np.inf)
+        x, y = np.unravel_index(int(np.argmax(delta)), delta.shape)
+        if delta[x, y] <= 1e-12 * max(1.0, abs(cur)):
+            break
+        perm[x], perm[y] = perm[y], perm[x]
+        cur += float(delta[x, y])
+    return perm, value(perm)

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from convmixer_jax.scheme.blocks import from_blocks, grid_shape, to_blocks
 from convmixer_jax.scheme.keys import Key, stack_keys
 
 
@@ -56,26 +57,26 @@ def relative_keys(kernels) -> tuple[np.ndarray, np.ndarray, float]:
 
 def align_to_first(encrypted, src: np.ndarray, negate: np.ndarray, block_size: int) -> np.ndarray:
     """(N, H, W, C) uint8 images encrypted with position keys -> the same images as if every
-    block were encrypted with ``keys[0]``; exact."""
+    block were encrypted with ``keys[0]``; exact. src, negate: (G, pb) from
+    :func:`relative_keys`, G = (H/M) * (W/M) positions in row-major grid order."""
     e = np.asarray(encrypted)
     if e.dtype != np.uint8:
         raise ValueError(f"align_to_first takes uint8 images, got {e.dtype}")
     n, h, w, c = e.shape
-    m = block_size
-    gh, gw = h // m, w // m
+    gh, gw = grid_shape(h, w, block_size)
     if gh * gw != src.shape[0]:
         raise ValueError(f"{src.shape[0]} relative keys for a grid of {gh} x {gw} blocks")
-    blocks = e.reshape(n, gh, m, gw, m, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, gh * gw, -1)
+    blocks = to_blocks(e, block_size).reshape(n, gh * gw, -1)
     out = np.take_along_axis(blocks, np.broadcast_to(src[None], blocks.shape), axis=2)
     out = np.where(negate[None], 255 - out, out).astype(np.uint8)
-    return out.reshape(n, gh, gw, m, m, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, c)
+    return from_blocks(out.reshape(n, gh, gw, -1), block_size, c)
 
 
 def keys_from_first(key0: Key, src: np.ndarray, negate: np.ndarray) -> Key:
     """Every position's key from position 0's and the relative keys: perm/flip (G, pb)."""
     p0, f0 = np.asarray(key0.perm), np.asarray(key0.flip)
     keys = []
-    for s, neg in zip(src, negate):
+    for s, neg in zip(src, negate, strict=True):
         perm, flip = np.empty_like(p0), np.empty_like(f0)
         perm[s], flip[s] = p0, f0 ^ neg.astype(f0.dtype)
         keys.append(Key(perm, flip, key0.block_size, key0.channels))
@@ -112,7 +113,7 @@ def countermeasure_study(
     from convmixer_jax.attacks.ciphertext_only import recover_key_ciphertext_only
     from convmixer_jax.model.inference import predict_logits
     from convmixer_jax.model.position_wise import position_wise_logits
-    from convmixer_jax.scheme.params import _stem, _with_stem
+    from convmixer_jax.scheme.params import stem_of, with_stem
     from convmixer_jax.scheme.position_keys import (
         encrypt_images_by_position,
         encrypt_params_by_position,
@@ -127,6 +128,22 @@ def countermeasure_study(
     ev_x, ev_y = np.asarray(eval_data[0]), np.asarray(eval_data[1])
     plain_pred = predict_logits(config, variables, ev_x).argmax(-1)
     rng = np.random.default_rng(None if seed is None else seed + 31)
+
+    def queries(keys: Key, n: int, relative=None) -> np.ndarray:
+        """``n`` query images drawn at random, encrypted with the position ``keys``; with
+        ``relative`` = (src, negate), aligned to ``keys[0]``."""
+        q = np.asarray(
+            encrypt_images_by_position(
+                test_images[rng.choice(len(test_images), n, replace=False)], keys
+            )
+        )
+        return q if relative is None else align_to_first(q, *relative, m)
+
+    def outcome(res, keys: Key, relative=None) -> dict:
+        """Whether the attack claimed a key, and the positions whose key it got right (its
+        key for position 0 gives every position's with ``relative``)."""
+        found = res.best_guess if relative is None else keys_from_first(res.best_guess, *relative)
+        return {"claimed": res.determined, "positions_exact": exact_positions_all(found, keys)}
 
     rows = []
     for t in range(num_keys):
@@ -146,41 +163,34 @@ def countermeasure_study(
                 np.mean(position_wise_logits(config, enc_vars, ev_x).argmax(-1) == ev_y)
             ),
         }
-        stem, _ = _stem(enc_vars)
+        stem, _ = stem_of(enc_vars)
         src, negate, margin = relative_keys(stem["kernel"])
         rebuilt = keys_from_first(Key(keys.perm[0], keys.flip[0], m, c), src, negate)
         row["relative_keys_exact"] = exact_positions_all(rebuilt, keys)
         row["relative_margin"] = margin
-
-        def queries(n: int, aligned: bool) -> np.ndarray:
-            q = np.asarray(
-                encrypt_images_by_position(
-                    test_images[rng.choice(len(test_images), n, replace=False)], keys
-                )
-            )
-            return align_to_first(q, src, negate, m) if aligned else q
-
-        def outcome(res, aligned: bool) -> dict:
-            found = keys_from_first(res.best_guess, src, negate) if aligned else res.best_guess
-            return {"claimed": res.determined, "positions_exact": exact_positions_all(found, keys)}
+        relative = (src, negate)
 
         attacks = {
             f"raw_{n}": outcome(
-                recover_key_ciphertext_only(queries(n, False), m, template, prior=prior), False
+                recover_key_ciphertext_only(queries(keys, n), m, template, prior=prior), keys
             )
             for n in ns
         }
         attacks.update(
             {
                 f"aligned_{n}": outcome(
-                    recover_key_ciphertext_only(queries(n, True), m, template, prior=prior), True
+                    recover_key_ciphertext_only(
+                        queries(keys, n, relative), m, template, prior=prior
+                    ),
+                    keys,
+                    relative,
                 )
                 for n in aligned_ns
             }
         )
         if public_images is not None:
             # position 0's slice of the stem is a one-key encrypted model under keys[0]
-            first = _with_stem(
+            first = with_stem(
                 enc_vars,
                 {
                     **stem,
@@ -191,20 +201,22 @@ def countermeasure_study(
             )
             attacks["aligned_model_1"] = outcome(
                 recover_key_ciphertext_only(
-                    queries(1, True),
+                    queries(keys, 1, relative),
                     m,
                     template,
                     prior=prior,
                     model=(config, first),
                     public_images=public_images,
                 ),
-                True,
+                keys,
+                relative,
             )
         row["attacks"] = attacks
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         log(
-            f"  position keys {t + 1}/{num_keys}: identical {row['identical_predictions']}/{row['images']}, "
+            f"  position keys {t + 1}/{num_keys}: "
+            f"identical {row['identical_predictions']}/{row['images']}, "
             f"relative keys {row['relative_keys_exact']}/{g_count}, "
             + ", ".join(f"{k} {v['positions_exact']}" for k, v in attacks.items())
         )

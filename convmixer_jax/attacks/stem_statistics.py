@@ -14,16 +14,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.attacks.ciphertext_only import block_grid
-from convmixer_jax.attacks.from_weights import _kernel_rows
+from convmixer_jax.attacks.kernel_algebra import decrypt_positions, kernel_rows
 from convmixer_jax.model.convmixer import activation_fn
-
-
-def image_blocks(images, block_size: int) -> np.ndarray:
-    """(N, H, W, C) images -> (N * H/M * W/M, M*M*C) blocks in (row, column,
-    channel) order, normalized to ``(x - 0.5) / 0.5`` (uint8 are scaled to [0, 1])."""
-    g = block_grid(images, block_size)
-    return g.reshape(-1, g.shape[-1])
+from convmixer_jax.scheme.blocks import normalized_blocks
 
 
 def rank_keys_by_batch_stats(
@@ -42,31 +35,35 @@ def rank_keys_by_batch_stats(
     running statistics and the statistics each candidate key predicts on
     public natural images.
 
-    For a candidate key, the plain blocks x of the images give the stem output
-    ``act(x_n @ D + b)`` with D the kernel decrypted by that key and ``act`` the
+    For a candidate key, the plain blocks x of the images (normalized to ``2x - 1``,
+    :func:`~convmixer_jax.scheme.blocks.normalized_blocks`) give the stem output
+    ``act(x @ D + b)`` with D the (pb, dim) kernel decrypted by that key and ``act`` the
     model's activation (``model.convmixer.activation_fn``, in float32); its mean and
     variance per output channel are compared with ``stem_bn_mean`` /
     ``stem_bn_var`` (dim,), which the model accumulated on its (plain)
     training images. The true key reproduces them up to the difference
-    between the public images and the training set. Uses the first
-    ``n_images`` images. Returns (len(keys),) mismatches:
+    between the public images and the training set.
+
+    encrypted_kernel: (P, P, C, dim); stem_bias: (dim,); keys: candidate keys of block
+    size P; public_images: (N, H, W, C) uint8 or float in [0, 1], H and W multiples of P,
+    of which the first ``n_images`` are used. Returns (len(keys),) float64 mismatches:
     mean over channels of ((mean - bn_mean)^2 / bn_var + (log var - log bn_var)^2).
     Assumes the paper's normalization (mean = std = 0.5).
     """
     act = activation_fn(activation, gelu_approximate)
-    e, p, c = _kernel_rows(encrypted_kernel, "encrypted_kernel")
-    x = image_blocks(np.asarray(public_images)[:n_images], p)
+    rows, p, _ = kernel_rows(encrypted_kernel, "encrypted_kernel")
+    blocks = normalized_blocks(np.asarray(public_images)[:n_images], p)
+    x = blocks.reshape(-1, blocks.shape[-1])  # (n_blocks, pb)
     b = np.asarray(stem_bias, np.float64)
     bm = np.asarray(stem_bn_mean, np.float64)
     bv = np.maximum(np.asarray(stem_bn_var, np.float64), 1e-12)
     out = np.empty(len(keys))
     for i, k in enumerate(keys):
-        dec = np.empty_like(e)
-        dec[np.asarray(k.perm)] = e * (1.0 - 2.0 * np.asarray(k.flip, np.float64))[:, None]
-        g = np.asarray(act(jnp.asarray(x @ dec + b, jnp.float32)), np.float64)
+        decrypted = decrypt_positions(rows, k, axis=0)
+        g = np.asarray(act(jnp.asarray(x @ decrypted + b, jnp.float32)), np.float64)
         m, v = g.mean(0), np.maximum(g.var(0), 1e-12)
         out[i] = float(np.mean((m - bm) ** 2 / bv + (np.log(v) - np.log(bv)) ** 2))
     return out
 
 
-__all__ = ["image_blocks", "rank_keys_by_batch_stats"]
+__all__ = ["rank_keys_by_batch_stats"]

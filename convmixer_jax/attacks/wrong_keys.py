@@ -14,13 +14,13 @@ axis folded into the image batch:
 Each call evaluates ``key_chunk * batch_size`` (key, image) pairs as one
 batch, so peak memory is bounded by that many images' activations, whatever
 the number of keys. The default 4 x 125 = 500 pairs per call runs at the
-speed of plain inference at its best batch on a 2-core CPU; calls of 512 or
-1,024 pairs are about 20 % slower there (power-of-two strides conflict in the
-cache; benchmarks/RESULTS.md). The key axis of each chunk is sharded over all
-devices of all processes (a one-axis global ``Mesh``): in a multi-process run
-(:mod:`convmixer_jax.parallel`) each process feeds only its own keys of each chunk,
-images and model are replicated, and every process receives all the counts, so the
-accuracies equal a one-process run's for the same keys.
+speed of plain inference at its best batch on a 2-core AMD EPYC
+(``python benchmarks/bench.py``; benchmarks/README.md); calls of 512 or 1,024
+pairs are slower there (power-of-two strides conflict in the cache). The key axis
+of each chunk is sharded over all devices of all processes (a one-axis global
+``Mesh``): in a multi-process run (:mod:`convmixer_jax.parallel`) each process feeds
+only its own keys of each chunk, images and model are replicated, and every process
+receives all the counts, so the accuracies equal a one-process run's for the same keys.
 """
 
 from __future__ import annotations
