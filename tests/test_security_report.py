@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from convmixer_jax import cli
-from convmixer_jax.attacks.report import known_plaintext_rate, model_recovery, run_security_report
+from convmixer_jax.attacks.known_plaintext_report import known_plaintext_rate
+from convmixer_jax.attacks.model_recovery_report import model_recovery
+from convmixer_jax.attacks.protocol import AttackContext
+from convmixer_jax.attacks.report import (
+    ATTACKS,
+    ReportInputs,
+    SecurityReportConfig,
+    report_streams,
+    run_security_report,
+)
 from convmixer_jax.files.model_dir import save_model
 from convmixer_jax.model.convmixer import ConvMixerConfig
 from convmixer_jax.scheme.keys import fingerprint, generate_key
@@ -83,28 +92,24 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
     train = _data(60, 3)
     test = _data(40, 4)
     out = tmp_path / "report"
-    rep = run_security_report(
-        CFG,
-        variables,
-        train,
-        test,
-        out,
-        kp_pairs=(1,),
-        kp_trials=3,
+    inputs = ReportInputs(CFG, variables, train, test)
+    config = SecurityReportConfig.from_options(
+        pairs=(1,),
+        trials=3,
         recovery_keys=1,
         eval_images=40,
         finetune_sizes=(10, 20),
         finetune_modes=("stem", "scratch"),
         finetune_steps=3,
         finetune_keys=2,
-        ciphertext_ns=(1, 3),
+        ciphertext_images=(1, 3),
         ciphertext_keys=2,
-        recovery_ns=(1, 4),
+        recovery_images=(1, 4),
         countermeasure_keys=1,
-        seed=11,
-        progress=False,
-        log=lambda m: None,
+        reference_epochs=0,
+        key_seed=11,
     )
+    rep = run_security_report(inputs, config, out, progress=False, log=lambda m: None)
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         ".convmixer-jax-output",
@@ -119,11 +124,16 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
     assert data["known_plaintext"][0]["trials"] == 3
     assert set(data["finetune"]["accuracy"]) == {"stem", "scratch"}
     assert set(data["finetune"]["accuracy"]["stem"]) == {"10", "20"}
-    # the stem is fine-tuned under a second key as well; the spread is over both keys' runs
+    # the stem is fine-tuned under a second key as well; the spread is over both keys' runs.
+    # Each attack draws its keys from its own stream of the report's seed.
+    _, streams = report_streams(11, ATTACKS)
+
+    def seeded_context(name):
+        return AttackContext(CFG, variables, train, test, test, streams[name], seeded=True)
+
+    ft_keys = seeded_context("finetune").keys(2)
     ft = data["finetune"]
-    assert [k["key_fingerprint"] for k in ft["stem_keys"]] == [
-        fingerprint(generate_key(2, 3, seed=[11, i])) for i in range(2)
-    ]
+    assert [k["key_fingerprint"] for k in ft["stem_keys"]] == [fingerprint(k) for k in ft_keys]
     assert ft["stem_keys"][0]["accuracy"] == ft["accuracy"]["stem"]
     for n in ("10", "20"):
         vals = [k["accuracy"][n] for k in ft["stem_keys"]]
@@ -135,10 +145,10 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
         }
     assert "stem, 2 keys: mean (min-max)" in (out / "summary.md").read_text()
     # the seeded keys of the run: fingerprints are written, the keys themselves are not
-    key = generate_key(2, 3, seed=[11, 0])
     text = (out / "security.json").read_text()
-    assert fingerprint(key) in text
-    assert json.dumps(np.asarray(key.perm).tolist()) not in text
+    for key in (ft_keys[0], seeded_context("model_recovery").keys(1)[0]):
+        assert fingerprint(key) in text
+        assert json.dumps(np.asarray(key.perm).tolist()) not in text
     assert "Known-plaintext" in (out / "summary.md").read_text()
     assert rep["model_recovery"]["attacks"]["original_weights"]["exact_keys"] == 1
     # noise images: the ciphertext-only attack never claims a key on them
@@ -169,24 +179,25 @@ def test_report_writes_everything_and_never_the_key(tmp_path):
     assert not row["attacks"]["raw_1"]["claimed"] and not row["attacks"]["raw_3"]["claimed"]
     from convmixer_jax.scheme.position_keys import generate_position_keys
 
-    pos = generate_position_keys(CFG.patch_size, CFG.channels, (grid, grid), seed=11 + 100)
+    cm_seed = seeded_context("countermeasure").key_seed()
+    pos = generate_position_keys(CFG.patch_size, CFG.channels, (grid, grid), seed=cm_seed + 100)
     assert json.dumps(np.asarray(pos.perm[0]).tolist()) not in text
     assert "a key per block position" in (out / "summary.md").read_text()
     # an existing output is refused without force and left untouched
     with pytest.raises(Exception, match="exists"):
         run_security_report(
-            CFG,
-            variables,
-            train,
-            test,
+            inputs,
+            SecurityReportConfig.from_options(
+                pairs=(1,),
+                trials=1,
+                recovery_keys=1,
+                finetune_sizes=(10,),
+                finetune_modes=("stem",),
+                finetune_steps=1,
+                reference_epochs=0,
+                key_seed=1,
+            ),
             out,
-            kp_pairs=(1,),
-            kp_trials=1,
-            recovery_keys=1,
-            finetune_sizes=(10,),
-            finetune_modes=("stem",),
-            finetune_steps=1,
-            seed=1,
             progress=False,
             log=lambda m: None,
         )

@@ -131,7 +131,12 @@ def cmd_attack(args) -> int:
 def cmd_security_report(args) -> int:
     from pathlib import Path
 
-    from convmixer_jax.attacks.report import reference_model, run_security_report
+    from convmixer_jax.attacks.report import (
+        ReportInputs,
+        SecurityReportConfig,
+        report_options,
+        run_security_report,
+    )
     from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import (
         ModelDirError,
@@ -162,47 +167,62 @@ def cmd_security_report(args) -> int:
     check_data_classes(config, meta, classes, where=f"the test data ({data_label(args)})")
     check_model_images(config, test_x[:1])
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
-    reference, ref_note = reference_model(
-        config,
-        (train_x, train_y),
-        model_dir=args.reference_model,
-        epochs=args.reference_epochs,
-        train_images=args.reference_train_images,
-        seed=args.reference_seed,
-        progress=not args.quiet,
-        log=say,
+    options = {s.name: getattr(args, s.name) for s in report_options() if s.command_line}
+    epochs = f"epochs {meta.get('epochs')} of {meta.get('epochs_planned', meta.get('epochs'))}"
+    inputs = ReportInputs(
+        model_config=config,
+        variables=variables,
+        train_data=(train_x, train_y),
+        test_data=(test_x, test_y),
+        model_dir=args.model_dir,
+        model_note=f"{epochs}, test accuracy {meta.get('test_accuracy')}",
+        data_label=data_label(args),
     )
     run_security_report(
-        config,
-        variables,
-        (train_x, train_y),
-        (test_x, test_y),
+        inputs,
+        SecurityReportConfig.from_options(**options, key_seed=args.key_seed),
         out,
-        model_dir=args.model_dir,
-        model_note=f"epochs {meta.get('epochs')} of {meta.get('epochs_planned', meta.get('epochs'))}, "
-        f"test accuracy {meta.get('test_accuracy')}",
-        data_label=data_label(args),
-        reference_variables=reference,
-        reference_note=ref_note,
-        kp_pairs=args.pairs,
-        kp_trials=args.trials,
-        recovery_keys=args.recovery_keys,
-        eval_images=args.eval_images,
-        public_images=args.public_images,
-        finetune_sizes=args.finetune_sizes,
-        finetune_modes=args.finetune_modes,
-        finetune_steps=args.finetune_steps,
-        finetune_keys=args.finetune_keys,
-        ciphertext_ns=args.ciphertext_images,
-        ciphertext_keys=args.ciphertext_keys,
-        countermeasure_keys=args.countermeasure_keys,
-        seed=args.key_seed,
         force=args.force,
         progress=not args.quiet,
         log=say,
     )
     print(Path(out, "summary.md").read_text())
     return 0
+
+
+def add_report_options(p) -> None:
+    """The security report's options, generated from its config
+    (:func:`convmixer_jax.attacks.report.report_options`): a field ``name`` is
+    ``--name`` with its default, help, metavar and choices; an int with minimum 1 must be
+    positive, with minimum 0 non-negative; a tuple takes one or more values."""
+    from convmixer_jax.attacks.report import report_options
+
+    int_types = {1: positive_int, 0: seed_arg, None: int_arg}
+    for spec in report_options():
+        if not spec.command_line:
+            continue
+        kwargs = {"default": spec.default, "help": spec.help}
+        if spec.type is int:
+            kwargs["type"] = int_types[spec.minimum]
+        if spec.metavar:
+            kwargs["metavar"] = spec.metavar
+        if spec.choices:
+            kwargs["choices"] = list(spec.choices)
+        if spec.many:
+            kwargs["nargs"] = "+"
+        p.add_argument(spec.flag, **kwargs)
+
+
+def _report_description() -> str:
+    from convmixer_jax.attacks.report import ATTACKS
+
+    titles = "; ".join(a.title for a in ATTACKS)
+    return (
+        f"Runs, in this order: {titles}. Writes security.json, summary.md and PNG plots to "
+        "--out. docs/security.md explains each section and gives the command of its run and "
+        "how long it took. Secret keys come from the OS CSPRNG unless --key-seed is given; "
+        "only fingerprints are written."
+    )
 
 
 def register(add) -> None:
@@ -213,8 +233,9 @@ def register(add) -> None:
         "accuracy of an encrypted model under random wrong keys",
         "Evaluate an encrypted model on test images encrypted with N random wrong keys, drawn "
         "as a batch with jax.random and evaluated under vmap in chunks (memory stays bounded). "
-        "A plain model is first encrypted with a secret key (from --key-seed if given). Writes JSON. "
-        "Runs over several processes too: the keys are split over all their devices, process 0 writes.",
+        "A plain model is first encrypted with a secret key (from --key-seed if given). Writes "
+        "JSON. Runs over several processes too: the keys are split over all their devices, "
+        "process 0 writes.",
     )
     p.add_argument("model", metavar="MODEL_DIR", help="model directory (encrypted, or plain)")
     add_data_options(p)
@@ -249,125 +270,12 @@ def register(add) -> None:
         "security-report",
         cmd_security_report,
         "attacks beyond the paper, measured on a trained model",
-        "Known-plaintext key recovery rate, key recovery from the encrypted model (with the original "
-        "weights, with an independently trained reference, from the encrypted model alone), the "
-        "fine-tuning attack, the ciphertext-only attack and the position-key countermeasure; writes "
-        "security.json, summary.md and PNG plots to --out. The run in docs/security.md took 54 minutes "
-        "on a 2-core CPU. Secret keys come from the OS CSPRNG unless --key-seed is given; only "
-        "fingerprints are written.",
+        _report_description(),
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="the plain trained model")
     add_data_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument(
-        "--reference-model",
-        metavar="DIR",
-        help="an independently trained plain model of the same architecture (default: train one)",
-    )
-    p.add_argument(
-        "--reference-epochs",
-        type=int_arg,
-        default=2,
-        metavar="E",
-        help="epochs of the reference trained when --reference-model is not given (0: skip; default 2)",
-    )
-    p.add_argument(
-        "--reference-train-images",
-        type=positive_int,
-        default=10000,
-        metavar="N",
-        help="training images of that reference (default 10000)",
-    )
-    p.add_argument(
-        "--reference-seed", type=seed_arg, default=1, metavar="N", help="its seed (default 1)"
-    )
-    p.add_argument(
-        "--pairs",
-        type=positive_int,
-        nargs="+",
-        default=[1, 2, 4],
-        metavar="N",
-        help="known-plaintext pair counts (default 1 2 4)",
-    )
-    p.add_argument(
-        "--trials",
-        type=positive_int,
-        default=200,
-        metavar="T",
-        help="trials per pair count (default 200)",
-    )
-    p.add_argument(
-        "--recovery-keys",
-        type=positive_int,
-        default=3,
-        metavar="K",
-        help="secret keys per model-recovery attack (default 3)",
-    )
-    p.add_argument(
-        "--eval-images",
-        type=positive_int,
-        default=2000,
-        metavar="N",
-        help="test images for the accuracies (default 2000)",
-    )
-    p.add_argument(
-        "--public-images",
-        type=int_arg,
-        default=256,
-        metavar="N",
-        help="unlabeled training images the model-recovery adversary may use (0: none; default 256)",
-    )
-    p.add_argument(
-        "--finetune-sizes",
-        type=positive_int,
-        nargs="+",
-        default=[100, 500, 1000, 5000],
-        metavar="N",
-        help="labeled plain images of the fine-tuning adversary (default 100 500 1000 5000)",
-    )
-    p.add_argument(
-        "--finetune-modes",
-        nargs="+",
-        choices=["stem", "all", "scratch"],
-        default=["stem", "all", "scratch"],
-        help="what is trained (default: all three)",
-    )
-    p.add_argument(
-        "--finetune-steps",
-        type=positive_int,
-        metavar="S",
-        help="steps per fine-tuning run (default: grows with n, see finetune_attack.default_steps)",
-    )
-    p.add_argument(
-        "--finetune-keys",
-        type=positive_int,
-        default=3,
-        metavar="K",
-        help="secret keys the patch-embedding fine-tuning runs under; the first also runs the "
-        "other modes (default 3)",
-    )
-    p.add_argument(
-        "--ciphertext-images",
-        type=positive_int,
-        nargs="+",
-        default=[1, 2, 5, 10, 100],
-        metavar="N",
-        help="encrypted images the ciphertext-only attack sees (default 1 2 5 10 100)",
-    )
-    p.add_argument(
-        "--ciphertext-keys",
-        type=int_arg,
-        default=10,
-        metavar="K",
-        help="secret keys per ciphertext-only row (0: skip that attack; default 10)",
-    )
-    p.add_argument(
-        "--countermeasure-keys",
-        type=int_arg,
-        default=3,
-        metavar="K",
-        help="sets of position keys for the countermeasure section (0: skip it; default 3)",
-    )
+    add_report_options(p)
     add_key_seed(p, old_seed_alias=True)
     add_quiet(p)
     add_force(p)

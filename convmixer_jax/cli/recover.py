@@ -43,7 +43,8 @@ def _recover_known_plaintext(args):
     for name in ("model", "public", "best_guess", "no_jpeg_trace"):
         if getattr(args, name):
             raise UsageError(
-                f"--{name.replace('_', '-')} is for the ciphertext-only attack; drop it or drop --plain"
+                f"--{name.replace('_', '-')} is for the ciphertext-only attack; "
+                "drop it or drop --plain"
             )
     if len(args.encrypted) != 1:
         raise UsageError("with --plain, pass the encrypted images as one .npy, as the plain ones")
@@ -112,11 +113,13 @@ def _recover_ciphertext_only(args):
         config, variables, meta = load_model(args.model)
         if not is_encrypted(meta):
             raise UsageError(
-                f"{args.model} is a plain model; --model takes the encrypted model the provider holds"
+                f"{args.model} is a plain model; "
+                "--model takes the encrypted model the provider holds"
             )
         if config.patch_size != args.block_size:
             raise UsageError(
-                f"{args.model} has patch size {config.patch_size}, not --block-size {args.block_size}"
+                f"{args.model} has patch size {config.patch_size}, "
+                f"not --block-size {args.block_size}"
             )
         model = (config, variables)
     res = recover_key_ciphertext_only(
@@ -165,14 +168,14 @@ def register(add) -> None:
         cmd_recover_key,
         "recover a key from encrypted images (and plain ones, if known)",
         "Without --plain (ciphertext-only): recover the key from encrypted images alone, by the "
-        "statistics natural images keep under the cipher (flips from correlation signs, the layout from "
-        "block-pair statistics of public images, channel order and sign from a learned colour prior and, "
-        "for images decoded from JPEGs, from the JPEG quantization lattice of their luma); "
-        "with --model ENC_MODEL also from the encrypted model. Writes the key only when every decision "
-        "clears its margin (or with --best-guess), else says what is missing and exits non-zero. With "
-        "--plain (known plaintext): the key from plain/encrypted pairs (.npy, (N, H, W, C) or (H, W, C), "
-        "uint8 or float in [0, 1]), written only if the pairs determine every position. Prints the "
-        "key's fingerprint.",
+        "statistics natural images keep under the cipher (flips from correlation signs, the "
+        "layout from block-pair statistics of public images, channel order and sign from a "
+        "learned colour prior and, for images decoded from JPEGs, from the JPEG quantization "
+        "lattice of their luma); with --model ENC_MODEL also from the encrypted model. Writes "
+        "the key only when every decision clears its margin (or with --best-guess), else says "
+        "what is missing and exits non-zero. With --plain (known plaintext): the key from "
+        "plain/encrypted pairs (.npy, (N, H, W, C) or (H, W, C), uint8 or float in [0, 1]), "
+        "written only if the pairs determine every position. Prints the key's fingerprint.",
     )
     p.add_argument(
         "--encrypted",
