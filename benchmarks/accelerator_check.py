@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""One accelerator check in minutes: device, JAX vs PyTorch, the 100-key sweep, the strong recipe's training.
+"""One accelerator check in minutes: device, JAX vs PyTorch, the 100-key sweep, the strong
+recipe's training.
 
     python benchmarks/accelerator_check.py pack --data-dir ../shared/data/cifar10-jpeg \\
-        --out .devcarry/cifar10-jpeg.tar.gz
-    python3 benchmarks/accelerator_check.py run --archive .devcarry/cifar10-jpeg.tar.gz --out accel-out
-    python benchmarks/accelerator_check.py run --dry-run --archive A.tar.gz --model MODEL_DIR --out OUT
+        --out cifar10-jpeg.tar.gz
+    python3 benchmarks/accelerator_check.py run --archive cifar10-jpeg.tar.gz --out accel-out
+    python benchmarks/accelerator_check.py run --dry-run --archive A.tar.gz --model MODEL_DIR \\
+        --out OUT
 
 ``pack`` puts the JPEG copy of CIFAR-10 (class folders ``train/`` and ``test/``) into one
-gzip tar archive (20.4 MB for the 60,000 files here), which a job carries to the accelerator machine.
+gzip tar archive, which a job carries to the accelerator machine.
 
 ``run`` does, each step in its own process group with its own time limit, within ``--budget``
 seconds of wall time (default 450, so that the whole check ends within 8 minutes):
@@ -18,10 +20,10 @@ seconds of wall time (default 450, so that the whole check ends within 8 minutes
 3. unpacks the archive;
 4. the wrong-key sweep, ``convmixer-jax attack`` with 100 keys over the 10,000 test images
    on ``--model`` (default the committed ``results/cifar10/plain-model``) -> ``attack.json``;
-5. a recipe from scratch (``--recipe``, default ``strong``, issue 17's: 100 epochs, 5,000
-   training images held out) for as many epochs as fit in the time left, stopped by
-   SIGTERM at the deadline -> ``train_log.json``, with the training seconds until the
-   per-epoch accuracy first reached ``--target`` (0.90). That accuracy is the validation
+5. a recipe from scratch (``--recipe``, default ``strong``, the committed model's: 100
+   epochs, 5,000 training images held out) for as many epochs as fit in the time left,
+   stopped by SIGTERM at the deadline -> ``train_log.json``, with the training seconds until
+   the per-epoch accuracy first reached ``--target`` (0.90). That accuracy is the validation
    split's (of the EMA weights where the recipe keeps one) for a recipe that holds images
    out, whose test images are scored once, at the end; else the test accuracy of every
    epoch. Then the newest epoch checkpoint, finished or stopped, is exported
@@ -30,12 +32,12 @@ seconds of wall time (default 450, so that the whole check ends within 8 minutes
 6. ``summary.json`` (rewritten after every step) and ``summary.md`` (also printed).
 
 ``--skip bench sweep`` gives training the whole budget. Everything goes into ``--out``,
-at most 8 files (:data:`OUT_FILES`; every step's output is appended to ``steps.log``), the
-most a device job brings back. ``--dry-run`` runs the same steps with tiny limits (a tiny
-bench model, 3 keys on 20 images, 2 epochs on 64 images in batches of 8 with the model's own
-architecture, 16 of them held out if the recipe holds images out, 32 test images), its steps
-sharing one JAX compilation cache, so that CI can rehearse the whole script on a CPU
-(``tests/test_accelerator_check.py``).
+at most 8 files (:data:`OUT_FILES`; every step's output is appended to ``steps.log``), so
+that a remote job that returns at most 8 files brings all of them back. ``--dry-run`` runs
+the same steps with tiny limits (a tiny bench model, 3 keys on 20 images, 2 epochs on 64
+images in batches of 8 with the model's own architecture, 16 of them held out if the recipe
+holds images out, 32 test images), its steps sharing one JAX compilation cache, so that CI
+can rehearse the whole script on a CPU (``tests/test_accelerator_check.py``).
 """
 
 from __future__ import annotations
@@ -58,12 +60,14 @@ ENV_PROBE = """
 import json, shutil, subprocess, jax, jaxlib, flax, optax, numpy
 import orbax.checkpoint as ocp
 d = jax.devices()[0]
-smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip() if shutil.which("nvidia-smi") else None
+smi = None
+if shutil.which("nvidia-smi"):
+    smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip()
+versions = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+            "optax": optax.__version__, "orbax": ocp.__version__, "numpy": numpy.__version__}
 print(json.dumps({"backend": jax.default_backend(), "devices": [str(x) for x in jax.devices()],
-                  "device_kind": getattr(d, "device_kind", d.platform), "device_count": jax.device_count(),
-                  "nvidia_smi": smi, "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                  "flax": flax.__version__, "optax": optax.__version__, "orbax": ocp.__version__,
-                  "numpy": numpy.__version__}}))
+                  "device_kind": getattr(d, "device_kind", d.platform),
+                  "device_count": jax.device_count(), "nvidia_smi": smi, "versions": versions}))
 """
 
 
@@ -110,7 +114,7 @@ def unpack(archive: Path, dest: Path) -> Path:
 # --------------------------------------------------------------------------- steps
 
 
-#: Files ``run`` writes into ``--out``; the device tool brings back at most 8.
+#: Files ``run`` writes into ``--out``: at most 8, what a remote job returns at most.
 OUT_FILES = (
     "steps.log",
     "bench.md",
@@ -158,9 +162,8 @@ def step(
                     stdout = ""
         f.write(f"----- {name} stdout\n{stdout or ''}\n")
     seconds = time.perf_counter() - t0
-    log(
-        f"{name}: exit {proc.returncode}{' (stopped at its time limit)' if timed_out else ''}, {seconds:.1f} s"
-    )
+    stopped = " (stopped at its time limit)" if timed_out else ""
+    log(f"{name}: exit {proc.returncode}{stopped}, {seconds:.1f} s")
     return {
         "returncode": proc.returncode,
         "timed_out": timed_out,
@@ -207,7 +210,8 @@ def target_metric(recipe: dict) -> str:
 
 
 def seconds_to_target(epochs: list[dict], target: float, metric: str = "test_accuracy") -> dict:
-    """Training seconds (per-epoch evaluation not counted) until ``metric`` first reached ``target``."""
+    """Training seconds (per-epoch evaluation not counted) until ``metric`` first reached
+    ``target``."""
     total = 0.0
     for e in epochs:
         total += e["train_seconds"]
@@ -264,7 +268,11 @@ def _model_arch(model_dir: Path) -> list[str]:
 
 def run(args) -> dict:
     start = time.perf_counter()
-    left = lambda: args.budget - (time.perf_counter() - start)  # noqa: E731
+
+    def left() -> float:
+        """Seconds of ``--budget`` still left."""
+        return args.budget - (time.perf_counter() - start)
+
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} exists and is not empty; choose another --out")
@@ -300,8 +308,8 @@ def run(args) -> dict:
         summary["device"] = device
         _write_summary(out, summary)
         print(
-            f"device: {device['device_kind'] if device else 'unknown'} ({device and device['backend']}), "
-            f"{device and device['device_count']} device(s)",
+            f"device: {device['device_kind'] if device else 'unknown'} "
+            f"({device and device['backend']}), {device and device['device_count']} device(s)",
             flush=True,
         )
         accelerator = bool(device and device["backend"] != "cpu")
@@ -391,11 +399,6 @@ def run(args) -> dict:
         if args.dry_run:
             # batch 8, bench.py --tiny's: with the bench's model (tests/test_accelerator_check.py
             # uses it) the paper recipe's training step is the bench's program, found in the cache.
-            # (The library is imported here only, on the CPU of a rehearsal: the real run leaves
-            # the accelerator to its steps' processes.)
-            sys.path.insert(0, str(ROOT))
-            from convmixer_jax.training.loop import RECIPES
-
             train_opts = [
                 *_model_arch(Path(args.model)),
                 "--epochs",
@@ -407,7 +410,7 @@ def run(args) -> dict:
                 "--limit-test",
                 "32",
             ]
-            if RECIPES[args.recipe].holdout:
+            if _recipes()[args.recipe].holdout:
                 train_opts += ["--holdout", "16"]
         else:
             train_opts = ["--preset", "paper"] + (
@@ -456,7 +459,8 @@ def run(args) -> dict:
 
 
 def _write_summary(out: Path, summary: dict) -> None:
-    """summary.json as it stands, after every step: a run killed from outside keeps what it measured."""
+    """summary.json as it stands, after every step: a run killed from outside keeps what it
+    measured."""
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
@@ -551,11 +555,12 @@ def _attack_summary(path: Path) -> dict:
 
 def summary_markdown(s: dict) -> str:
     d = s.get("device") or {}
+    dry = " (dry run: tiny limits, not a measurement)" if s["dry_run"] else ""
     L = [
-        f"# Accelerator check{' (dry run: tiny limits, not a measurement)' if s['dry_run'] else ''}",
+        f"# Accelerator check{dry}",
         "",
-        f"- Device: {d.get('device_kind')} ({d.get('backend')}), {d.get('device_count')} device(s); "
-        f"nvidia-smi: {d.get('nvidia_smi')}",
+        f"- Device: {d.get('device_kind')} ({d.get('backend')}), "
+        f"{d.get('device_count')} device(s); nvidia-smi: {d.get('nvidia_smi')}",
         f"- Versions: {d.get('versions')}",
         f"- Wall time: {s['wall_seconds']:.0f} s of a {s['budget_s']:.0f} s budget",
         f"- Command: `{s['command']}`",
@@ -563,21 +568,25 @@ def summary_markdown(s: dict) -> str:
     ]
     b = s.get("bench") or {}
     if "jax_train_images_per_s" in b:
-        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+
+        def fmt(v) -> str:
+            return "n/a" if v is None else f"{v:.2f}"
+
         L += [
             f"bench.py (batch {b['batch']}{', tiny model' if b['tiny'] else ', ConvMixer-256/8'}, "
-            f"depthwise {b['depthwise_impl']}): JAX training {b['jax_train_images_per_s']:.0f} img/s, "
-            f"inference {b['jax_infer_images_per_s']:.0f} img/s; JAX / PyTorch eager: training "
-            f"{fmt(b['train_ratio'])}, inference {fmt(b['infer_ratio'])}; JAX / torch.compile: training "
-            f"{fmt(b['train_ratio_compile'])}, inference {fmt(b['infer_ratio_compile'])}.",
+            f"depthwise {b['depthwise_impl']}): JAX training {b['jax_train_images_per_s']:.0f} "
+            f"img/s, inference {b['jax_infer_images_per_s']:.0f} img/s; JAX / PyTorch eager: "
+            f"training {fmt(b['train_ratio'])}, inference {fmt(b['infer_ratio'])}; JAX / "
+            f"torch.compile: training {fmt(b['train_ratio_compile'])}, inference "
+            f"{fmt(b['infer_ratio_compile'])}.",
             "",
         ]
     w = s.get("sweep") or {}
     if "num_keys" in w:
         L += [
-            f"Wrong-key sweep: {w['num_keys']} keys x {w['test_images']:,} test images in {w['seconds']:.1f} s "
-            f"({w['key_image_pairs_per_second']:,.0f} key-image pairs/s); accuracies median {w['median']:.4f}, "
-            f"min {w['min']:.4f}, max {w['max']:.4f}.",
+            f"Wrong-key sweep: {w['num_keys']} keys x {w['test_images']:,} test images in "
+            f"{w['seconds']:.1f} s ({w['key_image_pairs_per_second']:,.0f} key-image pairs/s); "
+            f"accuracies median {w['median']:.4f}, min {w['min']:.4f}, max {w['max']:.4f}.",
             "",
         ]
     t = s.get("train") or {}
@@ -598,11 +607,21 @@ def summary_markdown(s: dict) -> str:
         )
         L += [
             f"Recipe {t['recipe']}: {t['epochs_done']} of {t['epochs_planned']} epochs in the "
-            f"{t['time_limit_s']:.0f} s left{' (stopped there)' if t['stopped_at_limit'] else ''}, last {what} "
-            f"{t['accuracy'][-1]:.4f}, {t['images_per_second'][-1]:,.0f} img/s in the last epoch; {reached}{final}.",
+            f"{t['time_limit_s']:.0f} s left{' (stopped there)' if t['stopped_at_limit'] else ''}, "
+            f"last {what} {t['accuracy'][-1]:.4f}, {t['images_per_second'][-1]:,.0f} img/s in the "
+            f"last epoch; {reached}{final}.",
             "",
         ]
     return "\n".join(L)
+
+
+def _recipes() -> dict:
+    """The package's recipe registry, from this checkout. Importing it does not import JAX, so
+    this process never touches the accelerator: the steps' processes have it to themselves."""
+    sys.path.insert(0, str(ROOT))
+    from convmixer_jax.training.recipes import RECIPES
+
+    return RECIPES
 
 
 def parse_args(argv=None):
@@ -651,9 +670,9 @@ def parse_args(argv=None):
     r.add_argument("--key-seed", type=int, default=1, help="seed of the sweep's keys (1)")
     r.add_argument(
         "--recipe",
-        choices=["paper", "fast", "strong"],
+        choices=list(_recipes()),
         default="strong",
-        help="training recipe (default strong, issue 17's recipe)",
+        help="training recipe (default strong, the committed model's recipe)",
     )
     r.add_argument(
         "--epochs", type=int, default=None, help="epochs planned (default: the recipe's)"

@@ -2,7 +2,8 @@
 images upsampled with ``match_scale``, the template from 40 upsampled training images (the
 last 40, never the test images), the shipped colour prior.
 
-    python benchmarks/ciphertext_only_224.py --ns 1 2 5 10 100 --keys 2 --out results/security/ciphertext_only_224.json
+    python benchmarks/ciphertext_only_224.py --ns 1 2 5 10 100 --keys 2 \\
+        --out results/security/ciphertext_only_224.json
 
 Keys come from the OS CSPRNG unless ``--seed`` is given; only their fingerprints are written.
 Per N: exact keys (the most likely key is the key), keys right up to the channel order,
@@ -37,7 +38,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
 
-    import convmixer_jax  # noqa: F401  (XLA CPU flags)
+    from convmixer_jax import apply_cpu_flags
+
+    apply_cpu_flags()  # the XLA:CPU flag a user of the command line gets, before JAX starts
     from convmixer_jax.attacks.ciphertext_only import (
         block_template,
         colour_key,

@@ -23,25 +23,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+# the package of this checkout, installed or not (imported in main, after the XLA flag is set)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-import convmixer_jax  # noqa: E402,F401  (XLA:CPU flags, as a user gets them)
-from convmixer_jax.files.provenance import device_description  # noqa: E402
-from convmixer_jax.model.convmixer import (
-    PRESETS,
-    depthwise,
-    depthwise_with_matrices,  # noqa: E402
-    resolve_depthwise_impl,
-    toeplitz_matrices,
-)
 
 CASES = ("convmixer_1024_20_ks9_p14", "convmixer_768_32", "convmixer_1536_20")
 
 
 def _time(fn, *args, calls: int) -> float:
+    import jax
+
     jax.block_until_ready(fn(*args))  # compile
     t0 = time.perf_counter()
     for _ in range(calls):
@@ -65,6 +57,21 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=",".join(CASES), help="presets to time")
     p.add_argument("--json", help="also write all rows to this JSON file")
     args = p.parse_args(argv)
+
+    from convmixer_jax import apply_cpu_flags
+
+    apply_cpu_flags()  # the XLA:CPU flag a user of the command line gets, before JAX starts
+    import jax
+
+    from convmixer_jax.files.provenance import device_description
+    from convmixer_jax.model.convmixer import (
+        PRESETS,
+        depthwise,
+        depthwise_with_matrices,
+        resolve_depthwise_impl,
+        toeplitz_matrices,
+    )
+
     rows = []
     for name in args.cases.split(","):
         cfg = PRESETS[name]

@@ -34,16 +34,14 @@ def score_sets(images: np.ndarray, truth: np.ndarray, k: int, prior) -> dict:
         [jpeg_log_evidence(images[s * k : (s + 1) * k], COLOUR_VARIANTS) for s in range(len(truth))]
     )
     seconds = (time.perf_counter() - t0) / len(truth)
-    orders = np.array(
-        [COLOUR_VARIANTS.index((False, o)) for _, o in COLOUR_VARIANTS]
-    )  # order id per variant
-    order_of = lambda j: orders[j]  # noqa: E731
+    # every variant's channel-order id: the index of the variant with its channel order, unnegated
+    orders = np.array([COLOUR_VARIANTS.index((False, o)) for _, o in COLOUR_VARIANTS])
     trace = np.ptp(ev, axis=1) > 1e-6
     return {
         "sets": int(len(truth)),
         "images_per_set": k,
         "prior_12way": float(np.mean(lp.argmax(1) == truth)),
-        "trace_order": float(np.mean(order_of(ev.argmax(1)) == order_of(truth))),
+        "trace_order": float(np.mean(orders[ev.argmax(1)] == orders[truth])),
         "with_trace_12way": float(np.mean((lp + ev).argmax(1) == truth)),
         "trace_present": float(np.mean(trace)),
         "trace_seconds_per_set": seconds,
@@ -68,6 +66,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results here as JSON")
     args = ap.parse_args()
 
+    from convmixer_jax import apply_cpu_flags
+
+    apply_cpu_flags()  # the XLA:CPU flag a user of the command line gets, before JAX starts
     from convmixer_jax.attacks.ciphertext_only import default_prior
     from convmixer_jax.attacks.image_prior import COLOUR_VARIANTS, apply_variant
     from convmixer_jax.data.loader import load_split

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Wrong-key sweep throughput and peak memory (issue 4, items 3 and 4).
+"""Wrong-key sweep throughput and peak memory.
 
     python benchmarks/sweep.py [--images 10000] [--num-keys 10,100] [--images-keys 10]
                                [--loop-keys 4] [--key-chunk 4] [--batch-size 125]
                                [--model results/cifar10/plain-model]
-                               [--data-dir ../shared/data/cifar10-jpeg] [--out benchmarks/RESULTS.md]
+                               [--data-dir ../shared/data/cifar10-jpeg]
+                               [--out benchmarks/RESULTS.md]
 
 ``benchmarks/bench.py`` runs the same measurements as part of its one-command
 section; this script runs them alone. Each case runs in a fresh subprocess so
@@ -70,10 +71,12 @@ def _reset_peak() -> bool:
 def _case(args) -> dict:
     """Run one case in this process and return its numbers (called in a subprocess)."""
     sys.path.insert(0, str(ROOT))
+    from convmixer_jax import apply_cpu_flags
+
+    apply_cpu_flags()  # the XLA:CPU flag a user of the command line gets, before JAX starts
     import jax
     import numpy as np
 
-    import convmixer_jax  # noqa: F401
     from convmixer_jax.attacks.wrong_keys import (
         draw_attack_keys,
         wrong_key_accuracies,
@@ -189,7 +192,8 @@ def _case(args) -> dict:
 
 
 def run_case(settings: dict, case: str, n: int, log=print) -> dict:
-    """One case in a fresh subprocess; ``settings``: images, key_chunk, batch_size, model, data_dir."""
+    """One case in a fresh subprocess; ``settings``: images, key_chunk, batch_size, model,
+    data_dir."""
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -243,6 +247,11 @@ def run_sweep(
     }
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    """'10,100' -> (10, 100); '' -> ()."""
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
 def _mib(v) -> str:
     return "n/a" if v is None else f"{v:.0f}"
 
@@ -253,19 +262,20 @@ def markdown(res: dict, heading: str = "###") -> str:
     gpu = any(r.get("peak_device_mib") for r in rows)
     L = [
         f"{heading} Wrong-key sweep, {s['images']:,} test images, model: {s['model']}\n",
-        "Key-image pairs/s of `convmixer_jax.attacks.wrong_keys.wrong_key_accuracies` (accuracy of the encrypted "
-        "model on images under each wrong key), keys folded into the batch, "
-        f"{s['key_chunk']} keys x {s['batch_size']} images per call; against the single-key inference "
-        f"throughput of the encrypted model on its own encrypted images (best of batch "
-        f"{', '.join(map(str, SINGLE_BATCHES))}: "
+        "Key-image pairs/s of `convmixer_jax.attacks.wrong_keys.wrong_key_accuracies` "
+        "(accuracy of the encrypted model on images under each wrong key), keys folded "
+        f"into the batch, {s['key_chunk']} keys x {s['batch_size']} images per call; "
+        "against the single-key inference throughput of the encrypted model on its own "
+        f"encrypted images (best of batch {', '.join(map(str, SINGLE_BATCHES))}: "
         + ", ".join(f"{single[f'rate_batch_{b}']:.1f} at {b}" for b in SINGLE_BATCHES)
         + " img/s). Each case runs in a fresh process. Memory: RSS after loading the model, the "
-        f"{s['images']:,} test images and the keys, and the peak RSS while the case ran (Linux VmHWM, "
-        "reset with /proc/self/clear_refs after loading)"
+        f"{s['images']:,} test images and the keys, and the peak RSS while the "
+        "case ran (Linux VmHWM, reset with /proc/self/clear_refs after loading)"
         + ("; peak device memory is the GPU's `peak_bytes_in_use`" if gpu else "")
         + ".\n",
-        "| case | keys N | images | key-image pairs/s (img/s for one key) | vs single-key inference | "
-        "seconds | RSS before MiB | peak RSS MiB |" + (" peak device MiB |" if gpu else ""),
+        "| case | keys N | images | key-image pairs/s (img/s for one key) "
+        "| vs single-key inference | seconds | RSS before MiB | peak RSS MiB |"
+        + (" peak device MiB |" if gpu else ""),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else ""),
     ]
     names = {
@@ -276,8 +286,9 @@ def markdown(res: dict, heading: str = "###") -> str:
     }
     for r in rows:
         line = (
-            f"| {names[r['case']]} | {r['keys']} | {r['images']:,} | {r['rate']:.1f} | {r['vs_single']:.2f} | "
-            f"{r['seconds']:.0f} | {_mib(r.get('rss_before_mib'))} | {_mib(r.get('peak_rss_mib'))} |"
+            f"| {names[r['case']]} | {r['keys']} | {r['images']:,} | "
+            f"{r['rate']:.1f} | {r['vs_single']:.2f} | {r['seconds']:.0f} | "
+            f"{_mib(r.get('rss_before_mib'))} | {_mib(r.get('peak_rss_mib'))} |"
         )
         if gpu:
             line += f" {r['peak_device_mib']:.0f} |" if r.get("peak_device_mib") else " n/a |"
@@ -287,7 +298,8 @@ def markdown(res: dict, heading: str = "###") -> str:
     L.append(
         "Wrong-key accuracy medians (a check that the sweep computed something): "
         + "; ".join(
-            f"{r['case']} N={r['keys']}: median {r['accuracy_median']:.3f}, max {r['accuracy_max']:.3f}"
+            f"{r['case']} N={r['keys']}: median "
+            f"{r['accuracy_median']:.3f}, max {r['accuracy_max']:.3f}"
             for r in sweeps
         )
         + f"; the secret key: {single['accuracy']:.3f}."
@@ -322,11 +334,10 @@ def main(argv=None) -> int:
         "model": args.model,
         "data_dir": args.data_dir,
     }
-    ints = lambda s: tuple(int(v) for v in s.split(",") if v.strip())  # noqa: E731
     res = run_sweep(
         settings,
-        ints(args.num_keys),
-        ints(args.images_keys),
+        _ints(args.num_keys),
+        _ints(args.images_keys),
         args.loop_keys,
         log=lambda m: print(m, file=sys.stderr, flush=True),
     )

@@ -104,10 +104,11 @@ def register(add) -> None:
         "reproduce",
         cmd_reproduce,
         "the paper's experiment: Table 1, Fig. 4, Fig. 5, key space",
-        "Train (or load with --checkpoint) the plain ConvMixer-256/8, draw a fresh secret key from the "
-        "OS CSPRNG, encrypt the model and write results.json, table1.md, fig4.png and fig5.png to --out. "
-        "The key is never written; results.json holds its fingerprint. Runs over several processes "
-        "too: the sweep's keys (and any training's batches) are split over all their devices, process 0 writes.",
+        "Train (or load with --checkpoint) the plain ConvMixer-256/8, draw a fresh secret "
+        "key from the OS CSPRNG, encrypt the model and write results.json, table1.md, "
+        "fig4.png and fig5.png to --out. The key is never written; results.json holds its "
+        "fingerprint. Runs over several processes too: the sweep's keys (and any "
+        "training's batches) are split over all their devices, process 0 writes.",
     )
     add_data_options(p)
     p.add_argument(

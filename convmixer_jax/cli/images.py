@@ -79,14 +79,16 @@ def register(add) -> None:
             name,
             func,
             f"{verb.lower()} images block by block with a key",
-            f"{verb} images block by block with a key. The input is one .npy file, (N, H, W, C) or one "
-            "(H, W, C) image, uint8 (0..255) or float in [0, 1]; or PNG/JPEG files and folders of them "
-            "(8-bit; all of one size and channel count). H and W must be divisible by the key's block size "
-            "and C equal its channels. The output format follows its name: OUT.npy one array (the input's "
-            "shape and dtype), OUT.png one image (uint8 only), a folder (a name without a suffix, or an "
-            "existing folder) one PNG per input file, names kept (cat.jpg -> cat.png). JPEG and other lossy "
-            "outputs are refused: they would change the encrypted pixels, and the model would no longer "
-            "compute the plain model's function. The older form IN.npy OUT is deprecated but still accepted.",
+            f"{verb} images block by block with a key. The input is one .npy file, (N, H, "
+            "W, C) or one (H, W, C) image, uint8 (0..255) or float in [0, 1]; or PNG/JPEG "
+            "files and folders of them (8-bit; all of one size and channel count). H and "
+            "W must be divisible by the key's block size and C equal its channels. The "
+            "output format follows its name: OUT.npy one array (the input's shape and "
+            "dtype), OUT.png one image (uint8 only), a folder (a name without a suffix, "
+            "or an existing folder) one PNG per input file, names kept (cat.jpg -> "
+            "cat.png). JPEG and other lossy outputs are refused: they would change the "
+            "encrypted pixels, and the model would no longer compute the plain model's "
+            "function. The older form IN.npy OUT is deprecated but still accepted.",
         )
         p.add_argument("--key", required=True, metavar="KEY.json", help="key file from keygen")
         p.add_argument(

@@ -53,8 +53,9 @@ def register(add) -> None:
         "keygen",
         cmd_keygen,
         "make a secret key (pixel permutation and flip vector)",
-        "Make a secret key for block size M and C channels and write it as JSON. Without --key-seed "
-        "the key comes from the operating system's CSPRNG. Prints only the key's fingerprint.",
+        "Make a secret key for block size M and C channels and write "
+        "it as JSON. Without --key-seed the key comes from the "
+        "operating system's CSPRNG. Prints only the key's fingerprint.",
     )
     p.add_argument(
         "--block-size",

@@ -47,7 +47,8 @@ def cmd_init_model(args) -> int:
         extra={"created_by": "init-model", "seed": args.seed},
     )
     print(
-        f"plain model (dim {config.dim}, depth {config.depth}, patch {config.patch_size}) -> {args.out}"
+        f"plain model (dim {config.dim}, depth {config.depth}, "
+        f"patch {config.patch_size}) -> {args.out}"
     )
     return 0
 
@@ -115,7 +116,7 @@ def _top_classes(logits, k: int, names) -> list[list[dict]]:
             }
             for c in idx
         ]
-        for idx, row in zip(order, prob)
+        for idx, row in zip(order, prob, strict=True)
     ]
 
 
@@ -150,7 +151,7 @@ def cmd_predict(args) -> int:
     if args.out is None or str(args.out).lower().endswith(".json"):
         lines = [
             f"{n}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in row)
-            for n, row in zip(names, top)
+            for n, row in zip(names, top, strict=True)
         ]
     if args.out is None:
         print("\n".join(lines))
@@ -162,7 +163,7 @@ def cmd_predict(args) -> int:
         doc = {
             "model": str(args.model),
             "classes_known": classes is not None,
-            "predictions": [{"image": n, "top": row} for n, row in zip(names, top)],
+            "predictions": [{"image": n, "top": row} for n, row in zip(names, top, strict=True)],
         }
         write_text_atomic(args.out, json.dumps(doc, indent=1) + "\n", force=args.force)
         print(f"top-{len(top[0]) if top else 0} classes of {len(top)} images -> {args.out}")

@@ -89,7 +89,8 @@ def cmd_import_torch(args) -> int:
                 f"the weights are not timm's {args.timm_name}: {', '.join(diff)}; "
                 "drop --timm-name and give --activation, --mean/--std and --image-size"
             )
-    # ... then the settings the weights do not hold: options, else --timm-name, else the layout's default.
+    # ... then the settings the weights do not hold: options, else --timm-name, else the
+    # layout's default.
     activation = args.activation or (preset.activation if preset else "gelu")
     if args.mean is not None:
         mean, std = tuple(args.mean), tuple(args.std)
@@ -132,10 +133,10 @@ def cmd_import_torch(args) -> int:
         extra["classes"] = _read_class_names(args.class_names, config.num_classes)
     save_model(args.out, config, variables, force=args.force, extra=extra)
     print(
-        f"plain model from {layout} weights (dim {config.dim}, depth {config.depth}, kernel "
-        f"{config.kernel_size}, patch {config.patch_size}, {config.num_classes} classes, {activation}, "
-        f"mean {_fmt(config.norm_mean)}, std {_fmt(config.norm_std)}, {image_size} x {image_size}) "
-        f"-> {args.out}"
+        f"plain model from {layout} weights (dim {config.dim}, depth {config.depth}, "
+        f"kernel {config.kernel_size}, patch {config.patch_size}, "
+        f"{config.num_classes} classes, {activation}, mean {_fmt(config.norm_mean)}, "
+        f"std {_fmt(config.norm_std)}, {image_size} x {image_size}) -> {args.out}"
     )
     return 0
 
@@ -171,12 +172,13 @@ def cmd_export_torch(args) -> int:
     print(f"timm ConvMixer weights -> {out}")
     print(
         f"use: timm.models.convmixer.ConvMixer(dim={config.dim}, depth={config.depth}, "
-        f"kernel_size={config.kernel_size}, patch_size={config.patch_size}, in_chans={config.channels}, "
-        f"num_classes={config.num_classes}, act_layer={act}) on {config.image_size} x {config.image_size} "
-        f"inputs normalized with mean {_fmt(config.norm_mean)}, std {_fmt(config.norm_std)}"
+        f"kernel_size={config.kernel_size}, patch_size={config.patch_size}, "
+        f"in_chans={config.channels}, num_classes={config.num_classes}, "
+        f"act_layer={act}) on {config.image_size} x {config.image_size} inputs "
+        f"normalized with mean {_fmt(config.norm_mean)}, std {_fmt(config.norm_std)}"
         + (
-            f"; the weights are encrypted (key fingerprint {meta['encryption']['key_fingerprint']}): "
-            "feed images encrypted with that key"
+            "; the weights are encrypted (key fingerprint "
+            f"{meta['encryption']['key_fingerprint']}): feed images encrypted with that key"
             if is_encrypted(meta)
             else ""
         )
@@ -194,14 +196,14 @@ def register(add) -> None:
         "import-torch",
         cmd_import_torch,
         "make a model directory from PyTorch ConvMixer weights",
-        "Read a timm (timm.models.convmixer.ConvMixer) or locuslab (the paper's nn.Sequential) ConvMixer "
-        "state dict, from .safetensors or a PyTorch file loaded weights-only, and write a plain model "
-        "directory. The architecture comes from the tensor shapes; what the weights do not hold is given: "
-        "--timm-name fills it for timm's ImageNet models (and checks the shapes are that model's); "
-        "otherwise the activation defaults to gelu, the normalization to ImageNet's mean/std for the timm "
-        "layout on RGB and 0.5/0.5 otherwise (the locuslab reference's), and the image size to 224 for "
-        "the timm layout (locuslab weights need --image-size). Needs the torch extra: "
-        "pip install 'convmixer-jax[torch]'.",
+        "Read a timm (timm.models.convmixer.ConvMixer) or locuslab (the paper's nn.Sequential) "
+        "ConvMixer state dict, from .safetensors or a PyTorch file loaded weights-only, and "
+        "write a plain model directory. The architecture comes from the tensor shapes; what the "
+        "weights do not hold is given: --timm-name fills it for timm's ImageNet models (and "
+        "checks the shapes are that model's); otherwise the activation defaults to gelu, the "
+        "normalization to ImageNet's mean/std for the timm layout on RGB and 0.5/0.5 otherwise "
+        "(the locuslab reference's), and the image size to 224 for the timm layout (locuslab "
+        "weights need --image-size). Needs the torch extra: pip install 'convmixer-jax[torch]'.",
     )
     p.add_argument(
         "weights", metavar="WEIGHTS", help="state dict: .safetensors, or .pth/.pt/.bin/.ckpt"
@@ -239,11 +241,12 @@ def register(add) -> None:
         "export-torch",
         cmd_export_torch,
         "write a model's weights as a timm ConvMixer state dict",
-        "Write the model's weights as timm's ConvMixer state dict in .safetensors (load_state_dict("
-        "strict=True) accepts it). An encrypted model exports its encrypted weights, which is how a "
-        "provider deploys it: the PyTorch model then expects images encrypted with the key. The file "
-        "holds weights only: the command prints the activation and input normalization the PyTorch side "
-        "must use (also stored in the file's metadata). Needs the torch extra.",
+        "Write the model's weights as timm's ConvMixer state dict in .safetensors "
+        "(load_state_dict(strict=True) accepts it). An encrypted model exports its "
+        "encrypted weights, which is how a provider deploys it: the PyTorch model "
+        "then expects images encrypted with the key. The file holds weights only: "
+        "the command prints the activation and input normalization the PyTorch "
+        "side must use (also stored in the file's metadata). Needs the torch extra.",
     )
     p.add_argument("model", metavar="MODEL_DIR", help="model directory (plain or encrypted)")
     add_out(p, "WEIGHTS.safetensors", "safetensors file to write")

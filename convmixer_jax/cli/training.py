@@ -197,9 +197,10 @@ def register(add) -> None:
         "train",
         cmd_train,
         "train a plain model and save it",
-        "Train a ConvMixer on plain images with a recipe (--recipe), checkpointing every epoch into --workdir, then save the plain model with "
-        "its recipe and final test accuracy in config.json. Runs over several processes too: each "
-        "batch is split over all their devices, --workdir is one shared folder, process 0 writes the model.",
+        "Train a ConvMixer on plain images with a recipe (--recipe), checkpointing every "
+        "epoch into --workdir, then save the plain model with its recipe and final test "
+        "accuracy in config.json. Runs over several processes too: each batch is split over "
+        "all their devices, --workdir is one shared folder, process 0 writes the model.",
     )
     add_data_options(p)
     add_recipe(p)
@@ -234,13 +235,13 @@ def register(add) -> None:
         "average-models",
         cmd_average_models,
         "average plain models' weights and re-measure BatchNorm",
-        "Average the weights of two or more plain models of one architecture (a uniform model soup, "
-        "as at the end of stochastic weight averaging; meant for models of one training lineage, "
-        "e.g. a model and its train --init-from continuation), re-estimate every BatchNorm's "
-        "statistics on the training images (shuffled, in batches of the last model's training batch size, "
-        "under the training augmentation of the last model's recipe unless --bn-images plain), "
-        "report the test accuracy and save the result as a plain model. Compare with the inputs' "
-        "test accuracy (results/cifar10/README.md).",
+        "Average the weights of two or more plain models of one architecture (a uniform model "
+        "soup, as at the end of stochastic weight averaging; meant for models of one training "
+        "lineage, e.g. a model and its train --init-from continuation), re-estimate every "
+        "BatchNorm's statistics on the training images (shuffled, in batches of the last "
+        "model's training batch size, under the training augmentation of the last model's "
+        "recipe unless --bn-images plain), report the test accuracy and save the result as a "
+        "plain model. Compare with the inputs' test accuracy (results/cifar10/README.md).",
     )
     p.add_argument(
         "models", nargs="+", metavar="MODEL_DIR", help="plain model directories (two or more)"

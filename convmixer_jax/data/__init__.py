@@ -1,4 +1,5 @@
-"""Image classification data as uint8 NHWC arrays: local copies, the downloaded CIFAR releases, tfds.
+"""Image classification data as uint8 NHWC arrays: local copies, the downloaded CIFAR releases,
+tfds.
 
 ``load_split(split, ...)`` returns ``(images, labels, class names)``:
 images (N, H, W, C) uint8, labels (N,) int32. Its sources:

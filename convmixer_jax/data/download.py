@@ -1,11 +1,12 @@
-"""The official CIFAR binary releases, downloaded once into the cache, hash-checked and safely extracted.
+"""The official CIFAR binary releases, downloaded once into the cache, hash-checked and safely
+extracted.
 
 ``fetch_release("cifar10")`` returns ``cache_dir()/releases/cifar-10-batches-bin``
 (``cifar-100-binary`` for ``"cifar100"``), read by
 :func:`convmixer_jax.data.local.load_cifar_binary`. Cache layout::
 
-    cache_dir()/releases/cifar-10-binary.tar.gz            the archive (kept; its SHA-256 is checked on use)
-    cache_dir()/releases/cifar-10-batches-bin/             the extracted release folder
+    cache_dir()/releases/cifar-10-binary.tar.gz     the archive (kept; SHA-256 checked on use)
+    cache_dir()/releases/cifar-10-batches-bin/      the extracted release folder
     cache_dir()/releases/cifar-10-batches-bin/.convmixer-jax-extracted   the archive's SHA-256
 
 The download and the hash check are pooch's (it writes to a temporary file and
@@ -104,7 +105,8 @@ def _release(dataset: str) -> Release:
 def resolve_source(
     dataset: str, url: str | None = None, sha256: str | None = None
 ) -> tuple[str, str]:
-    """(url, lowercase hex SHA-256) to download ``dataset`` from: arguments, then environment, then official.
+    """(url, lowercase hex SHA-256) to download ``dataset`` from: arguments, then environment,
+    then the official release.
 
     A URL other than the official one needs a SHA-256 (argument or environment).
     """
@@ -139,7 +141,8 @@ def _is_complete(folder: Path, release: Release, sha256: str) -> bool:
 def fetch_release(
     dataset: str, *, url: str | None = None, sha256: str | None = None, progress: bool = True
 ) -> Path:
-    """Download (once), verify and extract the binary release of ``dataset`` ("cifar10", "cifar100").
+    """Download (once), verify and extract the binary release of ``dataset`` ("cifar10",
+    "cifar100").
 
     Returns the folder holding its batch files, ``cache_dir()/releases/<release folder>``.
     A folder already extracted from an archive of this SHA-256 is returned without
@@ -165,7 +168,8 @@ def fetch_release(
 
 
 def _reason(e: Exception) -> str:
-    """A short reason for a failed request: 'HTTP 404 Not Found', '[Errno 111] Connection refused', ..."""
+    """A short reason for a failed request: 'HTTP 404 Not Found', '[Errno 111] Connection
+    refused', ..."""
     import requests
 
     if isinstance(e, requests.HTTPError) and e.response is not None:
@@ -199,7 +203,7 @@ def _download(release: Release, url: str, sha256: str, root: Path, progress: boo
         except ValueError:
             raise DataError(
                 f"cannot download {release.layout.name} from {url!r}: not an http(s) or ftp URL"
-            )
+            ) from None
     name = release.layout.name
     try:
         path = pooch.retrieve(
@@ -218,9 +222,8 @@ def _download(release: Release, url: str, sha256: str, root: Path, progress: boo
             "truncated download or a mirror of other bytes; it was deleted (try again, or pass the "
             "mirror's --download-sha256)"
         ) from None
-    except (
-        requests.RequestException
-    ) as e:  # (an OSError too; a local file error is not caught here)
+    # requests' errors are OSErrors too; a local file error is not caught here
+    except requests.RequestException as e:
         archive.unlink(missing_ok=True)  # anything there failed the hash; pooch tried to replace it
         raise DataError(
             f"cannot download {name} from {url} ({_reason(e)}); on an offline machine pass "
@@ -249,7 +252,8 @@ def _member_problem(m: tarfile.TarInfo, release: Release) -> str | None:
 
 
 def _extract(archive: Path, release: Release, url: str, sha256: str, folder: Path) -> None:
-    """Extract the release's files from ``archive`` so that ``folder`` appears complete or not at all."""
+    """Extract the release's files from ``archive`` so that ``folder`` appears complete or not at
+    all."""
     name = release.layout.name
     tmp = temporary_name(folder)
     tmp.mkdir()
@@ -261,8 +265,8 @@ def _extract(archive: Path, release: Release, url: str, sha256: str, folder: Pat
                     problem = _member_problem(m, release)
                     if problem:
                         raise DataError(
-                            f"the {name} archive from {url} holds {m.name!r}, {problem}; nothing was "
-                            f"extracted and the archive was deleted (expected only "
+                            f"the {name} archive from {url} holds {m.name!r}, {problem}; "
+                            "nothing was extracted and the archive was deleted (expected only "
                             f"{release.layout.folder}/{{{','.join(release.layout.files)}}})"
                         )
                     if m.isdir():

@@ -1,4 +1,5 @@
-"""One entry point over every data source: a local copy, tensorflow-datasets, or the downloaded release."""
+"""One entry point over every data source: a local copy, tensorflow-datasets, or the downloaded
+release."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def load_split(
 
 
 def _load_source(split, dataset, download_url, download_sha256, tfds_data_dir, progress):
-    """A split of ``dataset`` from tfds or the downloaded release, as :func:`load_split` returns it."""
+    """A split of ``dataset`` from tfds or the downloaded release, as :func:`load_split` returns
+    it."""
     if dataset not in BINARY_LAYOUTS:
         raise DataError(f"unknown dataset {dataset!r}; use one of {', '.join(BINARY_LAYOUTS)}")
     if tfds_data_dir is not None:
@@ -91,7 +93,10 @@ def stratified_holdout(labels: np.ndarray, n: int, seed: int) -> tuple[np.ndarra
     take[order[: n - take.sum()]] += 1
     rng = np.random.default_rng(seed)
     held = np.concatenate(
-        [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]
+        [
+            rng.choice(np.flatnonzero(labels == c), k, replace=False)
+            for c, k in zip(classes, take, strict=True)
+        ]
     )
     mask = np.zeros(len(labels), bool)
     mask[held] = True

@@ -17,8 +17,8 @@ The binaries may sit in ``ROOT`` or in the release's own subfolder
 Decoded images are cached as ``.npz`` under ``cache_dir()``
 (``$CONVMIXER_JAX_CACHE``, default ``~/.cache/convmixer-jax``), named by a
 SHA-256 of the source files' names and bytes, so a changed file gives a new
-cache entry and the second load of the same data takes well under a second;
-the binaries are read directly (they are fast to read).
+cache entry and a second load of the same data reads one array file instead of
+decoding every image again; the binaries are read directly (they need no decoding).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def load_image_folder(
     if resize is not None:  # another cache entry for every transform
         h.update(f"eval-resize {resize} {crop_pct!r}\0".encode())
     blobs = []
-    for f, label in files:
+    for f, _label in files:
         data = f.read_bytes()
         blobs.append(data)
         h.update(f"{f.parent.name}/{f.name}\0{len(data)}\0".encode())
@@ -136,7 +136,7 @@ def load_image_folder(
         from PIL import Image
 
         arrays = []
-        pairs = zip(files, blobs)
+        pairs = zip(files, blobs, strict=True)
         if progress:  # the first decode of 60,000 JPEGs takes a while; later loads hit the cache
             from tqdm.auto import tqdm
 
@@ -221,13 +221,15 @@ CIFAR100_BINARY = BinaryLayout(
     names_file="fine_label_names.txt",
     other_files=("coarse_label_names.txt",),
 )
-#: The binary releases by data set name (cifar100: the fine labels; the coarse byte is checked, not used).
+#: The binary releases by data set name (cifar100: the fine labels; the coarse byte is
+#: checked, not used).
 BINARY_LAYOUTS = {"cifar10": CIFAR10_BINARY, "cifar100": CIFAR100_BINARY}
+_ALL_BINARY_LAYOUTS = tuple(BINARY_LAYOUTS.values())
 _COARSE_CLASSES = 20
 
 
 def _find_cifar_binaries(
-    root: Path, layouts=tuple(BINARY_LAYOUTS.values())
+    root: Path, layouts: tuple[BinaryLayout, ...] = _ALL_BINARY_LAYOUTS
 ) -> tuple[BinaryLayout, Path] | None:
     """The first layout with a batch file in ``root`` or ``root/<release folder>``."""
     for layout in layouts:
@@ -250,7 +252,8 @@ def _class_names(d: Path, layout: BinaryLayout) -> list[str]:
 def load_cifar_binary(
     root: str | os.PathLike, split: str, layout: BinaryLayout
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Read the batches of a CIFAR binary release (no pickle) in ``root`` or ``root/<release folder>``.
+    """Read the batches of a CIFAR binary release (no pickle) in ``root`` or
+    ``root/<release folder>``.
 
     Returns images (N, 32, 32, 3) uint8 (CHW records turned HWC), labels (N,)
     int32 in [0, num_classes), and the class names (from the release's names
@@ -270,7 +273,8 @@ def load_cifar_binary(
         p = d / name
         if not p.exists():
             raise DataError(
-                f"missing {p}; the {layout.name} binary release has {', '.join(layout.batches[split])}"
+                f"missing {p}; the {layout.name} binary release "
+                f"has {', '.join(layout.batches[split])}"
             )
         data = p.read_bytes()
         if len(data) % layout.record:

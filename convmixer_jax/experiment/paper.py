@@ -146,28 +146,34 @@ def table1_markdown(results: dict) -> str:
     lines = [
         f"# Table 1: accuracy on {n:,} CIFAR-10 test images ({results.get('data', 'CIFAR-10')})",
         "",
-        "| model \\ test images | plain (ours) | plain (paper) | encrypted, right key (ours) | encrypted, right key (paper) |",
+        "| model \\ test images | plain (ours) | plain (paper) "
+        "| encrypted, right key (ours) | encrypted, right key (paper) |",
         "| --- | --- | --- | --- | --- |",
-        f"| baseline (plain model) | {pct(results['baseline_plain'])} | {pct(PAPER['baseline_plain'])} | - | - |",
-        f"| encrypted model | {pct(results['encrypted_plain'])} | {pct(PAPER['encrypted_plain'])} | "
+        f"| baseline (plain model) | {pct(results['baseline_plain'])} "
+        f"| {pct(PAPER['baseline_plain'])} | - | - |",
+        f"| encrypted model | {pct(results['encrypted_plain'])} "
+        f"| {pct(PAPER['encrypted_plain'])} | "
         f"{pct(results['encrypted_encrypted'])} | {pct(PAPER['encrypted_encrypted'])} |",
     ]
     if "baseline_plain_tta" in results:
         lines += [
-            f"| baseline + mirror TTA (ours only) | {pct(results['baseline_plain_tta'])} | - | - | - |",
-            f"| encrypted model + mirror TTA (ours only) | - | - | {pct(results['encrypted_encrypted_tta'])} | - |",
+            f"| baseline + mirror TTA (ours only) | {pct(results['baseline_plain_tta'])} "
+            "| - | - | - |",
+            "| encrypted model + mirror TTA (ours only) | - | - "
+            f"| {pct(results['encrypted_encrypted_tta'])} | - |",
         ]
     lines += [
         "",
-        f"Identical predictions (encrypted model on encrypted images vs plain model on plain images): "
-        f"{results['identical_predictions']:,} of {n:,}.",
+        "Identical predictions (encrypted model on encrypted images vs plain model on plain "
+        f"images): {results['identical_predictions']:,} of {n:,}.",
         "",
     ]
     if "identical_predictions_tta" in results:
         lines += [
-            "Mirror TTA: each image and its horizontal mirror (mirrored before encryption, both views "
-            "encrypted by the client), logits averaged by the provider; identical predictions between the "
-            f"plain model with TTA on plain views and the encrypted model with TTA on encrypted views: "
+            "Mirror TTA: each image and its horizontal mirror (mirrored before encryption, both "
+            "views encrypted by the client), logits averaged by the provider; identical "
+            "predictions between the plain model with TTA on plain views and the encrypted "
+            "model with TTA on encrypted views: "
             f"{results['identical_predictions_tta']:,} of {n:,}.",
             "",
         ]
@@ -331,7 +337,8 @@ def run_experiment(
 
 
 def checkpoint_provenance(model_dir, meta: dict) -> dict:
-    """What ``results.json`` records about a trained model loaded from ``model_dir`` (its config.json ``meta``)."""
+    """What ``results.json`` records about a trained model loaded from ``model_dir`` (its
+    config.json ``meta``)."""
     return {
         "checkpoint": str(model_dir),
         "epochs": meta.get("epochs"),
@@ -369,10 +376,11 @@ def reproduce(
     Either ``checkpoint`` (a plain model directory) or ``train_data`` and ``recipe``
     (a :class:`~convmixer_jax.training.loop.TrainConfig`; the paper's
     ConvMixer-256/8, with one output per class of the data, is trained from scratch
-    in ``workdir``, and saved as ``out/plain-model``). test_data / train_data: (images (N, H, W, C) uint8,
-    labels (N,)); classes: the data's class names, recorded in a model trained here.
-    Whether ``out`` may be replaced is the caller's check
-    (:func:`~convmixer_jax.files.atomic.check_output` with ``kind='results_dir'``). Returns the results dict.
+    in ``workdir``, and saved as ``out/plain-model``). test_data / train_data: (images
+    (N, H, W, C) uint8, labels (N,)); classes: the data's class names, recorded in a model
+    trained here. Whether ``out`` may be replaced is the caller's check
+    (:func:`~convmixer_jax.files.output_paths.check_output` with ``kind='results_dir'``).
+    Returns the results dict.
     In a multi-process run every process calls this alike; the sweep's keys are split
     over them and process 0 alone logs and writes ``out``.
     """

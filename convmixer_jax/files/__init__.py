@@ -1,8 +1,8 @@
-"""Files on disk: atomic writes, image arrays and image files, model directories, run provenance."""
+"""Files on disk: output checks and atomic writes, image arrays and image files, model
+directories, run provenance."""
 
 from convmixer_jax.files.arrays import load_images  # noqa: F401
 from convmixer_jax.files.atomic import (  # noqa: F401
-    check_output_path,
     save_array,
     write_bytes_atomic,
     write_text_atomic,
@@ -21,3 +21,4 @@ from convmixer_jax.files.model_dir import (  # noqa: F401
     rekey_model_dir,
     save_model,
 )
+from convmixer_jax.files.output_paths import check_output_path  # noqa: F401

@@ -38,9 +38,9 @@ def load_images(path: str | os.PathLike) -> np.ndarray:
     have = path.stat().st_size - offset
     if have < need:
         raise ImageError(
-            f"cannot read {path}: it is truncated or damaged; its header promises {need:,} bytes of data "
-            f"(shape {shape}, {dtype}) but the file holds {max(have, 0):,}; write it again "
-            "with numpy.save"
+            f"cannot read {path}: it is truncated or damaged; its header "
+            f"promises {need:,} bytes of data (shape {shape}, {dtype}) but "
+            f"the file holds {max(have, 0):,}; write it again with numpy.save"
         )
     try:
         array = np.load(path, allow_pickle=False, mmap_mode=None)
@@ -75,8 +75,8 @@ def _read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         ) from None
     if dtype.hasobject:
         raise ImageError(
-            f"{path} holds Python objects (dtype {dtype}; object arrays are not accepted); images must be uint8 or float arrays "
-            "saved with numpy.save"
+            f"{path} holds Python objects (dtype {dtype}; object arrays are not "
+            "accepted); images must be uint8 or float arrays saved with numpy.save"
         )
     return tuple(int(n) for n in shape), dtype, offset
 

@@ -2,7 +2,9 @@
 
 Files are written to a temporary sibling (``.NAME.*.tmp``) and renamed into
 place; directories are built beside their destination and swapped in. An
-existing output is refused unless the caller passes ``force``.
+existing output is refused unless the caller passes ``force``: the rules of what
+may be replaced are in :mod:`convmixer_jax.files.output_paths`, whose checks are
+importable from here too.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import stat
 import tempfile
 import threading
 import uuid
@@ -20,122 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-OUTPUT_KINDS = ("file", "model_dir", "results_dir")
-#: The file every results directory (reproduce, security-report) holds, naming the command that wrote it.
-RESULTS_MARKER = ".convmixer-jax-output"
+# check_output is re-exported: commands check and write through this module
+from convmixer_jax.files.output_paths import (  # noqa: F401
+    RESULTS_MARKER,
+    check_output,
+    check_output_path,
+)
+
 # Temporary and about-to-be-deleted names: ".<name>.cmj-<pid>-<random>.tmp" / ".old".
 _TEMP = re.compile(r"^\..+\.cmj-(\d+)-[A-Za-z0-9_]+\.(tmp|old)$")
-
-
-def _what_is(path: Path) -> str:
-    st = os.lstat(path)
-    for test, name in (
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISFIFO, "a named pipe"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISREG, "a file"),
-    ):
-        if test(st.st_mode):
-            return name
-    return "a special file"
-
-
-def _is_model_dir(path: Path) -> bool:
-    import json
-
-    try:
-        meta = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == "convmixer-jax-model"
-
-
-def check_output_path(
-    path: str | os.PathLike, force: bool = False, *, kind: str = "file", inputs=()
-) -> Path:
-    """Refuse an output ``path`` that must not be written; return it as a Path.
-
-    An existing ``path`` is refused unless ``force``, and even then replaced only if it
-    is the kind of thing the command writes: ``kind='file'`` a regular file,
-    ``'model_dir'`` a model directory (``config.json`` of this format, nothing but
-    ``config.json`` and ``variables/`` in it), ``'results_dir'`` an empty directory
-    or one a command of this package wrote (it holds :data:`RESULTS_MARKER`). Never a
-    symbolic link, device, socket or other special file, and never one of the command's
-    ``inputs`` (paths, or {label: path or paths}; None skipped) or a folder holding one. Raises FileExistsError
-    naming the problem and the fix.
-    """
-    if kind not in OUTPUT_KINDS:
-        raise ValueError(f"kind must be one of {OUTPUT_KINDS}, got {kind!r}")
-    if str(path) in ("", "."):
-        raise FileExistsError(
-            f"the output path {str(path)!r} names no file; give the name of the output to write"
-        )
-    path = Path(path)
-    root = path.resolve()
-    named = inputs.items() if isinstance(inputs, dict) else (("the input", i) for i in inputs)
-    for label, inp in named:
-        if inp is None:
-            continue
-        for one in [inp] if isinstance(inp, (str, os.PathLike)) else inp:
-            p = Path(one).resolve()
-            if p == root or root in p.parents:
-                what = "is" if p == root else "contains"
-                raise FileExistsError(
-                    f"the output {path} {what} {label} {one}; writing it would destroy that "
-                    "input: choose another output name"
-                )
-    if not (path.exists() or path.is_symlink()):
-        return path
-    if not force:
-        raise FileExistsError(f"{path} already exists; pass --force to replace it")
-    what = _what_is(path)
-    if kind == "file" and what != "a file":
-        raise FileExistsError(
-            f"{path} is {what}, not a file this command writes; --force replaces only "
-            "regular files: choose another output name"
-        )
-    if kind in ("model_dir", "results_dir") and what != "a directory":
-        raise FileExistsError(
-            f"{path} is {what}, not a directory this command writes; --force replaces only "
-            f"{'a model directory' if kind == 'model_dir' else 'a results directory'}: "
-            "choose another output name"
-        )
-    if kind == "model_dir":
-        others = sorted(
-            e.name for e in path.iterdir() if e.name not in ("config.json", "variables")
-        )
-        if not _is_model_dir(path) or others:
-            detail = (
-                f"it holds {', '.join(others[:3])}" if others else "it has no model config.json"
-            )
-            raise FileExistsError(
-                f"{path} is not a model directory ({detail}); --force replaces only a model "
-                "directory, so nothing else is lost: choose another output name"
-            )
-    if kind == "results_dir" and any(path.iterdir()) and not (path / RESULTS_MARKER).is_file():
-        raise FileExistsError(
-            f"{path} is a folder this package did not write (no {RESULTS_MARKER}); --force "
-            "replaces only an earlier output of the command: choose another output name"
-        )
-    return path
-
-
-def check_output(
-    path: str | os.PathLike, force: bool = False, *, kind: str = "file", inputs=()
-) -> Path:
-    """:func:`check_output_path` for a command's output, which must also have an existing folder
-    (a missing folder is refused, not created: a typo would otherwise scatter outputs)."""
-    path = check_output_path(path, force, kind=kind, inputs=inputs)
-    parent = path.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(
-            f"the folder {parent} of the output {path} does not exist; create it first "
-            f"(mkdir -p {parent})"
-        )
-    return path
 
 
 def _pid_alive(pid: int) -> bool:
@@ -172,7 +66,8 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 
 def temporary_name(path: Path, suffix: str = "tmp") -> Path:
-    """A fresh name beside ``path`` of the recognizable pattern :func:`remove_stale_temporaries` knows."""
+    """A fresh name beside ``path`` of the recognizable pattern that
+    :func:`remove_stale_temporaries` knows."""
     return path.parent / f".{path.name}.cmj-{os.getpid()}-{uuid.uuid4().hex[:12]}.{suffix}"
 
 
@@ -248,8 +143,10 @@ def staged_output_dir(out: str | os.PathLike):
     normally it takes the place of ``out`` (an old ``out`` is removed only after
     the rename), and when the block raises it is deleted and ``out`` is left as
     it was. Whether ``out`` may be replaced is the caller's check, made before
-    the work (:func:`check_output` with ``kind='results_dir'``). The folder holds
-    :data:`RESULTS_MARKER`, so that a later ``--force`` may replace it.
+    the work (:func:`~convmixer_jax.files.output_paths.check_output` with
+    ``kind='results_dir'``). The folder holds
+    :data:`~convmixer_jax.files.output_paths.RESULTS_MARKER`, so that a later
+    ``--force`` may replace it.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +188,8 @@ def deferred_interrupts():
 
 
 def swap_into_place(tmp: Path, path: Path, force: bool, *, kind: str = "model_dir") -> None:
-    """Rename the finished ``tmp`` to ``path``, replacing an old ``path`` (of ``kind``) if ``force``."""
+    """Rename the finished ``tmp`` to ``path``, replacing an old ``path`` (of ``kind``) if
+    ``force``."""
     if not (path.exists() or path.is_symlink()):
         os.rename(tmp, path)
         return
@@ -328,7 +226,8 @@ def save_npz_atomic(path: str | os.PathLike, *, force: bool = True, **arrays) ->
 
 
 def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
-    """Save a matplotlib figure as PNG atomically (``path`` is the old file or the complete new one)."""
+    """Save a matplotlib figure as PNG atomically (``path`` is the old file or the complete new
+    one)."""
     import io
 
     buf = io.BytesIO()
@@ -337,11 +236,8 @@ def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 130) -> Path:
 
 
 __all__ = [
-    "check_output_path",
-    "check_output",
     "remove_stale_temporaries",
     "temporary_name",
-    "RESULTS_MARKER",
     "write_bytes_atomic",
     "write_text_atomic",
     "write_json_atomic",

@@ -1,17 +1,19 @@
 """Ordinary image files: PNG and JPEG in, lossless PNG (or ``.npy``) out.
 
 Inputs are one ``.npy`` array, or any mix of PNG/JPEG files and folders of them
-(:func:`~convmixer_jax.files.image_files.load_image_inputs`). The output format follows the output name
-(:func:`~convmixer_jax.files.image_files.output_format`): ``OUT.npy`` one array, ``OUT.png`` one image, a folder
-(an existing one, or a name without a suffix) one PNG per input file with its
-name kept. Lossy formats (JPEG, WebP, GIF, ...) are refused: a lossy encoder
+(:func:`~convmixer_jax.files.image_files.load_image_inputs`). The output format
+follows the output name (:func:`~convmixer_jax.files.image_files.output_format`):
+``OUT.npy`` one array, ``OUT.png`` one image, a folder (an existing one, or a
+name without a suffix) one PNG per input file with its name kept. Lossy formats
+(JPEG, WebP, GIF, ...) are refused: a lossy encoder
 changes the encrypted pixels, and the encrypted model would then no longer
 compute the plain model's function on them. PNGs are written by Pillow with no
 metadata, so they hold exactly the array's values.
 
-Check the output first (:func:`~convmixer_jax.files.image_files.check_image_output`), then write it
-(:func:`~convmixer_jax.files.image_files.write_image_outputs`): every file appears complete under its name, or
-nothing at all (:mod:`convmixer_jax.files.atomic`).
+Check the output first (:func:`~convmixer_jax.files.image_files.check_image_output`),
+then write it (:func:`~convmixer_jax.files.image_files.write_image_outputs`): every
+file appears complete under its name, or nothing at all
+(:mod:`convmixer_jax.files.atomic`).
 """
 
 from __future__ import annotations
@@ -25,14 +27,12 @@ from typing import Sequence
 import numpy as np
 
 from convmixer_jax.files.arrays import load_images
-from convmixer_jax.files.atomic import (
+from convmixer_jax.files.atomic import save_array, staged_output_dir, write_bytes_atomic
+from convmixer_jax.files.output_paths import (
     RESULTS_MARKER,
-    _what_is,
     check_output,
     check_output_path,
-    save_array,
-    staged_output_dir,
-    write_bytes_atomic,
+    describe_file_type,
 )
 from convmixer_jax.files.resize import DEFAULT_CROP_PCT, eval_resize, eval_resize_batch
 from convmixer_jax.scheme.images import ImageError
@@ -62,10 +62,10 @@ _CHANNELS = {1: "grayscale", 3: "RGB", 4: "RGBA"}
 
 
 def image_input_kind(path: str | os.PathLike) -> str:
-    """How :func:`~convmixer_jax.files.image_files.load_image_inputs` reads ``path``: ``'folder'``
-    (a directory), ``'image'`` (a ``.png``/``.jpg``/``.jpeg`` name, or PNG/JPEG content under another
-    name), ``'npy'`` (a ``.npy`` name, or any other file or missing path, which the ``.npy`` reader
-    judges)."""
+    """How :func:`~convmixer_jax.files.image_files.load_image_inputs` reads ``path``:
+    ``'folder'`` (a directory), ``'image'`` (a ``.png``/``.jpg``/``.jpeg`` name, or PNG/JPEG
+    content under another name), ``'npy'`` (a ``.npy`` name, or any other file or missing
+    path, which the ``.npy`` reader judges)."""
     p = Path(path)
     if p.is_dir():
         return "folder"
@@ -84,7 +84,8 @@ def image_input_kind(path: str | os.PathLike) -> str:
 
 
 def _folder_images(folder: Path) -> list[Path]:
-    """The image files a folder contributes: ``*.png|*.jpg|*.jpeg`` (any case), not hidden, sorted by name."""
+    """The image files a folder contributes: ``*.png|*.jpg|*.jpeg`` (any case), not hidden,
+    sorted by name."""
     try:
         entries = list(folder.iterdir())
     except OSError as e:
@@ -134,10 +135,10 @@ def load_image_inputs(
             "no input images given; pass one .npy file, or PNG/JPEG files or folders of them"
         )
     kinds = [image_input_kind(p) for p in paths]
-    npys = [p for p, k in zip(paths, kinds) if k == "npy"]
+    npys = [p for p, k in zip(paths, kinds, strict=True) if k == "npy"]
     if npys:
         if len(npys) < len(paths):
-            other = next(p for p, k in zip(paths, kinds) if k != "npy")
+            other = next(p for p, k in zip(paths, kinds, strict=True) if k != "npy")
             what = "folder" if other.is_dir() else "file"
             raise ImageError(
                 f"{npys[0]} is an array file and {other} an image {what}; "
@@ -156,7 +157,7 @@ def load_image_inputs(
             )
         return images, None
     files: list[Path] = []
-    for p, k in zip(paths, kinds):
+    for p, k in zip(paths, kinds, strict=True):
         if k == "folder":
             found = _folder_images(p)
             if not found:
@@ -187,9 +188,9 @@ def load_image_inputs(
         img = decode(f)
         if img.shape != first.shape:
             raise ImageError(
-                f"{files[0]} is {_describe(first.shape)} but {f} is {_describe(img.shape)}; all images "
-                "must have the same size and channels: resize or convert them "
-                "(--resize does timm's evaluation resize)"
+                f"{files[0]} is {_describe(first.shape)} but {f} is "
+                f"{_describe(img.shape)}; all images must have the same size and channels: "
+                "resize or convert them (--resize does timm's evaluation resize)"
             )
         images[i] = img
     return images, [f.name for f in files]
@@ -218,18 +219,21 @@ def _decode(path: Path) -> np.ndarray:
             with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as im:
                 if getattr(im, "n_frames", 1) > 1:
                     raise ImageError(
-                        f"{path} is an animated image of {im.n_frames} frames; pass single-frame images"
+                        f"{path} is an animated image of {im.n_frames} "
+                        "frames; pass single-frame images"
                     )
                 if im.format == "PNG" and len(data) > 24 and data[24] > 8:
                     raise ImageError(
-                        f"{path} is a {data[24]}-bit PNG; only 8-bit images are encrypted as they are: "
-                        "convert it to 8 bits per channel, or save it as a float .npy in [0, 1]"
+                        f"{path} is a {data[24]}-bit PNG; only 8-bit images "
+                        "are encrypted as they are: convert it to 8 bits "
+                        "per channel, or save it as a float .npy in [0, 1]"
                     )
                 mode = im.mode
                 if mode in ("I", "F") or mode.startswith(("I;", "F;")):
                     raise ImageError(
-                        f"{path} has {'float' if mode.startswith('F') else 'integer (16/32-bit)'} "
-                        f"pixels (Pillow mode {mode}); only 8-bit images are encrypted as they are: "
+                        f"{path} has "
+                        f"{'float' if mode.startswith('F') else 'integer (16/32-bit)'} pixels "
+                        f"(Pillow mode {mode}); only 8-bit images are encrypted as they are: "
                         "convert it to 8 bits per channel, or save it as a float .npy in [0, 1]"
                     )
                 if mode == "1":
@@ -250,8 +254,8 @@ def _decode(path: Path) -> np.ndarray:
             ) from None
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise ImageError(
-                f"cannot decode {path}: {' '.join(str(e).split())[:200] or type(e).__name__}; the file "
-                "is damaged or truncated: write it again"
+                f"cannot decode {path}: {' '.join(str(e).split())[:200] or type(e).__name__}; the "
+                "file is damaged or truncated: write it again"
             ) from None
     if array.ndim == 2:
         array = array[..., None]
@@ -284,8 +288,8 @@ def output_format(out: str | os.PathLike) -> str:
         return "folder"
     if suffix in _LOSSY:
         raise ImageError(
-            f"cannot write {out}: {_LOSSY[suffix]} is lossy: it would change the encrypted pixels and "
-            "the model would no longer compute the plain model's function; use .png or .npy"
+            f"cannot write {out}: {_LOSSY[suffix]} is lossy: it would change the encrypted pixels "
+            "and the model would no longer compute the plain model's function; use .png or .npy"
         )
     raise ImageError(
         f"cannot write {out}: {p.suffix} is not a format this command writes; name the output .npy "
@@ -313,8 +317,8 @@ def _check_png_images(out, images, fmt: str) -> None:
     dtype, shape = np.dtype(images.dtype), tuple(np.shape(images))
     if dtype != np.uint8:
         raise ImageError(
-            f"cannot write {out}: PNG holds 8-bit pixels but the images are {dtype}, and converting "
-            "them would change the values; write a .npy instead, or use uint8 images"
+            f"cannot write {out}: PNG holds 8-bit pixels but the images are {dtype}, and "
+            "converting them would change the values; write a .npy instead, or use uint8 images"
         )
     if len(shape) < 3 or shape[-1] not in _CHANNELS:
         raise ImageError(
@@ -329,7 +333,8 @@ def _check_png_images(out, images, fmt: str) -> None:
 
 
 def _check_folder_contents(out: Path) -> None:
-    """--force replaces a folder output only if it holds nothing but this command's PNGs and marker."""
+    """--force replaces a folder output only if it holds nothing but this command's PNGs and
+    marker."""
     if out.is_dir() and not out.is_symlink():
         others = sorted(
             e.name
@@ -357,16 +362,17 @@ def check_image_output(
 ) -> Path:
     """Refuse an output that must not be written, before any work; return it as a Path.
 
-    The format follows the name (:func:`~convmixer_jax.files.image_files.output_format`). ``.npy``: one array, any
-    count. ``.png``: only for ``n_inputs == 1``. A folder: only when the inputs are
-    image files (``from_files``), one PNG per input, its parent must exist. Then the
-    rules of :func:`convmixer_jax.files.atomic.check_output`: an existing output is refused
-    unless ``force``, and even then a ``.npy``/``.png`` must be a regular file and a
-    folder must hold only PNG files and :data:`~convmixer_jax.files.atomic.RESULTS_MARKER`
-    (or nothing); never one of ``inputs`` ({label: path or paths}; the image files
-    of an input folder count as inputs too). If given, ``names`` (the input file
-    names) must give distinct PNG names (:func:`~convmixer_jax.files.image_files.png_names`), and ``images`` (the
-    array to write) must fit the format: PNG holds uint8 with C in 1, 3, 4.
+    The format follows the name (:func:`~convmixer_jax.files.image_files.output_format`).
+    ``.npy``: one array, any count. ``.png``: only for ``n_inputs == 1``. A folder: only
+    when the inputs are image files (``from_files``), one PNG per input, its parent must
+    exist. Then the rules of :func:`convmixer_jax.files.output_paths.check_output`: an
+    existing output is refused unless ``force``, and even then a ``.npy``/``.png`` must be
+    a regular file and a folder must hold only PNG files and
+    :data:`~convmixer_jax.files.output_paths.RESULTS_MARKER` (or nothing); never one of
+    ``inputs`` ({label: path or paths}; the image files of an input folder count as
+    inputs too). If given, ``names`` (the input file names) must give distinct PNG names
+    (:func:`~convmixer_jax.files.image_files.png_names`), and ``images`` (the array to
+    write) must fit the format: PNG holds uint8 with C in 1, 3, 4.
     Raises ImageError or FileExistsError / FileNotFoundError with the fix.
     """
     if os.fspath(out) in ("", "."):
@@ -380,7 +386,7 @@ def check_image_output(
         )
     if fmt == "folder" and not from_files:
         what = (
-            f"is {_what_is(out)}"
+            f"is {describe_file_type(out)}"
             if (out.exists() or out.is_symlink())
             else "has no suffix, so it names a folder"
         )
@@ -425,10 +431,11 @@ def write_image_outputs(
     """Write ``images`` to ``out`` in the format its name asks for; return ``out`` as a Path.
 
     ``.npy``: one array (shape and dtype kept). ``.png``: the single image. A folder:
-    one PNG per image, named after ``names`` (:func:`~convmixer_jax.files.image_files.png_names`), built beside
-    ``out`` and swapped in whole. Check the output with :func:`~convmixer_jax.files.image_files.check_image_output`
-    first (it also guards the inputs); everything this function can refuse is
-    refused before anything is written.
+    one PNG per image, named after ``names``
+    (:func:`~convmixer_jax.files.image_files.png_names`), built beside ``out`` and swapped
+    in whole. Check the output with
+    :func:`~convmixer_jax.files.image_files.check_image_output` first (it also guards the
+    inputs); everything this function can refuse is refused before anything is written.
     """
     fmt = output_format(out)
     images = np.asarray(images)
@@ -439,14 +446,14 @@ def write_image_outputs(
         return write_bytes_atomic(out, encode_png(images.reshape(images.shape[-3:])), force=force)
     if names is None or len(names) != len(images) or images.ndim != 4:
         raise ImageError(
-            f"cannot write {out}: a folder output needs one file name per image "
-            f"(got {None if names is None else len(names)} names for images of shape {images.shape})"
+            f"cannot write {out}: a folder output needs one file name per image (got "
+            f"{None if names is None else len(names)} names for images of shape {images.shape})"
         )
     files = png_names(names)
     out = check_output(out, force, kind="results_dir")
     _check_folder_contents(out)
     with staged_output_dir(out) as tmp:
-        for name, image in zip(files, images):
+        for name, image in zip(files, images, strict=True):
             (tmp / name).write_bytes(encode_png(image))
     return out
 

@@ -103,7 +103,8 @@ def _check_encryption_record(enc, config: ConvMixerConfig, where: str) -> dict |
 
 
 def abstract_variables(config: ConvMixerConfig) -> PyTree:
-    """``{'params', 'batch_stats'}`` of ``config`` as ``jax.ShapeDtypeStruct`` leaves (no compute)."""
+    """``{'params', 'batch_stats'}`` of ``config`` as ``jax.ShapeDtypeStruct`` leaves (no
+    compute)."""
     import jax
     import jax.numpy as jnp
 
@@ -407,8 +408,9 @@ def verify_variables(path: Path, meta: dict) -> None:
             )
         if actual[name] != digest:
             raise ModelDirError(
-                f"{path}: the file variables/{name} differs from what was saved (SHA-256 "
-                "mismatch); the model directory is damaged, corrupt or was edited (re-create or re-copy it)"
+                f"{path}: the file variables/{name} differs from what was "
+                "saved (SHA-256 mismatch); the model directory is "
+                "damaged, corrupt or was edited (re-create or re-copy it)"
             )
 
 
@@ -474,7 +476,7 @@ def check_data_classes(
         )
     own = model_classes(meta)
     if own is not None and own != classes:
-        diff = next(i for i, (a, b) in enumerate(zip(own, classes)) if a != b)
+        diff = next(i for i, (a, b) in enumerate(zip(own, classes, strict=False)) if a != b)
         raise ModelDirError(
             f"{where} names its classes differently from the model: class {diff} is "
             f"{classes[diff]!r} in the data but {own[diff]!r} in the model; use the data "

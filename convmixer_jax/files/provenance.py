@@ -31,7 +31,8 @@ def package_versions() -> dict:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed (``sys.argv`` by default), for a results file; never holds a key's contents."""
+    """The command as typed (``sys.argv`` by default), for a results file; never holds a key's
+    contents."""
     import shlex
 
     return " ".join(shlex.quote(a) for a in (sys.argv if argv is None else argv))

@@ -77,7 +77,8 @@ def eval_resize(image, size: int, crop_pct: float = DEFAULT_CROP_PCT) -> np.ndar
 
 
 def eval_resize_batch(images, size: int, crop_pct: float = DEFAULT_CROP_PCT) -> np.ndarray:
-    """:func:`eval_resize` of every image of a sequence of (H_i, W_i, C) uint8 -> (N, size, size, C)."""
+    """:func:`eval_resize` of every image of a sequence of (H_i, W_i, C) uint8 -> (N, size, size,
+    C) uint8."""
     return (
         np.stack([eval_resize(im, size, crop_pct) for im in images])
         if len(images)

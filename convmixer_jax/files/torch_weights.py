@@ -52,7 +52,8 @@ StateDict = dict[str, np.ndarray]
 
 
 class NotAConvMixer(ValueError):
-    """A state dict that is not a ConvMixer of a known layout (names the first tensor that does not fit)."""
+    """A state dict that is not a ConvMixer of a known layout (names the first tensor that
+    does not fit)."""
 
 
 # --------------------------------------------------------------------------- reading files
@@ -192,12 +193,11 @@ def _names(layout: str, depth: int) -> dict[str, str]:
     """Our module path -> the PyTorch module prefix, for every module of the network."""
     if layout == "timm":
         out = {"stem": "stem.0", "stem_bn": "stem.2", "head": "head"}
-        block = lambda i: f"blocks.{i}"  # noqa: E731
+        blocks = [f"blocks.{i}" for i in range(depth)]
     else:
         out = {"stem": "0", "stem_bn": "2", "head": f"{3 + depth + 2}"}
-        block = lambda i: f"{3 + i}"  # noqa: E731
-    for i in range(depth):
-        b = block(i)
+        blocks = [f"{3 + i}" for i in range(depth)]
+    for i, b in enumerate(blocks):
         out.update(
             {
                 f"block_{i}/depthwise": f"{b}.0.fn.0",
@@ -237,7 +237,8 @@ def detect_layout(sd: StateDict) -> str:
         return "locuslab"
     if not sd:
         raise NotAConvMixer("the state dict is empty; not a ConvMixer")
-    # name the tensor that would have to be the stem: the first convolution weight, else the first tensor
+    # name the tensor that would have to be the stem: the first convolution weight, else the
+    # first tensor
     first = next((k for k, v in sd.items() if np.ndim(v) == 4), next(iter(sd)))
     raise NotAConvMixer(
         f"not a ConvMixer state dict: its first convolution {first!r} (shape "
@@ -294,8 +295,9 @@ def config_from_state_dict(
     dim, depth, kernel size, patch size, channels and classes come from the
     tensor shapes; the activation, the normalization ``mean``/``std`` (None:
     0.5 / 0.5) and ``image_size`` (a multiple of the patch size; None: the
-    patch size, for reading the shapes only) are not in the weights and are given. ``layout``: 'timm', 'locuslab' or None (detected).
-    Every tensor is then checked: :class:`NotAConvMixer` names the first one
+    patch size, for reading the shapes only) are not in the weights and are given.
+    ``layout``: 'timm', 'locuslab' or None (detected). Every tensor is then checked:
+    :class:`NotAConvMixer` names the first one
     that is missing, unexpected or of the wrong shape.
     """
     sd = _strip_prefix(sd)
@@ -397,7 +399,10 @@ def variables_from_state_dict(
     """
     sd = _strip_prefix(sd)
     check_state_dict(sd, config, layout)
-    f32 = lambda name: np.ascontiguousarray(np.asarray(sd[name], np.float32))  # noqa: E731
+
+    def f32(name: str) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(sd[name], np.float32))
+
     out: dict[str, Any] = {"params": {}, "batch_stats": {}}
     for ours, theirs in _names(layout, config.depth).items():
         if ours.endswith("_bn"):
@@ -434,7 +439,8 @@ def state_dict_from_variables(config: ConvMixerConfig, variables) -> StateDict:
 
 
 def safetensors_bytes(sd: StateDict, metadata: dict[str, str] | None = None) -> bytes:
-    """A state dict serialized as safetensors (write it with ``files.atomic.write_bytes_atomic``)."""
+    """A state dict serialized as safetensors (write it with
+    ``files.atomic.write_bytes_atomic``)."""
     st = _need("safetensors.numpy")
     return st.save({k: np.ascontiguousarray(v) for k, v in sd.items()}, metadata=metadata)
 

@@ -24,11 +24,14 @@ nitpicky = True
 # The package's own names must resolve. Without internet there is no intersphinx
 # inventory for NumPy, JAX, Flax or the standard library, so type annotations that
 # are not ours, and references into those libraries, are let through.
-_EXTERNAL = r"(numpy|np|jax|jnp|flax|nn|optax|orbax|ocp|scipy|matplotlib|tqdm|PIL|os|pathlib|typing|collections|argparse)"
+_EXTERNAL_MODULES = (
+    "numpy np jax jnp flax nn optax orbax ocp scipy matplotlib tqdm PIL os pathlib typing "
+    "collections argparse"
+)
+_EXTERNAL = "(" + "|".join(_EXTERNAL_MODULES.split()) + ")"
 nitpick_ignore_regex = [
     (r"py:class", r"(?!convmixer_jax\b).*"),
     (r"py:.*", _EXTERNAL + r"(\..*)?"),
 ]
-suppress_warnings = [
-    "ref.python"
-]  # several modules re-export a name: pick the defining one silently
+# several modules re-export a name: pick the defining one silently
+suppress_warnings = ["ref.python"]
