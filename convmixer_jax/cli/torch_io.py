@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from convmixer_jax.cli.options import (
-    PRESET_NAMES,
     UsageError,
     add_force,
     add_out,
     positive_float,
     positive_int,
 )
+from convmixer_jax.model.config import ACTIVATIONS, TIMM_NAMES
 
-TIMM_NAMES = [n for n in PRESET_NAMES if n != "paper"]
 _ARCH = ("dim", "depth", "kernel_size", "patch_size", "channels")
 
 
@@ -60,7 +59,7 @@ def cmd_import_torch(args) -> int:
         read_state_dict,
         variables_from_state_dict,
     )
-    from convmixer_jax.model.convmixer import IMAGENET_MEAN, IMAGENET_STD, PRESETS
+    from convmixer_jax.model.config import IMAGENET_MEAN, IMAGENET_STD, PRESETS
 
     if (args.mean is None) != (args.std is None):
         raise UsageError(
@@ -219,7 +218,7 @@ def register(add) -> None:
     )
     p.add_argument(
         "--activation",
-        choices=["gelu", "relu"],
+        choices=list(ACTIVATIONS),
         help="the activation the weights were trained with (default gelu, or --timm-name's)",
     )
     p.add_argument("--mean", **_floats("mean"), help="input normalization mean, one per channel")
