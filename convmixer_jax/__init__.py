@@ -10,7 +10,7 @@ The names are resolved on first use, so ``import convmixer_jax`` (and the
 command line's ``--help``) does not import JAX, and importing it changes nothing
 else either. ``convmixer_jax.apply_cpu_flags()``, called before the first JAX
 computation, adds the XLA:CPU flag the package recommends to ``XLA_FLAGS`` (the
-command line does it itself; see :mod:`convmixer_jax._xla_flags`). The
+command line does it itself; see ``convmixer_jax._xla_flags``). The
 subpackages hold the rest:
 ``scheme`` (keys, image and parameter transforms), ``model``, ``files``,
 ``data``, ``training``, ``attacks``, ``experiment`` and ``cli``

@@ -377,7 +377,7 @@ def recover_key_ciphertext_only(
         key of block size M (H, W multiples of M).
       block_size: M.
       template: :func:`block_template` of public natural images at the same scale.
-      prior: an :class:`~convmixer_jax.attacks.image_prior.ImagePrior` for C channels, or
+      prior: an :class:`~convmixer_jax.attacks.image_prior.network.ImagePrior` for C channels, or
         None (then the channel order and, for even pb, the sign stay undetermined).
       model: optional ``(config, encrypted_variables)`` of the encrypted model; with
         ``public_images`` (unlabeled natural images) its kernel attack proposes the key.

@@ -254,7 +254,7 @@ def jpeg_log_evidence(images, variants, *, max_blocks: int = MAX_BLOCKS) -> np.n
     images: (N, H, W, C) uint8 or float in [0, 1], C = 1 or 3; variants: ``(negate,
     order)`` as in :mod:`~convmixer_jax.attacks.image_prior`. Entry ``v`` scores the
     hypothesis that the images are ``apply_variant(jpeg_images, v)``, the indexing of
-    :func:`~convmixer_jax.attacks.image_prior.variant_log_probs`, so the two add up.
+    :func:`~convmixer_jax.attacks.image_prior.network.variant_log_probs`, so the two add up.
     Only the first ``max_blocks`` (at most MAX_BLOCKS) 8 x 8 blocks are used. Returns (V,)
     float64: the log of ``1/2 + mean_Q BF_Q / 2`` (module docstring); all ``log 1/2``
     without a trace, and zeros for other channel counts or images smaller than one 8 x 8

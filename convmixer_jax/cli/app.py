@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     0 on success, 1 for bad input (one line on stderr, nothing written), 2 for a
     malformed command line, 130 on SIGINT and 143 on SIGTERM (temporaries removed).
     First adds the package's XLA:CPU flag to ``XLA_FLAGS``
-    (:func:`~convmixer_jax._xla_flags.apply_cpu_flags`), before any command imports JAX.
+    (``convmixer_jax.apply_cpu_flags``), before any command imports JAX.
     """
     apply_cpu_flags()
     parser = build_parser()

@@ -374,7 +374,7 @@ def reproduce(
     """The whole experiment into the directory ``out`` (replaced as a whole, only once complete).
 
     Either ``checkpoint`` (a plain model directory) or ``train_data`` and ``recipe``
-    (a :class:`~convmixer_jax.training.loop.TrainConfig`; the paper's
+    (a :class:`~convmixer_jax.training.recipes.TrainConfig`; the paper's
     ConvMixer-256/8, with one output per class of the data, is trained from scratch
     in ``workdir``, and saved as ``out/plain-model``). test_data / train_data: (images
     (N, H, W, C) uint8, labels (N,)); classes: the data's class names, recorded in a model

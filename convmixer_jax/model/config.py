@@ -126,9 +126,10 @@ class ConvMixerConfig:
         return cls(**d)
 
 
-#: Where a preset's architecture is defined (:attr:`Preset.source`).
-PAPER_SOURCE = "paper"  # Iijima & Kiya (2022), section 4
-TIMM_SOURCE = "timm"  # timm 1.0's model of the preset's name (timm/models/convmixer.py)
+#: A preset defined by the paper, Iijima & Kiya (2022), section 4 (``Preset.source``).
+PAPER_SOURCE = "paper"
+#: A preset that is timm 1.0's model of the same name (timm/models/convmixer.py).
+TIMM_SOURCE = "timm"
 
 
 @dataclasses.dataclass(frozen=True)

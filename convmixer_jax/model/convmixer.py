@@ -31,7 +31,7 @@ from the same k x k kernel runs at matrix-product speed while the grid is small.
 The measurements behind these choices, and behind the XLA:CPU details noted in the
 code below, are in ``docs/design.md`` ("Speed") and ``benchmarks/README.md``.
 
-The architecture's data (:class:`ConvMixerConfig`, :data:`PRESETS` and the constants)
+The architecture's data (:class:`ConvMixerConfig`, ``PRESETS`` and the constants)
 live in :mod:`convmixer_jax.model.config`, which imports no JAX; they are re-exported here.
 """
 

@@ -12,7 +12,9 @@ sys.path.insert(0, os.path.abspath("../.."))
 project = "convmixer-jax"
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.autosummary", "sphinx.ext.napoleon"]
 autosummary_generate = True
-autodoc_default_options = {"members": True, "show-inheritance": True}
+# a module documents what it defines; names it re-exports (in __all__) are documented where
+# they are defined, once
+autodoc_default_options = {"members": True, "show-inheritance": True, "ignore-module-all": True}
 autodoc_typehints = "description"
 autodoc_member_order = "bysource"
 napoleon_google_docstring = True
