@@ -1,12 +1,15 @@
 """Subprocess entry: wrong-key accuracies of a tiny model, printed as JSON.
 
 usage: python tests/attack_worker.py  (device count from XLA_FLAGS)
+The model is tests/test_wrong_keys.py's: the tiny architecture of conftest.py (``TINY``)
+at width 12 with 4 classes.
 """
 
 import json
 
 import jax
 import numpy as np
+from conftest import TINY  # tests/conftest.py, beside this script
 
 import convmixer_jax  # noqa: F401
 from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies
@@ -15,7 +18,7 @@ from convmixer_jax.scheme.keys import generate_key
 from convmixer_jax.scheme.params import encrypt_params
 from convmixer_jax.training.loop import init_variables
 
-CFG = ConvMixerConfig(dim=12, depth=1, kernel_size=3, patch_size=2, num_classes=4, image_size=8)
+CFG = ConvMixerConfig(**{**TINY, "dim": 12, "num_classes": 4})
 
 
 def main():

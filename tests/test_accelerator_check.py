@@ -233,8 +233,8 @@ def test_training_epochs_and_seconds_to_target_from_the_log(dry_run):
     f = t["final"]
     assert f == {"epoch": 2, "of": 2, "test_accuracy": printed["test_accuracy"], "test_images": 32}
     assert (
-        f"the newest checkpoint (epoch 2 of 2) scores test accuracy {f['test_accuracy']:.4f} on 32 test "
-        "images"
+        f"the newest checkpoint (epoch 2 of 2) scores test accuracy {f['test_accuracy']:.4f} "
+        "on 32 test images"
     ) in dry_run["stdout"]
 
 

@@ -30,22 +30,14 @@ from tests.cli_helpers import ok, run
 
 REPO = Path(__file__).resolve().parents[1]
 M, C = 2, 3  # block size = patch size, channels
-TINY = [
-    "--dim",
-    "8",
-    "--depth",
-    "1",
-    "--kernel-size",
-    "3",
-    "--patch-size",
-    str(M),
-    "--num-classes",
-    "3",
-    "--image-size",
-    "8",
-    "--channels",
-    str(C),
-]
+
+
+@pytest.fixture(scope="module")
+def tiny(arch_args, tiny_config):
+    """The options that give the tiny architecture (patch ``M``, ``C`` channels), ending in
+    ``--image-size 8 --channels 3``."""
+    assert (tiny_config.patch_size, tiny_config.channels) == (M, C)
+    return arch_args(tiny_config)
 
 
 def assert_error(capsys, argv, *words, rc_expected=None):
@@ -80,8 +72,9 @@ def snapshot(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A key, a second key, a tiny plain model, its encrypted version and test images."""
+def env(tmp_path_factory, tiny_model_dir):
+    """A key, a second key, a tiny plain model (``tiny_model_dir``), its encrypted version
+    and test images."""
     d = tmp_path_factory.mktemp("cli")
     for name, seed in (("key", 1), ("key2", 2)):
         assert (
@@ -100,9 +93,10 @@ def env(tmp_path_factory):
             )
             == 0
         )
-    assert cli.main(["init-model", *TINY, "--seed", "0", "--out", str(d / "plain")]) == 0
     assert (
-        cli.main(["encrypt-model", "--key", str(d / "key.json"), str(d / "plain"), str(d / "enc")])
+        cli.main(
+            ["encrypt-model", "--key", str(d / "key.json"), str(tiny_model_dir), str(d / "enc")]
+        )
         == 0
     )
     rng = np.random.default_rng(0)
@@ -113,7 +107,7 @@ def env(tmp_path_factory):
         dir=d,
         key=d / "key.json",
         key2=d / "key2.json",
-        plain=d / "plain",
+        plain=tiny_model_dir,
         enc=d / "enc",
         images=d / "images.npy",
         images_f32=d / "images_f32.npy",
@@ -307,7 +301,8 @@ def test_odd_block_length_keys_and_key_space(tmp_path, capsys):
     exact = math.factorial(147) * math.comb(147, 73)
     assert f"keys = pb! * C(pb, (pb-1)/2) = {exact}\n" in out
     assert f"log2 = {math.log2(exact):.2f}" in out
-    # a model of that patch size is made and encrypted; pb = 1 is refused, it has no key but the identity
+    # a model of that patch size is made and encrypted; pb = 1 is refused, it has no key but
+    # the identity
     ok(
         capsys,
         "init-model",
@@ -437,7 +432,7 @@ def tiny_data(tmp_path, monkeypatch):
     return root
 
 
-def test_train_then_evaluate(env, tiny_data, tmp_path, capsys):
+def test_train_then_evaluate(env, tiny_data, tmp_path, capsys, tiny, arch_args, make_tiny_config):
     # the default recipe (strong) holds 5,000 images out: more than 8 is refused before any output
     assert_error(
         capsys,
@@ -447,7 +442,7 @@ def test_train_then_evaluate(env, tiny_data, tmp_path, capsys):
             tiny_data,
             "--epochs",
             "1",
-            *TINY,
+            *tiny,
             "--limit-train",
             "8",
             "--workdir",
@@ -468,7 +463,7 @@ def test_train_then_evaluate(env, tiny_data, tmp_path, capsys):
         "1",
         "--batch-size",
         "4",
-        *TINY,
+        *tiny,
         "--workdir",
         tmp_path / "work",
         "--limit-train",
@@ -536,7 +531,7 @@ def test_train_then_evaluate(env, tiny_data, tmp_path, capsys):
             "1",
             "--batch-size",
             "4",
-            *TINY,
+            *tiny,
             "--workdir",
             tmp_path / "work2",
             "--out",
@@ -559,11 +554,7 @@ def test_train_then_evaluate(env, tiny_data, tmp_path, capsys):
             "1",
             "--batch-size",
             "4",
-            *TINY[:-4],
-            "--image-size",
-            "16",
-            "--channels",
-            "3",
+            *arch_args(make_tiny_config(image_size=16)),
             "--workdir",
             tmp_path / "w3",
             "--out",
@@ -624,7 +615,7 @@ def test_train_then_evaluate(env, tiny_data, tmp_path, capsys):
     assert not (tmp_path / "ev2.json").exists() and not (tmp_path / "a.json").exists()
 
 
-def test_train_init_from_warm_starts_and_counts_both_stages(env, tiny_data, tmp_path, capsys):
+def test_train_init_from_warm_starts_and_counts_both_stages(env, tiny_data, tmp_path, capsys, tiny):
     import jax
 
     from convmixer_jax.training.loop import init_variables
@@ -638,7 +629,7 @@ def test_train_init_from_warm_starts_and_counts_both_stages(env, tiny_data, tmp_
         "2",
         "--lr",
         "0.01",
-        *TINY,
+        *tiny,
         "--workdir",
         tmp_path / "w0",
         "--out",
@@ -669,6 +660,7 @@ def test_train_init_from_warm_starts_and_counts_both_stages(env, tiny_data, tmp_
             jax.tree.leaves(warm["params"]),
             jax.tree.leaves(start["params"]),
             jax.tree.leaves(fresh["params"]),
+            strict=True,
         )
     )
     assert max(float(np.max(np.abs(w - s))) for w, s, _ in pairs) < 1e-6
@@ -807,7 +799,7 @@ def _unreadable_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
 
 def test_unreadable_npy_refused(env, tmp_path, capsys):
-    for name, (path, word) in _unreadable_files(tmp_path).items():
+    for path, word in _unreadable_files(tmp_path).values():
         assert_error(capsys, ["encrypt-images", "--key", env.key, path, tmp_path / "out.npy"], word)
         assert_error(capsys, ["predict", env.plain, path, "--out", tmp_path / "out.npy"], word)
         assert not (tmp_path / "out.npy").exists()
@@ -847,7 +839,7 @@ def _bad_keys(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
 
 
 def test_bad_keys_refused(env, tmp_path, capsys):
-    for name, (path, word) in _bad_keys(tmp_path, env.key).items():
+    for path, word in _bad_keys(tmp_path, env.key).values():
         assert_error(
             capsys, ["encrypt-images", "--key", path, env.images, tmp_path / "out.npy"], word
         )
@@ -959,7 +951,7 @@ def _damaged_models(tmp_path: Path, plain: Path) -> dict[str, tuple[Path, str]]:
 
 
 def test_damaged_model_dirs_refused(env, tmp_path, capsys):
-    for name, (path, word) in _damaged_models(tmp_path, env.plain).items():
+    for path, word in _damaged_models(tmp_path, env.plain).values():
         assert_error(capsys, ["predict", path, env.images, "--out", tmp_path / "out.npy"], word)
         assert_error(
             capsys, ["encrypt-model", "--key", env.key, path, tmp_path / "out_model"], word
@@ -993,11 +985,11 @@ def test_corrupt_model_one_line_in_a_real_process(env, tmp_path):
     assert not (tmp_path / "out.npy").exists()
 
 
-def test_existing_output_unchanged_without_force(env, tmp_path, capsys):
+def test_existing_output_unchanged_without_force(env, tmp_path, capsys, tiny):
     sentinel = b"do not touch"
     for name in ("out.npy", "key.json"):
         (tmp_path / name).write_bytes(sentinel)
-    ok(capsys, "init-model", *TINY, "--seed", "5", "--out", tmp_path / "model")
+    ok(capsys, "init-model", *tiny, "--seed", "5", "--out", tmp_path / "model")
     model_before = snapshot(tmp_path / "model")
     cases = [
         (
@@ -1013,7 +1005,7 @@ def test_existing_output_unchanged_without_force(env, tmp_path, capsys):
             tmp_path / "out.npy",
         ),
         (["predict", env.plain, env.images, "--out", tmp_path / "out.npy"], tmp_path / "out.npy"),
-        (["init-model", *TINY, "--seed", "1", "--out", tmp_path / "model"], tmp_path / "model"),
+        (["init-model", *tiny, "--seed", "1", "--out", tmp_path / "model"], tmp_path / "model"),
         (["encrypt-model", "--key", env.key, env.plain, tmp_path / "model"], tmp_path / "model"),
         (["decrypt-model", "--key", env.key, env.enc, tmp_path / "model"], tmp_path / "model"),
         (
@@ -1063,20 +1055,10 @@ def test_usage_errors_exit_2(capsys):
     )
 
 
-def test_model_io_save_load_roundtrip(tmp_path):
-    from convmixer_jax.model.convmixer import ConvMixerConfig
+def test_model_io_save_load_roundtrip(tmp_path, make_tiny_config):
     from convmixer_jax.training.loop import init_variables
 
-    config = ConvMixerConfig(
-        dim=8,
-        depth=1,
-        kernel_size=3,
-        patch_size=2,
-        num_classes=3,
-        image_size=8,
-        mean=(0.4, 0.5, 0.6),
-        std=(0.2, 0.25, 0.3),
-    )
+    config = make_tiny_config(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
     variables = init_variables(config, 0)
     model_io.save_model(tmp_path / "m", config, variables, extra={"note": "x"})
     config2, variables2, meta = model_io.load_model(tmp_path / "m")
@@ -1122,7 +1104,7 @@ def test_staged_output_dir_replaces_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_average_models_cli(env, tiny_data, tmp_path, capsys):
+def test_average_models_cli(env, tiny_data, tmp_path, capsys, tiny, arch_args, make_tiny_config):
     import functools
 
     import jax
@@ -1140,7 +1122,7 @@ def test_average_models_cli(env, tiny_data, tmp_path, capsys):
         "2",
         "--lr",
         "0.01",
-        *TINY,
+        *tiny,
         "--workdir",
         tmp_path / "w0",
         "--out",
@@ -1188,7 +1170,7 @@ def test_average_models_cli(env, tiny_data, tmp_path, capsys):
     expect = recalibrate_batch_stats(
         config, average_variables([v0, v1]), train_x, batch_size=4, augment=augment, seed=3
     )
-    for a, b in zip(jax.tree.leaves(avg), jax.tree.leaves(expect)):
+    for a, b in zip(jax.tree.leaves(avg), jax.tree.leaves(expect), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert meta["recalibration"]["augment"] == ["crop", "flip", "cutout"]
     assert meta["recalibration"]["batch_size"] == 4 and meta["recalibration"]["seed"] == 3
@@ -1213,7 +1195,7 @@ def test_average_models_cli(env, tiny_data, tmp_path, capsys):
     expect = recalibrate_batch_stats(
         config, average_variables([v0, v1]), train_x, batch_size=4, passes=2
     )
-    for a, b in zip(jax.tree.leaves(avg_plain), jax.tree.leaves(expect)):
+    for a, b in zip(jax.tree.leaves(avg_plain), jax.tree.leaves(expect), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert (
         meta_plain["recalibration"]["augment"] == [] and meta_plain["recalibration"]["passes"] == 2
@@ -1244,7 +1226,8 @@ def test_average_models_cli(env, tiny_data, tmp_path, capsys):
     assert_error(
         capsys, ["average-models", tmp_path / "m0", tmp_path / "m0enc", *base], "encrypted", "plain"
     )
-    ok(capsys, "init-model", "--dim", "16", *TINY[2:], "--seed", "0", "--out", tmp_path / "wide")
+    wide = arch_args(make_tiny_config(dim=16))
+    ok(capsys, "init-model", *wide, "--seed", "0", "--out", tmp_path / "wide")
     assert_error(
         capsys,
         ["average-models", tmp_path / "m0", tmp_path / "wide", *base],

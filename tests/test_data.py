@@ -196,27 +196,22 @@ def test_image_folder_errors(tmp_path):
 # ---------------------------------------------------------------- CIFAR-10 binaries
 
 
-def write_cifar_binaries(d, rng, per_batch=(2, 3, 1, 2, 2), n_test=3):
-    """Write data_batch_1..5.bin and test_batch.bin; return the arrays in HWC order."""
-    d.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for split, names, counts in (
-        ("train", [f"data_batch_{i}.bin" for i in range(1, 6)], per_batch),
-        ("test", ["test_batch.bin"], (n_test,)),
-    ):
-        imgs, labels = [], []
-        for name, n in zip(names, counts):
-            hwc = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-            lab = rng.integers(0, 10, n, dtype=np.uint8)
-            records = [bytes([int(lab[i])]) + hwc[i].transpose(2, 0, 1).tobytes() for i in range(n)]
-            (d / name).write_bytes(b"".join(records))
-            imgs.append(hwc)
-            labels.append(lab)
-        out[split] = (np.concatenate(imgs), np.concatenate(labels).astype(np.int32))
-    return out
+@pytest.fixture
+def write_cifar_binaries(cifar10_batches):
+    """``write_cifar_binaries(d, rng, per_batch=(2, 3, 1, 2, 2), n_test=3)``: write
+    data_batch_1..5.bin and test_batch.bin into ``d``; return the arrays in HWC order."""
+
+    def write(d, rng, per_batch=(2, 3, 1, 2, 2), n_test=3):
+        d.mkdir(parents=True, exist_ok=True)
+        files, expected = cifar10_batches(rng, per_batch, n_test)
+        for name, data in files.items():
+            (d / name).write_bytes(data)
+        return expected
+
+    return write
 
 
-def test_cifar_binary_exact_values_and_chw_to_hwc(tmp_path):
+def test_cifar_binary_exact_values_and_chw_to_hwc(tmp_path, write_cifar_binaries):
     root = tmp_path / "cifar"
     expected = write_cifar_binaries(root, np.random.default_rng(4))
     for split, n in (("train", 10), ("test", 3)):
@@ -245,7 +240,7 @@ def test_cifar_binary_channel_layout_by_hand(tmp_path):
     assert images[0, 31, 0].tolist() == [31, 100, 250]
 
 
-def test_cifar_binary_in_release_subfolder(tmp_path):
+def test_cifar_binary_in_release_subfolder(tmp_path, write_cifar_binaries):
     root = tmp_path / "download"
     expected = write_cifar_binaries(root / "cifar-10-batches-bin", np.random.default_rng(5))
     images, labels, _ = load_local(root, "test")
@@ -253,7 +248,7 @@ def test_cifar_binary_in_release_subfolder(tmp_path):
     np.testing.assert_array_equal(labels, expected["test"][1])
 
 
-def test_cifar_binary_errors(tmp_path):
+def test_cifar_binary_errors(tmp_path, write_cifar_binaries):
     root = tmp_path / "cifar"
     write_cifar_binaries(root, np.random.default_rng(6))
     # wrong size

@@ -1,7 +1,8 @@
-"""The CIFAR binary releases arrive by themselves: download from a real local HTTP server, hash, extract, read.
+"""The CIFAR binary releases arrive by themselves: download from a real local HTTP server,
+hash, extract, read.
 
-A ThreadingHTTPServer on 127.0.0.1 serves small archives in the official
-format built here with tarfile (a few records per batch file). Checked: the
+A ThreadingHTTPServer on 127.0.0.1 (``http_server``, conftest.py) serves small archives in
+the official format built here with tarfile (a few records per batch file). Checked: the
 records read back exactly (CHW -> HWC), the second load makes no request, a
 wrong hash / truncated / unreadable / unsafe archive is refused with one
 DataError and leaves nothing in the cache (nor outside it), an unreachable
@@ -11,14 +12,11 @@ names, and the CLI end to end.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import json
 import socket
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -44,60 +42,7 @@ def cache(tmp_path, monkeypatch):
         "CONVMIXER_JAX_CIFAR100_SHA256",
     ):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     return d
-
-
-class Server:
-    """A real HTTP server for the files of ``root``; ``requests`` lists every GET path."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.requests: list[str] = []
-        log = self.requests
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def do_GET(self):
-                log.append(self.path)
-                if self.path.startswith(
-                    "/short/"
-                ):  # announces the whole file, sends half, hangs up
-                    data = (root / self.path.removeprefix("/short/")).read_bytes()
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data[: len(data) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                super().do_GET()
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
-        )
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    s = Server(root)
-    yield s
-    s.close()
 
 
 def sha256(path: Path) -> str:
@@ -112,7 +57,8 @@ def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_archive(path: Path, members: dict[str, bytes], extra=()) -> str:
-    """A tar.gz of ``members`` (with its folder entry first) plus the TarInfos ``extra``; returns its SHA-256."""
+    """A tar.gz of ``members`` (with its folder entry first) plus the TarInfos ``extra``;
+    returns its SHA-256."""
     with tarfile.open(path, "w:gz") as tar:
         folder = tarfile.TarInfo(next(iter(members)).split("/")[0])
         folder.type, folder.mode = tarfile.DIRTYPE, 0o755
@@ -124,41 +70,34 @@ def write_archive(path: Path, members: dict[str, bytes], extra=()) -> str:
     return sha256(path)
 
 
-def cifar10_members(rng, counts=(2, 1, 3, 1, 2), n_test=4):
-    """The official members, tiny; returns (members, {split: (images HWC, labels)})."""
-    members, expected = {}, {}
-    for split, names, ns in (
-        ("train", [f"data_batch_{i}.bin" for i in range(1, 6)], counts),
-        ("test", ["test_batch.bin"], (n_test,)),
-    ):
-        imgs, labs = [], []
-        for name, n in zip(names, ns):
-            hwc = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-            lab = rng.integers(0, 10, n, dtype=np.uint8)
-            members[f"{C10}/{name}"] = b"".join(
-                bytes([lab[i]]) + hwc[i].transpose(2, 0, 1).tobytes() for i in range(n)
-            )
-            imgs.append(hwc)
-            labs.append(lab)
-        expected[split] = (np.concatenate(imgs), np.concatenate(labs).astype(np.int32))
-    members[f"{C10}/batches.meta.txt"] = ("\n".join(CIFAR10_NAMES) + "\n\n").encode()
-    members[f"{C10}/readme.html"] = b"<html></html>"
-    return members, expected
+@pytest.fixture
+def cifar10_members(cifar10_batches):
+    """``cifar10_members(rng, counts=(2, 1, 3, 1, 2), n_test=4)``: the official members, tiny;
+    returns (members, {split: (images HWC, labels)})."""
+
+    def make(rng, counts=(2, 1, 3, 1, 2), n_test=4):
+        batches, expected = cifar10_batches(rng, counts, n_test)
+        members = {f"{C10}/{name}": data for name, data in batches.items()}
+        members[f"{C10}/batches.meta.txt"] = ("\n".join(CIFAR10_NAMES) + "\n\n").encode()
+        members[f"{C10}/readme.html"] = b"<html></html>"
+        return members, expected
+
+    return make
 
 
 @pytest.fixture
-def good(server):
+def good(http_server, cifar10_members):
     """The good CIFAR-10 archive on the server: (url, sha256, expected)."""
     members, expected = cifar10_members(np.random.default_rng(0), n_test=12)
-    sha = write_archive(server.root / "cifar-10-binary.tar.gz", members)
-    return server.url("cifar-10-binary.tar.gz"), sha, expected
+    sha = write_archive(http_server.root / "cifar-10-binary.tar.gz", members)
+    return http_server.url("cifar-10-binary.tar.gz"), sha, expected
 
 
 def cache_files(cache: Path) -> list[str]:
     return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) if cache.exists() else []
 
 
-def test_download_reads_the_records_and_the_second_load_makes_no_request(server, good, cache):
+def test_download_reads_the_records_and_the_second_load_makes_no_request(http_server, good, cache):
     url, sha, expected = good
     for split in ("test", "train"):
         images, labels, classes = load_split(
@@ -168,7 +107,7 @@ def test_download_reads_the_records_and_the_second_load_makes_no_request(server,
         np.testing.assert_array_equal(images, expected[split][0])
         np.testing.assert_array_equal(labels, expected[split][1])
         assert labels.dtype == np.int32 and classes == CIFAR10_NAMES
-    assert server.requests == ["/cifar-10-binary.tar.gz"]
+    assert http_server.requests == ["/cifar-10-binary.tar.gz"]
     folder = releases_dir() / C10
     assert (folder / MARKER).read_text().strip() == sha
     assert sorted(p.name for p in folder.iterdir()) == sorted(
@@ -183,24 +122,24 @@ def test_download_reads_the_records_and_the_second_load_makes_no_request(server,
     assert fetch_release("cifar10", url=url, sha256=sha, progress=False) == folder
     images, _, _ = load_split("test", download_url=url, download_sha256=sha.upper())
     np.testing.assert_array_equal(images, expected["test"][0])
-    assert len(server.requests) == 1
+    assert len(http_server.requests) == 1
     # the extracted folder is also a local copy
     np.testing.assert_array_equal(load_local(releases_dir(), "train")[0], expected["train"][0])
 
 
-def test_environment_is_honoured_and_arguments_come_first(server, good, monkeypatch):
+def test_environment_is_honoured_and_arguments_come_first(http_server, good, monkeypatch):
     url, sha, expected = good
     monkeypatch.setenv("CONVMIXER_JAX_CIFAR10_URL", url)
     monkeypatch.setenv("CONVMIXER_JAX_CIFAR10_SHA256", sha)
     assert resolve_source("cifar10") == (url, sha)
     images, labels, _ = load_split("test", progress=False)
     np.testing.assert_array_equal(labels, expected["test"][1])
-    assert server.requests == ["/cifar-10-binary.tar.gz"]
+    assert http_server.requests == ["/cifar-10-binary.tar.gz"]
     # arguments override the environment (a wrong env URL is never asked)
-    monkeypatch.setenv("CONVMIXER_JAX_CIFAR10_URL", server.url("nothing-here.tar.gz"))
+    monkeypatch.setenv("CONVMIXER_JAX_CIFAR10_URL", http_server.url("nothing-here.tar.gz"))
     assert resolve_source("cifar10", url=url)[0] == url
     load_split("test", download_url=url)
-    assert len(server.requests) == 1
+    assert len(http_server.requests) == 1
     # the official URL needs no SHA-256; a mirror does, and a malformed one is refused
     monkeypatch.delenv("CONVMIXER_JAX_CIFAR10_URL")
     monkeypatch.delenv("CONVMIXER_JAX_CIFAR10_SHA256")
@@ -219,10 +158,10 @@ def test_environment_is_honoured_and_arguments_come_first(server, good, monkeypa
         load_split("test", dataset="mnist")
     with pytest.raises(DataError, match="unknown split"):
         load_split("validation", download_url=url, download_sha256=sha)
-    assert len(server.requests) == 1
+    assert len(http_server.requests) == 1
 
 
-def test_wrong_hash_is_refused_and_nothing_stays_in_the_cache(server, good, cache):
+def test_wrong_hash_is_refused_and_nothing_stays_in_the_cache(http_server, good, cache):
     url, sha, _ = good
     wrong = "0" * 64
     with pytest.raises(DataError, match=f"has SHA-256 {sha}, expected {wrong}") as e:
@@ -230,32 +169,38 @@ def test_wrong_hash_is_refused_and_nothing_stays_in_the_cache(server, good, cach
     assert "\n" not in str(e.value)
     assert cache_files(cache) == ["releases"]
     # a truncated archive, announced with the real hash: the same refusal
-    data = (server.root / "cifar-10-binary.tar.gz").read_bytes()
-    (server.root / "half.tar.gz").write_bytes(data[: len(data) // 2])
+    data = (http_server.root / "cifar-10-binary.tar.gz").read_bytes()
+    (http_server.root / "half.tar.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="corrupt or truncated"):
-        fetch_release("cifar10", url=server.url("half.tar.gz"), sha256=sha, progress=False)
+        fetch_release("cifar10", url=http_server.url("half.tar.gz"), sha256=sha, progress=False)
     assert cache_files(cache) == ["releases"]
     # a connection that breaks off half way
     with pytest.raises(DataError, match="cannot download CIFAR-10"):
         fetch_release(
-            "cifar10", url=server.url("short/cifar-10-binary.tar.gz"), sha256=sha, progress=False
+            "cifar10",
+            url=http_server.url("short/cifar-10-binary.tar.gz"),
+            sha256=sha,
+            progress=False,
         )
     assert cache_files(cache) == ["releases"]
 
 
 def test_an_archive_that_passes_the_hash_but_is_not_a_tar_is_refused_and_deleted(
-    server, good, cache
+    http_server, good, cache
 ):
     url, sha, _ = good
-    data = (server.root / "cifar-10-binary.tar.gz").read_bytes()
+    data = (http_server.root / "cifar-10-binary.tar.gz").read_bytes()
     for name, body in (
         ("half.tar.gz", data[: len(data) // 2]),
         ("junk.tar.gz", b"not a tar at all" * 50),
     ):
-        (server.root / name).write_bytes(body)
+        (http_server.root / name).write_bytes(body)
         with pytest.raises(DataError, match="cannot be read as a tar.gz") as e:
             fetch_release(
-                "cifar10", url=server.url(name), sha256=sha256(server.root / name), progress=False
+                "cifar10",
+                url=http_server.url(name),
+                sha256=sha256(http_server.root / name),
+                progress=False,
             )
         assert "\n" not in str(e.value)
         assert cache_files(cache) == ["releases"]
@@ -283,7 +228,9 @@ def _info(name, kind, **kw):
         "unexpected-folder",
     ],
 )
-def test_unsafe_members_are_refused_and_nothing_is_written(server, cache, tmp_path, bad):
+def test_unsafe_members_are_refused_and_nothing_is_written(
+    http_server, cache, tmp_path, bad, cifar10_members
+):
     members, _ = cifar10_members(np.random.default_rng(1))
     outside = tmp_path / "evil"
     payload = b"pwned"
@@ -301,10 +248,10 @@ def test_unsafe_members_are_refused_and_nothing_is_written(server, cache, tmp_pa
     name, kind, kw, data = extra
     if bad == "symlink":
         del members[f"{C10}/test_batch.bin"]
-    path = server.root / f"{bad}.tar.gz"
+    path = http_server.root / f"{bad}.tar.gz"
     sha = write_archive(path, members, [(_info(name, kind, **kw), data)])
     with pytest.raises(DataError) as e:
-        fetch_release("cifar10", url=server.url(path.name), sha256=sha, progress=False)
+        fetch_release("cifar10", url=http_server.url(path.name), sha256=sha, progress=False)
     msg = str(e.value)
     assert repr(name) in msg and "\n" not in msg and "nothing was extracted" in msg, msg
     assert not outside.exists()
@@ -312,13 +259,13 @@ def test_unsafe_members_are_refused_and_nothing_is_written(server, cache, tmp_pa
     assert cache_files(cache) == ["releases"]
 
 
-def test_an_archive_without_the_batches_is_refused(server, cache):
+def test_an_archive_without_the_batches_is_refused(http_server, cache, cifar10_members):
     members, _ = cifar10_members(np.random.default_rng(2))
     del members[f"{C10}/data_batch_3.bin"]
-    path = server.root / "short.tar.gz"
+    path = http_server.root / "short.tar.gz"
     sha = write_archive(path, members)
     with pytest.raises(DataError, match="lacks cifar-10-batches-bin/data_batch_3.bin"):
-        fetch_release("cifar10", url=server.url(path.name), sha256=sha, progress=False)
+        fetch_release("cifar10", url=http_server.url(path.name), sha256=sha, progress=False)
     assert cache_files(cache) == ["releases"]
 
 
@@ -328,7 +275,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_server_and_http_errors_name_data_dir(server, good, cache):
+def test_unreachable_server_and_http_errors_name_data_dir(http_server, good, cache):
     url = f"http://127.0.0.1:{_closed_port()}/cifar-10-binary.tar.gz"
     with pytest.raises(DataError) as e:
         load_split("test", download_url=url, download_sha256=good[1], progress=False)
@@ -340,11 +287,11 @@ def test_unreachable_server_and_http_errors_name_data_dir(server, good, cache):
     )
     assert "refused" in msg.lower(), msg
     with pytest.raises(DataError, match=r"\(HTTP 404 .*--data-dir"):
-        load_split("test", download_url=server.url("missing.tar.gz"), download_sha256=good[1])
+        load_split("test", download_url=http_server.url("missing.tar.gz"), download_sha256=good[1])
     assert not (releases_dir() / C10).exists() and cache_files(cache) == ["releases"]
 
 
-def test_a_bad_archive_in_the_cache_is_downloaded_again(server, good):
+def test_a_bad_archive_in_the_cache_is_downloaded_again(http_server, good):
     url, sha, expected = good
     releases_dir().mkdir(parents=True)
     (releases_dir() / "cifar-10-binary.tar.gz").write_bytes(
@@ -352,23 +299,25 @@ def test_a_bad_archive_in_the_cache_is_downloaded_again(server, good):
     )
     images, _, _ = load_split("test", download_url=url, download_sha256=sha)
     np.testing.assert_array_equal(images, expected["test"][0])
-    assert len(server.requests) == 1 and sha256(releases_dir() / "cifar-10-binary.tar.gz") == sha
+    assert (
+        len(http_server.requests) == 1 and sha256(releases_dir() / "cifar-10-binary.tar.gz") == sha
+    )
     # a good archive in the cache is extracted again without a request when its folder is gone
     import shutil
 
     shutil.rmtree(releases_dir() / C10)
     load_split("test", download_url=url, download_sha256=sha)
-    assert len(server.requests) == 1
+    assert len(http_server.requests) == 1
     # if the server now serves other bytes, the bad cached archive is not kept either
     (releases_dir() / "cifar-10-binary.tar.gz").write_bytes(b"rotten")
     shutil.rmtree(releases_dir() / C10)
-    (server.root / "cifar-10-binary.tar.gz").write_bytes(b"changed")
+    (http_server.root / "cifar-10-binary.tar.gz").write_bytes(b"changed")
     with pytest.raises(DataError, match="SHA-256"):
         fetch_release("cifar10", url=url, sha256=sha)
     assert not (releases_dir() / "cifar-10-binary.tar.gz").exists()
 
 
-def test_a_half_extracted_or_other_archives_folder_is_never_used(server, good):
+def test_a_half_extracted_or_other_archives_folder_is_never_used(http_server, good):
     url, sha, expected = good
     folder = releases_dir() / C10
     folder.mkdir(parents=True)
@@ -384,7 +333,7 @@ def test_a_half_extracted_or_other_archives_folder_is_never_used(server, good):
     assert not [p for p in releases_dir().iterdir() if p.name.startswith(".")]
 
 
-def test_cifar100_fine_labels_and_names(server, monkeypatch, cache):
+def test_cifar100_fine_labels_and_names(http_server, monkeypatch, cache):
     rng = np.random.default_rng(3)
     fine_names = [f"fine{i:02d}" for i in range(100)]
     members, expected = {}, {}
@@ -399,15 +348,15 @@ def test_cifar100_fine_labels_and_names(server, monkeypatch, cache):
         expected[split] = (hwc, fine.astype(np.int32))
     members[f"{C100}/fine_label_names.txt"] = "\n".join(fine_names).encode()
     members[f"{C100}/coarse_label_names.txt"] = "\n".join(f"coarse{i}" for i in range(20)).encode()
-    sha = write_archive(server.root / "cifar-100-binary.tar.gz", members)
-    monkeypatch.setenv("CONVMIXER_JAX_CIFAR100_URL", server.url("cifar-100-binary.tar.gz"))
+    sha = write_archive(http_server.root / "cifar-100-binary.tar.gz", members)
+    monkeypatch.setenv("CONVMIXER_JAX_CIFAR100_URL", http_server.url("cifar-100-binary.tar.gz"))
     monkeypatch.setenv("CONVMIXER_JAX_CIFAR100_SHA256", sha)
     for split in ("train", "test"):
         images, labels, classes = load_split(split, dataset="cifar100", progress=False)
         np.testing.assert_array_equal(images, expected[split][0])
         np.testing.assert_array_equal(labels, expected[split][1])
         assert classes == fine_names
-    assert server.requests == ["/cifar-100-binary.tar.gz"]
+    assert http_server.requests == ["/cifar-100-binary.tar.gz"]
     assert (releases_dir() / C100 / MARKER).read_text().strip() == sha
     # the extracted folder (or its parent) is detected as CIFAR-100 by load_local
     for root in (releases_dir() / C100, releases_dir()):
@@ -416,42 +365,17 @@ def test_cifar100_fine_labels_and_names(server, monkeypatch, cache):
         assert classes == fine_names
     # the CIFAR-10 env is another data set's: cifar10 is not fetched from the CIFAR-100 mirror
     with pytest.raises(DataError, match="--download-sha256"):
-        load_split("test", download_url=server.url("cifar-100-binary.tar.gz"))
+        load_split("test", download_url=http_server.url("cifar-100-binary.tar.gz"))
 
 
 def test_cli_evaluate_downloads_once_then_refuses_a_wrong_hash(
-    server, good, monkeypatch, tmp_path, capsys
+    http_server, good, monkeypatch, tmp_path, capsys, make_tiny_config, make_model_dir
 ):
     url, sha, _ = good
     monkeypatch.setenv("CONVMIXER_JAX_CIFAR10_URL", url)
     monkeypatch.setenv("CONVMIXER_JAX_CIFAR10_SHA256", sha)
-    model = tmp_path / "M"
-    assert (
-        cli.main(
-            [
-                "init-model",
-                "--dim",
-                "8",
-                "--depth",
-                "1",
-                "--kernel-size",
-                "3",
-                "--patch-size",
-                "4",
-                "--num-classes",
-                "10",
-                "--image-size",
-                "32",
-                "--channels",
-                "3",
-                "--seed",
-                "0",
-                "--out",
-                str(model),
-            ]
-        )
-        == 0
-    )
+    config = make_tiny_config(patch_size=4, num_classes=10, image_size=32)
+    model = make_model_dir(tmp_path / "M", config, seed=0)
     capsys.readouterr()
     for _ in range(2):
         rc = cli.main(["evaluate", str(model), "--limit", "10"])
@@ -459,7 +383,7 @@ def test_cli_evaluate_downloads_once_then_refuses_a_wrong_hash(
         assert rc == 0, err
         result = json.loads(out.strip().splitlines()[-1])
         assert result["images"] == 10 and 0.0 <= result["accuracy"] <= 1.0
-        assert server.requests == ["/cifar-10-binary.tar.gz"]
+        assert http_server.requests == ["/cifar-10-binary.tar.gz"]
     # a wrong hash (for a fresh cache): exit 1, one line, nothing kept
     monkeypatch.setenv("CONVMIXER_JAX_CACHE", str(tmp_path / "cache2"))
     monkeypatch.setenv("CONVMIXER_JAX_CIFAR10_SHA256", "1" * 64)

@@ -1,4 +1,4 @@
-"""Fuzzing the command line with malformed files (issue 14).
+"""Fuzzing the command line with malformed files.
 
 Hypothesis makes random bytes and random edits of valid ``.npy`` image files, key files
 and model directories and runs the CLI entry point in-process on them. An independent
@@ -26,22 +26,11 @@ from convmixer_jax import cli
 SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
-ARCH = [
-    "--dim",
-    "8",
-    "--depth",
-    "1",
-    "--kernel-size",
-    "3",
-    "--patch-size",
-    "4",
-    "--image-size",
-    "8",
-]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, make_model_dir, make_tiny_config):
+    """A key (block size 4), images and a plain model of patch 4, 10 classes, on 8 x 8 RGB."""
     d = tmp_path_factory.mktemp("fuzz-base")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert (
@@ -60,7 +49,7 @@ def base(tmp_path_factory):
             )
             == 0
         )
-        assert cli.main(["init-model", *ARCH, "--seed", "0", "--out", str(d / "m")]) == 0
+    make_model_dir(d / "m", make_tiny_config(patch_size=4, num_classes=10), seed=0)
     np.save(d / "x.npy", np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8))
     return d
 
@@ -118,7 +107,8 @@ FILE = st.one_of(
 
 
 def images_valid(path: Path) -> bool:
-    """Independent oracle: numpy reads it, and it is a batch of 8x8 RGB uint8 or [0, 1] float images."""
+    """Independent oracle: numpy reads it, and it is a batch of 8x8 RGB uint8 or [0, 1] float
+    images."""
     try:
         x = np.load(path, allow_pickle=False)
     except Exception:

@@ -36,7 +36,7 @@ def _sha(path: Path) -> str:
 
 
 def _config_without_paths(model_dir: Path) -> dict:
-    """config.json without ``variables_sha256`` (added after the golden file was made, issue 14:
+    """config.json without ``variables_sha256`` (added after the golden file was made:
     digests of Orbax's files, which hold write times, so they are checked for form only)."""
     meta = json.loads((model_dir / "config.json").read_text())
     digests = meta.pop("variables_sha256", None)

@@ -1,4 +1,4 @@
-"""Ordinary image files (issue 15): PNG/JPEG files and folders in, lossless PNG, a folder of
+"""Ordinary image files: PNG/JPEG files and folders in, lossless PNG, a folder of
 PNGs or .npy out. Every check compares VALUES: what encrypt-images writes, read back with
 Pillow, must equal the array-level encryption (``scheme.images.encrypt_images``) of the
 pixels Pillow decodes from the input, and decrypt-images must give those pixels back."""
@@ -42,7 +42,8 @@ def tree(path: Path) -> dict:
 
 
 def refused(capsys, argv, *, where: Path, words=(), code: int = 1) -> str:
-    """``argv`` must fail with ``code`` and one stderr line naming ``words``, changing nothing under ``where``."""
+    """``argv`` must fail with ``code`` and one stderr line naming ``words``, changing nothing
+    under ``where``."""
     before = tree(where)
     rc, _, err = run(capsys, *argv)
     lines = [line for line in err.splitlines() if line.strip()]
@@ -241,8 +242,8 @@ def test_a_lossy_output_is_refused_and_nothing_written(work, key_pair, capsys, n
     )
     if "jp" in name.lower():
         assert (
-            "JPEG is lossy: it would change the encrypted pixels and the model would no longer compute the "
-            "plain model's function; use .png or .npy" in line
+            "JPEG is lossy: it would change the encrypted pixels and the model would no longer "
+            "compute the plain model's function; use .png or .npy" in line
         )
     assert sorted(os.listdir(work)) == ["in.png"]
 
@@ -473,7 +474,7 @@ def test_png_files_round_trip_and_hold_the_array_encryption(m, c, hb, wb, n, see
         t = Path(t)
         (t / "in").mkdir()
         names = [f"img{i}.png" for i in range(n)]
-        for name, x in zip(names, images):
+        for name, x in zip(names, images, strict=True):
             write_png(t / "in" / name, x)
         loaded, got_names = image_files.load_image_inputs([t / "in"])
         np.testing.assert_array_equal(loaded, images)
@@ -489,7 +490,7 @@ def test_png_files_round_trip_and_hold_the_array_encryption(m, c, hb, wb, n, see
             images=e,
         )
         image_files.write_image_outputs(t / "enc", e, got_names, force=False)
-        for name, want in zip(names, e):
+        for name, want in zip(names, e, strict=True):
             np.testing.assert_array_equal(
                 read_image(t / "enc" / name), want
             )  # Pillow reads the encryption back
@@ -497,43 +498,22 @@ def test_png_files_round_trip_and_hold_the_array_encryption(m, c, hb, wb, n, see
         np.testing.assert_array_equal(np.asarray(decrypt_images(back, key)), images)
 
 
-def test_predict_on_a_folder_of_pngs_matches_the_array_path(tmp_path, capsys):
+def test_predict_on_a_folder_of_pngs_matches_the_array_path(
+    tmp_path, capsys, make_model_dir, make_tiny_config
+):
     """predict MODEL folder/ prints one line per image (sorted names, class indices when the
-    model records no names); --out .npy / .json hold the same predictions; other suffixes are refused."""
+    model records no names); --out .npy / .json hold the same predictions; other suffixes are
+    refused."""
     from convmixer_jax import cli
     from convmixer_jax.files.model_dir import load_model
     from convmixer_jax.model.inference import predict_logits
 
-    model = tmp_path / "m"
-    assert (
-        cli.main(
-            [
-                "init-model",
-                "--dim",
-                "8",
-                "--depth",
-                "1",
-                "--kernel-size",
-                "3",
-                "--patch-size",
-                "2",
-                "--num-classes",
-                "3",
-                "--image-size",
-                "4",
-                "--seed",
-                "1",
-                "--out",
-                str(model),
-            ]
-        )
-        == 0
-    )
+    model = make_model_dir(tmp_path / "m", make_tiny_config(image_size=4), seed=1)
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
     folder = tmp_path / "imgs"
     folder.mkdir()
-    for name, im in zip(("b.png", "a.png", "c.png"), images):
+    for name, im in zip(("b.png", "a.png", "c.png"), images, strict=True):
         Image.fromarray(im).save(folder / name)
     capsys.readouterr()
     assert cli.main(["predict", str(model), str(folder), "--top", "1", "--quiet"]) == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -66,7 +67,8 @@ def commands(root, tag: str) -> list[list[str]]:
             "--out",
             f"evaluate-{tag}.json",
         ],
-        # as many wrong keys as attack: drawing them reuses attack's compiled programs in this process
+        # as many wrong keys as attack: drawing them reuses attack's compiled programs in this
+        # process
         [
             "reproduce",
             "--checkpoint",
@@ -98,7 +100,8 @@ def commands(root, tag: str) -> list[list[str]]:
             "--out",
             f"trained-{tag}",
         ],
-        # resume a finished run's checkpoint: restores it (written by one process for "two") and saves it
+        # resume a finished run's checkpoint: restores it (written by one process for "two") and
+        # saves it
         [
             "train",
             *data,
@@ -123,36 +126,13 @@ def commands(root, tag: str) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """Tiny PNG data (3 classes) and a tiny model whose BatchNorm statistics fit them."""
-    import jax
-    from PIL import Image
-
-    from convmixer_jax.files.model_dir import save_model
-    from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
-    from convmixer_jax.training.loop import init_variables
-
+def root(tmp_path_factory, tiny_trained_model):
+    """A folder holding ``data`` (tiny PNGs of 3 classes) and ``model`` (a tiny model whose
+    BatchNorm statistics fit them): copies of ``tiny_trained_model``, so that the runs below
+    write beside them."""
     root = tmp_path_factory.mktemp("mp")
-    rng = np.random.default_rng(0)
-    base = rng.uniform(0, 1, (66, 1, 1, 3)) * np.linspace(0.2, 1.0, 8)[None, :, None, None]
-    images = np.clip(255 * (base + rng.uniform(-0.1, 0.1, (66, 8, 8, 3))), 0, 255).astype(np.uint8)
-    config = ConvMixerConfig(
-        dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8
-    )
-    model, variables = ConvMixer(config), init_variables(config, 4)
-    step = jax.jit(
-        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"]
-    )
-    for _ in range(20):
-        variables = {**variables, "batch_stats": step(variables, images / 255.0)}
-    # the labels are the model's own classes, which differ between images (all three occur in each split)
-    labels = np.argmax(np.asarray(model.apply(variables, images / 255.0)), 1)
-    for split, part in (("train", slice(0, 36)), ("test", slice(36, 66))):
-        assert len(set(labels[part].tolist())) == 3
-        for i, (im, c) in enumerate(zip(images[part], labels[part])):
-            (root / "data" / split / f"class{c}").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(im).save(root / "data" / split / f"class{c}" / f"{i}.png")
-    save_model(root / "model", config, jax.tree.map(np.asarray, variables))
+    shutil.copytree(tiny_trained_model.data_dir, root / "data")
+    shutil.copytree(tiny_trained_model.model_dir, root / "model")
     return root
 
 
@@ -176,7 +156,8 @@ def _params(model_dir):
 
 @pytest.fixture(scope="module")
 def runs(root):
-    """The commands in this process (one process) and in two worker processes, each in its own folder."""
+    """The commands in this process (one process) and in two worker processes, each in its own
+    folder."""
     one = root / "one"
     one.mkdir()
     cwd = os.getcwd()
@@ -219,7 +200,7 @@ def runs(root):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     return {"one": one, "two": folders[0], "process1": folders[1], "stdout": [o for o, _ in outs]}
 
@@ -249,10 +230,9 @@ def test_sweeps_and_evaluation_equal_one_process(runs):
         assert r2[field] == r1[field], field
 
 
-def test_two_training_steps_equal_one_process_within_the_tolerance(root, runs):
+def test_two_training_steps_equal_one_process_within_the_tolerance(root, runs, tiny_config):
     import jax
 
-    from convmixer_jax.model.convmixer import ConvMixerConfig
     from convmixer_jax.training.loop import init_variables
 
     p1, p2 = _params(runs["one"] / "trained-one"), _params(runs["two"] / "trained-two")
@@ -261,12 +241,10 @@ def test_two_training_steps_equal_one_process_within_the_tolerance(root, runs):
         np.testing.assert_allclose(p2[k], p1[k], rtol=0, atol=PARAM_ATOL, err_msg=k)
     # not vacuous: the two steps moved the weights (train --seed 2 starts from init seed 2) far
     # more than the tolerance
-    config = ConvMixerConfig(
-        dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8
-    )
+    # the architecture of ``commands``' train (tiny_config)
     start = {
         jax.tree_util.keystr(p): np.asarray(v)
-        for p, v in jax.tree_util.tree_flatten_with_path(init_variables(config, 2))[0]
+        for p, v in jax.tree_util.tree_flatten_with_path(init_variables(tiny_config, 2))[0]
     }
     assert max(float(np.max(np.abs(p1[k] - start[k]))) for k in p1) > 100 * PARAM_ATOL
     log1 = json.loads((root / "work-one" / "train_log.json").read_text())

@@ -1,9 +1,11 @@
-"""Nothing lost, nothing silently wrong (issue 14): each hostile case of the issue, run as
-written, gets one line on stderr and a non-zero exit and leaves every path as it was;
-model directories verify themselves; killed or terminated writes leave no debris."""
+"""Nothing lost, nothing silently wrong: each hostile case (an output that would replace the
+input or the key, a special file, a damaged model, a malformed or huge input) gets one line
+on stderr and a non-zero exit and leaves every path as it was; model directories verify
+themselves; killed or terminated writes leave no debris."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,18 +22,18 @@ from convmixer_jax import cli
 from convmixer_jax.files import atomic
 
 REPO = Path(__file__).parents[1]
-ARCH = [
-    "--dim",
-    "16",
-    "--depth",
-    "1",
-    "--kernel-size",
-    "3",
-    "--patch-size",
-    "4",
-    "--image-size",
-    "8",
-]
+
+
+@pytest.fixture(scope="module")
+def config(make_tiny_config):
+    """ConvMixer-16/1, kernel 3, patch 4 (the key's block size), 10 classes, 8 x 8 RGB."""
+    return make_tiny_config(dim=16, patch_size=4, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def arch(arch_args, config):
+    """The options of ``init-model`` and ``train`` that give ``config``."""
+    return arch_args(config)
 
 
 def tree(path: Path) -> dict:
@@ -45,7 +47,8 @@ def tree(path: Path) -> dict:
 
 
 def refused(capsys, argv, *, where: Path, code: int = 1, words: tuple[str, ...] = ()) -> str:
-    """Run the CLI in-process; it must fail with one line naming ``words`` and change nothing under ``where``."""
+    """Run the CLI in-process; it must fail with one line naming ``words`` and change nothing
+    under ``where``."""
     before = tree(where)
     assert cli.main([str(a) for a in argv]) == code
     err = capsys.readouterr().err
@@ -59,8 +62,8 @@ def refused(capsys, argv, *, where: Path, code: int = 1, words: tuple[str, ...] 
 
 
 @pytest.fixture()
-def work(tmp_path, capsys):
-    """A folder with a key, images and a plain model made by the CLI."""
+def work(tmp_path, capsys, make_model_dir, config):
+    """A folder with a key (made by the CLI), images and a plain model ``m`` of ``config``."""
     assert (
         cli.main(
             [
@@ -80,7 +83,7 @@ def work(tmp_path, capsys):
     np.save(
         tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     )
-    assert cli.main(["init-model", *ARCH, "--seed", "0", "--out", str(tmp_path / "m")]) == 0
+    make_model_dir(tmp_path / "m", config, seed=0)
     capsys.readouterr()
     return tmp_path
 
@@ -88,7 +91,7 @@ def work(tmp_path, capsys):
 # --------------------------------------------------------------------------- --force
 
 
-def test_force_never_replaces_a_folder_holding_the_input_or_the_key(work, capsys):
+def test_force_never_replaces_a_folder_holding_the_input_or_the_key(work, capsys, arch):
     p = work / "p"
     p.mkdir()
     os.rename(work / "m", p / "plain-model")
@@ -111,15 +114,15 @@ def test_force_never_replaces_a_folder_holding_the_input_or_the_key(work, capsys
     (work / "other" / "a.txt").write_text("a")
     refused(
         capsys,
-        ["init-model", *ARCH, "--seed", "1", "--force", "--out", work / "other"],
+        ["init-model", *arch, "--seed", "1", "--force", "--out", work / "other"],
         where=work,
         words=("not a model directory",),
     )
-    assert cli.main(["init-model", *ARCH, "--seed", "1", "--out", str(work / "m2")]) == 0
+    assert cli.main(["init-model", *arch, "--seed", "1", "--out", str(work / "m2")]) == 0
     (work / "m2" / "notes.txt").write_text("mine")
     refused(
         capsys,
-        ["init-model", *ARCH, "--seed", "2", "--force", "--out", work / "m2"],
+        ["init-model", *arch, "--seed", "2", "--force", "--out", work / "m2"],
         where=work,
         words=("notes.txt",),
     )
@@ -141,7 +144,7 @@ def test_force_never_replaces_a_folder_holding_the_input_or_the_key(work, capsys
     )
 
 
-def test_force_replaces_what_the_command_made(work, capsys):
+def test_force_replaces_what_the_command_made(work, capsys, arch):
     key = work / "k.json"
     assert (
         cli.main(["encrypt-images", "--key", str(key), str(work / "x.npy"), str(work / "e.npy")])
@@ -149,7 +152,7 @@ def test_force_replaces_what_the_command_made(work, capsys):
     )
     assert cli.main(["encrypt-model", "--key", str(key), str(work / "m"), str(work / "em")]) == 0
     first = tree(work / "em")
-    assert cli.main(["init-model", *ARCH, "--seed", "5", "--out", str(work / "m5")]) == 0
+    assert cli.main(["init-model", *arch, "--seed", "5", "--out", str(work / "m5")]) == 0
     assert (
         cli.main(
             ["encrypt-model", "--key", str(key), "--force", str(work / "m5"), str(work / "em")]
@@ -261,17 +264,15 @@ def test_every_damaged_variables_file_is_refused_by_name(work, capsys):
         subprocess.run(["rm", "-r", str(copy)], check=True)
 
 
-def test_damaged_model_refused_by_every_loading_command(work, capsys, monkeypatch):
-    from test_attack import _png_tree
-
+def test_damaged_model_refused_by_every_loading_command(work, capsys, monkeypatch, png_tree, arch):
     monkeypatch.setenv(
         "CONVMIXER_JAX_CACHE", str(work.parent / (work.name + "-cache"))
     )  # not an output
     data = work / "data"
-    _png_tree(data, size=8)
+    png_tree(data, size=8)
     assert (
         cli.main(
-            ["init-model", *ARCH, "--num-classes", "3", "--seed", "0", "--out", str(work / "m3")]
+            ["init-model", *arch, "--num-classes", "3", "--seed", "0", "--out", str(work / "m3")]
         )
         == 0
     )
@@ -503,7 +504,7 @@ def test_killed_encrypt_images_leaves_nothing_after_the_next_run(tmp_path, work,
 def test_killed_encrypt_model_leaves_nothing_after_the_next_run(work):
     dest = work / "dest"
     dest.mkdir()
-    for attempt in range(20):  # the model write is short: kill at the first sight of its temporary
+    for _attempt in range(20):  # the model write is short: kill at the first sight of its temporary
         proc = _cli("encrypt-model", "--key", work / "k.json", work / "m", dest / "em")
         try:
             _wait_for_temporary(dest, proc)
@@ -545,26 +546,15 @@ def test_stale_temporaries_of_dead_processes_only_are_removed(tmp_path):
 @pytest.mark.parametrize(
     "sig, code", [(signal.SIGTERM, 143)]
 )  # SIGINT takes the same path (exit 130)
-def test_interrupted_training_leaves_complete_checkpoints_and_resumes(tmp_path, sig, code):
-    from test_attack import _png_tree
-
-    _png_tree(tmp_path / "data", n_per_class=40, size=8)
+def test_interrupted_training_leaves_complete_checkpoints_and_resumes(
+    tmp_path, sig, code, png_tree, arch_args, config
+):
+    png_tree(tmp_path / "data", n_per_class=40, size=8)
     argv = [
         "train",
         "--data-dir",
         tmp_path / "data",
-        "--dim",
-        "16",
-        "--depth",
-        "1",
-        "--kernel-size",
-        "3",
-        "--patch-size",
-        "4",
-        "--image-size",
-        "8",
-        "--num-classes",
-        "3",
+        *arch_args(dataclasses.replace(config, num_classes=3)),
         "--recipe",
         "fast",
         "--epochs",

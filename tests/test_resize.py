@@ -60,29 +60,11 @@ def test_eval_resize_refuses_what_it_cannot_resize():
         eval_resize(np.zeros((8, 8, 3), np.uint8), 4, 1.5)
 
 
-def test_predict_and_encrypt_images_of_any_size(tmp_path, capsys):
+def test_predict_and_encrypt_images_of_any_size(tmp_path, capsys, make_model_dir, make_tiny_config):
     """predict --resize on photos of several sizes = predict on the photos resized first; a client
     that encrypts with --resize gets the same predictions from the encrypted model."""
-    ok(
-        capsys,
-        "init-model",
-        "--dim",
-        "8",
-        "--depth",
-        "1",
-        "--kernel-size",
-        "3",
-        "--patch-size",
-        "3",
-        "--num-classes",
-        "4",
-        "--image-size",
-        "12",
-        "--seed",
-        "2",
-        "--out",
-        tmp_path / "m",
-    )
+    config = make_tiny_config(patch_size=3, num_classes=4, image_size=12)
+    make_model_dir(tmp_path / "m", config, seed=2)
     ok(
         capsys, "keygen", "--block-size", "3", "--channels", "3", "--out", tmp_path / "k.json"
     )  # odd pb = 27
@@ -136,7 +118,9 @@ def test_predict_and_encrypt_images_of_any_size(tmp_path, capsys):
     )
 
 
-def test_evaluate_a_class_tree_of_any_size(tmp_path, capsys, monkeypatch):
+def test_evaluate_a_class_tree_of_any_size(
+    tmp_path, capsys, monkeypatch, make_model_dir, make_tiny_config
+):
     """evaluate --resize on class folders of photos of several sizes scores the resized images."""
     import json
 
@@ -144,26 +128,7 @@ def test_evaluate_a_class_tree_of_any_size(tmp_path, capsys, monkeypatch):
     from convmixer_jax.model.inference import predict_logits
 
     monkeypatch.setenv("CONVMIXER_JAX_CACHE", str(tmp_path / "cache"))
-    ok(
-        capsys,
-        "init-model",
-        "--dim",
-        "8",
-        "--depth",
-        "1",
-        "--kernel-size",
-        "3",
-        "--patch-size",
-        "2",
-        "--num-classes",
-        "2",
-        "--image-size",
-        "8",
-        "--seed",
-        "4",
-        "--out",
-        tmp_path / "m",
-    )
+    make_model_dir(tmp_path / "m", make_tiny_config(num_classes=2), seed=4)
     rng = np.random.default_rng(5)
     resized, labels = [], []
     for label, cls in enumerate(("cat", "dog")):

@@ -27,7 +27,8 @@ from convmixer_jax.model.inference import predict_logits  # noqa: E402
 
 nn = torch.nn
 torch.set_num_threads(1)
-# PyTorch notes that padding='same' with an even kernel copies the input; the result is what we compare
+# PyTorch notes that padding='same' with an even kernel copies the input; the result is what we
+# compare
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 
 
@@ -44,7 +45,8 @@ class Residual(nn.Module):
 
 
 def locuslab_convmixer(dim, depth, kernel_size, patch_size, n_classes, channels=3):
-    """The paper's reference definition (github.com/locuslab/convmixer), verbatim but for in_chans."""
+    """The paper's reference definition (github.com/locuslab/convmixer), verbatim but for
+    in_chans."""
     return nn.Sequential(
         nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size),
         nn.GELU(),
@@ -112,7 +114,8 @@ def torch_logits(model, images, mean, std):
 
 
 def encrypt_independently(images, key_file, m):
-    """method.md in NumPy: per M x M block, flatten (row, col, channel), y[k] = x[perm[k]], z = 1 - y where flip."""
+    """method.md in NumPy: per M x M block, flatten (row, col, channel), y[k] = x[perm[k]],
+    z = 1 - y where flip."""
     key = json.loads(Path(key_file).read_text())
     perm, flip = np.asarray(key["perm"]), np.asarray(key["flip"])
     n, h, w, c = images.shape
@@ -315,7 +318,8 @@ def test_bfloat16_and_float16_weights_read_as_float32(tmp_path):
     "name", ["convmixer_768_32", "convmixer_1536_20", "convmixer_1024_20_ks9_p14"]
 )
 def test_presets_are_timms_models(name):
-    """Our PRESETS against the installed timm: shapes (on the meta device, no memory), activation, normalization."""
+    """Our PRESETS against the installed timm: shapes (on the meta device, no memory),
+    activation, normalization."""
     import timm
 
     from convmixer_jax.files.torch_weights import config_from_state_dict

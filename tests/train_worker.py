@@ -10,12 +10,13 @@ import time
 
 import jax
 import numpy as np
+from conftest import TINY  # tests/conftest.py, beside this script
 
 import convmixer_jax  # noqa: F401
 from convmixer_jax.model.convmixer import ConvMixerConfig
 from convmixer_jax.training.loop import TrainConfig, train
 
-CONFIG = ConvMixerConfig(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8)
+CONFIG = ConvMixerConfig(**TINY)
 
 
 def data():
