@@ -11,7 +11,6 @@ import jax
 import numpy as np
 from conftest import TINY  # tests/conftest.py, beside this script
 
-import convmixer_jax  # noqa: F401
 from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies
 from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
 from convmixer_jax.scheme.keys import generate_key

@@ -2,7 +2,7 @@
 
 usage: python tests/multiprocess_worker.py PORT PROCESS_ID NUM_PROCESSES ROOT
 Runs, as this process of the group at 127.0.0.1:PORT, the commands of
-``tests/test_multiprocess.py::commands`` with their outputs relative to the current
+``tests/multiprocess_commands.py::commands`` with their outputs relative to the current
 folder (so what a process writes lands in its own folder) and inputs under ROOT.
 """
 
@@ -11,7 +11,7 @@ import sys
 from convmixer_jax import cli
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_multiprocess import commands  # noqa: E402
+from multiprocess_commands import commands  # noqa: E402
 
 
 def main():

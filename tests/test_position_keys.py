@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_model_encryption import random_variables
+from model_helpers import random_variables
 
 from convmixer_jax.attacks.position_keys import (
     align_to_first,

@@ -12,7 +12,6 @@ import jax
 import numpy as np
 from conftest import TINY  # tests/conftest.py, beside this script
 
-import convmixer_jax  # noqa: F401
 from convmixer_jax.model.convmixer import ConvMixerConfig
 from convmixer_jax.training.loop import TrainConfig, train
 
