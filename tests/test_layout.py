@@ -623,3 +623,32 @@ def test_public_api_names_are_the_library_objects():
     assert convmixer_jax.encrypt_images is encrypt_images and convmixer_jax.ConvMixer is ConvMixer
     with pytest.raises(AttributeError):
         convmixer_jax.no_such_name  # noqa: B018
+
+
+def imported_test_modules(source: str) -> list[tuple[int, str]]:
+    """(line, name) of every import of a module named ``test_*`` in ``source``."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names if a.name.startswith("test_")]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("test_"):
+            out.append((node.lineno, node.module))
+    return out
+
+
+def test_no_test_module_imports_another():
+    bad = [
+        f"{p.name}:{line} imports {name}"
+        for p in sorted((ROOT / "tests").glob("*.py"))
+        for line, name in imported_test_modules(p.read_text())
+    ]
+    assert not bad, "shared test code belongs in conftest.py or a helper module:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["from test_cli import run\n", "def f():\n    import test_model\n", "import test_x as t\n"],
+)
+def test_the_check_catches_a_test_module_importing_another(source):
+    assert imported_test_modules(source)
+    assert not imported_test_modules("from cli_helpers import run\nimport testing\n")
