@@ -7,7 +7,7 @@ Measures, in one process and with the JAX and PyTorch rounds interleaved:
 
 1. ConvMixer-256/8 (k=9, p=4, 32x32x3, 10 classes), batch 128, float32:
    - training step images/s: the library's own jitted train step
-     (``convmixer_jax.training.loop._make_step`` with ``RECIPES['paper']``: Adam, lr 1e-3,
+     (``convmixer_jax.training.loop.make_step`` with ``RECIPES['paper']``: Adam, lr 1e-3,
      no augmentation, single-device mesh shardings) against PyTorch eager,
      channels_last ((x-0.5)/0.5, forward, cross-entropy, backward, Adam step);
    - inference images/s: jitted ``ConvMixer.apply(train=False)`` on
@@ -48,7 +48,6 @@ import shlex
 import statistics
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -57,25 +56,35 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(HERE))
 
-# Importing convmixer_jax before JAX starts its backend applies the library's
-# XLA:CPU flags (convmixer_jax/_xla_flags.py), exactly as a user gets them.
+# The library's XLA:CPU flag (convmixer_jax/_xla_flags.py) is applied before JAX starts its
+# backend, exactly as the command line applies it for a user.
 _XLA_FLAGS_BEFORE = os.environ.get("XLA_FLAGS")
+import convmixer_jax  # noqa: E402
+
+convmixer_jax.apply_cpu_flags()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from machine import cores, cpu_flags, cpu_model, loadavg, ram_gib, version  # noqa: E402
 
-import convmixer_jax  # noqa: E402,F401
-from convmixer_jax.model.convmixer import (
+from convmixer_jax.model.convmixer import (  # noqa: E402
     PRESETS,
     ConvMixer,
     prepare_inference,
     resolve_depthwise_impl,
-)  # noqa: E402
+)
 from convmixer_jax.scheme import images as blockwise  # noqa: E402
 from convmixer_jax.scheme.keys import generate_key, random_keys  # noqa: E402
-from convmixer_jax.training.loop import RECIPES, _make_step, init_variables, make_optimizer  # noqa: E402
+from convmixer_jax.training.loop import (  # noqa: E402
+    RECIPES,
+    init_variables,
+    initial_state,
+    make_optimizer,
+    make_step,
+)
 
 BATCH = 128
 LOGIT_TOL = 1e-3
@@ -105,67 +114,16 @@ def median(xs):
 # --------------------------------------------------------------------------- machine
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _ram_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _loadavg() -> str:
-    try:
-        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def machine_info(torch) -> dict:
-    flags = _cpu_flags()
+    flags = cpu_flags()
     avx512 = sorted(f for f in flags if f.startswith("avx512"))
     devs = jax.devices()
     info = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "hostname": platform.node(),
-        "cpu_model": _cpu_model(),
-        "cores": _cores(),
-        "ram_gib": _ram_gib(),
+        "cpu_model": cpu_model(),
+        "cores": cores(),
+        "ram_gib": ram_gib(),
         "avx512": bool(avx512),
         "avx512_flags": avx512,
         "avx2": "avx2" in flags,
@@ -173,10 +131,10 @@ def machine_info(torch) -> dict:
         "jax_devices": [f"{d.platform}:{getattr(d, 'device_kind', str(d))}" for d in devs],
         "versions": {
             "python": platform.python_version(),
-            "jax": _version("jax"),
-            "jaxlib": _version("jaxlib"),
-            "flax": _version("flax"),
-            "optax": _version("optax"),
+            "jax": version("jax"),
+            "jaxlib": version("jaxlib"),
+            "flax": version("flax"),
+            "optax": version("optax"),
             "numpy": np.__version__,
             "torch": torch.__version__ if torch else "not installed",
         },
@@ -185,7 +143,7 @@ def machine_info(torch) -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "xla_flags_before_import": _XLA_FLAGS_BEFORE,
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable] + sys.argv)),
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
     }
     if torch and torch.cuda.is_available():
         info["torch_cuda_device"] = torch.cuda.get_device_name(0)
@@ -377,7 +335,8 @@ def model_benchmarks(args, torch, info: dict) -> dict:
             torch.cuda.synchronize()
 
     log(
-        f"model: ConvMixer-{config.dim}/{config.depth} k={config.kernel_size} p={config.patch_size}, "
+        f"model: ConvMixer-{config.dim}/{config.depth} k={config.kernel_size} "
+        f"p={config.patch_size}, "
         f"depthwise_impl={config.depthwise_impl!r} -> {impl!r}; batch {BATCH}"
     )
 
@@ -456,14 +415,8 @@ def model_benchmarks(args, torch, info: dict) -> dict:
     repl = NamedSharding(mesh, P())
     steps_per_epoch = 50_000 // recipe.batch_size
     tx = make_optimizer(recipe, steps_per_epoch)
-    step_fn = _make_step(config, recipe, tx, data_sh, repl)
-    state = {
-        "params": variables["params"],
-        "batch_stats": variables["batch_stats"],
-        "opt_state": tx.init(variables["params"]),
-        "step": jnp.zeros((), jnp.int32),
-    }
-    state = jax.device_put(state, repl)
+    step_fn = make_step(config, recipe, tx, data_sh, repl)
+    state = jax.device_put(initial_state(recipe, tx, variables), repl)
     jxb = jax.device_put(images_u8, data_sh)
     jyb = jax.device_put(labels, data_sh)
     jax_state = {"state": state}
@@ -545,7 +498,8 @@ def model_benchmarks(args, torch, info: dict) -> dict:
             fn()
             timers[name].first_call_s = time.perf_counter() - t0
             log(
-                f"  first call of {name}: {timers[name].first_call_s:.1f} s (TorchInductor compile + run)"
+                f"  first call of {name}: {timers[name].first_call_s:.1f} s (TorchInductor compile "
+                "+ run)"
             )
         with torch.inference_mode():
             c_logits = tc_eval((tx_f32 - mean) / std).float().cpu().numpy()
@@ -755,7 +709,8 @@ def blockwise_benchmarks(args) -> dict:
             ),
         ]
     log(
-        f"block-wise transform: {len(cases)} cases, {args.bw_rounds} rounds x {args.bw_reps} reps ..."
+        f"block-wise transform: {len(cases)} cases, {args.bw_rounds} rounds x {args.bw_reps} reps "
+        "..."
     )
     for *_, fn in cases:  # compile + warm up
         for _ in range(args.bw_warmup):
@@ -830,7 +785,8 @@ def markdown(
         + (f" ({info['torch_cuda_device']})" if info.get("torch_cuda_device") else "")
     )
     L.append(
-        f"- Versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, "
+        f"- Versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax "
+        f"{v['flax']}, "
         f"optax {v['optax']}, numpy {v['numpy']}, torch {v['torch']}"
     )
     if info["torch_num_threads"] is not None:
@@ -840,11 +796,13 @@ def markdown(
         + (
             ""
             if info["xla_flags_before_import"] == info["xla_flags"]
-            else f" (before importing convmixer_jax: `{info['xla_flags_before_import'] or '(unset)'}`)"
+            else " (before `convmixer_jax.apply_cpu_flags()`: "
+            f"`{info['xla_flags_before_import'] or '(unset)'}`)"
         )
     )
     L.append(
-        f"- Load average (1/5/15 min) at start: {info['loadavg_start']}, at end: {info.get('loadavg_end', 'n/a')}"
+        f"- Load average (1/5/15 min) at start: {info['loadavg_start']}, at end: "
+        f"{info.get('loadavg_end', 'n/a')}"
     )
     L.append(f"- Wall time: {info.get('wall_s', 0):.0f} s")
     L.append(f"- Command: `{info['command']}`")
@@ -863,7 +821,8 @@ def markdown(
             f"**{mres['depthwise_impl']}**. "
             + (
                 f"Same-function check: the JAX parameters (with random "
-                f"BatchNorm statistics) copied into the PyTorch model give eval logits that differ by at "
+                "BatchNorm statistics) copied into the PyTorch model give eval logits that differ "
+                "by at "
                 f"most **{ck['max_abs_logit_diff']:.1e}** (tolerance {ck['tolerance']:g}; "
                 f"largest logit {ck['max_abs_logit']:.3g}, relative difference "
                 f"{ck['max_rel_logit_diff']:.1e}).\n"
@@ -872,9 +831,12 @@ def markdown(
             )
         )
         L.append(
-            f"{mres['rounds']} interleaved rounds per framework ({mres['train_steps_per_round']} training / "
-            f"{mres['infer_steps_per_round']} inference steps each, after {_n(mres['warmup'], 'warm-up step')} "
-            "and one more per round, the order of the cases reversed every round); images/s from the median "
+            f"{mres['rounds']} interleaved rounds per framework ({mres['train_steps_per_round']} "
+            "training / "
+            f"{mres['infer_steps_per_round']} inference steps each, after "
+            f"{_n(mres['warmup'], 'warm-up step')} "
+            "and one more per round, the order of the cases reversed every round); images/s from "
+            "the median "
             "over rounds of the per-step median time.\n"
         )
         L.append(
@@ -882,7 +844,7 @@ def markdown(
             "JAX img/s per round | PyTorch img/s per round |"
         )
         L.append("| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |")
-        for task, j, t, ratio, desc in (
+        for task, j, t, ratio, _desc in (
             ("training step", "jax_train", "torch_train", mres["train_ratio"], "train step"),
             ("inference", "jax_infer", "torch_infer", mres["infer_ratio"], "inference"),
             (
@@ -914,7 +876,8 @@ def markdown(
             rj, rt = r[j], r.get(t)
             if rt is None:
                 L.append(
-                    f"| {task} | {rj['images_per_s']:.1f} | n/a | n/a | {1e3 * rj['median_step_s']:.1f} | n/a | "
+                    f"| {task} | {rj['images_per_s']:.1f} | n/a | n/a | "
+                    f"{1e3 * rj['median_step_s']:.1f} | n/a | "
                     f"{', '.join(f'{x:.0f}' for x in rj['round_images_per_s'])} | n/a |"
                 )
                 continue
@@ -926,13 +889,15 @@ def markdown(
             )
         L.append("")
         L.append(
-            "- JAX training step: `convmixer_jax.training.loop._make_step` with `RECIPES['paper']` (Adam, lr 1e-3, "
+            "- JAX training step: `convmixer_jax.training.loop.make_step` with `RECIPES['paper']` "
+            "(Adam, lr 1e-3, "
             "no augmentation), uint8 batch in, single-device mesh shardings, state donated; "
             f"first call (compile + run) {r['jax_train']['first_call_s']:.1f} s."
         )
         if mres["check"]:
             L.append(
-                "- PyTorch training step: eager, channels_last, uint8 batch -> float/255 -> (x-0.5)/0.5, "
+                "- PyTorch training step: eager, channels_last, uint8 batch -> float/255 -> "
+                "(x-0.5)/0.5, "
                 "forward, cross-entropy, backward, `torch.optim.Adam(lr=1e-3)` step."
             )
         L.append(
@@ -943,11 +908,15 @@ def markdown(
         prep = mres.get("prepare")
         if prep:
             L.append(
-                "- The JAX `inference` row runs on `prepare_inference(config, variables)`, as `predict`, "
-                "`evaluate` and `attack` do: the dense depthwise matrices are built once per set of weights "
+                "- The JAX `inference` row runs on `prepare_inference(config, variables)`, as "
+                "`predict`, "
+                "`evaluate` and `attack` do: the dense depthwise matrices are built once per set "
+                "of weights "
                 f"({1e3 * prep['median_s']:.1f} ms, median of 5; first call with compilation "
-                f'{prep["first_call_s"]:.1f} s) instead of inside every call. The row "matrices rebuilt every '
-                'call" is the same jitted apply on the plain variables, timed in the same interleaved rounds; '
+                f'{prep["first_call_s"]:.1f} s) instead of inside every call. The row "matrices '
+                "rebuilt every "
+                'call" is the same jitted apply on the plain variables, timed in the same '
+                "interleaved rounds; "
                 f"the two give logits that differ by {prep['max_abs_logit_diff']:.1e}."
             )
         fl = mres.get("flops_per_image_forward")
@@ -962,24 +931,31 @@ def markdown(
                 txt = f"{task} {achieved:.1f} GFLOP/s"
                 if peak:
                     txt += (
-                        f" ({100 * achieved / 1e3 / peak['fp32']:.1f} % of the {peak['name']}'s FP32 peak "
-                        f"{peak['fp32']:g} TFLOP/s, {100 * achieved / 1e3 / peak['tf32']:.1f} % of its "
+                        f" ({100 * achieved / 1e3 / peak['fp32']:.1f} % of the {peak['name']}'s "
+                        "FP32 peak "
+                        f"{peak['fp32']:g} TFLOP/s, {100 * achieved / 1e3 / peak['tf32']:.1f} % of "
+                        "its "
                         f"dense TF32 tensor peak {peak['tf32']:g})"
                     )
                 parts.append(txt)
             L.append(
-                f"- Achieved model FLOP/s (JAX; {fl / 1e6:.1f} MFLOP per image forward by the conventional "
-                "count of 2 x multiply-adds of the convolutions and the head, training step counted as 3x "
+                f"- Achieved model FLOP/s (JAX; {fl / 1e6:.1f} MFLOP per image forward by the "
+                "conventional "
+                "count of 2 x multiply-adds of the convolutions and the head, training step "
+                "counted as 3x "
                 "forward): " + "; ".join(parts) + "."
             )
         alt = mres.get("alt")
         if alt:
             L.append(
-                f"- Other depthwise formulation, inference only ({_n(alt['steps_per_round'][0], 'step')}): "
-                f"`depthwise_impl='{alt['depthwise_impl']}'` runs at **{alt['images_per_s']:.1f} img/s** "
+                "- Other depthwise formulation, inference only "
+                f"({_n(alt['steps_per_round'][0], 'step')}): "
+                f"`depthwise_impl='{alt['depthwise_impl']}'` runs at **{alt['images_per_s']:.1f} "
+                "img/s** "
                 f"({1e3 * alt['median_step_s']:.0f} ms/step, "
                 f"{alt['images_per_s'] / r['jax_infer']['images_per_s']:.3f}x the "
-                f"'{mres['depthwise_impl']}' default; first call {alt['first_call_s']:.1f} s; logits agree "
+                f"'{mres['depthwise_impl']}' default; first call {alt['first_call_s']:.1f} s; "
+                "logits agree "
                 f"with the default to {alt['max_abs_logit_diff_vs_default']:.1e})."
             )
         L.append("")
@@ -997,12 +973,14 @@ def markdown(
             "against single keys.\n"
         )
         L.append(
-            "| transform | dtype | images | MB moved | median ms | GB/s | vs np.copyto | vs jax copy (x + 0) |"
+            "| transform | dtype | images | MB moved | median ms | GB/s | vs np.copyto | vs jax "
+            "copy (x + 0) |"
         )
         L.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for row in sorted(bres["rows"], key=lambda r: (r["dtype"] != "uint8",)):
             L.append(
-                f"| {row['name']} | {row['dtype']} | {row['images']:,} | {row['bytes_moved'] / 1e6:.1f} | "
+                f"| {row['name']} | {row['dtype']} | {row['images']:,} | "
+                f"{row['bytes_moved'] / 1e6:.1f} | "
                 f"{1e3 * row['median_s']:.2f} | {row['gb_per_s']:.2f} | {row['vs_np_copy']:.2f} | "
                 f"{row['vs_jax_copy']:.2f} |"
             )
@@ -1063,7 +1041,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--torch-compile",
         action="store_true",
-        help="also time the PyTorch models under torch.compile (TorchInductor; compiles on first call)",
+        help="also time the PyTorch models under torch.compile (TorchInductor; compiles on "
+        "first call)",
     )
     p.add_argument(
         "--tiny",
@@ -1148,11 +1127,12 @@ def main(argv=None) -> int:
         torch = None
         log("PyTorch is not installed: measuring JAX only (no PyTorch ratios)")
     if torch is not None:
-        torch.set_num_threads(args.torch_threads or _cores())
+        torch.set_num_threads(args.torch_threads or cores())
     info = machine_info(torch)
     log(
         f"{info['cpu_model']}, {info['cores']} cores, avx512={info['avx512']}, JAX backend "
-        f"{info['jax_backend']}, torch threads {info['torch_num_threads']}, XLA_FLAGS={info['xla_flags']!r}"
+        f"{info['jax_backend']}, torch threads {info['torch_num_threads']}, "
+        f"XLA_FLAGS={info['xla_flags']!r}"
     )
     mres = None if args.skip_model else model_benchmarks(args, torch, info)
     bres = None if args.skip_blockwise else blockwise_benchmarks(args)
@@ -1175,7 +1155,7 @@ def main(argv=None) -> int:
             args.sweep_loop_keys,
             log=log,
         )
-    info["loadavg_end"] = _loadavg()
+    info["loadavg_end"] = loadavg()
     info["wall_s"] = time.perf_counter() - t_start
     section = markdown(info, mres, bres, args.quick, sres)
     out = Path(args.out)

@@ -6,7 +6,7 @@ on the current JAX backend (CPU, GPU or TPU).
                                          [--json FILE]
 
 For each formulation of ``ConvMixerConfig.depthwise_impl`` this builds the
-library's own train step (``convmixer_jax.training.loop._make_step`` with
+library's own train step (``convmixer_jax.training.loop.make_step`` with
 ``RECIPES['fast']``: AdamW one-cycle, on-device crop/flip/cutout, label
 smoothing, as ``convmixer-jax train --recipe fast`` runs it) for ConvMixer-256/8
 (k=9, p=4, 32x32x3) and times ``--steps`` steps after a warm-up, then times a
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -28,20 +29,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import convmixer_jax  # noqa: E402
+
+convmixer_jax.apply_cpu_flags()  # the XLA:CPU flag, as the command line applies it
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
-import convmixer_jax  # noqa: E402,F401  (XLA:CPU flags, as a user gets them)
-from convmixer_jax.model.convmixer import (
+from convmixer_jax.model.convmixer import (  # noqa: E402
     PRESETS,
     ConvMixer,
     prepare_inference,
     resolve_depthwise_impl,
-)  # noqa: E402
-from convmixer_jax.training.loop import RECIPES, _make_step, init_variables, make_optimizer  # noqa: E402
+)
+from convmixer_jax.training.loop import (  # noqa: E402
+    RECIPES,
+    init_variables,
+    initial_state,
+    make_optimizer,
+    make_step,
+)
 
 
 def main(argv=None) -> int:
@@ -81,16 +91,8 @@ def main(argv=None) -> int:
     for impl in [s.strip() for s in args.impls.split(",") if s.strip()]:
         config = dataclasses.replace(base, depthwise_impl=impl)
         tx = make_optimizer(recipe, 50_000 // args.batch)
-        step_fn = _make_step(config, recipe, tx, data_sh, repl)
-        state = jax.device_put(
-            {
-                "params": variables["params"],
-                "batch_stats": variables["batch_stats"],
-                "opt_state": tx.init(variables["params"]),
-                "step": jnp.zeros((), jnp.int32),
-            },
-            repl,
-        )
+        step_fn = make_step(config, recipe, tx, data_sh, repl)
+        state = jax.device_put(initial_state(recipe, tx, variables), repl)
         xb, yb = jax.device_put(images, data_sh), jax.device_put(labels, data_sh)
         t0 = time.perf_counter()
         state, loss, _ = step_fn(state, xb, yb)
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
         step_s = (time.perf_counter() - t0) / args.steps
 
         model = ConvMixer(config)
-        infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        infer = jax.jit(functools.partial(model.apply, train=False))
         v = (
             prepare_inference(config, variables)
             if impl == "toeplitz"

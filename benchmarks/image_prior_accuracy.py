@@ -13,9 +13,10 @@ the 12-way accuracy when the log-probs of k = 2 and 5 images under the same vari
 are summed; the same under the group average the attack uses
 (``image_prior.group_log_probs``, prefixed ``group_``), with how often its sign is
 wrong when it leads by 3, 5 or 8 nats over 1, 2 or 5 images (``group_sign_margins``,
-the calibration of the attack's colour margin); and the 12-way accuracy after each variant image is JPEG re-encoded
-(quality 75, 4:2:0, as the data set's files), which shows how much of the channel
-order is read from the source's own JPEG chroma subsampling rather than the content.
+the calibration of the attack's colour margin); and the 12-way accuracy after each
+variant image is JPEG re-encoded (quality 75, 4:2:0, as the data set's files), which
+shows how much of the channel order is read from the source's own JPEG chroma
+subsampling rather than the content.
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ def main(argv=None) -> dict:
     )
     args = ap.parse_args(argv)
 
-    import convmixer_jax  # noqa: F401  (XLA CPU flags)
+    import convmixer_jax
+
+    convmixer_jax.apply_cpu_flags()  # the XLA:CPU flag, as the command line applies it
     from convmixer_jax.attacks import image_prior as ip
     from convmixer_jax.data.loader import load_split
 

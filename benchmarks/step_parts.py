@@ -3,7 +3,7 @@
 
     python benchmarks/step_parts.py [--recipe strong] [--rounds 3] [--steps 5] [--json FILE]
 
-Each case is the library's jitted training step (``training.loop._make_step``, the
+Each case is the library's jitted training step (``training.loop.make_step``, the
 shardings ``train`` uses, state donated) of the paper's ConvMixer-256/8 with the
 recipe changed in one respect: without RandAugment, without any augmentation,
 without the EMA, with Adam and no gradient clipping in place of the recipe's
@@ -34,23 +34,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import convmixer_jax  # noqa: E402
+
+convmixer_jax.apply_cpu_flags()  # the XLA:CPU flag, as the command line applies it
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from bench import _cores, _cpu_model  # noqa: E402  (benchmarks/bench.py, beside this file)
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from machine import cores, cpu_model  # noqa: E402  (benchmarks/machine.py, beside this file)
 
-import convmixer_jax  # noqa: E402,F401  (XLA:CPU flags, as a user gets them)
 from convmixer_jax.files.provenance import device_description  # noqa: E402
 from convmixer_jax.model.convmixer import PRESETS  # noqa: E402
 from convmixer_jax.model.inference import accuracy  # noqa: E402
-from convmixer_jax.training.loop import (
+from convmixer_jax.training.loop import (  # noqa: E402
     RECIPES,
-    _initial_state,
-    _make_step,
-    augment_batch,  # noqa: E402
+    augment_batch,
     init_variables,
+    initial_state,
     make_optimizer,
+    make_step,
 )
 
 
@@ -117,8 +120,8 @@ def main(argv=None) -> int:
     runners, first_call = {}, {}
     for name, cfg in cases.items():
         tx = make_optimizer(cfg, steps_per_epoch)
-        step = _make_step(config, cfg, tx, data_sh, repl)
-        holder = {"state": jax.device_put(_initial_state(cfg, tx, variables), repl)}
+        step = make_step(config, cfg, tx, data_sh, repl)
+        holder = {"state": jax.device_put(initial_state(cfg, tx, variables), repl)}
         xb = jax.device_put(images[: cfg.batch_size], data_sh)
         yb = jax.device_put(labels[: cfg.batch_size], data_sh)
 
@@ -199,7 +202,7 @@ def main(argv=None) -> int:
         "device": (
             device_description()
             if jax.default_backend() != "cpu"
-            else f"{_cpu_model()}, {_cores()} cores"
+            else f"{cpu_model()}, {cores()} cores"
         ),
         "command": "python benchmarks/step_parts.py "
         + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -222,18 +225,20 @@ def main(argv=None) -> int:
 
 def markdown(info: dict, args) -> str:
     lines = [
-        f"## {info['date']}: the `{info['recipe']}` recipe's training step, part by part, {info['device']}",
+        f"## {info['date']}: the `{info['recipe']}` recipe's training step, part by part, "
+        f"{info['device']}",
         "",
         f"`{info['command']}` ({info['model']}; {args.rounds} interleaved rounds of {args.steps} "
-        "timed steps per case, order reversed every round; median over rounds of the per-step median)."
-        + (" *Tiny model: a smoke run, not a measurement.*" if args.tiny else ""),
+        "timed steps per case, order reversed every round; median over rounds of the per-step "
+        "median)." + (" *Tiny model: a smoke run, not a measurement.*" if args.tiny else ""),
         "",
         "| case | batch | ms per call | images/s | time per image vs the recipe | ms per round |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in info["rows"]:
         lines.append(
-            f"| {r['case']} | {r['batch']} | {r['ms_per_call']:.1f} | {r['images_per_second']:.1f} | "
+            f"| {r['case']} | {r['batch']} | {r['ms_per_call']:.1f} | {r['images_per_second']:.1f} "
+            "| "
             f"{r['per_image_vs_recipe']:.3f} | {', '.join(str(x) for x in r['rounds_ms'])} |"
         )
     v = info["validation"]

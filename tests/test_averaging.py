@@ -25,15 +25,19 @@ def test_average_is_the_leafwise_weighted_mean_and_leaves_inputs_alone():
     a, b, c = (init_variables(CFG, s) for s in (0, 1, 2))
     a_before = jax.tree.map(np.copy, a)
     avg = average_variables([a, b])
-    for x, y, m in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(avg)):
+    for x, y, m in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(avg), strict=True):
         np.testing.assert_allclose(m, (x + y) / 2, rtol=0, atol=1e-7)
         assert m.dtype == np.float32
     weighted = average_variables([a, b, c], [1, 1, 2])
     for x, y, z, m in zip(
-        jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(c), jax.tree.leaves(weighted)
+        jax.tree.leaves(a),
+        jax.tree.leaves(b),
+        jax.tree.leaves(c),
+        jax.tree.leaves(weighted),
+        strict=True,
     ):
         np.testing.assert_allclose(m, 0.25 * x + 0.25 * y + 0.5 * z, rtol=0, atol=1e-7)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(a_before)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(a_before), strict=True):
         np.testing.assert_array_equal(x, y)
 
 
@@ -77,7 +81,7 @@ def test_recalibrated_eval_mode_equals_the_train_mode_forward_of_the_same_batch(
         np.max(np.abs(np.asarray(model.apply(v, xf, train=False)) - np.asarray(train_logits)))
         > 1e-3
     )
-    for p, q in zip(jax.tree.leaves(r["params"]), jax.tree.leaves(v["params"])):
+    for p, q in zip(jax.tree.leaves(r["params"]), jax.tree.leaves(v["params"]), strict=True):
         np.testing.assert_array_equal(p, q)
 
 
@@ -134,7 +138,7 @@ def test_class_sorted_data_is_shuffled_before_batching():
     assert err_shuffled < 0.5 * err_sorted
     # the order of the input does not matter once the data is in one batch
     flipped = recalibrate_batch_stats(CFG, v, x[::-1], batch_size=64)["batch_stats"]
-    for a, b in zip(jax.tree.leaves(flipped), jax.tree.leaves(full)):
+    for a, b in zip(jax.tree.leaves(flipped), jax.tree.leaves(full), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -145,20 +149,22 @@ def test_augmented_statistics_are_those_of_the_augmented_images():
     aug = recalibrate_batch_stats(CFG, v, x, batch_size=10, augment=mirror)
     direct = recalibrate_batch_stats(CFG, v, x[:, :, ::-1], batch_size=10)
     plain = recalibrate_batch_stats(CFG, v, x, batch_size=10)
-    for a, b in zip(jax.tree.leaves(aug), jax.tree.leaves(direct)):
+    for a, b in zip(jax.tree.leaves(aug), jax.tree.leaves(direct), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert (
         max(
             np.max(np.abs(a - b))
             for a, b in zip(
-                jax.tree.leaves(aug["batch_stats"]), jax.tree.leaves(plain["batch_stats"])
+                jax.tree.leaves(aug["batch_stats"]),
+                jax.tree.leaves(plain["batch_stats"]),
+                strict=True,
             )
         )
         > 1e-4
     )
     # a deterministic augmentation pooled over two passes gives the one-pass values
     twice = recalibrate_batch_stats(CFG, v, x, batch_size=10, augment=mirror, passes=2)
-    for a, b in zip(jax.tree.leaves(twice), jax.tree.leaves(aug)):
+    for a, b in zip(jax.tree.leaves(twice), jax.tree.leaves(aug), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -119,7 +119,8 @@ def test_chained_stages_count_on(tmp_path, capsys):
 
 
 def test_validation_curves_are_drawn(tmp_path, monkeypatch):
-    """A run with a hold-out draws its raw and EMA validation accuracy, labelled with the last values."""
+    """A run with a hold-out draws its raw and EMA validation accuracy, labelled with the last
+    values."""
     import convmixer_jax.training.curves as curves
 
     epochs = make_log(tmp_path / "train_log.json", 3, test=False)

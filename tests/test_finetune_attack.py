@@ -223,7 +223,7 @@ def test_attack_subsets_are_seeded_and_nested():
 def test_schedule_and_default_steps():
     lrs = [lr_schedule(s, 20, 1.0, 0.1) for s in range(20)]
     assert lrs[0] == 0.5 and lrs[1] == 1.0 and all(0 < v <= 1 for v in lrs)
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
     assert [default_steps(n) for n in (100, 500, 1000, 5000)] == [50, 81, 100, 162]
 
 

@@ -1,4 +1,4 @@
-"""The learned colour-variant prior (convmixer_jax/attacks/image_prior.py), on synthetic images.
+"""The learned colour-variant prior (convmixer_jax/attacks/image_prior/), on synthetic images.
 
 The images are smooth random fields over a colour gradient (a bright bluish top, a
 darker greenish bottom), so that the sign and the channel order of an image are
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from convmixer_jax.attacks import image_prior as ip
+from convmixer_jax.attacks.image_prior import cache as prior_cache
 
 SIZE = 16
 TINY = ip.PriorConfig(widths=(8,), first_stride=1)
@@ -160,7 +161,9 @@ def test_the_cache_trains_once(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVMIXER_JAX_CACHE", str(tmp_path / "cache"))
     calls = []
     real = ip.train_image_prior
-    monkeypatch.setattr(ip, "train_image_prior", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(
+        prior_cache, "train_image_prior", lambda *a, **k: calls.append(k) or real(*a, **k)
+    )
     images = natural_like(512, seed=5)  # the fixture's shapes: its compiled step is reused
     kw = dict(steps=5, **FAST)
     first = ip.cached_image_prior(images, **kw)

@@ -204,7 +204,7 @@ def test_export_model_saves_the_newest_checkpoint(tmp_path):
     )
     config, loaded, meta = load_model(tmp_path / "m")
     assert config == tw.CONFIG and meta["epochs"] == 2 and meta["epochs_planned"] == 2
-    for a, b in zip(jax_leaves(loaded), jax_leaves(variables)):
+    for a, b in zip(jax_leaves(loaded), jax_leaves(variables), strict=True):
         np.testing.assert_array_equal(a, b)
     assert (
         cli.main(
@@ -222,8 +222,8 @@ def jax_leaves(tree):
 
 
 def test_ema_and_holdout(tmp_path):
-    """The EMA follows its stated recursion; the hold-out is never trained on and is scored every epoch;
-    export-model and train pick the weights by validation accuracy."""
+    """The EMA follows its stated recursion; the hold-out is never trained on and is scored
+    every epoch; export-model and train pick the weights by validation accuracy."""
     import jax
     import train_worker as tw
 
@@ -271,14 +271,20 @@ def test_ema_and_holdout(tmp_path):
     mngr = ocp.CheckpointManager((tmp_path / "w" / "checkpoints").absolute())
     state = mngr.restore(2)
     mngr.close()
-    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(plain["params"])):
+    for a, b in zip(
+        jax.tree.leaves(state["params"]), jax.tree.leaves(plain["params"]), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)
     # the EMA differs from the raw weights but stays in their range
     ema = jax.tree.leaves(state["ema"]["params"])
-    assert any(not np.allclose(a, b) for a, b in zip(ema, jax.tree.leaves(state["params"])))
+    assert any(
+        not np.allclose(a, b) for a, b in zip(ema, jax.tree.leaves(state["params"]), strict=True)
+    )
     assert info["weights"] == choose_weights(hist)
     chosen = state["ema"] if info["weights"] == "ema" else state
-    for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(chosen["params"])):
+    for a, b in zip(
+        jax.tree.leaves(variables["params"]), jax.tree.leaves(chosen["params"]), strict=True
+    ):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert (
         cli.main(["export-model", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "m")])
@@ -286,7 +292,7 @@ def test_ema_and_holdout(tmp_path):
     )
     _, loaded, meta = load_model(tmp_path / "m")
     assert meta["weights"] == info["weights"] and meta["holdout"]["images"] == 16
-    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -1,6 +1,6 @@
 """The fine-tuning attack: can an adversary without the key repair the encrypted model?
 
-Threat (issue 5): the adversary holds the *encrypted* model (its patch-embedding
+Threat: the adversary holds the *encrypted* model (its patch-embedding
 rows permuted and sign-flipped with the secret key, everything else the plain
 trained model) and ``n`` labeled *plain* images. On plain images the encrypted
 model is near chance. The adversary fine-tunes
@@ -20,29 +20,25 @@ Accuracy is measured on plain test images. The true repair is known to exist in
 the ``'stem'`` search space (the key's signed permutation of the kernel rows), so
 ``'stem'`` is the attack that exploits the scheme's structure.
 
-Training (all modes): Adam (``optax.scale_by_adam``) after global-norm gradient
-clipping, a host-side learning-rate schedule (linear warm-up over
-``warmup_fraction`` of the steps, then cosine decay to 0) fed to one jit-compiled
-step as an argument, so a step function is compiled once per (model, mode,
-batch shape) and reused for every ``n`` and learning rate. Batches of a fixed
-size are read from a seeded stream of shuffled passes over the ``n`` images, so
-``n`` smaller than the batch size simply repeats images within a batch (each
-image equally often); on-device augmentation is :func:`~convmixer_jax.training.loop.augment_batch`
-(default random crop and horizontal flip). Gradients are taken with respect to
-the trained parameters only, so frozen layers cost no weight gradients.
+Training (all modes): the package's one training step (:mod:`convmixer_jax.training.step`)
+with Adam (``optax.scale_by_adam``) after global-norm gradient clipping; the layers that
+are not trained are frozen by an optax mask and enter the loss through ``stop_gradient``,
+so they cost no weight gradients and come out bitwise unchanged. A host-side
+learning-rate schedule (linear warm-up over ``warmup_fraction`` of the steps, then cosine
+decay to 0) is fed to the jit-compiled step as an argument, so a step function is
+compiled once per (model, mode, batch shape) and reused for every ``n`` and learning rate.
+Batches of a fixed size are read from a seeded stream of shuffled passes over the ``n``
+images, so ``n`` smaller than the batch size simply repeats images within a batch (each
+image equally often); on-device augmentation is
+:func:`~convmixer_jax.training.loop.augment_batch` (default random crop and horizontal flip).
 
-Default budget: the grid of :func:`finetune_attack` (n in 100, 500, 1000, 5000;
-three modes) takes ``default_steps(n)`` = 50, 81, 100, 162 steps of batch 64 per
-mode, 1,179 steps in all, about 590 steps' worth of batch 128. For the paper's
-ConvMixer-256/8 on the 2-core development CPU beside a training job (about 1.2 s
-per 'all' step of batch 128; the cost per image is the same at batch 64, and a
-'stem' step costs about 20 % less, since frozen layers need no weight gradients)
-that is about 11 minutes of training, plus two compilations (about 20 s) and 13
-evaluations of the test images (590 images/s alone, ``benchmarks/RESULTS.md``,
-about half that beside a training job): about 12.5 minutes with 2,000 test
-images, 15 to 18 with all 10,000. Every time scales with the step time (measured
-2.3x slower with four jobs on the two cores). On a GPU, scale up with ``steps=``
-(an int, a mapping n -> steps, or a function of n).
+Default budget: the grid of :func:`finetune_attack` (``DEFAULT_SIZES``, three modes) takes
+:func:`default_steps` steps of batch 64 per mode and n, plus one evaluation of the test
+images per run; its cost is that of the model's training step (a 'stem' step costs less
+than an 'all' step, since frozen layers need no weight gradients), measured per machine in
+``benchmarks/README.md``, and the report records each run's seconds (``runs`` of the
+result; ``docs/security.md`` describes the measured runs). On a GPU, scale up with
+``steps=`` (an int, a mapping n -> steps, or a function of n).
 """
 
 from __future__ import annotations
@@ -53,16 +49,22 @@ import math
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from convmixer_jax.model.convmixer import ChannelBatchNorm, ConvMixer, ConvMixerConfig
+from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
 from convmixer_jax.model.inference import accuracy, check_model_images
 from convmixer_jax.scheme.images import ImageError
-from convmixer_jax.training.loop import TrainConfig, augment_batch, init_variables
+from convmixer_jax.training.loop import augment_batch, init_variables
+from convmixer_jax.training.recipes import TrainConfig
+from convmixer_jax.training.step import (
+    TrainStep,
+    make_train_step,
+    one_hot_cross_entropy,
+    top_level_mask,
+)
 
 PyTree = Any
 
@@ -187,32 +189,8 @@ def _augment_tuple(augment) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- the step
 
 
-def _split(tree: Mapping, names) -> tuple[dict, dict]:
-    """(entries named in ``names``, the rest) of a top-level module dict."""
-    return (
-        {k: v for k, v in tree.items() if k in names},
-        {k: v for k, v in tree.items() if k not in names},
-    )
-
-
-def _bn_interceptor(train_names: frozenset):
-    """Run a ChannelBatchNorm in train mode iff its top-level module is in ``train_names``."""
-
-    def intercept(next_fun, args, kwargs, context):
-        module = context.module
-        if isinstance(module, ChannelBatchNorm) and context.method_name == "__call__":
-            train = bool(module.path) and module.path[0] in train_names
-            if "train" in kwargs:
-                kwargs = dict(kwargs, train=train)
-            else:
-                args = (args[0], train) + tuple(args[2:])
-        return next_fun(*args, **kwargs)
-
-    return intercept
-
-
 @functools.lru_cache(maxsize=32)
-def _step_fn(
+def _train_step(
     config: ConvMixerConfig,
     train_params: frozenset | None,
     train_bn: frozenset | None,
@@ -220,63 +198,31 @@ def _step_fn(
     cutout: int,
     grad_clip: float | None,
     label_smoothing: float,
-):
-    """A jit-compiled step and its gradient transformation.
+) -> TrainStep:
+    """The jit-compiled step of one setting (:mod:`convmixer_jax.training.step`).
 
-    train_params: top-level parameter modules that are trained (None: all).
-    train_bn: top-level modules whose BatchNorms run in train mode (None: all;
-    empty: every BatchNorm in eval mode).
-    ``step(state, frozen, images, labels, lr) -> (state, loss, correct)`` where
-    state = {'params', 'batch_stats' (trained parts), 'opt_state', 'step', 'rng'}
-    and frozen = {'params', 'batch_stats'} (the rest, never changed).
+    train_params: top-level parameter modules that are trained (None: all; the others
+    are frozen by an optax mask). train_bn: top-level modules whose BatchNorms run in
+    train mode (None: all; empty: every BatchNorm in eval mode).
+    ``step(state, images, labels, lr) -> (state, loss, correct)`` where
+    state = {'params', 'batch_stats', 'opt_state', 'step', 'rng'} holds every variable.
     """
-    model = ConvMixer(config)
     aug_cfg = TrainConfig(augment=augment, cutout=cutout)
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
-    tx = optax.chain(*parts, optax.scale_by_adam())
-    all_bn = train_bn is None
-    some_bn = not all_bn and bool(train_bn)
 
-    def loss_fn(params, batch_stats, frozen, x, labels):
-        variables = {
-            "params": {**frozen["params"], **params},
-            "batch_stats": {**frozen["batch_stats"], **batch_stats},
-        }
-        if all_bn:
-            logits, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
-            new_bs = upd["batch_stats"]
-        elif some_bn:
-            with nn.intercept_methods(_bn_interceptor(train_bn)):
-                logits, upd = model.apply(variables, x, train=False, mutable=["batch_stats"])
-            new_bs = {k: upd["batch_stats"][k] for k in batch_stats}
-        else:
-            logits = model.apply(variables, x, train=False)
-            new_bs = batch_stats
-        onehot = jax.nn.one_hot(labels, config.num_classes)
-        if label_smoothing:
-            onehot = optax.smooth_labels(onehot, label_smoothing)
-        loss = optax.softmax_cross_entropy(logits, onehot).mean()
-        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-        return loss, (new_bs, correct)
-
-    def step(state, frozen, images, labels, lr):
+    def prepare(state, images, labels):
         rng = jax.random.fold_in(state["rng"], state["step"])
-        x = augment_batch(rng, images, aug_cfg)
-        (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["batch_stats"], frozen, x, labels
-        )
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = jax.tree.map(lambda p, u: p - lr * u, state["params"], updates)
-        new = dict(
-            state,
-            params=params,
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-            step=state["step"] + 1,
-        )
-        return new, loss, correct
+        return augment_batch(rng, images, aug_cfg), labels
 
-    return jax.jit(step, donate_argnums=(0,)), tx
+    return make_train_step(
+        ConvMixer(config),
+        optax.chain(*parts, optax.scale_by_adam()),
+        one_hot_cross_entropy(config.num_classes, label_smoothing),
+        trainable=None if train_params is None else top_level_mask(train_params),
+        batch_norm="train" if train_bn is None else train_bn or "eval",
+        prepare=prepare,
+        learning_rate_argument=True,
+    )
 
 
 def _batch_indices(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
@@ -286,6 +232,15 @@ def _batch_indices(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray
     need = steps * batch_size
     stream = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
     return stream.reshape(steps, batch_size)
+
+
+def _merge(given: dict, trained: dict, names: frozenset | None) -> dict:
+    """``given`` with the top-level entries ``names`` (None: all) taken from ``trained``, as
+    NumPy arrays."""
+    return {
+        k: jax.tree.map(np.array, trained[k] if names is None or k in names else v)
+        for k, v in given.items()
+    }
 
 
 def _trained_sets(mode: str, stem_bn: bool, param_names, bn_names):
@@ -368,7 +323,7 @@ def finetune(
     params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
 
     train_params, train_bn = _trained_sets(mode, stem_bn, params, batch_stats)
-    step_fn, tx = _step_fn(
+    step_fn = _train_step(
         config,
         train_params,
         train_bn,
@@ -377,17 +332,14 @@ def finetune(
         float(grad_clip) if grad_clip else None,
         float(label_smoothing),
     )
-    p_train, p_frozen = _split(params, params if train_params is None else train_params)
-    b_train, b_frozen = _split(batch_stats, batch_stats if train_bn is None else train_bn)
     copy = lambda t: jax.tree.map(lambda a: jnp.array(a, dtype=jnp.float32, copy=True), t)  # noqa: E731
     state = {
-        "params": copy(p_train),
-        "batch_stats": copy(b_train),
+        "params": copy(params),
+        "batch_stats": copy(batch_stats),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.fold_in(jax.random.PRNGKey(seed), 1),
     }  # not the init key
-    state["opt_state"] = tx.init(state["params"])
-    frozen = {"params": copy(p_frozen), "batch_stats": copy(b_frozen)}
+    state["opt_state"] = step_fn.init_opt_state(state["params"])
 
     if images.dtype != np.uint8:  # augment_batch divides by 255
         images = images.astype(np.float32) * np.float32(255.0)
@@ -406,7 +358,6 @@ def finetune(
             idx = order[s]
             state, loss, correct = step_fn(
                 state,
-                frozen,
                 images[idx],
                 labels[idx],
                 jnp.float32(lr_schedule(s, steps, lr, warmup_fraction)),
@@ -426,11 +377,10 @@ def finetune(
             bar.close()
     seconds = time.perf_counter() - t0
 
-    out_params = {**jax.tree.map(np.array, p_frozen), **jax.tree.map(np.array, state["params"])}
-    out_bs = {**jax.tree.map(np.array, b_frozen), **jax.tree.map(np.array, state["batch_stats"])}
+    # trained leaves from the state, the frozen ones copied from the input
     out = {
-        "params": {k: out_params[k] for k in params},
-        "batch_stats": {k: out_bs[k] for k in batch_stats},
+        "params": _merge(params, state["params"], train_params),
+        "batch_stats": _merge(batch_stats, state["batch_stats"], train_bn),
     }
     history = {
         "mode": mode,

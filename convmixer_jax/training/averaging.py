@@ -49,7 +49,7 @@ def average_variables(variables: Sequence[dict], weights: Sequence[float] | None
             raise ValueError(
                 f"model {i} has another parameter tree than model 1 (another architecture?)"
             )
-        for a, b in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(t)):
+        for a, b in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(t), strict=True):
             if np.shape(a) != np.shape(b):
                 raise ValueError(
                     f"model {i} has a leaf of shape {np.shape(b)} where model 1 has "
@@ -57,7 +57,7 @@ def average_variables(variables: Sequence[dict], weights: Sequence[float] | None
                 )
 
     def mean(*leaves):
-        acc = sum(wi * np.asarray(leaf, np.float64) for wi, leaf in zip(w, leaves))
+        acc = sum(wi * np.asarray(leaf, np.float64) for wi, leaf in zip(w, leaves, strict=True))
         return acc.astype(np.float32)
 
     return jax.tree.map(mean, *trees)
@@ -159,7 +159,9 @@ def recalibrate_batch_stats(
         batch = np.asarray(images[order[start:stop]])
         if augment is not None:
             batch = augment(jax.random.fold_in(jax.random.fold_in(base, p), i), batch)
-        m = jax.tree.map(lambda a: np.asarray(a, np.float64) * (stop - start), fn(variables, batch))
+        m = jax.tree.map(
+            lambda a, rows=stop - start: np.asarray(a, np.float64) * rows, fn(variables, batch)
+        )
         total = m if total is None else jax.tree.map(np.add, total, m)
     count = n * passes
     is_m = lambda t: isinstance(t, dict) and set(t) == {"mean", "sq"}  # noqa: E731

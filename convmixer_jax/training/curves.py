@@ -94,14 +94,16 @@ def plot_training_curves(history: dict, path, title: str | None = None) -> None:
     )
     test = [(e["epoch"], e["test_accuracy"]) for e in epochs if e.get("test_accuracy") is not None]
     if test:
-        ax_a.plot(*zip(*test), color="tab:orange", label=f"test (last {test[-1][1]:.4f})")
+        ax_a.plot(
+            *zip(*test, strict=True), color="tab:orange", label=f"test (last {test[-1][1]:.4f})"
+        )
     for key, color, name in (
         ("val_accuracy", "tab:purple", "validation"),
         ("val_accuracy_ema", "tab:red", "validation, EMA weights"),
     ):
         val = [(e["epoch"], e[key]) for e in epochs if e.get(key) is not None]
         if val:
-            ax_a.plot(*zip(*val), color=color, label=f"{name} (last {val[-1][1]:.4f})")
+            ax_a.plot(*zip(*val, strict=True), color=color, label=f"{name} (last {val[-1][1]:.4f})")
     ax_a.axhline(
         PAPER_BASELINE, color="0.5", ls="--", lw=1, label=f"paper, 200 epochs ({PAPER_BASELINE})"
     )

@@ -1,5 +1,6 @@
-"""Training: recipes, on-device augmentation, a jit-compiled data-parallel step,
-Orbax checkpoints every epoch and exact resume.
+"""Training the classifier: on-device augmentation, its jit-compiled data-parallel step
+(built by :mod:`convmixer_jax.training.step`), an EMA of the weights, Orbax checkpoints
+every epoch and exact resume. The recipes are in :mod:`convmixer_jax.training.recipes`.
 
 Determinism: the epoch's example order comes from ``numpy.random.default_rng([seed, epoch])``
 and each step's augmentation key from ``fold_in(PRNGKey(seed), step)``, so a run
@@ -16,12 +17,10 @@ of processes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,112 +40,8 @@ from convmixer_jax.parallel.global_arrays import (
 )
 from convmixer_jax.parallel.runtime import is_writer
 from convmixer_jax.training.randaugment import rand_augment
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """A training recipe.
-
-    optimizer: 'adam' | 'adamw'; schedule: 'constant' | 'onecycle' (peak ``lr``);
-    augment: tuple of 'crop' (reflect pad 4, random crop), 'flip' (horizontal),
-    'randaugment' (``ra_ops`` ops at magnitude ``ra_magnitude`` of 30, see
-    :mod:`convmixer_jax.training.randaugment`), 'cutout' (one ``cutout``-pixel square set to
-    0.5), applied in that order; label_smoothing in [0, 1).
-    ema_decay: if > 0, an exponential moving average of the parameters and
-    BatchNorm statistics is kept (decay ``min(ema_decay, (1 + t) / (10 + t))`` at
-    step t) and evaluated beside the raw weights.
-    holdout: if > 0, that many training images (stratified by class, drawn with
-    ``holdout_seed``) are held out as a validation split: not trained on, and
-    evaluated every epoch.
-    """
-
-    epochs: int = 200
-    batch_size: int = 128
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_fraction: float = 0.3
-    augment: tuple[str, ...] = ()
-    cutout: int = 8
-    label_smoothing: float = 0.0
-    grad_clip: float | None = None
-    seed: int = 0
-    ra_ops: int = 2
-    ra_magnitude: int = 9
-    ema_decay: float = 0.0
-    holdout: int = 0
-    holdout_seed: int = 0
-
-    def __post_init__(self):
-        if self.optimizer not in ("adam", "adamw"):
-            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
-        if self.schedule not in ("constant", "onecycle"):
-            raise ValueError(f"schedule must be 'constant' or 'onecycle', got {self.schedule!r}")
-        object.__setattr__(self, "augment", tuple(self.augment))
-        bad = set(self.augment) - set(AUGMENTATIONS)
-        if bad:
-            raise ValueError(f"unknown augmentations {sorted(bad)}; use {', '.join(AUGMENTATIONS)}")
-        if not 0 <= self.ra_magnitude <= 30 or self.ra_ops < 1:
-            raise ValueError("ra_magnitude must be in 0..30 and ra_ops >= 1")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.holdout < 0:
-            raise ValueError(f"holdout must be >= 0, got {self.holdout}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["augment"] = list(self.augment)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return cls(**d)
-
-
-AUGMENTATIONS = ("crop", "flip", "randaugment", "cutout")
-
-
-RECIPES = {
-    # Iijima & Kiya (2022), section 4: Adam, lr 1e-3, batch 128, 200 epochs.
-    "paper": TrainConfig(epochs=200, batch_size=128, optimizer="adam", lr=1e-3),
-    # A shorter schedule for CPUs: AdamW one-cycle with on-device crop, flip and
-    # cutout and label smoothing.
-    "fast": TrainConfig(
-        epochs=40,
-        batch_size=256,
-        optimizer="adamw",
-        lr=0.01,
-        weight_decay=0.05,
-        schedule="onecycle",
-        augment=("crop", "flip", "cutout"),
-        cutout=8,
-        label_smoothing=0.1,
-        grad_clip=1.0,
-    ),
-    # The fast recipe made stronger against over-fitting (train 0.98 vs test 0.87
-    # with it): RandAugment (2 ops, magnitude 12, as locuslab's CIFAR-10 ConvMixer
-    # script) in place of cutout, 100 epochs, an EMA of the weights, and 5,000
-    # training images held out to choose by (results/cifar10/README.md).
-    "strong": TrainConfig(
-        epochs=100,
-        batch_size=256,
-        optimizer="adamw",
-        lr=0.01,
-        weight_decay=0.05,
-        schedule="onecycle",
-        augment=("crop", "flip", "randaugment"),
-        ra_ops=2,
-        ra_magnitude=12,
-        label_smoothing=0.1,
-        grad_clip=1.0,
-        ema_decay=0.999,
-        holdout=5000,
-        holdout_seed=0,
-    ),
-}
+from convmixer_jax.training.recipes import AUGMENTATIONS, RECIPES, TrainConfig
+from convmixer_jax.training.step import make_train_step, one_hot_cross_entropy
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -207,50 +102,45 @@ def init_variables(config: ConvMixerConfig, seed: int) -> dict:
     return jax.tree.map(np.asarray, dict(variables))
 
 
-def _make_step(config: ConvMixerConfig, cfg: TrainConfig, tx, data_sharding, repl_sharding):
-    model = ConvMixer(config)
+def make_step(config: ConvMixerConfig, cfg: TrainConfig, tx, data_sharding, repl_sharding):
+    """The classifier's jit-compiled training step for recipe ``cfg``.
 
-    def loss_fn(params, batch_stats, x, labels):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-        )
-        onehot = jax.nn.one_hot(labels, config.num_classes)
-        if cfg.label_smoothing:
-            onehot = optax.smooth_labels(onehot, cfg.label_smoothing)
-        loss = optax.softmax_cross_entropy(logits, onehot).mean()
-        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-        return loss, (updates["batch_stats"], correct)
+    ``step(state, images, labels) -> (state, mean loss, number correct)``: images (B, H, W, C)
+    uint8 sharded by ``data_sharding`` (augmented on device with the key
+    ``fold_in(PRNGKey(cfg.seed), state['step'])``), labels (B,) int32; the state
+    (:func:`initial_state`, replicated by ``repl_sharding``) is donated. Every parameter is
+    trained and every BatchNorm runs in train mode (:mod:`convmixer_jax.training.step`);
+    with an ``'ema'`` entry the state's EMA is updated after the step.
+    """
 
-    def step(state, images, labels):
+    def prepare(state, images, labels):
         rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), state["step"])
-        x = augment_batch(rng, images, cfg)
-        (loss, (batch_stats, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["batch_stats"], x, labels
-        )
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new = dict(
-            state,
-            params=params,
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-            step=state["step"] + 1,
-        )
-        if "ema" in state:
-            t = state["step"].astype(jnp.float32)
-            decay = jnp.minimum(cfg.ema_decay, (1.0 + t) / (10.0 + t))
-            new["ema"] = jax.tree.map(
-                lambda e, v: decay * e + (1.0 - decay) * v,
-                state["ema"],
-                {"params": params, "batch_stats": batch_stats},
-            )
-        return new, loss, correct
+        return augment_batch(rng, images, cfg), labels
 
-    return jax.jit(
-        step,
-        donate_argnums=(0,),
-        in_shardings=(repl_sharding, data_sharding, data_sharding),
-        out_shardings=(repl_sharding, repl_sharding, repl_sharding),
+    def update_ema(state, new):
+        if "ema" not in state:
+            return new
+        t = state["step"].astype(jnp.float32)
+        decay = jnp.minimum(cfg.ema_decay, (1.0 + t) / (10.0 + t))
+        new["ema"] = jax.tree.map(
+            lambda e, v: decay * e + (1.0 - decay) * v,
+            state["ema"],
+            {"params": new["params"], "batch_stats": new["batch_stats"]},
+        )
+        return new
+
+    return make_train_step(
+        ConvMixer(config),
+        tx,
+        one_hot_cross_entropy(config.num_classes, cfg.label_smoothing),
+        batch_norm="train",
+        prepare=prepare,
+        after=update_ema,
+        jit_kwargs=dict(
+            donate_argnums=(0,),
+            in_shardings=(repl_sharding, data_sharding, data_sharding),
+            out_shardings=(repl_sharding, repl_sharding, repl_sharding),
+        ),
     )
 
 
@@ -331,10 +221,10 @@ def train(
     mesh = global_mesh("data")
     data_sharding, repl = by_rows(mesh), replicated(mesh)
     tx = make_optimizer(cfg, steps_per_epoch)
-    step_fn = _make_step(config, cfg, tx, data_sharding, repl)
+    step_fn = make_step(config, cfg, tx, data_sharding, repl)
 
     variables = init_variables_ if init_variables_ is not None else init_variables(config, cfg.seed)
-    state = _initial_state(cfg, tx, variables)
+    state = initial_state(cfg, tx, variables)
     log_path = workdir / "train_log.json"
     history = {
         "model": config.to_dict(),
@@ -348,7 +238,8 @@ def train(
             "images": int(len(val_data[0])),
             "seed": cfg.holdout_seed,
             "per_class": {
-                int(c): int(k) for c, k in zip(*np.unique(val_data[1], return_counts=True))
+                int(c): int(k)
+                for c, k in zip(*np.unique(val_data[1], return_counts=True), strict=True)
             },
         }
     if init_from is not None:
@@ -490,7 +381,10 @@ def _drop_unfinished_saves(ckpt_dir: Path, settle_seconds: float = 2.0) -> None:
         time.sleep(0.05)
 
 
-def _initial_state(cfg: TrainConfig, tx, variables: dict) -> dict:
+def initial_state(cfg: TrainConfig, tx, variables: dict) -> dict:
+    """The training state of ``variables`` ``{'params', 'batch_stats'}``: those, the optimizer
+    state ``tx.init(params)``, the step counter 0 and, when ``cfg`` keeps an EMA, its start
+    (a copy of the variables)."""
     state = {
         "params": variables["params"],
         "batch_stats": variables["batch_stats"],
@@ -539,7 +433,7 @@ def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
         raise FileNotFoundError(f"{workdir} holds no checkpoint")
     tx = make_optimizer(cfg, 1)  # the state's structure does not depend on the schedule length
     abstract_vars = jax.eval_shape(lambda: init_variables_abstract(config))
-    state = jax.eval_shape(lambda v: _initial_state(cfg, tx, v), abstract_vars)
+    state = jax.eval_shape(lambda v: initial_state(cfg, tx, v), abstract_vars)
     repl = replicated(global_mesh("data"))  # onto this run's devices, however many saved it
     state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=repl), state)
     restored = mngr.restore(latest, args=ocp.args.StandardRestore(state))
@@ -586,6 +480,10 @@ __all__ = [
     "init_variables",
     "augment_batch",
     "make_optimizer",
+    "make_step",
+    "initial_state",
+    "load_checkpoint",
+    "init_variables_abstract",
     "epoch_order",
     "total_train_seconds",
 ]

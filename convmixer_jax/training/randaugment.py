@@ -90,7 +90,7 @@ def _sharpen_degenerate(x: jax.Array) -> jax.Array:
 
 
 def all_ops(x: jax.Array, magnitude: float, sign) -> jax.Array:
-    """Every op of :data:`~convmixer_jax.training.randaugment.OPS` applied to one image (H, W, C) -> (len(OPS), H, W, C).
+    """Every op of :data:`OPS` applied to one image: (H, W, C) -> (len(OPS), H, W, C).
 
     magnitude: 0..30 (may be a traced value); sign: +1 or -1 for the signed ops.
     """
@@ -133,7 +133,7 @@ def all_ops(x: jax.Array, magnitude: float, sign) -> jax.Array:
 
 
 def rand_augment_image(rng: jax.Array, x: jax.Array, num_ops: int, magnitude: float) -> jax.Array:
-    """``num_ops`` random ops of :data:`~convmixer_jax.training.randaugment.OPS` in sequence on one image (H, W, C) in [0, 1]."""
+    """``num_ops`` random ops of :data:`OPS` in sequence on one image (H, W, C) in [0, 1]."""
     for k in jax.random.split(rng, num_ops):
         k_op, k_sign = jax.random.split(k)
         op = jax.random.randint(k_op, (), 0, len(OPS))
@@ -145,7 +145,8 @@ def rand_augment_image(rng: jax.Array, x: jax.Array, num_ops: int, magnitude: fl
 def rand_augment(
     rng: jax.Array, images: jax.Array, num_ops: int = 2, magnitude: float = 9
 ) -> jax.Array:
-    """RandAugment of a batch: (N, H, W, C) float in [0, 1] -> the same shape, every image its own ops."""
+    """RandAugment of a batch: (N, H, W, C) float in [0, 1] -> the same shape, every image
+    its own ops."""
     if not 0 <= magnitude <= MAX_MAGNITUDE:
         raise ValueError(f"magnitude must be in 0..{MAX_MAGNITUDE}, got {magnitude}")
     keys = jax.random.split(rng, images.shape[0])

@@ -24,7 +24,8 @@ from convmixer_jax.model.convmixer import ConvMixerConfig
 from convmixer_jax.model.inference import accuracy, check_model_images
 from convmixer_jax.parallel.runtime import is_writer
 from convmixer_jax.scheme.images import ImageError
-from convmixer_jax.training.loop import TrainConfig, load_checkpoint, total_train_seconds, train
+from convmixer_jax.training.loop import load_checkpoint, total_train_seconds, train
+from convmixer_jax.training.recipes import TrainConfig
 
 
 def warm_start(model_dir, asked: dict | None = None) -> tuple[ConvMixerConfig, dict, dict]:
@@ -143,7 +144,8 @@ def train_model(
     classes=None,
     progress: bool = True,
 ) -> tuple[dict, dict]:
-    """Train, draw the curves into ``workdir/curves.png``, score the test split; ``(variables, meta)``.
+    """Train, draw the curves into ``workdir/curves.png``, score the test split:
+    ``(variables, meta)``.
 
     train_data / test_data: (images (N, H, W, C) uint8, labels (N,)). warm: the
     ``(variables, init_from)`` of :func:`warm_start`, or None for a fresh start.
@@ -199,7 +201,8 @@ def export_checkpoint(
     workdir, *, data_label: str | None = None
 ) -> tuple[ConvMixerConfig, dict, dict]:
     """The newest epoch checkpoint of a training ``workdir`` as ``(config, variables, meta)``
-    (the weights its validation split prefers, see :func:`~convmixer_jax.training.loop.choose_weights`)."""
+    (the weights its validation split prefers, see
+    :func:`~convmixer_jax.training.loop.choose_weights`)."""
     config, variables, info = load_checkpoint(workdir)
     log = info["log"] or {}
     totals = warm_start_totals(
@@ -238,7 +241,8 @@ def average_models(
     classes=None,
     progress: bool = True,
 ) -> tuple[ConvMixerConfig, dict, dict]:
-    """Average plain models of one architecture and re-measure BatchNorm: ``(config, variables, meta)``.
+    """Average plain models of one architecture and re-measure BatchNorm:
+    ``(config, variables, meta)``.
 
     train_images: (N, H, W, C) uint8 for the statistics, measured in batches of the
     last model's training batch size under its recipe's augmentation
@@ -253,10 +257,11 @@ def average_models(
         raise ValueError(f"average-models needs at least two models, got {len(model_dirs)}")
     if weights is not None and len(weights) != len(model_dirs):
         raise ValueError(
-            f"--weights gives {len(weights)} numbers for {len(model_dirs)} models; give one per model"
+            f"--weights gives {len(weights)} numbers for {len(model_dirs)} models; give one "
+            "per model"
         )
     loaded = [load_model(m) for m in model_dirs]
-    for path, (config, _, meta) in zip(model_dirs, loaded):
+    for path, (config, _, meta) in zip(model_dirs, loaded, strict=True):
         if is_encrypted(meta):
             raise ModelDirError(
                 f"{path} is an encrypted model; average the plain models, then encrypt the "
@@ -305,7 +310,7 @@ def average_models(
             "test_accuracy": meta.get("test_accuracy"),
             "train_seconds": meta.get("train_seconds"),
         }
-        for m, (_, _, meta) in zip(model_dirs, loaded)
+        for m, (_, _, meta) in zip(model_dirs, loaded, strict=True)
     ]
     w = weights or [1.0] * len(model_dirs)
     meta = {
