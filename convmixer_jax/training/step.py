@@ -177,7 +177,7 @@ class TrainStep:
 
     ``step(state, *batch) -> (state, loss, metric)``, or with a learning-rate argument
     ``step(state, *batch, lr)``. ``optimizer`` is ``tx`` frozen by the trainable mask:
-    the state's ``'opt_state'`` is ``optimizer.init(params)`` (:meth:`init_opt_state`).
+    the state's ``'opt_state'`` is ``optimizer.init(params)`` (``init_opt_state``).
     """
 
     step: Callable

@@ -11,11 +11,11 @@ applied to an image.
   order)``, applying, inverting and composing them;
 - :mod:`~convmixer_jax.attacks.image_prior.network`: the classifier's architecture
   (:class:`PriorConfig`), the trained prior as a value (:class:`ImagePrior`) and its
-  scores (:func:`variant_log_probs`, :func:`group_log_probs`);
-- :mod:`~convmixer_jax.attacks.image_prior.training`: :func:`train_image_prior`;
-- :mod:`~convmixer_jax.attacks.image_prior.storage`: :func:`save_image_prior` /
-  :func:`load_image_prior`;
-- :mod:`~convmixer_jax.attacks.image_prior.cache`: :func:`cached_image_prior` trains once
+  scores (:func:`~.network.variant_log_probs`, :func:`~.network.group_log_probs`);
+- :mod:`~convmixer_jax.attacks.image_prior.training`: :func:`~.training.train_image_prior`;
+- :mod:`~convmixer_jax.attacks.image_prior.storage`: :func:`~.storage.save_image_prior` /
+  :func:`~.storage.load_image_prior`;
+- :mod:`~convmixer_jax.attacks.image_prior.cache`: :func:`~.cache.cached_image_prior` trains once
   per set of public images.
 
 JPEG-decoded sources carry a channel-order cue of their own, which this prior does

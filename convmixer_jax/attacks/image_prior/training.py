@@ -92,7 +92,7 @@ def train_image_prior(
 
     Args:
       public_images: (N, H, W, C) uint8, or float in [0, 1]; resized to
-        ``input_size`` x ``input_size`` (:func:`resize_images`) when they differ.
+        ``input_size`` x ``input_size`` (:func:`~.network.resize_images`) when they differ.
       steps, batch_size: optimizer steps and examples per step.
       seed: initialization and sampling seed.
       config: the architecture (default :class:`PriorConfig` for C channels).
