@@ -310,7 +310,7 @@ def test_an_existing_output_needs_force_and_force_replaces_only_what_the_command
         capsys,
         ["encrypt-images", "--key", kf, work / "imgs", "--out", work / "enc", "--force"],
         where=work,
-        words=("notes.txt", "choose another output name"),
+        words=("notes.txt", "choose another"),
     )
     (work / "theirs").mkdir()
     (work / "theirs" / "a.csv").write_text("1,2")

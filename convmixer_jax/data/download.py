@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 
 from convmixer_jax.data.local import BINARY_LAYOUTS, BinaryLayout, DataError, cache_dir
 from convmixer_jax.files.atomic import (
+    release_temporary,
     remove_stale_temporaries,
     temporary_name,
     write_bytes_atomic,
@@ -297,24 +298,29 @@ def _extract(archive: Path, release: Release, url: str, sha256: str, folder: Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        release_temporary(tmp)
 
 
 def _swap_in(tmp: Path, folder: Path, release: Release, sha256: str) -> None:
     """Rename the complete ``tmp`` to ``folder``, replacing an incomplete or outdated one."""
     old = None
-    if folder.exists() or folder.is_symlink():
-        old = temporary_name(folder, "old")
-        os.rename(folder, old)
     try:
-        os.rename(tmp, folder)
-    except OSError:
-        if not _is_complete(folder, release, sha256):  # not another process finishing first
-            raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        if folder.exists() or folder.is_symlink():
+            old = temporary_name(folder, "old")
+            os.rename(folder, old)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not _is_complete(folder, release, sha256):  # not another process finishing first
+                raise
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+    finally:
+        if old is not None:
+            release_temporary(old)  # its lock goes once the old folder is gone
 
 
 __all__ = ["RELEASES", "Release", "fetch_release", "releases_dir", "resolve_source", "MARKER"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from convmixer_jax.data.local import BINARY_LAYOUTS, DataError, load_cifar_binary, load_local
-from convmixer_jax.files.resize import DEFAULT_CROP_PCT, eval_resize_batch
+from convmixer_jax.files.resize import DEFAULT_CROP_PCT, check_resize, eval_resize_batch
 
 
 def load_split(
@@ -37,8 +37,11 @@ def load_split(
 
     Images of the CIFAR sets are (N, 32, 32, 3). With ``resize`` every image of
     any source goes through timm's evaluation transform to ``resize x resize``
-    (:func:`~convmixer_jax.files.resize.eval_resize`).
+    (:func:`~convmixer_jax.files.resize.eval_resize`); ``resize`` and ``crop_pct`` are
+    checked (:func:`~convmixer_jax.files.resize.check_resize`) before any data is read.
     """
+    if resize is not None:
+        check_resize(resize, crop_pct)
     if data_dir is not None:
         return load_local(data_dir, split, progress=progress, resize=resize, crop_pct=crop_pct)
     images, labels, classes = _load_source(

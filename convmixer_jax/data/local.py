@@ -14,6 +14,9 @@ Three layouts are read:
 
 The binaries may sit in ``ROOT`` or in the release's own subfolder
 (``cifar-10-batches-bin``, ``cifar-100-binary``). No pickle is ever read.
+Images of a tree are decoded by the rules of the image commands
+(:func:`~convmixer_jax.files.image_files.decode_image`: 16-bit and float images are
+refused, never clipped), then made RGB (gray replicated, alpha dropped).
 Decoded images are cached as ``.npz`` under ``cache_dir()``
 (``$CONVMIXER_JAX_CACHE``, default ``~/.cache/convmixer-jax``), named by a
 SHA-256 of the source files' names and bytes, so a changed file gives a new
@@ -31,7 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from convmixer_jax.files.atomic import save_npz_atomic
-from convmixer_jax.files.resize import DEFAULT_CROP_PCT, eval_resize, eval_resize_batch
+from convmixer_jax.files.image_files import decode_image
+from convmixer_jax.files.resize import (
+    DEFAULT_CROP_PCT,
+    check_resize,
+    eval_resize,
+    eval_resize_batch,
+)
+from convmixer_jax.scheme.images import ImageError
 
 CIFAR10_CLASSES = (
     "airplane",
@@ -54,8 +64,13 @@ class DataError(ValueError):
 
 
 def cache_dir() -> Path:
-    """The cache folder: ``$CONVMIXER_JAX_CACHE``, default ``~/.cache/convmixer-jax``."""
-    return Path(os.environ.get("CONVMIXER_JAX_CACHE", Path.home() / ".cache" / "convmixer-jax"))
+    """The cache folder: ``$CONVMIXER_JAX_CACHE``, default ``~/.cache/convmixer-jax``.
+
+    An empty ``CONVMIXER_JAX_CACHE`` counts as unset (as the XDG base directory
+    specification treats an empty ``XDG_CACHE_HOME``), so that ``CONVMIXER_JAX_CACHE=""``
+    gives the default rather than the current directory."""
+    value = os.environ.get("CONVMIXER_JAX_CACHE", "")
+    return Path(value) if value else Path.home() / ".cache" / "convmixer-jax"
 
 
 def _cached(digest: str, build):
@@ -119,22 +134,23 @@ def load_image_folder(
     (:func:`~convmixer_jax.files.resize.eval_resize`).
     """
     root = Path(root)
+    _check_resize(resize, crop_pct)
     classes, files = _list_image_folder(root, split)
-    h = hashlib.sha256(b"image-folder-v1\0")
+    # v2: 16-bit and float images are refused (v1 entries hold them clipped to 255)
+    h = hashlib.sha256(b"image-folder-v2\0")
     if resize is not None:  # another cache entry for every transform
         h.update(f"eval-resize {resize} {crop_pct!r}\0".encode())
     blobs = []
     for f, _label in files:
-        data = f.read_bytes()
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read the image {f}: {e.strerror or e}") from None
         blobs.append(data)
         h.update(f"{f.parent.name}/{f.name}\0{len(data)}\0".encode())
         h.update(data)
 
     def build():
-        from io import BytesIO
-
-        from PIL import Image
-
         arrays = []
         pairs = zip(files, blobs, strict=True)
         if progress:  # the first decode of 60,000 JPEGs takes a while; later loads hit the cache
@@ -150,11 +166,10 @@ def load_image_folder(
             )  # on a terminal only: logs and error output stay clean
         for (f, _), data in pairs:
             try:
-                with Image.open(BytesIO(data)) as im:
-                    a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                a = _rgb(decode_image(data, f, npy_alternative=False))
                 arrays.append(a if resize is None else eval_resize(a, resize, crop_pct))
-            except Exception as e:
-                raise DataError(f"cannot decode image {f}: {e}") from e
+            except ImageError as e:
+                raise DataError(str(e) if str(f) in str(e) else f"{f}: {e}") from None
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise DataError(
@@ -165,6 +180,23 @@ def load_image_folder(
 
     images, labels = _cached(h.hexdigest(), build)
     return images, labels, classes
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8 with C in 1, 3, 4 -> (H, W, 3): gray replicated, alpha dropped (what
+    Pillow's ``convert("RGB")`` gives for ``L`` and ``RGBA``)."""
+    c = image.shape[-1]
+    if c == 1:
+        return np.ascontiguousarray(np.repeat(image, 3, axis=-1))
+    return np.ascontiguousarray(image[..., :3]) if c == 4 else image
+
+
+def _check_resize(resize: int | None, crop_pct: float) -> None:
+    if resize is not None:
+        try:
+            check_resize(resize, crop_pct)
+        except ImageError as e:
+            raise DataError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -184,6 +216,7 @@ class BinaryLayout:
     names_file: str  # class names, one per line
     other_files: tuple = ()  # further members of the release (not read)
     default_names: tuple | None = None  # when names_file is absent (None: "0", "1", ...)
+    records: dict | None = None  # split -> records per batch file in the official release
 
     @property
     def record(self) -> int:
@@ -210,6 +243,7 @@ CIFAR10_BINARY = BinaryLayout(
     names_file="batches.meta.txt",
     other_files=("readme.html",),
     default_names=CIFAR10_CLASSES,
+    records={"train": 10_000, "test": 10_000},
 )
 CIFAR100_BINARY = BinaryLayout(
     "CIFAR-100",
@@ -220,6 +254,7 @@ CIFAR100_BINARY = BinaryLayout(
     num_classes=100,
     names_file="fine_label_names.txt",
     other_files=("coarse_label_names.txt",),
+    records={"train": 50_000, "test": 10_000},
 )
 #: The binary releases by data set name (cifar100: the fine labels; the coarse byte is
 #: checked, not used).
@@ -276,11 +311,27 @@ def load_cifar_binary(
                 f"missing {p}; the {layout.name} binary release "
                 f"has {', '.join(layout.batches[split])}"
             )
-        data = p.read_bytes()
-        if len(data) % layout.record:
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read {p}: {e.strerror or e}") from None
+        if not data or len(data) % layout.record:
+            official = (layout.records or {}).get(split)
+            should = (
+                f" (the official file holds {official:,} records: {official * layout.record:,} "
+                "bytes)"
+                if official
+                else ""
+            )
+            problem = (
+                "is empty (0 bytes)"
+                if not data
+                else f"is truncated or damaged: its size {len(data):,} bytes is not a multiple of"
+                " the record size"
+            )
             raise DataError(
-                f"{p} is not a {layout.name} binary batch: size {len(data)} is not a multiple "
-                f"of {layout.record}"
+                f"{p} {problem}: a {layout.name} binary batch holds whole "
+                f"{layout.record:,}-byte records{should}; download the release again"
             )
         raw.append(np.frombuffer(data, np.uint8).reshape(-1, layout.record))
     records = np.concatenate(raw)
@@ -332,6 +383,7 @@ def load_local(
     ``progress`` shows a bar while images are decoded; ``resize`` maps every image
     to ``resize x resize`` by timm's evaluation transform."""
     root = Path(root)
+    _check_resize(resize, crop_pct)
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist")
     found = _find_cifar_binaries(root)

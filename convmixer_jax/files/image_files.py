@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -34,7 +35,12 @@ from convmixer_jax.files.output_paths import (
     check_output_path,
     describe_file_type,
 )
-from convmixer_jax.files.resize import DEFAULT_CROP_PCT, eval_resize, eval_resize_batch
+from convmixer_jax.files.resize import (
+    DEFAULT_CROP_PCT,
+    check_resize,
+    eval_resize,
+    eval_resize_batch,
+)
 from convmixer_jax.scheme.images import ImageError
 
 #: Suffixes of the image files read from folders and named as inputs (any case).
@@ -61,26 +67,54 @@ _CHANNELS = {1: "grayscale", 3: "RGB", 4: "RGBA"}
 # --------------------------------------------------------------------------- inputs
 
 
-def image_input_kind(path: str | os.PathLike) -> str:
+def image_input_kind(path: str | os.PathLike, data: bytes | None = None) -> str:
     """How :func:`~convmixer_jax.files.image_files.load_image_inputs` reads ``path``:
     ``'folder'`` (a directory), ``'image'`` (a ``.png``/``.jpg``/``.jpeg`` name, or PNG/JPEG
     content under another name), ``'npy'`` (a ``.npy`` name, or any other file or missing
-    path, which the ``.npy`` reader judges)."""
+    path, which the ``.npy`` reader judges).
+
+    ``data``, when given, is the content already read and is sniffed instead of the file.
+    A pipe, socket or device (``<(cat im.png)``, ``/dev/stdin``) can be read only once, so
+    without ``data`` it is never read here: under another name than ``.npy`` it counts as
+    ``'image'``."""
     p = Path(path)
-    if p.is_dir():
+    if data is None and p.is_dir():
         return "folder"
     suffix = p.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return "image"
     if suffix != ".npy":
-        try:
-            with open(p, "rb") as f:
-                head = f.read(8)
-        except OSError:
-            return "npy"
+        if data is not None:
+            head = data[:8]
+        elif is_stream(p):
+            return "image"
+        else:
+            try:
+                with open(p, "rb") as f:
+                    head = f.read(8)
+            except OSError:
+                return "npy"
         if head.startswith(_PNG_MAGIC) or head.startswith(b"\xff\xd8\xff"):
             return "image"
     return "npy"
+
+
+def is_stream(path: str | os.PathLike) -> bool:
+    """Whether ``path`` exists and is neither a regular file nor a folder (a pipe, a socket,
+    a device): its bytes can be read only once."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _read_stream(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _folder_images(folder: Path) -> list[Path]:
@@ -125,7 +159,11 @@ def load_image_inputs(
     is given: then each image, of any size, goes through timm's evaluation
     transform to ``resize x resize`` (:func:`~convmixer_jax.files.resize.eval_resize`,
     shorter side to floor(resize / crop_pct), bicubic, centre crop); a uint8
-    ``.npy`` batch is resized image by image.
+    ``.npy`` batch is resized image by image. ``resize`` and ``crop_pct`` are checked
+    (:func:`~convmixer_jax.files.resize.check_resize`) before any file is read.
+
+    A pipe or other stream (``<(cat im.png)``, ``/dev/stdin``) is read once, and its
+    type (PNG, JPEG or ``.npy``) is told from those bytes.
 
     Raises :class:`~convmixer_jax.scheme.images.ImageError` naming the problem and the fix.
     """
@@ -134,7 +172,11 @@ def load_image_inputs(
         raise ImageError(
             "no input images given; pass one .npy file, or PNG/JPEG files or folders of them"
         )
-    kinds = [image_input_kind(p) for p in paths]
+    if resize is not None:  # before any file is read
+        check_resize(resize, crop_pct)
+    # a pipe (``<(cat im.png)``) is read once, here; its type is sniffed from these bytes
+    streams = {p: _read_stream(p) for p in paths if is_stream(p)}
+    kinds = [image_input_kind(p, streams.get(p)) for p in paths]
     npys = [p for p, k in zip(paths, kinds, strict=True) if k == "npy"]
     if npys:
         if len(npys) < len(paths):
@@ -150,7 +192,7 @@ def load_image_inputs(
                 f"pass one .npy file, not {len(npys)} ({npys[0]}, {npys[1]}{more}); "
                 "stack the images into one array saved with numpy.save"
             )
-        images = load_images(npys[0])
+        images = load_images(npys[0], data=streams.get(npys[0]))
         if resize is not None:
             images = eval_resize_batch(
                 images if images.ndim == 4 else images[None], resize, crop_pct
@@ -178,8 +220,13 @@ def load_image_inputs(
         seen[f.name] = f
 
     def decode(f):
-        img = _decode(f)
-        return img if resize is None else eval_resize(img, resize, crop_pct)
+        img = _decode(f, streams.get(f))
+        if resize is None:
+            return img
+        try:
+            return eval_resize(img, resize, crop_pct)
+        except ImageError as e:
+            raise ImageError(f"{f}: {e}") from None
 
     first = decode(files[0])
     images = np.empty((len(files),) + first.shape, np.uint8)
@@ -201,17 +248,33 @@ def _describe(shape) -> str:
     return f"{h}x{w} {_CHANNELS.get(c, f'{c}-channel')}"
 
 
-def _decode(path: Path) -> np.ndarray:
-    """One image file as an (H, W, C) uint8 array (the rules of
+def _decode(path: Path, data: bytes | None = None) -> np.ndarray:
+    """One image file (or its bytes, already read) as an (H, W, C) uint8 array (the rules of
     :func:`~convmixer_jax.files.image_files.load_image_inputs`)."""
+    if data is None:
+        if not path.exists():
+            raise ImageError(f"image file {path} does not exist")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
+    return decode_image(data, path)
+
+
+def decode_image(data: bytes, source, *, npy_alternative: bool = True) -> np.ndarray:
+    """The bytes of one PNG or JPEG file as an (H, W, C) uint8 array, pixels as stored.
+
+    The rules of :func:`~convmixer_jax.files.image_files.load_image_inputs`: ``L`` gives
+    C = 1, ``RGB`` C = 3, ``RGBA`` C = 4, ``1`` C = 1 (0 and 255), any other 8-bit mode
+    RGB; 16-bit and float images and animated files are refused, never clipped.
+    ``source`` (the file's path) names the image in every error, an
+    :class:`~convmixer_jax.scheme.images.ImageError` that says the fix;
+    ``npy_alternative`` adds a float ``.npy`` to the fixes offered (where one is read).
+    """
     from PIL import Image, UnidentifiedImageError
 
-    if not path.exists():
-        raise ImageError(f"image file {path} does not exist")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
+    or_npy = ", or save it as a float .npy in [0, 1]" if npy_alternative else ""
+    or_array = ", or save the images as a .npy array with numpy.save" if npy_alternative else ""
     # Pillow's warnings (large image, palette transparency) would break the one-line rule
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -219,22 +282,21 @@ def _decode(path: Path) -> np.ndarray:
             with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as im:
                 if getattr(im, "n_frames", 1) > 1:
                     raise ImageError(
-                        f"{path} is an animated image of {im.n_frames} "
+                        f"{source} is an animated image of {im.n_frames} "
                         "frames; pass single-frame images"
                     )
                 if im.format == "PNG" and len(data) > 24 and data[24] > 8:
                     raise ImageError(
-                        f"{path} is a {data[24]}-bit PNG; only 8-bit images "
-                        "are encrypted as they are: convert it to 8 bits "
-                        "per channel, or save it as a float .npy in [0, 1]"
+                        f"{source} is a {data[24]}-bit PNG; only 8-bit images are read "
+                        f"without changing their values: convert it to 8 bits per channel{or_npy}"
                     )
                 mode = im.mode
                 if mode in ("I", "F") or mode.startswith(("I;", "F;")):
                     raise ImageError(
-                        f"{path} has "
+                        f"{source} has "
                         f"{'float' if mode.startswith('F') else 'integer (16/32-bit)'} pixels "
-                        f"(Pillow mode {mode}); only 8-bit images are encrypted as they are: "
-                        "convert it to 8 bits per channel, or save it as a float .npy in [0, 1]"
+                        f"(Pillow mode {mode}); only 8-bit images are read without changing "
+                        f"their values: convert it to 8 bits per channel{or_npy}"
                     )
                 if mode == "1":
                     im = im.convert("L")
@@ -245,23 +307,23 @@ def _decode(path: Path) -> np.ndarray:
             raise
         except UnidentifiedImageError:
             raise ImageError(
-                f"{path} is not a PNG or JPEG image; convert it to PNG, or save the images "
-                "as a .npy array with numpy.save"
+                f"cannot decode {source}: it is not a PNG or JPEG image; "
+                f"convert it to PNG{or_array}"
             ) from None
         except Image.DecompressionBombError as e:
             raise ImageError(
-                f"{path} is too large to decode safely ({e}); split or shrink it"
+                f"{source} is too large to decode safely ({e}); split or shrink it"
             ) from None
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise ImageError(
-                f"cannot decode {path}: {' '.join(str(e).split())[:200] or type(e).__name__}; the "
-                "file is damaged or truncated: write it again"
+                f"cannot decode {source}: {' '.join(str(e).split())[:200] or type(e).__name__}; "
+                "the file is damaged or truncated: write it again"
             ) from None
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or 0 in array.shape:
         raise ImageError(
-            f"{path} holds no pixels (shape {array.shape}); pass images of at least one pixel"
+            f"{source} holds no pixels (shape {array.shape}); pass images of at least one pixel"
         )
     return np.ascontiguousarray(array)
 
@@ -460,7 +522,9 @@ def write_image_outputs(
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "decode_image",
     "image_input_kind",
+    "is_stream",
     "load_image_inputs",
     "output_format",
     "png_names",

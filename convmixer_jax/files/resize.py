@@ -10,6 +10,12 @@ on 8-bit pixels with Pillow, as timm's transform does on PIL images.
 Encryption is block-wise on the model's input grid, so a client resizes first
 and encrypts the resized image; resizing an encrypted image would mix pixels
 of different block positions and break the equivalence.
+
+What is accepted (:func:`check_resize`, called before any image is read): a target
+size from 1 to :data:`MAX_SIZE` and a ``crop_pct`` from :data:`MIN_CROP_PCT` to 1;
+and, per image, an intermediate (resized, not yet cropped) image of at most
+:data:`MAX_INTERMEDIATE_PIXELS` pixels, so that a thin image is not blown up to
+gigabytes. Anything else is refused with the allowed range, before memory runs out.
 """
 
 from __future__ import annotations
@@ -21,6 +27,37 @@ import numpy as np
 from convmixer_jax.scheme.images import ImageError
 
 DEFAULT_CROP_PCT = 0.96  # timm's ConvMixer default_cfg
+#: The largest target size: 4096 x 4096 RGB is 48 MiB per image, far above any model's input
+#: (timm's ConvMixers take 224 x 224).
+MAX_SIZE = 4096
+#: The smallest crop share: below it the centre crop would keep less than a quarter of the
+#: shorter side (timm's models use 0.875 to 1).
+MIN_CROP_PCT = 0.25
+#: The most pixels of the resized image before its centre crop: Pillow's own limit for images
+#: it decodes (``PIL.Image.MAX_IMAGE_PIXELS``, about 179 million; 512 MiB as RGB).
+MAX_INTERMEDIATE_PIXELS = 178_956_970
+
+
+def check_resize(size, crop_pct: float = DEFAULT_CROP_PCT) -> None:
+    """Refuse a target ``size`` outside 1 .. :data:`MAX_SIZE` or a ``crop_pct`` outside
+    [:data:`MIN_CROP_PCT`, 1] with an :class:`~convmixer_jax.scheme.images.ImageError`
+    naming the allowed range; callers run it before reading any image."""
+    is_int = isinstance(size, (int, np.integer)) and not isinstance(size, bool)
+    if not is_int or not 1 <= size <= MAX_SIZE:
+        need = ""
+        if is_int and size > MAX_SIZE:
+            gib = 3 * int(size) ** 2 / 2**30
+            need = f" (one {size} x {size} RGB image alone takes {gib:,.1f} GiB)"
+        raise ImageError(
+            f"the resize target {size!r} is outside 1..{MAX_SIZE}{need}; "
+            f"resize to the model's input size (--resize SIZE with SIZE <= {MAX_SIZE})"
+        )
+    if not MIN_CROP_PCT <= crop_pct <= 1:  # NaN fails too
+        raise ImageError(
+            f"crop_pct {crop_pct!r} is outside [{MIN_CROP_PCT}, 1]: it is the centre crop's share "
+            f"of the resized shorter side (timm's models use 0.875 to 1); "
+            f"give --crop-pct F with {MIN_CROP_PCT} <= F <= 1"
+        )
 
 
 def resized_shape(
@@ -49,12 +86,15 @@ def eval_resize(image, size: int, crop_pct: float = DEFAULT_CROP_PCT) -> np.ndar
             f"resizing takes 8-bit (H, W, C) images with C in 1, 3, 4; got {image.dtype} "
             f"{image.shape}: resize float images yourself before encrypting them"
         )
-    if not 0 < crop_pct <= 1:
-        raise ImageError(f"crop_pct must lie in (0, 1], got {crop_pct}")
-    if size < 1:
-        raise ImageError(f"the resize target must be a positive size, got {size}")
+    check_resize(size, crop_pct)
     h, w, c = image.shape
     nh, nw = resized_shape(h, w, size, crop_pct)
+    if nh * nw > MAX_INTERMEDIATE_PIXELS:
+        raise ImageError(
+            f"resizing this {h} x {w} image to {size} x {size} (crop_pct {crop_pct:g}) would "
+            f"first make it {nh} x {nw}, more than {MAX_INTERMEDIATE_PIXELS:,} pixels; crop it "
+            "closer to a square first"
+        )
     if c == 3:  # one RGB image, as timm resizes it
         out = np.asarray(
             Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC), np.uint8
@@ -79,6 +119,7 @@ def eval_resize(image, size: int, crop_pct: float = DEFAULT_CROP_PCT) -> np.ndar
 def eval_resize_batch(images, size: int, crop_pct: float = DEFAULT_CROP_PCT) -> np.ndarray:
     """:func:`eval_resize` of every image of a sequence of (H_i, W_i, C) uint8 -> (N, size, size,
     C) uint8."""
+    check_resize(size, crop_pct)
     return (
         np.stack([eval_resize(im, size, crop_pct) for im in images])
         if len(images)
@@ -86,4 +127,13 @@ def eval_resize_batch(images, size: int, crop_pct: float = DEFAULT_CROP_PCT) -> 
     )
 
 
-__all__ = ["DEFAULT_CROP_PCT", "eval_resize", "eval_resize_batch", "resized_shape"]
+__all__ = [
+    "DEFAULT_CROP_PCT",
+    "MAX_INTERMEDIATE_PIXELS",
+    "MAX_SIZE",
+    "MIN_CROP_PCT",
+    "check_resize",
+    "eval_resize",
+    "eval_resize_batch",
+    "resized_shape",
+]

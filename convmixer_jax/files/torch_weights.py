@@ -11,7 +11,8 @@ Two PyTorch layouts of the same network are read (names of ``model.state_dict()`
   the Linear head at index ``3 + depth + 2``.
 
 A BatchNorm2d holds ``weight``, ``bias``, ``running_mean``, ``running_var`` (and
-``num_batches_tracked``, ignored on import). PyTorch convolution weights are
+``num_batches_tracked``, a scalar, or of shape (1,) as PyTorch also loads it; ignored on
+import). PyTorch convolution weights are
 (out, in, kh, kw) and are cross-correlations like ours, so every kernel maps to
 our HWIO layout (docs/design.md, "Parameter layout") by ``transpose(2, 3, 1, 0)``
 and the head by a transpose; both layouts pad the depthwise convolution 'same'
@@ -349,8 +350,11 @@ def check_state_dict(sd: StateDict, config: ConvMixerConfig, layout: str) -> Non
             name.endswith(".num_batches_tracked")
             and f"{name.rsplit('.', 1)[0]}.running_mean" in expected
         ):
-            if shape != ():
-                raise NotAConvMixer(f"the tensor {name!r} has shape {shape}, expected a scalar")
+            if shape not in ((), (1,)):  # (1,): PyTorch loads it too (older files, earlier exports)
+                raise NotAConvMixer(
+                    f"the tensor {name!r} has shape {shape}, expected a scalar (a BatchNorm's "
+                    "batch counter)"
+                )
             continue
         if name not in expected:
             raise NotAConvMixer(f"the tensor {name!r} (shape {shape}) is not part of {what}")
@@ -442,7 +446,8 @@ def safetensors_bytes(sd: StateDict, metadata: dict[str, str] | None = None) -> 
     """A state dict serialized as safetensors (write it with
     ``files.atomic.write_bytes_atomic``)."""
     st = _need("safetensors.numpy")
-    return st.save({k: np.ascontiguousarray(v) for k, v in sd.items()}, metadata=metadata)
+    # np.require keeps 0-d tensors 0-d (np.ascontiguousarray would make them (1,))
+    return st.save({k: np.require(v, requirements="C") for k, v in sd.items()}, metadata=metadata)
 
 
 __all__ = [
