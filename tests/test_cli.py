@@ -944,9 +944,14 @@ def _damaged_models(tmp_path: Path, plain: Path) -> dict[str, tuple[Path, str]]:
     shutil.rmtree(d / "variables")
     (d / "variables").mkdir()
     out["empty_variables"] = (d, "corrupt")
-    d = copy("shape_mismatch")
-    (d / "config.json").write_text(json.dumps({**meta, "model": {**meta["model"], "dim": 16}}))
+    d = copy("shape_mismatch")  # sealed again after the edit: the weights' shapes are checked
+    wrong = {**meta, "model": {**meta["model"], "dim": 16}}
+    wrong["model_sha256"] = model_io.model_digest(wrong)
+    (d / "config.json").write_text(json.dumps(wrong))
     out["shape_mismatch"] = (d, "has shape")
+    d = copy("edited_config")
+    (d / "config.json").write_text(json.dumps({**meta, "model": {**meta["model"], "dim": 16}}))
+    out["edited_config"] = (d, "was edited")
     return out
 
 

@@ -36,12 +36,16 @@ def _sha(path: Path) -> str:
 
 
 def _config_without_paths(model_dir: Path) -> dict:
-    """config.json without ``variables_sha256`` (added after the golden file was made:
-    digests of Orbax's files, which hold write times, so they are checked for form only)."""
+    """config.json without ``variables_sha256`` and ``model_sha256`` (added after the golden
+    file was made: digests of Orbax's files, which hold write times, and the seal over
+    them, so the first are checked for form and the seal against the rest)."""
+    from convmixer_jax.files.model_dir import model_digest
+
     meta = json.loads((model_dir / "config.json").read_text())
-    digests = meta.pop("variables_sha256", None)
-    if digests is not None:
-        assert digests and all(len(v) == 64 and int(v, 16) >= 0 for v in digests.values())
+    assert meta["model_sha256"] == model_digest(meta)
+    meta.pop("model_sha256")
+    digests = meta.pop("variables_sha256")
+    assert digests and all(len(v) == 64 and int(v, 16) >= 0 for v in digests.values())
     return meta
 
 

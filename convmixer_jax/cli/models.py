@@ -1,4 +1,4 @@
-"""Models: make, encrypt, decrypt, re-key, and run a model directory."""
+"""Models: make, encrypt, decrypt, re-key, seal, and run a model directory."""
 
 from __future__ import annotations
 
@@ -100,6 +100,28 @@ def cmd_rekey_model(args) -> int:
     return 0
 
 
+def cmd_seal_model(args) -> int:
+    from convmixer_jax.files.atomic import check_output
+    from convmixer_jax.files.model_dir import seal_model_dir
+
+    check_output(args.out, args.force, kind="model_dir", inputs={"IN_MODEL": args.input})
+    _, why = seal_model_dir(args.input, args.out, force=args.force)
+    state = "it was sealed and intact" if why is None else "accepted as it is now"
+    print(f"sealed model ({args.input}: {state}) -> {args.out}")
+    return 0
+
+
+def display_name(text: str, separator: str = ": ") -> str:
+    """``text`` (a file or class name) as ``predict`` prints it: unchanged when it is
+    ordinary, else quoted and escaped as a Python string literal (``repr``). A name is
+    not ordinary when it holds a character that is not printable (a line break or any
+    other control, format or separator character but the space), ``separator``, or
+    begins with a quote; so no name can forge or blur a line of the output."""
+    if text.isprintable() and separator not in text and not text.startswith(("'", '"')):
+        return text
+    return repr(text)
+
+
 def _top_classes(logits, k: int, names) -> list[list[dict]]:
     """Per image, the k most likely classes: [{"class", "index", "probability"}, ...]."""
     import numpy as np
@@ -150,7 +172,8 @@ def cmd_predict(args) -> int:
     top = _top_classes(logits, min(args.top, config.num_classes), classes)
     if args.out is None or str(args.out).lower().endswith(".json"):
         lines = [
-            f"{n}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in row)
+            f"{display_name(n)}: "
+            + ", ".join(f"{display_name(t['class'], ', ')} {t['probability']:.3f}" for t in row)
             for n, row in zip(names, top, strict=True)
         ]
     if args.out is None:
@@ -278,6 +301,20 @@ def register(add) -> None:
     p.add_argument("input", metavar="IN_MODEL", help="encrypted model directory")
     p.add_argument("output", metavar="OUT", nargs="?", help=argparse.SUPPRESS)
     add_out(p, "MODEL_DIR", "model directory to write", positional_alias=True)
+    add_force(p)
+
+    p = add(
+        "seal-model",
+        cmd_seal_model,
+        "seal a model directory that was changed on purpose",
+        "Every command that loads a model refuses one whose config.json or weights changed "
+        "after it was saved, or that carries no seal (model_sha256 in config.json). When you "
+        "changed a model on purpose and trust it, this writes it, as it is now, to a new "
+        "sealed model directory; IN_MODEL is left as it is. The 'notes' field of config.json "
+        "is never sealed: edit it freely.",
+    )
+    p.add_argument("input", metavar="IN_MODEL", help="model directory to seal")
+    add_out(p, "MODEL_DIR", "sealed model directory to write")
     add_force(p)
 
     p = add(

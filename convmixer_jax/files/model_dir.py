@@ -6,7 +6,9 @@ A model directory holds one ConvMixer, plain or encrypted::
                              "model": ConvMixerConfig.to_dict(),
                              "encryption": null | {"key_fingerprint": "<sha256 hex>",
                                                    "block_size": M, "channels": C},
-                             ...provenance fields (seed, recipe, test_accuracy, ...)}
+                             ...provenance fields (seed, recipe, classes, ...),
+                             "variables_sha256": {"<file under variables/>": "<sha256 hex>"},
+                             "model_sha256": "<sha256 hex>"}
     MODEL_DIR/variables/    {'params', 'batch_stats'} as an Orbax checkpoint
 
 The key itself is never written into a model directory; an encrypted model
@@ -14,6 +16,15 @@ records only the key's fingerprint, so that decryption with another key is
 refused. Every write goes to a temporary sibling first and is renamed into
 place only once complete, so a crash never leaves a half-written model or
 file under the requested name.
+
+A model directory is sealed: ``model_sha256`` is the SHA-256 of every other field
+of config.json (:func:`~convmixer_jax.files.model_dir.model_digest`), the digests
+of the files under ``variables/`` included, so an edit of the architecture, the
+normalization, the class names, the encryption record, the provenance or the
+weights is refused by every reader, and so is a model without a seal. Only the
+fields of :data:`~convmixer_jax.files.model_dir.UNSEALED_FIELDS` may change
+freely. A model edited on purpose is sealed again by
+:func:`~convmixer_jax.files.model_dir.seal_model_dir` (``convmixer-jax seal-model``).
 
 JAX, Flax and Orbax are imported inside the functions that need them.
 """
@@ -45,7 +56,11 @@ MODEL_FORMAT = "convmixer-jax-model"
 MODEL_VERSION = 1
 CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
-_RESERVED = ("format", "version", "model", "encryption", "variables_sha256")
+SEAL_FIELD = "model_sha256"
+#: Fields of config.json outside the seal: free text a person may add or change (no
+#: command reads it). Every other field is sealed.
+UNSEALED_FIELDS = ("notes",)
+_RESERVED = ("format", "version", "model", "encryption", "variables_sha256", SEAL_FIELD)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 PyTree = Any
@@ -275,7 +290,9 @@ def save_model(
     encryption: None for a plain model, or the key it is encrypted with (only its
     :func:`~convmixer_jax.files.model_dir.encryption_record` is stored) or such a record.
     extra: JSON-serializable provenance fields for config.json (not the reserved
-    ``format``, ``version``, ``model``, ``encryption``).
+    ``format``, ``version``, ``model``, ``encryption``, ``variables_sha256``,
+    ``model_sha256``).
+    The directory is sealed (``model_sha256``, see the module's description).
     An existing ``path`` is refused unless ``force``, and then replaced only once
     the new directory is complete.
     """
@@ -314,6 +331,7 @@ def save_model(
     try:
         _save_variables(tmp / VARIABLES_DIR, variables)
         doc["variables_sha256"] = variables_digests(tmp / VARIABLES_DIR)
+        doc[SEAL_FIELD] = model_digest(doc)
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
         swap_into_place(tmp, path, force)
     except BaseException:
@@ -322,13 +340,10 @@ def save_model(
     return path
 
 
-def load_model_meta(path: str | os.PathLike) -> tuple[ConvMixerConfig, dict]:
-    """Read and check ``config.json`` only (fast): ``(config, meta)``.
-
-    ``meta`` is the whole config.json object, with ``meta['encryption']``
-    None (plain model) or ``{'key_fingerprint', 'block_size', 'channels'}``.
-    """
-    path = Path(path)
+def _read_config(path: Path) -> tuple[ConvMixerConfig, dict, dict]:
+    """Read and check config.json's form, not its seal: ``(config, meta, raw)``, where
+    ``raw`` is the JSON object as read and ``meta`` the same with the encryption record
+    checked."""
     if not path.exists():
         raise ModelDirError(f"model directory {path} does not exist")
     if not path.is_dir():
@@ -340,7 +355,7 @@ def load_model_meta(path: str | os.PathLike) -> tuple[ConvMixerConfig, dict]:
             "(make one with init-model or train)"
         )
     try:
-        meta = json.loads(cfg_path.read_text())
+        raw = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise ModelDirError(f"cannot read {cfg_path}: {e}") from None
     except json.JSONDecodeError as e:
@@ -348,28 +363,99 @@ def load_model_meta(path: str | os.PathLike) -> tuple[ConvMixerConfig, dict]:
             f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}); "
             "the model directory is damaged"
         ) from None
-    if not isinstance(meta, dict):
+    if not isinstance(raw, dict):
         raise ModelDirError(f"{cfg_path} must hold a JSON object")
-    if meta.get("format") != MODEL_FORMAT:
+    if raw.get("format") != MODEL_FORMAT:
         raise ModelDirError(
-            f"{cfg_path}: 'format' is {meta.get('format')!r}, expected {MODEL_FORMAT!r}; "
+            f"{cfg_path}: 'format' is {raw.get('format')!r}, expected {MODEL_FORMAT!r}; "
             "not a convmixer-jax model directory"
         )
-    if meta.get("version") != MODEL_VERSION:
+    if raw.get("version") != MODEL_VERSION:
         raise ModelDirError(
-            f"{cfg_path}: unsupported model version {meta.get('version')!r}; "
+            f"{cfg_path}: unsupported model version {raw.get('version')!r}; "
             f"this release reads version {MODEL_VERSION}"
         )
-    if not isinstance(meta.get("model"), dict):
+    if not isinstance(raw.get("model"), dict):
         raise ModelDirError(f"{cfg_path} has no 'model' object describing the architecture")
     try:
-        config = ConvMixerConfig.from_dict(meta["model"])
+        config = ConvMixerConfig.from_dict(raw["model"])
     except (TypeError, ValueError) as e:
         raise ModelDirError(f"{cfg_path}: invalid model description: {e}") from None
-    if "encryption" not in meta:
+    if "encryption" not in raw:
         raise ModelDirError(f"{cfg_path} has no 'encryption' field (null for a plain model)")
-    meta = dict(meta)
-    meta["encryption"] = _check_encryption_record(meta["encryption"], config, str(cfg_path))
+    meta = dict(raw)
+    meta["encryption"] = _check_encryption_record(raw["encryption"], config, str(cfg_path))
+    return config, meta, raw
+
+
+def model_digest(meta: dict) -> str:
+    """The seal of a model directory: the SHA-256 (hex) of config.json's object ``meta``
+    without ``model_sha256`` and the :data:`~convmixer_jax.files.model_dir.UNSEALED_FIELDS`,
+    as canonical JSON (keys sorted, no spaces, ASCII). Since ``variables_sha256`` is one
+    of the sealed fields, the seal covers the weights too."""
+    sealed = {k: v for k, v in meta.items() if k != SEAL_FIELD and k not in UNSEALED_FIELDS}
+    try:
+        text = json.dumps(
+            sealed, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        )
+    except (TypeError, ValueError) as e:
+        raise ModelDirError(f"config.json holds a value that is not plain JSON ({e})") from None
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _reseal_hint(path: Path) -> str:
+    return (
+        f"if you changed it on purpose and trust it, seal it again with "
+        f"'convmixer-jax seal-model {path} --out NEW_MODEL_DIR'"
+    )
+
+
+def check_seal(path: str | os.PathLike, meta: dict) -> None:
+    """Raise :class:`ModelDirError` unless ``meta`` (config.json of the model directory
+    ``path``, as read) carries its seal: well-formed ``variables_sha256`` and
+    ``model_sha256`` fields, the latter equal to
+    :func:`~convmixer_jax.files.model_dir.model_digest`. The files under ``variables/``
+    are checked against ``variables_sha256`` by
+    :func:`~convmixer_jax.files.model_dir.verify_variables`."""
+    path = Path(path)
+    cfg_path = path / CONFIG_FILE
+    seal, recorded = meta.get(SEAL_FIELD), meta.get("variables_sha256")
+    if not isinstance(seal, str) or not isinstance(recorded, dict) or not recorded:
+        missing = SEAL_FIELD if not isinstance(seal, str) else "variables_sha256"
+        raise ModelDirError(
+            f"{cfg_path} has no valid '{missing}': the model directory is not sealed, so "
+            "edits of its config or weights could not be detected; re-create or re-copy "
+            f"it, or, {_reseal_hint(path)}"
+        )
+    if not _HEX64.fullmatch(seal) or not all(
+        isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)
+        for k, v in recorded.items()
+    ):
+        raise ModelDirError(
+            f"{cfg_path}: '{SEAL_FIELD}' must be a SHA-256 hex digest and 'variables_sha256' "
+            f"map file names to SHA-256 digests; re-create or re-copy the model, or, "
+            f"{_reseal_hint(path)}"
+        )
+    try:
+        actual = model_digest(meta)
+    except ModelDirError as e:
+        raise ModelDirError(f"{cfg_path}: {e}; {_reseal_hint(path)}") from None
+    if actual != seal:
+        raise ModelDirError(
+            f"{cfg_path} was edited after the model was saved (its content does not match "
+            f"'{SEAL_FIELD}'); re-create or re-copy the model, or, {_reseal_hint(path)}"
+        )
+
+
+def load_model_meta(path: str | os.PathLike) -> tuple[ConvMixerConfig, dict]:
+    """Read and check ``config.json`` only (fast), its seal included: ``(config, meta)``.
+
+    ``meta`` is the whole config.json object, with ``meta['encryption']``
+    None (plain model) or ``{'key_fingerprint', 'block_size', 'channels'}``.
+    """
+    path = Path(path)
+    config, meta, raw = _read_config(path)
+    check_seal(path, raw)
     return config, meta
 
 
@@ -388,16 +474,13 @@ def variables_digests(var_dir: Path) -> dict[str, str]:
 
 def verify_variables(path: Path, meta: dict) -> None:
     """Raise :class:`ModelDirError` naming the first file under ``path/variables`` that is
-    missing or differs from the SHA-256 recorded in config.json at save."""
+    missing, differs from the SHA-256 recorded in config.json at save, or was not saved
+    with the model. The record itself is checked by
+    :func:`~convmixer_jax.files.model_dir.check_seal`."""
     recorded = meta.get("variables_sha256")
-    if recorded is None:
-        return  # written before files were recorded (see docs/design.md)
-    if not isinstance(recorded, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)
-        for k, v in recorded.items()
-    ):
+    if not isinstance(recorded, dict) or not recorded:
         raise ModelDirError(
-            f"{path / CONFIG_FILE}: 'variables_sha256' must map file names to SHA-256 digests"
+            f"{path / CONFIG_FILE} has no valid 'variables_sha256'; {_reseal_hint(path)}"
         )
     actual = variables_digests(path / VARIABLES_DIR)
     for name, digest in sorted(recorded.items()):
@@ -410,8 +493,15 @@ def verify_variables(path: Path, meta: dict) -> None:
             raise ModelDirError(
                 f"{path}: the file variables/{name} differs from what was "
                 "saved (SHA-256 mismatch); the model directory is "
-                "damaged, corrupt or was edited (re-create or re-copy it)"
+                f"damaged, corrupt or was edited (re-create or re-copy it, or, "
+                f"{_reseal_hint(path)})"
             )
+    extra = sorted(set(actual) - set(recorded))
+    if extra:
+        raise ModelDirError(
+            f"{path}: the file variables/{extra[0]} was not saved with the model; the model "
+            f"directory was edited (re-create or re-copy it, or, {_reseal_hint(path)})"
+        )
 
 
 def check_finite(variables: PyTree, *, where: str = "variables") -> None:
@@ -591,6 +681,48 @@ def rekey_model_dir(
     return save_model(dst, config, moved, encryption=new_key, extra=_extra(meta), force=force)
 
 
+def seal_state(path: str | os.PathLike) -> str | None:
+    """None when the model directory ``path`` is sealed and intact (config.json and the
+    files under ``variables/``), otherwise why not (one line)."""
+    path = Path(path)
+    try:
+        _, meta, raw = _read_config(path)
+        check_seal(path, raw)
+        verify_variables(path, meta)
+    except ModelDirError as e:
+        return str(e)
+    return None
+
+
+def seal_model_dir(
+    src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False
+) -> tuple[Path, str | None]:
+    """Seal the model in ``src`` as it is now (config.json and weights, edited or not)
+    into a new directory ``dst``; return ``(dst, why)``, where ``why`` says why ``src``
+    was not sealed and intact (None when it was).
+
+    This is how a model changed on purpose (a field of config.json edited, weights
+    replaced) becomes loadable again: config.json must still describe a valid model
+    whose weights fit it, and they must be finite. ``src`` is left as it is; the key
+    of an encrypted model is not needed and not checked.
+    """
+    src = Path(src)
+    check_output_path(dst, force, kind="model_dir", inputs=[src])
+    config, meta, _ = _read_config(src)
+    var_dir = src / VARIABLES_DIR
+    if not var_dir.is_dir():
+        raise ModelDirError(
+            f"{src} has no {VARIABLES_DIR}/ directory: the model's weights are missing"
+        )
+    why = seal_state(src)
+    variables = _restore_variables(var_dir, config)
+    check_finite(variables, where=str(src))
+    saved = save_model(
+        dst, config, variables, encryption=meta["encryption"], extra=_extra(meta), force=force
+    )
+    return saved, why
+
+
 __all__ = [
     "MODEL_FORMAT",
     "MODEL_VERSION",
@@ -606,6 +738,12 @@ __all__ = [
     "encrypt_model_dir",
     "decrypt_model_dir",
     "rekey_model_dir",
+    "seal_model_dir",
+    "seal_state",
+    "check_seal",
+    "model_digest",
+    "SEAL_FIELD",
+    "UNSEALED_FIELDS",
     "variables_digests",
     "verify_variables",
     "check_finite",
