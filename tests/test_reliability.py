@@ -522,21 +522,33 @@ def test_killed_encrypt_model_leaves_nothing_after_the_next_run(work):
     assert _debris(dest) == [] and sorted(p.name for p in dest.iterdir()) == ["em"]
 
 
-def test_stale_temporaries_of_dead_processes_only_are_removed(tmp_path):
+def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
+    # a writer is alive while it holds the lock file beside its temporary
     dead = subprocess.Popen(["true"])
     dead.wait()
-    alive = subprocess.Popen(["sleep", "30"])
+    lock = tmp_path / f".out.npy.cmj-{dead.pid}-abc789.lock"
+    alive = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print(flush=True); time.sleep(30)",
+            str(lock),
+        ],
+        stdout=subprocess.PIPE,
+    )
     try:
+        alive.stdout.readline()
         stale = tmp_path / f".out.npy.cmj-{dead.pid}-abc123.tmp"
         stale.write_bytes(b"x")
         (tmp_path / f".m.cmj-{dead.pid}-def456.old").mkdir()
-        live = tmp_path / f".out.npy.cmj-{alive.pid}-abc123.tmp"
+        live = tmp_path / f".out.npy.cmj-{dead.pid}-abc789.tmp"
         live.write_bytes(b"x")
         mine = tmp_path / ".out.npy.mine.tmp"  # a user's file of a similar name
         mine.write_bytes(b"x")
         atomic.write_text_atomic(tmp_path / "new.txt", "hi")
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-            [live.name, mine.name, "new.txt"]
+            [live.name, lock.name, mine.name, "new.txt"]
         )
     finally:
         alive.kill()
