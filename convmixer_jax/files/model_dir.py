@@ -45,6 +45,7 @@ import numpy as np
 
 from convmixer_jax.files.atomic import (
     check_output_path,
+    release_temporary,
     remove_stale_temporaries,
     swap_into_place,
     temporary_name,
@@ -337,6 +338,8 @@ def save_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release_temporary(tmp)  # the temporary is in place or removed: drop its lock file
     return path
 
 
