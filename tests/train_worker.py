@@ -1,12 +1,15 @@
 """Subprocess entry for training tests: a tiny ConvMixer on tiny random data.
 
-usage: python tests/train_worker.py WORKDIR OUT.npz EPOCHS [--resume] [--slow]
+usage: python tests/train_worker.py WORKDIR OUT.npz EPOCHS [--resume] [--slow] [--hold FILE]
 Writes the final flattened params (and the device count) to OUT.npz.
-``--slow`` sleeps between epochs' checkpoints so a test can kill it mid-run.
+``--slow`` sleeps between epochs' checkpoints so a test can kill it mid-run; ``--hold FILE``
+waits after the first epoch's checkpoint (and its log line) until FILE exists, so a test
+can act while the run holds its workdir.
 """
 
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,11 +28,9 @@ def data():
     return (x, y), (x[:16], y[:16])
 
 
-def main():
-    workdir, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    resume = "--resume" in sys.argv
-    slow = "--slow" in sys.argv
-    recipe = TrainConfig(
+def recipe(epochs: int) -> TrainConfig:
+    """The worker's recipe: 4 steps of 16 images per epoch."""
+    return TrainConfig(
         epochs=epochs,
         batch_size=16,
         optimizer="adamw",
@@ -42,20 +43,40 @@ def main():
         grad_clip=1.0,
         seed=7,
     )
-    log = (
-        (lambda msg: (print(msg, flush=True), time.sleep(1.5)))
-        if slow
-        else (lambda msg: print(msg, flush=True))
-    )
-    train_data, test_data = data()
-    variables, _ = train(
-        CONFIG, recipe, train_data, test_data, workdir, resume=resume, progress=False, log=log
-    )
-    flat = {
+
+
+def flat(variables) -> dict:
+    return {
         "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
         for path, v in jax.tree_util.tree_flatten_with_path(variables)[0]
     }
-    np.savez(out, n_devices=jax.device_count(), **flat)
+
+
+def main():
+    workdir, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    resume = "--resume" in sys.argv
+    slow = "--slow" in sys.argv
+    hold = Path(sys.argv[sys.argv.index("--hold") + 1]) if "--hold" in sys.argv else None
+
+    def log(msg):
+        print(msg, flush=True)
+        if slow:
+            time.sleep(1.5)
+        while hold is not None and not hold.exists():
+            time.sleep(0.05)
+
+    train_data, test_data = data()
+    variables, _ = train(
+        CONFIG,
+        recipe(epochs),
+        train_data,
+        test_data,
+        workdir,
+        resume=resume,
+        progress=False,
+        log=log,
+    )
+    np.savez(out, n_devices=jax.device_count(), **flat(variables))
 
 
 if __name__ == "__main__":

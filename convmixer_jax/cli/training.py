@@ -7,6 +7,7 @@ import json
 
 from convmixer_jax.cli.options import (
     ARCH_OPTIONS,
+    PROG,
     UsageError,
     add_batch_size,
     add_data_options,
@@ -28,10 +29,14 @@ from convmixer_jax.cli.options import (
 
 
 def cmd_plot_training(args) -> int:
+    from pathlib import Path
+
     from convmixer_jax.files.atomic import check_output
     from convmixer_jax.training.curves import chain_train_logs, plot_training_curves, read_train_log
 
-    out = check_output(args.out, args.force, inputs={"the log": args.log})
+    # the input is each log file, not the workdir holding it: the curves may go beside it
+    logs = [Path(p) / "train_log.json" if Path(p).is_dir() else Path(p) for p in args.log]
+    out = check_output(args.out, args.force, inputs={"the log": logs})
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out {out} must end in .png (the curves are written as PNG)")
     if not out.parent.is_dir():
@@ -50,10 +55,14 @@ def cmd_plot_training(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import dataclasses
+
+    from convmixer_jax.data import DataError
     from convmixer_jax.files.atomic import check_output
     from convmixer_jax.files.model_dir import save_model
     from convmixer_jax.parallel.runtime import is_writer
     from convmixer_jax.training.stages import train_model, warm_start
+    from convmixer_jax.training.workdir import check_workdir, locked_workdir
 
     start_processes(args)
     check_output(
@@ -74,24 +83,42 @@ def cmd_train(args) -> int:
             asked = {n: getattr(config, n) for n in ARCH_OPTIONS} | asked
         config, start, init_from = warm_start(args.init_from, asked)
         warm = (start, init_from)
-    train_x, train_y, classes = load_split(args, "train")
-    test_x, test_y, _ = load_split(args, "test")
-    train_x, train_y = subset(train_x, train_y, args.limit_train, args.seed)
-    test_x, test_y = subset(test_x, test_y, args.limit_test, args.seed)
-    recipe = recipe_from_args(args, len(train_x))
-    variables, meta = train_model(
-        config,
-        recipe,
-        (train_x, train_y),
-        (test_x, test_y),
-        args.workdir,
-        recipe_name=args.recipe,
-        resume=args.resume,
-        warm=warm,
-        classes=classes,
-        data_label=data_label(args),
-        progress=not args.quiet,
-    )
+    # one run per workdir, held from here on: a second run is refused before it touches it
+    with locked_workdir(args.workdir):
+        check_workdir(args.workdir, args.resume)  # before any work
+        train_x, train_y, classes = load_split(args, "train")
+        test_x, test_y, _ = load_split(args, "test")
+        if warm is None and args.num_classes is None and classes is not None:
+            config = dataclasses.replace(config, num_classes=len(classes))  # one per class
+        elif args.num_classes is not None and classes is not None:
+            if len(classes) != args.num_classes:
+                raise DataError(
+                    f"--num-classes {args.num_classes}, but the data have {len(classes)} "
+                    f"classes; drop --num-classes (it follows the data) or give "
+                    f"--num-classes {len(classes)}"
+                )
+        train_x, train_y = subset(train_x, train_y, args.limit_train, args.seed)
+        test_x, test_y = subset(test_x, test_y, args.limit_test, args.seed)
+        recipe = recipe_from_args(args, len(train_x))
+        try:
+            variables, meta = train_model(
+                config,
+                recipe,
+                (train_x, train_y),
+                (test_x, test_y),
+                args.workdir,
+                recipe_name=args.recipe,
+                resume=args.resume,
+                warm=warm,
+                classes=classes,
+                data_label=data_label(args),
+                progress=not args.quiet,
+                checkpoint_seconds=args.checkpoint_minutes * 60.0,
+            )
+        except KeyboardInterrupt as e:  # main prints e.message: add the exact command
+            if getattr(e, "saved_checkpoint", None) is not None:
+                e.message = e.message.replace("with --resume", f"with: {_resume_command(args)}")
+            raise
     if is_writer():  # one process writes the model; every process trained the same weights
         save_model(args.out, config, variables, extra=meta, force=args.force)
         print(
@@ -104,6 +131,21 @@ def cmd_train(args) -> int:
             )
         )
     return 0
+
+
+def _resume_command(args) -> str:
+    """The command line that continues this ``train`` run: the same arguments and
+    ``--resume`` (quoted for a POSIX shell)."""
+    import shlex
+    import sys
+
+    argv = getattr(args, "argv", None)
+    if argv is None:
+        argv = sys.argv[1:] if sys.argv[1:2] == [args.command] else None
+    if argv is None:  # called as a library function: the options are unknown here
+        return f"{PROG} {args.command} ... --resume"
+    argv = [str(a) for a in argv]
+    return shlex.join([PROG, *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def cmd_average_models(args) -> int:
@@ -197,10 +239,13 @@ def register(add) -> None:
         "train",
         cmd_train,
         "train a plain model and save it",
-        "Train a ConvMixer on plain images with a recipe (--recipe), checkpointing every "
-        "epoch into --workdir, then save the plain model with its recipe and final test "
-        "accuracy in config.json. Runs over several processes too: each batch is split over "
-        "all their devices, --workdir is one shared folder, process 0 writes the model.",
+        "Train a ConvMixer on plain images with a recipe (--recipe), checkpointing into "
+        "--workdir at every epoch's end and every few minutes (--checkpoint-minutes), then "
+        "save the plain model with its recipe and final test accuracy in config.json. The "
+        "model has one output per class of the data unless --num-classes says otherwise. "
+        "One run at a time uses a --workdir (it is locked while the run lasts). Runs over "
+        "several processes too: each batch is split over all their devices, --workdir is "
+        "one shared folder, process 0 writes the model.",
     )
     add_data_options(p)
     add_recipe(p)
@@ -209,9 +254,24 @@ def register(add) -> None:
     )  # former name
     add_model_options(p)
     add_seed(p)
-    p.add_argument("--workdir", required=True, metavar="DIR", help="checkpoints and train_log.json")
     p.add_argument(
-        "--resume", action="store_true", help="continue from the last checkpoint in --workdir"
+        "--workdir",
+        required=True,
+        metavar="DIR",
+        help="checkpoints and train_log.json (locked while the run lasts)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --workdir, at its exact step",
+    )
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=positive_float,
+        default=5.0,
+        metavar="M",
+        help="inside an epoch, save a checkpoint when M minutes have passed since the last "
+        "one (default 5); every epoch's end is saved too",
     )
     p.add_argument(
         "--init-from",

@@ -1,10 +1,13 @@
 """Training the classifier: on-device augmentation, its jit-compiled data-parallel step
 (built by :mod:`convmixer_jax.training.step`), an EMA of the weights, Orbax checkpoints
-every epoch and exact resume. The recipes are in :mod:`convmixer_jax.training.recipes`.
+at every epoch's end and every few minutes inside an epoch, and exact resume. The recipes
+are in :mod:`convmixer_jax.training.recipes`; the training folder, its lock and its
+checkpoint folders in :mod:`convmixer_jax.training.workdir`.
 
 Determinism: the epoch's example order comes from ``numpy.random.default_rng([seed, epoch])``
 and each step's augmentation key from ``fold_in(PRNGKey(seed), step)``, so a run
-resumed from any epoch checkpoint retraces the uninterrupted run exactly.
+resumed from any checkpoint, at an epoch's end or inside one, retraces the
+uninterrupted run exactly.
 
 Several processes (:mod:`convmixer_jax.parallel`): the batch is split over every
 device of every process and each process feeds only its own rows of it; the state
@@ -17,6 +20,7 @@ of processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -38,10 +42,23 @@ from convmixer_jax.parallel.global_arrays import (
     shard_rows,
     to_host,
 )
-from convmixer_jax.parallel.runtime import is_writer
+from convmixer_jax.parallel.runtime import from_process_zero, is_writer, process_count
 from convmixer_jax.training.randaugment import rand_augment
 from convmixer_jax.training.recipes import AUGMENTATIONS, RECIPES, TrainConfig
 from convmixer_jax.training.step import make_train_step, one_hot_cross_entropy
+from convmixer_jax.training.workdir import (
+    EPOCH_CHECKPOINTS,
+    MID_EPOCH_CHECKPOINTS,
+    CheckpointError,
+    check_digest,
+    check_workdir,
+    locked_workdir,
+    record_digest,
+    saved_steps,
+)
+
+#: The entry of ``train_log.json`` that holds each checkpoint's digest, by its path in the workdir.
+DIGESTS = "checkpoint_sha256"
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -149,20 +166,131 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def _checkpoint_manager(workdir: Path):
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Hold back Orbax's log lines (it logs a damaged file before raising, or instead)."""
+    import logging
+
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def _checkpoint_manager(folder: Path, *, keep: int | None = None, writing: bool = True):
+    """An Orbax manager of the checkpoints in ``folder``. Writing: synchronous saves (a signal
+    never meets a half-finished background write), the newest ``keep`` kept, the folder
+    created, and the temporary folders of interrupted saves removed first, here and now
+    (the workdir's lock makes sure they are no other run's; Orbax's own sweep would run in
+    a thread of its own). Reading: nothing created or removed."""
     import orbax.checkpoint as ocp
 
-    return ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        # Synchronous saves (a signal never meets a half-finished background write), and
-        # the temporary folder of a save that was interrupted is removed at the next start.
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=2,
-            create=True,
-            cleanup_tmp_directories=True,
-            enable_async_checkpointing=False,
-        ),
+    if writing and is_writer():
+        for tmp in folder.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet_orbax():  # it reads the checkpoints' metadata
+        return ocp.CheckpointManager(
+            folder.absolute(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=writing,
+                cleanup_tmp_directories=False,
+                enable_async_checkpointing=False,
+            ),
+        )
+
+
+def _cause(e: BaseException) -> str:
+    """The first line of an exception's message, short (Orbax's run to many lines)."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _restore(mngr, step: int, args, folder: Path, advice: str):
+    """``mngr.restore(step, args)``; a checkpoint that cannot be read back (Orbax raises bare
+    ``Exception``s for damaged files, after logging them) is a one-line
+    :class:`CheckpointError`, and Orbax's own log lines stay quiet."""
+    try:
+        with _quiet_orbax():
+            return mngr.restore(step, args=args)
+    except Exception as e:  # noqa: BLE001 - whatever Orbax raised, the checkpoint is unusable
+        raise CheckpointError(
+            f"cannot read the checkpoint {folder / str(step)} ({_cause(e)}): it is damaged "
+            f"or was written by another program; {advice}"
+        ) from None
+
+
+def _fallback_advice(workdir: Path, broken: Path, older: int | None, action: str) -> str:
+    """What to do about the unreadable checkpoint ``broken``: use the one before it
+    (``older``, an epoch) if there is one; ``action`` is 'resume from' or 'export'."""
+    if older is not None:
+        return (
+            f"move {broken} out of {workdir} to {action} the checkpoint before it (epoch {older})"
+        )
+    then = (
+        "train afresh with another --workdir"
+        if action == "resume from"
+        else "there is nothing to export; train again"
     )
+    return f"{workdir} holds no older checkpoint: {then}"
+
+
+def _read_log(log_path: Path) -> dict:
+    try:
+        return json.loads(log_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"cannot read {log_path} ({_cause(e)}): the training folder is damaged; train "
+            "afresh with another --workdir"
+        ) from None
+
+
+def _fields_that_differ(saved, now) -> str:
+    saved = json.loads(json.dumps(saved))
+    now = json.loads(json.dumps(now))
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return f"{saved} in the checkpoint, {now} now"
+    return ", ".join(
+        f"{k} {saved.get(k)} in the checkpoint, {now.get(k)} now"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    )
+
+
+def _check_same_run(saved: dict, config, cfg: TrainConfig, init_from, n: int, workdir) -> None:
+    """Raise ValueError unless the run saved in ``workdir`` (its ``train_log.json``) is the one
+    being resumed: the same architecture, recipe, warm start and number of training images."""
+    # models and recipes saved before a field existed have its default
+    if saved.get("recipe") is not None:
+        saved["recipe"] = TrainConfig.from_dict(saved["recipe"]).to_dict()
+    if saved.get("model") is not None:
+        saved["model"] = type(config).from_dict(saved["model"]).to_dict()
+    for what, now in (
+        ("model", config.to_dict()),
+        ("recipe", cfg.to_dict()),
+        ("init_from", init_from),
+    ):
+        if json.loads(json.dumps(now)) != json.loads(json.dumps(saved.get(what))):
+            hint = (
+                "give the options of the run that wrote it"
+                if what != "init_from"
+                else "give the --init-from of the run that wrote it"
+            )
+            raise ValueError(
+                f"--resume with a different {what} than the run in {workdir} "
+                f"({_fields_that_differ(saved.get(what), now)}); {hint}, "
+                "or choose another --workdir"
+            )
+    if saved.get("train_images") not in (None, n):
+        raise ValueError(
+            f"--resume with {n} training images, but the run in {workdir} trained on "
+            f"{saved['train_images']}; give the same data and --limit-train, or choose "
+            "another --workdir"
+        )
 
 
 def train(
@@ -178,6 +306,8 @@ def train(
     init_from: dict | None = None,
     max_epochs_this_run: int | None = None,
     log=print,
+    checkpoint_seconds: float | None = 300.0,
+    checkpoint_every_steps: int | None = None,
 ) -> tuple[dict, dict]:
     """Train ``config`` with recipe ``cfg``; checkpoint and log into ``workdir``.
 
@@ -191,14 +321,19 @@ def train(
     describes where they came from (JSON-able; kept in the log as ``init_from``
     and checked on ``resume``). In a multi-process run every process calls this with
     the same arguments; only process 0 logs, shows progress and writes the log file.
-    """
-    import orbax.checkpoint as ocp
 
+    Checkpoints (:mod:`convmixer_jax.training.workdir`): one at the end of every epoch,
+    and inside an epoch once ``checkpoint_seconds`` have passed since the last one
+    (checked every 10 steps) and every ``checkpoint_every_steps`` steps; ``resume``
+    continues from the newest at its exact step, retracing the uninterrupted run.
+    The run holds ``workdir``'s lock throughout; another run on it is refused
+    (:class:`~convmixer_jax.training.workdir.WorkdirError`), as are ``resume`` without a
+    checkpoint and a fresh run over checkpoints. Interrupted (``KeyboardInterrupt``, which
+    SIGTERM's handler may subclass), the exception is re-raised with a one-line ``message``
+    attribute saying where training stopped and what was saved, and a ``saved_checkpoint``
+    attribute: that checkpoint's folder, or None.
+    """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    writer = is_writer()
-    if not writer:
-        progress, log = False, (lambda message: None)
     images, labels = train_data
     val_data = None
     if cfg.holdout:
@@ -218,6 +353,55 @@ def train(
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{n} training images are fewer than one batch of {cfg.batch_size}")
+    if checkpoint_every_steps is not None and checkpoint_every_steps < 1:
+        raise ValueError(f"checkpoint_every_steps must be positive, got {checkpoint_every_steps}")
+    with locked_workdir(workdir):  # before anything else touches it
+        check_workdir(workdir, resume)
+        return _train_locked(
+            config,
+            cfg,
+            (images, labels),
+            val_data,
+            test_data,
+            workdir,
+            resume=resume,
+            progress=progress,
+            init_variables_=init_variables_,
+            init_from=init_from,
+            max_epochs_this_run=max_epochs_this_run,
+            log=log,
+            checkpoint_seconds=checkpoint_seconds,
+            checkpoint_every_steps=checkpoint_every_steps,
+        )
+
+
+def _train_locked(
+    config,
+    cfg,
+    train_data,
+    val_data,
+    test_data,
+    workdir: Path,
+    *,
+    resume,
+    progress,
+    init_variables_,
+    init_from,
+    max_epochs_this_run,
+    log,
+    checkpoint_seconds,
+    checkpoint_every_steps,
+):
+    """:func:`train` once the data are checked and ``workdir`` is held."""
+    import orbax.checkpoint as ocp
+
+    writer = is_writer()
+    if not writer:
+        progress, log = False, (lambda message: None)
+    images, labels = train_data
+    n = len(images)
+    devices = jax.devices()
+    steps_per_epoch = n // cfg.batch_size
     mesh = global_mesh("data")
     data_sharding, repl = by_rows(mesh), replicated(mesh)
     tx = make_optimizer(cfg, steps_per_epoch)
@@ -244,69 +428,99 @@ def train(
         }
     if init_from is not None:
         history["init_from"] = init_from
-    mngr = _checkpoint_manager(workdir)
-    start_epoch = 0
-    if resume and mngr.latest_step() is not None:
-        latest = mngr.latest_step()
-        abstract = jax.tree.map(
-            lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=repl), state
-        )
-        state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-        start_epoch = latest
-        if log_path.exists():
-            saved = json.loads(log_path.read_text())
-            # models and recipes saved before a field existed have its default
-            if saved.get("recipe") is not None:
-                saved["recipe"] = TrainConfig.from_dict(saved["recipe"]).to_dict()
-            if saved.get("model") is not None:
-                saved["model"] = type(config).from_dict(saved["model"]).to_dict()
-            for what, now in (
-                ("model", config.to_dict()),
-                ("recipe", cfg.to_dict()),
-                ("init_from", init_from),
-            ):
-                if json.loads(json.dumps(now)) != json.loads(json.dumps(saved.get(what))):
-                    raise ValueError(
-                        f"--resume with a different {what} than the run in {workdir} "
-                        f"(saved {saved.get(what)}, now {now}); use the same options "
-                        "or another --workdir"
-                    )
-            history = dict(saved, devices=history["devices"])
-            history["epochs"] = [e for e in history["epochs"] if e["epoch"] <= latest]
-        log(f"resumed from epoch {latest} checkpoint in {workdir}")
-    elif mngr.latest_step() is not None and not resume:
-        raise FileExistsError(
-            f"{workdir} already holds checkpoints; pass --resume to continue "
-            "or choose another directory"
-        )
-    else:
-        state = replicate(state, mesh)
+    epochs_dir, mid_dir = workdir / EPOCH_CHECKPOINTS, workdir / MID_EPOCH_CHECKPOINTS
+    if resume and log_path.exists():  # before Orbax reads a checkpoint of another shape
+        saved = _read_log(log_path)
+        _check_same_run(saved, config, cfg, init_from, n, workdir)
+        history = dict(saved, devices=history["devices"])
+    epoch_mngr = _checkpoint_manager(epochs_dir, keep=2)
+    mid_mngr = _checkpoint_manager(mid_dir, keep=1)
+    managers = (epoch_mngr, mid_mngr)
+    sums = None  # the running sums of a checkpoint taken inside an epoch
+    try:
+        if resume:
+            state, sums, start = _resume(
+                epoch_mngr, mid_mngr, state, repl, history, workdir, steps_per_epoch, log
+            )
+            history["epochs"] = [
+                e for e in history["epochs"] if e["epoch"] <= start // steps_per_epoch
+            ]
+        else:
+            state, start = replicate(state, mesh), 0
+    except BaseException as e:
+        _close_managers(managers, [epochs_dir, mid_dir] if writer else [])
+        if isinstance(e, KeyboardInterrupt):
+            e.message = (
+                f"stopped while reading the newest checkpoint in {workdir}, which is "
+                "unchanged; continue with --resume"
+            )
+            e.saved_checkpoint = workdir
+        raise
+    saved_step = start if resume else None  # the newest checkpoint on disk, as a step
+    history["steps_per_epoch"] = steps_per_epoch
 
+    start_epoch, start_in_epoch = divmod(start, steps_per_epoch)
     stop_epoch = (
         cfg.epochs
         if max_epochs_this_run is None
         else min(cfg.epochs, start_epoch + max_epochs_this_run)
     )
+    total_steps = stop_epoch * steps_per_epoch
+    bar = None
+    if progress and start < total_steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=total_steps,
+            initial=start,
+            desc=f"training {cfg.epochs} epochs",
+            unit="step",
+            dynamic_ncols=True,
+        )
+
+    def emit(message: str) -> None:
+        if bar is None:
+            log(message)
+        else:  # the bar steps aside for the line and is drawn again below it
+            with bar.external_write_mode():
+                log(message)
+
+    def checkpoint_due(step: int, flushed: bool, last_save: float) -> bool:
+        if checkpoint_every_steps and step % checkpoint_every_steps == 0:
+            return True
+        if not flushed or checkpoint_seconds is None:
+            return False
+        due = time.monotonic() - last_save >= checkpoint_seconds
+        if process_count() > 1:  # every process takes part in a save: process 0's clock decides
+            due = bool(from_process_zero(np.asarray(due)))
+        return due
+
+    step = start
+    last_save = time.monotonic()
     try:
         for epoch in range(start_epoch, stop_epoch):
             order = epoch_order(cfg.seed, epoch, n)
-            t0 = time.perf_counter()
-            loss_sum, correct_sum, seen = 0.0, 0, 0
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(
-                    total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step"
-                )
+            first = start_in_epoch if epoch == start_epoch else 0
+            if sums is not None and epoch == start_epoch:
+                loss_sum, correct_sum = float(sums["loss_sum"]), int(sums["correct_sum"])
+                seen, before = int(sums["seen"]), float(sums["seconds"])
+            else:
+                loss_sum, correct_sum, seen, before = 0.0, 0, 0, 0.0
+            t0 = time.perf_counter() - before
+            if bar is not None:
+                bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs}")
             pending = []
-            for s in range(steps_per_epoch):
+            for s in range(first, steps_per_epoch):
                 idx = np.sort(order[s * cfg.batch_size : (s + 1) * cfg.batch_size])
                 # each process reads only its own rows of the batch
                 xb, yb = shard_rows(images, mesh, idx), shard_rows(labels, mesh, idx)
                 state, loss, correct = step_fn(state, xb, yb)
+                step += 1
                 pending.append((loss, correct))
-                if len(pending) >= 10 or s == steps_per_epoch - 1:
+                last = s == steps_per_epoch - 1
+                flushed = len(pending) >= 10 or last
+                save_now = not last and checkpoint_due(step, flushed, last_save)
+                if flushed or save_now:
                     for l_, c_ in pending:
                         loss_sum += float(l_) * cfg.batch_size
                         correct_sum += int(c_)
@@ -314,15 +528,34 @@ def train(
                     pending = []
                     if bar is not None:
                         dt = time.perf_counter() - t0
-                        bar.n = s + 1
-                        bar.set_postfix(
-                            loss=f"{loss_sum / seen:.3f}",
-                            acc=f"{correct_sum / seen:.3f}",
-                            img_s=f"{seen / dt:.0f}",
+                        bar.set_postfix_str(
+                            f"epoch {epoch + 1}/{cfg.epochs}, loss={loss_sum / seen:.3f}, "
+                            f"acc={correct_sum / seen:.3f}, img/s={seen / dt:.0f}",
+                            refresh=False,
                         )
-                        bar.refresh()
-            if bar is not None:
-                bar.close()
+                        bar.update(step - bar.n)
+                if save_now:
+                    sums_now = {
+                        "loss_sum": loss_sum,
+                        "correct_sum": correct_sum,
+                        "seen": seen,
+                        "seconds": time.perf_counter() - t0,
+                    }
+                    with deferred_interrupts():  # no half-written checkpoint
+                        mid_mngr.save(
+                            step,
+                            args=ocp.args.Composite(
+                                state=ocp.args.StandardSave(state),
+                                sums=ocp.args.JsonSave(sums_now),
+                            ),
+                        )
+                        mid_mngr.wait_until_finished()
+                        if writer:  # what ran, for a resume's checks, and what was saved
+                            record_digest(
+                                history.setdefault(DIGESTS, {}), workdir, mid_dir / str(step)
+                            )
+                            write_json_atomic(log_path, history)
+                        saved_step, last_save = step, time.monotonic()
             train_seconds = time.perf_counter() - t0
             entry = {
                 "epoch": epoch + 1,
@@ -341,27 +574,32 @@ def train(
                         )
             history["epochs"].append(entry)
             with deferred_interrupts():  # a signal waits for the save: no half-written checkpoint
-                mngr.save(epoch + 1, args=ocp.args.StandardSave(state))  # every process takes part
-                mngr.wait_until_finished()
+                epoch_mngr.save(epoch + 1, args=ocp.args.StandardSave(state))  # every process
+                epoch_mngr.wait_until_finished()
+                for old in mid_mngr.all_steps():  # the epoch's own checkpoint supersedes them
+                    mid_mngr.delete(old)
                 if writer:
+                    record_digest(
+                        history.setdefault(DIGESTS, {}), workdir, epochs_dir / str(epoch + 1)
+                    )
                     write_json_atomic(log_path, history)
-            log(json.dumps(entry))
-    except BaseException:
-        # Interrupted (Ctrl-C, SIGTERM): close the manager and drop the temporary folder of
-        # a save that did not finish, so the workdir holds complete checkpoints only. Orbax's
-        # helper threads then log the shutdown as errors with tracebacks; the interruption is
-        # reported once by the caller instead.
-        import logging
-
-        logging.getLogger("absl").setLevel(logging.CRITICAL)
-        try:
-            mngr.close()
-        except Exception:  # noqa: BLE001 - a half-finished save may fail to close; its folder goes below
-            pass
-        if writer:
-            _drop_unfinished_saves(workdir / "checkpoints")
+                saved_step, last_save = step, time.monotonic()
+            emit(json.dumps(entry))
+    except BaseException as e:
+        # Interrupted (Ctrl-C, SIGTERM) or failed: close the bar first, so that what is
+        # reported next starts on a line of its own, then the managers.
+        if bar is not None:
+            bar.close()
+        _close_managers(managers, [epochs_dir, mid_dir] if writer else [])
+        if isinstance(e, KeyboardInterrupt):
+            _describe_interrupt(
+                e, step, total_steps, steps_per_epoch, cfg.epochs, saved_step, workdir
+            )
         raise
-    mngr.close()
+    if bar is not None:
+        bar.close()
+    for mngr in managers:
+        mngr.close()
     weights = choose_weights(history)
     history["weights"] = weights
     chosen = state["ema"] if weights == "ema" else state
@@ -369,12 +607,89 @@ def train(
     return variables, history
 
 
-def _drop_unfinished_saves(ckpt_dir: Path, settle_seconds: float = 2.0) -> None:
+def _resume(epoch_mngr, mid_mngr, state, repl, history, workdir: Path, per_epoch: int, log):
+    """Restore the newest checkpoint of ``workdir`` (inside an epoch or at its end) onto the
+    structure of ``state``: ``(state, running sums or None, optimizer steps done)``.
+    ``history``: the run's log, holding the checkpoints' digests."""
+    import orbax.checkpoint as ocp
+
+    epochs_dir, mid_dir = workdir / EPOCH_CHECKPOINTS, workdir / MID_EPOCH_CHECKPOINTS
+    abstract = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=repl), state
+    )
+    epochs, mids = saved_steps(epochs_dir), saved_steps(mid_dir)
+    last_epoch = epochs[-1] if epochs else None
+    digests = history.get(DIGESTS, {})
+    if mids and mids[-1] > (last_epoch or 0) * per_epoch:
+        start = mids[-1]
+        advice = _fallback_advice(workdir, mid_dir / str(start), last_epoch, "resume from")
+        check_digest(digests, workdir, mid_dir / str(start), advice)
+        restored = _restore(
+            mid_mngr,
+            start,
+            ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), sums=ocp.args.JsonRestore()
+            ),
+            mid_dir,
+            advice,
+        )
+        log(
+            f"resumed from epoch {start // per_epoch + 1} step {start % per_epoch}/{per_epoch} "
+            f"checkpoint in {workdir}"
+        )
+        return restored["state"], dict(restored["sums"]), start
+    older = epochs[-2] if len(epochs) > 1 else None
+    advice = _fallback_advice(workdir, epochs_dir / str(last_epoch), older, "resume from")
+    check_digest(digests, workdir, epochs_dir / str(last_epoch), advice)
+    state = _restore(epoch_mngr, last_epoch, ocp.args.StandardRestore(abstract), epochs_dir, advice)
+    log(f"resumed from epoch {last_epoch} checkpoint in {workdir}")
+    return state, None, last_epoch * per_epoch
+
+
+def _close_managers(managers, folders) -> None:
+    """Close Orbax managers after an interruption or a failure, and drop the temporary
+    folders of saves that did not finish in ``folders``, so the workdir holds complete
+    checkpoints only. Orbax's helper threads then log the shutdown as errors with
+    tracebacks; the interruption is reported once by the caller instead."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    for mngr in managers:
+        try:
+            mngr.close()  # waits for its helper threads (the start-up sweep among them)
+        except Exception:  # noqa: BLE001 - a half-finished save may fail to close; its folder goes below
+            pass
+    _drop_unfinished_saves(folders)
+
+
+def _describe_interrupt(
+    e: BaseException, step: int, total: int, per_epoch: int, epochs: int, saved, workdir: Path
+) -> None:
+    """Attach to the interrupt ``e`` one line (``e.message``) saying where training stopped
+    and what is saved, and that checkpoint's folder (``e.saved_checkpoint``, or None)."""
+    done, into = divmod(step, per_epoch)
+    epoch = f"{done} of {epochs} epochs done" if not into else f"in epoch {done + 1} of {epochs}"
+    where = f"training stopped at step {step} of {total} ({epoch})"
+    if saved is None:
+        e.message = f"{where}, before its first checkpoint; nothing was saved"
+        e.saved_checkpoint = None
+        return
+    if saved % per_epoch == 0:
+        folder = workdir / EPOCH_CHECKPOINTS / str(saved // per_epoch)
+    else:
+        folder = workdir / MID_EPOCH_CHECKPOINTS / str(saved)
+    e.message = (
+        f"{where}; saved: the checkpoint of step {saved} in {folder}; continue with --resume"
+    )
+    e.saved_checkpoint = folder
+
+
+def _drop_unfinished_saves(folders, settle_seconds: float = 2.0) -> None:
     """Remove Orbax's temporary folders of interrupted saves; Orbax's helper threads may still
     create one just after the interruption, so look again until none has appeared for a while."""
     deadline, quiet = time.monotonic() + settle_seconds, 0
     while time.monotonic() < deadline and quiet < 5:
-        found = list(ckpt_dir.glob("*.orbax-checkpoint-tmp*"))
+        found = [tmp for folder in folders for tmp in folder.glob("*.orbax-checkpoint-tmp*")]
         for tmp in found:
             shutil.rmtree(tmp, ignore_errors=True)
         quiet = 0 if found else quiet + 1
@@ -424,20 +739,36 @@ def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
     log_path = workdir / "train_log.json"
     if not log_path.exists():
         raise FileNotFoundError(f"{workdir} is not a training directory: no train_log.json")
-    history = json.loads(log_path.read_text())
+    history = _read_log(log_path)
     config = ConvMixerConfig.from_dict(history["model"])
     cfg = TrainConfig.from_dict(history["recipe"])
-    mngr = _checkpoint_manager(workdir)
-    latest = mngr.latest_step()
-    if latest is None:
-        raise FileNotFoundError(f"{workdir} holds no checkpoint")
+    epochs_dir = workdir / EPOCH_CHECKPOINTS
+    epochs = saved_steps(epochs_dir)
+    if not epochs:
+        inside = saved_steps(workdir / MID_EPOCH_CHECKPOINTS)
+        raise FileNotFoundError(
+            f"{workdir} holds no checkpoint of a finished epoch"
+            + (
+                " (only one taken inside the first epoch); train on to the end of an epoch "
+                "(train --resume), then export"
+                if inside
+                else ""
+            )
+        )
+    latest = epochs[-1]
     tx = make_optimizer(cfg, 1)  # the state's structure does not depend on the schedule length
     abstract_vars = jax.eval_shape(lambda: init_variables_abstract(config))
     state = jax.eval_shape(lambda v: initial_state(cfg, tx, v), abstract_vars)
     repl = replicated(global_mesh("data"))  # onto this run's devices, however many saved it
     state = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=repl), state)
-    restored = mngr.restore(latest, args=ocp.args.StandardRestore(state))
-    mngr.close()
+    older = epochs[-2] if len(epochs) > 1 else None
+    advice = _fallback_advice(workdir, epochs_dir / str(latest), older, "export")
+    check_digest(history.get(DIGESTS, {}), workdir, epochs_dir / str(latest), advice)
+    mngr = _checkpoint_manager(epochs_dir, writing=False)  # a run may be writing there
+    try:
+        restored = _restore(mngr, latest, ocp.args.StandardRestore(state), epochs_dir, advice)
+    finally:
+        mngr.close()
     entry = next((e for e in history["epochs"] if e["epoch"] == latest), None)
     weights = choose_weights({**history, "epochs": [entry] if entry else []})
     chosen = restored["ema"] if weights == "ema" else restored

@@ -26,6 +26,7 @@ from convmixer_jax.parallel.runtime import is_writer
 from convmixer_jax.scheme.images import ImageError
 from convmixer_jax.training.loop import load_checkpoint, total_train_seconds, train
 from convmixer_jax.training.recipes import TrainConfig
+from convmixer_jax.training.workdir import check_workdir, locked_workdir
 
 
 def warm_start(model_dir, asked: dict | None = None) -> tuple[ConvMixerConfig, dict, dict]:
@@ -110,8 +111,9 @@ def lineage_train_seconds(metas: list[dict]) -> float:
     )
 
 
-def check_training_data(config: ConvMixerConfig, train_data, test_data) -> None:
-    """Raise ImageError / DataError unless both splits fit ``config`` (image shape, label range)."""
+def check_training_data(config: ConvMixerConfig, train_data, test_data, classes=None) -> None:
+    """Raise ImageError / DataError unless both splits fit ``config`` (image shape, label
+    range) and, when the data name their classes (``classes``), one output per class."""
     from convmixer_jax.data import DataError
 
     for name, (x, _) in (("training", train_data), ("test", test_data)):
@@ -122,6 +124,13 @@ def check_training_data(config: ConvMixerConfig, train_data, test_data) -> None:
                 f"{name} images do not fit the model: {e} "
                 "(set --image-size / --channels to match the data)"
             ) from None
+    if classes is not None and len(classes) != config.num_classes:
+        shown = ", ".join(map(str, list(classes)[:5])) + (", ..." if len(classes) > 5 else "")
+        raise DataError(
+            f"the data have {len(classes)} classes ({shown}) but the model has "
+            f"{config.num_classes} outputs; give --num-classes {len(classes)} or leave it out "
+            "(it follows the data)"
+        )
     top = int(max(np.max(train_data[1], initial=0), np.max(test_data[1], initial=0)))
     if top >= config.num_classes:
         raise DataError(
@@ -143,6 +152,7 @@ def train_model(
     data_label: str | None = None,
     classes=None,
     progress: bool = True,
+    checkpoint_seconds: float | None = 300.0,
 ) -> tuple[dict, dict]:
     """Train, draw the curves into ``workdir/curves.png``, score the test split:
     ``(variables, meta)``.
@@ -152,26 +162,31 @@ def train_model(
     A recipe with a validation hold-out is judged on it alone: the test images
     are then scored once, for the final model, after training; otherwise every epoch.
     meta: the provenance fields for ``config.json`` (recipe, accuracies, epochs and
-    seconds of every stage, ...).
+    seconds of every stage, ...). classes: the data's class names (one output each), or None.
+    ``workdir`` is held (:func:`~convmixer_jax.training.workdir.locked_workdir`) until the
+    curves are drawn; ``checkpoint_seconds``: see :func:`~convmixer_jax.training.loop.train`.
     """
-    check_training_data(config, train_data, test_data)
+    check_training_data(config, train_data, test_data, classes)
     init_variables_, init_from = warm if warm is not None else (None, None)
     per_epoch_test = None if recipe.holdout else test_data
-    variables, history = train(
-        config,
-        recipe,
-        train_data,
-        per_epoch_test,
-        workdir,
-        resume=resume,
-        progress=progress,
-        init_variables_=init_variables_,
-        init_from=init_from,
-    )
-    if history.get("epochs") and is_writer():
-        from convmixer_jax.training.curves import plot_training_curves
+    with locked_workdir(workdir):
+        check_workdir(workdir, resume)
+        variables, history = train(
+            config,
+            recipe,
+            train_data,
+            per_epoch_test,
+            workdir,
+            resume=resume,
+            progress=progress,
+            init_variables_=init_variables_,
+            init_from=init_from,
+            checkpoint_seconds=checkpoint_seconds,
+        )
+        if history.get("epochs") and is_writer():
+            from convmixer_jax.training.curves import plot_training_curves
 
-        plot_training_curves(history, Path(workdir) / "curves.png")
+            plot_training_curves(history, Path(workdir) / "curves.png")
     last = history["epochs"][-1] if history.get("epochs") else {}
     acc = last.get("test_accuracy")
     if acc is None:
@@ -202,7 +217,9 @@ def export_checkpoint(
 ) -> tuple[ConvMixerConfig, dict, dict]:
     """The newest epoch checkpoint of a training ``workdir`` as ``(config, variables, meta)``
     (the weights its validation split prefers, see
-    :func:`~convmixer_jax.training.loop.choose_weights`)."""
+    :func:`~convmixer_jax.training.loop.choose_weights`). Reads only: a run may be training
+    there; a damaged checkpoint is a one-line
+    :class:`~convmixer_jax.training.workdir.CheckpointError`."""
     config, variables, info = load_checkpoint(workdir)
     log = info["log"] or {}
     totals = warm_start_totals(
