@@ -271,3 +271,44 @@ def test_choices_are_the_registries():
     assert {"init-model", "train"} <= set(found["--preset"])
     for name in RECIPES:  # every recipe is described in the help
         assert f"{name}: " in subs["train"].format_help().replace("\n", " ")
+
+
+def test_no_command_is_one_plain_usage_error(capsys):
+    """`convmixer-jax` alone: one line, the program named once."""
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.count("convmixer-jax:") == 1, err
+    assert err.startswith("convmixer-jax: error: the following arguments are required: COMMAND")
+
+
+def test_every_option_with_a_default_names_it():
+    """An option that has a default says what it is in its help (--strategy did not)."""
+    _, subs = _subcommands()
+    silent = []
+    for name, sub in subs.items():
+        for action in sub._actions:
+            if action.help == argparse.SUPPRESS or not action.option_strings:
+                continue
+            if action.default in (None, False) or action.nargs == 0:
+                continue
+            if "default" not in (action.help or ""):
+                silent.append(f"{name} {action.option_strings[0]}")
+    assert not silent, silent
+    help_text = " ".join(subs["reproduce"].format_help().split())
+    assert "default weights" in help_text
+
+
+def test_out_is_described_as_the_output_not_as_an_alias():
+    """--out's help describes the output; the older positional form is mentioned after it,
+    as still accepted, never as a deprecated alias of --out."""
+    _, subs = _subcommands()
+    for name, sub in subs.items():
+        opts = _options(sub)
+        if "--out" not in opts:
+            continue
+        text = " ".join(opts["--out"].help.split())
+        assert "deprecated" not in text.lower(), (name, text)
+        if any(a.dest == "output" for a in sub._actions):  # the older positional form
+            assert "as the last positional argument, is still accepted" in text, (name, text)
+    text = " ".join(_options(subs["encrypt-images"])["--out"].help.split())
+    assert text.startswith("OUT.npy (one array)") and text.endswith("after a single IN.npy")

@@ -116,6 +116,7 @@ def wrong_key_accuracies(
     key_chunk: int = 4,
     batch_size: int = 125,
     progress: bool = False,
+    desc: str = "wrong keys",
 ) -> np.ndarray:
     """Accuracy in [0, 1] of ``variables`` (an encrypted model) for each key of a batch.
 
@@ -126,7 +127,8 @@ def wrong_key_accuracies(
     bound); the last image batch is padded to full size and the last key chunk
     to a multiple of the device count (at most two programs are compiled);
     padded keys and images are not counted. In a multi-process run every process
-    passes the same arguments and gets the same result.
+    passes the same arguments and gets the same result. ``progress`` shows a bar
+    labelled ``desc`` and the keys done, e.g. ``wrong keys 12/100``.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -155,7 +157,7 @@ def wrong_key_accuracies(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(chunks) * len(batches), desc=f"wrong keys ({strategy})", unit="block")
+        bar = tqdm(total=len(chunks) * len(batches), desc=f"{desc} 0/{n_keys}", unit="block")
     for k0, k1 in chunks:
         # The last chunk is padded only up to a multiple of the device count
         # (a second, smaller program is compiled for it rather than wasting work).
@@ -177,6 +179,8 @@ def wrong_key_accuracies(
             correct[k0:k1] += counts[: k1 - k0]
             if bar is not None:
                 bar.update(1)
+        if bar is not None:
+            bar.set_description(f"{desc} {k1}/{n_keys}")
     if bar is not None:
         bar.close()
     return correct / n

@@ -15,9 +15,11 @@ from convmixer_jax.cli.options import (
     add_quiet,
     add_seed,
     data_label,
+    folder_listing,
     int_arg,
     load_split,
     positive_int,
+    report_written,
     seed_arg,
     start_processes,
     subset,
@@ -125,6 +127,7 @@ def cmd_attack(args) -> int:
                 }
             )
         )
+        report_written("wrong-key accuracies", args.out)
     return 0
 
 
@@ -187,6 +190,7 @@ def cmd_security_report(args) -> int:
         log=say,
     )
     print(Path(out, "summary.md").read_text())
+    report_written(folder_listing(out), out)
     return 0
 
 

@@ -17,9 +17,11 @@ from convmixer_jax.cli.options import (
     add_recipe,
     add_seed,
     data_label,
+    folder_listing,
     int_arg,
     load_split,
     recipe_from_args,
+    report_written,
     seed_arg,
     start_processes,
     subset,
@@ -95,6 +97,7 @@ def cmd_reproduce(args) -> int:
     }
     if is_writer():
         print(json.dumps(summary))
+        report_written(folder_listing(out), out)
     return 0
 
 
@@ -133,7 +136,8 @@ def register(add) -> None:
         "--strategy",
         choices=["images", "weights"],
         default="weights",
-        help="wrong-key sweep strategy",
+        help="how the wrong-key sweep runs: encrypt the test images with each key, or fold "
+        "each key into the patch embedding (same accuracies; default weights)",
     )
     add_quiet(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from convmixer_jax.cli.options import PROG, add_force, add_key_seed, add_out, positive_int
+from convmixer_jax.cli.options import (
+    PROG,
+    add_force,
+    add_key_seed,
+    add_out,
+    positive_int,
+    report_written,
+)
 
 
 def cmd_keygen(args) -> int:
@@ -21,6 +28,7 @@ def cmd_keygen(args) -> int:
             file=sys.stderr,
         )
     print(keys.fingerprint(key))
+    report_written("secret key", args.out)
     return 0
 
 
@@ -55,7 +63,8 @@ def register(add) -> None:
         "make a secret key (pixel permutation and flip vector)",
         "Make a secret key for block size M and C channels and write "
         "it as JSON. Without --key-seed the key comes from the "
-        "operating system's CSPRNG. Prints only the key's fingerprint.",
+        "operating system's CSPRNG. Prints only the key's fingerprint (and, on stderr, "
+        "where the key went).",
     )
     p.add_argument(
         "--block-size",

@@ -18,9 +18,10 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line instead of exiting."""
 
     def error(self, message):  # noqa: D102 - argparse API
-        raise UsageError(
-            f"{self.prog.removeprefix(PROG + ' ')}: {message} (see '{self.prog} --help')"
-        )
+        # the line begins "convmixer-jax: error: ", then the subcommand if there is one
+        command = self.prog.removeprefix(PROG).strip()
+        where = f"{command}: " if command else ""
+        raise UsageError(f"{where}{message} (see '{self.prog} --help')")
 
 
 def positive_int(text: str) -> int:
@@ -68,17 +69,24 @@ def add_force(p: argparse.ArgumentParser) -> None:
 
 
 def add_out(
-    p: argparse.ArgumentParser, metavar: str, help_: str, *, positional_alias: bool = False
+    p: argparse.ArgumentParser,
+    metavar: str,
+    help_: str,
+    *,
+    positional_alias: bool | str = False,
 ) -> None:
-    """``--out`` for the command's output; with ``positional_alias`` an older last
-    positional OUT is still accepted (see :func:`resolve_out`)."""
-    p.add_argument(
-        "--out",
-        metavar=metavar,
-        required=not positional_alias,
-        help=help_
-        + (" (a last positional OUT is still accepted, as before)" if positional_alias else ""),
-    )
+    """``--out`` for the command's output, described by ``help_``.
+
+    With ``positional_alias`` the older form, the output as the last positional argument,
+    is still accepted (see :func:`resolve_out`); a string says when, e.g. ``"after a single
+    IN.npy"``. The help says so after ``help_``, which describes ``--out`` alone.
+    """
+    note = ""
+    if positional_alias:
+        when = f" {positional_alias}" if isinstance(positional_alias, str) else ""
+        note = f"; the older form, {metavar} as the last positional argument, is still accepted"
+        note += when
+    p.add_argument("--out", metavar=metavar, required=not positional_alias, help=help_ + note)
 
 
 def resolve_out(args, positional: str | None) -> None:
@@ -420,6 +428,23 @@ def subset(images, labels, n: int | None, seed: int):
     from convmixer_jax.data import subset
 
     return subset(images, labels, n, seed)
+
+
+def report_written(what: str, path) -> None:
+    """End a command whose stdout is its data (a fingerprint, JSON, a report) with the
+    line ``WHAT -> PATH`` on stderr, as the other commands end with one on stdout."""
+    import sys
+
+    print(f"{what} -> {path}", file=sys.stderr)
+
+
+def folder_listing(path) -> str:
+    """What a written folder holds, for :func:`report_written`: its visible entries, sorted
+    (folders with a trailing ``/``)."""
+    from pathlib import Path
+
+    entries = [e for e in Path(path).iterdir() if not e.name.startswith(".")]
+    return ", ".join(sorted(e.name + ("/" if e.is_dir() else "") for e in entries))
 
 
 def one_line(e: BaseException) -> str:

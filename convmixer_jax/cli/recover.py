@@ -14,6 +14,7 @@ from convmixer_jax.cli.options import (
     data_label,
     load_split,
     positive_int,
+    report_written,
 )
 
 
@@ -32,6 +33,7 @@ def cmd_recover_key(args) -> int:
         key = _recover_known_plaintext(args)
     write_text_atomic(args.out, key_file_text(key), force=args.force, private=True)
     print(fingerprint(key))
+    report_written("recovered key", args.out)
     return 0
 
 

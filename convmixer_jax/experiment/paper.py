@@ -23,6 +23,7 @@ import json
 import secrets
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -41,6 +42,11 @@ from convmixer_jax.scheme.keys import (
 )
 from convmixer_jax.scheme.params import encrypt_params
 
+
+def _as_is(what: str) -> str:
+    return what
+
+
 # Iijima & Kiya (2022), Table 1 and Fig. 5 (CIFAR-10, official data, 200 epochs).
 PAPER = {
     "baseline_plain": 0.9046,
@@ -51,24 +57,35 @@ PAPER = {
 
 
 def evaluate_encryption(
-    config, variables, key, images, labels, *, batch_size: int = 500, progress: bool = False
+    config,
+    variables,
+    key,
+    images,
+    labels,
+    *,
+    batch_size: int = 500,
+    progress: bool = False,
+    label: Callable[[str], str] = _as_is,
 ) -> dict:
     """Table 1's three accuracies and the identical-prediction count.
 
     images: (N, H, W, C) uint8; labels: (N,). Returns (accuracies dict, encrypted variables).
+    ``progress`` shows one bar per model and image set, labelled ``label(what it runs)``
+    (e.g. ``"encrypted model, plain images"``).
     """
     enc_vars = encrypt_params(variables, key, mean=config.mean, std=config.std)
     enc_images = np.asarray(encrypt_images(images, key))
     labels = np.asarray(labels)
     pred = {}
-    for name, v, x in (
-        ("baseline_plain", variables, images),
-        ("encrypted_plain", enc_vars, images),
-        ("encrypted_encrypted", enc_vars, enc_images),
+    for name, what, v, x in (
+        ("baseline_plain", "plain model, plain images", variables, images),
+        ("encrypted_plain", "encrypted model, plain images", enc_vars, images),
+        ("encrypted_encrypted", "encrypted model, encrypted images", enc_vars, enc_images),
     ):
-        pred[name] = np.argmax(
-            predict_logits(config, v, x, batch_size=batch_size, progress=progress), 1
+        logits = predict_logits(
+            config, v, x, batch_size=batch_size, progress=progress, desc=label(what)
         )
+        pred[name] = np.argmax(logits, 1)
     out = {name: float(np.mean(p == labels)) for name, p in pred.items()}
     out["identical_predictions"] = int(
         np.sum(pred["baseline_plain"] == pred["encrypted_encrypted"])
@@ -83,26 +100,39 @@ def evaluate_encryption(
             labels,
             batch_size=batch_size,
             progress=progress,
+            label=label,
         )
     )
     return out, enc_vars
 
 
 def mirror_tta_logits(
-    config, variables, images, *, encrypt_with=None, batch_size: int = 500, progress: bool = False
+    config,
+    variables,
+    images,
+    *,
+    encrypt_with=None,
+    batch_size: int = 500,
+    progress: bool = False,
+    label: Callable[[str], str] = _as_is,
+    what: str = "mirror TTA",
 ) -> np.ndarray:
     """Mean logits over each image and its horizontal mirror: (N, H, W, C) -> (N, classes).
 
     The mirror is taken of the plain image; with ``encrypt_with`` (a key) both views
     are then encrypted, as a client would send them to a provider that holds the
     encrypted model (mirroring an encrypted image is not the encryption of a mirror).
+    ``progress`` shows a bar per view, labelled ``label(what)`` and
+    ``label(what + ", mirrored")``.
     """
     views = [np.asarray(images), np.asarray(images)[:, :, ::-1, :]]
     if encrypt_with is not None:
         views = [np.asarray(encrypt_images(v, encrypt_with)) for v in views]
     return sum(
-        predict_logits(config, variables, v, batch_size=batch_size, progress=progress)
-        for v in views
+        predict_logits(
+            config, variables, v, batch_size=batch_size, progress=progress, desc=label(name)
+        )
+        for v, name in zip(views, (what, f"{what}, mirrored"), strict=True)
     ) / len(views)
 
 
@@ -116,16 +146,27 @@ def evaluate_tta(
     *,
     batch_size: int = 500,
     progress: bool = False,
+    label: Callable[[str], str] = _as_is,
 ) -> dict:
     """Mirror test-time augmentation through the scheme: the plain model on plain views and the
-    encrypted model on encrypted views (accuracies and the identical-prediction count)."""
+    encrypted model on encrypted views (accuracies and the identical-prediction count);
+    ``progress`` bars are labelled as in :func:`mirror_tta_logits`."""
     labels = np.asarray(labels)
+    shared = {"batch_size": batch_size, "progress": progress, "label": label}
     plain = np.argmax(
-        mirror_tta_logits(config, variables, images, batch_size=batch_size, progress=progress), 1
+        mirror_tta_logits(
+            config, variables, images, what="mirror TTA: plain model, plain images", **shared
+        ),
+        1,
     )
     enc = np.argmax(
         mirror_tta_logits(
-            config, enc_vars, images, encrypt_with=key, batch_size=batch_size, progress=progress
+            config,
+            enc_vars,
+            images,
+            encrypt_with=key,
+            what="mirror TTA: encrypted model, encrypted images",
+            **shared,
         ),
         1,
     )
@@ -255,6 +296,18 @@ def plot_fig5(wrong_keys, results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+class _StepLabels:
+    """Labels that number the progress bars of one run: ``[2/8] encrypted model, plain
+    images``."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+
+    def __call__(self, what: str) -> str:
+        self.done += 1
+        return f"[{self.done}/{self.total}] {what}"
+
+
 def run_experiment(
     config,
     variables,
@@ -288,13 +341,24 @@ def run_experiment(
         f"fingerprint {fingerprint(key)}"
     )
     t0 = time.perf_counter()
-    acc, enc_vars = evaluate_encryption(config, variables, key, images, labels, progress=progress)
+    # 3 evaluations, 2 x 2 mirror-TTA views, the wrong keys: each bar says which of them it is
+    step = _StepLabels(7 + (num_keys > 0))
+    acc, enc_vars = evaluate_encryption(
+        config, variables, key, images, labels, progress=progress, label=step
+    )
     log(json.dumps(acc))
     wrong = []
     if num_keys > 0:
         keys = draw_attack_keys(attack_seed, num_keys, m, c)
         wrong = wrong_key_accuracies(
-            config, enc_vars, images, labels, keys, strategy=strategy, progress=progress
+            config,
+            enc_vars,
+            images,
+            labels,
+            keys,
+            strategy=strategy,
+            progress=progress,
+            desc=step("wrong keys"),
         ).tolist()
     results = {
         "test_images": int(len(images)),

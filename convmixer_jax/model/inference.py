@@ -71,13 +71,20 @@ def iterate_batches(n: int, batch_size: int):
 
 
 def predict_logits(
-    config: ConvMixerConfig, variables, images, *, batch_size: int = 500, progress: bool = False
+    config: ConvMixerConfig,
+    variables,
+    images,
+    *,
+    batch_size: int = 500,
+    progress: bool = False,
+    desc: str = "predict",
 ) -> np.ndarray:
     """Logits of ``images`` (N, H, W, C) uint8 or float in [0, 1] -> (N, classes) float32.
 
     Every batch has one size, ``batch_size`` (or N if smaller) rounded up to a
     multiple of the device count: the last one is padded (with repeats of the last
     image), so that one shape is compiled; padding rows are dropped from the result.
+    ``progress`` shows a bar labelled ``desc`` (say what the model runs on).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -92,7 +99,7 @@ def predict_logits(
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(list(it), desc="predict", unit="batch", leave=False)
+        it = tqdm(list(it), desc=desc, unit="batch", leave=False)
     for start, stop in it:
         rows = np.minimum(np.arange(start, start + size), stop - 1)
         out[start:stop] = to_host(fn(variables, shard_rows(images, mesh, rows)))[: stop - start]
@@ -107,7 +114,11 @@ def accuracy(
     *,
     batch_size: int = 500,
     progress: bool = False,
+    desc: str = "accuracy",
 ) -> float:
-    """Top-1 accuracy in [0, 1] of the model on ``images`` with integer ``labels`` (N,)."""
-    logits = predict_logits(config, variables, images, batch_size=batch_size, progress=progress)
+    """Top-1 accuracy in [0, 1] of the model on ``images`` with integer ``labels`` (N,);
+    ``progress`` shows a bar labelled ``desc``."""
+    logits = predict_logits(
+        config, variables, images, batch_size=batch_size, progress=progress, desc=desc
+    )
     return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
