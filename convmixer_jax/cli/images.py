@@ -104,9 +104,8 @@ def register(add) -> None:
         add_out(
             p,
             "OUT",
-            "OUT.npy (one array), OUT.png (one image) or a folder (one PNG per input image). "
-            "Deprecated alias, after a single IN.npy only",
-            positional_alias=True,
+            "OUT.npy (one array), OUT.png (one image) or a folder (one PNG per input image)",
+            positional_alias="after a single IN.npy",
         )
         if name == "encrypt-images":  # a client resizes first, then encrypts on the model's grid
             add_resize(p, to_model=False)

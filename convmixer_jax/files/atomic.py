@@ -278,10 +278,13 @@ def staged_output_dir(out: str | os.PathLike, *, command: str | None = None):
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out.parent)
-    with deferred_interrupts():
-        tmp = temporary_name(out)
-        tmp.mkdir()
+    tmp = None
     try:
+        # a signal held here is delivered when the block ends: inside this try, so the
+        # temporary it leaves is removed
+        with deferred_interrupts():
+            tmp = temporary_name(out)
+            tmp.mkdir()
         try:
             yield tmp
             write_manifest(tmp, command)
@@ -291,10 +294,12 @@ def staged_output_dir(out: str | os.PathLike, *, command: str | None = None):
                 raise
             raise _with_path(e, out) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        release_temporary(tmp)
+        if tmp is not None:
+            release_temporary(tmp)
 
 
 @contextlib.contextmanager

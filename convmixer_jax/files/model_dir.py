@@ -45,6 +45,7 @@ import numpy as np
 
 from convmixer_jax.files.atomic import (
     check_output_path,
+    deferred_interrupts,
     release_temporary,
     remove_stale_temporaries,
     swap_into_place,
@@ -229,12 +230,18 @@ def _checkpointer():
 
 
 def _save_variables(directory: Path, variables: PyTree) -> None:
+    # a failed save (a full disk) is raised here as one error; Orbax's threads would also
+    # log it with tracebacks
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.CRITICAL)
     ckptr = _checkpointer()
     try:
         ckptr.save(directory.absolute(), variables)
         ckptr.wait_until_finished()
     finally:
         ckptr.close()
+        absl_logger.setLevel(level)
 
 
 def _restore_variables(directory: Path, config: ConvMixerConfig) -> PyTree:
@@ -327,19 +334,23 @@ def save_model(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
-    tmp = temporary_name(path)
-    tmp.mkdir()
+    tmp = None
     try:
+        with deferred_interrupts():  # a held signal is delivered inside this try
+            tmp = temporary_name(path)
+            tmp.mkdir()
         _save_variables(tmp / VARIABLES_DIR, variables)
         doc["variables_sha256"] = variables_digests(tmp / VARIABLES_DIR)
         doc[SEAL_FIELD] = model_digest(doc)
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
         swap_into_place(tmp, path, force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        release_temporary(tmp)  # the temporary is in place or removed: drop its lock file
+        if tmp is not None:
+            release_temporary(tmp)  # the temporary is in place or removed: drop its lock file
     return path
 
 
