@@ -414,3 +414,16 @@ def test_predict_undecodable_name_is_escaped(models, tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.decode().splitlines()
     assert len(lines) == 2 and lines[1].startswith("'b\\udcff.png': "), lines
+
+
+def test_recover_key_refuses_an_edited_model_before_reading_public_images(models, tmp_path, capsys):
+    """recover-key --model loads the model first: an edited one is refused before the
+    public images are looked for (here there are none, and no download is tried)."""
+    e = _edited_copy(models.root / "E", tmp_path / "E", SEALED_EDITS["activation"])
+    argv = ["recover-key", "--encrypted", models.root / "ex.npy", "--block-size", "2"]
+    argv += ["--model", e, "--data-dir", tmp_path / "no-such-data", "--quiet"]
+    argv += ["--out", tmp_path / "out" / "k.json"]
+    (tmp_path / "out").mkdir()
+    refused_in_process(
+        capsys, argv, watch=[models.root, e, tmp_path / "out"], contains="was edited"
+    )

@@ -92,22 +92,7 @@ def _recover_ciphertext_only(args):
     check_pixel_values(encrypted)
     n, h, w, c = encrypted.shape
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
-    if args.public:
-        public = np.asarray(load_image_inputs(args.public)[0])
-        where = " ".join(args.public)
-    else:
-        public, _, _ = load_split(args, "train")
-        where = f"the training split of {data_label(args)}"
-    if public.shape[-1] != c:
-        raise UsageError(
-            f"the public images have {public.shape[-1]} channels, the encrypted ones {c}; "
-            "pass public images of the same kind with --public"
-        )
-    take = max(8, int(args.public_images * 1024 / (h * w)))
-    public = match_scale(public[:take], h, w)
-    say(f"template from {len(public)} public images ({where}), {h} x {w}")
-    template = block_template(public, args.block_size)
-    prior = load_image_prior(args.prior) if args.prior else default_prior(c)
+    # the model first: a model that cannot be used is refused before any other work
     model = None
     if args.model:
         from convmixer_jax.files.model_dir import is_encrypted, load_model
@@ -124,6 +109,22 @@ def _recover_ciphertext_only(args):
                 f"not --block-size {args.block_size}"
             )
         model = (config, variables)
+    if args.public:
+        public = np.asarray(load_image_inputs(args.public)[0])
+        where = " ".join(args.public)
+    else:
+        public, _, _ = load_split(args, "train")
+        where = f"the training split of {data_label(args)}"
+    if public.shape[-1] != c:
+        raise UsageError(
+            f"the public images have {public.shape[-1]} channels, the encrypted ones {c}; "
+            "pass public images of the same kind with --public"
+        )
+    take = max(8, int(args.public_images * 1024 / (h * w)))
+    public = match_scale(public[:take], h, w)
+    say(f"template from {len(public)} public images ({where}), {h} x {w}")
+    template = block_template(public, args.block_size)
+    prior = load_image_prior(args.prior) if args.prior else default_prior(c)
     res = recover_key_ciphertext_only(
         encrypted,
         args.block_size,
