@@ -17,6 +17,8 @@ subpackages hold the rest:
 (``docs/design.md`` has the map).
 """
 
+from convmixer_jax._lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 _PUBLIC = {
@@ -59,16 +61,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC) + ["__version__"]
 
 
-def __getattr__(name: str):
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'convmixer_jax' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"convmixer_jax.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports("convmixer_jax", _PUBLIC, globals())

@@ -19,6 +19,7 @@ fingerprint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import secrets
 import time
@@ -498,20 +499,21 @@ def reproduce(
     provenance["data"] = data_label
     if trained and classes is not None:
         provenance["classes"] = list(classes)
+    experiment = functools.partial(
+        run_experiment,
+        config,
+        variables,
+        (test_x, test_y),
+        num_keys=num_keys,
+        attack_seed=attack_seed,
+        key_seed=key_seed,
+        strategy=strategy,
+        provenance=provenance,
+        progress=progress,
+        log=log,
+    )
     if not is_writer():
-        return run_experiment(
-            config,
-            variables,
-            (test_x, test_y),
-            None,
-            num_keys=num_keys,
-            attack_seed=attack_seed,
-            key_seed=key_seed,
-            strategy=strategy,
-            provenance=provenance,
-            progress=progress,
-            log=log,
-        )
+        return experiment(None)
     with staged_output_dir(out) as tmp:
         if trained:
             save_model(
@@ -523,16 +525,4 @@ def reproduce(
                     **{k: v for k, v in provenance.items() if k != "train_log"},
                 },
             )
-        return run_experiment(
-            config,
-            variables,
-            (test_x, test_y),
-            tmp,
-            num_keys=num_keys,
-            attack_seed=attack_seed,
-            key_seed=key_seed,
-            strategy=strategy,
-            provenance=provenance,
-            progress=progress,
-            log=log,
-        )
+        return experiment(tmp)

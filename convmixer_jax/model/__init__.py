@@ -6,6 +6,8 @@ JAX. The names below are resolved on first use, so importing the package imports
 heavy.
 """
 
+from convmixer_jax._lazy import lazy_exports
+
 _PUBLIC = {
     "ConvMixerConfig": "config",
     "PRESETS": "config",
@@ -19,16 +21,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'convmixer_jax.model' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"convmixer_jax.model.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports("convmixer_jax.model", _PUBLIC, globals())

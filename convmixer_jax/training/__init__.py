@@ -7,6 +7,8 @@ loop, the fine-tuning attack and the image prior share. The names below are reso
 first use, so importing the package imports nothing heavy.
 """
 
+from convmixer_jax._lazy import lazy_exports
+
 _PUBLIC = {
     "TrainConfig": "recipes",
     "RECIPES": "recipes",
@@ -19,16 +21,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'convmixer_jax.training' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"convmixer_jax.training.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports("convmixer_jax.training", _PUBLIC, globals())
