@@ -262,15 +262,23 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--preset",
         choices=PRESET_NAMES,
-        help="start from a named architecture: the paper's ("
+        help="start from a named architecture: this project's CIFAR-size models ("
         + ", ".join(n for n, preset in REGISTRY.items() if preset.source == PAPER_SOURCE)
-        + ") or one of timm's ImageNet ConvMixers ("
+        + ") or one of timm's ImageNet ConvMixers and ViTs ("
         + ", ".join(TIMM_NAMES)
-        + ")",
+        + "); a ViT preset makes a Vision Transformer",
     )
     g.add_argument("--dim", type=positive_int, help="embedding width d (paper: 256)")
-    g.add_argument("--depth", type=positive_int, help="number of mixer blocks L (paper: 8)")
-    g.add_argument("--kernel-size", type=positive_int, help="depthwise kernel size k (paper: 9)")
+    g.add_argument(
+        "--depth", type=positive_int, help="number of mixer or transformer blocks L (paper: 8)"
+    )
+    g.add_argument(
+        "--kernel-size", type=positive_int, help="ConvMixer: depthwise kernel size k (paper: 9)"
+    )
+    g.add_argument("--num-heads", type=positive_int, help="ViT: attention heads (divide --dim)")
+    g.add_argument(
+        "--mlp-ratio", type=positive_float, help="ViT: MLP width as a multiple of --dim"
+    )
     g.add_argument(
         "--patch-size", type=positive_int, help="patch size P = encryption block size M (paper: 4)"
     )
@@ -284,7 +292,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--activation",
         choices=list(ACTIVATIONS),
-        help="activation after every convolution "
+        help="ConvMixer: activation after every convolution "
         "(paper: gelu, exact; timm's convmixer_768_32: relu)",
     )
 
@@ -298,21 +306,39 @@ ARCH_OPTIONS = (
     "image_size",
     "channels",
     "activation",
+    "num_heads",
+    "mlp_ratio",
 )
 # --preset's choices: the registry's names (convmixer_jax.model.config imports no JAX)
 PRESET_NAMES = list(PRESETS)
 
 
+def arch_options(config) -> tuple[str, ...]:
+    """The architecture options that apply to ``config``'s family."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(config)}
+    return tuple(n for n in ARCH_OPTIONS if n in fields)
+
+
 def model_config(args):
-    """The :class:`~convmixer_jax.model.config.ConvMixerConfig` of ``--preset`` (default: the
-    paper's) with the architecture options given on the command line."""
+    """The architecture (a ConvMixerConfig or a ViTConfig) of ``--preset`` (default: the
+    paper's ConvMixer) with the architecture options given on the command line; an option
+    of the other family is refused."""
     import dataclasses
 
     from convmixer_jax.model.config import ConvMixerConfig
 
     base = PRESETS[args.preset] if args.preset else ConvMixerConfig()
-    overrides = {n: getattr(args, n) for n in ARCH_OPTIONS if getattr(args, n) is not None}
-    return dataclasses.replace(base, **overrides)
+    given = {n: getattr(args, n) for n in ARCH_OPTIONS if getattr(args, n, None) is not None}
+    foreign = sorted(set(given) - set(arch_options(base)))
+    if foreign:
+        flags = ", ".join("--" + n.replace("_", "-") for n in foreign)
+        raise ValueError(
+            f"{flags} does not apply to a {base.family} model; drop it or choose a preset of "
+            "the other family"
+        )
+    return dataclasses.replace(base, **given)
 
 
 def add_distributed_options(p: argparse.ArgumentParser) -> None:

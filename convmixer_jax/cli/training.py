@@ -17,6 +17,7 @@ from convmixer_jax.cli.options import (
     add_quiet,
     add_recipe,
     add_seed,
+    arch_options,
     data_label,
     load_split,
     model_config,
@@ -80,7 +81,7 @@ def cmd_train(args) -> int:
     if args.init_from:
         asked = {n: getattr(args, n) for n in ARCH_OPTIONS if getattr(args, n) is not None}
         if args.preset:
-            asked = {n: getattr(config, n) for n in ARCH_OPTIONS} | asked
+            asked = {n: getattr(config, n) for n in arch_options(config)} | asked
         config, start, init_from = warm_start(args.init_from, asked)
         warm = (start, init_from)
     # one run per workdir, held from here on: a second run is refused before it touches it

@@ -51,7 +51,7 @@ from convmixer_jax.files.atomic import (
     swap_into_place,
     temporary_name,
 )
-from convmixer_jax.model.convmixer import ConvMixerConfig
+from convmixer_jax.model.config import ConvMixerConfig, ModelConfig, ViTConfig, config_from_dict
 from convmixer_jax.scheme.keys import Key, fingerprint
 
 MODEL_FORMAT = "convmixer-jax-model"
@@ -119,21 +119,14 @@ def _check_encryption_record(enc, config: ConvMixerConfig, where: str) -> dict |
 # --------------------------------------------------------------------------- variables
 
 
-def abstract_variables(config: ConvMixerConfig) -> PyTree:
-    """``{'params', 'batch_stats'}`` of ``config`` as ``jax.ShapeDtypeStruct`` leaves (no
-    compute)."""
+def abstract_variables(config: ModelConfig) -> PyTree:
+    """The saved variables of ``config`` (``{'params', 'batch_stats'}`` of a ConvMixer,
+    ``{'params'}`` of a ViT) as ``jax.ShapeDtypeStruct`` leaves (no compute)."""
     import jax
-    import jax.numpy as jnp
 
-    from convmixer_jax.model.convmixer import ConvMixer
+    from convmixer_jax.model.build import init_variables_abstract, model_variables
 
-    dummy = jax.ShapeDtypeStruct(
-        (1, config.image_size, config.image_size, config.channels), jnp.float32
-    )
-    tree = jax.eval_shape(
-        lambda x: ConvMixer(config).init(jax.random.PRNGKey(0), x, train=False), dummy
-    )
-    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+    return model_variables(config, jax.eval_shape(lambda: init_variables_abstract(config)))
 
 
 def _leaves_by_path(tree) -> dict[str, Any]:
@@ -148,9 +141,14 @@ def check_variables(
 ) -> None:
     """Raise :class:`ModelDirError` unless ``variables`` (arrays or array metadata)
     have exactly the tree, shapes and dtypes that ``config`` defines."""
-    if not isinstance(variables, dict) or set(variables) != {"params", "batch_stats"}:
+    from convmixer_jax.model.build import collections
+
+    wanted = collections(config)
+    if not isinstance(variables, dict) or set(variables) != set(wanted):
         got = sorted(variables) if isinstance(variables, dict) else type(variables).__name__
-        raise ModelDirError(f"{where} must be {{'params', 'batch_stats'}}, got {got}")
+        raise ModelDirError(
+            f"{where} must be {{{', '.join(repr(w) for w in wanted)}}}, got {got}"
+        )
     expected = _leaves_by_path(abstract_variables(config))
     actual = _leaves_by_path(variables)
     missing = sorted(set(expected) - set(actual))
@@ -308,8 +306,10 @@ def save_model(
 
     path = Path(path)
     check_output_path(path, force, kind="model_dir")
-    if not isinstance(config, ConvMixerConfig):
-        raise TypeError(f"config must be a ConvMixerConfig, got {type(config).__name__}")
+    if not isinstance(config, (ConvMixerConfig, ViTConfig)):
+        raise TypeError(
+            f"config must be a ConvMixerConfig or a ViTConfig, got {type(config).__name__}"
+        )
     enc = _check_encryption_record(encryption, config, "encryption")
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(_RESERVED))
@@ -326,8 +326,10 @@ def save_model(
         json.dumps(doc, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.json fields must be JSON-serializable: {e}") from None
+    from convmixer_jax.model.build import model_variables
+
     variables = jax.tree.map(
-        np.asarray, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+        np.asarray, model_variables(config, variables)
     )
     check_variables(config, variables)
     check_finite(variables, where="the variables to save")
@@ -392,7 +394,7 @@ def _read_config(path: Path) -> tuple[ConvMixerConfig, dict, dict]:
     if not isinstance(raw.get("model"), dict):
         raise ModelDirError(f"{cfg_path} has no 'model' object describing the architecture")
     try:
-        config = ConvMixerConfig.from_dict(raw["model"])
+        config = config_from_dict(raw["model"])
     except (TypeError, ValueError) as e:
         raise ModelDirError(f"{cfg_path}: invalid model description: {e}") from None
     if "encryption" not in raw:

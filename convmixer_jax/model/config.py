@@ -66,6 +66,8 @@ class ConvMixerConfig:
     depthwise_impl: str = "auto"
     activation: str = "gelu"
 
+    family = "convmixer"
+
     def __post_init__(self):
         for name in _POSITIVE_INTS:
             value = getattr(self, name)
@@ -115,15 +117,169 @@ class ConvMixerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConvMixerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ConvMixer config fields: {sorted(unknown)}")
         d = dict(d)
-        for name in ("mean", "std"):
-            if d.get(name) is not None:
-                d[name] = tuple(d[name])
-        return cls(**d)
+        family = d.pop("family", cls.family)
+        if family != cls.family:
+            raise ValueError(f"not a ConvMixer config: family {family!r}")
+        return _from_fields(cls, d, "ConvMixer")
+
+#: Pooling of a ViT's tokens before the head: the class token, or the mean of the patch tokens.
+VIT_POOLS = ("token", "avg")
+
+_VIT_POSITIVE_INTS = ("dim", "depth", "num_heads", "patch_size", "num_classes", "image_size",
+                      "channels")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of a Vision Transformer in timm's ``VisionTransformer`` layout.
+
+    Attributes:
+      dim: embedding width d (timm ``embed_dim``).
+      depth: number of transformer blocks.
+      num_heads: attention heads; must divide ``dim``.
+      mlp_ratio: hidden width of each block's MLP, as a multiple of ``dim``.
+      patch_size: patch size P (= the encryption block size M).
+      num_classes: classifier outputs.
+      image_size: input height and width (square); must be divisible by P.
+      channels: input channels C.
+      mean, std: per-channel input normalization, length C (None: 0.5 / 0.5).
+      qkv_bias: the attention's query/key/value projection has a bias.
+      class_token: a learned class token is prepended to the patch tokens.
+      global_pool: 'token' (head on the class token) or 'avg' (head on the mean of the
+        patch tokens; as timm, the final norm then follows the pooling: ``fc_norm``).
+      no_embed_class: the position embedding has patch rows only and the class token gets
+        none (timm's ``no_embed_class``).
+      norm_eps: LayerNorm epsilon (timm: 1e-6).
+    """
+
+    family = "vit"
+
+    dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    num_classes: int = 1000
+    image_size: int = 224
+    channels: int = 3
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    qkv_bias: bool = True
+    class_token: bool = True
+    global_pool: str = "token"
+    no_embed_class: bool = False
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        for name in _VIT_POSITIVE_INTS:
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(
+                f"dim {self.dim} is not divisible by num_heads {self.num_heads}; choose a "
+                "head count that divides the width"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
+                "choose an image size that is a multiple of the patch size"
+            )
+        if not self.mlp_ratio > 0 or int(self.dim * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
+        if self.global_pool not in VIT_POOLS:
+            raise ValueError(f"global_pool must be one of {VIT_POOLS}, got {self.global_pool!r}")
+        if self.global_pool == "token" and not self.class_token:
+            raise ValueError("global_pool 'token' needs a class token; use global_pool 'avg'")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
+        object.__setattr__(self, "mlp_ratio", float(self.mlp_ratio))
+        object.__setattr__(self, "norm_eps", float(self.norm_eps))
+        _check_norm(self)
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the patch grid, image_size // patch_size."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def pos_rows(self) -> int:
+        """Rows of the position embedding: the patch tokens, plus the class token's row
+        unless ``no_embed_class``."""
+        extra = 1 if self.class_token and not self.no_embed_class else 0
+        return extra + self.num_patches
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.dim * self.mlp_ratio)
+
+    @property
+    def norm_mean(self) -> tuple[float, ...]:
+        return self.mean if self.mean is not None else (0.5,) * self.channels
+
+    @property
+    def norm_std(self) -> tuple[float, ...]:
+        return self.std if self.std is not None else (0.5,) * self.channels
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        d = dict(d)
+        family = d.pop("family", cls.family)
+        if family != cls.family:
+            raise ValueError(f"not a ViT config: family {family!r}")
+        return _from_fields(cls, d, "ViT")
+
+
+def _check_norm(cfg) -> None:
+    for name in ("mean", "std"):
+        value = getattr(cfg, name)
+        if value is not None:
+            value = tuple(float(v) for v in value)
+            object.__setattr__(cfg, name, value)
+            if len(value) != cfg.channels:
+                raise ValueError(
+                    f"{name} has {len(value)} entries but the model has {cfg.channels} channels"
+                )
+    if cfg.std is not None and any(s <= 0 for s in cfg.std):
+        raise ValueError(f"std must be positive, got {cfg.std}")
+
+
+def _from_fields(cls, d: dict[str, Any], what: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {what} config fields: {sorted(unknown)}")
+    for name in ("mean", "std"):
+        if d.get(name) is not None:
+            d[name] = tuple(d[name])
+    return cls(**d)
+
+
+#: The model families by name: the ``family`` of a config dict (absent: 'convmixer').
+FAMILIES: dict[str, type] = {"convmixer": ConvMixerConfig, "vit": ViTConfig}
+
+ModelConfig = Any  # ConvMixerConfig | ViTConfig
+
+
+def config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """The architecture of a model directory's ``model`` object, of either family.
+
+    A dict without ``family`` is a ConvMixer (every model file written before the ViT).
+    """
+    family = d.get("family", "convmixer")
+    if family not in FAMILIES:
+        raise ValueError(
+            f"unknown model family {family!r}; this version knows {', '.join(FAMILIES)}"
+        )
+    return FAMILIES[family].from_dict(d)
 
 
 #: A preset defined by the paper, Iijima & Kiya (2022), section 4 (``Preset.source``).
@@ -175,12 +331,49 @@ CONVMIXER_1024_20_KS9_P14 = Preset(
     _timm_imagenet(dim=1024, depth=20, kernel_size=9, patch_size=14), TIMM_SOURCE
 )
 
+
+
+def _timm_vit(dim: int, num_heads: int, *, mean=None, std=None) -> ViTConfig:
+    """One of timm's ImageNet ViT/DeiT models with 16 x 16 patches on 224 x 224 RGB, 1000
+    classes, depth 12, MLP ratio 4, a class token and the head on it."""
+    return ViTConfig(
+        dim=dim, depth=12, num_heads=num_heads, patch_size=16, num_classes=1000,
+        image_size=224, channels=3, mean=mean, std=std,
+    )
+
+
+#: The project's CIFAR-size ViT: 4 x 4 patches (the paper's block size M = 4) on 32 x 32 RGB,
+#: an 8 x 8 grid of 64 tokens, width 192, depth 7, 3 heads, MLP ratio 2, no class token
+#: and the head on the mean of the patch tokens (as timm's ``*_gap`` ViTs).
+VIT_CIFAR = Preset(
+    ViTConfig(
+        dim=192, depth=7, num_heads=3, mlp_ratio=2.0, patch_size=4, num_classes=10,
+        image_size=32, channels=3, class_token=False, global_pool="avg",
+    ),
+    PAPER_SOURCE,
+)
+VIT_TINY_PATCH16_224 = Preset(_timm_vit(192, 3), TIMM_SOURCE)
+VIT_SMALL_PATCH16_224 = Preset(_timm_vit(384, 6), TIMM_SOURCE)
+VIT_BASE_PATCH16_224 = Preset(_timm_vit(768, 12), TIMM_SOURCE)
+DEIT_TINY_PATCH16_224 = Preset(
+    _timm_vit(192, 3, mean=IMAGENET_MEAN, std=IMAGENET_STD), TIMM_SOURCE
+)
+DEIT_SMALL_PATCH16_224 = Preset(
+    _timm_vit(384, 6, mean=IMAGENET_MEAN, std=IMAGENET_STD), TIMM_SOURCE
+)
+
 #: The presets by name, in the order the command line lists them.
 REGISTRY: dict[str, Preset] = {
     "paper": PAPER,
     "convmixer_768_32": CONVMIXER_768_32,
     "convmixer_1536_20": CONVMIXER_1536_20,
     "convmixer_1024_20_ks9_p14": CONVMIXER_1024_20_KS9_P14,
+    "vit_cifar": VIT_CIFAR,
+    "vit_tiny_patch16_224": VIT_TINY_PATCH16_224,
+    "vit_small_patch16_224": VIT_SMALL_PATCH16_224,
+    "vit_base_patch16_224": VIT_BASE_PATCH16_224,
+    "deit_tiny_patch16_224": DEIT_TINY_PATCH16_224,
+    "deit_small_patch16_224": DEIT_SMALL_PATCH16_224,
 }
 
 #: name -> architecture of every preset (``--preset``).
@@ -194,7 +387,12 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ConvMixerConfig",
+    "FAMILIES",
+    "ModelConfig",
     "Preset",
+    "VIT_POOLS",
+    "ViTConfig",
+    "config_from_dict",
     "PAPER_SOURCE",
     "TIMM_SOURCE",
     "REGISTRY",

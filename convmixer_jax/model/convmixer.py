@@ -452,6 +452,8 @@ def prepare_inference(config: ConvMixerConfig, variables: dict) -> dict:
     """
     g = config.grid_size
     out = {name: value for name, value in variables.items() if name != PREPARED}
+    if getattr(config, "family", "convmixer") != "convmixer":  # a ViT: nothing to prepare
+        return out
     if resolve_depthwise_impl(config.depthwise_impl, (g, g)) != "toeplitz":
         return out
     params = variables["params"]

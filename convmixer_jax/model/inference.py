@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig, prepare_inference
+from convmixer_jax.model.build import build_model
+from convmixer_jax.model.config import ConvMixerConfig
+from convmixer_jax.model.convmixer import prepare_inference
 from convmixer_jax.parallel.global_arrays import (
     by_rows,
     global_mesh,
@@ -29,7 +31,7 @@ from convmixer_jax.scheme.images import ImageError, check_not_empty, check_pixel
 
 @functools.lru_cache(maxsize=None)
 def _logits_fn(config: ConvMixerConfig, mesh) -> Callable:
-    model = ConvMixer(config)
+    model = build_model(config)
 
     def logits(variables, images):
         x = images.astype(jnp.float32)

@@ -54,12 +54,23 @@ class Key:
     perm: (..., pb) int32, a permutation of 0..pb-1.
     flip: (..., pb) uint8 in {0, 1}, exactly floor(pb/2) ones.
     block_size, channels: static; pb = block_size**2 * channels.
+    block_perm: None (no block scrambling: the ConvMixer paper's key), or (..., gh*gw) int32,
+      a permutation of the block positions 0..gh*gw-1 in raster order: the encrypted
+      image's block b is the plain block ``block_perm[b]``.
+    grid: static; None, or (gh, gw), the block grid ``block_perm`` is bound to.
     """
 
     perm: np.ndarray | jax.Array
     flip: np.ndarray | jax.Array
     block_size: int = dataclasses.field(metadata=dict(static=True))
     channels: int = dataclasses.field(metadata=dict(static=True))
+    block_perm: np.ndarray | jax.Array | None = None
+    grid: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @property
+    def scrambles(self) -> bool:
+        """Whether the key permutes block positions (carries ``block_perm``)."""
+        return self.block_perm is not None
 
     @property
     def block_len(self) -> int:
@@ -72,7 +83,10 @@ class Key:
 
     def __getitem__(self, i) -> "Key":
         """Select keys from a batch: ``keys[3]``, ``keys[:10]``."""
-        return Key(self.perm[i], self.flip[i], self.block_size, self.channels)
+        block_perm = None if self.block_perm is None else self.block_perm[i]
+        return Key(
+            self.perm[i], self.flip[i], self.block_size, self.channels, block_perm, self.grid
+        )
 
     def __repr__(self) -> str:  # never print the secret itself
         if self.batch_shape:

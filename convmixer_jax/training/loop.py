@@ -32,7 +32,8 @@ import numpy as np
 import optax
 
 from convmixer_jax.files.atomic import deferred_interrupts, write_json_atomic
-from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
+from convmixer_jax.model import build as _build
+from convmixer_jax.model.config import ConvMixerConfig, config_from_dict
 from convmixer_jax.model.inference import accuracy
 from convmixer_jax.parallel.global_arrays import (
     by_rows,
@@ -111,12 +112,10 @@ def augment_batch(rng: jax.Array, images: jax.Array, cfg: TrainConfig) -> jax.Ar
     return x
 
 
-def init_variables(config: ConvMixerConfig, seed: int) -> dict:
-    """Freshly initialized ``{'params', 'batch_stats'}`` for ``config``."""
-    model = ConvMixer(config)
-    dummy = jnp.zeros((1, config.image_size, config.image_size, config.channels), jnp.float32)
-    variables = model.init(jax.random.PRNGKey(seed), dummy, train=False)
-    return jax.tree.map(np.asarray, dict(variables))
+def init_variables(config, seed: int) -> dict:
+    """Freshly initialized variables (``{'params', 'batch_stats'}`` of a ConvMixer,
+    ``{'params'}`` of a ViT) for ``config``."""
+    return _build.init_variables(config, seed)
 
 
 def make_step(config: ConvMixerConfig, cfg: TrainConfig, tx, data_sharding, repl_sharding):
@@ -142,15 +141,15 @@ def make_step(config: ConvMixerConfig, cfg: TrainConfig, tx, data_sharding, repl
         new["ema"] = jax.tree.map(
             lambda e, v: decay * e + (1.0 - decay) * v,
             state["ema"],
-            {"params": new["params"], "batch_stats": new["batch_stats"]},
+            _build.model_variables(config, new),
         )
         return new
 
     return make_train_step(
-        ConvMixer(config),
+        _build.build_model(config),
         tx,
         one_hot_cross_entropy(config.num_classes, cfg.label_smoothing),
-        batch_norm="train",
+        batch_norm="train" if _build.has_batch_norm(config) else None,
         prepare=prepare,
         after=update_ema,
         jit_kwargs=dict(
@@ -564,7 +563,7 @@ def _train_locked(
                 "train_seconds": train_seconds,
                 "images_per_second": seen / train_seconds,
             }
-            variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+            variables = _build.model_variables(config, state)
             for name, data in (("val", val_data), ("test", test_data)):
                 if data is not None:
                     entry[f"{name}_accuracy"] = accuracy(config, variables, data[0], data[1])
@@ -603,7 +602,7 @@ def _train_locked(
     weights = choose_weights(history)
     history["weights"] = weights
     chosen = state["ema"] if weights == "ema" else state
-    variables = to_host({"params": chosen["params"], "batch_stats": chosen["batch_stats"]})
+    variables = to_host(_build.model_variables(config, chosen))
     return variables, history
 
 
@@ -697,19 +696,17 @@ def _drop_unfinished_saves(folders, settle_seconds: float = 2.0) -> None:
 
 
 def initial_state(cfg: TrainConfig, tx, variables: dict) -> dict:
-    """The training state of ``variables`` ``{'params', 'batch_stats'}``: those, the optimizer
-    state ``tx.init(params)``, the step counter 0 and, when ``cfg`` keeps an EMA, its start
-    (a copy of the variables)."""
+    """The training state of ``variables`` (``{'params', 'batch_stats'}``, or ``{'params'}``
+    for a model without BatchNorm): those, the optimizer state ``tx.init(params)``, the step
+    counter 0 and, when ``cfg`` keeps an EMA, its start (a copy of the variables)."""
+    model_vars = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
     state = {
-        "params": variables["params"],
-        "batch_stats": variables["batch_stats"],
+        **model_vars,
         "opt_state": tx.init(variables["params"]),
         "step": jnp.zeros((), jnp.int32),
     }
     if cfg.ema_decay:
-        state["ema"] = jax.tree.map(
-            jnp.array, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-        )
+        state["ema"] = jax.tree.map(jnp.array, model_vars)
     return state
 
 
@@ -740,7 +737,7 @@ def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
     if not log_path.exists():
         raise FileNotFoundError(f"{workdir} is not a training directory: no train_log.json")
     history = _read_log(log_path)
-    config = ConvMixerConfig.from_dict(history["model"])
+    config = config_from_dict(history["model"])
     cfg = TrainConfig.from_dict(history["recipe"])
     epochs_dir = workdir / EPOCH_CHECKPOINTS
     epochs = saved_steps(epochs_dir)
@@ -772,7 +769,7 @@ def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
     entry = next((e for e in history["epochs"] if e["epoch"] == latest), None)
     weights = choose_weights({**history, "epochs": [entry] if entry else []})
     chosen = restored["ema"] if weights == "ema" else restored
-    variables = to_host({"params": chosen["params"], "batch_stats": chosen["batch_stats"]})
+    variables = to_host(_build.model_variables(config, chosen))
     this_run = sum(e["train_seconds"] for e in history["epochs"] if e["epoch"] <= latest)
     return (
         config,
@@ -791,11 +788,9 @@ def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
     )
 
 
-def init_variables_abstract(config: ConvMixerConfig):
+def init_variables_abstract(config):
     """``model.init`` for use under ``jax.eval_shape`` (shapes only, no compute)."""
-    model = ConvMixer(config)
-    dummy = jnp.zeros((1, config.image_size, config.image_size, config.channels), jnp.float32)
-    return model.init(jax.random.PRNGKey(0), dummy, train=False)
+    return _build.init_variables_abstract(config)
 
 
 def total_train_seconds(history: dict) -> float:
