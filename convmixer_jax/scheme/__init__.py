@@ -1,5 +1,5 @@
-"""The scheme itself: the block contract, secret keys, the block-wise image transform, the
-patch-embedding transform.
+"""The scheme itself: the block contract, secret keys, the block-wise image transform
+(with optional block scrambling), the patch-embedding transform.
 
 Imports nothing else from the package: everything here follows from
 ``docs/method.md`` alone. :mod:`~convmixer_jax.scheme.blocks` is the one place that cuts
@@ -10,6 +10,7 @@ from convmixer_jax.scheme.blocks import (  # noqa: F401
     BlockSizeError,
     from_blocks,
     grid_shape,
+    permute_blocks,
     to_blocks,
 )
 from convmixer_jax.scheme.images import ImageError, check_images, decrypt_images, encrypt_images  # noqa: F401
@@ -17,6 +18,8 @@ from convmixer_jax.scheme.keys import (  # noqa: F401
     InvalidKeyError,
     Key,
     block_len,
+    check_grid,
+    check_key_grid,
     fingerprint,
     generate_key,
     key_space,

@@ -4,7 +4,9 @@ An (H, W, C) image with H and W multiples of M is a grid of ``gh x gw = H/M x W/
 blocks. Block ``(bi, bj)`` holds the pixels ``[bi*M:(bi+1)*M, bj*M:(bj+1)*M, :]``,
 flattened in (row, column, channel) order with the channel fastest: pixel
 ``(i, j, c)`` of the block is element ``k = (i*M + j)*C + c`` of a vector of
-``M*M*C`` values. Blocks are listed row by row over the grid.
+``M*M*C`` values. Blocks are listed row by row over the grid: block ``(bi, bj)`` is
+block number ``b = bi*gw + bj`` (the numbering that block scrambling permutes,
+:func:`permute_blocks`).
 
 Every module of the package that cuts images into blocks calls this one. The
 functions take one image (H, W, C) or any batch of them (..., H, W, C), of any
@@ -85,6 +87,30 @@ def from_blocks(blocks, block_size: int, channels: int):
     x = b.reshape(*lead, gh, gw, m, m, c)
     x = xp.moveaxis(x, r + 2, r + 1)  # (..., gh, M, gw, M, C)
     return x.reshape(*lead, gh * m, gw * m, c)
+
+
+def permute_blocks(blocks, block_perm):
+    """(..., gh, gw, pb) -> (..., gh, gw, pb): block scrambling of the grid positions.
+
+    Blocks are numbered in raster order, ``b = r*gw + s``; the output's block b is the
+    input's block ``block_perm[b]``, with ``block_perm`` (gh*gw,) a permutation of
+    0..gh*gw-1. Its inverse permutation undoes it. NumPy in, NumPy out; JAX in, JAX out.
+    """
+    xp = _xp(blocks)
+    b = xp.asarray(blocks)
+    if b.ndim < 3:
+        raise BlockSizeError(
+            f"blocks must be (..., gh, gw, M*M*C) arrays; got shape {tuple(b.shape)}"
+        )
+    *lead, gh, gw, pb = b.shape
+    order = xp.asarray(block_perm)
+    if tuple(order.shape) != (gh * gw,):
+        raise BlockSizeError(
+            f"a block permutation of shape {tuple(order.shape)} does not fit a {gh} x {gw} grid; "
+            f"it must have {gh * gw} entries"
+        )
+    flat = b.reshape(*lead, gh * gw, pb)
+    return xp.take(flat, order, axis=len(lead)).reshape(*lead, gh, gw, pb)
 
 
 def block_rows(images, block_size: int):

@@ -1,15 +1,19 @@
-"""Block-wise image encryption: pixel shuffling and bit flipping (method.md, "Images").
+"""Block-wise image encryption: pixel shuffling, bit flipping and, with a key that has
+``block_perm``, block scrambling (method.md, "Images" and "Extension: block scrambling").
 
 Every M x M block of every image is flattened in (row, column, channel) order,
 channel fastest (``k = (i*M + j)*C + c``), shuffled with ``y[k] = x[perm[k]]``,
 bit-flipped where ``flip[k] == 1`` (``255 - v`` for uint8, ``1 - x`` for
-float), and put back in place.
+float), and put back in place: at its own position, or, when the key scrambles
+blocks, the encrypted image's block b (raster order) is the plain block
+``block_perm[b]``. The pixel key and the block key commute.
 
 The blocks are those of the block contract (:mod:`convmixer_jax.scheme.blocks`).
 The whole transform is one gather through an index of the image (plus one select
 for the flip), compiled with ``jax.jit``: the index maps read off the contract are
-static, and the index is built from them and ``perm`` inside the computation, so
-the functions ``vmap`` over a batch of keys (``Key`` leaves with a leading axis).
+static, and the index is built from them, ``perm`` and ``block_perm`` inside the
+computation, so the functions ``vmap`` over a batch of keys (``Key`` leaves with a
+leading axis).
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convmixer_jax.scheme.blocks import from_blocks, to_blocks
-from convmixer_jax.scheme.keys import InvalidKeyError, Key, inverse_permutation
+from convmixer_jax.scheme.blocks import from_blocks, permute_blocks, to_blocks
+from convmixer_jax.scheme.keys import InvalidKeyError, Key, check_key_grid, inverse_permutation
 
 
 class ImageError(ValueError):
@@ -52,12 +56,28 @@ def _block_layout(h: int, w: int, c: int, m: int) -> tuple[np.ndarray, np.ndarra
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _block_positions(h: int, w: int, c: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Static maps of the block positions of an (h, w, c) image in m x m blocks, over the
+    flat image positions o = (y*w + x)*c + ch.
+
+    Returns block_of (h*w*c,) int32, the raster number ``b = r*gw + s`` of o's block, and
+    block_base (gh*gw,) int32, the flat position of the first element of block b.
+    """
+    position = to_blocks(np.arange(h * w * c, dtype=np.int32).reshape(h, w, c), m)  # (gh, gw, pb)
+    gh, gw, _ = position.shape
+    number = np.broadcast_to(np.arange(gh * gw, dtype=np.int32).reshape(gh, gw, 1), position.shape)
+    return from_blocks(number, m, c).reshape(-1), position[..., 0].reshape(-1)
+
+
 def check_images(images, key: Key, *, check_values: bool = True) -> None:
     """Raise :class:`ImageError` unless ``images`` (..., H, W, C) fit ``key``.
 
     Checks rank, H and W divisible by the block size, C equal to the key's
     channels, dtype uint8 or floating, and (if ``check_values`` and the array
-    is concrete) float values finite and inside [0, 1].
+    is concrete) float values finite and inside [0, 1]. A key that scrambles
+    blocks must have been made for H x W images: otherwise
+    :class:`~convmixer_jax.scheme.keys.InvalidKeyError` names both grids.
     """
     shape = tuple(np.shape(images))
     if len(shape) < 3:
@@ -75,6 +95,7 @@ def check_images(images, key: Key, *, check_values: bool = True) -> None:
             f"images have {c} channels but the key is for {key.channels}; "
             "use a key made with --channels equal to the images' channels"
         )
+    check_key_grid(key, h, w)
     check_pixel_values(images, check_values=check_values)
 
 
@@ -112,8 +133,18 @@ def check_pixel_values(images, *, check_values: bool = True) -> None:
 
 
 def _check_key(key: Key) -> None:
-    if np.ndim(key.perm) != 1:
+    if np.ndim(key.perm) != 1 or (key.scrambles and np.ndim(key.block_perm) != 1):
         raise InvalidKeyError("pass a single key, or jax.vmap over a batch of keys")
+    if key.scrambles != (key.grid is not None):
+        raise InvalidKeyError(
+            "the key has block_perm without grid (or grid without block_perm); "
+            "block scrambling needs both"
+        )
+    if key.scrambles and np.shape(key.block_perm) != (key.grid[0] * key.grid[1],):
+        raise InvalidKeyError(
+            f"block_perm has shape {np.shape(key.block_perm)}, expected "
+            f"({key.grid[0] * key.grid[1]},) for the key's {key.grid[0]} x {key.grid[1]} grid"
+        )
 
 
 def _flip_values(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -123,20 +154,35 @@ def _flip_values(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask, jnp.asarray(1, x.dtype) - x, x)
 
 
-def _gather_blocks(flat: jax.Array, perm: jax.Array, layout) -> jax.Array:
-    """y[k] = x[perm[k]] in every block; flat: (N, h*w*c) -> (N, h*w*c), one gather."""
+def _gather_blocks(flat: jax.Array, perm: jax.Array, layout, block_perm=None, positions=None):
+    """y[k] = x[perm[k]] in every block, and with ``block_perm`` the output's block b taken
+    from block ``block_perm[b]``; flat: (N, h*w*c) -> (N, h*w*c), one gather: both
+    permutations are composed into the one index of the image."""
     base, within, offset = layout
-    src = jnp.asarray(base) + jnp.take(jnp.asarray(offset), perm)[jnp.asarray(within)]
+    if block_perm is None:
+        base = jnp.asarray(base)
+    else:  # the first element of the source block of each position's block
+        block_of, block_base = positions
+        base = jnp.take(jnp.asarray(block_base), block_perm)[jnp.asarray(block_of)]
+    src = base + jnp.take(jnp.asarray(offset), perm)[jnp.asarray(within)]
     return jnp.take(flat, src, axis=1)
+
+
+def _layouts(h: int, w: int, c: int, key: Key):
+    """The static maps of :func:`_block_layout`, and of :func:`_block_positions` when the
+    key scrambles blocks (else None)."""
+    layout = _block_layout(h, w, c, key.block_size)
+    positions = _block_positions(h, w, c, key.block_size) if key.scrambles else None
+    return layout, positions
 
 
 @jax.jit
 def _encrypt(images: jax.Array, key: Key) -> jax.Array:
     shape = images.shape
     h, w, c = shape[-3:]
-    layout = _block_layout(h, w, c, key.block_size)
+    layout, positions = _layouts(h, w, c, key)
     flat = images.reshape((-1, h * w * c))
-    y = _gather_blocks(flat, key.perm, layout)
+    y = _gather_blocks(flat, key.perm, layout, key.block_perm, positions)
     z = _flip_values(y, jnp.take(key.flip, jnp.asarray(layout[1])).astype(bool)[None, :])
     return z.reshape(shape)
 
@@ -145,11 +191,13 @@ def _encrypt(images: jax.Array, key: Key) -> jax.Array:
 def _decrypt(images: jax.Array, key: Key) -> jax.Array:
     shape = images.shape
     h, w, c = shape[-3:]
-    layout = _block_layout(h, w, c, key.block_size)
+    layout, positions = _layouts(h, w, c, key)
     flat = images.reshape((-1, h * w * c))
+    # the flip depends only on the index inside a block, so it is undone before the blocks move
     y = _flip_values(flat, jnp.take(key.flip, jnp.asarray(layout[1])).astype(bool)[None, :])
     inv = inverse_permutation(key.perm)
-    return _gather_blocks(y, inv, layout).reshape(shape)
+    inv_blocks = None if key.block_perm is None else inverse_permutation(key.block_perm)
+    return _gather_blocks(y, inv, layout, inv_blocks, positions).reshape(shape)
 
 
 def _apply(fn, images, key: Key) -> jax.Array:
@@ -158,7 +206,9 @@ def _apply(fn, images, key: Key) -> jax.Array:
     input's dtype. Under ``jit``/``vmap`` the usual JAX dtype rules apply."""
     if not hasattr(images, "dtype"):
         images = np.asarray(images)
-    eager = not any(isinstance(v, jax.core.Tracer) for v in (images, key.perm, key.flip))
+    eager = not any(
+        isinstance(v, jax.core.Tracer) for v in (images, key.perm, key.flip, key.block_perm)
+    )
     if eager and np.dtype(images.dtype) == np.float64 and not jax.config.jax_enable_x64:
         with jax.enable_x64(True):
             return fn(jnp.asarray(images), key)
@@ -169,7 +219,8 @@ def encrypt_images(images, key: Key) -> jax.Array:
     """Encrypt images block by block with ``key``.
 
     images: (..., H, W, C) uint8 or float in [0, 1]; H, W divisible by
-    ``key.block_size``; C == ``key.channels``.
+    ``key.block_size``; C == ``key.channels``; with a key that scrambles blocks,
+    (H, W) == (gh*M, gw*M) for the key's grid (gh, gw).
     Returns an array of the same shape and dtype.
     ``jax.vmap(encrypt_images, in_axes=(None, 0))(images, keys)`` encrypts
     one set of images with each key of a batch.
@@ -180,7 +231,8 @@ def encrypt_images(images, key: Key) -> jax.Array:
 
 
 def decrypt_images(images, key: Key) -> jax.Array:
-    """Inverse of :func:`encrypt_images` (flip again, then the inverse permutation).
+    """Inverse of :func:`encrypt_images` (flip again, then the inverse permutation; a
+    scrambled block b goes back to position ``block_perm[b]``).
 
     Exact for uint8 images. For float images the flip is ``1 - x``, so
     ``decrypt_images(encrypt_images(x))`` equals ``x`` to within one float rounding
@@ -197,14 +249,20 @@ def encrypt_images_reference(images: np.ndarray, key: Key) -> np.ndarray:
     images: (..., H, W, C) uint8 or float in [0, 1] -> a NumPy array of the same shape
     and dtype: the blocks of :func:`~convmixer_jax.scheme.blocks.to_blocks`, each
     shuffled (``y = x[perm]``) and flipped (``255 - v`` or ``1 - x`` where ``flip``),
-    put back with :func:`~convmixer_jax.scheme.blocks.from_blocks`. It checks nothing
-    and runs eagerly; :func:`encrypt_images` computes the same.
+    moved by :func:`~convmixer_jax.scheme.blocks.permute_blocks` when the key scrambles
+    blocks, put back with :func:`~convmixer_jax.scheme.blocks.from_blocks`. It checks
+    only that a scrambling key's grid fits the images, and runs eagerly;
+    :func:`encrypt_images` computes the same.
     """
     m, c = key.block_size, key.channels
     perm, flip = np.asarray(key.perm), np.asarray(key.flip)
-    y = to_blocks(np.asarray(images), m)[..., perm]
+    x = np.asarray(images)
+    y = to_blocks(x, m)[..., perm]
     if y.dtype == np.uint8:
         z = np.where(flip == 1, 255 - y, y).astype(np.uint8)
     else:
         z = np.where(flip == 1, 1 - y, y).astype(y.dtype)
+    if key.scrambles:
+        check_key_grid(key, *x.shape[-3:-1])
+        z = permute_blocks(z, np.asarray(key.block_perm))
     return from_blocks(z, m, c)
