@@ -1,6 +1,6 @@
-"""PyTorch ConvMixer weights in and out: timm's and the locuslab reference's state dicts.
+"""PyTorch weights in and out: timm's and the locuslab reference's ConvMixers, timm's ViTs.
 
-Two PyTorch layouts of the same network are read (names of ``model.state_dict()``):
+Two PyTorch layouts of the ConvMixer are read (names of ``model.state_dict()``):
 
 - ``timm`` (``timm.models.convmixer.ConvMixer``): ``stem.0`` Conv2d (dim, C, P, P),
   ``stem.2`` BatchNorm2d, ``blocks.{i}.0.fn.0`` depthwise Conv2d (dim, 1, k, k),
@@ -23,6 +23,17 @@ Written weights are always timm's layout, with ``num_batches_tracked`` zeros so
 that ``load_state_dict(strict=True)`` accepts them. The weights carry neither the
 activation nor the input normalization, which the caller states.
 
+timm's ``VisionTransformer`` (ViT and DeiT; ``timm/models/vision_transformer.py``) is read
+and written too: ``cls_token`` (1, 1, d), ``pos_embed`` (1, T, d), ``patch_embed.proj``
+Conv2d (d, C, P, P), ``blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``
+(Linear weights (out, in); ``attn.qkv`` has outputs ordered (3, heads, head_dim) as ours),
+``norm`` (head on the class token) or ``fc_norm`` (head on the mean of the patch tokens),
+``head``. The architecture comes from the shapes but for the head count, which no shape
+shows and the caller gives. What this ViT does not implement (a distilled DeiT's
+``dist_token``/``head_dist``, register tokens, LayerScale, qk-norm, a norm before the
+blocks, attention pooling, ...) is refused with a reason naming the tensor.
+:func:`detect_family` tells the two families apart by their names.
+
 PyTorch and safetensors are optional (``pip install 'convmixer-jax[torch]'``) and
 imported inside the functions that need them; files are never unpickled beyond
 PyTorch's ``weights_only`` loader.
@@ -36,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from convmixer_jax.model.convmixer import ConvMixerConfig
+from convmixer_jax.model.config import ConvMixerConfig, ViTConfig
 
 LAYOUTS = ("timm", "locuslab")
 INSTALL_HINT = "pip install 'convmixer-jax[torch]'"
@@ -244,7 +255,8 @@ def detect_layout(sd: StateDict) -> str:
     raise NotAConvMixer(
         f"not a ConvMixer state dict: its first convolution {first!r} (shape "
         f"{tuple(np.shape(sd[first]))}) is neither timm's stem 'stem.0.weight' nor the "
-        "locuslab reference's '0.weight', and neither is present"
+        "locuslab reference's '0.weight', and neither is present (nor timm's ViT patch "
+        "embedding 'patch_embed.proj.weight')"
     )
 
 
@@ -442,6 +454,383 @@ def state_dict_from_variables(config: ConvMixerConfig, variables) -> StateDict:
     return sd
 
 
+# --------------------------------------------------------------------------- ViT
+
+
+class NotAViT(ValueError):
+    """A state dict that is not a timm ``VisionTransformer`` this ViT implements (names the
+    tensor that does not fit, and why)."""
+
+
+_VIT_MARKERS = ("patch_embed.proj.weight", "pos_embed", "cls_token")
+
+#: Tensors of timm ViT variants this model does not implement: pattern -> what they are.
+_VIT_UNSUPPORTED = (
+    (r"dist_token|head_dist\..*", "a distilled DeiT's distillation token and second head"),
+    (r"reg_token", "register tokens"),
+    (r"blocks\.\d+\.ls[12]\..*", "LayerScale"),
+    (r"blocks\.\d+\.attn\.[qk]_norm\..*", "qk-norm"),
+    (r"blocks\.\d+\.attn\.norm\..*", "a norm inside the attention (scale_attn_norm)"),
+    (r"blocks\.\d+\.mlp\.norm\..*", "a norm inside the MLP (scale_mlp_norm)"),
+    (r"blocks\.\d+\.attn\.gate\..*", "gated attention"),
+    (r"blocks\.\d+\.mlp\.fc1_[gx]\..*", "a SwiGLU MLP"),
+    (r"norm_pre\..*", "a norm before the blocks (pre_norm, as in CLIP)"),
+    (r"patch_embed\.norm\..*", "a norm in the patch embedding"),
+    (r"attn_pool\..*", "attention pooling (global_pool 'map')"),
+)
+
+
+def detect_family(sd: StateDict) -> str:
+    """'vit' for timm ``VisionTransformer`` names (``patch_embed.proj.weight``,
+    ``pos_embed``, ``cls_token``), else 'convmixer' (checked further by the ConvMixer path)."""
+    sd = _strip_prefix(sd)
+    return "vit" if any(name in sd for name in _VIT_MARKERS) else "convmixer"
+
+
+def _refuse_unsupported(sd: StateDict) -> None:
+    for pattern, what in _VIT_UNSUPPORTED:
+        for name in sd:
+            if re.fullmatch(pattern, name):
+                raise NotAViT(
+                    f"the tensor {name!r} belongs to {what}, which this ViT does not "
+                    "implement; only timm's plain VisionTransformer is (class token or average "
+                    "pooling, learned position embedding, blocks of LayerNorm, attention, MLP)"
+                )
+
+
+def _vit_shape(sd: StateDict, name: str, ndim: int, what: str) -> tuple:
+    if name not in sd:
+        raise NotAViT(f"not a timm ViT state dict: the tensor {name!r} ({what}) is missing")
+    shape = tuple(np.shape(sd[name]))
+    if len(shape) != ndim:
+        raise NotAViT(
+            f"not a timm ViT state dict: the tensor {name!r} ({what}) has shape {shape}, "
+            f"expected {ndim} dimensions"
+        )
+    return shape
+
+
+def _grid_side(n: int) -> int | None:
+    side = int(round(np.sqrt(n)))
+    return side if side >= 1 and side * side == n else None
+
+
+def _mlp_ratio(hidden: int, dim: int) -> float:
+    """A float ratio r with ``int(dim * r) == hidden`` (timm's rule for the MLP width)."""
+    ratio = hidden / dim
+    if int(dim * ratio) < hidden:
+        ratio = float(np.nextafter(ratio, np.inf))
+    return ratio
+
+
+def vit_architecture(sd: StateDict) -> dict[str, Any]:
+    """What the shapes of a timm ViT state dict say: ``dim``, ``depth``, ``mlp_ratio``,
+    ``patch_size``, ``channels``, ``num_classes``, ``image_size`` (grid side x patch size,
+    from the position embedding's rows), ``qkv_bias``, ``class_token``, ``global_pool``
+    ('token' with ``norm``, 'avg' with ``fc_norm``: timm's 'max' and 'avgmax' pooling have
+    the same tensors and are not told apart) and ``no_embed_class``; not the head count.
+    Raises :class:`NotAViT` naming the tensor that does not fit."""
+    sd = _strip_prefix(sd)
+    _refuse_unsupported(sd)
+    dim, channels, p, p2 = _vit_shape(sd, "patch_embed.proj.weight", 4, "the patch embedding")
+    if p != p2:
+        raise NotAViT(
+            f"the patch embedding 'patch_embed.proj.weight' has a non-square kernel {(p, p2)}; "
+            "only square patches are supported"
+        )
+    pos = _vit_shape(sd, "pos_embed", 3, "the learned position embedding")
+    rows = pos[1]
+    class_token = "cls_token" in sd
+    side = _grid_side(rows - 1) if class_token else None
+    no_embed_class = False
+    if side is None:
+        side = _grid_side(rows)
+        no_embed_class = class_token  # the class token has no row (timm's no_embed_class)
+    if side is None:
+        raise NotAViT(
+            f"the position embedding 'pos_embed' has {rows} rows, which is no square grid of "
+            f"patches{' (with or without a class token row)' if class_token else ''}; only "
+            "square images are supported"
+        )
+    pat = re.compile(r"blocks\.(\d+)\.norm1\.weight")
+    found = {int(m.group(1)) for k in sd if (m := pat.fullmatch(k))}
+    depth = 0
+    while depth in found:
+        depth += 1
+    if depth == 0:
+        raise NotAViT(
+            "not a timm ViT state dict: the tensor 'blocks.0.norm1.weight' (the first "
+            "transformer block) is missing"
+        )
+    hidden = _vit_shape(sd, "blocks.0.mlp.fc1.weight", 2, "the first block's MLP")[0]
+    classes = _vit_shape(sd, "head.weight", 2, "the classification head")[0]
+    has_norm, has_fc_norm = "norm.weight" in sd, "fc_norm.weight" in sd
+    if has_norm and has_fc_norm:
+        raise NotAViT(
+            "the weights hold both 'norm.weight' and 'fc_norm.weight'; this ViT has one final "
+            "norm, before the class token ('norm') or after average pooling ('fc_norm')"
+        )
+    if not (has_norm or has_fc_norm):
+        raise NotAViT(
+            "not a supported timm ViT: the final norm ('norm.weight' or 'fc_norm.weight') is "
+            "missing (final_norm=False is not implemented)"
+        )
+    if has_norm and not class_token:
+        raise NotAViT(
+            "the tensor 'norm.weight' without 'cls_token': a norm before average pooling "
+            "(timm's fc_norm=False) is not implemented; only 'fc_norm' after the pooling"
+        )
+    return dict(
+        dim=dim,
+        depth=depth,
+        mlp_ratio=_mlp_ratio(hidden, dim),
+        patch_size=p,
+        channels=channels,
+        num_classes=classes,
+        image_size=side * p,
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        class_token=class_token,
+        global_pool="token" if has_norm else "avg",
+        no_embed_class=no_embed_class,
+    )
+
+
+def vit_config_from_state_dict(sd: StateDict, *, num_heads: int, mean=None, std=None) -> ViTConfig:
+    """The :class:`ViTConfig` of a timm ViT state dict (:func:`vit_architecture`), with the
+    head count and the normalization ``mean``/``std`` (None: 0.5 / 0.5, timm's default for
+    its ViTs; DeiTs use ImageNet's) given. Every tensor is then checked
+    (:func:`check_vit_state_dict`). LayerNorm epsilon is timm's 1e-6."""
+    arch = vit_architecture(sd)
+    try:
+        config = ViTConfig(num_heads=num_heads, mean=mean, std=std, **arch)
+    except ValueError as e:
+        raise ValueError(
+            f"the ViT weights (dim {arch['dim']}, depth {arch['depth']}, patch "
+            f"{arch['patch_size']}, {arch['channels']} channels) do not fit the options: {e}"
+        ) from None
+    check_vit_state_dict(sd, config)
+    return config
+
+
+def _vit_names(config: ViTConfig) -> list[tuple[str, str, str]]:
+    """(our module path, timm module prefix, kind) for every module with weights, in timm's
+    order; kind is 'norm', 'dense' or 'conv'."""
+    out = [("patch_embed", "patch_embed.proj", "conv")]
+    for i in range(config.depth):
+        b, ours = f"blocks.{i}", f"blocks_{i}"
+        out += [
+            (f"{ours}/norm1", f"{b}.norm1", "norm"),
+            (f"{ours}/attn/qkv", f"{b}.attn.qkv", "dense"),
+            (f"{ours}/attn/proj", f"{b}.attn.proj", "dense"),
+            (f"{ours}/norm2", f"{b}.norm2", "norm"),
+            (f"{ours}/mlp/fc1", f"{b}.mlp.fc1", "dense"),
+            (f"{ours}/mlp/fc2", f"{b}.mlp.fc2", "dense"),
+        ]
+    final = "norm" if config.global_pool == "token" else "fc_norm"
+    return out + [(final, final, "norm"), ("head", "head", "dense")]
+
+
+def vit_expected_shapes(config: ViTConfig) -> dict[str, tuple]:
+    """{timm tensor name: shape} of a timm ``VisionTransformer`` of ``config``."""
+    d, p, c = config.dim, config.patch_size, config.channels
+    shapes: dict[str, tuple] = {}
+    if config.class_token:
+        shapes["cls_token"] = (1, 1, d)
+    shapes["pos_embed"] = (1, config.pos_rows, d)
+    dense = {
+        "qkv": (3 * d, d),
+        "proj": (d, d),
+        "fc1": (config.mlp_dim, d),
+        "fc2": (d, config.mlp_dim),
+        "head": (config.num_classes, d),
+    }
+    for _, theirs, kind in _vit_names(config):
+        if kind == "conv":
+            shapes[f"{theirs}.weight"] = (d, c, p, p)
+            shapes[f"{theirs}.bias"] = (d,)
+        elif kind == "norm":
+            shapes[f"{theirs}.weight"] = shapes[f"{theirs}.bias"] = (d,)
+        else:
+            weight = dense[theirs.rsplit(".", 1)[-1]]
+            shapes[f"{theirs}.weight"] = weight
+            if config.qkv_bias or not theirs.endswith(".qkv"):
+                shapes[f"{theirs}.bias"] = (weight[0],)
+    return shapes
+
+
+def check_vit_state_dict(sd: StateDict, config: ViTConfig) -> None:
+    """Raise :class:`NotAViT` naming the first tensor of ``sd`` that is missing, unexpected
+    (with the reason for the known timm variants) or of another shape than a timm ViT of
+    ``config`` has."""
+    sd = _strip_prefix(sd)
+    _refuse_unsupported(sd)
+    expected = vit_expected_shapes(config)
+    what = f"a timm ViT (dim {config.dim}, depth {config.depth})"
+    for name, value in sd.items():
+        shape = tuple(np.shape(value))
+        if name not in expected:
+            raise NotAViT(f"the tensor {name!r} (shape {shape}) is not part of {what}")
+        if shape != expected[name]:
+            raise NotAViT(f"the tensor {name!r} has shape {shape} but {what} has {expected[name]}")
+        if np.asarray(value).dtype.kind in "biucOSUM":
+            raise NotAViT(
+                f"the tensor {name!r} has dtype {np.asarray(value).dtype}, expected floating point"
+            )
+    missing = [n for n in expected if n not in sd]
+    if missing:
+        raise NotAViT(
+            f"the tensor {missing[0]!r} of {what} is missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+
+
+def vit_variables_from_state_dict(sd: StateDict, config: ViTConfig) -> dict[str, Any]:
+    """``{'params'}`` (float32 NumPy) of our ViT from a timm ViT state dict.
+
+    The patch embedding (d, C, P, P) becomes the HWIO kernel (P, P, C, d), Linear weights
+    (out, in) Dense kernels (in, out), LayerNorm weight/bias scale/bias; ``cls_token`` and
+    ``pos_embed`` are taken as they are. Checked first (:func:`check_vit_state_dict`).
+    """
+    sd = _strip_prefix(sd)
+    check_vit_state_dict(sd, config)
+
+    def f32(name: str) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(sd[name], np.float32))
+
+    params: dict[str, Any] = {}
+    for name in ("cls_token", "pos_embed"):
+        if name in sd:
+            params[name] = f32(name)
+    for ours, theirs, kind in _vit_names(config):
+        if kind == "norm":
+            _put(params, ours, "scale", f32(f"{theirs}.weight"))
+        else:
+            weight = f32(f"{theirs}.weight")
+            kernel = weight.transpose(2, 3, 1, 0) if kind == "conv" else weight.T
+            _put(params, ours, "kernel", np.ascontiguousarray(kernel))
+        if f"{theirs}.bias" in sd:
+            _put(params, ours, "bias", f32(f"{theirs}.bias"))
+    return {"params": params}
+
+
+def vit_state_dict_from_variables(config: ViTConfig, variables) -> StateDict:
+    """timm's ``VisionTransformer`` state dict (float32) of our ViT variables ``{'params'}``,
+    in timm's order."""
+    params = variables["params"]
+    sd: StateDict = {}
+    for name in ("cls_token", "pos_embed"):
+        if config.class_token or name == "pos_embed":
+            sd[name] = np.ascontiguousarray(np.asarray(params[name]), np.float32)
+    for ours, theirs, kind in _vit_names(config):
+        if kind == "norm":
+            sd[f"{theirs}.weight"] = np.ascontiguousarray(_get(params, ours, "scale"), np.float32)
+        else:
+            kernel = _get(params, ours, "kernel").astype(np.float32)
+            weight = kernel.transpose(3, 2, 0, 1) if kind == "conv" else kernel.T
+            sd[f"{theirs}.weight"] = np.ascontiguousarray(weight)
+        if kind != "dense" or config.qkv_bias or not theirs.endswith(".qkv"):
+            sd[f"{theirs}.bias"] = np.ascontiguousarray(_get(params, ours, "bias"), np.float32)
+    check_vit_state_dict(sd, config)
+    return sd
+
+
+def timm_vit_kwargs(config: ViTConfig) -> dict[str, Any]:
+    """The keyword arguments of ``timm.models.vision_transformer.VisionTransformer`` that
+    build ``config``'s architecture (its weights then load with ``strict=True``)."""
+    return dict(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        in_chans=config.channels,
+        num_classes=config.num_classes,
+        embed_dim=config.dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=config.qkv_bias,
+        class_token=config.class_token,
+        global_pool=config.global_pool,
+        no_embed_class=config.no_embed_class,
+    )
+
+
+#: The fields that make two ViTs the same network (all but the head's width, the image size
+#: and the normalization, which ``timm.create_model`` takes or which the weights do not hold).
+_VIT_ARCH = (
+    "dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "patch_size",
+    "channels",
+    "qkv_bias",
+    "class_token",
+    "global_pool",
+    "no_embed_class",
+    "norm_eps",
+)
+
+
+def vit_differences(config: ViTConfig, other: ViTConfig) -> list[str]:
+    """The architecture fields where ``config`` differs from ``other``, as
+    ``'name value (other value)'``; the head width, image size and normalization aside."""
+    return [
+        f"{n} {getattr(config, n)} ({getattr(other, n)})"
+        for n in _VIT_ARCH
+        if getattr(config, n) != getattr(other, n)
+    ]
+
+
+def timm_vit_name(config: ViTConfig, prefer: str | None = None) -> str | None:
+    """The timm model name (one of ``model.config.TIMM_NAMES``) whose architecture is
+    ``config``'s, or None: ``prefer`` if it fits, else one with ``config``'s normalization
+    too, else the first that fits."""
+    from convmixer_jax.model.config import PRESETS, TIMM_NAMES
+
+    fits = [
+        n
+        for n in TIMM_NAMES
+        if isinstance(PRESETS[n], ViTConfig) and not vit_differences(config, PRESETS[n])
+    ]
+    if prefer in fits:
+        return prefer
+    same_norm = [
+        n
+        for n in fits
+        if (PRESETS[n].norm_mean, PRESETS[n].norm_std) == (config.norm_mean, config.norm_std)
+    ]
+    return (same_norm or fits or [None])[0]
+
+
+def timm_vit_call(config: ViTConfig, prefer: str | None = None) -> str:
+    """The Python expression that builds ``config``'s network in timm (the names ``timm``,
+    ``functools`` imported), into which :func:`vit_state_dict_from_variables` loads with
+    ``strict=True``: ``timm.create_model(NAME, pretrained=False, num_classes=..,
+    img_size=..)`` when the architecture is one of timm's presets (:func:`timm_vit_name`),
+    else ``timm.models.vision_transformer.VisionTransformer(...)``."""
+    name = timm_vit_name(config, prefer)
+    if name is not None:
+        kwargs = dict(num_classes=config.num_classes, img_size=config.image_size)
+        head = f"timm.create_model({name!r}, pretrained=False, "
+    else:
+        kwargs = timm_vit_kwargs(config)
+        head = "timm.models.vision_transformer.VisionTransformer("
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    if config.norm_eps != 1e-6 and name is None:
+        args += f", norm_layer=functools.partial(timm.layers.LayerNorm, eps={config.norm_eps!r})"
+    return head + args + ")"
+
+
+# --------------------------------------------------------------------------- either family
+
+
+def any_state_dict_from_variables(config, variables) -> StateDict:
+    """timm's state dict of a model of either family: a ConvMixer
+    (:func:`state_dict_from_variables`) or a ViT (:func:`vit_state_dict_from_variables`)."""
+    if isinstance(config, ViTConfig):
+        return vit_state_dict_from_variables(config, variables)
+    return state_dict_from_variables(config, variables)
+
+
 def safetensors_bytes(sd: StateDict, metadata: dict[str, str] | None = None) -> bytes:
     """A state dict serialized as safetensors (write it with
     ``files.atomic.write_bytes_atomic``)."""
@@ -461,4 +850,17 @@ __all__ = [
     "variables_from_state_dict",
     "state_dict_from_variables",
     "safetensors_bytes",
+    "NotAViT",
+    "detect_family",
+    "vit_architecture",
+    "vit_config_from_state_dict",
+    "vit_expected_shapes",
+    "check_vit_state_dict",
+    "vit_variables_from_state_dict",
+    "vit_state_dict_from_variables",
+    "timm_vit_kwargs",
+    "vit_differences",
+    "timm_vit_name",
+    "timm_vit_call",
+    "any_state_dict_from_variables",
 ]
