@@ -62,8 +62,8 @@ class Key:
     flip: (..., pb) uint8 in {0, 1}, exactly floor(pb/2) ones.
     block_size, channels: static; pb = block_size**2 * channels.
     block_perm: None (no block scrambling: the ConvMixer paper's key), or (..., gh*gw) int32,
-      a permutation of the block positions 0..gh*gw-1 in raster order: the encrypted
-      image's block b is the plain block ``block_perm[b]``.
+    a permutation of the block positions 0..gh*gw-1 in raster order: the encrypted
+    image's block b is the plain block ``block_perm[b]``.
     grid: static; None, or (gh, gw), the block grid ``block_perm`` is bound to.
     """
 
