@@ -46,8 +46,9 @@ def cmd_init_model(args) -> int:
         force=args.force,
         extra={"created_by": "init-model", "seed": args.seed},
     )
+    what = "ViT" if config.family == "vit" else "model"
     print(
-        f"plain model (dim {config.dim}, depth {config.depth}, "
+        f"plain {what} (dim {config.dim}, depth {config.depth}, "
         f"patch {config.patch_size}) -> {args.out}"
     )
     return 0
@@ -252,7 +253,14 @@ def cmd_evaluate(args) -> int:
 
 def register(add) -> None:
     """Add this group's subcommands with ``add(name, func, help, description)``."""
-    p = add("init-model", cmd_init_model, "make a freshly initialized plain model directory")
+    p = add(
+        "init-model",
+        cmd_init_model,
+        "make a freshly initialized plain model directory",
+        "Make a plain model with freshly initialized weights: the paper's ConvMixer by "
+        "default, or any --preset (a ViT preset makes a Vision Transformer), with the "
+        "architecture options overriding the preset's values.",
+    )
     add_model_options(p)
     add_seed(p)
     add_out(p, "MODEL_DIR", "model directory to write")
@@ -262,9 +270,11 @@ def register(add) -> None:
         "encrypt-model",
         cmd_encrypt_model,
         "encrypt a plain model with a key",
-        "Encrypt the patch embedding of a plain model with a key (signed row permutation). "
-        "The encrypted model on encrypted images computes the plain model on plain images. "
-        "Only the key's fingerprint is recorded in the model directory.",
+        "Encrypt the patch embedding of a plain model with a key (signed row permutation); "
+        "a key made with --block-scrambling also permutes the patch rows of a ViT's position "
+        "embedding (a ConvMixer refuses such a key). The encrypted model on encrypted images "
+        "computes the plain model on plain images. Only the key's fingerprint is recorded in "
+        "the model directory.",
     )
     p.add_argument("--key", required=True, metavar="KEY.json", help="key file from keygen")
     p.add_argument("input", metavar="IN_MODEL", help="plain model directory")

@@ -1,15 +1,21 @@
-"""Model directories: a ConvMixer's config, weights and encryption record on disk.
+"""Model directories: a model's config, weights and encryption record on disk.
 
-A model directory holds one ConvMixer, plain or encrypted::
+A model directory holds one model, a ConvMixer or a ViT, plain or encrypted::
 
     MODEL_DIR/config.json   {"format": "convmixer-jax-model", "version": 1,
-                             "model": ConvMixerConfig.to_dict(),
+                             "model": ConvMixerConfig.to_dict() | ViTConfig.to_dict(),
                              "encryption": null | {"key_fingerprint": "<sha256 hex>",
-                                                   "block_size": M, "channels": C},
+                                                   "block_size": M, "channels": C,
+                                                   ["grid": [gh, gw]]},
                              ...provenance fields (seed, recipe, classes, ...),
                              "variables_sha256": {"<file under variables/>": "<sha256 hex>"},
                              "model_sha256": "<sha256 hex>"}
-    MODEL_DIR/variables/    {'params', 'batch_stats'} as an Orbax checkpoint
+    MODEL_DIR/variables/    {'params', 'batch_stats'} (ConvMixer) or {'params'} (ViT)
+                            as an Orbax checkpoint
+
+A ViT's ``model`` object carries ``"family": "vit"``; without it, the model is a
+ConvMixer. The encryption record has ``grid`` only when the key scrambles block positions
+(a ViT only: the grid of the key's ``block_perm``, which is the model's grid of patches).
 
 The key itself is never written into a model directory; an encrypted model
 records only the key's fingerprint, so that decryption with another key is
@@ -77,15 +83,46 @@ class ModelDirError(ValueError):
 
 
 def encryption_record(key: Key) -> dict:
-    """What a model directory records about its key: fingerprint, block size, channels."""
-    return {
+    """What a model directory records about its key: fingerprint, block size, channels,
+    and, for a key with block scrambling, its grid ``[gh, gw]``."""
+    record = {
         "key_fingerprint": fingerprint(key),
         "block_size": int(key.block_size),
         "channels": int(key.channels),
     }
+    if key.scrambles:
+        record["grid"] = [int(g) for g in key.grid]
+    return record
 
 
-def _check_encryption_record(enc, config: ConvMixerConfig, where: str) -> dict | None:
+_RECORD_FIELDS = ("key_fingerprint", "block_size", "channels", "grid")
+
+
+def _check_record_grid(grid, config: ModelConfig, where: str) -> list[int]:
+    from convmixer_jax.scheme.params import CONVMIXER_SCRAMBLING
+
+    if (
+        not isinstance(grid, list)
+        or len(grid) != 2
+        or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
+    ):
+        raise ModelDirError(
+            f"{where}: 'encryption.grid' must be [gh, gw], two positive integers, got {grid!r}"
+        )
+    if config.family != "vit":
+        raise ModelDirError(
+            f"{where}: the recorded key scrambles blocks, but {CONVMIXER_SCRAMBLING}"
+        )
+    own = [config.grid_size, config.grid_size]
+    if grid != own:
+        raise ModelDirError(
+            f"{where}: the recorded key scrambles a {grid[0]} x {grid[1]} grid of blocks but "
+            f"the model has a {own[0]} x {own[1]} grid of patches"
+        )
+    return list(grid)
+
+
+def _check_encryption_record(enc, config: ModelConfig, where: str) -> dict | None:
     if enc is None:
         return None
     if isinstance(enc, Key):
@@ -107,13 +144,16 @@ def _check_encryption_record(enc, config: ConvMixerConfig, where: str) -> dict |
             f"{enc['channels']} channels) does not fit the model (patch size "
             f"{config.patch_size}, {config.channels} channels)"
         )
-    unknown = set(enc) - {"key_fingerprint", "block_size", "channels"}
+    unknown = set(enc) - set(_RECORD_FIELDS)
     if unknown:
         raise ModelDirError(
             f"{where}: unknown 'encryption' fields {sorted(unknown)} "
             "(a model directory never stores the key itself)"
         )
-    return {"key_fingerprint": fp, "block_size": enc["block_size"], "channels": enc["channels"]}
+    record = {"key_fingerprint": fp, "block_size": enc["block_size"], "channels": enc["channels"]}
+    if "grid" in enc:  # absent, not null, for a key without block scrambling
+        record["grid"] = _check_record_grid(enc["grid"], config, where)
+    return record
 
 
 # --------------------------------------------------------------------------- variables
@@ -137,7 +177,7 @@ def _leaves_by_path(tree) -> dict[str, Any]:
 
 
 def check_variables(
-    config: ConvMixerConfig, variables: PyTree, *, where: str = "variables"
+    config: ModelConfig, variables: PyTree, *, where: str = "variables"
 ) -> None:
     """Raise :class:`ModelDirError` unless ``variables`` (arrays or array metadata)
     have exactly the tree, shapes and dtypes that ``config`` defines."""
@@ -242,7 +282,7 @@ def _save_variables(directory: Path, variables: PyTree) -> None:
         absl_logger.setLevel(level)
 
 
-def _restore_variables(directory: Path, config: ConvMixerConfig) -> PyTree:
+def _restore_variables(directory: Path, config: ModelConfig) -> PyTree:
     import jax
 
     where = f"{directory}"
@@ -283,7 +323,7 @@ def _restore_variables(directory: Path, config: ConvMixerConfig) -> PyTree:
 
 def save_model(
     path: str | os.PathLike,
-    config: ConvMixerConfig,
+    config: ModelConfig,
     variables: PyTree,
     *,
     encryption: Key | dict | None = None,
@@ -292,7 +332,8 @@ def save_model(
 ) -> Path:
     """Write a model directory atomically; return its path.
 
-    variables: ``{'params', 'batch_stats'}`` matching ``config`` (checked).
+    variables: ``{'params', 'batch_stats'}`` (ConvMixer) or ``{'params'}`` (ViT) matching
+    ``config`` (checked); other collections are dropped.
     encryption: None for a plain model, or the key it is encrypted with (only its
     :func:`~convmixer_jax.files.model_dir.encryption_record` is stored) or such a record.
     extra: JSON-serializable provenance fields for config.json (not the reserved
@@ -356,7 +397,7 @@ def save_model(
     return path
 
 
-def _read_config(path: Path) -> tuple[ConvMixerConfig, dict, dict]:
+def _read_config(path: Path) -> tuple[ModelConfig, dict, dict]:
     """Read and check config.json's form, not its seal: ``(config, meta, raw)``, where
     ``raw`` is the JSON object as read and ``meta`` the same with the encryption record
     checked."""
@@ -463,11 +504,12 @@ def check_seal(path: str | os.PathLike, meta: dict) -> None:
         )
 
 
-def load_model_meta(path: str | os.PathLike) -> tuple[ConvMixerConfig, dict]:
+def load_model_meta(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     """Read and check ``config.json`` only (fast), its seal included: ``(config, meta)``.
 
     ``meta`` is the whole config.json object, with ``meta['encryption']``
-    None (plain model) or ``{'key_fingerprint', 'block_size', 'channels'}``.
+    None (plain model) or ``{'key_fingerprint', 'block_size', 'channels'}``, with
+    ``'grid'`` too when the key scrambles blocks.
     """
     path = Path(path)
     config, meta, raw = _read_config(path)
@@ -531,11 +573,12 @@ def check_finite(variables: PyTree, *, where: str = "variables") -> None:
             )
 
 
-def load_model(path: str | os.PathLike) -> tuple[ConvMixerConfig, PyTree, dict]:
+def load_model(path: str | os.PathLike) -> tuple[ModelConfig, PyTree, dict]:
     """Read a model directory: ``(config, variables, meta)``.
 
-    variables: ``{'params', 'batch_stats'}`` of NumPy arrays, checked against
-    ``config``; meta: see :func:`~convmixer_jax.files.model_dir.load_model_meta`.
+    variables: ``{'params', 'batch_stats'}`` (ConvMixer) or ``{'params'}`` (ViT) of NumPy
+    arrays, checked against ``config``; meta: see
+    :func:`~convmixer_jax.files.model_dir.load_model_meta`.
     Raises :class:`ModelDirError` naming what is wrong.
     """
     path = Path(path)
@@ -566,7 +609,7 @@ def model_classes(meta: dict) -> list[str] | None:
 
 
 def check_data_classes(
-    config: ConvMixerConfig, meta: dict, classes, *, where: str = "the data"
+    config: ModelConfig, meta: dict, classes, *, where: str = "the data"
 ) -> None:
     """Raise :class:`ModelDirError` unless a data set's class names ``classes``
     (a sequence of str, or None when unknown) match the model: the same count as
@@ -611,6 +654,13 @@ def _require_encrypted_with(path: Path, meta: dict, key: Key) -> None:
             f"{path} is a plain model, not encrypted; there is nothing to decrypt "
             "(use encrypt-model to encrypt it)"
         )
+    grid = meta["encryption"].get("grid")
+    if (grid is not None) != key.scrambles:
+        had, has = ("with", "without") if grid is not None else ("without", "with")
+        raise KeyModelMismatch(
+            f"{path} was encrypted with a key {had} block scrambling, but the key given is "
+            f"one {has}; pass the key used to encrypt this model"
+        )
     recorded, given = meta["encryption"]["key_fingerprint"], fingerprint(key)
     if given != recorded:
         raise KeyModelMismatch(
@@ -620,15 +670,25 @@ def _require_encrypted_with(path: Path, meta: dict, key: Key) -> None:
         )
 
 
-def check_key_fits_model(config: ConvMixerConfig, key: Key) -> None:
-    """Raise ``KeyModelMismatch`` unless ``key``'s block size and channels match the
-    model's patch size and channels."""
-    from convmixer_jax.scheme.params import check_key_fits
+def check_key_fits_model(config: ModelConfig, key: Key) -> None:
+    """Raise ``KeyModelMismatch`` unless ``key`` fits the model: its block size and channels
+    match the model's patch size and channels, and a key with block scrambling belongs to a
+    ViT whose grid of patches is the key's grid (a ConvMixer cannot absorb block scrambling)."""
+    from convmixer_jax.scheme.params import (
+        CONVMIXER_SCRAMBLING,
+        KeyModelMismatch,
+        check_key_fits,
+        check_key_patch_grid,
+    )
 
     check_key_fits((config.patch_size, config.patch_size, config.channels, config.dim), key)
+    if key.scrambles:
+        if config.family != "vit":
+            raise KeyModelMismatch(CONVMIXER_SCRAMBLING)
+        check_key_patch_grid((config.grid_size, config.grid_size), key)
 
 
-def _norm(config: ConvMixerConfig) -> dict:
+def _norm(config: ModelConfig) -> dict:
     return {"mean": config.mean, "std": config.std}
 
 
@@ -637,8 +697,9 @@ def encrypt_model_dir(
 ) -> Path:
     """Encrypt the plain model in ``src`` with ``key`` into a new directory ``dst``.
 
-    Refuses an already-encrypted model and a key whose block size or channels
-    differ from the model's patch embedding. Provenance fields are kept.
+    Refuses an already-encrypted model and a key that does not fit the model
+    (:func:`~convmixer_jax.files.model_dir.check_key_fits_model`: block size, channels,
+    block scrambling), before anything is written. Provenance fields are kept.
     """
     from convmixer_jax.scheme.params import encrypt_params
 
@@ -657,7 +718,8 @@ def decrypt_model_dir(
 ) -> Path:
     """Decrypt the model in ``src`` into a plain model directory ``dst``.
 
-    Refuses a plain model and a key whose fingerprint differs from the recorded one.
+    Refuses a plain model and a key whose fingerprint differs from the recorded one,
+    before anything is written.
     """
     from convmixer_jax.scheme.params import decrypt_params
 
