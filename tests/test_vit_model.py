@@ -22,6 +22,20 @@ def _vit(**overrides):
     return ViTConfig(**fields)
 
 
+def _random_variables(cfg, seed, scale=0.3):
+    """Variables of ``cfg`` with every leaf standard-normal times ``scale`` (shapes from
+    ``jax.eval_shape``: no initializer runs, nothing is compiled)."""
+    import jax
+
+    from convmixer_jax.model.build import init_variables_abstract
+
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: init_variables_abstract(cfg))
+    return jax.tree.map(
+        lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32), dict(shapes)
+    )
+
+
 def test_config_checks_and_round_trip():
     from convmixer_jax.model.config import (
         ConvMixerConfig,
@@ -59,10 +73,10 @@ def test_config_checks_and_round_trip():
 def test_parameter_tree_follows_timm(overrides, head_norm):
     import jax
 
-    from convmixer_jax.model.build import init_variables
+    from convmixer_jax.model.build import init_variables_abstract
 
     cfg = _vit(depth=2, **overrides)
-    variables = init_variables(cfg, 0)
+    variables = jax.eval_shape(lambda: init_variables_abstract(cfg))
     assert set(variables) == {"params"}
     p = variables["params"]
     assert p["patch_embed"]["kernel"].shape == (2, 2, 3, 8)
@@ -134,15 +148,11 @@ def _forward_numpy(cfg, p, images):
 def test_logits_equal_the_written_out_forward(overrides, tinted_images):
     import jax
 
-    from convmixer_jax.model.build import build_model, init_variables
+    from convmixer_jax.model.build import build_model
 
     cfg = _vit(depth=2, **overrides)
-    variables = init_variables(cfg, 1)
-    # perturb every parameter so that no zero-initialized bias hides a wrong wiring
-    rng = np.random.default_rng(0)
-    variables = jax.tree.map(
-        lambda v: (v + 0.3 * rng.standard_normal(v.shape)).astype(np.float32), variables
-    )
+    # every parameter random, so that no zero-initialized bias hides a wrong wiring
+    variables = _random_variables(cfg, 1)
     x = tinted_images(5, 8, seed=2).astype(np.float32) / 255.0
     got = np.asarray(build_model(cfg).apply(variables, x))
     p64 = jax.tree.map(lambda v: np.asarray(v, np.float64), variables["params"])
@@ -154,15 +164,13 @@ def test_logits_equal_the_written_out_forward(overrides, tinted_images):
 @settings(max_examples=8, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    grid=st.sampled_from([(2, 2), (3, 3), (4, 4)]),
+    grid=st.sampled_from([(2, 2), (3, 3)]),
     mode=st.sampled_from(["cls", "avg", "no_embed_class"]),
 )
 def test_permuting_tokens_and_position_rows_together_changes_nothing(seed, grid, mode):
     """The ViT property block scrambling rests on: moving every patch to another position and
     its position-embedding row with it leaves the logits unchanged."""
-    import jax
-
-    from convmixer_jax.model.build import build_model, init_variables
+    from convmixer_jax.model.build import build_model
     from convmixer_jax.scheme.blocks import from_blocks, to_blocks
 
     overrides = {
@@ -173,10 +181,7 @@ def test_permuting_tokens_and_position_rows_together_changes_nothing(seed, grid,
     g = grid[0]
     cfg = _vit(image_size=2 * g, **overrides)
     rng = np.random.default_rng(seed)
-    variables = init_variables(cfg, seed % 1000)
-    variables = jax.tree.map(
-        lambda v: (v + 0.2 * rng.standard_normal(v.shape)).astype(np.float32), variables
-    )
+    variables = _random_variables(cfg, seed, scale=0.2)
     x = rng.random((3, 2 * g, 2 * g, 3)).astype(np.float32)
     perm = rng.permutation(g * g)
     blocks = to_blocks(x, 2).reshape(3, g * g, -1)[:, perm].reshape(3, g, g, -1)
@@ -197,10 +202,10 @@ def test_permuting_tokens_and_position_rows_together_changes_nothing(seed, grid,
 def test_wrong_image_size_is_refused():
     import jax.numpy as jnp
 
-    from convmixer_jax.model.build import build_model, init_variables
+    from convmixer_jax.model.build import build_model
 
     cfg = _vit()
-    variables = init_variables(cfg, 0)
+    variables = _random_variables(cfg, 0)
     with pytest.raises(ValueError, match="do not fit this ViT"):
         build_model(cfg).apply(variables, jnp.zeros((1, 12, 12, 3)))
 
