@@ -4,7 +4,9 @@ An attack is an :class:`Attack`: a ``name`` (its key in ``security.json``), a ``
 (its line in the log), a frozen config dataclass whose fields are its options (declared
 with :func:`option`; the command line's ``--options`` are generated from them), and the
 functions ``run(context, config) -> result`` (JSON-serializable), ``summary(result) ->
-markdown lines`` and, optionally, ``plot(context, result, path)``.
+markdown lines`` and, optionally, ``plot(context, result, path)``. It names the model
+families it applies to (``families``); on a model of another family the report skips it
+and records why (:meth:`Attack.skip_reason`).
 :mod:`convmixer_jax.attacks.report` runs the attacks of one list, in its order; a new
 attack is one module defining an :class:`Attack` plus one line in that list.
 
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 
 #: How many samples an accuracy evaluates per forward pass of the model.
 EVAL_BATCH_SIZE = 500
+#: How a report names each model family (a config's ``family``).
+FAMILY_NAMES = {"convmixer": "ConvMixer", "vit": "ViT"}
 
 
 # ----------------------------------------------------------------------------- options
@@ -285,7 +289,8 @@ class Attack:
     plot(context, result, path): draws the result into the file named ``figure``, if
     given. enabled(config): False skips the attack. seconds_key: where the report records
     the time the run took: that key of a dict result, or ``<name>_<seconds_key>`` beside
-    a list result.
+    a list result. families: the model families (a config's ``family``) the attack
+    applies to; ``family_note`` says why it applies to those only.
     """
 
     name: str
@@ -298,3 +303,16 @@ class Attack:
     figure: str = ""
     enabled: Callable[[Any], bool] = _always
     seconds_key: str = "seconds"
+    families: tuple[str, ...] = ("convmixer",)
+    family_note: str = ""
+
+    def skip_reason(self, model_config: Any) -> str | None:
+        """None when the attack applies to a model of ``model_config``'s family; else the
+        one line the report records for skipping it (``applies to ConvMixer models only:
+        ...``)."""
+        family = getattr(model_config, "family", "convmixer")
+        if family in self.families:
+            return None
+        names = " and ".join(FAMILY_NAMES.get(f, f) for f in self.families)
+        note = f": {self.family_note}" if self.family_note else ""
+        return f"applies to {names} models only{note}"

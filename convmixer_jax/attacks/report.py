@@ -9,6 +9,11 @@ its own (:class:`ReportOptions`) and each attack's; the command line's options a
 generated from them. A new attack is one module defining an
 :class:`~convmixer_jax.attacks.protocol.Attack` plus one line in :data:`ATTACKS`.
 
+An attack that does not apply to the model's family (every attack here reads a ConvMixer
+or its key without block scrambling) is skipped, and its section of ``security.json`` and
+``summary.md`` says why in one line; a model to which none applies is refused
+(:func:`applicable_attacks`).
+
 Randomness: one :class:`numpy.random.SeedSequence` of the report's ``key_seed`` is
 spawned once for the report's own draws (the test subset of the accuracies, the public
 images) and once per attack, in the list's order. Without a seed the secret keys come
@@ -35,6 +40,7 @@ from convmixer_jax.attacks import (
     model_recovery_report,
 )
 from convmixer_jax.attacks.protocol import (
+    FAMILY_NAMES,
     Attack,
     AttackContext,
     OptionSpec,
@@ -48,13 +54,29 @@ from convmixer_jax.attacks.protocol import (
 if TYPE_CHECKING:
     from convmixer_jax.model.convmixer import ConvMixerConfig
 
+
+def _convmixer_only(attack: Attack, why: str) -> Attack:
+    return replace(attack, families=("convmixer",), family_note=why)
+
+
 #: The attacks of the report, in the order they run and appear in ``summary.md``.
 ATTACKS: tuple[Attack, ...] = (
-    known_plaintext_report.ATTACK,
-    model_recovery_report.ATTACK,
-    finetune_report.ATTACK,
-    ciphertext_report.ATTACK,
-    countermeasure_report.ATTACK,
+    _convmixer_only(
+        known_plaintext_report.ATTACK,
+        "it reads each plain block and its encryption at the same position, and a ViT's "
+        "key also moves the blocks",
+    ),
+    _convmixer_only(
+        model_recovery_report.ATTACK,
+        "it reads the key off the ConvMixer's stem and its BatchNorm statistics",
+    ),
+    _convmixer_only(finetune_report.ATTACK, "it fine-tunes the ConvMixer's stem and layers"),
+    _convmixer_only(
+        ciphertext_report.ATTACK,
+        "it recovers the key from the statistics of neighbouring blocks, which a ViT's "
+        "block scrambling separates",
+    ),
+    _convmixer_only(countermeasure_report.ATTACK, "it makes the ConvMixer's stem position-wise"),
 )
 
 
@@ -135,6 +157,21 @@ class SecurityReportConfig:
             options=config_from_options(ReportOptions, values),
             attacks=tuple((a, config_from_options(a.config_type, values)) for a in attacks),
         )
+
+
+def applicable_attacks(model_config, attacks: Sequence[Attack] | None = None) -> list[Attack]:
+    """The attacks of ``attacks`` (default :data:`ATTACKS`) that apply to a model of
+    ``model_config``'s family; raises ValueError (one line) when none does."""
+    attacks = ATTACKS if attacks is None else tuple(attacks)
+    found = [a for a in attacks if a.skip_reason(model_config) is None]
+    if not found:
+        family = FAMILY_NAMES.get(model_config.family, model_config.family)
+        reasons = "; ".join(f"{a.title}: {a.skip_reason(model_config)}" for a in attacks)
+        raise ValueError(
+            f"no section of the security report applies to a {family} model ({reasons}); "
+            "measure it with attack or scrambling-effect instead"
+        )
+    return found
 
 
 def report_options(attacks: Sequence[Attack] | None = None) -> list[OptionSpec]:
@@ -243,8 +280,12 @@ def summary_markdown(report: dict, attacks: Sequence[Attack] | None = None) -> s
         "",
     ]
     for attack in ATTACKS if attacks is None else attacks:
-        if report.get(attack.name):
-            lines += attack.summary(report[attack.name])
+        section = report.get(attack.name)
+        if isinstance(section, dict) and set(section) == {"skipped"}:
+            title = attack.title[:1].upper() + attack.title[1:]
+            lines += [f"## {title}", "", f"Skipped: {section['skipped']}.", ""]
+        elif section:
+            lines += attack.summary(section)
     return "\n".join(lines) + "\n"
 
 
@@ -298,7 +339,9 @@ def run_security_report(
 
     The accuracies use ``eval_images`` random test images; the known-plaintext and
     ciphertext-only trials draw from all test images. ``force``: replace an existing
-    ``out``. Returns what ``security.json`` holds.
+    ``out``. An attack that does not apply to the model's family is skipped: its section
+    is ``{"skipped": reason}``; when none applies, ValueError, before anything is computed
+    or written. Returns what ``security.json`` holds.
     """
     from convmixer_jax.files.atomic import staged_output_dir
     from convmixer_jax.files.output_paths import check_output_path
@@ -307,6 +350,7 @@ def run_security_report(
     opts = config.options
     out = Path(out)
     check_output_path(out, force, kind="results_dir")
+    applicable_attacks(inputs.model_config, [a for a, _ in config.attacks])
     t_start = time.perf_counter()
     own_stream, streams = report_streams(opts.key_seed, [a for a, _ in config.attacks])
     eval_data, public, reference, note = _side_information(inputs, opts, own_stream, progress, log)
@@ -341,6 +385,11 @@ def run_security_report(
             if not attack.enabled(attack_config):
                 continue
             context = replace(base, stream=streams[attack.name], section=f"{i}/{count}")
+            skipped = attack.skip_reason(cfg)
+            if skipped is not None:
+                log(f"{context.section} {attack.title}: skipped, {skipped}")
+                report[attack.name] = {"skipped": skipped}
+                continue
             detail = attack.describe(context, attack_config)
             log(f"{context.section} {attack.title}" + (f": {detail}" if detail else ""))
             t0 = time.perf_counter()

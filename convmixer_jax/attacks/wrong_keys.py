@@ -21,10 +21,18 @@ of each chunk is sharded over all devices of all processes (a one-axis global
 ``Mesh``): in a multi-process run (:mod:`convmixer_jax.parallel`) each process feeds
 only its own keys of each chunk, images and model are replicated, and every process
 receives all the counts, so the accuracies equal a one-process run's for the same keys.
+
+Either model family (:mod:`convmixer_jax.model.build`). A ViT's key may carry block
+scrambling (``Key.block_perm``): 'images' then scrambles the blocks of each encrypted
+batch, and 'weights' folds the key into the patch embedding and the position embedding
+(``vmap`` of the model's ``apply`` over the keys, the weights shared). A ConvMixer cannot
+absorb block scrambling into its weights, so scrambling keys on a ConvMixer take
+'images' (:func:`sweep_strategy` picks the strategy that applies).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -32,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig, prepare_inference
+from convmixer_jax.model.build import build_model
+from convmixer_jax.model.convmixer import prepare_inference
 from convmixer_jax.model.inference import iterate_batches
 from convmixer_jax.parallel.global_arrays import (
     by_rows,
@@ -43,8 +52,9 @@ from convmixer_jax.parallel.global_arrays import (
     shard_rows,
     to_host,
 )
+from convmixer_jax.parallel.runtime import from_process_zero
 from convmixer_jax.scheme.images import encrypt_images
-from convmixer_jax.scheme.keys import Key, random_keys
+from convmixer_jax.scheme.keys import Key, generate_key, random_keys
 from convmixer_jax.scheme.params import decrypt_params
 
 STRATEGIES = ("images", "weights")
@@ -60,20 +70,31 @@ def key_mesh() -> Mesh:
     return global_mesh("keys")
 
 
+def _is_convmixer(config) -> bool:
+    return getattr(config, "family", "convmixer") == "convmixer"
+
+
+def sweep_strategy(config, keys: Key) -> str:
+    """The faster exact strategy for ``keys`` on a model of ``config``: 'weights', except for
+    keys that scramble blocks on a ConvMixer (its depthwise convolutions see which blocks are
+    neighbours, so no change of its weights undoes a block permutation): 'images'."""
+    return "images" if keys.scrambles and _is_convmixer(config) else "weights"
+
+
 @functools.lru_cache(maxsize=None)
-def _correct_fn(config: ConvMixerConfig, strategy: str, mesh: Mesh):
+def _correct_fn(config, strategy: str, mesh: Mesh):
     """jit of the number of correct predictions per key of a chunk, keys
     sharded over ``mesh``, the counts replicated to every process.
 
-    The key axis is folded into the batch rather than ``vmap``-ped around the
-    whole model: every layer after the patch embedding then runs one matrix
-    product over (keys x images), as plain inference does.  'images' encrypts
-    the batch once per key (``vmap`` of :func:`encrypt_images`); 'weights'
-    decrypts the patch embedding once per key (``vmap`` of
-    :func:`decrypt_params`) and evaluates all those stems on the one plain
-    batch (``ConvMixer(stems=...)``).
+    'images' encrypts the batch once per key (``vmap`` of :func:`encrypt_images`) and folds
+    the key axis into the batch, so every layer runs one matrix product over (keys x
+    images), as plain inference does. 'weights' on a ConvMixer decrypts the patch
+    embedding once per key (``vmap`` of :func:`decrypt_params`) and evaluates all those
+    stems on the one plain batch (``ConvMixer(stems=...)``); on a ViT it maps the model
+    over the keys (``vmap`` of ``apply(decrypt_params(variables, key), images)``): the
+    patch and position embeddings carry the key axis, every other weight is shared.
     """
-    model = ConvMixer(config)
+    model = build_model(config)
     mean, std = config.mean, config.std
 
     def count(logits, labels, n_keys):
@@ -86,7 +107,7 @@ def _correct_fn(config: ConvMixerConfig, strategy: str, mesh: Mesh):
         enc = enc.reshape((-1,) + images.shape[1:])
         return count(model.apply(variables, _to_unit_float(enc), train=False), labels, n_keys)
 
-    def correct_weights(variables, images, labels, keys):
+    def correct_stems(variables, images, labels, keys):
         n_keys = keys.perm.shape[0]
         stem = variables["params"]["stem"]
         tree = {"params": {"stem": stem}}
@@ -100,13 +121,26 @@ def _correct_fn(config: ConvMixerConfig, strategy: str, mesh: Mesh):
         )
         return count(logits, labels, n_keys)
 
-    fn = correct_images if strategy == "images" else correct_weights
+    def correct_weights(variables, images, labels, keys):
+        n_keys = keys.perm.shape[0]
+        x = _to_unit_float(images)
+
+        def logits(key):
+            attacked = decrypt_params(variables, key, mean=mean, std=std)
+            return model.apply(attacked, x, train=False)
+
+        return count(jax.vmap(logits)(keys), labels, n_keys)  # logits (K, N, classes)
+
+    if strategy == "images":
+        fn = correct_images
+    else:
+        fn = correct_stems if _is_convmixer(config) else correct_weights
     repl, by_key = replicated(mesh), by_rows(mesh)
     return jax.jit(fn, in_shardings=(repl, repl, repl, by_key), out_shardings=repl)
 
 
 def wrong_key_accuracies(
-    config: ConvMixerConfig,
+    config,
     variables,
     images,
     labels,
@@ -118,10 +152,12 @@ def wrong_key_accuracies(
     progress: bool = False,
     desc: str = "wrong keys",
 ) -> np.ndarray:
-    """Accuracy in [0, 1] of ``variables`` (an encrypted model) for each key of a batch.
+    """Accuracy in [0, 1] of ``variables`` (an encrypted model of either family) for each key
+    of a batch.
 
     images: (N, H, W, C) uint8 or float in [0, 1]; labels: (N,) int;
-    keys: a batched :class:`Key` (perm (K, pb)). Returns (K,) float64.
+    keys: a batched :class:`Key` (perm (K, pb); block_perm (K, gh*gw) for keys that
+    scramble blocks). Returns (K,) float64.
     Keys go ``key_chunk`` at a time and images ``batch_size`` at a time,
     folded into one batch of ``key_chunk * batch_size`` per call (the memory
     bound); the last image batch is padded to full size and the last key chunk
@@ -132,6 +168,11 @@ def wrong_key_accuracies(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "weights" and sweep_strategy(config, keys) == "images":
+        raise ValueError(
+            "a ConvMixer cannot take block scrambling into its weights (its depthwise "
+            "convolutions see which blocks are neighbours); use the strategy 'images'"
+        )
     if not keys.batch_shape:
         raise ValueError(
             "keys must be a batch (perm of shape (K, pb)); use random_keys or stack_keys"
@@ -149,6 +190,7 @@ def wrong_key_accuracies(
     )  # depthwise matrices once, not per call
     labels = np.asarray(labels, np.int32)
     perm, flip = np.asarray(keys.perm), np.asarray(keys.flip)
+    block_perm = None if keys.block_perm is None else np.asarray(keys.block_perm)
     correct = np.zeros(n_keys, np.int64)
     bsz = min(batch_size, n)
     chunks = list(iterate_batches(n_keys, key_chunk))
@@ -167,6 +209,8 @@ def wrong_key_accuracies(
             shard_rows(flip, mesh, rows),
             keys.block_size,
             keys.channels,
+            None if block_perm is None else shard_rows(block_perm, mesh, rows),
+            keys.grid,
         )
         for b0, b1 in batches:
             xb = np.asarray(images[b0:b1])
@@ -187,7 +231,7 @@ def wrong_key_accuracies(
 
 
 def wrong_key_accuracies_loop(
-    config: ConvMixerConfig, variables, images, labels, keys: Key, *, batch_size: int = 250
+    config, variables, images, labels, keys: Key, *, batch_size: int = 250
 ) -> np.ndarray:
     """The same attack as a plain Python loop over keys (reference for tests and benchmarks)."""
     from convmixer_jax.model.inference import accuracy
@@ -199,6 +243,37 @@ def wrong_key_accuracies_loop(
     return np.asarray(out)
 
 
-def draw_attack_keys(seed: int, n: int, block_size: int, channels: int) -> Key:
-    """``n`` random wrong keys from ``jax.random`` with ``seed`` (recorded with results)."""
-    return jax.device_get(random_keys(jax.random.PRNGKey(seed), n, block_size, channels))
+def draw_attack_keys(
+    seed: int, n: int, block_size: int, channels: int, grid: tuple[int, int] | None = None
+) -> Key:
+    """``n`` random wrong keys from ``jax.random`` with ``seed`` (recorded with results).
+
+    With ``grid`` (gh, gw) the keys also scramble the blocks of that grid (block_perm
+    (n, gh*gw)); without it they are the paper's pixel-only keys.
+    """
+    grid = None if grid is None else tuple(grid)
+    return jax.device_get(random_keys(jax.random.PRNGKey(seed), n, block_size, channels, grid=grid))
+
+
+def key_grid(config, block_scrambling: bool = True) -> tuple[int, int] | None:
+    """The block grid (gh, gw) that a key for a model of ``config`` scrambles: the model's
+    grid for a ViT (whose position embedding absorbs a block permutation) when
+    ``block_scrambling``; None for a ConvMixer, or without ``block_scrambling`` (the
+    paper's pixel-only key)."""
+    if not block_scrambling or _is_convmixer(config):
+        return None
+    return (config.grid_size, config.grid_size)
+
+
+def secret_key(config, *, seed=None, block_scrambling: bool = True) -> Key:
+    """A fresh secret key for a model of ``config``, the same on every process of a
+    multi-process run (process 0's draw): from the OS CSPRNG, or from ``seed`` (an int or a
+    sequence of ints, for repeatable experiments). It scrambles blocks as
+    :func:`key_grid` says."""
+    grid = key_grid(config, block_scrambling)
+    m, c = config.patch_size, config.channels
+    key = generate_key(m, c, seed, grid=grid)
+    perm, flip, block_perm = from_process_zero(
+        (np.asarray(key.perm), np.asarray(key.flip), key.block_perm)
+    )
+    return dataclasses.replace(key, perm=perm, flip=flip, block_perm=block_perm)

@@ -26,28 +26,54 @@ from convmixer_jax.cli.options import (
 )
 
 
+def add_block_scrambling(p) -> None:
+    """``--no-block-scrambling``: a ViT's keys without the block permutation."""
+    p.add_argument(
+        "--no-block-scrambling",
+        action="store_true",
+        help="on a ViT, the paper's pixel-only keys: the secret key drawn for a plain model "
+        "and the wrong keys leave the blocks in place (by default a ViT's keys also scramble "
+        "the block positions, which its position embedding absorbs, and so do the wrong keys "
+        "against an encrypted ViT whose key did; a ConvMixer's keys never do)",
+    )
+
+
 def _attack_model(args, config, variables, meta):
-    """The encrypted variables to attack and a note on where they came from."""
+    """The encrypted variables to attack, the block grid (gh, gw) its wrong keys scramble
+    (None: they do not) and a note on where the model came from."""
+    from convmixer_jax.attacks.wrong_keys import key_grid, secret_key
     from convmixer_jax.files.model_dir import is_encrypted
-    from convmixer_jax.scheme.keys import fingerprint, generate_key
+    from convmixer_jax.scheme.keys import fingerprint
     from convmixer_jax.scheme.params import encrypt_params
 
+    scramble = not args.no_block_scrambling
     if is_encrypted(meta):
-        return variables, {
-            "model_key_fingerprint": meta["encryption"]["key_fingerprint"],
-            "model_encrypted_by": "given",
-        }
+        # the wrong keys take the form of the model's key: block scrambling if it had it
+        grid = meta["encryption"].get("grid")
+        return (
+            variables,
+            key_grid(config, scramble and grid is not None),
+            {
+                "model_key_fingerprint": meta["encryption"]["key_fingerprint"],
+                "model_encrypted_by": "given",
+            },
+        )
     # A plain model: encrypt it first with a secret key (from --key-seed if given, for a
-    # repeatable run; else the OS CSPRNG). Wrong keys are independent of it.
+    # repeatable run; else the OS CSPRNG; process 0's in a multi-process run). Wrong keys
+    # are independent of it.
     seed = None if args.key_seed is None else [args.key_seed, 0x5EC2E7]
-    key = generate_key(config.patch_size, config.channels, seed=seed)
+    key = secret_key(config, seed=seed, block_scrambling=scramble)
     enc = encrypt_params(variables, key, mean=config.mean, std=config.std)
-    return enc, {
-        "model_key_fingerprint": fingerprint(key),
-        "model_encrypted_by": "attack (secret key from --key-seed)"
-        if seed
-        else "attack (OS CSPRNG key)",
-    }
+    return (
+        enc,
+        key.grid,
+        {
+            "model_key_fingerprint": fingerprint(key),
+            "model_encrypted_by": "attack (secret key from --key-seed)"
+            if seed
+            else "attack (OS CSPRNG key)",
+        },
+    )
 
 
 def cmd_attack(args) -> int:
@@ -72,17 +98,14 @@ def cmd_attack(args) -> int:
     check_data_classes(config, meta, classes, where=f"the test data ({data_label(args)})")
     images, labels = subset(images, labels, args.limit, args.seed)
     check_model_images(config, images)
-    enc_vars, origin = _attack_model(args, config, variables, meta)
-    # several processes: all attack process 0's encryption (its secret key may come from the
-    # OS CSPRNG) with process 0's key seed; the encryption changes the patch embedding only
-    stem = from_process_zero(enc_vars["params"]["stem"])
-    enc_vars = {**enc_vars, "params": {**enc_vars["params"], "stem": stem}}
+    enc_vars, grid, origin = _attack_model(args, config, variables, meta)
+    # several processes: all attack with process 0's key seed
     seed = (
         args.key_seed
         if args.key_seed is not None
         else int(from_process_zero(np.int64(secrets.randbits(31))))
     )
-    keys = draw_attack_keys(seed, args.num_keys, config.patch_size, config.channels)
+    keys = draw_attack_keys(seed, args.num_keys, config.patch_size, config.channels, grid)
     t0 = time.perf_counter()
     # --batch-size counts model inputs per call, as everywhere: key_chunk keys x images
     per_call_images = max(1, args.batch_size // args.key_chunk)
@@ -109,6 +132,8 @@ def cmd_attack(args) -> int:
         "limit": args.limit,
         "data": data_label(args),
         "strategy": args.strategy,
+        "block_scrambling": grid is not None,
+        "grid": None if grid is None else list(grid),
         "accuracies": [float(a) for a in acc],
         "median": float(np.median(acc)),
         "min": float(np.min(acc)),
@@ -137,6 +162,7 @@ def cmd_security_report(args) -> int:
     from convmixer_jax.attacks.report import (
         ReportInputs,
         SecurityReportConfig,
+        applicable_attacks,
         report_options,
         run_security_report,
     )
@@ -165,6 +191,7 @@ def cmd_security_report(args) -> int:
             f"{args.model_dir} is an encrypted model; the report needs the plain model "
             "(it encrypts it with fresh keys itself)"
         )
+    applicable_attacks(config)  # a family no attack applies to: refused before any data
     train_x, train_y, _ = load_split(args, "train")
     test_x, test_y, classes = load_split(args, "test")
     check_data_classes(config, meta, classes, where=f"the test data ({data_label(args)})")
@@ -237,7 +264,8 @@ def register(add) -> None:
         "accuracy of an encrypted model under random wrong keys",
         "Evaluate an encrypted model on test images encrypted with N random wrong keys, drawn "
         "as a batch with jax.random and evaluated under vmap in chunks (memory stays bounded). "
-        "A plain model is first encrypted with a secret key (from --key-seed if given). Writes "
+        "A plain model is first encrypted with a secret key (from --key-seed if given). On a "
+        "ViT the keys also scramble the block positions (see --no-block-scrambling). Writes "
         "JSON. Runs over several processes too: the keys are split over all their devices, "
         "process 0 writes.",
     )
@@ -265,6 +293,7 @@ def register(add) -> None:
         "(B / K) images (default 4)",
     )
     add_batch_size(p)
+    add_block_scrambling(p)
     add_quiet(p)
     p.add_argument("--out", required=True, metavar="FILE.json", help="results to write")
     add_force(p)

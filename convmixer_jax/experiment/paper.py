@@ -1,7 +1,7 @@
 """The paper's experiment end to end: Table 1, Figure 4, Figure 5 and the key space.
 
-``reproduce(...)`` trains (or loads) a plain ConvMixer, draws a fresh secret
-key from the OS CSPRNG, encrypts the model, measures
+``reproduce(...)`` trains (or loads) a plain ConvMixer, or loads a plain ViT, draws a
+fresh secret key from the OS CSPRNG, encrypts the model, measures
 
 - ``baseline_plain``: plain model, plain test images;
 - ``encrypted_plain``: encrypted model, plain test images;
@@ -14,6 +14,12 @@ key from the OS CSPRNG, encrypts the model, measures
 and writes ``results.json``, ``table1.md``, ``fig4.png`` and ``fig5.png`` into
 the output directory. The secret key itself is never written: only its
 fingerprint.
+
+On a ViT the secret key and the wrong keys also scramble the block positions
+(Kiya et al. 2023; ``docs/method.md``, "Extension: block scrambling and Vision
+Transformers"), unless ``block_scrambling=False`` asks for the paper's pixel-only key;
+the key space then counts the (gh*gw)! block orders too. The paper's numbers beside ours
+are its ConvMixer's, so they are shown for a ConvMixer only.
 """
 
 from __future__ import annotations
@@ -28,19 +34,19 @@ from typing import Callable
 
 import numpy as np
 
-from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies
+from convmixer_jax.attacks.protocol import FAMILY_NAMES
+from convmixer_jax.attacks.wrong_keys import (
+    draw_attack_keys,
+    key_grid,
+    secret_key,
+    wrong_key_accuracies,
+)
 from convmixer_jax.files.atomic import save_figure_atomic, write_text_atomic
 from convmixer_jax.files.provenance import device_description
 from convmixer_jax.model.inference import predict_logits
 from convmixer_jax.parallel.runtime import from_process_zero
 from convmixer_jax.scheme.images import encrypt_images
-from convmixer_jax.scheme.keys import (
-    fingerprint,
-    generate_key,
-    key_space_log2,
-    key_space_text,
-    make_key,
-)
+from convmixer_jax.scheme.keys import fingerprint, key_space_log2, key_space_text
 from convmixer_jax.scheme.params import encrypt_params
 
 
@@ -123,6 +129,9 @@ def mirror_tta_logits(
     The mirror is taken of the plain image; with ``encrypt_with`` (a key) both views
     are then encrypted, as a client would send them to a provider that holds the
     encrypted model (mirroring an encrypted image is not the encryption of a mirror).
+    Because the client mirrors before it encrypts, the encrypted model sees the encryption
+    of each view, and computes the plain model's logits of it, for either family and
+    with or without block scrambling.
     ``progress`` shows a bar per view, labelled ``label(what)`` and
     ``label(what + ", mirrored")``.
     """
@@ -184,6 +193,13 @@ def table1_markdown(results: dict) -> str:
     def pct(v):
         return f"{100 * v:.2f} %"
 
+    # the paper's numbers are its ConvMixer's: beside a ViT's they would compare nothing
+    family = results.get("model", {}).get("family", "convmixer")
+    convmixer = family == "convmixer"
+
+    def paper(name):
+        return pct(PAPER[name]) if convmixer else "-"
+
     n = results["test_images"]
     lines = [
         f"# Table 1: accuracy on {n:,} CIFAR-10 test images ({results.get('data', 'CIFAR-10')})",
@@ -192,10 +208,10 @@ def table1_markdown(results: dict) -> str:
         "| encrypted, right key (ours) | encrypted, right key (paper) |",
         "| --- | --- | --- | --- | --- |",
         f"| baseline (plain model) | {pct(results['baseline_plain'])} "
-        f"| {pct(PAPER['baseline_plain'])} | - | - |",
+        f"| {paper('baseline_plain')} | - | - |",
         f"| encrypted model | {pct(results['encrypted_plain'])} "
-        f"| {pct(PAPER['encrypted_plain'])} | "
-        f"{pct(results['encrypted_encrypted'])} | {pct(PAPER['encrypted_encrypted'])} |",
+        f"| {paper('encrypted_plain')} | "
+        f"{pct(results['encrypted_encrypted'])} | {paper('encrypted_encrypted')} |",
     ]
     if "baseline_plain_tta" in results:
         lines += [
@@ -219,24 +235,57 @@ def table1_markdown(results: dict) -> str:
             f"{results['identical_predictions_tta']:,} of {n:,}.",
             "",
         ]
-    wk = np.asarray(results["wrong_keys"])
-    if wk.size:
+    grid = results.get("grid")
+    if not convmixer:
         lines += [
-            f"Wrong keys ({wk.size} random keys, encrypted model): min {wk.min():.4f}, "
-            f"median {np.median(wk):.4f}, max {wk.max():.4f} (paper, Fig. 5: about "
-            f"{PAPER['wrong_keys_range'][0]:.2f} to {PAPER['wrong_keys_range'][1]:.2f}).",
+            f"The model is a {FAMILY_NAMES.get(family, family)}: the paper's numbers, for its "
+            "ConvMixer, are not shown beside it. "
+            + (
+                f"Its key scrambles the {grid[0]} x {grid[1]} block positions as well."
+                if grid
+                else "Its key is the paper's pixel-only key (no block scrambling)."
+            ),
             "",
         ]
-    lines += [
-        f"Key space: pb! * C(pb, pb/2) = 2^{results['key_space_log2']:.2f} "
-        f"(pb = {results['block_len']}).",
-        "",
-    ]
+    wk = np.asarray(results["wrong_keys"])
+    if wk.size:
+        paper_range = (
+            f" (paper, Fig. 5: about {PAPER['wrong_keys_range'][0]:.2f} to "
+            f"{PAPER['wrong_keys_range'][1]:.2f})"
+            if convmixer
+            else ""
+        )
+        scrambled = ", with block scrambling" if grid else ""
+        lines += [
+            f"Wrong keys ({wk.size} random keys{scrambled}, encrypted model): min "
+            f"{wk.min():.4f}, median {np.median(wk):.4f}, max {wk.max():.4f}{paper_range}.",
+            "",
+        ]
+    if grid:
+        lines += [
+            f"Key space: (gh*gw)! * pb! * C(pb, pb/2) = 2^{results['key_space_log2']:.2f} "
+            f"(pb = {results['block_len']}, {grid[0]} x {grid[1]} block positions).",
+            "",
+        ]
+    else:
+        lines += [
+            f"Key space: pb! * C(pb, pb/2) = 2^{results['key_space_log2']:.2f} "
+            f"(pb = {results['block_len']}).",
+            "",
+        ]
     return "\n".join(lines)
 
 
-def plot_fig4(images: np.ndarray, enc_images: np.ndarray, path: Path, block_size: int) -> None:
-    """Original and encrypted example images side by side."""
+def plot_fig4(
+    images: np.ndarray,
+    enc_images: np.ndarray,
+    path: Path,
+    block_size: int,
+    *,
+    scrambled: bool = False,
+) -> None:
+    """Original and encrypted example images side by side; ``scrambled``: the key also
+    scrambles the block positions (said in the row's label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,7 +297,11 @@ def plot_fig4(images: np.ndarray, enc_images: np.ndarray, path: Path, block_size
     for i in range(k):
         for row, arr, title in (
             (0, images, "original"),
-            (1, enc_images, f"encrypted (M={block_size})"),
+            (
+                1,
+                enc_images,
+                f"encrypted (M={block_size}" + (", blocks scrambled)" if scrambled else ")"),
+            ),
         ):
             ax = axes[row, i]
             ax.imshow(arr[i], interpolation="nearest")
@@ -262,8 +315,9 @@ def plot_fig4(images: np.ndarray, enc_images: np.ndarray, path: Path, block_size
     plt.close(fig)
 
 
-def plot_fig5(wrong_keys, results: dict, path: Path) -> None:
-    """Box plot of wrong-key accuracies, with the right key and plain images for reference."""
+def plot_fig5(wrong_keys, results: dict, path: Path, *, paper_range: bool = True) -> None:
+    """Box plot of wrong-key accuracies, with the right key and plain images for reference,
+    and (``paper_range``) the range of the paper's Fig. 5."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,8 +340,9 @@ def plot_fig5(wrong_keys, results: dict, path: Path) -> None:
         lw=1,
         label=f"plain images ({results['encrypted_plain']:.3f})",
     )
-    lo, hi = PAPER["wrong_keys_range"]
-    ax.axhspan(lo, hi, color="0.85", zorder=0, label=f"paper, Fig. 5 ({lo:.2f}-{hi:.2f})")
+    if paper_range:
+        lo, hi = PAPER["wrong_keys_range"]
+        ax.axhspan(lo, hi, color="0.85", zorder=0, label=f"paper, Fig. 5 ({lo:.2f}-{hi:.2f})")
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.set_title("Fig. 5: encrypted model, wrong keys")
@@ -297,9 +352,9 @@ def plot_fig5(wrong_keys, results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-class _StepLabels:
+class StepLabels:
     """Labels that number the progress bars of one run: ``[2/8] encrypted model, plain
-    images``."""
+    images``; ``StepLabels(total)(what)`` is the next step's label."""
 
     def __init__(self, total: int) -> None:
         self.total, self.done = total, 0
@@ -319,22 +374,25 @@ def run_experiment(
     attack_seed: int | None = None,
     key_seed: int | None = None,
     strategy: str = "weights",
+    block_scrambling: bool = True,
     provenance: dict | None = None,
     progress: bool = True,
     log=print,
 ) -> dict:
-    """Encrypt ``variables`` with a fresh key, measure everything, write the outputs.
+    """Encrypt ``variables`` (a plain model of either family) with a fresh key, measure
+    everything, write the outputs.
 
     test_data: (images (N, H, W, C) uint8, labels (N,)). ``out_dir`` must exist; None
     writes nothing (the processes other than 0 of a multi-process run).
+    ``block_scrambling``: on a ViT, the secret key and the wrong keys scramble the block
+    positions too (False: the paper's pixel-only keys; a ConvMixer's keys never do).
     Returns the results dict (also written as results.json).
     """
     images, labels = test_data
     m, c = config.patch_size, config.channels
+    grid = key_grid(config, block_scrambling)
     # one secret key and one attack seed for all processes of a multi-process run: process 0's
-    key = generate_key(m, c, seed=key_seed)
-    perm, flip = from_process_zero((np.asarray(key.perm), np.asarray(key.flip)))
-    key = make_key(perm, flip, m, c)
+    key = secret_key(config, seed=key_seed, block_scrambling=block_scrambling)
     if attack_seed is None:
         attack_seed = int(from_process_zero(np.int64(secrets.randbits(31))))
     log(
@@ -343,14 +401,14 @@ def run_experiment(
     )
     t0 = time.perf_counter()
     # 3 evaluations, 2 x 2 mirror-TTA views, the wrong keys: each bar says which of them it is
-    step = _StepLabels(7 + (num_keys > 0))
+    step = StepLabels(7 + (num_keys > 0))
     acc, enc_vars = evaluate_encryption(
         config, variables, key, images, labels, progress=progress, label=step
     )
     log(json.dumps(acc))
     wrong = []
     if num_keys > 0:
-        keys = draw_attack_keys(attack_seed, num_keys, m, c)
+        keys = draw_attack_keys(attack_seed, num_keys, m, c, grid=grid)
         wrong = wrong_key_accuracies(
             config,
             enc_vars,
@@ -374,8 +432,10 @@ def run_experiment(
         "block_size": m,
         "channels": c,
         "block_len": m * m * c,
-        "key_space": key_space_text(m, c),
-        "key_space_log2": key_space_log2(m, c),
+        "block_scrambling": grid is not None,
+        "grid": None if grid is None else list(grid),
+        "key_space": key_space_text(m, c, grid=grid),
+        "key_space_log2": key_space_log2(m, c, grid=grid),
         "model": config.to_dict(),
         "device": device_description(),
         "eval_seconds": time.perf_counter() - t0,
@@ -395,9 +455,10 @@ def run_experiment(
         np.asarray(encrypt_images(np.asarray(images)[idx], key)),
         out_dir / "fig4.png",
         m,
+        scrambled=grid is not None,
     )
     if wrong:
-        plot_fig5(wrong, results, out_dir / "fig5.png")
+        plot_fig5(wrong, results, out_dir / "fig5.png", paper_range=config.family == "convmixer")
     return results
 
 
@@ -431,6 +492,7 @@ def reproduce(
     attack_seed: int | None = None,
     key_seed: int | None = None,
     strategy: str = "weights",
+    block_scrambling: bool = True,
     data_label: str | None = None,
     classes=None,
     progress: bool = True,
@@ -438,12 +500,13 @@ def reproduce(
 ) -> dict:
     """The whole experiment into the directory ``out`` (replaced as a whole, only once complete).
 
-    Either ``checkpoint`` (a plain model directory) or ``train_data`` and ``recipe``
-    (a :class:`~convmixer_jax.training.recipes.TrainConfig`; the paper's
-    ConvMixer-256/8, with one output per class of the data, is trained from scratch
-    in ``workdir``, and saved as ``out/plain-model``). test_data / train_data: (images
+    Either ``checkpoint`` (a plain model directory of either family) or ``train_data`` and
+    ``recipe`` (a :class:`~convmixer_jax.training.recipes.TrainConfig`; the paper's
+    ConvMixer-256/8, with one output per class of the data, is trained from scratch in
+    ``workdir``, and saved as ``out/plain-model``). test_data / train_data: (images
     (N, H, W, C) uint8, labels (N,)); classes: the data's class names, recorded in a model
-    trained here. Whether ``out`` may be replaced is the caller's check
+    trained here. ``block_scrambling``: as in :func:`run_experiment`. Whether ``out`` may
+    be replaced is the caller's check
     (:func:`~convmixer_jax.files.output_paths.check_output` with ``kind='results_dir'``).
     Returns the results dict.
     In a multi-process run every process calls this alike; the sweep's keys are split
@@ -508,6 +571,7 @@ def reproduce(
         attack_seed=attack_seed,
         key_seed=key_seed,
         strategy=strategy,
+        block_scrambling=block_scrambling,
         provenance=provenance,
         progress=progress,
         log=log,
