@@ -103,6 +103,10 @@ INSIDE = [
         "--force",
     ),
     ("security-report", "security-report {W}/m --data-dir {W}/dv --out {W}/dv/train/r --force"),
+    (
+        "scrambling-effect",
+        "scrambling-effect {W}/m --data-dir {W}/dv --num-keys 2 --out {W}/m/variables/s --force",
+    ),
     ("export-torch", "export-torch {W}/m --out {W}/m/w.safetensors --force"),
     ("plot-training", "plot-training {W}/m --out {W}/m/curves.png --force"),
     ("symlinked", "predict {W}/m {W}/imgs --out {W}/link/config.json --force"),

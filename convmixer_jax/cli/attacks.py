@@ -7,6 +7,7 @@ import sys
 
 from convmixer_jax.cli.options import (
     add_batch_size,
+    add_block_scrambling,
     add_data_options,
     add_distributed_options,
     add_force,
@@ -24,18 +25,6 @@ from convmixer_jax.cli.options import (
     start_processes,
     subset,
 )
-
-
-def add_block_scrambling(p) -> None:
-    """``--no-block-scrambling``: a ViT's keys without the block permutation."""
-    p.add_argument(
-        "--no-block-scrambling",
-        action="store_true",
-        help="on a ViT, the paper's pixel-only keys: the secret key drawn for a plain model "
-        "and the wrong keys leave the blocks in place (by default a ViT's keys also scramble "
-        "the block positions, which its position embedding absorbs, and so do the wrong keys "
-        "against an encrypted ViT whose key did; a ConvMixer's keys never do)",
-    )
 
 
 def _attack_model(args, config, variables, meta):

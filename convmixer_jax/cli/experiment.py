@@ -6,10 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from convmixer_jax.cli.attacks import add_block_scrambling
 from convmixer_jax.cli.options import (
     RECIPE_OVERRIDES,
     UsageError,
+    add_block_scrambling,
     add_data_options,
     add_distributed_options,
     add_force,

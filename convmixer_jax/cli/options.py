@@ -125,6 +125,18 @@ def add_key_seed(p: argparse.ArgumentParser, *, old_seed_alias: bool = False) ->
         p.add_argument("--seed", dest="key_seed", type=seed_arg, help=argparse.SUPPRESS)
 
 
+def add_block_scrambling(p: argparse.ArgumentParser) -> None:
+    """``--no-block-scrambling``: a ViT's keys without the block permutation."""
+    p.add_argument(
+        "--no-block-scrambling",
+        action="store_true",
+        help="on a ViT, the paper's pixel-only keys: the secret key drawn for a plain model "
+        "and the wrong keys leave the blocks in place (by default a ViT's keys also scramble "
+        "the block positions, which its position embedding absorbs, and so do the wrong keys "
+        "against an encrypted ViT whose key did; a ConvMixer's keys never do)",
+    )
+
+
 def add_limit(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--limit",
