@@ -373,4 +373,9 @@ ATTACK = Attack(
     summary=summary_lines,
     describe=describe,
     enabled=lambda config: bool(config.ciphertext_keys),
+    families=("convmixer",),
+    family_note=(
+        "it recovers the key from the statistics of neighbouring blocks, which a ViT's "
+        "block scrambling separates"
+    ),
 )

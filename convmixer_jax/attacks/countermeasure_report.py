@@ -99,4 +99,6 @@ ATTACK = Attack(
     summary=summary_lines,
     describe=describe,
     enabled=lambda config: bool(config.countermeasure_keys),
+    families=("convmixer",),
+    family_note=("it makes the ConvMixer's stem position-wise"),
 )

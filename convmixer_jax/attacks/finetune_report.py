@@ -163,4 +163,6 @@ ATTACK = Attack(
     plot=plot,
     figure="finetune.png",
     seconds_key="seconds_total",
+    families=("convmixer",),
+    family_note=("it fine-tunes the ConvMixer's stem and layers"),
 )

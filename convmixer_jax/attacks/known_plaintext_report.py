@@ -164,4 +164,9 @@ ATTACK = Attack(
     describe=describe,
     plot=lambda context, rows, path: plot_known_plaintext(rows, path),
     figure="known_plaintext.png",
+    families=("convmixer",),
+    family_note=(
+        "it reads each plain block and its encryption at the same position, and a ViT's "
+        "key also moves the blocks"
+    ),
 )

@@ -263,4 +263,6 @@ ATTACK = Attack(
     describe=describe,
     plot=plot,
     figure="model_recovery.png",
+    families=("convmixer",),
+    family_note=("it reads the key off the ConvMixer's stem and its BatchNorm statistics"),
 )
