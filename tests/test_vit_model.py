@@ -219,7 +219,7 @@ def test_train_save_load_and_evaluate_a_vit(tmp_path, capsys, png_tree):
     arch = ["--preset", "vit_cifar", "--dim", "8", "--depth", "1", "--num-heads", "2",
             "--patch-size", "2", "--image-size", "8"]
     line = ok(
-        capsys, "train", "--data-dir", str(root), *arch, "--recipe", "vit", "--epochs", "1",
+        capsys, "train", "--data-dir", str(root), *arch, "--recipe", "paper", "--epochs", "1",
         "--batch-size", "8", "--holdout", "0", "--workdir", str(work), "--out", str(out),
         "--quiet",
     )

@@ -6,6 +6,7 @@ A new model family is its config class in :mod:`convmixer_jax.model.config` (one
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -68,9 +69,17 @@ def model_variables(config, tree: dict) -> dict:
 
 
 def init_variables(config, seed: int) -> dict:
-    """Freshly initialized variables of ``config`` (NumPy leaves) from ``PRNGKey(seed)``."""
+    """Freshly initialized variables of ``config`` (NumPy leaves) from ``PRNGKey(seed)``.
+
+    A ViT is initialized by one compiled call (op by op, each of its many small
+    initializers would be compiled on its own, which takes longer); a ConvMixer op by op, as
+    its committed models were.
+    """
     dummy = jnp.zeros((1, config.image_size, config.image_size, config.channels), jnp.float32)
-    variables = build_model(config).init(jax.random.PRNGKey(seed), dummy, train=False)
+    init = functools.partial(build_model(config).init, train=False)
+    if not has_batch_norm(config):
+        init = jax.jit(init)
+    variables = init(jax.random.PRNGKey(seed), dummy)
     return jax.tree.map(np.asarray, dict(variables))
 
 
