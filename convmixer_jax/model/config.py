@@ -69,12 +69,7 @@ class ConvMixerConfig:
     family = "convmixer"
 
     def __post_init__(self):
-        for name in _POSITIVE_INTS:
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(
-                    f"ConvMixerConfig.{name} must be a positive integer, got {value!r}"
-                )
+        _check_positive_ints(self, _POSITIVE_INTS)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
@@ -86,18 +81,7 @@ class ConvMixerConfig:
             raise ValueError(
                 f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {self.depthwise_impl!r}"
             )
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if value is not None:
-                value = tuple(float(v) for v in value)
-                object.__setattr__(self, name, value)
-                if len(value) != self.channels:
-                    raise ValueError(
-                        f"{name} has {len(value)} entries but the model has "
-                        f"{self.channels} channels"
-                    )
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
+        _check_norm(self)
 
     @property
     def grid_size(self) -> int:
@@ -172,10 +156,7 @@ class ViTConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self):
-        for name in _VIT_POSITIVE_INTS:
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+        _check_positive_ints(self, _VIT_POSITIVE_INTS)
         if self.dim % self.num_heads:
             raise ValueError(
                 f"dim {self.dim} is not divisible by num_heads {self.num_heads}; choose a "
@@ -236,6 +217,15 @@ class ViTConfig:
         if family != cls.family:
             raise ValueError(f"not a ViT config: family {family!r}")
         return _from_fields(cls, d, "ViT")
+
+
+def _check_positive_ints(cfg, names) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(
+                f"{type(cfg).__name__}.{name} must be a positive integer, got {value!r}"
+            )
 
 
 def _check_norm(cfg) -> None:
