@@ -29,10 +29,17 @@ from convmixer_jax import cli
 PROG = "convmixer-jax"
 STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Starts the command line as `convmixer-jax` does, marking the moment just before main runs.
+# The marker appears once main has installed its SIGTERM handler (a thread watches for it):
+# "when seconds after main starts" then never falls before the handler exists, where the
+# interpreter's default action would end the process without a word.
 WRAPPER = (
-    "import pathlib, sys\n"
+    "import pathlib, signal, sys, threading, time\n"
     "from convmixer_jax.cli.app import main\n"
-    "pathlib.Path(sys.argv[1]).touch()\n"
+    "def mark():\n"
+    "    while signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):\n"
+    "        time.sleep(0.0002)\n"
+    "    pathlib.Path(sys.argv[1]).touch()\n"
+    "threading.Thread(target=mark, daemon=True).start()\n"
     "sys.exit(main(sys.argv[2:]))\n"
 )
 # A signal ends the process within this many seconds (a few more where it lands in a C
