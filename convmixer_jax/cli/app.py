@@ -284,6 +284,15 @@ def _disk_full_line(e: BaseException, out) -> str | None:
     )
 
 
+def _silence_abandoned_futures() -> None:
+    """A save that failed on a full disk leaves the checkpoint library's futures holding
+    exceptions nobody retrieves; asyncio logs each one, with the whole error, when they are
+    collected, after the command's one line. The command ends with that line: drop them."""
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
 def _run(argv: list[str] | None, signals: _Signals) -> int:
     """Parse ``argv`` and run the command: the exit status of its end, of bad input or of a
     signal whose exception a library swallowed."""
@@ -305,8 +314,10 @@ def _run(argv: list[str] | None, signals: _Signals) -> int:
     except (ValueError, OSError, OverflowError, RecursionError) as e:
         # Library errors (InvalidKeyError, ImageError, ModelDirError, DataError,
         # KeyModelMismatch are ValueErrors) and file errors: one line, no traceback.
-        text = _disk_full_line(e, getattr(args, "out", None)) or one_line(e)
-        return signals.settle() or _error(text, 1)
+        full = _disk_full_line(e, getattr(args, "out", None))
+        if full is not None:
+            _silence_abandoned_futures()
+        return signals.settle() or _error(full or one_line(e), 1)
     except MemoryError:
         return signals.settle() or _error(
             "out of memory; use fewer images per file or a smaller --batch-size", 1
@@ -316,6 +327,7 @@ def _run(argv: list[str] | None, signals: _Signals) -> int:
         text = _disk_full_line(e, getattr(args, "out", None))
         if text is None:
             raise
+        _silence_abandoned_futures()
         return signals.settle() or _error(text, 1)
     return signals.settle() or status
 
