@@ -18,6 +18,7 @@ from convmixer_jax.attacks.protocol import (
     child_stream,
     merged_options,
     option,
+    seeded_keys,
 )
 from convmixer_jax.attacks.report import (
     ReportInputs,
@@ -29,14 +30,15 @@ from convmixer_jax.attacks.report import (
 from convmixer_jax.cli.app import build_parser
 from convmixer_jax.cli.options import positive_int
 from convmixer_jax.model.convmixer import ConvMixerConfig
-from convmixer_jax.scheme.keys import fingerprint
+from convmixer_jax.scheme.keys import fingerprint, generate_key
 from convmixer_jax.training.loop import init_variables
 
 CFG = ConvMixerConfig(
     dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, image_size=8, channels=3
 )
 
-# The options of `security-report` before they were generated from the config.
+# The options of `security-report` before they were generated from the config, and those of
+# the sections on keys with block scrambling (ViT) since.
 OPTIONS = {
     "--out",
     "--reference-model",
@@ -55,6 +57,10 @@ OPTIONS = {
     "--ciphertext-images",
     "--ciphertext-keys",
     "--countermeasure-keys",
+    "--vit-model-keys",
+    "--vit-model-queries",
+    "--vit-ciphertext-keys",
+    "--vit-kernel-images",
     "--key-seed",
     "--quiet",
     "--force",
@@ -250,3 +256,68 @@ def test_child_stream_is_spawn_without_changing_the_parent():
     kids = [child_stream(parent, i).generate_state(2).tolist() for i in range(3)]
     assert parent.n_children_spawned == 0
     assert kids == [k.generate_state(2).tolist() for k in np.random.SeedSequence(3).spawn(3)]
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def test_keys_scramble_blocks_on_a_grid_seeded_or_from_the_csprng():
+    stream = np.random.SeedSequence(9)
+    seeded = AttackContext(CFG, None, (), (), (), stream, seeded=True)
+    plain, scrambling = seeded.keys(3, 2), seeded.keys(3, 2, grid=(4, 2))
+    seed = seeded.key_seed(2)
+    for i, (a, b) in enumerate(zip(plain, scrambling, strict=True)):
+        assert a.grid is None and b.grid == (4, 2)
+        assert sorted(np.asarray(b.block_perm).tolist()) == list(range(8))
+        assert np.array_equal(a.perm, b.perm) and np.array_equal(a.flip, b.flip)
+        want = generate_key(2, 3, seed=[seed, i], grid=(4, 2))
+        assert fingerprint(b) == fingerprint(want)
+    assert len({fingerprint(k) for k in scrambling}) == 3
+    assert [fingerprint(k) for k in seeded_keys(3, 2, 3, seed, (4, 2))] == [
+        fingerprint(k) for k in scrambling
+    ]
+    fresh = AttackContext(CFG, None, (), (), (), stream, seeded=False)
+    assert fresh.key_seed(2) is None
+    drawn = fresh.keys(2, 2, grid=(4, 2)) + fresh.keys(2, 2, grid=(4, 2))
+    assert all(k.grid == (4, 2) for k in drawn) and len({fingerprint(k) for k in drawn}) == 4
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+@pytest.mark.parametrize("needs", [False, True])
+def test_the_reference_is_trained_only_for_an_attack_that_reads_it(
+    inputs, tmp_path, monkeypatch, needs
+):
+    calls = []
+
+    def fake_reference(config, train_data, **kwargs):
+        calls.append(kwargs["epochs"])
+        return {"fake": np.zeros(1)}, "fake reference"
+
+    monkeypatch.setattr(report, "reference_model", fake_reference)
+    seen = []
+    toy = dataclasses.replace(
+        TOY,
+        needs_reference=needs,
+        run=lambda context, config: seen.append(context.reference_note) or {"draws": [1]},
+        summary=lambda result: [],
+        plot=None,
+    )
+    config = SecurityReportConfig.from_options((toy,), reference_epochs=3)
+    run_security_report(inputs, config, tmp_path / "r", progress=False, log=lambda m: None)
+    assert calls == ([3] if needs else [])
+    assert seen == (["fake reference"] if needs else [""])
+    # a disabled attack, or one that does not apply to the model, does not count
+    off = dataclasses.replace(toy, enabled=lambda config: False, name="off")
+    elsewhere = dataclasses.replace(TOY, name="vit_only", families=("vit",))
+    config = SecurityReportConfig.from_options((TOY, off, elsewhere), reference_epochs=3)
+    config = dataclasses.replace(config, attacks=config.attacks[1:])
+    calls.clear()
+    run_security_report(inputs, config, tmp_path / "s", progress=False, log=lambda m: None)
+    assert calls == []
+
+
+def test_the_sections_that_read_the_reference_say_so():
+    # the model-recovery section's independent-reference adversaries read it; no other does
+    assert [a.name for a in report.ATTACKS if a.needs_reference] == ["model_recovery"]

@@ -1,6 +1,7 @@
-"""The provider's attacks on keys with block scrambling (convmixer_jax/attacks/block_key.py):
-the block permutation from a position embedding, the jigsaw of scrambled queries, the
-choice among symmetric candidates, and the report sections that run them."""
+"""The provider's attacks on keys with block scrambling: the block permutation from a
+position embedding (attacks/position_embedding.py), the jigsaw of scrambled queries
+(attacks/jigsaw.py), the choice among symmetric candidates and the whole attacks
+(attacks/block_key.py), and the report sections that run them."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convmixer_jax.attacks import block_key as bk
+from convmixer_jax.attacks import jigsaw as jg
+from convmixer_jax.attacks import position_embedding as pe
 from convmixer_jax.attacks.kernel_algebra import dihedral_keys
 from convmixer_jax.scheme.images import encrypt_images_reference
 from convmixer_jax.scheme.keys import Key, generate_key, make_key
@@ -80,20 +83,21 @@ def test_block_perm_from_a_smooth_position_embedding(grid):
     n = grid[0] * grid[1]
     rows = sincos_rows(*grid, dim=32, noise=0.1, seed=n)
     block_perm = np.random.default_rng(n).permutation(n)
-    rec = bk.block_perm_from_pos_embed(rows[block_perm], grid)  # row b is plain row bp[b]
+    rec = pe.block_perm_from_pos_embed(rows[block_perm], grid)  # row b is plain row bp[b]
     assert rec.determined, rec.reason
-    expected = {tuple(g[block_perm]) for g in bk.grid_symmetries(grid)}
+    expected = {tuple(g[block_perm]) for g in pe.grid_symmetries(grid)}
     assert {tuple(c) for c in rec.candidates} == expected
     assert len(rec.candidates) == (8 if grid[0] == grid[1] else 4)
     assert np.array_equal(rec.block_perm, rec.candidates[0])
-    assert rec.margin >= bk.POSITION_MARGIN and rec.fit > rec.null_fits.max()
+    assert rec.margin >= pe.POSITION_MARGIN and rec.fit > rec.null_fits.max()
+    assert rec.structured and rec.fit >= rec.null_fits.max() + pe.POSITION_STRUCTURE
 
 
 @settings(max_examples=10, deadline=None)
 @given(st.sampled_from([(4, 4), (4, 6)]), st.integers(0, 2**31 - 1))
 def test_random_position_rows_are_not_determined(grid, seed):
     rows = np.random.default_rng(seed).standard_normal((grid[0] * grid[1], 16))
-    rec = bk.block_perm_from_pos_embed(rows, grid, seed=seed % 1000)
+    rec = pe.block_perm_from_pos_embed(rows, grid, seed=seed % 1000)
     assert not rec.determined and rec.reason
 
 
@@ -107,13 +111,13 @@ def test_block_perm_read_off_an_encrypted_vit_with_a_class_token():
         "cls_token": np.zeros((1, 1, dim), np.float32),
     }
     key = generate_key(4, 3, seed=5, grid=(g, g))
-    rows, grid = bk.patch_position_rows({"params": encrypt_params(params, key)})
+    rows, grid = pe.patch_position_rows({"params": encrypt_params(params, key)})
     assert grid == (g, g) and rows.shape == (g * g, dim)
-    rec = bk.block_perm_from_pos_embed(rows, grid)
+    rec = pe.block_perm_from_pos_embed(rows, grid)
     assert rec.determined
     assert any(np.array_equal(c, key.block_perm) for c in rec.candidates)
     with pytest.raises(ValueError, match="pos_embed"):
-        bk.patch_position_rows({"stem": params["patch_embed"]})
+        pe.patch_position_rows({"stem": params["patch_embed"]})
 
 
 # ----------------------------------------------------------------------------- the jigsaw
@@ -124,14 +128,14 @@ def test_jigsaw_puts_smooth_queries_together_exactly(size):
     grid = (size[0] // 4, size[1] // 4)
     key = generate_key(4, 3, seed=7, grid=grid)
     enc = encrypt_images_reference(smooth_images(6, *size, seed=2), key)
-    sol = bk.solve_jigsaw(bk.pixel_decrypted_blocks(enc, key), grid, seeds=16)
+    sol = jg.solve_jigsaw(jg.pixel_decrypted_blocks(enc, key), grid, seeds=16)
     assert sol.determined, sol.reason
     assert np.array_equal(sol.block_perm, key.block_perm)
     assert bk.blocks_placed_right(sol.block_perm, key.block_perm) == 1.0
-    assert sol.margin >= bk.JIGSAW_MARGIN and sol.hits >= bk.JIGSAW_HITS
-    h, v = bk.edge_evidence(bk.pixel_decrypted_blocks(enc, key))
-    assert np.isclose(bk.placement_evidence(h, v, sol.block_perm, grid), sol.evidence)
-    back = bk.unscrambled(enc, sol.block_perm, 4)
+    assert sol.margin >= jg.JIGSAW_MARGIN and sol.hits >= jg.JIGSAW_HITS
+    h, v = jg.edge_evidence(jg.pixel_decrypted_blocks(enc, key))
+    assert np.isclose(jg.placement_evidence(h, v, sol.block_perm, grid), sol.evidence)
+    back = jg.unscrambled(enc, sol.block_perm, 4)
     assert np.array_equal(
         back,
         encrypt_images_reference(smooth_images(6, *size, seed=2), Key(key.perm, key.flip, 4, 3)),
@@ -142,7 +146,7 @@ def test_jigsaw_of_noise_is_not_determined_on_the_full_grid():
     key = generate_key(4, 3, seed=8, grid=(8, 8))
     noise = np.random.default_rng(8).integers(0, 256, (5, 32, 32, 3), np.uint8)
     enc = encrypt_images_reference(noise, key)
-    sol = bk.solve_jigsaw(bk.pixel_decrypted_blocks(enc, key), (8, 8), seeds=16)
+    sol = jg.solve_jigsaw(jg.pixel_decrypted_blocks(enc, key), (8, 8), seeds=16)
     assert not sol.determined and sol.reason
 
 
@@ -151,7 +155,7 @@ def test_jigsaw_of_noise_is_not_determined_on_the_full_grid():
 def test_jigsaw_of_noise_is_never_determined(n, seed):
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, (n, 16, 4, 4, 3), np.uint8)
-    sol = bk.solve_jigsaw(blocks, (4, 4), seeds=8, seed=seed % 100)
+    sol = jg.solve_jigsaw(blocks, (4, 4), seeds=8, seed=seed % 100)
     assert not sol.determined
 
 
@@ -165,7 +169,7 @@ def test_noise_queries_give_no_key_through_the_whole_ciphertext_attack():
         encrypt_images_reference(noise, key), 4, block_template(public, 4), public_images=public
     )
     assert not rec.determined and rec.key is None and not rec.up_to_mirror
-    assert "no flip is supported" in rec.reason
+    assert "no flip is supported" in rec.reason and not rec.structured
 
 
 # ----------------------------------------------------------------------------- symmetries chosen
@@ -176,7 +180,7 @@ def _relative_candidates(key):
     candidates the kernel and the position embedding leave (colour aside)."""
     return [
         make_key(k.perm, k.flip, 4, 3, np.asarray(bp), key.grid)
-        for bp in (g[np.asarray(key.block_perm)] for g in bk.grid_symmetries(key.grid))
+        for bp in (g[np.asarray(key.block_perm)] for g in pe.grid_symmetries(key.grid))
         for k in dihedral_keys(Key(key.perm, key.flip, 4, 3))
     ]
 
@@ -243,7 +247,7 @@ def test_a_model_with_random_position_rows_gives_no_key():
         None, {"params": encrypt_params(params, key)}, queries=queries
     )
     assert not rec.determined and rec.key is None and not rec.up_to_mirror
-    assert "position embedding" in rec.reason
+    assert "position embedding" in rec.reason and not rec.structured
 
 
 # ----------------------------------------------------------------------------- report sections

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import jax
@@ -241,60 +240,108 @@ def test_attack_on_an_encrypted_vit_draws_scrambling_keys(vit, tmp_path, capsys)
 # --------------------------------------------------------------------------- security-report
 
 
-def test_security_report_on_a_vit_skips_or_refuses_with_reasons(vit, tiny_config, tmp_path, capsys):
+def test_security_report_on_a_vit_runs_its_sections_and_skips_the_others(
+    vit, tiny_config, tmp_path, capsys, monkeypatch
+):
     from convmixer_jax.attacks import report
-    from convmixer_jax.attacks.protocol import Attack, option
+    from convmixer_jax.attacks.protocol import AttackContext
+    from convmixer_jax.scheme.keys import fingerprint
 
-    # no section of the report applies to a ViT: one line, nothing written
-    rc, _, err = run(
+    # the two sections on keys with block scrambling read off the encrypted ViT and its
+    # queries, and the sections that apply to ConvMixers only; the other sections that apply
+    # to a ViT have tests of their own
+    vit_sections = {"vit_model_recovery", "vit_ciphertext_only"}
+    attacks = tuple(a for a in report.ATTACKS if a.name in vit_sections or "vit" not in a.families)
+    monkeypatch.setattr(report, "ATTACKS", attacks)
+    out = tmp_path / "sec"
+    # no --reference-epochs 0: no section that applies to a ViT reads the reference, so the
+    # report trains none
+    ok(
         capsys,
         "security-report",
         vit.model_dir,
         "--data-dir",
         vit.data_dir,
+        "--key-seed",
+        0,
+        "--vit-model-keys",
+        2,
+        "--vit-ciphertext-keys",
+        2,
+        "--ciphertext-images",
+        1,
+        "--vit-kernel-images",
+        1,
+        "--public-images",
+        8,
         "--quiet",
         "--out",
-        tmp_path / "sec",
+        out,
     )
-    assert rc == 1 and err.count("\n") == 1
-    assert "no section of the security report applies to a ViT model" in err
-    assert "applies to ConvMixer models only" in err and not (tmp_path / "sec").exists()
-
-    # an attack that applies to a ViT runs; the others are skipped, each with its reason
-    @dataclass(frozen=True)
-    class CountConfig:
-        count_images: int = option(3, "images to count (default {default})", minimum=1)
-
-    counted = Attack(
-        name="count",
-        title="count",
-        config_type=CountConfig,
-        run=lambda context, config: {"images": min(config.count_images, len(context.test_data[0]))},
-        summary=lambda result: ["## Count", "", f"{result['images']} images.", ""],
-        families=("convmixer", "vit"),
+    data = json.loads((out / "security.json").read_text())
+    summary = (out / "summary.md").read_text()
+    for attack in attacks:
+        if attack.name not in vit_sections:
+            assert data[attack.name]["skipped"].startswith("applies to ConvMixer models only: ")
+    skipped = len(attacks) - 2
+    assert summary.count("Skipped: applies to ConvMixer models only: ") == skipped
+    # the encrypted-ViT section: 2 keys of the report's seed, counts in range; the model's
+    # position embedding is random and the images are noise, so nothing may be claimed
+    mr = data["vit_model_recovery"]
+    assert mr["keys"] == 2 and mr["queries"] == 1 and len(mr["trials"]) == 2
+    assert mr["public_images"] == 8
+    for name in (
+        "exact_pixel_key",
+        "exact_block_key",
+        "exact",
+        "exact_up_to_mirror",
+        "position_candidates_hold_key",
+        "position_claimed",
+    ):
+        assert isinstance(mr[name], int) and 0 <= mr[name] <= 2, name
+    assert mr["claimed"] == mr["claimed_up_to_mirror"] == mr["claimed_wrong"] == 0
+    assert 0.0 <= mr["pixel_positions_right"] <= 1.0 and 0.0 <= mr["blocks_placed_right"] <= 1.0
+    _, streams = report.report_streams(0, attacks)
+    context = AttackContext(VIT, None, (), (), (), streams["vit_model_recovery"], seeded=True)
+    keys = context.keys(2, 0, grid=GRID)
+    assert [t["key_fingerprint"] for t in mr["trials"]] == [fingerprint(k) for k in keys]
+    assert all(t["reason"] for t in mr["trials"])
+    # the ciphertext-only section: N = 1, then N = 1 with the model's kernel
+    co = data["vit_ciphertext_only"]
+    assert co["public_images"] == 18  # the template's: every training image
+    rows = [(r["images"], r["with_kernel"], r["keys"]) for r in co["rows"]]
+    assert rows == [(1, False, 2), (1, True, 2)]
+    for r in co["rows"]:
+        for name in (
+            "exact_pixel_key",
+            "exact_block_key",
+            "exact",
+            "exact_up_to_mirror",
+            "jigsaw_claimed",
+        ):
+            assert isinstance(r[name], int) and 0 <= r[name] <= 2, name
+        assert r["claimed"] == r["claimed_up_to_mirror"] == r["claimed_wrong"] == 0
+        assert 0.0 <= r["blocks_placed_right"] <= 1.0 and np.isfinite(r["psnr"])
+    text = (out / "security.json").read_text()
+    assert '"perm"' not in text and '"block_perm"' not in text
+    assert "## Key recovery from the encrypted ViT (block scrambling)" in summary
+    assert "## Ciphertext-only key recovery with block scrambling (ViT)" in summary
+    assert f"| 2 | {mr['pixel_positions_right']:.3f} | " in summary
+    assert report.applicable_attacks(VIT, attacks) == [
+        report.vit_model_report.ATTACK,
+        report.vit_ciphertext_report.ATTACK,
+    ]
+    assert set(report.applicable_attacks(tiny_config, attacks)).isdisjoint(
+        report.applicable_attacks(VIT, attacks)
     )
-    attacks = (report.ATTACKS[0], counted, report.ATTACKS[3])
+    # a report whose sections none apply to the model is refused in one line, nothing written
+    convmixer_only = [a for a in attacks if a.name not in vit_sections]
     x = np.zeros((6, 8, 8, 3), np.uint8)
     inputs = report.ReportInputs(VIT, vit.variables, (x, np.zeros(6, int)), (x, np.zeros(6, int)))
-    config = report.SecurityReportConfig.from_options(
-        attacks, reference_epochs=0, public_images=0, key_seed=0
-    )
-    lines = []
-    rep = report.run_security_report(inputs, config, tmp_path / "lib", log=lines.append)
-    data = json.loads((tmp_path / "lib" / "security.json").read_text())
-    assert data["count"]["images"] == 3 and rep["count"]["images"] == 3
-    for name in ("known_plaintext", "ciphertext_only"):
-        assert data[name]["skipped"].startswith("applies to ConvMixer models only: ")
-    summary = (tmp_path / "lib" / "summary.md").read_text()
-    assert summary.count("Skipped: applies to ConvMixer models only: ") == 2
-    assert "## Count\n\n3 images." in summary
-    skipped = data["known_plaintext"]["skipped"]
-    assert lines[0] == f"1/3 known-plaintext key recovery: skipped, {skipped}"
-    assert report.applicable_attacks(VIT, attacks) == [counted]
-    # on a ConvMixer every section applies, as before
-    assert report.applicable_attacks(tiny_config) == list(report.ATTACKS)
-    with pytest.raises(ValueError, match="applies to ConvMixer models only"):
-        report.applicable_attacks(VIT)
+    config = report.SecurityReportConfig.from_options(convmixer_only, public_images=0)
+    with pytest.raises(ValueError, match="no section of the security report applies to a ViT"):
+        report.run_security_report(inputs, config, tmp_path / "lib", log=lambda m: None)
+    assert not (tmp_path / "lib").exists()
 
 
 # --------------------------------------------------------------------------- scrambling-effect

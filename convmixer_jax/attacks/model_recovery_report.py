@@ -265,4 +265,5 @@ ATTACK = Attack(
     figure="model_recovery.png",
     families=("convmixer",),
     family_note=("it reads the key off the ConvMixer's stem and its BatchNorm statistics"),
+    needs_reference=True,
 )

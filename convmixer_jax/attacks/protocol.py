@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from convmixer_jax.model.convmixer import ConvMixerConfig
+    from convmixer_jax.model.config import ModelConfig
     from convmixer_jax.scheme.keys import Key
 
 #: How many samples an accuracy evaluates per forward pass of the model.
@@ -185,14 +185,16 @@ def stream_seed(stream: np.random.SeedSequence, index: int = 0) -> int:
     return int(child_stream(stream, index).generate_state(1)[0])
 
 
-def seeded_keys(n: int, block_size: int, channels: int, seed: int | None) -> list[Key]:
+def seeded_keys(n: int, block_size: int, channels: int, seed: int | None, grid=None) -> list[Key]:
     """``n`` secret keys: from the OS CSPRNG when ``seed`` is None, else the keys
-    ``generate_key(..., seed=[seed, i])`` for i = 0..n-1."""
+    ``generate_key(..., seed=[seed, i])`` for i = 0..n-1. With ``grid`` (gh, gw) the keys
+    also scramble the blocks of that grid (a ViT's keys); a seeded key's pixel key is the
+    same with or without it."""
     from convmixer_jax.scheme.keys import generate_key
 
     if seed is None:
-        return [generate_key(block_size, channels) for _ in range(n)]
-    return [generate_key(block_size, channels, seed=[seed, i]) for i in range(n)]
+        return [generate_key(block_size, channels, grid=grid) for _ in range(n)]
+    return [generate_key(block_size, channels, seed=[seed, i], grid=grid) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- the context
@@ -206,18 +208,19 @@ def _silent(message: str) -> None:
 class AttackContext:
     """What an attack of the report runs on.
 
-    model_config, variables: the plain trained model. train_data, test_data, eval_data:
-    (images (N, H, W, C) uint8, labels (N,) int); ``eval_data`` is the random subset of
-    the test data the accuracies are measured on. public_images: (N, H, W, C) uint8
-    unlabeled training images an adversary may hold, or None. reference_variables: an
-    independently trained plain model of the same architecture, or None, with a note on
+    model_config, variables: the plain trained model (a ConvMixer or a ViT config and its
+    variables). train_data, test_data, eval_data: (images (N, H, W, C) uint8, labels (N,)
+    int); ``eval_data`` is the random subset of the test data the accuracies are measured
+    on. public_images: (N, H, W, C) uint8 unlabeled training images an adversary may
+    hold, or None. reference_variables: an independently trained plain model of the same
+    architecture, or None (also when no attack of the report reads it), with a note on
     where it came from. stream: this attack's :class:`numpy.random.SeedSequence`;
     ``seeded``: whether the report was given a seed (if not, the secret keys come from
     the OS CSPRNG). out_dir: the folder the report writes (an attack may put more files
     there). section: the attack's place in the list, as ``"2/5"``.
     """
 
-    model_config: ConvMixerConfig
+    model_config: ModelConfig
     variables: Any
     train_data: tuple
     test_data: tuple
@@ -244,11 +247,12 @@ class AttackContext:
         apart from :meth:`seed`'s), or None (the OS CSPRNG) when the report has no seed."""
         return stream_seed(child_stream(self.stream, 1), index) if self.seeded else None
 
-    def keys(self, n: int, index: int = 0) -> list[Key]:
+    def keys(self, n: int, index: int = 0, grid=None) -> list[Key]:
         """``n`` secret keys of the model's block size and channels (:func:`seeded_keys`
-        with :meth:`key_seed`)."""
+        with :meth:`key_seed`); with ``grid`` (gh, gw) keys that also scramble the blocks
+        of that grid."""
         cfg = self.model_config
-        return seeded_keys(n, cfg.patch_size, cfg.channels, self.key_seed(index))
+        return seeded_keys(n, cfg.patch_size, cfg.channels, self.key_seed(index), grid)
 
     def shared(self, name: str, compute: Callable[[], Any]) -> Any:
         """``compute()``, computed once for all the attacks of one report."""
@@ -290,7 +294,9 @@ class Attack:
     given. enabled(config): False skips the attack. seconds_key: where the report records
     the time the run took: that key of a dict result, or ``<name>_<seconds_key>`` beside
     a list result. families: the model families (a config's ``family``) the attack
-    applies to; ``family_note`` says why it applies to those only.
+    applies to; ``family_note`` says why it applies to those only. needs_reference: the
+    attack reads the context's ``reference_variables``; a report none of whose running
+    attacks needs the reference neither loads nor trains one.
     """
 
     name: str
@@ -305,6 +311,7 @@ class Attack:
     seconds_key: str = "seconds"
     families: tuple[str, ...] = ("convmixer",)
     family_note: str = ""
+    needs_reference: bool = False
 
     def skip_reason(self, model_config: Any) -> str | None:
         """None when the attack applies to a model of ``model_config``'s family; else the

@@ -1,6 +1,6 @@
 """The security evaluation beyond the paper, as one report: the attacks of
-:data:`~convmixer_jax.attacks.report.ATTACKS`, run in order on one plain trained model and
-its data.
+:data:`~convmixer_jax.attacks.report.ATTACKS`, run in order on one plain trained model (a
+ConvMixer or a ViT) and its data.
 
 Each attack follows :mod:`convmixer_jax.attacks.protocol`: it has a frozen config, runs in
 its own context and writes its section of ``security.json`` and ``summary.md`` (and a
@@ -9,10 +9,11 @@ its own (:class:`ReportOptions`) and each attack's; the command line's options a
 generated from them. A new attack is one module defining an
 :class:`~convmixer_jax.attacks.protocol.Attack` plus one line in :data:`ATTACKS`.
 
-An attack that does not apply to the model's family (every attack here reads a ConvMixer
-or its key without block scrambling) is skipped, and its section of ``security.json`` and
-``summary.md`` says why in one line; a model to which none applies is refused
-(:func:`applicable_attacks`).
+Each attack names the model families it applies to: the sections on the ConvMixer paper's
+key read a ConvMixer, those on keys with block scrambling a ViT. An attack that does not
+apply to the model's family is skipped, and its section of ``security.json`` and
+``summary.md`` says why in one line; a model to which none of the attacks of a report
+applies is refused (:func:`applicable_attacks`).
 
 Randomness: one :class:`numpy.random.SeedSequence` of the report's ``key_seed`` is
 spawned once for the report's own draws (the test subset of the accuracies, the public
@@ -38,6 +39,8 @@ from convmixer_jax.attacks import (
     finetune_report,
     known_plaintext_report,
     model_recovery_report,
+    vit_ciphertext_report,
+    vit_model_report,
 )
 from convmixer_jax.attacks.protocol import (
     FAMILY_NAMES,
@@ -52,7 +55,7 @@ from convmixer_jax.attacks.protocol import (
 )
 
 if TYPE_CHECKING:
-    from convmixer_jax.model.convmixer import ConvMixerConfig
+    from convmixer_jax.model.config import ModelConfig
 
 
 #: The attacks of the report, in the order they run and appear in ``summary.md``; each
@@ -62,6 +65,8 @@ ATTACKS: tuple[Attack, ...] = (
     model_recovery_report.ATTACK,
     finetune_report.ATTACK,
     ciphertext_report.ATTACK,
+    vit_model_report.ATTACK,
+    vit_ciphertext_report.ATTACK,
     countermeasure_report.ATTACK,
 )
 
@@ -78,8 +83,8 @@ class ReportOptions:
     )
     reference_epochs: int = option(
         2,
-        "epochs of the reference trained when --reference-model is not given "
-        "(0: skip; default {default})",
+        "epochs of the reference trained when --reference-model is not given and a section "
+        "that runs reads it (0: skip; default {default})",
         metavar="E",
     )
     reference_train_images: int = option(
@@ -181,13 +186,14 @@ def report_streams(seed: int | None, attacks: Sequence[Attack]) -> tuple[Any, di
 class ReportInputs:
     """The model and data the report attacks, and how the summary names them.
 
-    model_config, variables: the plain trained model. train_data / test_data: (images
-    (N, H, W, C) uint8, labels (N,) int). reference_variables: an independently trained
-    plain model of the same architecture with a note on its origin; when None the report
-    loads or trains one as its options say.
+    model_config, variables: the plain trained model (a ConvMixer or a ViT config and
+    its variables). train_data / test_data: (images (N, H, W, C) uint8, labels (N,) int).
+    reference_variables: an independently trained plain model of the same architecture
+    with a note on its origin; when None the report loads or trains one as its options
+    say.
     """
 
-    model_config: ConvMixerConfig
+    model_config: ModelConfig
     variables: Any
     train_data: tuple
     test_data: tuple
@@ -202,7 +208,7 @@ class ReportInputs:
 
 
 def reference_model(
-    config: ConvMixerConfig,
+    config: ModelConfig,
     train_data,
     *,
     model_dir=None,
@@ -283,8 +289,11 @@ def _record(report: dict, attack: Attack, result: Any, seconds: float) -> None:
         report[f"{attack.name}_{attack.seconds_key}"] = seconds
 
 
-def _side_information(inputs: ReportInputs, opts: ReportOptions, stream, progress, log):
-    """The evaluation subset, the public images and the reference model every attack may use."""
+def _side_information(
+    inputs: ReportInputs, opts: ReportOptions, stream, progress, log, *, train_reference=True
+):
+    """The evaluation subset, the public images and the reference model every attack may use
+    (a reference is trained only when ``train_reference``; a given one is always checked)."""
     import numpy as np
 
     from convmixer_jax.data import subset
@@ -298,7 +307,7 @@ def _side_information(inputs: ReportInputs, opts: ReportOptions, stream, progres
             train_x, train_y, min(opts.public_images, len(train_x)), stream_seed(stream, 1)
         )
     reference, note = inputs.reference_variables, inputs.reference_note
-    if reference is None:
+    if reference is None and (train_reference or opts.reference_model is not None):
         reference, note = reference_model(
             inputs.model_config,
             inputs.train_data,
@@ -327,7 +336,9 @@ def run_security_report(
     ciphertext-only trials draw from all test images. ``force``: replace an existing
     ``out``. An attack that does not apply to the model's family is skipped: its section
     is ``{"skipped": reason}``; when none applies, ValueError, before anything is computed
-    or written. Returns what ``security.json`` holds.
+    or written. The reference model is trained only when an attack that runs reads it
+    (its :class:`~convmixer_jax.attacks.protocol.Attack` says ``needs_reference``).
+    Returns what ``security.json`` holds.
     """
     from convmixer_jax.files.atomic import staged_output_dir
     from convmixer_jax.files.output_paths import check_output_path
@@ -339,7 +350,13 @@ def run_security_report(
     applicable_attacks(inputs.model_config, [a for a, _ in config.attacks])
     t_start = time.perf_counter()
     own_stream, streams = report_streams(opts.key_seed, [a for a, _ in config.attacks])
-    eval_data, public, reference, note = _side_information(inputs, opts, own_stream, progress, log)
+    reference_needed = any(
+        a.needs_reference and a.enabled(c) and a.skip_reason(inputs.model_config) is None
+        for a, c in config.attacks
+    )
+    eval_data, public, reference, note = _side_information(
+        inputs, opts, own_stream, progress, log, train_reference=reference_needed
+    )
     cfg = inputs.model_config
     report: dict[str, Any] = {
         "model_dir": str(inputs.model_dir),

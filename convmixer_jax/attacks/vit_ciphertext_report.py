@@ -153,18 +153,12 @@ def run(context: AttackContext, config: ViTCiphertextConfig) -> dict:
     import numpy as np
 
     from convmixer_jax.attacks.ciphertext_report import block_statistics
-    from convmixer_jax.attacks.vit_model_report import model_grid, scrambling_keys
+    from convmixer_jax.attacks.wrong_keys import key_grid
     from convmixer_jax.scheme.params import encrypt_params, stem_of
 
     cfg, variables = context.model_config, context.variables
     public, template, prior = block_statistics(context)
-    keys = scrambling_keys(
-        config.vit_ciphertext_keys,
-        cfg.patch_size,
-        cfg.channels,
-        model_grid(cfg),
-        context.key_seed(0),
-    )
+    keys = context.keys(config.vit_ciphertext_keys, 0, grid=key_grid(cfg))
 
     def kernel_fn(key):
         enc = encrypt_params(variables, key, mean=cfg.mean, std=cfg.std)

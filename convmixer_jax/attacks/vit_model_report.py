@@ -38,22 +38,6 @@ class ViTModelRecoveryConfig:
     )
 
 
-def model_grid(config) -> tuple[int, int]:
-    """(gh, gw): the grid of patches of a ViT config's images."""
-    g = config.image_size // config.patch_size
-    return g, g
-
-
-def scrambling_keys(n: int, block_size: int, channels: int, grid, seed: int | None) -> list[Key]:
-    """``n`` secret keys with block scrambling on ``grid``: from the OS CSPRNG when ``seed``
-    is None, else ``generate_key(..., seed=[seed, i], grid=grid)`` for i = 0..n-1."""
-    from convmixer_jax.scheme.keys import generate_key
-
-    if seed is None:
-        return [generate_key(block_size, channels, grid=grid) for _ in range(n)]
-    return [generate_key(block_size, channels, seed=[seed, i], grid=grid) for i in range(n)]
-
-
 def key_measures(guess: Key, key: Key, *, determined: bool, up_to_mirror: bool) -> dict:
     """How a recovered key with block scrambling compares with the secret one: pixel
     positions right, exact pixel key / block key / key, exact up to the mirror twin,
@@ -169,10 +153,10 @@ def vit_model_recovery(
 def run(context: AttackContext, config: ViTModelRecoveryConfig) -> dict:
     import numpy as np
 
+    from convmixer_jax.attacks.wrong_keys import key_grid
+
     cfg = context.model_config
-    keys = scrambling_keys(
-        config.vit_model_keys, cfg.patch_size, cfg.channels, model_grid(cfg), context.key_seed(0)
-    )
+    keys = context.keys(config.vit_model_keys, 0, grid=key_grid(cfg))
     public = None if context.public_images is None else np.asarray(context.public_images)
     res = vit_model_recovery(
         cfg,
