@@ -61,6 +61,8 @@ OPTIONS = {
     "--vit-model-queries",
     "--vit-ciphertext-keys",
     "--vit-kernel-images",
+    "--vit-kp-keys",
+    "--vit-kp-pairs",
     "--key-seed",
     "--quiet",
     "--force",

@@ -258,7 +258,9 @@ def test_report_section_applies_to_vits_and_has_its_own_options():
     assert attack.skip_reason(PRESETS["vit_cifar"]) is None
     assert "ViT models only" in attack.skip_reason(PRESETS["paper"])
     assert not attack.enabled(section.ViTKnownPlaintextConfig(vit_kp_keys=0))
-    others = [a.config_type for a in ATTACKS] + [vit_model_report.ViTModelRecoveryConfig]
+    assert attack in ATTACKS
+    others = [a.config_type for a in ATTACKS if a is not attack]
+    others.append(vit_model_report.ViTModelRecoveryConfig)
     names = [s.name for s in merged_options(others + [section.ViTKnownPlaintextConfig])]
     assert names.count("vit_kp_keys") == names.count("vit_kp_pairs") == 1
     assert len(names) == len(merged_options(others)) + 2

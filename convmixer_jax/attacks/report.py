@@ -40,6 +40,7 @@ from convmixer_jax.attacks import (
     known_plaintext_report,
     model_recovery_report,
     vit_ciphertext_report,
+    vit_known_plaintext_report,
     vit_model_report,
 )
 from convmixer_jax.attacks.protocol import (
@@ -67,6 +68,7 @@ ATTACKS: tuple[Attack, ...] = (
     ciphertext_report.ATTACK,
     vit_model_report.ATTACK,
     vit_ciphertext_report.ATTACK,
+    vit_known_plaintext_report.ATTACK,
     countermeasure_report.ATTACK,
 )
 
