@@ -63,6 +63,7 @@ OPTIONS = {
     "--vit-kernel-images",
     "--vit-kp-keys",
     "--vit-kp-pairs",
+    "--vit-countermeasure-clients",
     "--key-seed",
     "--quiet",
     "--force",

@@ -1,5 +1,7 @@
 """The fine-tuning attack: which leaves each mode trains, BatchNorm modes, scratch
-independence, learning on a tiny task, the results dict, the plot, and input errors."""
+independence, learning on a tiny task, the results dict, the plot, and input errors; on a
+ViT encrypted with a key that scrambles blocks: the 'stem' leaves, the deployed model,
+and the report section's keys."""
 
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ from convmixer_jax.attacks.finetune import (
     plot_finetune,
 )
 from convmixer_jax.files.model_dir import abstract_variables
+from convmixer_jax.model.build import init_variables_abstract
+from convmixer_jax.model.config import ViTConfig
 from convmixer_jax.model.convmixer import ConvMixerConfig
 from convmixer_jax.model.inference import accuracy, predict_logits
 from convmixer_jax.scheme.images import ImageError
-from convmixer_jax.scheme.keys import generate_key
+from convmixer_jax.scheme.keys import fingerprint, generate_key
 from convmixer_jax.scheme.params import encrypt_params
 from convmixer_jax.training.loop import init_variables
 
@@ -261,3 +265,94 @@ def test_errors(start, data):
         finetune_attack(CFG, start, x, y, x, y, sizes=(10,), modes=("stem", "key"))
     with pytest.raises(ValueError, match="steps has no entry for n = 20"):
         finetune_attack(CFG, start, x, y, x, y, sizes=(10, 20), steps={10: 1})
+
+
+# --------------------------------------------------------------------------- a ViT
+
+VIT = ViTConfig(
+    dim=16, depth=1, num_heads=2, mlp_ratio=2.0, patch_size=4, num_classes=3, image_size=8
+)
+VIT_STEM = {
+    "['params']['patch_embed']['kernel']",
+    "['params']['patch_embed']['bias']",
+    "['params']['pos_embed']",
+}
+
+
+@pytest.fixture(scope="module")
+def vit_models():
+    """A ViT and the same ViT encrypted with a key that scrambles its 2 x 2 grid. Every leaf
+    is standard-normal times 0.3 (shapes from ``jax.eval_shape``: nothing is compiled), so
+    that the predictions depend on the input."""
+    rng = np.random.default_rng(0)
+    plain = jax.tree.map(
+        lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32),
+        jax.eval_shape(lambda: init_variables_abstract(VIT)),
+    )
+    key = generate_key(4, 3, seed=[6], grid=(2, 2))
+    return plain, jax.tree.map(np.asarray, encrypt_params(plain, key))
+
+
+def test_vit_stem_trains_patch_and_position_embeddings_of_the_deployed_model(vit_models, data):
+    _, enc = vit_models
+    before = copy.deepcopy(enc)
+    x, y = data
+    out, hist = finetune(
+        VIT, enc, x, y, mode="stem", steps=2, batch_size=N_EVAL, augment=False, seed=1
+    )
+    assert set(out) == {"params"}  # no BatchNorm statistics appear
+    assert changed(enc, out) == VIT_STEM  # cls_token, blocks, norm and head bitwise unchanged
+    assert not changed(before, enc)
+    assert hist["trained"] == ["patch_embed", "pos_embed"] and hist["batchnorm_train_mode"] == []
+    assert hist["lr"] == DEFAULT_LR["stem"]
+    # the first step's loss (every image once, no augmentation) is the encrypted model's
+    logits = predict_logits(VIT, enc, x)
+    expected = float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+    assert hist["loss"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_vit_report_section_uses_scrambling_keys_on_the_model_grid(vit_models, tmp_path):
+    from convmixer_jax.attacks import finetune_report
+    from convmixer_jax.attacks.protocol import AttackContext
+
+    plain, _ = vit_models
+    x, y = color_task(N_EVAL, 6)
+    context = AttackContext(
+        model_config=VIT,
+        variables=plain,
+        train_data=(x, y),
+        test_data=(x, y),
+        eval_data=(x[:16], y[:16]),
+        stream=np.random.SeedSequence(11),
+        seeded=True,
+    )
+    assert finetune_report.ATTACK.skip_reason(VIT) is None
+    assert finetune_report.ATTACK.skip_reason(CFG) is None
+    config = finetune_report.FinetuneConfig(
+        finetune_sizes=(8,), finetune_modes=("stem",), finetune_steps=1, finetune_keys=2
+    )
+    ft = json.loads(json.dumps(finetune_report.run(context, config)))
+    keys = [generate_key(4, 3, seed=[context.key_seed(0), i], grid=(2, 2)) for i in (0, 1)]
+    assert ft["key_grid"] == [2, 2]
+    assert [k["key_fingerprint"] for k in ft["stem_keys"]] == [fingerprint(k) for k in keys]
+    ex, ey = context.eval_data
+    assert ft["encrypted_accuracy"] == accuracy(VIT, encrypt_params(plain, keys[0]), ex, ey)
+    assert ft["stem_keys"][1]["encrypted_accuracy"] == accuracy(
+        VIT, encrypt_params(plain, keys[1]), ex, ey
+    )
+    assert ft["runs"][0]["trained"] == ["patch_embed", "pos_embed"]
+    text = "\n".join(finetune_report.summary_lines(ft))
+    assert "scramble the blocks of its 2 x 2 grid" in text and "| stem | " in text
+    out = plot_finetune(ft, tmp_path / "finetune.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vit_errors(vit_models, start, data):
+    plain, _ = vit_models
+    x, y = data
+    with pytest.raises(ValueError, match="a ViT has no BatchNorm"):
+        finetune(VIT, plain, x, y, mode="stem", stem_bn=True)
+    with pytest.raises(ValueError, match=r"variables must be \{'params'\}"):
+        finetune(VIT, start, x, y, mode="stem")
+    with pytest.raises(ValueError, match=r"variables must be \{'params', 'batch_stats'\}"):
+        finetune(CFG, plain, x, y, mode="stem")

@@ -1,24 +1,33 @@
 """The fine-tuning attack: can an adversary without the key repair the encrypted model?
 
 Threat: the adversary holds the *encrypted* model (its patch-embedding
-rows permuted and sign-flipped with the secret key, everything else the plain
-trained model) and ``n`` labeled *plain* images. On plain images the encrypted
-model is near chance. The adversary fine-tunes
+rows permuted and sign-flipped with the secret key and, for a ViT encrypted with a key
+that scrambles blocks, the patch rows of its position embedding permuted by the block
+key; everything else the plain trained model) and ``n`` labeled *plain* images. On
+plain images the encrypted model is near chance. The adversary fine-tunes
 
-- ``'stem'``: the patch embedding only (``params['stem']`` kernel and bias), every
-  other parameter and every BatchNorm running statistic frozen, and every
-  BatchNorm run in eval mode, so the network trained is exactly the network
-  deployed. ``stem_bn=True`` also trains the stem BatchNorm (``params['stem_bn']``
-  scale and bias) and runs that one BatchNorm in train mode (its running
-  statistics are updated); all other BatchNorms stay frozen in eval mode.
+- ``'stem'``: the part of the model the key transforms, every other parameter frozen.
+  On a ConvMixer that is the patch embedding only (``params['stem']`` kernel and bias),
+  every BatchNorm running statistic frozen and every BatchNorm run in eval mode, so the
+  network trained is exactly the network deployed. ``stem_bn=True`` also trains the
+  stem BatchNorm (``params['stem_bn']`` scale and bias) and runs that one BatchNorm in
+  train mode (its running statistics are updated); all other BatchNorms stay frozen in
+  eval mode. On a ViT it is the patch embedding (``params['patch_embed']`` kernel and
+  bias) *and* the position embedding (``params['pos_embed']``, all its rows, the class
+  token's included): the block key lives in the order of the position embedding's patch
+  rows, so the patch embedding alone cannot undo it (it sees one block at a time and
+  does not know where the block lies), while the two together hold the exact repair
+  (the decrypted kernel and the unpermuted rows). The class token, the transformer
+  blocks, the norms and the head stay frozen; a ViT has no BatchNorm.
 - ``'all'``: every parameter, every BatchNorm in train mode (ordinary fine-tuning).
 - ``'scratch'``: the same architecture from a fresh initialization
   (:func:`~convmixer_jax.training.loop.init_variables` with ``seed``), trained like ``'all'``,
   the reference that tells whether the encrypted model helped at all.
 
 Accuracy is measured on plain test images. The true repair is known to exist in
-the ``'stem'`` search space (the key's signed permutation of the kernel rows), so
-``'stem'`` is the attack that exploits the scheme's structure.
+the ``'stem'`` search space (the key's signed permutation of the kernel rows, and for a
+ViT the block key's permutation of the position rows), so ``'stem'`` is the attack that
+exploits the scheme's structure.
 
 Training (all modes): the package's one training step (:mod:`convmixer_jax.training.step`)
 with Adam (``optax.scale_by_adam``) after global-norm gradient clipping; the layers that
@@ -27,6 +36,8 @@ so they cost no weight gradients and come out bitwise unchanged. A host-side
 learning-rate schedule (linear warm-up over ``warmup_fraction`` of the steps, then cosine
 decay to 0) is fed to the jit-compiled step as an argument, so a step function is
 compiled once per (model, mode, batch shape) and reused for every ``n`` and learning rate.
+Both model families take the same steps, batches, schedule and default peak learning
+rates (:data:`DEFAULT_LR`).
 Batches of a fixed size are read from a seeded stream of shuffled passes over the ``n``
 images, so ``n`` smaller than the batch size simply repeats images within a batch (each
 image equally often); on-device augmentation is
@@ -54,7 +65,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from convmixer_jax.model.convmixer import ConvMixer, ConvMixerConfig
+from convmixer_jax.model.build import build_model, collections, has_batch_norm
+from convmixer_jax.model.build import init_variables_abstract as abstract_init
+from convmixer_jax.model.config import ConvMixerConfig, ViTConfig
 from convmixer_jax.model.inference import accuracy, check_model_images
 from convmixer_jax.scheme.images import ImageError
 from convmixer_jax.training.loop import augment_batch, init_variables
@@ -75,10 +88,19 @@ DEFAULT_BATCH_SIZE = 64
 # small, badly placed layer a long way (trained stem entries are O(0.1); on the
 # paper's model, n = 500, 30 steps: 0.27 test accuracy at 1e-2, 0.38 at 3e-2);
 # 'all' must not wreck the trained body; 'scratch' is a short from-scratch schedule.
+# The same rates suit the vit_cifar ViT (its epoch-4 checkpoint in results/cifar10-vit,
+# 0.516 on 500 test images; one key with block scrambling, n = 1,000, 100 steps): 'stem'
+# reached 0.318 / 0.356 / 0.392 / 0.274 at 3e-3 / 1e-2 / 3e-2 / 1e-1, 'all' 0.320 / 0.350
+# at 3e-4 / 1e-3.
 DEFAULT_LR = {"stem": 3e-2, "all": 1e-3, "scratch": 3e-3}
 DEFAULT_AUGMENT = ("crop", "flip")
-STEM_PARAMS = ("stem",)
+#: What ``'stem'`` trains, by model family: the top-level parameters the key transforms.
+STEM_PARAMS = {"convmixer": ("stem",), "vit": ("patch_embed", "pos_embed")}
 STEM_BN = "stem_bn"
+
+
+def _family(config) -> str:
+    return getattr(config, "family", "convmixer")
 
 
 def default_steps(n: int) -> int:
@@ -112,7 +134,7 @@ def _check_positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _check_labels(config: ConvMixerConfig, images, labels) -> np.ndarray:
+def _check_labels(config: ConvMixerConfig | ViTConfig, images, labels) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) != len(images):
         raise ValueError(
@@ -130,7 +152,7 @@ def _check_labels(config: ConvMixerConfig, images, labels) -> np.ndarray:
 
 
 def _check_data(
-    config: ConvMixerConfig, images, labels, what: str
+    config: ConvMixerConfig | ViTConfig, images, labels, what: str
 ) -> tuple[np.ndarray, np.ndarray]:
     try:
         check_model_images(config, images)
@@ -141,21 +163,18 @@ def _check_data(
     return np.asarray(images), _check_labels(config, images, labels)
 
 
-def _check_variables(config: ConvMixerConfig, variables) -> None:
+def _check_variables(config: ConvMixerConfig | ViTConfig, variables) -> None:
     """Raise ValueError unless ``variables`` has the tree and shapes of ``config``."""
-    if not isinstance(variables, Mapping) or set(variables) != {"params", "batch_stats"}:
+    wanted = collections(config)
+    if not isinstance(variables, Mapping) or set(variables) != set(wanted):
         got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
-        raise ValueError(f"variables must be {{'params', 'batch_stats'}}, got {got}")
-    dummy = jax.ShapeDtypeStruct(
-        (1, config.image_size, config.image_size, config.channels), jnp.float32
-    )
-    expected = jax.eval_shape(
-        lambda x: ConvMixer(config).init(jax.random.PRNGKey(0), x, train=False), dummy
-    )
+        names = ", ".join(f"'{name}'" for name in wanted)
+        raise ValueError(f"variables must be {{{names}}}, got {got}")
+    expected = jax.eval_shape(lambda: abstract_init(config))
     exp = {
         jax.tree_util.keystr(p): leaf
         for p, leaf in jax.tree_util.tree_flatten_with_path(
-            {"params": expected["params"], "batch_stats": expected["batch_stats"]}
+            {name: expected[name] for name in wanted}
         )[0]
     }
     got = {
@@ -191,7 +210,7 @@ def _augment_tuple(augment) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=32)
 def _train_step(
-    config: ConvMixerConfig,
+    config: ConvMixerConfig | ViTConfig,
     train_params: frozenset | None,
     train_bn: frozenset | None,
     augment: tuple[str, ...],
@@ -203,9 +222,11 @@ def _train_step(
 
     train_params: top-level parameter modules that are trained (None: all; the others
     are frozen by an optax mask). train_bn: top-level modules whose BatchNorms run in
-    train mode (None: all; empty: every BatchNorm in eval mode).
+    train mode (None: all; empty: every BatchNorm in eval mode); ignored for a model
+    without BatchNorm (a ViT).
     ``step(state, images, labels, lr) -> (state, loss, correct)`` where
-    state = {'params', 'batch_stats', 'opt_state', 'step', 'rng'} holds every variable.
+    state = {'params', 'batch_stats' (with BatchNorm), 'opt_state', 'step', 'rng'} holds
+    every variable.
     """
     aug_cfg = TrainConfig(augment=augment, cutout=cutout)
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
@@ -214,12 +235,16 @@ def _train_step(
         rng = jax.random.fold_in(state["rng"], state["step"])
         return augment_batch(rng, images, aug_cfg), labels
 
+    if not has_batch_norm(config):
+        batch_norm = None
+    else:
+        batch_norm = "train" if train_bn is None else train_bn or "eval"
     return make_train_step(
-        ConvMixer(config),
+        build_model(config),
         optax.chain(*parts, optax.scale_by_adam()),
         one_hot_cross_entropy(config.num_classes, label_smoothing),
         trainable=None if train_params is None else top_level_mask(train_params),
-        batch_norm="train" if train_bn is None else train_bn or "eval",
+        batch_norm=batch_norm,
         prepare=prepare,
         learning_rate_argument=True,
     )
@@ -243,10 +268,10 @@ def _merge(given: dict, trained: dict, names: frozenset | None) -> dict:
     }
 
 
-def _trained_sets(mode: str, stem_bn: bool, param_names, bn_names):
+def _trained_sets(family: str, mode: str, stem_bn: bool, param_names, bn_names):
     """(trained parameter modules or None for all, train-mode BatchNorm modules or None for all)."""
     if mode == "stem":
-        names = set(STEM_PARAMS) | ({STEM_BN} if stem_bn else set())
+        names = set(STEM_PARAMS[family]) | ({STEM_BN} if stem_bn else set())
         return frozenset(names & set(param_names)), frozenset(names & set(bn_names))
     return None, None
 
@@ -255,7 +280,7 @@ def _trained_sets(mode: str, stem_bn: bool, param_names, bn_names):
 
 
 def finetune(
-    config: ConvMixerConfig,
+    config: ConvMixerConfig | ViTConfig,
     variables: PyTree | None,
     images,
     labels,
@@ -273,12 +298,12 @@ def finetune(
     label_smoothing: float = 0.0,
     progress=False,
 ) -> tuple[dict, dict]:
-    """Fine-tune (or, ``mode='scratch'``, train afresh) a ConvMixer on labeled images.
+    """Fine-tune (or, ``mode='scratch'``, train afresh) a ConvMixer or a ViT on labeled images.
 
     Args:
-      config: the architecture.
-      variables: ``{'params', 'batch_stats'}`` to start from (never modified);
-        ignored by ``'scratch'`` (may be None there).
+      config: the architecture (a ConvMixer's or a ViT's config).
+      variables: ``{'params', 'batch_stats'}`` of a ConvMixer, ``{'params'}`` of a ViT,
+        to start from (never modified); ignored by ``'scratch'`` (may be None there).
       images: (n, H, W, C) uint8, or float in [0, 1]; H = W = config.image_size.
       labels: (n,) integers in 0..num_classes-1.
       mode: 'stem' | 'all' | 'scratch' (module docstring).
@@ -287,13 +312,14 @@ def finetune(
       lr: peak learning rate (None: ``DEFAULT_LR[mode]``).
       seed: batch order, augmentation, and the initialization of 'scratch'.
       augment: True (crop + flip), False, or a tuple of 'crop' / 'flip' / 'cutout'.
-      stem_bn: 'stem' mode only: also train the stem BatchNorm (module docstring).
+      stem_bn: 'stem' mode of a ConvMixer only: also train the stem BatchNorm (module
+        docstring).
       progress: True for a tqdm bar, or a tqdm-like object to ``update(1)`` per step.
 
     Returns:
       (variables as numpy arrays, history) where the frozen leaves are copies of the
       input's, and history is JSON-serializable: mode, n, steps, batch_size, lr,
-      trained / train-mode-BatchNorm module names, per-step ``loss`` and
+      trained / train-mode-BatchNorm module names (none for a ViT), per-step ``loss`` and
       ``train_accuracy`` (on the augmented batch), ``seconds`` (wall time,
       including compilation on the first call for a configuration) and
       ``first_step_seconds`` (the first step alone, which holds any compilation).
@@ -303,6 +329,8 @@ def finetune(
     batch_size = _check_positive_int("batch_size", batch_size)
     if stem_bn and mode != "stem":
         raise ValueError("stem_bn applies to mode 'stem' only")
+    if stem_bn and not has_batch_norm(config):
+        raise ValueError("stem_bn applies to a ConvMixer only: a ViT has no BatchNorm")
     lr = DEFAULT_LR[mode] if lr is None else float(lr)
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
@@ -320,9 +348,12 @@ def finetune(
                 "starts without)"
             )
         _check_variables(config, variables)
-    params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
+    params = dict(variables["params"])
+    batch_stats = dict(variables["batch_stats"]) if has_batch_norm(config) else None
 
-    train_params, train_bn = _trained_sets(mode, stem_bn, params, batch_stats)
+    train_params, train_bn = _trained_sets(
+        _family(config), mode, stem_bn, params, batch_stats or ()
+    )
     step_fn = _train_step(
         config,
         train_params,
@@ -335,10 +366,11 @@ def finetune(
     copy = lambda t: jax.tree.map(lambda a: jnp.array(a, dtype=jnp.float32, copy=True), t)  # noqa: E731
     state = {
         "params": copy(params),
-        "batch_stats": copy(batch_stats),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.fold_in(jax.random.PRNGKey(seed), 1),
     }  # not the init key
+    if batch_stats is not None:
+        state["batch_stats"] = copy(batch_stats)
     state["opt_state"] = step_fn.init_opt_state(state["params"])
 
     if images.dtype != np.uint8:  # augment_batch divides by 255
@@ -378,10 +410,9 @@ def finetune(
     seconds = time.perf_counter() - t0
 
     # trained leaves from the state, the frozen ones copied from the input
-    out = {
-        "params": _merge(params, state["params"], train_params),
-        "batch_stats": _merge(batch_stats, state["batch_stats"], train_bn),
-    }
+    out = {"params": _merge(params, state["params"], train_params)}
+    if batch_stats is not None:
+        out["batch_stats"] = _merge(batch_stats, state["batch_stats"], train_bn)
     history = {
         "mode": mode,
         "n": n,
@@ -394,7 +425,7 @@ def finetune(
         "grad_clip": grad_clip,
         "label_smoothing": label_smoothing,
         "trained": sorted(params if train_params is None else train_params),
-        "batchnorm_train_mode": sorted(batch_stats if train_bn is None else train_bn),
+        "batchnorm_train_mode": sorted((batch_stats or ()) if train_bn is None else train_bn),
         "loss": [float(v) for v in jax.device_get(losses)],
         "train_accuracy": [int(c) / batch_size for c in jax.device_get(corrects)],
         "seconds": seconds,
@@ -430,7 +461,7 @@ def attack_subset(n_pool: int, n: int, seed: int) -> np.ndarray:
 
 
 def finetune_attack(
-    config: ConvMixerConfig,
+    config: ConvMixerConfig | ViTConfig,
     encrypted_variables: PyTree,
     train_images,
     train_labels,
@@ -452,7 +483,8 @@ def finetune_attack(
     """Fine-tune the encrypted model on n plain images per mode; test on plain images.
 
     Args:
-      config, encrypted_variables: the encrypted model (never modified).
+      config, encrypted_variables: the encrypted model, a ConvMixer or a ViT (never
+        modified).
       train_images, train_labels: the pool (plain) the n attack images come from;
         (N, H, W, C) uint8 or float in [0, 1], (N,) ints.
       test_images, test_labels: plain test images for the accuracies.
@@ -586,6 +618,15 @@ MODE_LABELS = {
     "all": "fine-tune whole model",
     "scratch": "train from scratch",
 }
+#: A ViT's 'stem' also trains the position embedding (module docstring).
+VIT_MODE_LABELS = {**MODE_LABELS, "stem": "fine-tune patch and position embeddings"}
+
+
+def mode_labels(results: dict) -> dict[str, str]:
+    """What each mode trains, in words, for the model family of ``results``
+    (:func:`finetune_attack`'s)."""
+    family = results.get("model", {}).get("family", "convmixer")
+    return VIT_MODE_LABELS if family == "vit" else MODE_LABELS
 
 
 def plot_finetune(results: dict, path, *, baseline_accuracy: float | None = None):
@@ -605,9 +646,10 @@ def plot_finetune(results: dict, path, *, baseline_accuracy: float | None = None
     fig, ax = plt.subplots(figsize=(5.2, 4.0))
     markers = {"stem": "o", "all": "s", "scratch": "^"}
     spread = results.get("stem_across_keys")
+    labels = mode_labels(results)
     for mode, accs in results["accuracy"].items():
         ns = sorted(int(n) for n in accs)
-        label = MODE_LABELS.get(mode, mode)
+        label = labels.get(mode, mode)
         if mode == "stem" and spread:  # the line is the first key's, the band all keys'
             label += f", key 1 of {len(spread[str(ns[0])]['values'])}"
         (line,) = ax.plot(
@@ -620,7 +662,7 @@ def plot_finetune(results: dict, path, *, baseline_accuracy: float | None = None
                 [spread[str(n)]["max"] for n in ns],
                 color=line.get_color(),
                 alpha=0.2,
-                label=f"{MODE_LABELS['stem']}, range over {len(spread[str(ns[0])]['values'])} keys",
+                label=f"{labels['stem']}, range over {len(spread[str(ns[0])]['values'])} keys",
             )
     if base is not None:
         ax.axhline(base, color="k", ls="--", lw=1, label=f"plain model ({base:.3f})")
@@ -652,10 +694,12 @@ def plot_finetune(results: dict, path, *, baseline_accuracy: float | None = None
 __all__ = [
     "MODES",
     "DEFAULT_LR",
+    "STEM_PARAMS",
     "DEFAULT_SIZES",
     "DEFAULT_BATCH_SIZE",
     "default_steps",
     "lr_schedule",
+    "mode_labels",
     "finetune",
     "finetune_attack",
     "attack_subset",

@@ -1,6 +1,11 @@
 """The security report's fine-tuning section: the encrypted model fine-tuned on n labeled
 plain images (:func:`~convmixer_jax.attacks.finetune.finetune_attack`), under several
-secret keys for the patch embedding, since its outcome depends on the key."""
+secret keys for the patch embedding, since its outcome depends on the key.
+
+A ConvMixer is encrypted with keys without block scrambling (the paper's); a ViT with keys
+that scramble the blocks of its grid of patches (the follow-up paper's), so its encrypted
+model also has its position rows permuted, and its 'stem' mode trains the patch and the
+position embeddings (:mod:`convmixer_jax.attacks.finetune`)."""
 
 from __future__ import annotations
 
@@ -48,17 +53,19 @@ def spread(values) -> dict:
 
 def run(context: AttackContext, config: FinetuneConfig) -> dict:
     """Every mode under the first key; with ``finetune_keys`` > 1, the patch embedding
-    under the others too, on the same images and seed, and the spread over all keys."""
+    under the others too, on the same images and seed, and the spread over all keys.
+    A ViT's keys scramble the blocks of its grid of patches; a ConvMixer's do not."""
     import numpy as np
 
     from convmixer_jax.attacks.finetune import finetune_attack
+    from convmixer_jax.attacks.wrong_keys import key_grid
     from convmixer_jax.scheme.keys import fingerprint
     from convmixer_jax.scheme.params import encrypt_params
 
     cfg, variables = context.model_config, context.variables
     train_x, train_y = (np.asarray(a) for a in context.train_data)
     ev_x, ev_y = context.eval_data
-    keys = context.keys(config.finetune_keys)
+    keys = context.keys(config.finetune_keys, 0, grid=key_grid(cfg))
     kwargs = {} if config.finetune_steps is None else {"steps": config.finetune_steps}
     seed = context.seed()
 
@@ -81,6 +88,8 @@ def run(context: AttackContext, config: FinetuneConfig) -> dict:
 
     ft = attack(keys[0], config.finetune_modes, baseline_accuracy=context.plain_accuracy())
     ft["key_fingerprint"] = fingerprint(keys[0])
+    if keys[0].scrambles:
+        ft["key_grid"] = list(keys[0].grid)
     if config.finetune_keys > 1 and "stem" in config.finetune_modes:
         context.log(
             f"{context.section} fine-tuning the patch embedding under "
@@ -118,6 +127,13 @@ def summary_lines(ft: dict) -> list[str]:
         f"chance {ft['chance']:.2f}.",
         "",
     ]
+    if "key_grid" in ft:
+        gh, gw = ft["key_grid"]
+        lines[-1:-1] = [
+            f"The ViT's keys scramble the blocks of its {gh} x {gw} grid of patches; 'stem' "
+            "trains its patch embedding and its position embedding, whose patch rows the "
+            "block key permutes.",
+        ]
     sizes = sorted({int(n) for acc in ft["accuracy"].values() for n in acc})
     lines.append("| mode | " + " | ".join(f"n = {n:,}" for n in sizes) + " |")
     lines.append("| --- |" + " ---: |" * len(sizes))
@@ -163,6 +179,6 @@ ATTACK = Attack(
     plot=plot,
     figure="finetune.png",
     seconds_key="seconds_total",
-    families=("convmixer",),
-    family_note=("it fine-tunes the ConvMixer's stem and layers"),
+    families=("convmixer", "vit"),
+    needs_reference=False,
 )

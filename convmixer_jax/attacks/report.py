@@ -40,6 +40,7 @@ from convmixer_jax.attacks import (
     known_plaintext_report,
     model_recovery_report,
     vit_ciphertext_report,
+    vit_countermeasure_report,
     vit_known_plaintext_report,
     vit_model_report,
 )
@@ -69,6 +70,7 @@ ATTACKS: tuple[Attack, ...] = (
     vit_model_report.ATTACK,
     vit_ciphertext_report.ATTACK,
     vit_known_plaintext_report.ATTACK,
+    vit_countermeasure_report.ATTACK,
     countermeasure_report.ATTACK,
 )
 
