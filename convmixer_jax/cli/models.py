@@ -17,13 +17,13 @@ from convmixer_jax.cli.options import (
     add_quiet,
     add_resize,
     add_seed,
+    add_workers,
     data_label,
-    load_split,
     model_config,
+    open_split,
     positive_int,
     resolve_out,
     start_processes,
-    subset,
 )
 
 
@@ -197,6 +197,8 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     import numpy as np
 
+    from convmixer_jax.data import subset_indices
+    from convmixer_jax.data.pipeline import batches
     from convmixer_jax.files.atomic import check_output, write_text_atomic
     from convmixer_jax.files.model_dir import (
         check_data_classes,
@@ -204,7 +206,7 @@ def cmd_evaluate(args) -> int:
         is_encrypted,
         load_model,
     )
-    from convmixer_jax.model.inference import accuracy, check_model_images
+    from convmixer_jax.model.inference import check_model_images, evaluate_batches
     from convmixer_jax.parallel.runtime import is_writer
     from convmixer_jax.scheme.images import encrypt_images
     from convmixer_jax.scheme.keys import fingerprint, load_key
@@ -221,19 +223,33 @@ def cmd_evaluate(args) -> int:
     if key is not None:
         check_key_fits_model(config, key)
     resize = None if args.resize is None else (args.resize or config.image_size)
-    images, labels, classes = load_split(args, "test", resize=resize)
-    check_data_classes(config, meta, classes, where=f"the test data ({data_label(args)})")
-    images, labels = subset(images, labels, args.limit, args.seed)
-    check_model_images(config, images)
+    split = open_split(args, "test", resize=resize)
+    check_data_classes(config, meta, split.classes, where=f"the test data ({data_label(args)})")
+    rows = subset_indices(len(split), args.limit, args.seed)
+    if rows is not None:
+        split = split.take(rows)
+    check_model_images(config, split.images)
+    transform = None
     if key is not None:  # after any resize: the blocks are those of the model's input grid
-        images = np.asarray(encrypt_images(images, key))
-    acc = accuracy(
-        config, variables, images, labels, batch_size=args.batch_size, progress=not args.quiet
+
+        def transform(images):
+            return np.asarray(encrypt_images(images, key))
+
+    stream = batches(split.images, split.labels, batch_size=args.batch_size, workers=args.workers)
+    scores = evaluate_batches(
+        config,
+        variables,
+        stream,
+        transform=transform,
+        progress=not args.quiet,
+        total=len(split),
+        desc="evaluate" + (" (encrypted images)" if key is not None else ""),
     )
     enc = meta.get("encryption")
     result = {
-        "accuracy": acc,
-        "images": int(len(images)),
+        "accuracy": scores["top1"],
+        "top5_accuracy": scores["top5"],
+        "images": scores["images"],
         "encrypted_images": key is not None,
         "model_encrypted": is_encrypted(meta),
         "key_fingerprint": fingerprint(key) if key is not None else None,
@@ -364,11 +380,14 @@ def register(add) -> None:
         "evaluate",
         cmd_evaluate,
         "test accuracy of a model, on plain or encrypted images",
-        "Accuracy on the test split; with --key the test images are encrypted with that key "
-        "first (the right key for an encrypted model, or a wrong one for an attack). A data set "
-        "whose classes do not match the model's (count, or names when both are known) is refused. "
-        "Prints JSON; --out also writes it. Runs over several processes too: each batch is split "
-        "over all their devices, process 0 reports.",
+        "Top-1 ('accuracy') and top-5 accuracy on the test split; with --key the test images "
+        "are encrypted with that key first, after any --resize (the right key for an encrypted "
+        "model, or a wrong one for an attack). The images stream: they are read and decoded "
+        "batch by batch (threads, or --workers processes), so memory does not grow with their "
+        "number; a bar shows images/s. A data set whose classes do not match the model's "
+        "(count, or names when both are known) is refused. Prints JSON; --out also writes it. "
+        "Runs over several processes too: each batch is split over all their devices, process "
+        "0 reports.",
     )
     p.add_argument("model", metavar="MODEL_DIR", help="model directory")
     add_data_options(p)
@@ -377,6 +396,7 @@ def register(add) -> None:
     add_limit(p)
     add_seed(p)
     add_batch_size(p)
+    add_workers(p)
     add_quiet(p)
     p.add_argument("--out", metavar="RESULT.json", help="also write the result JSON here")
     add_force(p)

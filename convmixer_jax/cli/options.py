@@ -146,6 +146,24 @@ def add_limit(p: argparse.ArgumentParser) -> None:
     )
 
 
+def non_negative_int(text: str) -> int:
+    value = int_arg(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def add_workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="processes that read and decode images (default 0: threads of this process; "
+        "worth it for full-size JPEGs)",
+    )
+
+
 def add_batch_size(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size",
@@ -426,11 +444,8 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_split(args, split: str, *, resize: int | None = None):
-    """(images (N,H,W,C) uint8, labels (N,) int32, class names) of ``split`` from the data options;
-    ``resize``: timm's evaluation transform to that size, with ``args.crop_pct``."""
-    from convmixer_jax.data import load_split
-
+def _data_source(args, resize: int | None) -> dict:
+    """The data options as the keyword arguments of ``load_split`` / ``open_split``."""
     if args.data_dir is not None and (
         args.download_url or args.download_sha256 or args.tfds_data_dir
     ):
@@ -438,8 +453,7 @@ def load_split(args, split: str, *, resize: int | None = None):
             "--data-dir reads a local copy; it cannot be combined with --download-url, "
             "--download-sha256 or --tfds-data-dir"
         )
-    return load_split(
-        split,
+    return dict(
         data_dir=args.data_dir,
         dataset=args.dataset,
         download_url=args.download_url,
@@ -449,6 +463,23 @@ def load_split(args, split: str, *, resize: int | None = None):
         resize=resize,
         **({"crop_pct": args.crop_pct} if resize is not None else {}),
     )
+
+
+def open_split(args, split: str, *, resize: int | None = None, cache: bool = False):
+    """:func:`convmixer_jax.data.sources.open_split` of ``split`` from the data options: a ``Split``
+    whose images (N,H,W,C) uint8 are read when indexed, labels (N,) int32, class names;
+    ``resize`` as in :func:`load_split`, ``cache`` as in ``open_split``."""
+    from convmixer_jax.data import open_split
+
+    return open_split(split, **_data_source(args, resize), cache=cache)
+
+
+def load_split(args, split: str, *, resize: int | None = None):
+    """(images (N,H,W,C) uint8, labels (N,) int32, class names) of ``split`` from the data options;
+    ``resize``: timm's evaluation transform to that size, with ``args.crop_pct``."""
+    from convmixer_jax.data import load_split
+
+    return load_split(split, **_data_source(args, resize))
 
 
 def data_label(args) -> str:

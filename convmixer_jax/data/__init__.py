@@ -1,8 +1,11 @@
-"""Image classification data as uint8 NHWC arrays: local copies, the downloaded CIFAR releases,
-tfds.
+"""Image classification data: splits as row readers that decode on demand, or whole uint8
+NHWC arrays; local copies, the downloaded CIFAR releases, tfds; Grain input pipelines.
 
-``load_split(split, ...)`` returns ``(images, labels, class names)``:
-images (N, H, W, C) uint8, labels (N,) int32. Its sources:
+``open_split(split, ...)`` returns a :class:`~convmixer_jax.data.sources.Split`: images a
+row reader (N, H, W, C) uint8 that reads only the rows asked for, labels (N,) int32, class
+names. ``load_split(split, ...)`` returns ``(images, labels, class names)`` with every row
+read into memory. :mod:`.pipeline` turns a reader into batches with Grain (decoding in
+threads or worker processes, a bounded buffer). Their sources:
 
 - :mod:`.local`: a local copy (``data_dir``): class-subfolder images, or the
   CIFAR-10 / CIFAR-100 binary batches; needs nothing else;
@@ -14,7 +17,7 @@ images (N, H, W, C) uint8, labels (N,) int32. Its sources:
 """
 
 from convmixer_jax.data.download import fetch_release
-from convmixer_jax.data.loader import load_split, stratified_holdout, subset
+from convmixer_jax.data.loader import load_split, stratified_holdout, subset, subset_indices
 from convmixer_jax.data.local import (
     BINARY_LAYOUTS,
     CIFAR10_CLASSES,
@@ -25,11 +28,14 @@ from convmixer_jax.data.local import (
     load_image_folder,
     load_local,
 )
+from convmixer_jax.data.sources import Rows, Split, open_split
 
 __all__ = [
     "BINARY_LAYOUTS",
     "CIFAR10_CLASSES",
     "DataError",
+    "Rows",
+    "Split",
     "cache_dir",
     "fetch_release",
     "load_cifar10_binary",
@@ -37,6 +43,8 @@ __all__ = [
     "load_image_folder",
     "load_local",
     "load_split",
+    "open_split",
     "stratified_holdout",
     "subset",
+    "subset_indices",
 ]

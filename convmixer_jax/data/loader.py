@@ -1,12 +1,12 @@
-"""One entry point over every data source: a local copy, tensorflow-datasets, or the downloaded
-release."""
+"""One entry point over every data source (a local copy, tensorflow-datasets, or the downloaded
+release) read whole into memory, subsets, and the stratified validation hold-out."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from convmixer_jax.data.local import BINARY_LAYOUTS, DataError, load_cifar_binary, load_local
-from convmixer_jax.files.resize import DEFAULT_CROP_PCT, check_resize, eval_resize_batch
+from convmixer_jax.data.sources import open_split
+from convmixer_jax.files.resize import DEFAULT_CROP_PCT
 
 
 def load_split(
@@ -40,41 +40,33 @@ def load_split(
     (:func:`~convmixer_jax.files.resize.eval_resize`); ``resize`` and ``crop_pct`` are
     checked (:func:`~convmixer_jax.files.resize.check_resize`) before any data is read.
     """
-    if resize is not None:
-        check_resize(resize, crop_pct)
-    if data_dir is not None:
-        return load_local(data_dir, split, progress=progress, resize=resize, crop_pct=crop_pct)
-    images, labels, classes = _load_source(
-        split, dataset, download_url, download_sha256, tfds_data_dir, progress
+    opened = open_split(
+        split,
+        data_dir=data_dir,
+        dataset=dataset,
+        download_url=download_url,
+        download_sha256=download_sha256,
+        tfds_data_dir=tfds_data_dir,
+        progress=progress,
+        resize=resize,
+        crop_pct=crop_pct,
+        cache=True,
     )
-    if resize is not None:
-        images = eval_resize_batch(images, resize, crop_pct)
-    return images, labels, classes
+    return np.array(opened.images), opened.labels, list(opened.classes)
 
 
-def _load_source(split, dataset, download_url, download_sha256, tfds_data_dir, progress):
-    """A split of ``dataset`` from tfds or the downloaded release, as :func:`load_split` returns
-    it."""
-    if dataset not in BINARY_LAYOUTS:
-        raise DataError(f"unknown dataset {dataset!r}; use one of {', '.join(BINARY_LAYOUTS)}")
-    if tfds_data_dir is not None:
-        from convmixer_jax.data.tfds_source import load_tfds
-
-        return load_tfds(dataset, split, data_dir=tfds_data_dir)
-    if split not in ("train", "test"):
-        raise DataError(f"unknown split {split!r}; use one of ('train', 'test')")
-    from convmixer_jax.data.download import fetch_release
-
-    folder = fetch_release(dataset, url=download_url, sha256=download_sha256, progress=progress)
-    return load_cifar_binary(folder, split, BINARY_LAYOUTS[dataset])
+def subset_indices(total: int, n: int | None, seed: int) -> np.ndarray | None:
+    """The rows of a seeded random subset of ``n`` of ``total`` examples, sorted: (n,) int;
+    None (all rows) if n is None or n >= total. :func:`subset` picks these rows."""
+    if n is None or n >= total:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
 
 
 def subset(images: np.ndarray, labels: np.ndarray, n: int | None, seed: int):
     """A seeded random subset of ``n`` examples, kept in their original order; all if n is None."""
-    if n is None or n >= len(images):
-        return images, labels
-    idx = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
-    return images[idx], labels[idx]
+    idx = subset_indices(len(images), n, seed)
+    return (images, labels) if idx is None else (images[idx], labels[idx])
 
 
 def stratified_holdout(labels: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -102,7 +102,11 @@ def _split_dir(root: Path, split: str) -> Path:
     return d
 
 
-def _list_image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]]]:
+def list_image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]]]:
+    """The class names (sorted folder names) and the images of ``root/split/<class>/`` as
+    (path, label) pairs, in the row order of every reader of the tree: class by class, files
+    sorted by name within a class."""
+    root = Path(root)
     d = _split_dir(root, split)
     classes = sorted(p.name for p in d.iterdir() if p.is_dir())
     if not classes:
@@ -134,18 +138,15 @@ def load_image_folder(
     (:func:`~convmixer_jax.files.resize.eval_resize`).
     """
     root = Path(root)
-    _check_resize(resize, crop_pct)
-    classes, files = _list_image_folder(root, split)
+    check_data_resize(resize, crop_pct)
+    classes, files = list_image_folder(root, split)
     # v2: 16-bit and float images are refused (v1 entries hold them clipped to 255)
     h = hashlib.sha256(b"image-folder-v2\0")
     if resize is not None:  # another cache entry for every transform
         h.update(f"eval-resize {resize} {crop_pct!r}\0".encode())
     blobs = []
     for f, _label in files:
-        try:
-            data = f.read_bytes()
-        except OSError as e:
-            raise DataError(f"cannot read the image {f}: {e.strerror or e}") from None
+        data = read_image_file(f)
         blobs.append(data)
         h.update(f"{f.parent.name}/{f.name}\0{len(data)}\0".encode())
         h.update(data)
@@ -165,11 +166,7 @@ def load_image_folder(
                 disable=None,
             )  # on a terminal only: logs and error output stay clean
         for (f, _), data in pairs:
-            try:
-                a = _rgb(decode_image(data, f, npy_alternative=False))
-                arrays.append(a if resize is None else eval_resize(a, resize, crop_pct))
-            except ImageError as e:
-                raise DataError(str(e) if str(f) in str(e) else f"{f}: {e}") from None
+            arrays.append(decode_folder_image(data, f, resize, crop_pct))
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
             raise DataError(
@@ -182,7 +179,29 @@ def load_image_folder(
     return images, labels, classes
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
+def read_image_file(path: Path) -> bytes:
+    """The bytes of one image of a data tree; a :class:`DataError` naming it if it cannot be
+    read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read the image {path}: {e.strerror or e}") from None
+
+
+def decode_folder_image(
+    data: bytes, path, resize: int | None = None, crop_pct: float = DEFAULT_CROP_PCT
+) -> np.ndarray:
+    """One image of a data tree from its file's bytes: (H, W, 3) uint8 RGB, or (resize, resize,
+    3) by timm's evaluation transform; a :class:`DataError` naming ``path`` if it is refused
+    (:func:`~convmixer_jax.files.image_files.decode_image`'s rules)."""
+    try:
+        a = rgb(decode_image(data, path, npy_alternative=False))
+        return a if resize is None else eval_resize(a, resize, crop_pct)
+    except ImageError as e:
+        raise DataError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+
+
+def rgb(image: np.ndarray) -> np.ndarray:
     """(H, W, C) uint8 with C in 1, 3, 4 -> (H, W, 3): gray replicated, alpha dropped (what
     Pillow's ``convert("RGB")`` gives for ``L`` and ``RGBA``)."""
     c = image.shape[-1]
@@ -191,7 +210,9 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3]) if c == 4 else image
 
 
-def _check_resize(resize: int | None, crop_pct: float) -> None:
+def check_data_resize(resize: int | None, crop_pct: float) -> None:
+    """:func:`~convmixer_jax.files.resize.check_resize` (when ``resize`` is given) raising a
+    :class:`DataError`."""
     if resize is not None:
         try:
             check_resize(resize, crop_pct)
@@ -263,10 +284,12 @@ _ALL_BINARY_LAYOUTS = tuple(BINARY_LAYOUTS.values())
 _COARSE_CLASSES = 20
 
 
-def _find_cifar_binaries(
+def find_cifar_binaries(
     root: Path, layouts: tuple[BinaryLayout, ...] = _ALL_BINARY_LAYOUTS
 ) -> tuple[BinaryLayout, Path] | None:
-    """The first layout with a batch file in ``root`` or ``root/<release folder>``."""
+    """The first layout with a batch file in ``root`` or ``root/<release folder>``, and that
+    folder; None if there is none."""
+    root = Path(root)
     for layout in layouts:
         for d in (root, root / layout.folder):
             if any((d / n).exists() for n in layout.batch_files):
@@ -274,14 +297,86 @@ def _find_cifar_binaries(
     return None
 
 
-def _class_names(d: Path, layout: BinaryLayout) -> list[str]:
-    p = d / layout.names_file
+def cifar_class_names(d: Path, layout: BinaryLayout) -> list[str]:
+    """The class names of the release in folder ``d`` (its names file; the layout's defaults
+    without one)."""
+    p = Path(d) / layout.names_file
     if not p.is_file():
         return list(layout.default_names or (str(i) for i in range(layout.num_classes)))
     names = [line.strip() for line in p.read_text(errors="replace").splitlines() if line.strip()]
     if len(names) != layout.num_classes:
         raise DataError(f"{p} names {len(names)} classes; {layout.name} has {layout.num_classes}")
     return names
+
+
+def cifar_batch_files(
+    root: str | os.PathLike, split: str, layout: BinaryLayout
+) -> tuple[Path, list[tuple[Path, int]]]:
+    """The folder of the release in ``root`` (or ``root/<release folder>``) and the batch files
+    of ``split`` with their record counts, read in this order. Refuses a missing, empty or
+    truncated file (its size is not a whole number of records) with a :class:`DataError`."""
+    root = Path(root)
+    if split not in _SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {_SPLITS}")
+    found = find_cifar_binaries(root, (layout,))
+    if found is None:
+        raise DataError(
+            f"no {layout.name} binary batches ({', '.join(layout.batch_files)}) under {root}"
+        )
+    d = found[1]
+    out = []
+    for name in layout.batches[split]:
+        p = d / name
+        if not p.exists():
+            raise DataError(
+                f"missing {p}; the {layout.name} binary release "
+                f"has {', '.join(layout.batches[split])}"
+            )
+        try:
+            size = p.stat().st_size
+        except OSError as e:
+            raise DataError(f"cannot read {p}: {e.strerror or e}") from None
+        if not size or size % layout.record:
+            official = (layout.records or {}).get(split)
+            should = (
+                f" (the official file holds {official:,} records: {official * layout.record:,} "
+                "bytes)"
+                if official
+                else ""
+            )
+            problem = (
+                "is empty (0 bytes)"
+                if not size
+                else f"is truncated or damaged: its size {size:,} bytes is not a multiple of"
+                " the record size"
+            )
+            raise DataError(
+                f"{p} {problem}: a {layout.name} binary batch holds whole "
+                f"{layout.record:,}-byte records{should}; download the release again"
+            )
+        out.append((p, size // layout.record))
+    return d, out
+
+
+def cifar_labels(label_bytes: np.ndarray, layout: BinaryLayout, d: Path) -> np.ndarray:
+    """label_bytes: (N, layout.label_bytes) uint8, the label bytes of each record ->
+    the used labels (N,) int32, after checking every label byte lies in its range."""
+    labels = label_bytes[:, layout.label_index].astype(np.int32)
+    if labels.max(initial=0) >= layout.num_classes:
+        raise DataError(
+            f"labels above {layout.num_classes - 1} in {d}: not {layout.name} binary batches"
+        )
+    if layout.label_bytes == 2 and label_bytes[:, 0].max(initial=0) >= _COARSE_CLASSES:
+        raise DataError(
+            f"coarse labels above {_COARSE_CLASSES - 1} in {d}: not {layout.name} binary batches"
+        )
+    return labels
+
+
+def cifar_records_to_images(pixels: np.ndarray) -> np.ndarray:
+    """pixels: (N, 3072) uint8 records' pixel bytes (3 planes of 32 x 32, CHW) -> (N, 32, 32,
+    3) uint8 HWC, a new contiguous array."""
+    return np.ascontiguousarray(pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
 
 
 def load_cifar_binary(
@@ -294,58 +389,18 @@ def load_cifar_binary(
     int32 in [0, num_classes), and the class names (from the release's names
     file when present).
     """
-    root = Path(root)
-    if split not in _SPLITS:
-        raise DataError(f"unknown split {split!r}; use one of {_SPLITS}")
-    found = _find_cifar_binaries(root, (layout,))
-    if found is None:
-        raise DataError(
-            f"no {layout.name} binary batches ({', '.join(layout.batch_files)}) under {root}"
-        )
-    d = found[1]
+    d, files = cifar_batch_files(root, split, layout)
     raw = []
-    for name in layout.batches[split]:
-        p = d / name
-        if not p.exists():
-            raise DataError(
-                f"missing {p}; the {layout.name} binary release "
-                f"has {', '.join(layout.batches[split])}"
-            )
+    for p, _ in files:
         try:
             data = p.read_bytes()
         except OSError as e:
             raise DataError(f"cannot read {p}: {e.strerror or e}") from None
-        if not data or len(data) % layout.record:
-            official = (layout.records or {}).get(split)
-            should = (
-                f" (the official file holds {official:,} records: {official * layout.record:,} "
-                "bytes)"
-                if official
-                else ""
-            )
-            problem = (
-                "is empty (0 bytes)"
-                if not data
-                else f"is truncated or damaged: its size {len(data):,} bytes is not a multiple of"
-                " the record size"
-            )
-            raise DataError(
-                f"{p} {problem}: a {layout.name} binary batch holds whole "
-                f"{layout.record:,}-byte records{should}; download the release again"
-            )
         raw.append(np.frombuffer(data, np.uint8).reshape(-1, layout.record))
     records = np.concatenate(raw)
-    labels = records[:, layout.label_index].astype(np.int32)
-    if labels.max(initial=0) >= layout.num_classes:
-        raise DataError(
-            f"labels above {layout.num_classes - 1} in {d}: not {layout.name} binary batches"
-        )
-    if layout.label_bytes == 2 and records[:, 0].max(initial=0) >= _COARSE_CLASSES:
-        raise DataError(
-            f"coarse labels above {_COARSE_CLASSES - 1} in {d}: not {layout.name} binary batches"
-        )
-    images = records[:, layout.label_bytes :].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
-    return images, labels, _class_names(d, layout)
+    labels = cifar_labels(records[:, : layout.label_bytes], layout, d)
+    images = cifar_records_to_images(records[:, layout.label_bytes :])
+    return images, labels, cifar_class_names(d, layout)
 
 
 def load_cifar10_binary(
@@ -383,10 +438,10 @@ def load_local(
     ``progress`` shows a bar while images are decoded; ``resize`` maps every image
     to ``resize x resize`` by timm's evaluation transform."""
     root = Path(root)
-    _check_resize(resize, crop_pct)
+    check_data_resize(resize, crop_pct)
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist")
-    found = _find_cifar_binaries(root)
+    found = find_cifar_binaries(root)
     if found is not None:
         images, labels, classes = load_cifar_binary(root, split, found[0])
         if resize is not None:

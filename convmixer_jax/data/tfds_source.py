@@ -17,10 +17,11 @@ import numpy as np
 from convmixer_jax.data.local import DataError
 
 
-def load_tfds(
-    name: str, split: str, *, data_dir: str | None = None
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Returns images (N, H, W, C) uint8, labels (N,) int32, class names."""
+def open_tfds(name: str, split: str, *, data_dir: str | None = None):
+    """(source, labels (N,) int32, class names): ``source[i]["image"]`` is image ``i``
+    (H, W, C) uint8, read when asked (the random-access ``tfds.data_source``).
+
+    The labels are read once here, one example at a time (no image is kept)."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
@@ -38,13 +39,18 @@ def load_tfds(
     n = len(source)
     if n == 0:
         raise DataError(f"tfds {name}/{split} is empty")
-    images, labels = [], []
-    for i in range(n):
-        ex = source[i]
-        images.append(np.asarray(ex["image"], np.uint8))
-        labels.append(int(ex["label"]))
+    labels = np.asarray([int(source[i]["label"]) for i in range(n)], np.int32)
     try:
         classes = list(tfds.builder(name, data_dir=data_dir).info.features["label"].names)
     except Exception:
-        classes = [str(i) for i in range(max(labels) + 1)]
-    return np.stack(images), np.asarray(labels, np.int32), classes
+        classes = [str(i) for i in range(int(labels.max()) + 1)]
+    return source, labels, classes
+
+
+def load_tfds(
+    name: str, split: str, *, data_dir: str | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Returns images (N, H, W, C) uint8, labels (N,) int32, class names."""
+    source, labels, classes = open_tfds(name, split, data_dir=data_dir)
+    images = np.stack([np.asarray(source[i]["image"], np.uint8) for i in range(len(source))])
+    return images, labels, classes

@@ -1,4 +1,5 @@
-"""Accuracy and logits of a ConvMixer over arrays of images, in fixed-size batches.
+"""Accuracy and logits of a model over arrays of images, or over a stream of batches, in
+fixed-size batches.
 
 Each batch is split over every device of every process (the global mesh of
 :mod:`convmixer_jax.parallel`); in a multi-process run each process feeds only its
@@ -8,7 +9,8 @@ own images of the batch and every process receives all the logits.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import time
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -124,3 +126,71 @@ def accuracy(
         config, variables, images, batch_size=batch_size, progress=progress, desc=desc
     )
     return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
+
+
+def top_k_hits(logits: np.ndarray, labels, k: int) -> np.ndarray:
+    """(N,) bool: whether each label is among the ``k`` largest of its row of ``logits`` (N,
+    classes); among equal logits the lower class comes first (as ``argmax``)."""
+    order = np.argsort(-np.asarray(logits), axis=1, kind="stable")[:, :k]
+    return (order == np.asarray(labels)[:, None]).any(axis=1)
+
+
+def evaluate_batches(
+    config: ConvMixerConfig,
+    variables,
+    batches: Iterable,
+    *,
+    transform: Callable | None = None,
+    progress: bool = False,
+    total: int | None = None,
+    desc: str = "evaluate",
+) -> dict:
+    """Top-1 and top-5 accuracy over a stream of batches, holding one batch at a time.
+
+    batches: an iterable of (images (B, H, W, C) uint8 or float in [0, 1], labels (B,) int),
+    e.g. :func:`convmixer_jax.data.pipeline.batches`; ``transform`` maps each batch of
+    images before the model (e.g. encrypting it with a key). Every batch is run at the size
+    of the first (rounded up to a multiple of the device count; a shorter one is padded with
+    repeats of its last image, a longer one cut), so one shape is compiled and the result
+    equals :func:`accuracy` over the same images with ``batch_size`` the first batch's size.
+    Top-5 counts a label among the min(5, classes) largest logits. ``progress`` shows a bar
+    in images per second (``total``: the image count, when known).
+
+    Returns {"top1": float, "top5": float, "images": int, "seconds": float}: the accuracies
+    in [0, 1], the number of images and the seconds the loop took (reading included).
+    """
+    mesh = global_mesh("data")
+    fn = _logits_fn(config, mesh)
+    variables = replicate(prepare_inference(config, to_host(variables)), mesh)
+    k = min(5, config.num_classes)
+    size, count, top1, top5 = None, 0, 0, 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="img", leave=False)
+    start = time.perf_counter()
+    try:
+        for images, labels in batches:
+            labels = np.asarray(labels)
+            if size is None:
+                size = pad_to_multiple(len(images), mesh.devices.size)
+            for lo in range(0, len(images), size):
+                part, hi = images[lo : lo + size], min(lo + size, len(images))
+                if len(part) < size:  # one compiled shape: pad with the last image
+                    part = np.asarray(part)[np.minimum(np.arange(size), len(part) - 1)]
+                if transform is not None:
+                    part = transform(part)
+                logits = to_host(fn(variables, shard_rows(np.asarray(part), mesh)))[: hi - lo]
+                top1 += int(np.sum(np.argmax(logits, axis=1) == labels[lo:hi]))
+                top5 += int(np.sum(top_k_hits(logits, labels[lo:hi], k)))
+                count += hi - lo
+                if bar is not None:
+                    bar.update(hi - lo)
+    finally:
+        if bar is not None:
+            bar.close()
+    if count == 0:
+        raise ValueError("no images to evaluate: the batches were empty")
+    seconds = time.perf_counter() - start
+    return {"top1": top1 / count, "top5": top5 / count, "images": count, "seconds": seconds}
