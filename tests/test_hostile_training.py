@@ -230,7 +230,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, capsys, train_args
     work = tmp_path / "w"
     assert _run(capsys, train_args(work, tmp_path / "m")) == 0
     pristine = tree_digests(work)
-    _damage(work / "checkpoints" / "1" / "default")  # the arrays and their index
+    _damage(work / "checkpoints" / "1" / "state")  # the arrays and their index
     for argv in (
         train_args(work, tmp_path / "m2", "--resume"),
         ["export-model", "--workdir", work, "--out", tmp_path / "m3"],
@@ -290,16 +290,16 @@ def _stop_at(monkeypatch, step: int) -> None:
     from convmixer_jax.training import loop
 
     calls = {"n": 0}
-    real = loop.shard_rows
+    real = loop.from_process_rows
 
-    def shard_rows(source, mesh, rows=None):
-        if source.ndim > 1:  # the images; the labels follow
+    def from_process_rows(local, mesh, n):
+        if np.ndim(local) > 1:  # the images; the labels follow
             calls["n"] += 1
             if calls["n"] == step:
                 raise KeyboardInterrupt
-        return real(source, mesh, rows)
+        return real(local, mesh, n)
 
-    monkeypatch.setattr(loop, "shard_rows", shard_rows)
+    monkeypatch.setattr(loop, "from_process_rows", from_process_rows)
 
 
 def _train(workdir, **kw):

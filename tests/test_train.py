@@ -269,7 +269,7 @@ def test_ema_and_holdout(tmp_path):
     import orbax.checkpoint as ocp
 
     mngr = ocp.CheckpointManager((tmp_path / "w" / "checkpoints").absolute())
-    state = mngr.restore(2)
+    state = mngr.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     mngr.close()
     for a, b in zip(
         jax.tree.leaves(state["params"]), jax.tree.leaves(plain["params"]), strict=True

@@ -17,10 +17,12 @@ from convmixer_jax.cli.options import (
     add_quiet,
     add_recipe,
     add_seed,
+    add_workers,
     arch_options,
     data_label,
     load_split,
     model_config,
+    open_split,
     positive_float,
     positive_int,
     recipe_from_args,
@@ -87,8 +89,13 @@ def cmd_train(args) -> int:
     # one run per workdir, held from here on: a second run is refused before it touches it
     with locked_workdir(args.workdir):
         check_workdir(args.workdir, args.resume)  # before any work
-        train_x, train_y, classes = load_split(args, "train")
-        test_x, test_y, _ = load_split(args, "test")
+        # read as training goes (CIFAR binaries mapped, image trees decoded once into a
+        # mapped cache or, when too large for one, per batch), never all held in memory
+        train_split, test_split = (
+            open_split(args, "train", cache=True),
+            open_split(args, "test", cache=True),
+        )
+        classes = train_split.classes
         if warm is None and args.num_classes is None and classes is not None:
             config = dataclasses.replace(config, num_classes=len(classes))  # one per class
         elif args.num_classes is not None and classes is not None:
@@ -98,8 +105,8 @@ def cmd_train(args) -> int:
                     f"classes; drop --num-classes (it follows the data) or give "
                     f"--num-classes {len(classes)}"
                 )
-        train_x, train_y = subset(train_x, train_y, args.limit_train, args.seed)
-        test_x, test_y = subset(test_x, test_y, args.limit_test, args.seed)
+        train_x, train_y = _subset_split(train_split, args.limit_train, args.seed)
+        test_x, test_y = _subset_split(test_split, args.limit_test, args.seed)
         recipe = recipe_from_args(args, len(train_x))
         try:
             variables, meta = train_model(
@@ -115,6 +122,7 @@ def cmd_train(args) -> int:
                 data_label=data_label(args),
                 progress=not args.quiet,
                 checkpoint_seconds=args.checkpoint_minutes * 60.0,
+                workers=args.workers,
             )
         except KeyboardInterrupt as e:  # main prints e.message: add the exact command
             if getattr(e, "saved_checkpoint", None) is not None:
@@ -132,6 +140,16 @@ def cmd_train(args) -> int:
             )
         )
     return 0
+
+
+def _subset_split(split, n: int | None, seed: int):
+    """(images, labels) of the seeded random subset of ``n`` rows of ``split`` that
+    :func:`~convmixer_jax.data.subset` picks (all rows if n is None): a view, nothing read."""
+    from convmixer_jax.data.loader import subset_indices
+
+    rows = subset_indices(len(split), n, seed)
+    split = split if rows is None else split.take(rows)
+    return split.images, split.labels
 
 
 def _resume_command(args) -> str:
@@ -249,6 +267,7 @@ def register(add) -> None:
         "one shared folder, process 0 writes the model.",
     )
     add_data_options(p)
+    add_workers(p)
     add_recipe(p)
     p.add_argument(
         "--batch-size", dest="train_batch_size", type=positive_int, help=argparse.SUPPRESS

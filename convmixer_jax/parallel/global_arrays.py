@@ -67,6 +67,40 @@ def shard_rows(source, mesh: Mesh, rows: np.ndarray | None = None) -> jax.Array:
     return jax.make_array_from_callback(shape, by_rows(mesh), local)
 
 
+def process_rows(mesh: Mesh, n: int) -> tuple[int, int]:
+    """``(start, stop)``: the rows of an (n, ...) array split by rows over ``mesh``
+    (:func:`by_rows`) that this process's devices hold, one contiguous range."""
+    held = sorted(
+        {
+            index[0].indices(n)[:2]
+            for index in by_rows(mesh).addressable_devices_indices_map((n,)).values()
+        }
+    )
+    start, stop = held[0][0], held[-1][1]
+    if sum(b - a for a, b in held) != stop - start:
+        raise ValueError(
+            f"this process's devices hold rows {held} of {n}, not one range; "
+            "order the mesh's devices by process"
+        )
+    return start, stop
+
+
+def from_process_rows(local, mesh: Mesh, n: int) -> jax.Array:
+    """The global (n, ...) array split by rows whose rows ``process_rows(mesh, n)`` are
+    ``local`` (stop - start, ...): what each process supplies when it read only its own rows
+    (equal to :func:`shard_rows` of the whole batch)."""
+    start, stop = process_rows(mesh, n)
+    local = np.asarray(local)
+    if len(local) != stop - start:
+        raise ValueError(f"this process holds rows {start}..{stop - 1} of {n}, got {len(local)}")
+
+    def part(index):
+        a, b, _ = index[0].indices(n)
+        return local[(slice(a - start, b - start),) + tuple(index[1:])]
+
+    return jax.make_array_from_callback((n,) + local.shape[1:], by_rows(mesh), part)
+
+
 def to_host(tree):
     """Replicated (or single-process) arrays of ``tree`` as numpy; every process gets the values."""
     return jax.tree.map(np.asarray, tree)
@@ -78,7 +112,9 @@ def pad_to_multiple(n: int, k: int) -> int:
 
 
 __all__ = [
+    "from_process_rows",
     "global_mesh",
+    "process_rows",
     "replicated",
     "by_rows",
     "replicate",

@@ -21,9 +21,11 @@ of processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -31,16 +33,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from convmixer_jax.data.pipeline import train_batches
+from convmixer_jax.data.sources import take_rows
 from convmixer_jax.files.atomic import deferred_interrupts, write_json_atomic
 from convmixer_jax.model import build as _build
 from convmixer_jax.model.config import ConvMixerConfig, config_from_dict
 from convmixer_jax.model.inference import accuracy
 from convmixer_jax.parallel.global_arrays import (
     by_rows,
+    from_process_rows,
     global_mesh,
+    process_rows,
     replicate,
     replicated,
-    shard_rows,
     to_host,
 )
 from convmixer_jax.parallel.runtime import from_process_zero, is_writer, process_count
@@ -163,6 +168,34 @@ def make_step(config: ConvMixerConfig, cfg: TrainConfig, tx, data_sharding, repl
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The example order of ``epoch``: a permutation of 0..n-1 fixed by (seed, epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order_cached(seed: int, epoch: int, n: int) -> np.ndarray:
+    order = epoch_order(seed, epoch, n)
+    order.flags.writeable = False
+    return order
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """The training rows of each step for one process: ``rows(step)`` (stop - start,) are
+    rows ``start:stop`` of the step's batch, the batch being positions ``s*B .. (s+1)*B - 1``
+    of :func:`epoch_order` (``epoch, s = divmod(step, steps_per_epoch)``), sorted. A
+    function of the step alone, so that any step's batch can be read again."""
+
+    seed: int
+    n: int
+    batch_size: int
+    steps_per_epoch: int
+    start: int
+    stop: int
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, s = divmod(int(step), self.steps_per_epoch)
+        order = _epoch_order_cached(self.seed, epoch, self.n)
+        batch = np.sort(order[s * self.batch_size : (s + 1) * self.batch_size])
+        return batch[self.start : self.stop]
 
 
 @contextlib.contextmanager
@@ -307,11 +340,15 @@ def train(
     log=print,
     checkpoint_seconds: float | None = 300.0,
     checkpoint_every_steps: int | None = None,
+    workers: int = 0,
 ) -> tuple[dict, dict]:
     """Train ``config`` with recipe ``cfg``; checkpoint and log into ``workdir``.
 
-    train_data / test_data: (images (N, H, W, C) uint8, labels (N,) int).
-    test_data may be None (no per-epoch evaluation).
+    train_data / test_data: (images (N, H, W, C) uint8, labels (N,) int); the images an
+    array or a row reader of :mod:`convmixer_jax.data.sources` (read batch by batch, each
+    process reading only its own rows of each batch, through
+    :func:`convmixer_jax.data.pipeline.train_batches`). test_data may be None (no
+    per-epoch evaluation).
     Returns the final variables ``{'params', 'batch_stats'}`` and the log dict
     (also written to ``workdir/train_log.json``).
     ``max_epochs_this_run`` stops early (a later ``resume`` continues).
@@ -324,23 +361,28 @@ def train(
     Checkpoints (:mod:`convmixer_jax.training.workdir`): one at the end of every epoch,
     and inside an epoch once ``checkpoint_seconds`` have passed since the last one
     (checked every 10 steps) and every ``checkpoint_every_steps`` steps; ``resume``
-    continues from the newest at its exact step, retracing the uninterrupted run.
+    continues from the newest at its exact step, retracing the uninterrupted run: each
+    checkpoint holds the data iterator's position (its Grain state, item ``data``) beside
+    the training state (checkpoints written before the position was saved resume from
+    their step, which fixes the same position).
     The run holds ``workdir``'s lock throughout; another run on it is refused
     (:class:`~convmixer_jax.training.workdir.WorkdirError`), as are ``resume`` without a
     checkpoint and a fresh run over checkpoints. Interrupted (``KeyboardInterrupt``, which
     SIGTERM's handler may subclass), the exception is re-raised with a one-line ``message``
     attribute saying where training stopped and what was saved, and a ``saved_checkpoint``
-    attribute: that checkpoint's folder, or None.
+    attribute: that checkpoint's folder, or None. ``workers`` > 0 reads the training
+    batches in that many processes (worth it for image trees decoded per batch).
     """
     workdir = Path(workdir)
     images, labels = train_data
+    labels = np.asarray(labels)
     val_data = None
     if cfg.holdout:
         from convmixer_jax.data.loader import stratified_holdout
 
         keep, held = stratified_holdout(labels, cfg.holdout, cfg.holdout_seed)
-        val_data = (images[held], labels[held])
-        images, labels = images[keep], labels[keep]
+        val_data = (take_rows(images, held), labels[held])
+        images, labels = take_rows(images, keep), labels[keep]
     labels = np.asarray(labels, np.int32)
     n = len(images)
     devices = jax.devices()
@@ -371,6 +413,7 @@ def train(
             log=log,
             checkpoint_seconds=checkpoint_seconds,
             checkpoint_every_steps=checkpoint_every_steps,
+            workers=workers,
         )
 
 
@@ -390,6 +433,7 @@ def _train_locked(
     log,
     checkpoint_seconds,
     checkpoint_every_steps,
+    workers,
 ):
     """:func:`train` once the data are checked and ``workdir`` is held."""
     import orbax.checkpoint as ocp
@@ -436,9 +480,10 @@ def _train_locked(
     mid_mngr = _checkpoint_manager(mid_dir, keep=1)
     managers = (epoch_mngr, mid_mngr)
     sums = None  # the running sums of a checkpoint taken inside an epoch
+    data_state = None  # the data iterator's position saved with the checkpoint resumed from
     try:
         if resume:
-            state, sums, start = _resume(
+            state, sums, data_state, start = _resume(
                 epoch_mngr, mid_mngr, state, repl, history, workdir, steps_per_epoch, log
             )
             history["epochs"] = [
@@ -465,6 +510,13 @@ def _train_locked(
         else min(cfg.epochs, start_epoch + max_epochs_this_run)
     )
     total_steps = stop_epoch * steps_per_epoch
+    # each process reads only its own rows of every batch, in the order fixed by the seed
+    lo, hi = process_rows(mesh, cfg.batch_size)
+    step_rows = StepRows(cfg.seed, n, cfg.batch_size, steps_per_epoch, lo, hi)
+    feed = train_batches(
+        images, labels, step_rows, hi - lo, steps=max(total_steps, start), workers=workers
+    )
+    feed.set_state(data_state if data_state is not None else {"next_index": start})
     bar = None
     if progress and start < total_steps:
         from tqdm.auto import tqdm
@@ -498,7 +550,6 @@ def _train_locked(
     last_save = time.monotonic()
     try:
         for epoch in range(start_epoch, stop_epoch):
-            order = epoch_order(cfg.seed, epoch, n)
             first = start_in_epoch if epoch == start_epoch else 0
             if sums is not None and epoch == start_epoch:
                 loss_sum, correct_sum = float(sums["loss_sum"]), int(sums["correct_sum"])
@@ -510,9 +561,9 @@ def _train_locked(
                 bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs}")
             pending = []
             for s in range(first, steps_per_epoch):
-                idx = np.sort(order[s * cfg.batch_size : (s + 1) * cfg.batch_size])
-                # each process reads only its own rows of the batch
-                xb, yb = shard_rows(images, mesh, idx), shard_rows(labels, mesh, idx)
+                xb, yb = next(feed)  # this process's rows of the batch
+                xb = from_process_rows(xb, mesh, cfg.batch_size)
+                yb = from_process_rows(yb, mesh, cfg.batch_size)
                 state, loss, correct = step_fn(state, xb, yb)
                 step += 1
                 pending.append((loss, correct))
@@ -546,6 +597,7 @@ def _train_locked(
                             args=ocp.args.Composite(
                                 state=ocp.args.StandardSave(state),
                                 sums=ocp.args.JsonSave(sums_now),
+                                data=ocp.args.JsonSave(feed.get_state()),
                             ),
                         )
                         mid_mngr.wait_until_finished()
@@ -573,7 +625,13 @@ def _train_locked(
                         )
             history["epochs"].append(entry)
             with deferred_interrupts():  # a signal waits for the save: no half-written checkpoint
-                epoch_mngr.save(epoch + 1, args=ocp.args.StandardSave(state))  # every process
+                epoch_mngr.save(  # every process
+                    epoch + 1,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state),
+                        data=ocp.args.JsonSave(feed.get_state()),
+                    ),
+                )
                 epoch_mngr.wait_until_finished()
                 for old in mid_mngr.all_steps():  # the epoch's own checkpoint supersedes them
                     mid_mngr.delete(old)
@@ -589,6 +647,7 @@ def _train_locked(
         # reported next starts on a line of its own, then the managers.
         if bar is not None:
             bar.close()
+        feed.close()
         _close_managers(managers, [epochs_dir, mid_dir] if writer else [])
         if isinstance(e, KeyboardInterrupt):
             _describe_interrupt(
@@ -597,6 +656,7 @@ def _train_locked(
         raise
     if bar is not None:
         bar.close()
+    feed.close()
     for mngr in managers:
         mngr.close()
     weights = choose_weights(history)
@@ -608,8 +668,10 @@ def _train_locked(
 
 def _resume(epoch_mngr, mid_mngr, state, repl, history, workdir: Path, per_epoch: int, log):
     """Restore the newest checkpoint of ``workdir`` (inside an epoch or at its end) onto the
-    structure of ``state``: ``(state, running sums or None, optimizer steps done)``.
-    ``history``: the run's log, holding the checkpoints' digests."""
+    structure of ``state``: ``(state, running sums or None, the data iterator's state or
+    None, optimizer steps done)``. ``history``: the run's log, holding the checkpoints'
+    digests. A checkpoint without the data iterator's state (written before it was saved)
+    gives None: the step fixes the data position."""
     import orbax.checkpoint as ocp
 
     epochs_dir, mid_dir = workdir / EPOCH_CHECKPOINTS, workdir / MID_EPOCH_CHECKPOINTS
@@ -623,26 +685,65 @@ def _resume(epoch_mngr, mid_mngr, state, repl, history, workdir: Path, per_epoch
         start = mids[-1]
         advice = _fallback_advice(workdir, mid_dir / str(start), last_epoch, "resume from")
         check_digest(digests, workdir, mid_dir / str(start), advice)
-        restored = _restore(
-            mid_mngr,
-            start,
-            ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), sums=ocp.args.JsonRestore()
-            ),
-            mid_dir,
-            advice,
-        )
+        items = dict(state=ocp.args.StandardRestore(abstract), sums=ocp.args.JsonRestore())
+        if _has_item(mid_dir, start, DATA_ITEM):
+            items[DATA_ITEM] = ocp.args.JsonRestore()
+        restored = _restore(mid_mngr, start, ocp.args.Composite(**items), mid_dir, advice)
+        restored = {name: restored[name] for name in items}
         log(
             f"resumed from epoch {start // per_epoch + 1} step {start % per_epoch}/{per_epoch} "
             f"checkpoint in {workdir}"
         )
-        return restored["state"], dict(restored["sums"]), start
+        data = _data_state(restored, start, mid_dir / str(start))
+        return restored["state"], dict(restored["sums"]), data, start
     older = epochs[-2] if len(epochs) > 1 else None
     advice = _fallback_advice(workdir, epochs_dir / str(last_epoch), older, "resume from")
     check_digest(digests, workdir, epochs_dir / str(last_epoch), advice)
-    state = _restore(epoch_mngr, last_epoch, ocp.args.StandardRestore(abstract), epochs_dir, advice)
+    restored = _restore_epoch(epoch_mngr, last_epoch, abstract, epochs_dir, advice, data=True)
     log(f"resumed from epoch {last_epoch} checkpoint in {workdir}")
-    return state, None, last_epoch * per_epoch
+    start = last_epoch * per_epoch
+    data = _data_state(restored, start, epochs_dir / str(last_epoch))
+    return restored["state"], None, data, start
+
+
+#: The item of a checkpoint that holds the data iterator's state.
+DATA_ITEM = "data"
+#: The one item of an epoch checkpoint written before the data position was saved.
+_STATE_ONLY_ITEM = "default"
+
+
+def _has_item(folder: Path, step: int, item: str) -> bool:
+    return (folder / str(step) / item).is_dir()
+
+
+def _restore_epoch(mngr, step: int, abstract, folder: Path, advice: str, *, data: bool) -> dict:
+    """The epoch checkpoint ``step`` of ``folder``: ``{'state'}`` and, when it holds one and
+    ``data`` asks for it, the data iterator's state (``'data'``). Reads both layouts: the
+    training state beside the data position, and the state alone of older checkpoints."""
+    import orbax.checkpoint as ocp
+
+    if _has_item(folder, step, _STATE_ONLY_ITEM) and not _has_item(folder, step, "state"):
+        return {"state": _restore(mngr, step, ocp.args.StandardRestore(abstract), folder, advice)}
+    items = {"state": ocp.args.StandardRestore(abstract)}
+    if data and _has_item(folder, step, DATA_ITEM):
+        items[DATA_ITEM] = ocp.args.JsonRestore()
+    restored = _restore(mngr, step, ocp.args.Composite(**items), folder, advice)
+    return {name: restored[name] for name in items}
+
+
+def _data_state(restored: dict, step: int, folder: Path) -> dict | None:
+    """The data iterator's state of a restored checkpoint of ``step``, checked to point at
+    that step's batch; None for a checkpoint without one."""
+    if restored.get(DATA_ITEM) is None:
+        return None
+    data = dict(restored[DATA_ITEM])
+    if data.get("next_index", step) != step:
+        raise CheckpointError(
+            f"the checkpoint {folder} puts the data at batch {data.get('next_index')} but its "
+            f"training state at step {step}; it was not written by this program: resume from "
+            "an older checkpoint or start a new --workdir"
+        )
+    return data
 
 
 def _close_managers(managers, folders) -> None:
@@ -730,8 +831,6 @@ def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
     Returns (config, variables ``{'params', 'batch_stats'}`` as numpy, info)
     where info holds the epoch, the recipe and that epoch's log entry.
     """
-    import orbax.checkpoint as ocp
-
     workdir = Path(workdir)
     log_path = workdir / "train_log.json"
     if not log_path.exists():
@@ -763,7 +862,7 @@ def load_checkpoint(workdir) -> tuple[ConvMixerConfig, dict, dict]:
     check_digest(history.get(DIGESTS, {}), workdir, epochs_dir / str(latest), advice)
     mngr = _checkpoint_manager(epochs_dir, writing=False)  # a run may be writing there
     try:
-        restored = _restore(mngr, latest, ocp.args.StandardRestore(state), epochs_dir, advice)
+        restored = _restore_epoch(mngr, latest, state, epochs_dir, advice, data=False)["state"]
     finally:
         mngr.close()
     entry = next((e for e in history["epochs"] if e["epoch"] == latest), None)

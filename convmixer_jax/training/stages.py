@@ -153,6 +153,7 @@ def train_model(
     classes=None,
     progress: bool = True,
     checkpoint_seconds: float | None = 300.0,
+    workers: int = 0,
 ) -> tuple[dict, dict]:
     """Train, draw the curves into ``workdir/curves.png``, score the test split:
     ``(variables, meta)``.
@@ -164,7 +165,8 @@ def train_model(
     meta: the provenance fields for ``config.json`` (recipe, accuracies, epochs and
     seconds of every stage, ...). classes: the data's class names (one output each), or None.
     ``workdir`` is held (:func:`~convmixer_jax.training.workdir.locked_workdir`) until the
-    curves are drawn; ``checkpoint_seconds``: see :func:`~convmixer_jax.training.loop.train`.
+    curves are drawn; ``checkpoint_seconds``, ``workers``: see
+    :func:`~convmixer_jax.training.loop.train`.
     """
     check_training_data(config, train_data, test_data, classes)
     init_variables_, init_from = warm if warm is not None else (None, None)
@@ -182,6 +184,7 @@ def train_model(
             init_variables_=init_variables_,
             init_from=init_from,
             checkpoint_seconds=checkpoint_seconds,
+            workers=workers,
         )
         if history.get("epochs") and is_writer():
             from convmixer_jax.training.curves import plot_training_curves
