@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from hostile_helpers import (
@@ -342,6 +344,69 @@ def test_a_run_resumed_inside_an_epoch_equals_an_uninterrupted_one(tmp_path, mon
     for a, b in zip(resumed_log["epochs"], alone_log["epochs"], strict=True):
         assert a["train_loss"] == b["train_loss"] and a["test_accuracy"] == b["test_accuracy"]
     assert not (work / "checkpoints-mid-epoch").exists()  # superseded by the epochs' own
+
+
+def _as_state_only_checkpoint(work, epoch: int) -> None:
+    """Rewrite epoch checkpoint ``epoch`` of ``work`` in the layout written before the data
+    iterator's position was saved (the training state alone, Orbax's item ``default``), with
+    its digest in the log, as a run of that time left it."""
+    import json
+
+    import orbax.checkpoint as ocp
+
+    from convmixer_jax.training.workdir import record_digest
+
+    folder = (work / "checkpoints").absolute()
+    mngr = ocp.CheckpointManager(folder)
+    restored = mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    state = jax.tree.map(np.asarray, restored["state"])
+    mngr.close()
+    shutil.rmtree(folder / str(epoch))
+    mngr = ocp.CheckpointManager(folder)
+    mngr.save(epoch, args=ocp.args.StandardSave(state))
+    mngr.wait_until_finished()
+    mngr.close()
+    assert sorted(p.name for p in (folder / str(epoch)).iterdir() if p.is_dir()) == ["default"]
+    log = json.loads((work / "train_log.json").read_text())
+    record_digest(log["checkpoint_sha256"], work, folder / str(epoch))
+    (work / "train_log.json").write_text(json.dumps(log))
+
+
+def test_a_checkpoint_of_the_state_alone_resumes_to_the_uninterrupted_run(tmp_path):
+    """An epoch checkpoint without the data iterator's position (the older layout) resumes
+    at its step, and the run ends where the uninterrupted run ends, bit for bit."""
+    alone, alone_log = _train(tmp_path / "alone")
+    work = tmp_path / "work"
+    _train(work, max_epochs_this_run=1)
+    assert sorted(p.name for p in (work / "checkpoints" / "1").iterdir() if p.is_dir()) == [
+        "data",
+        "state",
+    ]
+    _as_state_only_checkpoint(work, 1)
+    resumed, resumed_log = _train(work, resume=True)
+    for k in alone:
+        np.testing.assert_array_equal(resumed[k], alone[k], err_msg=k)
+    for a, b in zip(resumed_log["epochs"], alone_log["epochs"], strict=True):
+        assert a["train_loss"] == b["train_loss"]
+
+
+def test_a_data_position_that_contradicts_the_step_is_refused(tmp_path):
+    import json
+
+    from convmixer_jax.training.workdir import CheckpointError, record_digest
+
+    work = tmp_path / "work"
+    _train(work, max_epochs_this_run=1)
+    data = work / "checkpoints" / "1" / "data"
+    state_file = next(p for p in data.rglob("*") if p.is_file() and "next_index" in p.read_text())
+    text = state_file.read_text()
+    assert '"next_index": 4' in text, text
+    state_file.write_text(text.replace('"next_index": 4', '"next_index": 3'))
+    log = json.loads((work / "train_log.json").read_text())
+    record_digest(log["checkpoint_sha256"], work, work / "checkpoints" / "1")
+    (work / "train_log.json").write_text(json.dumps(log))
+    with pytest.raises(CheckpointError, match="puts the data at batch 3 but its training state"):
+        _train(work, resume=True)
 
 
 def test_an_interrupt_before_the_first_checkpoint_leaves_nothing(tmp_path, monkeypatch):

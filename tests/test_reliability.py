@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from cli_helpers import run
 
 from convmixer_jax import cli
 from convmixer_jax.files import atomic
@@ -559,8 +561,13 @@ def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
     "sig, code", [(signal.SIGTERM, 143)]
 )  # SIGINT takes the same path (exit 130)
 def test_interrupted_training_leaves_complete_checkpoints_and_resumes(
-    tmp_path, sig, code, png_tree, arch_args, config
+    tmp_path, capsys, sig, code, png_tree, arch_args, config
 ):
+    """A real process training on an image tree, its images decoded batch by batch, killed
+    after a few epochs: it leaves complete checkpoints only, and --resume ends with the very
+    parameters of an uninterrupted run."""
+    from convmixer_jax.files.model_dir import load_model
+
     png_tree(tmp_path / "data", n_per_class=40, size=8)
     argv = [
         "train",
@@ -573,14 +580,12 @@ def test_interrupted_training_leaves_complete_checkpoints_and_resumes(
         "40",
         "--batch-size",
         "8",
-        "--workdir",
-        tmp_path / "w",
-        "--out",
-        tmp_path / "o",
+        "--no-data-cache",
         "--quiet",
     ]
+    argv_run = [*argv, "--workdir", tmp_path / "w", "--out", tmp_path / "o"]
     env_cache = {"CONVMIXER_JAX_CACHE": str(tmp_path / "cache")}
-    proc = _cli(*argv, env=dict(os.environ, PYTHONPATH=str(REPO), **env_cache))
+    proc = _cli(*argv_run, env=dict(os.environ, PYTHONPATH=str(REPO), **env_cache))
     ckpt = tmp_path / "w" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not (ckpt / "2").exists():
@@ -593,10 +598,19 @@ def test_interrupted_training_leaves_complete_checkpoints_and_resumes(
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
     assert all(p.name.isdigit() for p in ckpt.iterdir()), sorted(p.name for p in ckpt.iterdir())
-    again = _cli(*argv, "--resume", env=dict(os.environ, PYTHONPATH=str(REPO), **env_cache))
+    again = _cli(*argv_run, "--resume", env=dict(os.environ, PYTHONPATH=str(REPO), **env_cache))
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
     assert "resumed from epoch" in out and json.loads(out.strip().splitlines()[-1])["epochs"] == 40
+    assert not (tmp_path / "cache").exists()  # decoded batch by batch: nothing cached
+    # the uninterrupted run (in this process) ends with the same parameters, bit for bit
+    assert run(capsys, *argv, "--workdir", tmp_path / "w2", "--out", tmp_path / "o2")[0] == 0
+    _, resumed, _ = load_model(tmp_path / "o")
+    _, alone, _ = load_model(tmp_path / "o2")
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(alone), jax.tree.leaves(resumed), strict=True
+    ):
+        np.testing.assert_array_equal(b, a, err_msg=jax.tree_util.keystr(path))
 
 
 def test_deferred_interrupts_hold_a_signal_until_the_block_ends():

@@ -91,9 +91,10 @@ def cmd_train(args) -> int:
         check_workdir(args.workdir, args.resume)  # before any work
         # read as training goes (CIFAR binaries mapped, image trees decoded once into a
         # mapped cache or, when too large for one, per batch), never all held in memory
+        cache = not args.no_data_cache
         train_split, test_split = (
-            open_split(args, "train", cache=True),
-            open_split(args, "test", cache=True),
+            open_split(args, "train", cache=cache),
+            open_split(args, "test", cache=cache),
         )
         classes = train_split.classes
         if warm is None and args.num_classes is None and classes is not None:
@@ -268,6 +269,12 @@ def register(add) -> None:
     )
     add_data_options(p)
     add_workers(p)
+    p.add_argument(
+        "--no-data-cache",
+        action="store_true",
+        help="decode an image tree's images batch by batch as training reads them, instead of "
+        "once into a memory-mapped cache file (trees over 2 GiB decoded are never cached)",
+    )
     add_recipe(p)
     p.add_argument(
         "--batch-size", dest="train_batch_size", type=positive_int, help=argparse.SUPPRESS

@@ -212,12 +212,20 @@ def _quiet_orbax():
         absl.setLevel(level)
 
 
-def _checkpoint_manager(folder: Path, *, keep: int | None = None, writing: bool = True):
+def _checkpoint_manager(
+    folder: Path,
+    *,
+    keep: int | None = None,
+    writing: bool = True,
+    items: tuple[str, ...] | None = None,
+):
     """An Orbax manager of the checkpoints in ``folder``. Writing: synchronous saves (a signal
     never meets a half-finished background write), the newest ``keep`` kept, the folder
     created, and the temporary folders of interrupted saves removed first, here and now
     (the workdir's lock makes sure they are no other run's; Orbax's own sweep would run in
-    a thread of its own). Reading: nothing created or removed."""
+    a thread of its own). Reading: nothing created or removed. ``items``: the names of the
+    items of each checkpoint (None: Orbax tells from the checkpoints there; a folder of
+    checkpoints of the state alone then takes no other kind)."""
     import orbax.checkpoint as ocp
 
     if writing and is_writer():
@@ -232,6 +240,7 @@ def _checkpoint_manager(folder: Path, *, keep: int | None = None, writing: bool 
                 cleanup_tmp_directories=False,
                 enable_async_checkpointing=False,
             ),
+            item_names=items,
         )
 
 
@@ -476,8 +485,8 @@ def _train_locked(
         saved = _read_log(log_path)
         _check_same_run(saved, config, cfg, init_from, n, workdir)
         history = dict(saved, devices=history["devices"])
-    epoch_mngr = _checkpoint_manager(epochs_dir, keep=2)
-    mid_mngr = _checkpoint_manager(mid_dir, keep=1)
+    epoch_mngr = _checkpoint_manager(epochs_dir, keep=2, items=("state", DATA_ITEM))
+    mid_mngr = _checkpoint_manager(mid_dir, keep=1, items=("state", "sums", DATA_ITEM))
     managers = (epoch_mngr, mid_mngr)
     sums = None  # the running sums of a checkpoint taken inside an epoch
     data_state = None  # the data iterator's position saved with the checkpoint resumed from
@@ -723,7 +732,12 @@ def _restore_epoch(mngr, step: int, abstract, folder: Path, advice: str, *, data
     import orbax.checkpoint as ocp
 
     if _has_item(folder, step, _STATE_ONLY_ITEM) and not _has_item(folder, step, "state"):
-        return {"state": _restore(mngr, step, ocp.args.StandardRestore(abstract), folder, advice)}
+        reader = _checkpoint_manager(folder, writing=False)  # one of the state alone
+        try:
+            state = _restore(reader, step, ocp.args.StandardRestore(abstract), folder, advice)
+        finally:
+            reader.close()
+        return {"state": state}
     items = {"state": ocp.args.StandardRestore(abstract)}
     if data and _has_item(folder, step, DATA_ITEM):
         items[DATA_ITEM] = ocp.args.JsonRestore()
