@@ -92,6 +92,7 @@ DEFAULT_BATCH_SIZE = 64
 # 0.516 on 500 test images; one key with block scrambling, n = 1,000, 100 steps): 'stem'
 # reached 0.318 / 0.356 / 0.392 / 0.274 at 3e-3 / 1e-2 / 3e-2 / 1e-1, 'all' 0.320 / 0.350
 # at 3e-4 / 1e-3.
+#: Peak learning rate of each mode's warm-up + cosine schedule.
 DEFAULT_LR = {"stem": 3e-2, "all": 1e-3, "scratch": 3e-3}
 DEFAULT_AUGMENT = ("crop", "flip")
 #: What ``'stem'`` trains, by model family: the top-level parameters the key transforms.
