@@ -6,11 +6,13 @@
 Writes class-folder trees of N JPEGs of 256 x 256 (10 classes; ``DIR/tree-N``, reused when
 complete), a plain 10-class ConvMixer with 32 x 32 inputs (``DIR/model``, reused), runs
 ``convmixer-jax evaluate MODEL --data-dir TREE --resize 32`` on each tree in a process of its
-own and prints each run's peak RSS (the process's own, from ``os.wait4``) and their ratio:
-streaming evaluation holds one batch at a time, so the ratio stays near 1 (the acceptance
-bound is 1.10). Then it times, in this process, decoding and resizing the images in one
-thread (img/s per worker of the pipeline) against the model on already-decoded batches (img/s
-of the model), both on the first tree.
+own and prints each run's peak RSS (the process's own, from ``os.wait4``) and their ratio
+(the acceptance bound is 1.10): streaming evaluation holds a few batches at a time, so the
+memory does not grow with the images read, but a short run may end before the process
+reaches the plateau a long one holds, which shows as a ratio above 1 (benchmarks/RESULTS.md
+has runs with the RSS sampled over time). Then it times, in this process, decoding and
+resizing the images in one thread (img/s per worker of the pipeline) against the model on
+already-decoded batches (img/s of the model), both on the first tree.
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from convmixer_jax.data.pipeline import batches as stream_batches
+from convmixer_jax.data.pipeline import in_memory
+from convmixer_jax.data.sources import Rows
 from convmixer_jax.model.build import build_model
 from convmixer_jax.model.convmixer import prepare_inference
 from convmixer_jax.model.inference import iterate_batches
@@ -155,16 +158,22 @@ def wrong_key_accuracies(
     """Accuracy in [0, 1] of ``variables`` (an encrypted model of either family) for each key
     of a batch.
 
-    images: (N, H, W, C) uint8 or float in [0, 1]; labels: (N,) int;
+    images: (N, H, W, C) uint8 or float in [0, 1], an array or a row reader of
+    :mod:`convmixer_jax.data.sources` (e.g. ``open_split(...).images``); labels: (N,) int;
     keys: a batched :class:`Key` (perm (K, pb); block_perm (K, gh*gw) for keys that
     scramble blocks). Returns (K,) float64.
     Keys go ``key_chunk`` at a time and images ``batch_size`` at a time,
     folded into one batch of ``key_chunk * batch_size`` per call (the memory
     bound); the last image batch is padded to full size and the last key chunk
     to a multiple of the device count (at most two programs are compiled);
-    padded keys and images are not counted. In a multi-process run every process
-    passes the same arguments and gets the same result. ``progress`` shows a bar
-    labelled ``desc`` and the keys done, e.g. ``wrong keys 12/100``.
+    padded keys and images are not counted. An array (in memory or mapped) is
+    sliced key chunk by key chunk; a reader that decodes (an image tree, the CIFAR
+    binaries) is read once, batch by batch, a few batches ahead in threads, each batch
+    evaluated under every key before the next is read, so memory holds a few batches of
+    images, never all N, and nothing is decoded twice. In a multi-process run every
+    process passes the same arguments and gets the same result. ``progress`` shows a bar
+    labelled ``desc`` and the keys done, e.g. ``wrong keys 12/100`` (for a reader, the
+    images done, e.g. ``wrong keys 100 keys, images 500/10000``).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -194,17 +203,13 @@ def wrong_key_accuracies(
     correct = np.zeros(n_keys, np.int64)
     bsz = min(batch_size, n)
     chunks = list(iterate_batches(n_keys, key_chunk))
-    batches = list(iterate_batches(n, bsz))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    n_batches = -(-n // bsz)
 
-        bar = tqdm(total=len(chunks) * len(batches), desc=f"{desc} 0/{n_keys}", unit="block")
-    for k0, k1 in chunks:
+    def chunk_keys(k0: int, k1: int) -> Key:
         # The last chunk is padded only up to a multiple of the device count
         # (a second, smaller program is compiled for it rather than wasting work).
         rows = np.minimum(np.arange(k0, k0 + pad_to_multiple(k1 - k0, n_dev)), k1 - 1)
-        chunk_keys = Key(
+        return Key(
             shard_rows(perm, mesh, rows),
             shard_rows(flip, mesh, rows),
             keys.block_size,
@@ -212,19 +217,44 @@ def wrong_key_accuracies(
             None if block_perm is None else shard_rows(block_perm, mesh, rows),
             keys.grid,
         )
-        for b0, b1 in batches:
-            xb = np.asarray(images[b0:b1])
-            yb = labels[b0:b1]
-            if b1 - b0 < bsz:  # pad; padded labels are -1 and never match
-                xb = np.concatenate([xb, np.zeros((bsz - (b1 - b0),) + xb.shape[1:], xb.dtype)])
-                yb = np.concatenate([yb, np.full(bsz - (b1 - b0), -1, np.int32)])
-            xb, yb = replicate((xb, yb), mesh)
-            counts = to_host(fn(variables, xb, yb, chunk_keys))
-            correct[k0:k1] += counts[: k1 - k0]
-            if bar is not None:
-                bar.update(1)
+
+    def count(k0: int, k1: int, chunk: Key, xb, yb) -> None:
+        xb, yb = np.asarray(xb), np.asarray(yb, np.int32)
+        if len(xb) < bsz:  # pad; padded labels are -1 and never match
+            pad = bsz - len(xb)
+            xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
+            yb = np.concatenate([yb, np.full(pad, -1, np.int32)])
+        xb, yb = replicate((xb, yb), mesh)
+        correct[k0:k1] += to_host(fn(variables, xb, yb, chunk))[: k1 - k0]
         if bar is not None:
-            bar.set_description(f"{desc} {k1}/{n_keys}")
+            bar.update(1)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(chunks) * n_batches, desc=f"{desc} 0/{n_keys}", unit="block")
+    if not (isinstance(images, Rows) and not in_memory(images)):
+        # Slicing costs nothing: the keys outermost, the bar counting the keys done.
+        for k0, k1 in chunks:
+            chunk = chunk_keys(k0, k1)
+            for b0, b1 in iterate_batches(n, bsz):
+                count(k0, k1, chunk, images[b0:b1], labels[b0:b1])
+            if bar is not None:
+                bar.set_description(f"{desc} {k1}/{n_keys}")
+    else:
+        # A reader that decodes: every image batch read once (read ahead in threads while
+        # the model runs) and evaluated under all the keys before the next one.
+        all_chunks = [(k0, k1, chunk_keys(k0, k1)) for k0, k1 in chunks]
+        done = 0
+        for xb, yb in stream_batches(images, labels, batch_size=bsz, prefetch=2):
+            for k0, k1, chunk in all_chunks:
+                count(k0, k1, chunk, xb, yb)
+            done += len(xb)
+            if bar is not None:
+                bar.set_description(f"{desc} {n_keys} keys, images {done}/{n}")
+        if bar is not None:
+            bar.set_description(f"{desc} {n_keys}/{n_keys}")
     if bar is not None:
         bar.close()
     return correct / n

@@ -19,11 +19,11 @@ from convmixer_jax.cli.options import (
     folder_listing,
     int_arg,
     load_split,
+    open_split,
     positive_int,
     report_written,
     seed_arg,
     start_processes,
-    subset,
 )
 
 
@@ -72,6 +72,7 @@ def cmd_attack(args) -> int:
     import numpy as np
 
     from convmixer_jax.attacks.wrong_keys import draw_attack_keys, wrong_key_accuracies
+    from convmixer_jax.data import subset_indices
     from convmixer_jax.files.atomic import check_output, write_text_atomic
     from convmixer_jax.files.model_dir import check_data_classes, load_model
     from convmixer_jax.files.provenance import device_description
@@ -83,9 +84,14 @@ def cmd_attack(args) -> int:
         args.out, args.force, inputs={"MODEL_DIR": args.model, "--data-dir": args.data_dir}
     )
     config, variables, meta = load_model(args.model)
-    images, labels, classes = load_split(args, "test")
-    check_data_classes(config, meta, classes, where=f"the test data ({data_label(args)})")
-    images, labels = subset(images, labels, args.limit, args.seed)
+    # opened, not loaded: only the --limit rows are read, batch by batch, as the sweep goes
+    # (an image tree of CIFAR size through its memory-mapped decoded cache)
+    split = open_split(args, "test", cache=True)
+    check_data_classes(config, meta, split.classes, where=f"the test data ({data_label(args)})")
+    rows = subset_indices(len(split), args.limit, args.seed)
+    if rows is not None:
+        split = split.take(rows)
+    images, labels = split.images, split.labels
     check_model_images(config, images)
     enc_vars, grid, origin = _attack_model(args, config, variables, meta)
     # several processes: all attack with process 0's key seed

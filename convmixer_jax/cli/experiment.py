@@ -21,14 +21,27 @@ from convmixer_jax.cli.options import (
     data_label,
     folder_listing,
     int_arg,
-    load_split,
+    open_split,
     positive_int,
     recipe_from_args,
     report_written,
     seed_arg,
     start_processes,
-    subset,
 )
+
+
+def _used_rows(split, limit: int | None, seed: int):
+    """(images (n, H, W, C) uint8, labels (n,) int32) of the seeded subset of ``limit`` rows
+    that :func:`~convmixer_jax.data.subset` picks from ``split`` (all rows if ``limit`` is
+    None), in memory: only those rows are read."""
+    import numpy as np
+
+    from convmixer_jax.data import subset_indices
+
+    rows = subset_indices(len(split), limit, seed)
+    if rows is not None:
+        split = split.take(rows)
+    return np.asarray(split.images), split.labels
 
 
 def cmd_reproduce(args) -> int:
@@ -57,18 +70,20 @@ def cmd_reproduce(args) -> int:
             "--data-dir": args.data_dir,
         },
     )
-    test_x, test_y, classes = load_split(args, "test")
+    test = open_split(args, "test", cache=True)
+    classes = test.classes
     if args.checkpoint:
         from convmixer_jax.files.model_dir import check_data_classes, load_model_meta
 
         config, meta = load_model_meta(args.checkpoint)
         check_data_classes(config, meta, classes, where=f"the test data ({data_label(args)})")
-    test_x, test_y = subset(test_x, test_y, args.limit, args.seed)
+    test_x, test_y = _used_rows(test, args.limit, args.seed)
     train_data, recipe = None, None
     if not args.checkpoint:
-        train_x, train_y, _ = load_split(args, "train")
-        recipe = recipe_from_args(args, len(train_x))
-        train_data = (train_x, train_y)
+        # training reads its batches from the opened split (mapped, or decoded per batch)
+        train = open_split(args, "train", cache=True)
+        recipe = recipe_from_args(args, len(train))
+        train_data = (train.images, train.labels)
     results = reproduce(
         out,
         (test_x, test_y),
@@ -134,8 +149,9 @@ def cmd_scrambling_effect(args) -> int:
                 "(it encrypts it with a fresh key itself; decrypt-model it first)"
             )
         metas.append((config, meta))
-    test_x, test_y, classes = load_split(args, "test")
-    test_x, test_y = subset(test_x, test_y, args.limit, args.seed)
+    test = open_split(args, "test", cache=True)
+    classes = test.classes
+    test_x, test_y = _used_rows(test, args.limit, args.seed)
     for model, (config, meta) in zip(args.models, metas, strict=True):
         check_data_classes(
             config, meta, classes, where=f"{model}: the test data ({data_label(args)})"

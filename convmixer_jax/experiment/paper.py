@@ -504,9 +504,10 @@ def reproduce(
     ``recipe`` (a :class:`~convmixer_jax.training.recipes.TrainConfig`; the paper's
     ConvMixer-256/8, with one output per class of the data, is trained from scratch in
     ``workdir``, and saved as ``out/plain-model``). test_data / train_data: (images
-    (N, H, W, C) uint8, labels (N,)); classes: the data's class names, recorded in a model
-    trained here. ``block_scrambling``: as in :func:`run_experiment`. Whether ``out`` may
-    be replaced is the caller's check
+    (N, H, W, C) uint8, labels (N,)); train_data's images may also be a row reader of
+    :mod:`convmixer_jax.data.sources` (training reads it batch by batch); classes: the
+    data's class names, recorded in a model trained here. ``block_scrambling``: as in
+    :func:`run_experiment`. Whether ``out`` may be replaced is the caller's check
     (:func:`~convmixer_jax.files.output_paths.check_output` with ``kind='results_dir'``).
     Returns the results dict.
     In a multi-process run every process calls this alike; the sweep's keys are split
