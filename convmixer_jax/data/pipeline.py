@@ -44,8 +44,43 @@ def _check_counts(batch_size: int, workers: int, threads: int | None, prefetch: 
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
+#: glibc's ``mallopt`` parameter of the size from which ``malloc`` maps memory of its own.
+_M_MMAP_THRESHOLD = -3
+#: The size set for it when decoded images stream: glibc's initial threshold.
+_MMAP_THRESHOLD = 128 * 1024
+_malloc_fixed = False
+
+
+def _fix_malloc_threshold() -> None:
+    """Keep glibc's ``malloc`` from raising its mmap threshold while images stream.
+
+    Each decoded image (a 256 x 256 RGB JPEG is 192 KiB) is larger than glibc's initial
+    mmap threshold (128 KiB), so its buffer is mapped and unmapped; glibc then raises the
+    threshold to that size, and from there on such buffers come from the heaps of the
+    decoding threads, which keep what they were given: a process's memory grows over its
+    first few thousand images before it levels off. Setting the threshold (``mallopt``)
+    turns that adjustment off, so memory stays flat from the start. Done once, the first
+    time a decoding reader streams; elsewhere than glibc nothing happens.
+    """
+    global _malloc_fixed
+    if _malloc_fixed:
+        return
+    _malloc_fixed = True
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: its malloc behaves as it does
+        pass
+
+
 def _read_options(images, workers: int, threads: int | None, prefetch: int | None):
     import grain
+
+    if not in_memory(images):
+        _fix_malloc_threshold()
 
     if threads is None:
         threads = 1 if workers else (0 if in_memory(images) else default_threads())
@@ -81,6 +116,8 @@ class ReadBatch:
         self.images, self.labels, self.rows, self.batch_size = images, labels, rows, batch_size
 
     def __call__(self, b: int):
+        if not in_memory(self.images):  # in a worker process too
+            _fix_malloc_threshold()
         rows = self.rows[b * self.batch_size : (b + 1) * self.batch_size]
         images = np.asarray(self.images[rows])
         return images, None if self.labels is None else np.asarray(self.labels)[rows]
@@ -149,6 +186,8 @@ class ReadStep:
         self.order_fn, self.batch_size = order_fn, batch_size
 
     def __call__(self, step: int):
+        if not in_memory(self.images):  # in a worker process too
+            _fix_malloc_threshold()
         rows = np.asarray(self.order_fn(int(step)), np.intp)
         if rows.shape != (self.batch_size,):
             raise ValueError(
