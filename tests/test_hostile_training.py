@@ -409,6 +409,44 @@ def test_a_data_position_that_contradicts_the_step_is_refused(tmp_path):
         _train(work, resume=True)
 
 
+def test_a_run_read_by_worker_processes_resumes_to_the_uninterrupted_one(tmp_path, monkeypatch):
+    """With Grain worker processes the iterator's saved state is theirs: interrupted at step 7
+    and resumed from the checkpoint of step 6, the run ends where the uninterrupted one ends."""
+    import train_worker as tw
+
+    from convmixer_jax.data.sources import ArrayRows, TakenRows
+
+    (x, y), test_data = tw.data()
+    reader = TakenRows(ArrayRows(x), np.arange(len(x)))  # read through the pipeline
+
+    def run(workdir, **kw):
+        from convmixer_jax.training.loop import train
+
+        variables, _ = train(
+            tw.CONFIG,
+            tw.recipe(2),
+            (reader, y),
+            test_data,
+            workdir,
+            progress=False,
+            log=lambda message: None,
+            checkpoint_every_steps=3,
+            workers=2,
+            **kw,
+        )
+        return tw.flat(variables)
+
+    alone = run(tmp_path / "alone")
+    work = tmp_path / "work"
+    with monkeypatch.context() as m:
+        _stop_at(m, 8)
+        with pytest.raises(KeyboardInterrupt):
+            run(work)
+    resumed = run(work, resume=True)
+    for k in alone:
+        np.testing.assert_array_equal(resumed[k], alone[k], err_msg=k)
+
+
 def test_an_interrupt_before_the_first_checkpoint_leaves_nothing(tmp_path, monkeypatch):
     work = tmp_path / "out-work"
     _stop_at(monkeypatch, 2)

@@ -522,10 +522,24 @@ def _train_locked(
     # each process reads only its own rows of every batch, in the order fixed by the seed
     lo, hi = process_rows(mesh, cfg.batch_size)
     step_rows = StepRows(cfg.seed, n, cfg.batch_size, steps_per_epoch, lo, hi)
+    # the iterator starts at the step its saved state was taken from (Grain's state counts
+    # from there; with worker processes it is theirs), or at the step resumed from
+    first_step = start if data_state is None else int(data_state["start_step"])
     feed = train_batches(
-        images, labels, step_rows, hi - lo, steps=max(total_steps, start), workers=workers
+        images,
+        labels,
+        step_rows,
+        hi - lo,
+        steps=max(total_steps, start),
+        start_step=first_step,
+        workers=workers,
     )
-    feed.set_state(data_state if data_state is not None else {"next_index": start})
+    if data_state is not None:
+        feed.set_state(data_state["grain"])
+
+    def data_position(step: int) -> dict:
+        """What a checkpoint of ``step`` saves of the data iterator."""
+        return {"next_index": step, "start_step": first_step, "grain": feed.get_state()}
     bar = None
     if progress and start < total_steps:
         from tqdm.auto import tqdm
@@ -606,7 +620,7 @@ def _train_locked(
                             args=ocp.args.Composite(
                                 state=ocp.args.StandardSave(state),
                                 sums=ocp.args.JsonSave(sums_now),
-                                data=ocp.args.JsonSave(feed.get_state()),
+                                data=ocp.args.JsonSave(data_position(step)),
                             ),
                         )
                         mid_mngr.wait_until_finished()
@@ -638,7 +652,7 @@ def _train_locked(
                     epoch + 1,
                     args=ocp.args.Composite(
                         state=ocp.args.StandardSave(state),
-                        data=ocp.args.JsonSave(feed.get_state()),
+                        data=ocp.args.JsonSave(data_position(step)),
                     ),
                 )
                 epoch_mngr.wait_until_finished()
@@ -746,12 +760,14 @@ def _restore_epoch(mngr, step: int, abstract, folder: Path, advice: str, *, data
 
 
 def _data_state(restored: dict, step: int, folder: Path) -> dict | None:
-    """The data iterator's state of a restored checkpoint of ``step``, checked to point at
-    that step's batch; None for a checkpoint without one."""
+    """The data iterator's position saved with a restored checkpoint of ``step``
+    (``{'next_index': step, 'start_step': the step its iterator started at, 'grain': the
+    iterator's Grain state}``), checked to point at that step's batch; None for a
+    checkpoint without one."""
     if restored.get(DATA_ITEM) is None:
         return None
     data = dict(restored[DATA_ITEM])
-    if data.get("next_index", step) != step:
+    if data.get("next_index") != step or not {"start_step", "grain"} <= set(data):
         raise CheckpointError(
             f"the checkpoint {folder} puts the data at batch {data.get('next_index')} but its "
             f"training state at step {step}; it was not written by this program: resume from "
