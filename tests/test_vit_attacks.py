@@ -172,6 +172,89 @@ def test_noise_queries_give_no_key_through_the_whole_ciphertext_attack():
     assert "no flip is supported" in rec.reason and not rec.structured
 
 
+def _slid(placement: np.ndarray, rows, cols, shift: int, axis: int) -> np.ndarray:
+    """``placement`` (gh, gw) of blocks with the rectangle rows x cols rolled by ``shift``
+    cells along ``axis``, as a block permutation (block b at position ``bp[b]``)."""
+    g = placement.copy()
+    g[rows, cols] = np.roll(g[rows, cols], shift, axis)
+    return np.argsort(g.ravel())
+
+
+def test_jigsaw_slides_a_piece_that_exchanges_cannot_move_back():
+    from convmixer_jax.attacks.layout_search import local_search
+
+    grid = (6, 6)
+    key = generate_key(4, 3, seed=21, grid=grid)
+    blocks = jg.pixel_decrypted_blocks(encrypt_images_reference(smooth_images(4, 24, 24), key), key)
+    truth = np.argsort(np.asarray(key.block_perm)).reshape(grid)  # the block at each position
+    starts = [
+        _slid(truth, slice(2, 6), slice(1, 4), 1, 1),  # four rows of a piece, one cell right
+        _slid(truth, slice(0, 4), slice(4, 6), 2, 0),  # two columns, two cells down
+    ]
+    h, v = jg.edge_evidence(blocks)
+    a, b = jg.slot_adjacency(grid), np.stack([h, v])
+    for bp in starts:  # a local maximum of exchanges of two blocks
+        assert not np.array_equal(local_search(a, b, np.argsort(bp))[0], truth.ravel())
+    sol = jg.solve_jigsaw(blocks, grid, seeds=0, starts=starts)
+    assert np.array_equal(sol.block_perm, key.block_perm)
+    assert sol.determined and (sol.hits, sol.seeds) == (2, 2) and sol.margin >= jg.JIGSAW_MARGIN
+
+
+def test_jigsaw_prior_places_blocks_whose_edges_say_nothing():
+    grid = (4, 4)
+    key = generate_key(4, 3, seed=22, grid=grid)
+    flat = np.full((2, 16, 16, 3), 128, np.uint8)  # every edge joins every other alike
+    blocks = jg.pixel_decrypted_blocks(encrypt_images_reference(flat, key), key)
+    pos = pe.block_perm_from_pos_embed(sincos_rows(4, 4, 32, 0.1, 22)[key.block_perm], grid)
+    assert pos.determined and pe.position_evidence(pos)[0].shape == (1, 16, 16)
+    sol = jg.solve_jigsaw(blocks, grid, seeds=4, prior=pe.position_evidence(pos))
+    assert any(np.array_equal(sol.block_perm, c) for c in pos.candidates)
+    assert any(np.array_equal(key.block_perm, c) for c in pos.candidates)
+    alone = jg.solve_jigsaw(blocks, grid, seeds=4)
+    assert not alone.determined and alone.margin <= 0
+    with pytest.raises(ValueError, match="prior terms must be"):
+        jg.solve_jigsaw(blocks, grid, prior=(np.zeros((1, 4, 4)), np.zeros((1, 4, 4))))
+
+
+# ----------------------------------------------------------------------------- the pixel key
+
+
+def smooth_kernel(dim: int, seed: int) -> np.ndarray:
+    """(4, 4, 3, dim) with a trained stem's structure: each output a smooth field over the
+    block shared by the channels, plus a smaller one per channel."""
+    rng = np.random.default_rng(seed)
+    ij = np.stack(np.divmod(np.arange(16), 4), 1)
+    chol = np.linalg.cholesky(
+        np.exp(-((ij[:, None] - ij[None]) ** 2).sum(-1) / (2 * 0.8**2)) + 1e-9 * np.eye(16)
+    )
+    shared = chol @ rng.normal(size=(16, dim))
+    own = np.einsum("ab,bcd->acd", chol, rng.normal(size=(16, 3, dim)))
+    return (shared[:, None] + 0.5 * own).reshape(4, 4, 3, dim)
+
+
+def test_kernel_structure_tells_a_trained_kernel_from_its_random_initialization():
+    key = generate_key(4, 3, seed=23)
+    plain = {"patch_embed": {"kernel": smooth_kernel(32, 23), "bias": np.zeros(32)}}
+    score, null = bk.kernel_structure(encrypt_params(plain, key)["patch_embed"]["kernel"], seed=1)
+    assert score >= null + bk.KERNEL_STRUCTURE
+    drawn = np.random.default_rng(23).uniform(-0.14, 0.14, (4, 4, 3, 32))
+    score, null = bk.kernel_structure(drawn, seed=1)
+    assert score < null + bk.KERNEL_STRUCTURE
+
+
+def test_queries_of_noise_give_no_pixel_key_candidates():
+    from convmixer_jax.attacks.ciphertext_only import block_template
+
+    key = generate_key(4, 3, seed=24, grid=(8, 8))
+    template = block_template(smooth_images(24, seed=24), 4)
+    noise = np.random.default_rng(24).integers(0, 256, (4, 32, 32, 3), np.uint8)
+    cands, note = bk.pixel_keys_from_queries(encrypt_images_reference(noise, key), template)
+    assert cands == [] and "support no flip" in note
+    smooth = encrypt_images_reference(smooth_images(4, seed=25), key)
+    cands, _ = bk.pixel_keys_from_queries(smooth, template)
+    assert len(cands) == 96 and all(not k.scrambles for k in cands)
+
+
 # ----------------------------------------------------------------------------- symmetries chosen
 
 

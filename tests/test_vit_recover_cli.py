@@ -102,8 +102,9 @@ def vit_variables(pos_rows: np.ndarray) -> dict:
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     """The secret key (seed 5), encrypted ViT directories (smooth and random position
-    embeddings, and one encrypted with the pixel key alone), public images, one encrypted
-    query, one encrypted noise image, and four larger ones under another key, as files."""
+    embeddings, a kernel without layout, and one encrypted with the pixel key alone), public
+    images, one encrypted query, one encrypted noise image, and four larger ones under
+    another key, as files."""
     from convmixer_jax.files.model_dir import save_model
     from convmixer_jax.scheme.keys import Key
 
@@ -113,6 +114,19 @@ def case(tmp_path_factory):
     drawn = vit_variables(np.random.default_rng(6).normal(size=(GRID[0] * GRID[1], DIM)))
     save_model(root / "enc", VIT, encrypt_params(smooth, key), encryption=key)
     save_model(root / "enc-random-pos", VIT, encrypt_params(drawn, key), encryption=key)
+    # a kernel still close to its random initialization but for the light detector (as a
+    # ViT's patch embedding is after a few epochs): it shows no layout. The detector also
+    # responds to red over blue, so that, as for a trained model, an image upside down and
+    # negated does not make the model as sure (a linear light detector alone cannot tell)
+    fresh = vit_variables(sincos_rows(GRID[0], DIM))
+    kernel = np.array(fresh["params"]["patch_embed"]["kernel"])
+    drawn_half = np.random.default_rng(8).uniform(-0.3, 0.3, (P, P, 3, DIM // 2 - 1))
+    kernel[..., 1 : DIM // 2], kernel[..., DIM // 2 + 1 :] = drawn_half, -drawn_half
+    red_over_blue = 0.1 * np.abs(kernel[..., 0]).max() * np.array([1.0, 0.0, -1.0])
+    kernel[..., 0] += red_over_blue
+    kernel[..., DIM // 2] -= red_over_blue
+    fresh["params"]["patch_embed"]["kernel"] = kernel.astype(np.float32)
+    save_model(root / "enc-fresh-kernel", VIT, encrypt_params(fresh, key), encryption=key)
     pixel_only = Key(key.perm, key.flip, P, 3)
     save_model(root / "enc-pixel", VIT, encrypt_params(smooth, pixel_only), encryption=pixel_only)
     np.save(root / "public.npy", lit_images(32, 1))
@@ -176,6 +190,30 @@ def test_the_key_from_a_smooth_encrypted_vit_and_one_query(case, tmp_path, capsy
     assert stdout.strip() == fingerprint(case.key)
 
 
+def test_the_key_from_a_vit_whose_kernel_shows_no_layout_and_one_query(case, tmp_path, capsys):
+    from convmixer_jax.attacks.block_key import KERNEL_STRUCTURE, kernel_structure
+    from convmixer_jax.files.model_dir import load_model
+
+    _, variables, _ = load_model(case.root / "enc-fresh-kernel")
+    score, null = kernel_structure(variables["params"]["patch_embed"]["kernel"])
+    assert score < null + KERNEL_STRUCTURE  # its candidates would be a random key's
+    out = tmp_path / "key.json"
+    rc, stdout, err = _recover(
+        capsys,
+        case,
+        out,
+        "--encrypted",
+        case.root / "query.npy",
+        "--model",
+        case.root / "enc-fresh-kernel",
+        "--quiet",
+    )
+    # the pixel key from the query's blocks (checked on the query put back together), the
+    # block key from the position embedding and the query's edges
+    assert rc == 0, err
+    assert stdout.strip() == fingerprint(case.key) == fingerprint(load_key(out))
+
+
 @pytest.mark.parametrize("best_guess", [False, True])
 def test_noise_images_give_no_key_unless_a_best_guess_is_asked_of_the_model(
     case, tmp_path, capsys, best_guess
@@ -197,8 +235,9 @@ def test_noise_images_give_no_key_unless_a_best_guess_is_asked_of_the_model(
     assert "cannot determine the key from 4 encrypted image(s)" in err
     assert "no flip is supported" in err
     assert "these do not look like encrypted natural images" in err
-    # as the queries of the smooth model: their edges choose among no candidates; the
-    # model's own evidence still makes a best guess, written only when asked for
+    # as the queries of the smooth model: their blocks do not go together as a jigsaw, so
+    # the block key is not determined; the model's own evidence still makes a best guess,
+    # written only when asked for
     out = tmp_path / "model.json"
     rc, stdout, err = _recover(
         capsys,
@@ -210,7 +249,7 @@ def test_noise_images_give_no_key_unless_a_best_guess_is_asked_of_the_model(
         case.root / "enc",
         *extra,
     )
-    assert "the queries' edges prefer" in err
+    assert "block key: " in err and "searches end in it" in err
     if not best_guess:
         assert rc == 1 and not out.exists() and not stdout
         assert "cannot determine the key from 1 encrypted image(s)" in err.splitlines()[-1]

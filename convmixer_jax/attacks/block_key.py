@@ -11,7 +11,8 @@ the plain row ``block_perm[b]``. Three kinds of evidence recover ``block_perm``:
   (:func:`~convmixer_jax.attacks.position_embedding.block_perm_from_pos_embed`): the
   block permutation up to the grid's rotations and mirrors.
 - **Encrypted queries** (:func:`~convmixer_jax.attacks.jigsaw.solve_jigsaw`): their
-  blocks, pixel key undone, put back together as a jigsaw.
+  blocks, pixel key undone, put back together as a jigsaw, with the position embedding's
+  evidence added to that of their edges when the model is at hand.
 - **Choosing among symmetric candidates** (:func:`choose_symmetry`, here): the queries
   decrypted with each candidate (the edges across blocks only join up when the blocks'
   contents and their places are rotated alike), then the encrypted model's confidence on
@@ -22,6 +23,11 @@ the plain row ``block_perm[b]``. Three kinds of evidence recover ``block_perm``:
   mirror twin (:func:`mirrored_key`, which decrypts every query to its mirror image) tie;
   the result says when the key is determined only up to that mirror.
 
+The pixel key comes from the encrypted model's patch-embedding kernel when the kernel
+shows a layout (:func:`kernel_structure`); a ViT's kernel stays close to its random
+initialization for long, and then the queries' own blocks give the pixel key
+(:func:`pixel_keys_from_queries`), checked on the queries put back together.
+
 Two whole attacks combine them: :func:`recover_scrambled_key_from_model` (the encrypted
 ViT, with encrypted queries and/or public images) and
 :func:`recover_scrambled_key_ciphertext_only` (encrypted queries, public images and a
@@ -29,7 +35,8 @@ block template; the encrypted model's kernel may add the pixel key's candidates)
 
 Every result says how sure it is: ``determined`` is True only when each decision clears a
 stated threshold (the position embedding's and the jigsaw's, :data:`EDGE_MARGIN`,
-:data:`CONFIDENCE_Z`); the best guess is returned either way.
+:data:`CONFIDENCE_Z`, and the ciphertext-only attack's for a pixel key from the queries);
+the best guess is returned either way.
 
 NumPy and SciPy, apart from :func:`model_confidence` and the confidence ranking, which run
 the model with JAX.
@@ -58,12 +65,14 @@ from convmixer_jax.attacks.kernel_algebra import (
     correlation_signs,
     dihedral_keys,
     same_key,
+    symmetric_keys,
 )
 from convmixer_jax.attacks.layout_search import iterated_local_search, search
 from convmixer_jax.attacks.position_embedding import (
     PositionRecovery,
     block_perm_from_pos_embed,
     dihedral_maps,
+    grid_symmetries,
     patch_position_rows,
 )
 from convmixer_jax.scheme.blocks import normalized_blocks
@@ -76,6 +85,9 @@ EDGE_MARGIN = 10.0
 #: paired z-score (mean per-image difference over its standard error) by which the chosen
 #: candidate must beat the next in confidence (or fit to public images).
 CONFIDENCE_Z = 4.0
+#: how far :func:`kernel_structure`'s score must exceed its null for the pixel key's
+#: candidates to come from the kernel rather than from the queries.
+KERNEL_STRUCTURE = 0.05
 
 
 # ----------------------------------------------------------------------------- symmetries of a key
@@ -409,6 +421,8 @@ class ScrambledRecovery:
       method, notes, seconds: what ran and how long it took.
       position: the position-embedding step, if it ran; jigsaw: the jigsaw step, if it ran;
       choice: the symmetry choice.
+      kernel_structure: the patch-embedding kernel's layout score and its null
+        (:func:`kernel_structure`), if the kernel was read.
     """
 
     key: Key | None
@@ -423,6 +437,7 @@ class ScrambledRecovery:
     position: PositionRecovery | None = None
     jigsaw: JigsawSolution | None = None
     choice: SymmetryChoice | None = None
+    kernel_structure: tuple[float, float] | None = None
 
 
 def _scrambling_keys(pixel_keys: Sequence[Key], block_perms, grid) -> list[Key]:
@@ -431,6 +446,83 @@ def _scrambling_keys(pixel_keys: Sequence[Key], block_perms, grid) -> list[Key]:
         for bp in block_perms
         for k in pixel_keys
     ]
+
+
+def pixel_keys_from_queries(queries, template, *, seed: int = 0) -> tuple[list[Key], str]:
+    """The pixel key's candidates from encrypted queries (N, H, W, C) alone, their blocks
+    scrambled or not: flips from the blocks' correlation signs, the layout from their
+    covariance under ``template``
+    (:func:`~convmixer_jax.attacks.ciphertext_only.block_template` of natural images at the
+    same scale). Returns the layout found with its symmetries (96 keys for 4 x 4 RGB
+    blocks; none when the queries support no flip) and a note saying which."""
+    from convmixer_jax.attacks.ciphertext_only import SIGN_SIGMAS
+
+    m, c = template.block_size, template.channels
+    key0, sigmas = _pixel_key_from_blocks(normalized_blocks(queries, m), template, m, c, seed, 24)
+    if np.all(sigmas < SIGN_SIGMAS):
+        return [], "the queries support no flip"
+    return symmetric_keys(key0), "pixel-key candidates from the queries' blocks"
+
+
+def _pixel_layout_check(queries, block_perm, template, pixel: Key) -> tuple[str, Key | None]:
+    """Why the queries, their blocks put back by ``block_perm``, do not support ``pixel``'s
+    class of block symmetries ('' when they do), and the pixel key they support clearly
+    instead (or None): the ciphertext-only attack on them
+    (:func:`~convmixer_jax.attacks.ciphertext_only.recover_key_ciphertext_only`, whose
+    windows across block borders fix the layout) must support every flip and find its
+    layout clearly, and that layout must be in the class."""
+    from convmixer_jax.attacks.ciphertext_only import (
+        LAYOUT_MARGIN,
+        SIGN_SIGMAS,
+        recover_key_ciphertext_only,
+    )
+
+    m = template.block_size
+    rec = recover_key_ciphertext_only(
+        unscrambled(queries, block_perm, m), m, template, starts=24, jpeg_trace=False
+    )
+    weak = int(np.sum(rec.sign_support < SIGN_SIGMAS))
+    if weak:
+        return f"{weak} flips of the queries put together are not supported", None
+    if rec.layout_margin < LAYOUT_MARGIN or "layout search's starts" in rec.reason:
+        return (
+            "the queries put together do not single out a pixel layout "
+            f"(margin {rec.layout_margin:.1f} nats, needs {LAYOUT_MARGIN:g}, from 2 starts)",
+            None,
+        )
+    if not any(same_key(rec.best_guess, k) for k in symmetric_keys(pixel)):
+        return "the queries put together support another pixel layout", rec.best_guess
+    return "", None
+
+
+def kernel_structure(encrypted_kernel, *, seed: int = 0, nulls: int = 3) -> tuple[float, float]:
+    """How much layout a patch-embedding kernel (P, P, C, dim) shows: ``(score, null)``.
+
+    ``score`` is the mean absolute correlation of the rows that the kernel attack
+    (:func:`~convmixer_jax.attacks.from_weights.recover_key_from_structure`) puts in one
+    pixel or at same-channel 4-neighbours, minus that of the other pairs; ``null`` the
+    highest score of the same attack on ``nulls`` copies of the kernel whose columns were
+    shuffled independently (rows without layout). A trained kernel scores well above its
+    null; one still close to its random initialization does not, and its candidates are
+    no better than random keys."""
+    from convmixer_jax.attacks.from_weights import recover_key_from_structure
+    from convmixer_jax.attacks.kernel_algebra import decode_positions, kernel_rows
+
+    rows, p, c = kernel_rows(encrypted_kernel, "encrypted_kernel")
+
+    def score(r) -> float:
+        key = recover_key_from_structure(r.reshape(p, p, c, -1), seed=seed).key
+        u = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-30)
+        a = np.abs(u @ u.T)
+        i, j, ch = decode_positions(np.asarray(key.perm), p, c)
+        dist = np.abs(i[:, None] - i[None]) + np.abs(j[:, None] - j[None])
+        off = ~np.eye(len(r), dtype=bool)
+        near = ((dist == 0) | ((dist == 1) & (ch[:, None] == ch[None]))) & off
+        return float(a[near].mean() - a[off & ~near].mean())
+
+    rng = np.random.default_rng(seed)
+    shuffled = (np.stack([rng.permutation(col) for col in rows.T], 1) for _ in range(max(1, nulls)))
+    return score(rows), max(score(x) for x in shuffled)
 
 
 def recover_scrambled_key_from_model(
@@ -444,52 +536,164 @@ def recover_scrambled_key_from_model(
 ) -> ScrambledRecovery:
     """Recover a key with block scrambling from an encrypted ViT.
 
-    The pixel key up to the block's symmetries from the patch-embedding kernel
-    (:func:`~convmixer_jax.attacks.from_weights.recover_key_from_structure`, 96 candidates
-    for 4 x 4 RGB blocks), the block key up to the grid's symmetries from the position
-    embedding (:func:`~convmixer_jax.attacks.position_embedding.block_perm_from_pos_embed`),
-    then :func:`choose_symmetry` among their combinations, with ``queries`` (N, H, W, C)
-    images encrypted with the key and ``public_images`` (N, H, W, C) unlabeled natural
-    images (the model's confidence), either or both.
+    Steps:
+
+    1. The block key up to the grid's symmetries from the position embedding
+       (:func:`~convmixer_jax.attacks.position_embedding.block_perm_from_pos_embed`).
+    2. The pixel key up to the block's symmetries (96 candidates for 4 x 4 RGB blocks):
+       from the patch-embedding kernel
+       (:func:`~convmixer_jax.attacks.from_weights.recover_key_from_structure`) when the
+       kernel shows a layout (:func:`kernel_structure` at least
+       :data:`KERNEL_STRUCTURE` above its null); otherwise, with ``queries`` and
+       ``public_images``, from the queries' own blocks (flips from their correlation
+       signs, the layout from a block template of the public images), as a kernel still
+       close to its random initialization carries no layout.
+    3. With ``queries``: the block key again, from the queries' blocks with that pixel key
+       undone, put together as a jigsaw whose evidence is their edges plus the position
+       embedding's (:func:`~convmixer_jax.attacks.jigsaw.solve_jigsaw` with the position
+       embedding as prior, started from its placements).
+    4. :func:`choose_symmetry` among the pixel key's symmetries combined with the block
+       key's symmetries: the queries' edges, then the model's confidence on
+       ``public_images``. When the block key is not determined, its symmetries are not
+       tried (the edges of a wrong placement say nothing): the model's confidence alone
+       chooses the pixel key's symmetry under the most likely block key, which a wrong
+       block key costs every candidate alike.
+
+    Args:
+      config: the ViT's config (needed with ``public_images``).
+      encrypted_variables: the encrypted ViT's variables.
+      queries: (N, H, W, C) images encrypted with the key, or None.
+      public_images: (N, H, W, C) unlabeled natural images of the model's size, or None.
+
+    Returns:
+      a :class:`ScrambledRecovery`. ``determined`` needs a position embedding with grid
+      structure, a block key that clears its margin (with queries the jigsaw's,
+      :data:`~convmixer_jax.attacks.jigsaw.JIGSAW_MARGIN` and
+      :data:`~convmixer_jax.attacks.jigsaw.JIGSAW_HITS`; without, the position
+      embedding's), a pixel layout from the queries confirmed by the queries put back
+      together (every flip supported and the layout clear, as the ciphertext-only attack
+      claims them), and a determined symmetry choice.
     """
     from convmixer_jax.attacks.from_weights import recover_key_from_structure
+    from convmixer_jax.attacks.position_embedding import position_evidence
     from convmixer_jax.scheme.params import stem_of
 
     t0 = time.perf_counter()
     rows, grid = patch_position_rows(encrypted_variables)
+    gh, gw = grid
     position = block_perm_from_pos_embed(rows, grid, seed=seed)
     stem, _ = stem_of(encrypted_variables)
-    structure = recover_key_from_structure(np.asarray(stem["kernel"]), seed=seed)
-    combos = _scrambling_keys(structure.candidates, position.candidates, grid)
+    kernel = np.asarray(stem["kernel"])
+    m = kernel.shape[0]
+    structure = recover_key_from_structure(kernel, seed=seed)
+    score, null = kernel_structure(kernel, seed=seed)
+    pixel, template = structure.key, None
+    notes = [f"kernel layout {score:.3f} (rows without layout up to {null:.3f})"]
+    if score >= null + KERNEL_STRUCTURE:
+        notes.append("pixel key's candidates from the kernel")
+    elif queries is not None and public_images is not None:
+        from convmixer_jax.attacks.ciphertext_only import block_template
+
+        try:
+            template = block_template(public_images, m)
+        except ValueError as err:
+            notes.append(f"no pixel-key candidates from the queries ({err})")
+        if template is not None:
+            from_queries, note = pixel_keys_from_queries(queries, template, seed=seed)
+            notes.append(note)
+            if from_queries:
+                pixel = from_queries[0]
+            else:
+                template = None
     confidence = None
     if public_images is not None:
         confidence = model_confidence(config, encrypted_variables, batch_size=batch_size)
-    choice = choose_symmetry(
-        combos, queries=queries, public_images=public_images, confidence=confidence
-    )
     reasons = []
-    if not position.determined:
+    if not position.structured:
         reasons.append(f"position embedding: {position.reason}")
+    jig = None
+    if queries is not None:
+        position_prior = position_evidence(position)
+
+        def jigsaw(k: Key) -> JigsawSolution:
+            # a rotation or mirror of the pixel layout puts the jigsaw together as the same
+            # rotation or mirror of the image; only a quarter turn of a non-square grid
+            # cannot fit, so that one is tried as well
+            return max(
+                (
+                    solve_jigsaw(
+                        pixel_decrypted_blocks(queries, v),
+                        grid,
+                        seeds=16,
+                        seed=seed,
+                        prior=position_prior,
+                        starts=[*position.candidates, *position.maxima[:8]],
+                    )
+                    for v in dihedral_keys(k)[: 1 if gh == gw else 2]
+                ),
+                key=lambda sol: sol.evidence,
+            )
+
+        jig = jigsaw(pixel)
+        why = ""
+        if jig.determined and template is not None:
+            # a pixel layout from the queries is checked on the queries put back together;
+            # when they clearly support another, the jigsaw is done again with that one
+            why, other = _pixel_layout_check(queries, jig.block_perm, template, pixel)
+            if other is not None:
+                notes.append("the queries put together support another pixel layout: retried")
+                pixel = other
+                jig = jigsaw(pixel)
+                if jig.determined:
+                    why = _pixel_layout_check(queries, jig.block_perm, template, pixel)[0]
+                else:
+                    why = ""
+        block_perm = jig.block_perm
+        blocks_ok = position.structured and jig.determined and not why
+        notes.append(
+            f"jigsaw of the queries with the position embedding: {jig.evidence:.0f} nats, "
+            f"margin {jig.margin:.1f}, {jig.hits} of {jig.seeds} searches end in it"
+        )
+        if not jig.determined:
+            reasons.append(f"block key: {jig.reason}")
+        if why:
+            reasons.append(f"pixel key: {why}")
+    else:
+        block_perm, blocks_ok = position.block_perm, position.determined
+        if position.structured and not position.determined:
+            reasons.append(f"position embedding: {position.reason}")
+    if blocks_ok:
+        block_perms = [g[block_perm] for g in grid_symmetries(grid)]
+        choice = choose_symmetry(
+            _scrambling_keys(symmetric_keys(pixel), block_perms, grid),
+            queries=queries,
+            public_images=public_images,
+            confidence=confidence,
+        )
+    else:
+        choice = choose_symmetry(
+            _scrambling_keys(symmetric_keys(pixel), [block_perm], grid),
+            public_images=public_images,
+            confidence=confidence,
+        )
     if choice.reason:
         reasons.append(f"symmetry: {choice.reason}")
-    determined = position.determined and choice.determined
-    notes = [
-        f"{len(structure.candidates)} pixel-key and {len(position.candidates)} block-key "
-        "candidates",
-        choice.notes,
-    ]
+    determined = blocks_ok and choice.determined
+    notes.append(choice.notes)
     return ScrambledRecovery(
         key=choice.key if determined else None,
         best_guess=choice.key,
         determined=determined,
-        up_to_mirror=position.determined and choice.up_to_mirror,
+        up_to_mirror=blocks_ok and choice.up_to_mirror,
         reason="; ".join(reasons),
         method="model",
         notes="; ".join(n for n in notes if n),
         seconds=time.perf_counter() - t0,
         structured=position.structured,
         position=position,
+        jigsaw=jig,
         choice=choice,
+        kernel_structure=(score, null),
     )
 
 

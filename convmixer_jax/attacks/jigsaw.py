@@ -8,9 +8,12 @@ compatibility of block i left of (or above) block j is the log-likelihood ratio,
 of their edge under "neighbours" versus "unrelated" (:func:`edge_evidence`); blocks are
 placed by growing the puzzle from its most compatible pairs, then by exchanges of two
 blocks (the quadratic-assignment searches of
-:mod:`~convmixer_jax.attacks.layout_search`). :func:`solve_jigsaw` is determined only
-when the placement beats every exchange of two blocks by :data:`JIGSAW_MARGIN` and
-:data:`JIGSAW_HITS` growths end in it.
+:mod:`~convmixer_jax.attacks.layout_search`) and slides of whole pieces, which exchanges
+of two blocks cannot move one block at a time. Other evidence of the placement (the
+encrypted ViT's position embedding) can be added to the edges' as a prior in nats.
+:func:`solve_jigsaw` is determined only when the placement beats every exchange of two
+blocks and every slide by :data:`JIGSAW_MARGIN` and :data:`JIGSAW_HITS` searches end in
+it.
 
 NumPy and SciPy.
 """
@@ -23,14 +26,18 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from convmixer_jax.attacks.kernel_algebra import decrypt_positions
-from convmixer_jax.attacks.layout_search import iterated_local_search, local_search
+from convmixer_jax.attacks.layout_search import iterated_local_search, local_search, objective
 from convmixer_jax.scheme.blocks import from_blocks, normalized_blocks, permute_blocks, to_blocks
 from convmixer_jax.scheme.keys import Key, check_grid
 
-#: nats by which the jigsaw's placement must beat every exchange of two blocks.
+#: nats by which the jigsaw's placement must beat every exchange of two blocks (and every
+#: slide of a piece).
 JIGSAW_MARGIN = 10.0
-#: growth seeds whose search must end in the chosen placement (one alone may be a fluke).
+#: searches (growth seeds, given starts) that must end in the chosen placement (one alone
+#: may be a fluke).
 JIGSAW_HITS = 2
+#: slides of a piece that the polish of a placement tries in turn, at most.
+ROLL_ROUNDS = 8
 #: weight of "unrelated" in the likelihood of a neighbouring pair's edge in one image (an
 #: object boundary can run along a block edge): it bounds what one image can say against
 #: a pair.
@@ -114,7 +121,7 @@ def edge_evidence(blocks) -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
-def _slot_adjacency(grid) -> np.ndarray:
+def slot_adjacency(grid) -> np.ndarray:
     """(2, n, n): [0][u, v] = 1 where slot v is right of slot u, [1] where v is below u."""
     gh, gw = grid
     n = gh * gw
@@ -131,7 +138,7 @@ def placement_evidence(horizontal, vertical, block_perm, grid) -> float:
     neighbouring grid positions of the evidence that their blocks continue each other.
     block_perm: (n,), block b at position ``block_perm[b]``."""
     p = np.argsort(np.asarray(block_perm))  # p[u] = the block at position u
-    a = _slot_adjacency(check_grid(grid))
+    a = slot_adjacency(check_grid(grid))
     return float(np.sum(a[0] * horizontal[np.ix_(p, p)]) + np.sum(a[1] * vertical[np.ix_(p, p)]))
 
 
@@ -232,7 +239,7 @@ def _seed_pairs(horizontal, vertical, grid, count: int) -> list[tuple[int, int, 
         found += [(float(lead[i]), i, int(partner[i]), across) for i in range(n)]
     found.sort(key=lambda t: -t[0])
     out, used = [], set()
-    for _, i, j, across in found:
+    for _, i, j, across in found if count > 0 else ():
         if i not in used:
             used.add(i)
             out.append((i, j, across))
@@ -251,6 +258,44 @@ def _shifts(p: np.ndarray, grid):
                 yield np.roll(np.roll(g, dr, 0), dc, 1).ravel()
 
 
+def _region_rolls(p: np.ndarray, grid):
+    """Every placement that differs from p (p[u] = the block at position u) by a cyclic
+    shift of the blocks in one rectangle of the grid by one or two cells either way along
+    its rows or its columns (a piece of the puzzle that slid, the blocks pushed out coming
+    in at its other end), as (K, n) placements."""
+    gh, gw = grid
+    g = p.reshape(gh, gw)
+    out = []
+    for r1 in range(gh):
+        for r2 in range(r1 + 1, gh + 1):
+            for c1 in range(gw):
+                for c2 in range(c1 + 1, gw + 1):
+                    sub = g[r1:r2, c1:c2]
+                    for axis, length in ((0, r2 - r1), (1, c2 - c1)):
+                        for k in sorted({1, 2, length - 2, length - 1} & set(range(1, length))):
+                            q = g.copy()
+                            q[r1:r2, c1:c2] = np.roll(sub, k, axis)
+                            out.append(q.ravel())
+    return np.array(out, np.int64).reshape(-1, gh * gw)
+
+
+def _best_roll(a: np.ndarray, b: np.ndarray, p: np.ndarray, grid) -> tuple[np.ndarray, float]:
+    """The region roll of p (:func:`_region_rolls`) that raises f the most (or lowers it the
+    least), and that change of f."""
+    rolls = _region_rolls(p, grid)
+    if not len(rolls):
+        return p, -np.inf
+    base = objective(a, b, p)
+    values = np.zeros(len(rolls))
+    for at, bt in zip(a, b, strict=True):  # only the pairs a term weighs (the edges: few)
+        u, v = np.nonzero(at)
+        for lo in range(0, len(rolls), 512):
+            q = rolls[lo : lo + 512]
+            values[lo : lo + 512] += bt[q[:, u], q[:, v]] @ at[u, v]
+    i = int(np.argmax(values))
+    return rolls[i], float(values[i] - base)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class JigsawSolution:
     """The block permutation shared by N scrambled queries.
@@ -259,8 +304,10 @@ class JigsawSolution:
       block_perm: (gh*gw,) the estimate: block b of the scrambled queries belongs at
         position ``block_perm[b]``.
       evidence: nats of the placement (:func:`placement_evidence`) against unrelated blocks.
-      margin: nats by which the placement beats every exchange of two blocks.
-      hits, seeds: how many of the growth seeds ended in the placement, of how many.
+      margin: nats by which the placement beats every exchange of two blocks and every
+        slide of a rectangle of blocks by a few cells.
+      hits, seeds: how many of the searches (growth seeds and given starts) ended in the
+        placement, of how many.
       determined: ``margin`` >= :data:`JIGSAW_MARGIN` and ``hits`` >= :data:`JIGSAW_HITS`.
       reason: why not determined ('' when it is).
     """
@@ -274,7 +321,9 @@ class JigsawSolution:
     reason: str
 
 
-def solve_jigsaw(blocks, grid, *, seeds: int = 64, seed: int = 0) -> JigsawSolution:
+def solve_jigsaw(
+    blocks, grid, *, seeds: int = 64, seed: int = 0, prior=None, starts=()
+) -> JigsawSolution:
     """Put scrambled blocks back in place, with the evidence of every query added up.
 
     Args:
@@ -283,11 +332,18 @@ def solve_jigsaw(blocks, grid, *, seeds: int = 64, seed: int = 0) -> JigsawSolut
         pixel key already undone.
       grid: (gh, gw).
       seeds: growths (at most one per block), each from a block and its most distinctive
-        partner.
+        partner (0: none, only ``starts``).
       seed: seeds the search's kicks.
+      prior: other evidence of the placement in nats, as quadratic-assignment terms
+        ``(a, b)``, each (T, gh*gw, gh*gw): ``sum a[t, u, v] * b[t, p[u], p[v]]`` for
+        ``p[u]`` = the block at grid position u (e.g.
+        :func:`~convmixer_jax.attacks.position_embedding.position_evidence`), added to the
+        edges' evidence; None: the edges alone.
+      starts: block permutations (gh*gw,) to search from as well as the growths (e.g.
+        the placements the prior's own evidence suggests).
 
     Returns:
-      a :class:`JigsawSolution`.
+      a :class:`JigsawSolution` (``evidence`` includes the prior's nats).
     """
     gh, gw = check_grid(grid)
     x = np.asarray(blocks)
@@ -299,35 +355,78 @@ def solve_jigsaw(blocks, grid, *, seeds: int = 64, seed: int = 0) -> JigsawSolut
     if n < 2:
         raise ValueError("a grid of one block has nothing to place")
     horizontal, vertical = edge_evidence(x)
-    a = _slot_adjacency((gh, gw))
+    a = slot_adjacency((gh, gw))
     b = np.stack([horizontal, vertical])
+    if prior is not None:
+        pa, pb = (np.asarray(t, np.float64) for t in prior)
+        if pa.shape[1:] != (n, n) or pb.shape != pa.shape:
+            raise ValueError(f"prior terms must be (T, {n}, {n}); got {pa.shape} and {pb.shape}")
+        a, b = np.concatenate([a, pa]), np.concatenate([b, pb])
+
+    def climbed(q):
+        """q polished by exchanges and checkerboard re-assignments of the edges (kept only
+        while the whole evidence rises)."""
+        q, w, _ = local_search(a, b, q)
+        for _ in range(5):
+            r, u, _ = local_search(a, b, _checkerboard_ascent(horizontal, vertical, q, (gh, gw)))
+            if u <= w + 1e-9 * max(1.0, abs(w)):
+                break
+            q, w = r, u
+        return q, w
+
+    def polished(q):
+        """climbed, then slides of pieces (which exchanges of two cannot move) while they
+        raise the evidence."""
+        q, w = climbed(q)
+        for _ in range(ROLL_ROUNDS):
+            r, gain = _best_roll(a, b, q, (gh, gw))
+            if gain <= 1e-9 * max(1.0, abs(w)):
+                break
+            r, u = climbed(r)
+            if u <= w + 1e-9 * max(1.0, abs(w)):
+                break
+            q, w = r, u
+        return q, w
+
     sols = []
-    for i, j, across in _seed_pairs(horizontal, vertical, (gh, gw), seeds):
+    for i, j, across in _seed_pairs(horizontal, vertical, (gh, gw), max(0, seeds)):
         p, v, _ = local_search(a, b, _grow(horizontal, vertical, (gh, gw), i, j, across))
         sols.append((p, v))
-    best = {}
+    for bp in starts:
+        p, v, _ = local_search(a, b, np.argsort(np.asarray(bp)).astype(np.int64))
+        sols.append((p, v))
+    if not sols:
+        raise ValueError("nothing to search from: no growth seeds and no starts")
+    best: dict[bytes, list] = {}
     for q, w in sorted(sols, key=lambda t: -t[1]):
-        best.setdefault(q.tobytes(), (q, w))
-    p, v = next(iter(best.values()))
-    for q0, _ in list(best.values())[:3]:
-        for q in [q0, *_shifts(q0, (gh, gw))]:  # a right puzzle in the wrong place climbs back
-            q, w, _ = local_search(a, b, _checkerboard_ascent(horizontal, vertical, q, (gh, gw)))
+        best.setdefault(q.tobytes(), [q, w, 0])[2] += 1
+    top = list(best.values())[:3]
+    p, v = top[0][0], top[0][1]
+    ends = []  # where each of the best local maxima ends when polished, and how many end there
+    for q0, _, count in top:
+        q, w = polished(q0)
+        ends.append((q, count))
+        if w > v + 1e-9 * max(1.0, abs(v)):
+            p, v = q, w
+        for q in _shifts(q0, (gh, gw)):  # a right puzzle in the wrong place climbs back
+            q, w = climbed(q)
             if w > v + 1e-9 * max(1.0, abs(v)):
                 p, v = q, w
     p, v = iterated_local_search(a, b, p, kicks=30, size=4, seed=seed)
-    p = _checkerboard_ascent(horizontal, vertical, p, (gh, gw))
-    p, v, gains = local_search(a, b, p)
+    p, v = polished(p)
+    _, _, gains = local_search(a, b, p)
     np.fill_diagonal(gains, -np.inf)
-    margin = -float(gains.max())
+    margin = min(-float(gains.max()), -_best_roll(a, b, p, (gh, gw))[1])
     hits = sum(np.array_equal(q, p) for q, _ in sols)
+    hits = max(hits, sum(count for q, count in ends if np.array_equal(q, p)))
     reasons = []
     if margin < JIGSAW_MARGIN:
         reasons.append(
-            f"the placement is ahead of the best exchange of two blocks by {margin:.1f} nats "
-            f"(needs {JIGSAW_MARGIN:g})"
+            f"the placement is ahead of the best exchange of two blocks or slide of a piece "
+            f"by {margin:.1f} nats (needs {JIGSAW_MARGIN:g})"
         )
     if hits < JIGSAW_HITS:
-        reasons.append(f"{hits} of {len(sols)} growth seeds end in it (needs {JIGSAW_HITS})")
+        reasons.append(f"{hits} of {len(sols)} searches end in it (needs {JIGSAW_HITS})")
     return JigsawSolution(
         block_perm=np.argsort(p).astype(np.int32),
         evidence=float(v),

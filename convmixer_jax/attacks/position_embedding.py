@@ -83,6 +83,10 @@ class PositionRecovery:
       determined: whether ``margin`` >= :data:`POSITION_MARGIN` and ``fit`` exceeds the
         best null fit by :data:`POSITION_STRUCTURE`.
       reason: why not determined ('' when it is).
+      similarity: (gh*gw, gh*gw) the rows' similarities (:func:`position_evidence`).
+      template: (gh*gw, gh*gw) the template fitted over grid positions.
+      nats: nats per unit of ``sum(similarity * template[q][:, q])`` for a placement q.
+      maxima: the other placements (row b at ``maxima[i][b]``) the search ended in.
     """
 
     block_perm: np.ndarray
@@ -92,6 +96,10 @@ class PositionRecovery:
     margin: float
     determined: bool
     reason: str
+    similarity: np.ndarray | None = None
+    template: np.ndarray | None = None
+    nats: float = 0.0
+    maxima: tuple[np.ndarray, ...] = ()
 
     @property
     def structured(self) -> bool:
@@ -279,10 +287,11 @@ def block_perm_from_pos_embed(
     _, _, gains = local_search(t[None], s[None], p, max_iter=1)
     np.fill_diagonal(gains, -np.inf)
     best = _value(t, s, q)
+    own = _canonical(q, maps)
     others = {}
     for r in maxima:
         name = _canonical(r, maps)
-        if name != _canonical(q, maps):
+        if name != own:
             others[name] = max(others.get(name, -np.inf), _value(t, s, r))
     swap_margin = -float(gains.max()) * nats if n > 1 else np.inf
     runner_margin = (best - max(others.values())) * nats if others else np.inf
@@ -314,4 +323,30 @@ def block_perm_from_pos_embed(
         margin=margin,
         determined=not reasons,
         reason="; ".join(reasons),
+        similarity=s,
+        template=t,
+        nats=float(nats),
+        maxima=_distinct(maxima, maps, own),
     )
+
+
+def _distinct(placements, maps, own: bytes) -> tuple[np.ndarray, ...]:
+    """The placements, one per class of grid symmetries, without the class ``own``."""
+    seen, out = {own}, []
+    for r in placements:
+        name = _canonical(r, maps)
+        if name not in seen:
+            seen.add(name)
+            out.append(np.asarray(r, np.int32))
+    return tuple(out)
+
+
+def position_evidence(position: PositionRecovery) -> tuple[np.ndarray, np.ndarray]:
+    """``(a, b)``, each (1, n, n): the position embedding's evidence of a placement as a
+    quadratic-assignment term (:mod:`~convmixer_jax.attacks.layout_search`'s form), in
+    nats: ``sum a[u, v] * b[p[u], p[v]]`` for ``p[u]`` = the row placed at grid position u
+    is ``position.nats`` times the rows' fit to the template at that placement (the
+    Gaussian model of the similarities whose margin :class:`PositionRecovery` reports)."""
+    if position.similarity is None or position.template is None:
+        raise ValueError("the position recovery carries no evidence to combine")
+    return (position.nats * position.template)[None], position.similarity[None]

@@ -7,7 +7,10 @@ encrypted with the key (the client's queries) and the report's unlabeled public 
 Recorded per key: the pixel-key positions right, whether the pixel key, the block key and
 the whole key are exact (and exact up to the mirror twin, which a model trained with
 horizontal flips cannot tell from the key), whether the position embedding alone gave the
-block key up to the grid's symmetries, what the attack claimed, and the seconds it took.
+block key up to the grid's symmetries, how much layout the patch-embedding kernel shows
+against its null (a kernel near its random initialization shows none, and the pixel key's
+candidates then come from the queries), whether the jigsaw of the queries was determined,
+what the attack claimed, and the seconds it took.
 """
 
 from __future__ import annotations
@@ -117,6 +120,9 @@ def vit_model_recovery(
             "position_margin": pos.margin,
             "position_fit": pos.fit,
             "position_null_fit": float(np.max(pos.null_fits)) if len(pos.null_fits) else None,
+            "kernel_structure": rec.kernel_structure[0],
+            "kernel_null": rec.kernel_structure[1],
+            "jigsaw_claimed": bool(rec.jigsaw is not None and rec.jigsaw.determined),
             "seconds": seconds,
             "reason": rec.reason,
         }
@@ -133,6 +139,7 @@ def vit_model_recovery(
         "exact_up_to_mirror",
         "position_candidates_hold_key",
         "position_claimed",
+        "jigsaw_claimed",
         "claimed",
         "claimed_up_to_mirror",
         "claimed_wrong",
