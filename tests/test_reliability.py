@@ -577,7 +577,7 @@ def test_interrupted_training_leaves_complete_checkpoints_and_resumes(
         "--recipe",
         "fast",
         "--epochs",
-        "40",
+        "24",
         "--batch-size",
         "8",
         "--no-data-cache",
@@ -601,7 +601,7 @@ def test_interrupted_training_leaves_complete_checkpoints_and_resumes(
     again = _cli(*argv_run, "--resume", env=dict(os.environ, PYTHONPATH=str(REPO), **env_cache))
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
-    assert "resumed from epoch" in out and json.loads(out.strip().splitlines()[-1])["epochs"] == 40
+    assert "resumed from epoch" in out and json.loads(out.strip().splitlines()[-1])["epochs"] == 24
     assert not (tmp_path / "cache").exists()  # decoded batch by batch: nothing cached
     # the uninterrupted run (in this process) ends with the same parameters, bit for bit
     assert run(capsys, *argv, "--workdir", tmp_path / "w2", "--out", tmp_path / "o2")[0] == 0
