@@ -110,7 +110,9 @@ class RecoveryResult:
 # --------------------------------------------------------------------------- checks
 
 
-def _check_pair(plain, encrypted, block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+def check_pair(plain, encrypted, block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Plain and encrypted images (N, H, W, C) or (H, W, C), checked to fit each other and
+    the block size (one-line errors): ``(plain, encrypted, pb)`` as arrays."""
     plain, encrypted = np.asarray(plain), np.asarray(encrypted)
     if plain.shape != encrypted.shape:
         raise ImageError(
@@ -393,7 +395,7 @@ def recover_key(plain, encrypted, block_size: int) -> RecoveryResult:
     malformed arrays and :class:`~convmixer_jax.scheme.keys.InvalidKeyError` when the block
     size and channels give no valid key (odd pb).
     """
-    plain, encrypted, pb = _check_pair(plain, encrypted, block_size)
+    plain, encrypted, pb = check_pair(plain, encrypted, block_size)
     c = plain.shape[-1]
     P, E = block_rows(plain, block_size), block_rows(encrypted, block_size)
     if plain.dtype == np.uint8:

@@ -50,6 +50,7 @@ from scipy.sparse.csgraph import connected_components, maximum_flow
 from convmixer_jax.attacks.known_plaintext import (
     FLOAT_TOLERANCE,
     RecoveryResult,
+    check_pair,
     raw_candidates,
     recover_key,
 )
@@ -57,10 +58,9 @@ from convmixer_jax.scheme.blocks import from_blocks, grid_shape, to_blocks
 from convmixer_jax.scheme.images import (
     ImageError,
     check_not_empty,
-    check_pixel_values,
     encrypt_images_reference,
 )
-from convmixer_jax.scheme.keys import InvalidKeyError, Key, block_len, check_grid, make_key
+from convmixer_jax.scheme.keys import InvalidKeyError, Key, check_grid, make_key
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -109,39 +109,13 @@ class ScrambledKnownPlaintextResult:
 
 def _checked(plain, encrypted, block_size: int, grid) -> tuple[np.ndarray, np.ndarray]:
     """Both arrays as (N, H, W, C) after the checks; one-line errors."""
-    plain, encrypted = np.asarray(plain), np.asarray(encrypted)
-    if plain.shape != encrypted.shape:
-        raise ImageError(
-            f"the plain images have shape {plain.shape} but the encrypted images have shape "
-            f"{encrypted.shape}; pass each plain image with its own encrypted version"
-        )
-    if plain.dtype != encrypted.dtype:
-        raise ImageError(
-            f"the plain images are {plain.dtype} but the encrypted images are "
-            f"{encrypted.dtype}; pass both in the same dtype (uint8, or float in [0, 1])"
-        )
-    if plain.ndim not in (3, 4):
-        raise ImageError(
-            f"images must be (N, H, W, C) or (H, W, C) arrays; got shape {plain.shape}"
-        )
+    plain, encrypted, _ = check_pair(plain, encrypted, block_size)
     if plain.ndim == 3:
         plain, encrypted = plain[None], encrypted[None]
     check_not_empty(plain.shape)
     if not len(plain):
         raise ImageError("no image pairs given; pass at least one plain/encrypted pair")
-    if (
-        isinstance(block_size, bool)
-        or not isinstance(block_size, (int, np.integer))
-        or block_size < 1
-    ):
-        raise InvalidKeyError(f"block size must be a positive integer, got {block_size!r}")
-    h, w, c = plain.shape[1:]
-    if h % block_size or w % block_size:
-        raise ImageError(
-            f"image size {h}x{w} is not divisible by the block size {block_size}; "
-            f"crop or pad the images to a multiple of {block_size}"
-        )
-    block_len(block_size, c)  # InvalidKeyError when no key of this form exists
+    h, w = plain.shape[1:3]
     if grid is not None:
         gh, gw = check_grid(grid)
         if (gh, gw) != grid_shape(h, w, block_size):
@@ -150,8 +124,6 @@ def _checked(plain, encrypted, block_size: int, grid) -> tuple[np.ndarray, np.nd
                 f"{block_size} blocks ({h // block_size} x {w // block_size}); pass the "
                 "key's grid with images of its size, or leave grid out"
             )
-    check_pixel_values(plain)
-    check_pixel_values(encrypted)
     return plain, encrypted
 
 
